@@ -1,0 +1,179 @@
+//! Command-line and environment configuration, parsed once in `main` and passed down
+//! by value. Every flag is also an environment variable.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+/// `logq`: the latest joined state of every user, from a Kafka-API log, over HTTP.
+#[derive(Debug, Parser)]
+#[command(name = "logq", version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Consume the topics, fold them with the reducer, serve the state over HTTP.
+    Run(RunConfig),
+    /// Produce events from a JSON array file or JSON lines (like `rpk topic produce`).
+    Produce(ProduceConfig),
+    /// Zero-setup demo: an in-memory development broker, the sample data, and `run`.
+    Dev(DevConfig),
+}
+
+/// How to reach the broker. Shared by every subcommand that talks to Kafka.
+#[derive(Debug, Clone, Args)]
+pub struct KafkaConfig {
+    /// Bootstrap servers, comma-separated.
+    #[arg(long, env = "LOGQ_BROKERS", default_value = "127.0.0.1:9092")]
+    pub brokers: String,
+    /// Extra librdkafka settings, `key=value`, repeatable (e.g. `-X security.protocol=SASL_SSL`).
+    /// From the environment: comma-separated.
+    #[arg(short = 'X', value_name = "KEY=VALUE", env = "LOGQ_KAFKA_CONFIG", value_delimiter = ',', value_parser = parse_key_value)]
+    pub extra: Vec<(String, String)>,
+}
+
+fn parse_key_value(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_string(), v.to_string())),
+        _ => Err(format!("expected KEY=VALUE, got {s:?}")),
+    }
+}
+
+/// Everything `logq run` needs.
+#[derive(Debug, Clone, Args)]
+pub struct RunConfig {
+    /// The broker.
+    #[command(flatten)]
+    pub kafka: KafkaConfig,
+    /// Consumer group id. The host reads every partition itself (each replica holds the
+    /// whole state); the group is used to commit progress so tools can show lag.
+    #[arg(long, env = "LOGQ_GROUP_ID", default_value = "logq")]
+    pub group_id: String,
+    /// Topic of user events.
+    #[arg(long, env = "LOGQ_USERS_TOPIC", default_value = "users")]
+    pub users_topic: String,
+    /// Topic of organization events.
+    #[arg(long, env = "LOGQ_ORGANIZATIONS_TOPIC", default_value = "organizations")]
+    pub organizations_topic: String,
+    /// Dead-letter topic of a topic: its name plus this suffix.
+    #[arg(long, env = "LOGQ_DLQ_SUFFIX", default_value = ".dlq")]
+    pub dlq_suffix: String,
+    /// Reducer component (`.wasm`); the built-in default reducer when not given.
+    #[arg(long, env = "LOGQ_REDUCER")]
+    pub reducer: Option<PathBuf>,
+    /// HTTP listen address.
+    #[arg(long, env = "LOGQ_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// Hard memory limit of one reducer instance, in MiB.
+    #[arg(long, env = "LOGQ_REDUCER_MEMORY_MIB", default_value_t = 256)]
+    pub reducer_memory_mib: u64,
+    /// Hard time limit of one call into the reducer, in milliseconds.
+    #[arg(long, env = "LOGQ_REDUCER_TIME_LIMIT_MS", default_value_t = 2000)]
+    pub reducer_time_limit_ms: u64,
+    /// Most records folded in one reducer call.
+    #[arg(long, env = "LOGQ_BATCH_MAX_RECORDS", default_value_t = 2000)]
+    pub batch_max_records: usize,
+    /// Most record bytes folded in one reducer call (a larger single record still goes
+    /// alone).
+    #[arg(long, env = "LOGQ_BATCH_MAX_BYTES", default_value_t = 16 << 20)]
+    pub batch_max_bytes: usize,
+}
+
+impl RunConfig {
+    /// The topics consumed, users first.
+    pub fn topics(&self) -> [&str; 2] {
+        [&self.users_topic, &self.organizations_topic]
+    }
+
+    /// The dead-letter topic for `topic`.
+    pub fn dlq_topic(&self, topic: &str) -> String {
+        format!("{topic}{}", self.dlq_suffix)
+    }
+
+    /// Hard limits of one reducer call.
+    pub fn limits(&self) -> crate::runtime::Limits {
+        crate::runtime::Limits {
+            memory_bytes: usize::try_from(self.reducer_memory_mib.saturating_mul(1 << 20))
+                .unwrap_or(usize::MAX),
+            time: Duration::from_millis(self.reducer_time_limit_ms),
+        }
+    }
+}
+
+/// Everything `logq produce` needs.
+#[derive(Debug, Clone, Args)]
+pub struct ProduceConfig {
+    /// The broker.
+    #[command(flatten)]
+    pub kafka: KafkaConfig,
+    /// Topic to produce to.
+    #[arg(long, short = 't', env = "LOGQ_TOPIC")]
+    pub topic: String,
+    /// File to read (a JSON array, or JSON values one after another such as JSON
+    /// lines); standard input when absent or `-`.
+    pub file: Option<PathBuf>,
+    /// Field whose value keys each record. Default: `id`, else `organization_key`.
+    #[arg(long, conflicts_with = "no_key")]
+    pub key_field: Option<String>,
+    /// Produce records without a key (as `rpk topic produce` does).
+    #[arg(long)]
+    pub no_key: bool,
+    /// Produce each non-empty line as it is, without parsing it: for testing how the
+    /// service handles bad records.
+    #[arg(long)]
+    pub raw_lines: bool,
+}
+
+/// Everything `logq dev` needs.
+#[derive(Debug, Clone, Args)]
+pub struct DevConfig {
+    /// HTTP listen address.
+    #[arg(long, env = "LOGQ_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// Partitions per topic on the development broker.
+    #[arg(long, default_value_t = 3)]
+    pub partitions: i32,
+    /// Start with empty topics instead of the sample data.
+    #[arg(long)]
+    pub no_sample_data: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kafka_passthrough_parses_and_rejects_junk() {
+        let cli = Cli::try_parse_from([
+            "logq", "run", "-X", "security.protocol=SASL_SSL", "-X", "sasl.password=a=b",
+        ])
+        .unwrap();
+        let Command::Run(run) = cli.command else {
+            panic!("not run")
+        };
+        assert_eq!(
+            run.kafka.extra,
+            [
+                ("security.protocol".to_string(), "SASL_SSL".to_string()),
+                ("sasl.password".to_string(), "a=b".to_string())
+            ]
+        );
+        assert!(Cli::try_parse_from(["logq", "run", "-X", "novalue"]).is_err());
+        assert_eq!(run.dlq_topic("users"), "users.dlq");
+    }
+
+    #[test]
+    fn produce_key_options_conflict() {
+        assert!(
+            Cli::try_parse_from(["logq", "produce", "-t", "u", "--no-key", "--key-field", "id"])
+                .is_err()
+        );
+    }
+}

@@ -1,0 +1,151 @@
+//! Reading the topics: partition discovery, watermarks, batched polling.
+
+use std::time::Duration;
+
+use rdkafka::Message;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+
+use super::{KafkaError, Record, client_config};
+use crate::config::KafkaConfig;
+
+/// A consumer that reads whole topics itself (every replica of the service holds the
+/// entire state, so partitions are assigned, not balanced across a group).
+pub struct TopicConsumer {
+    consumer: BaseConsumer,
+}
+
+/// Where one partition stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Watermarks {
+    /// First offset still in the log.
+    pub low: i64,
+    /// Offset the next produced record will get.
+    pub high: i64,
+}
+
+impl TopicConsumer {
+    /// Creates the client. Nothing is sent to the broker yet.
+    ///
+    /// # Errors
+    /// [`KafkaError::Config`] when librdkafka refuses the settings.
+    pub fn new(kafka: &KafkaConfig, group_id: &str) -> Result<Self, KafkaError> {
+        let mut config = client_config(kafka);
+        config
+            .set("group.id", group_id)
+            // Progress is committed for monitoring, but only offsets whose effect is in
+            // the state are stored (at-least-once; the fold is idempotent).
+            .set("enable.auto.commit", "true")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("enable.partition.eof", "false");
+        // `-X` settings win over ours, as documented.
+        for (key, value) in &kafka.extra {
+            config.set(key, value);
+        }
+        let consumer: BaseConsumer = config
+            .create()
+            .map_err(|e| KafkaError::Config(e.to_string()))?;
+        Ok(Self { consumer })
+    }
+
+    /// Partition ids of `topic`.
+    ///
+    /// # Errors
+    /// When the broker cannot be reached or the topic does not exist.
+    pub fn partitions(&self, topic: &str, timeout: Duration) -> Result<Vec<i32>, KafkaError> {
+        let metadata = self.consumer.fetch_metadata(Some(topic), timeout)?;
+        let t = metadata
+            .topics()
+            .iter()
+            .find(|t| t.name() == topic)
+            .ok_or_else(|| KafkaError::MissingTopic(topic.into()))?;
+        if t.error().is_some() || t.partitions().is_empty() {
+            return Err(KafkaError::MissingTopic(topic.into()));
+        }
+        Ok(t.partitions().iter().map(|p| p.id()).collect())
+    }
+
+    /// Asks the broker for a partition's watermarks.
+    ///
+    /// # Errors
+    /// When the broker does not answer in time.
+    pub fn watermarks(
+        &self,
+        topic: &str,
+        partition: i32,
+        timeout: Duration,
+    ) -> Result<Watermarks, KafkaError> {
+        let (low, high) = self.consumer.fetch_watermarks(topic, partition, timeout)?;
+        Ok(Watermarks { low, high })
+    }
+
+    /// Reads `partitions` from their earliest offsets.
+    ///
+    /// # Errors
+    /// When librdkafka refuses the assignment.
+    pub fn assign_from_beginning(&self, partitions: &[(String, i32)]) -> Result<(), KafkaError> {
+        let mut list = TopicPartitionList::new();
+        for (topic, partition) in partitions {
+            list.add_partition_offset(topic, *partition, Offset::Beginning)?;
+        }
+        self.consumer.assign(&list)?;
+        Ok(())
+    }
+
+    /// Waits up to `wait` for a record, then takes what else is ready without waiting,
+    /// up to `max_records` records or `max_bytes` of values, and hands the batch to `f`.
+    /// `Ok(None)` when nothing arrived.
+    ///
+    /// # Errors
+    /// A client or broker error reported instead of the first record. Errors after the
+    /// first record end the batch early and are reported by the next call.
+    pub fn poll_batch<R>(
+        &self,
+        max_records: usize,
+        max_bytes: usize,
+        wait: Duration,
+        f: impl FnOnce(&[Record<'_>]) -> R,
+    ) -> Result<Option<R>, KafkaError> {
+        let first = match self.consumer.poll(wait) {
+            None => return Ok(None),
+            Some(Err(e)) => return Err(e.into()),
+            Some(Ok(m)) => m,
+        };
+        let mut bytes = first.payload_len();
+        let mut messages = vec![first];
+        while messages.len() < max_records && bytes < max_bytes {
+            match self.consumer.poll(Duration::ZERO) {
+                Some(Ok(m)) => {
+                    bytes += m.payload_len();
+                    messages.push(m);
+                }
+                Some(Err(e)) => {
+                    tracing::warn!("kafka: {e}");
+                    break;
+                }
+                None => break,
+            }
+        }
+        let records: Vec<Record<'_>> = messages
+            .iter()
+            .map(|m| Record {
+                topic: m.topic(),
+                partition: m.partition(),
+                offset: m.offset(),
+                key: m.key(),
+                value: m.payload(),
+            })
+            .collect();
+        Ok(Some(f(&records)))
+    }
+
+    /// Marks everything before `next` in a partition as applied, for the next commit.
+    ///
+    /// # Errors
+    /// When the partition is not assigned.
+    pub fn store_progress(&self, topic: &str, partition: i32, next: i64) -> Result<(), KafkaError> {
+        self.consumer.store_offset(topic, partition, next)?;
+        Ok(())
+    }
+}

@@ -1,0 +1,156 @@
+//! `logq`: consumes user and organization events from a Kafka-API log, folds them in a
+//! sandboxed WebAssembly reducer, keeps the latest joined state in memory and serves it
+//! over HTTP.
+//!
+//! Data path: broker -> [`kafka::consumer`] -> [`ingest`] -> [`runtime`] (the reducer)
+//! -> [`state`] -> [`http`].
+
+pub mod config;
+pub mod dev;
+pub mod http;
+pub mod ingest;
+pub mod kafka;
+pub mod metrics;
+pub mod produce;
+pub mod runtime;
+pub mod state;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio::net::TcpListener;
+
+use crate::config::RunConfig;
+use crate::ingest::Ingest;
+use crate::metrics::Metrics;
+use crate::runtime::Reducer;
+use crate::state::StateStore;
+
+/// Longest the HTTP server waits for open connections after shutdown starts.
+const HTTP_DRAIN: Duration = Duration::from_secs(5);
+
+/// Runs the service until `shutdown` completes: loads the reducer, replays the topics
+/// from the earliest offsets into memory, follows them, and serves HTTP on `listener`.
+///
+/// # Errors
+/// When the reducer cannot be loaded, the Kafka clients cannot be created, or a task
+/// dies. Bad records never end it.
+pub async fn run(
+    config: RunConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let reducer = load_reducer(&config).await?;
+    let store = Arc::new(StateStore::new());
+    let metrics = Arc::new(Metrics::new(config.topics()));
+    let stop = Arc::new(AtomicBool::new(false));
+
+    create_dead_letter_topics(&config).await;
+
+    let ingest = Ingest::new(config, reducer, store.clone(), metrics.clone(), stop.clone());
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    let ingest_thread = std::thread::Builder::new()
+        .name("logq-ingest".into())
+        .spawn(move || {
+            let result = ingest.run();
+            let _ = done_tx.send(());
+            result
+        })
+        .context("spawning the ingest thread")?;
+
+    let (http_stop_tx, http_stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let routes = http::routes(http::Api { store, metrics });
+    let server = tokio::spawn(
+        warp::serve(routes)
+            .incoming(listener)
+            .graceful(async move {
+                let _ = http_stop_rx.await;
+            })
+            .run(),
+    );
+
+    tokio::select! {
+        () = shutdown => tracing::info!("shutting down"),
+        _ = done_rx => tracing::error!("the ingest loop ended on its own"),
+    }
+    // The ingest thread finishes the batch it is folding, then leaves.
+    stop.store(true, Ordering::Relaxed);
+    let _ = http_stop_tx.send(());
+    if tokio::time::timeout(HTTP_DRAIN, server).await.is_err() {
+        tracing::warn!("open HTTP connections dropped after {HTTP_DRAIN:?}");
+    }
+    let joined = tokio::task::spawn_blocking(move || ingest_thread.join())
+        .await
+        .context("joining the ingest thread")?;
+    match joined {
+        Ok(result) => result.context("ingest"),
+        Err(_) => anyhow::bail!("the ingest thread panicked"),
+    }
+}
+
+async fn load_reducer(config: &RunConfig) -> anyhow::Result<Reducer> {
+    let bytes = match &config.reducer {
+        Some(path) => tokio::fs::read(path)
+            .await
+            .with_context(|| format!("reading reducer {}", path.display()))?,
+        None => runtime::DEFAULT_REDUCER.to_vec(),
+    };
+    let limits = config.limits();
+    let name = config
+        .reducer
+        .as_ref()
+        .map_or_else(|| "built-in reducer".to_string(), |p| p.display().to_string());
+    // Compiling takes a while; keep it off the async workers.
+    let reducer = tokio::task::spawn_blocking(move || Reducer::load(&bytes, limits))
+        .await
+        .context("compiling the reducer")?
+        .with_context(|| format!("loading {name}"))?;
+    tracing::info!("reducer loaded: {name}");
+    Ok(reducer)
+}
+
+/// Dead letters need somewhere to go: create the DLQ topics when the broker allows
+/// it. A failure here is not fatal (the topics may be managed elsewhere); a dead
+/// letter that cannot be delivered is logged and counted.
+async fn create_dead_letter_topics(config: &RunConfig) {
+    let topics: Vec<(String, i32)> = config
+        .topics()
+        .iter()
+        .map(|t| (config.dlq_topic(t), 1))
+        .collect();
+    match tokio::time::timeout(
+        Duration::from_secs(15),
+        kafka::admin::create_topics(&config.kafka, &topics),
+    )
+    .await
+    {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!("dead-letter topics: {e}"),
+        Err(_) => tracing::warn!("dead-letter topics: the broker did not answer in time"),
+    }
+}
+
+/// Completes on Ctrl-C or SIGTERM (what container runtimes send).
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+}

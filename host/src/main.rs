@@ -1,0 +1,32 @@
+//! The `logq` binary: parses flags and hands over to the library.
+
+use anyhow::Context as _;
+use clap::Parser as _;
+use logq::config::{Cli, Command};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,librdkafka=warn,rdkafka=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::Run(config) => {
+            let listener = tokio::net::TcpListener::bind(config.listen)
+                .await
+                .with_context(|| format!("binding {}", config.listen))?;
+            tracing::info!("HTTP on http://{}", listener.local_addr()?);
+            logq::run(config, listener, logq::shutdown_signal()).await
+        }
+        Command::Produce(config) => {
+            let topic = config.topic.clone();
+            let n = tokio::task::spawn_blocking(move || logq::produce::run(&config)).await??;
+            println!("produced {n} records to {topic}");
+            Ok(())
+        }
+        Command::Dev(config) => logq::dev::run(config).await,
+    }
+}

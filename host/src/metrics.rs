@@ -1,0 +1,229 @@
+//! Counters for `/metrics` (Prometheus text format) and the readiness the ingest
+//! loop reports. Plain atomics: the hot path only adds.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+use crate::state::Sizes;
+
+/// Upper bounds of the reducer call-time histogram, in seconds.
+const BUCKETS: [f64; 10] = [
+    0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.1, 1.0,
+];
+
+/// Counters of one consumed topic.
+#[derive(Debug, Default)]
+pub struct TopicCounters {
+    /// Records read from the topic.
+    pub consumed: AtomicU64,
+    /// Events folded into the state.
+    pub applied: AtomicU64,
+    /// Records sent to the dead-letter topic.
+    pub dead_lettered: AtomicU64,
+}
+
+/// Everything `/metrics` shows, and readiness.
+#[derive(Debug)]
+pub struct Metrics {
+    topics: [(String, TopicCounters); 2],
+    dlq_failed: AtomicU64,
+    dlq_delivery_failed: AtomicU64,
+    reducer_failures: AtomicU64,
+    call_buckets: [AtomicU64; BUCKETS.len()],
+    call_count: AtomicU64,
+    call_micros: AtomicU64,
+    lag: Mutex<BTreeMap<(String, i32), i64>>,
+    ready: AtomicBool,
+    status: Mutex<String>,
+}
+
+impl Metrics {
+    /// Metrics for the two consumed topics (users first).
+    pub fn new(topics: [&str; 2]) -> Self {
+        Self {
+            topics: topics.map(|t| (t.to_string(), TopicCounters::default())),
+            dlq_failed: AtomicU64::new(0),
+            dlq_delivery_failed: AtomicU64::new(0),
+            reducer_failures: AtomicU64::new(0),
+            call_buckets: Default::default(),
+            call_count: AtomicU64::new(0),
+            call_micros: AtomicU64::new(0),
+            lag: Mutex::new(BTreeMap::new()),
+            ready: AtomicBool::new(false),
+            status: Mutex::new("starting".into()),
+        }
+    }
+
+    /// Counters of topic `index` (0 users, 1 organizations).
+    pub fn topic(&self, index: usize) -> &TopicCounters {
+        &self.topics[index].1
+    }
+
+    /// A dead-letter record could not be delivered (it is logged with its content).
+    pub fn dlq_failed(&self) {
+        self.dlq_failed.fetch_add(1, Relaxed);
+    }
+
+    /// Dead letters the broker did not accept, as counted by the producer.
+    pub fn set_dlq_delivery_failures(&self, n: u64) {
+        self.dlq_delivery_failed.store(n, Relaxed);
+    }
+
+    /// A reducer call failed as a whole (trap, limit, refusal).
+    pub fn reducer_failed(&self) {
+        self.reducer_failures.fetch_add(1, Relaxed);
+    }
+
+    /// Records the duration of one folded batch.
+    pub fn reducer_call(&self, elapsed: Duration) {
+        let secs = elapsed.as_secs_f64();
+        for (bucket, bound) in self.call_buckets.iter().zip(BUCKETS) {
+            if secs <= bound {
+                bucket.fetch_add(1, Relaxed);
+            }
+        }
+        self.call_count.fetch_add(1, Relaxed);
+        self.call_micros
+            .fetch_add(u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX), Relaxed);
+    }
+
+    /// Sets the consumer lag of one partition.
+    pub fn set_lag(&self, topic: &str, partition: i32, lag: i64) {
+        lock(&self.lag).insert((topic.to_string(), partition), lag.max(0));
+    }
+
+    /// Sets readiness and the reason shown by `/readyz`.
+    pub fn set_status(&self, ready: bool, status: impl Into<String>) {
+        *lock(&self.status) = status.into();
+        self.ready.store(ready, Relaxed);
+    }
+
+    /// Whether the state has caught up, and what the ingest loop is doing.
+    pub fn status(&self) -> (bool, String) {
+        (self.ready.load(Relaxed), lock(&self.status).clone())
+    }
+
+    /// The sum of all partitions' lag.
+    pub fn total_lag(&self) -> i64 {
+        lock(&self.lag).values().sum()
+    }
+
+    /// Prometheus text exposition.
+    pub fn render(&self, sizes: Sizes) -> String {
+        let mut out = String::with_capacity(2048);
+        let mut counter = |name: &str, help: &str, get: &dyn Fn(&TopicCounters) -> u64| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+            for (topic, c) in &self.topics {
+                let _ = writeln!(out, "{name}{{topic=\"{}\"}} {}", escape(topic), get(c));
+            }
+        };
+        counter("logq_records_consumed_total", "Records read from the topic.", &|c| {
+            c.consumed.load(Relaxed)
+        });
+        counter("logq_events_applied_total", "Events folded into the state.", &|c| {
+            c.applied.load(Relaxed)
+        });
+        counter(
+            "logq_records_dead_lettered_total",
+            "Records sent to the dead-letter topic.",
+            &|c| c.dead_lettered.load(Relaxed),
+        );
+        let mut single = |name: &str, kind: &str, help: &str, value: String| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
+        };
+        single(
+            "logq_dead_letter_failures_total",
+            "counter",
+            "Dead-letter records that could not be delivered.",
+            (self.dlq_failed.load(Relaxed) + self.dlq_delivery_failed.load(Relaxed)).to_string(),
+        );
+        single(
+            "logq_reducer_failures_total",
+            "counter",
+            "Reducer calls that trapped, hit a limit or refused a batch.",
+            self.reducer_failures.load(Relaxed).to_string(),
+        );
+        single(
+            "logq_ready",
+            "gauge",
+            "1 once the state has caught up with the topics.",
+            u8::from(self.ready.load(Relaxed)).to_string(),
+        );
+        single("logq_users", "gauge", "Users GET shows.", sizes.users_visible.to_string());
+        single(
+            "logq_users_stored",
+            "gauge",
+            "Users kept, deleted ones included.",
+            sizes.users_stored.to_string(),
+        );
+        single("logq_organizations", "gauge", "Organizations kept.", sizes.organizations.to_string());
+
+        let name = "logq_reducer_call_seconds";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Time to fold one batch in the reducer.\n# TYPE {name} histogram"
+        );
+        for (bucket, bound) in self.call_buckets.iter().zip(BUCKETS) {
+            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {}", bucket.load(Relaxed));
+        }
+        let count = self.call_count.load(Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
+        let _ = writeln!(out, "{name}_sum {}", self.call_micros.load(Relaxed) as f64 / 1e6);
+        let _ = writeln!(out, "{name}_count {count}");
+
+        let name = "logq_consumer_lag";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Records between the consumer and the partition's high watermark.\n# TYPE {name} gauge"
+        );
+        for ((topic, partition), lag) in lock(&self.lag).iter() {
+            let _ = writeln!(
+                out,
+                "{name}{{topic=\"{}\",partition=\"{partition}\"}} {lag}",
+                escape(topic)
+            );
+        }
+        out
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn escape(label: &str) -> String {
+    label
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn render_shows_counters_histogram_and_lag() {
+        let m = Metrics::new(["users", "orgs"]);
+        m.topic(0).consumed.fetch_add(5, Relaxed);
+        m.topic(1).dead_lettered.fetch_add(2, Relaxed);
+        m.reducer_call(Duration::from_micros(300));
+        m.set_lag("users", 1, 7);
+        let text = m.render(Sizes {
+            users_visible: 3,
+            users_stored: 4,
+            organizations: 1,
+        });
+        assert!(text.contains("logq_records_consumed_total{topic=\"users\"} 5\n"), "{text}");
+        assert!(text.contains("logq_records_dead_lettered_total{topic=\"orgs\"} 2\n"), "{text}");
+        assert!(text.contains("logq_reducer_call_seconds_bucket{le=\"0.00025\"} 0\n"), "{text}");
+        assert!(text.contains("logq_reducer_call_seconds_bucket{le=\"0.0005\"} 1\n"), "{text}");
+        assert!(text.contains("logq_reducer_call_seconds_count 1\n"), "{text}");
+        assert!(text.contains("logq_consumer_lag{topic=\"users\",partition=\"1\"} 7\n"), "{text}");
+        assert!(text.contains("logq_users 3\n"), "{text}");
+        assert_eq!(m.total_lag(), 7);
+    }
+}

@@ -1,0 +1,269 @@
+//! The reducer runtime: the only module that touches wasmtime.
+//!
+//! A component is compiled and linked once ([`Reducer::load`]); every batch then gets
+//! a fresh, cheap instance in a fresh `Store` with a memory limit and a time budget.
+//! A new store per batch means no guest state survives a batch (the reducer stays a
+//! pure fold) and a trapped instance is simply thrown away.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use wasmtime::component::{Component, Linker, ResourceAny};
+use wasmtime::{Config, Engine, ResourceLimiter, Store, Trap};
+
+mod bindings {
+    wasmtime::component::bindgen!({
+        world: "reducer",
+        path: "../wit",
+    });
+}
+
+use bindings::ReducerPre;
+pub use bindings::exports::logq::reducer::fold::{
+    Entity, Input, Kind, Plan, Rejection, Source, Update,
+};
+
+/// The reducer built from `reducer/`, embedded at build time.
+pub const DEFAULT_REDUCER: &[u8] = include_bytes!(env!("LOGQ_REDUCER_WASM"));
+
+/// How often the epoch ticks: the resolution of the time limit.
+const TICK: Duration = Duration::from_millis(5);
+
+/// Hard limits of one reducer call.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Most linear memory one instance may hold.
+    pub memory_bytes: usize,
+    /// Longest one call may run.
+    pub time: Duration,
+}
+
+/// Why a reducer could not be loaded or a call did not complete.
+#[derive(Debug, thiserror::Error)]
+pub enum ReducerError {
+    /// The bytes are not a component that implements the `reducer` world.
+    #[error("invalid reducer component: {0}")]
+    Invalid(String),
+    /// The call ran past the time limit and was interrupted.
+    #[error("reducer exceeded its time limit of {0:?}")]
+    TimeLimit(Duration),
+    /// The instance asked for more memory than the limit.
+    #[error("reducer exceeded its memory limit of {0} MiB")]
+    MemoryLimit(usize),
+    /// The guest trapped (panicked, hit `unreachable`, ...).
+    #[error("reducer trapped: {0}")]
+    Trap(String),
+    /// The guest returned an error for the whole batch.
+    #[error("reducer refused the batch: {0}")]
+    Refused(String),
+    /// The guest broke the contract (e.g. a wrong number of updates).
+    #[error("reducer broke the contract: {0}")]
+    Contract(String),
+}
+
+/// A folded batch: what the reducer planned, and one update per planned entity.
+#[derive(Debug)]
+pub struct Folded {
+    /// Entities touched, rejections, accepted counts.
+    pub plan: Plan,
+    /// New state of each entity of `plan.entities`, same order.
+    pub updates: Vec<Update>,
+    /// Time spent inside the reducer (all calls of the batch).
+    pub elapsed: Duration,
+}
+
+/// Per-store data: the memory limiter.
+struct Limiter {
+    memory_bytes: usize,
+    hit: bool,
+}
+
+impl ResourceLimiter for Limiter {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        let ok = desired <= self.memory_bytes;
+        self.hit |= !ok;
+        Ok(ok)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        // Tables hold function references; the reducer needs a handful.
+        Ok(desired <= 100_000)
+    }
+}
+
+/// Ticks the engine's epoch so that calls past their deadline are interrupted.
+struct Ticker {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Ticker {
+    fn start(engine: Engine) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("logq-epoch".into())
+            .spawn(move || {
+                while !flag.load(Ordering::Relaxed) {
+                    std::thread::sleep(TICK);
+                    engine.increment_epoch();
+                }
+            })
+            .expect("spawning the epoch thread");
+        Self {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Ticker {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A compiled, linked reducer, ready to fold batches.
+pub struct Reducer {
+    engine: Engine,
+    pre: ReducerPre<Limiter>,
+    limits: Limits,
+    _ticker: Arc<Ticker>,
+}
+
+impl Reducer {
+    /// Compiles and links `bytes`. A component that does not export the world, or that
+    /// imports anything (the world imports nothing), fails here, not on the first event.
+    ///
+    /// # Errors
+    /// [`ReducerError::Invalid`] with the reason.
+    pub fn load(bytes: &[u8], limits: Limits) -> Result<Self, ReducerError> {
+        let mut config = Config::new();
+        config.epoch_interruption(true);
+        config.wasm_component_model(true);
+        let engine = Engine::new(&config).map_err(|e| ReducerError::Invalid(format!("{e:#}")))?;
+        let component =
+            Component::new(&engine, bytes).map_err(|e| ReducerError::Invalid(format!("{e:#}")))?;
+        // An empty linker: the reducer gets no capabilities at all.
+        let linker = Linker::<Limiter>::new(&engine);
+        let instance_pre = linker
+            .instantiate_pre(&component)
+            .map_err(|e| ReducerError::Invalid(format!("{e:#}")))?;
+        let pre =
+            ReducerPre::new(instance_pre).map_err(|e| ReducerError::Invalid(format!("{e:#}")))?;
+        let ticker = Arc::new(Ticker::start(engine.clone()));
+        Ok(Self {
+            engine,
+            pre,
+            limits,
+            _ticker: ticker,
+        })
+    }
+
+    /// The limits every call runs under.
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    /// Folds one batch. `prior` is asked once for the current state of the entities
+    /// the batch touches (in plan order).
+    ///
+    /// # Errors
+    /// When the reducer traps, runs out of time or memory, refuses the batch, or
+    /// breaks the contract. Nothing of the batch should be applied then.
+    pub fn fold(
+        &self,
+        inputs: &[Input],
+        prior: impl FnOnce(&[Entity]) -> Vec<Option<Vec<u8>>>,
+    ) -> Result<Folded, ReducerError> {
+        let start = Instant::now();
+        let mut store = Store::new(
+            &self.engine,
+            Limiter {
+                memory_bytes: self.limits.memory_bytes,
+                hit: false,
+            },
+        );
+        store.limiter(|l| l);
+        store.epoch_deadline_trap();
+        let ticks = (self.limits.time.as_micros() / TICK.as_micros()).max(1) as u64 + 1;
+
+        store.set_epoch_deadline(ticks);
+        let instance = self.pre.instantiate(&mut store).map_err(|e| self.error(&store, e))?;
+        let batch = instance.logq_reducer_fold().batch();
+
+        store.set_epoch_deadline(ticks);
+        let handle: ResourceAny = batch
+            .call_constructor(&mut store, inputs)
+            .map_err(|e| self.error(&store, e))?;
+        store.set_epoch_deadline(ticks);
+        let plan = batch
+            .call_plan(&mut store, handle)
+            .map_err(|e| self.error(&store, e))?;
+        check_plan(&plan, inputs.len())?;
+
+        let prior = prior(&plan.entities);
+        if prior.len() != plan.entities.len() {
+            return Err(ReducerError::Contract("prior states do not match the plan".into()));
+        }
+        store.set_epoch_deadline(ticks);
+        let updates = batch
+            .call_fold(&mut store, handle, &prior)
+            .map_err(|e| self.error(&store, e))?
+            .map_err(ReducerError::Refused)?;
+        if updates.len() != plan.entities.len() {
+            return Err(ReducerError::Contract(format!(
+                "{} updates for {} entities",
+                updates.len(),
+                plan.entities.len()
+            )));
+        }
+        Ok(Folded {
+            plan,
+            updates,
+            elapsed: start.elapsed(),
+        })
+    }
+
+    fn error(&self, store: &Store<Limiter>, e: wasmtime::Error) -> ReducerError {
+        if store.data().hit {
+            return ReducerError::MemoryLimit(self.limits.memory_bytes >> 20);
+        }
+        match e.downcast_ref::<Trap>() {
+            Some(Trap::Interrupt) => ReducerError::TimeLimit(self.limits.time),
+            _ => ReducerError::Trap(format!("{e:#}")),
+        }
+    }
+}
+
+/// The plan must describe the inputs it was given.
+fn check_plan(plan: &Plan, inputs: usize) -> Result<(), ReducerError> {
+    if plan.accepted.len() != inputs {
+        return Err(ReducerError::Contract(format!(
+            "accepted counts for {} inputs, expected {inputs}",
+            plan.accepted.len()
+        )));
+    }
+    if let Some(r) = plan.rejections.iter().find(|r| r.input as usize >= inputs) {
+        return Err(ReducerError::Contract(format!(
+            "rejection names input {} of {inputs}",
+            r.input
+        )));
+    }
+    Ok(())
+}

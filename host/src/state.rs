@@ -1,0 +1,258 @@
+//! The state store: every entity's opaque reducer state and its rendered answer, and
+//! the join of users to organizations by name.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, RwLock};
+
+use crate::runtime::{Entity, Kind, Update};
+
+/// One stored entity.
+#[derive(Debug, Clone)]
+struct Entry {
+    /// What the reducer hands itself next time.
+    state: Box<[u8]>,
+    /// The JSON answer; `None` while not visible. An `Arc` so readers copy a pointer
+    /// under the lock and do the rest outside it.
+    view: Option<Arc<str>>,
+    /// Organization name (for a user: the one it joins; for an organization: its own).
+    join: Option<Box<str>>,
+}
+
+#[derive(Debug, Default)]
+struct Maps {
+    users: HashMap<Box<str>, Entry>,
+    organizations: HashMap<Box<str>, Entry>,
+    /// organization name -> keys of organizations with that name. Names are not
+    /// unique; a user joins the smallest key so the answer does not depend on order.
+    by_name: HashMap<Box<str>, BTreeSet<Box<str>>>,
+}
+
+/// Counts for `/metrics`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sizes {
+    /// Users that GET shows.
+    pub users_visible: usize,
+    /// Users kept, including deleted ones (their deletion time must be remembered).
+    pub users_stored: usize,
+    /// Organizations kept.
+    pub organizations: usize,
+}
+
+/// All state the host owns, shared by the ingest thread (one writer) and HTTP readers.
+///
+/// A `std::sync::RwLock` and not an async lock: nothing awaits while holding it,
+/// readers hold it for a few hash lookups and the writer for one batch's updates.
+#[derive(Debug, Default)]
+pub struct StateStore {
+    maps: RwLock<Maps>,
+}
+
+impl StateStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Current states of `entities`, for the reducer to fold into.
+    pub fn prior(&self, entities: &[Entity]) -> Vec<Option<Vec<u8>>> {
+        let maps = self.read();
+        entities
+            .iter()
+            .map(|e| maps.map(e.kind).get(e.key.as_str()).map(|entry| entry.state.to_vec()))
+            .collect()
+    }
+
+    /// Stores the reducer's updates, all under one write lock so a reader sees the
+    /// batch entirely or not at all.
+    pub fn apply(&self, entities: &[Entity], updates: Vec<Update>) {
+        let mut maps = self.write();
+        for (entity, update) in entities.iter().zip(updates) {
+            let key: Box<str> = entity.key.as_str().into();
+            let new = update.state.map(|state| Entry {
+                state: state.into_boxed_slice(),
+                view: update.view.map(Arc::from),
+                join: update.join.map(Box::from),
+            });
+            match entity.kind {
+                Kind::User => match new {
+                    Some(entry) => {
+                        maps.users.insert(key, entry);
+                    }
+                    None => {
+                        maps.users.remove(&key);
+                    }
+                },
+                Kind::Organization => maps.put_organization(key, new),
+            }
+        }
+    }
+
+    /// The answer for user `id`: its view joined with its organization's.
+    pub fn user(&self, id: &str) -> Option<String> {
+        let (view, org) = {
+            let maps = self.read();
+            let entry = maps.users.get(id)?;
+            let view = entry.view.clone()?;
+            let org = entry
+                .join
+                .as_deref()
+                .and_then(|name| maps.by_name.get(name))
+                .and_then(|keys| keys.first())
+                .and_then(|key| maps.organizations.get(key))
+                .and_then(|o| o.view.clone());
+            (view, org)
+        };
+        Some(join_view(&view, org.as_deref()))
+    }
+
+    /// The answer for organization `key`.
+    pub fn organization(&self, key: &str) -> Option<Arc<str>> {
+        self.read().organizations.get(key)?.view.clone()
+    }
+
+    /// How much is stored.
+    pub fn sizes(&self) -> Sizes {
+        let maps = self.read();
+        Sizes {
+            users_visible: maps.users.values().filter(|e| e.view.is_some()).count(),
+            users_stored: maps.users.len(),
+            organizations: maps.organizations.len(),
+        }
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Maps> {
+        // A panic while holding the lock cannot leave the maps half-updated in a way
+        // that matters more than stopping service would, so poison is ignored.
+        self.maps.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Maps> {
+        self.maps.write().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Maps {
+    fn map(&self, kind: Kind) -> &HashMap<Box<str>, Entry> {
+        match kind {
+            Kind::User => &self.users,
+            Kind::Organization => &self.organizations,
+        }
+    }
+
+    fn put_organization(&mut self, key: Box<str>, new: Option<Entry>) {
+        let old = match new {
+            Some(entry) => {
+                if let Some(name) = &entry.join {
+                    self.by_name
+                        .entry(name.clone())
+                        .or_default()
+                        .insert(key.clone());
+                }
+                let old_name = self.organizations.insert(key.clone(), entry.clone());
+                old_name.and_then(|o| o.join).filter(|n| Some(n) != entry.join.as_ref())
+            }
+            None => self.organizations.remove(&key).and_then(|o| o.join),
+        };
+        if let Some(old_name) = old
+            && let Some(keys) = self.by_name.get_mut(&old_name)
+        {
+            keys.remove(&key);
+            if keys.is_empty() {
+                self.by_name.remove(&old_name);
+            }
+        }
+    }
+}
+
+/// Splices `"organization": <org or null>` into the user's JSON object.
+fn join_view(user: &str, org: Option<&str>) -> String {
+    let body = user.trim_end();
+    let body = body.strip_suffix('}').unwrap_or(body);
+    let org = org.unwrap_or("null");
+    let mut out = String::with_capacity(body.len() + org.len() + 20);
+    out.push_str(body);
+    // An empty object gets no leading comma.
+    if body.trim_end() != "{" {
+        out.push(',');
+    }
+    out.push_str("\"organization\":");
+    out.push_str(org);
+    out.push('}');
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entity(kind: Kind, key: &str) -> Entity {
+        Entity {
+            kind,
+            key: key.into(),
+        }
+    }
+
+    fn update(view: Option<&str>, join: Option<&str>) -> Update {
+        Update {
+            state: Some(b"s".to_vec()),
+            view: view.map(str::to_owned),
+            join: join.map(str::to_owned),
+        }
+    }
+
+    #[test]
+    fn user_is_joined_with_its_organization_in_either_order() {
+        let store = StateStore::new();
+        store.apply(&[entity(Kind::User, "u")], vec![update(Some(r#"{"id":"u"}"#), Some("MGS"))]);
+        assert_eq!(store.user("u").unwrap(), r#"{"id":"u","organization":null}"#);
+        store.apply(
+            &[entity(Kind::Organization, "k")],
+            vec![update(Some(r#"{"organization_key":"k"}"#), Some("MGS"))],
+        );
+        let v: serde_json::Value = serde_json::from_str(&store.user("u").unwrap()).unwrap();
+        assert_eq!(v["organization"]["organization_key"], "k");
+    }
+
+    #[test]
+    fn renamed_organization_leaves_its_old_name() {
+        let store = StateStore::new();
+        let user = [entity(Kind::User, "u")];
+        store.apply(&user, vec![update(Some(r#"{"id":"u"}"#), Some("Old"))]);
+        let org = [entity(Kind::Organization, "k")];
+        store.apply(&org, vec![update(Some(r#"{"v":1}"#), Some("Old"))]);
+        store.apply(&org, vec![update(Some(r#"{"v":2}"#), Some("New"))]);
+        assert_eq!(store.user("u").unwrap(), r#"{"id":"u","organization":null}"#);
+        store.apply(&user, vec![update(Some(r#"{"id":"u"}"#), Some("New"))]);
+        assert_eq!(store.user("u").unwrap(), r#"{"id":"u","organization":{"v":2}}"#);
+    }
+
+    #[test]
+    fn same_name_joins_the_smallest_key() {
+        let store = StateStore::new();
+        store.apply(&[entity(Kind::User, "u")], vec![update(Some("{}"), Some("N"))]);
+        store.apply(
+            &[entity(Kind::Organization, "b"), entity(Kind::Organization, "a")],
+            vec![update(Some(r#"{"k":"b"}"#), Some("N")), update(Some(r#"{"k":"a"}"#), Some("N"))],
+        );
+        assert_eq!(store.user("u").unwrap(), r#"{"organization":{"k":"a"}}"#);
+    }
+
+    #[test]
+    fn invisible_and_forgotten_users_are_not_found() {
+        let store = StateStore::new();
+        let u = [entity(Kind::User, "u")];
+        store.apply(&u, vec![update(None, None)]);
+        assert_eq!(store.user("u"), None);
+        assert_eq!(store.sizes().users_stored, 1);
+        assert_eq!(store.sizes().users_visible, 0);
+        store.apply(
+            &u,
+            vec![Update {
+                state: None,
+                view: Some("{}".into()),
+                join: None,
+            }],
+        );
+        assert_eq!(store.sizes().users_stored, 0);
+    }
+}

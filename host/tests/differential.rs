@@ -1,0 +1,216 @@
+//! Differential tests: the built reducer component, run by the host's runtime, gives
+//! exactly the native fold's results on the same records, good and bad.
+
+use std::collections::HashMap;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use logq::runtime::{self, Input, Limits, Reducer, ReducerError};
+use proptest::prelude::*;
+
+const LIMITS: Limits = Limits {
+    memory_bytes: 64 << 20,
+    time: Duration::from_secs(5),
+};
+
+fn reducer() -> &'static Reducer {
+    static R: OnceLock<Reducer> = OnceLock::new();
+    R.get_or_init(|| Reducer::load(runtime::DEFAULT_REDUCER, LIMITS).expect("default reducer loads"))
+}
+
+fn native_source(s: runtime::Source) -> logq_reducer::Source {
+    match s {
+        runtime::Source::Users => logq_reducer::Source::Users,
+        runtime::Source::Organizations => logq_reducer::Source::Organizations,
+    }
+}
+
+fn native_kind(k: runtime::Kind) -> logq_reducer::Kind {
+    match k {
+        runtime::Kind::User => logq_reducer::Kind::User,
+        runtime::Kind::Organization => logq_reducer::Kind::Organization,
+    }
+}
+
+/// Folds the batches both ways, carrying each side's own state, and compares
+/// everything observable after every batch.
+fn compare(batches: &[Vec<Input>]) -> Result<(), TestCaseError> {
+    let mut wasm_state: HashMap<(logq_reducer::Kind, String), Vec<u8>> = HashMap::new();
+    let mut native_state = wasm_state.clone();
+    for inputs in batches {
+        let folded = reducer()
+            .fold(inputs, |entities| {
+                entities
+                    .iter()
+                    .map(|e| wasm_state.get(&(native_kind(e.kind), e.key.clone())).cloned())
+                    .collect()
+            })
+            .map_err(|e| TestCaseError::fail(format!("wasm fold failed: {e}")))?;
+        let batch = logq_reducer::Batch::new(inputs.iter().map(|i| (native_source(i.source), i.value.as_slice())));
+        let plan = batch.plan();
+        let prior: Vec<Option<&[u8]>> = plan
+            .entities
+            .iter()
+            .map(|e| native_state.get(&(e.kind, e.key.clone())).map(Vec::as_slice))
+            .collect();
+        let updates = batch.fold(&prior).map_err(TestCaseError::fail)?;
+
+        let wasm_entities: Vec<_> = folded
+            .plan
+            .entities
+            .iter()
+            .map(|e| (native_kind(e.kind), e.key.clone()))
+            .collect();
+        let native_entities: Vec<_> = plan.entities.iter().map(|e| (e.kind, e.key.clone())).collect();
+        prop_assert_eq!(&wasm_entities, &native_entities);
+        let wasm_rejections: Vec<_> = folded
+            .plan
+            .rejections
+            .iter()
+            .map(|r| (r.input, r.event, r.reason.clone()))
+            .collect();
+        let native_rejections: Vec<_> = plan
+            .rejections
+            .iter()
+            .map(|r| (r.input, r.event, r.reason.clone()))
+            .collect();
+        prop_assert_eq!(wasm_rejections, native_rejections);
+        prop_assert_eq!(&folded.plan.accepted, &plan.accepted);
+        prop_assert_eq!(folded.updates.len(), updates.len());
+        for ((w, n), key) in folded.updates.iter().zip(&updates).zip(&native_entities) {
+            prop_assert_eq!(&w.state, &n.state, "state of {:?}", key);
+            prop_assert_eq!(&w.view, &n.view, "view of {:?}", key);
+            prop_assert_eq!(&w.join, &n.join, "join of {:?}", key);
+            if let Some(s) = &w.state {
+                wasm_state.insert(key.clone(), s.clone());
+            }
+            if let Some(s) = &n.state {
+                native_state.insert(key.clone(), s.clone());
+            }
+        }
+    }
+    Ok(())
+}
+
+fn user_value() -> impl Strategy<Value = Vec<u8>> {
+    let field = |name: &'static str| {
+        proptest::option::of(prop_oneof![
+            "[a-zA-Z0-9 ]{0,12}".prop_map(move |v| format!(r#","{name}":{}"#, serde_json::json!(v))),
+            Just(format!(r#","{name}":null"#)),
+            Just(format!(r#","{name}":42"#)),
+            Just(format!(r#","{name}":"é\"\\\u2028""#)),
+        ])
+        .prop_map(|f| f.unwrap_or_default())
+    };
+    (
+        0u8..5,
+        prop_oneof![
+            Just("User Created"),
+            Just("User Updated"),
+            Just("User Deleted"),
+            Just("user_updated"),
+            Just("User Exploded")
+        ],
+        prop_oneof![
+            (0u32..100).prop_map(|s| format!("2021-03-04 05:06:{:02}.{:06}", s % 60, s)),
+            (0u32..100).prop_map(|s| format!("2021-03-04T05:06:{:02}+01:00", s % 60)),
+            Just("not a time".to_string()),
+        ],
+        field("username"),
+        field("user_email"),
+        field("organization_name"),
+    )
+        .prop_map(|(id, kind, at, a, b, c)| {
+            format!(r#"{{"id":"u{id}","event_type":"{kind}","received_at":"{at}"{a}{b}{c}}}"#).into_bytes()
+        })
+}
+
+fn org_value() -> impl Strategy<Value = Vec<u8>> {
+    (0u8..3, 0u8..3, 0u32..50).prop_map(|(k, n, t)| {
+        format!(
+            r#"{{"organization_key":"k{k}","organization_name":"N{n}","organization_tier":"T{t}","created_at":"2018-01-01 00:00:{:02}"}}"#,
+            t % 60
+        )
+        .into_bytes()
+    })
+}
+
+fn input() -> impl Strategy<Value = Input> {
+    prop_oneof![
+        6 => user_value().prop_map(|value| Input { source: runtime::Source::Users, value }),
+        2 => org_value().prop_map(|value| Input { source: runtime::Source::Organizations, value }),
+        1 => proptest::collection::vec(user_value(), 0..4).prop_map(|vs| {
+            let mut value = b"[".to_vec();
+            value.extend(vs.join(&b","[..]));
+            value.push(b']');
+            Input { source: runtime::Source::Users, value }
+        }),
+        1 => proptest::collection::vec(any::<u8>(), 0..40)
+            .prop_map(|value| Input { source: runtime::Source::Users, value }),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    #[test]
+    fn component_matches_the_native_fold(
+        batches in proptest::collection::vec(proptest::collection::vec(input(), 0..30), 1..5)
+    ) {
+        compare(&batches)?;
+    }
+}
+
+#[test]
+fn seed_samples_match_the_native_fold() {
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../data/");
+    let batch = |source, file: &str| Input {
+        source,
+        value: std::fs::read(format!("{root}{file}")).expect("sample data"),
+    };
+    compare(&[vec![
+        batch(runtime::Source::Users, "users.json"),
+        batch(runtime::Source::Organizations, "organizations.json"),
+    ]])
+    .unwrap();
+}
+
+#[test]
+fn the_component_imports_nothing_and_a_non_component_is_refused() {
+    // Loading links against an empty linker: any import would fail here.
+    assert!(Reducer::load(runtime::DEFAULT_REDUCER, LIMITS).is_ok());
+    for junk in [&b""[..], b"\0asm\x01\0\0\0", b"not wasm at all"] {
+        let err = Reducer::load(junk, LIMITS).err().expect("refused");
+        assert!(matches!(err, ReducerError::Invalid(_)), "{err}");
+    }
+}
+
+#[test]
+fn test_trigger_reducer_is_contained_by_the_limits() {
+    let bytes = std::fs::read(env!("LOGQ_TEST_TRIGGERS_REDUCER_WASM")).expect("built by build.rs");
+    let limits = Limits {
+        memory_bytes: 32 << 20,
+        time: Duration::from_millis(200),
+    };
+    let r = Reducer::load(&bytes, limits).expect("loads");
+    let fold = |marker: &str| {
+        let value = format!(
+            r#"{{"id":"a","event_type":"User Created","username":"{marker}","received_at":"2021-01-01 00:00:00"}}"#
+        );
+        r.fold(
+            &[Input {
+                source: runtime::Source::Users,
+                value: value.into_bytes(),
+            }],
+            |e| vec![None; e.len()],
+        )
+    };
+    assert!(matches!(fold("logq-test:trap"), Err(ReducerError::Trap(_))));
+    let start = std::time::Instant::now();
+    assert!(matches!(fold("logq-test:loop"), Err(ReducerError::TimeLimit(_))));
+    assert!(start.elapsed() < Duration::from_secs(3), "cut by the time limit");
+    assert!(matches!(fold("logq-test:oom"), Err(ReducerError::MemoryLimit(32))));
+    // The same reducer keeps working after each failure: every batch gets a new instance.
+    let ok = fold("fine").expect("a normal record folds");
+    assert_eq!(ok.plan.accepted, [1]);
+}

@@ -1,0 +1,476 @@
+//! Domain rules of the fold, proved natively: examples first, then properties over
+//! generated histories.
+
+use std::collections::BTreeMap;
+
+use proptest::prelude::*;
+
+use super::*;
+
+/// A minimal stand-in for the host's store: entity -> (state, view, join).
+type Store = BTreeMap<Entity, (Vec<u8>, Option<String>, Option<String>)>;
+
+fn apply(store: &mut Store, records: &[(Source, String)]) -> Plan {
+    let batch = Batch::new(records.iter().map(|(s, v)| (*s, v.as_bytes())));
+    let plan = batch.plan().clone();
+    let prior: Vec<Option<&[u8]>> = plan
+        .entities
+        .iter()
+        .map(|e| store.get(e).map(|(s, _, _)| s.as_slice()))
+        .collect();
+    let updates = batch.fold(&prior).expect("fold");
+    assert_eq!(updates.len(), plan.entities.len());
+    let updates: Vec<_> = updates.into_iter().collect();
+    for (entity, update) in plan.entities.iter().zip(updates) {
+        match update.state {
+            Some(state) => {
+                store.insert(entity.clone(), (state, update.view, update.join));
+            }
+            None => {
+                store.remove(entity);
+            }
+        }
+    }
+    plan
+}
+
+fn fold_all(records: &[(Source, String)]) -> Store {
+    let mut store = Store::new();
+    let plan = apply(&mut store, records);
+    assert!(plan.rejections.is_empty(), "{:?}", plan.rejections);
+    store
+}
+
+fn user(id: &str) -> Entity {
+    Entity {
+        kind: Kind::User,
+        key: id.into(),
+    }
+}
+
+fn view(store: &Store, id: &str) -> Option<serde_json::Value> {
+    store
+        .get(&user(id))
+        .and_then(|(_, v, _)| v.as_deref())
+        .map(|v| serde_json::from_str(v).expect("view is JSON"))
+}
+
+fn ev(id: &str, kind: &str, at: &str, fields: &[(&str, &str)]) -> (Source, String) {
+    let mut obj = serde_json::json!({"id": id, "event_type": kind, "received_at": at});
+    for (k, v) in fields {
+        obj[*k] = (*v).into();
+    }
+    (Source::Users, obj.to_string())
+}
+
+fn org(key: &str, name: &str, tier: &str, created: &str) -> (Source, String) {
+    let obj = serde_json::json!({"organization_key": key, "organization_name": name,
+        "organization_tier": tier, "created_at": created});
+    (Source::Organizations, obj.to_string())
+}
+
+const T1: &str = "2020-12-08 20:00:00.000001";
+const T2: &str = "2020-12-08 20:00:00.000002";
+const T3: &str = "2020-12-08 20:00:00.000003";
+const T4: &str = "2020-12-08 20:00:00.000004";
+
+#[test]
+fn created_user_shows_every_field_and_event_times() {
+    let store = fold_all(&[ev(
+        "u",
+        "User Created",
+        T1,
+        &[
+            ("username", "Snake"),
+            ("user_email", "s@o.com"),
+            ("user_type", "Admin"),
+            ("organization_name", "MGS"),
+        ],
+    )]);
+    let v = view(&store, "u").expect("visible");
+    assert_eq!(v["id"], "u");
+    assert_eq!(v["username"], "Snake");
+    assert_eq!(v["user_email"], "s@o.com");
+    assert_eq!(v["user_type"], "Admin");
+    assert_eq!(v["organization_name"], "MGS");
+    assert_eq!(v["created_at"], "2020-12-08T20:00:00.000001Z");
+    assert_eq!(v["updated_at"], "2020-12-08T20:00:00.000001Z");
+    assert_eq!(store[&user("u")].2.as_deref(), Some("MGS"), "join key");
+}
+
+#[test]
+fn partial_update_keeps_the_other_fields() {
+    let store = fold_all(&[
+        ev("u", "User Created", T1, &[("username", "a"), ("user_email", "a@x")]),
+        ev("u", "User Updated", T2, &[("username", "b")]),
+    ]);
+    let v = view(&store, "u").unwrap();
+    assert_eq!(v["username"], "b");
+    assert_eq!(v["user_email"], "a@x");
+    assert_eq!(v["updated_at"], "2020-12-08T20:00:00.000002Z");
+    assert_eq!(v["created_at"], "2020-12-08T20:00:00.000001Z");
+}
+
+#[test]
+fn older_update_arriving_late_does_not_overwrite() {
+    let store = fold_all(&[
+        ev("u", "User Created", T1, &[("username", "a")]),
+        ev("u", "User Updated", T3, &[("username", "new")]),
+        ev("u", "User Updated", T2, &[("username", "old"), ("user_type", "User")]),
+    ]);
+    let v = view(&store, "u").unwrap();
+    assert_eq!(v["username"], "new");
+    assert_eq!(v["user_type"], "User", "a field only the older event set is still taken");
+    assert_eq!(v["updated_at"], "2020-12-08T20:00:00.000003Z");
+}
+
+#[test]
+fn deleted_user_is_not_visible() {
+    let store = fold_all(&[
+        ev("u", "User Created", T1, &[("username", "a")]),
+        ev("u", "User Deleted", T2, &[]),
+    ]);
+    assert_eq!(view(&store, "u"), None);
+}
+
+#[test]
+fn late_update_does_not_resurrect() {
+    let store = fold_all(&[
+        ev("u", "User Created", T1, &[("username", "a")]),
+        ev("u", "User Deleted", T3, &[]),
+        ev("u", "User Updated", T2, &[("username", "zombie")]),
+        ev("u", "User Created", T2, &[("username", "zombie")]),
+    ]);
+    assert_eq!(view(&store, "u"), None);
+}
+
+#[test]
+fn update_after_delete_without_recreate_stays_deleted() {
+    let store = fold_all(&[
+        ev("u", "User Created", T1, &[("username", "a")]),
+        ev("u", "User Deleted", T2, &[]),
+        ev("u", "User Updated", T3, &[("username", "ghost")]),
+    ]);
+    assert_eq!(view(&store, "u"), None);
+}
+
+#[test]
+fn created_after_delete_recreates_without_leftovers() {
+    let store = fold_all(&[
+        ev("u", "User Created", T1, &[("username", "a"), ("user_type", "Admin")]),
+        ev("u", "User Deleted", T2, &[]),
+        ev("u", "User Created", T3, &[("username", "b")]),
+    ]);
+    let v = view(&store, "u").unwrap();
+    assert_eq!(v["username"], "b");
+    assert_eq!(v["user_type"], serde_json::Value::Null, "no field from before the deletion");
+    assert_eq!(v["created_at"], "2020-12-08T20:00:00.000003Z");
+}
+
+#[test]
+fn recreate_arriving_before_the_deletion_it_follows() {
+    let store = fold_all(&[
+        ev("u", "User Created", T3, &[("username", "b")]),
+        ev("u", "User Created", T1, &[("username", "a"), ("user_type", "Admin")]),
+        ev("u", "User Deleted", T2, &[]),
+    ]);
+    let v = view(&store, "u").unwrap();
+    assert_eq!(v["username"], "b");
+    assert_eq!(v["user_type"], serde_json::Value::Null);
+}
+
+#[test]
+fn delete_and_create_at_the_same_time_means_deleted() {
+    let store = fold_all(&[
+        ev("u", "User Created", T2, &[("username", "a")]),
+        ev("u", "User Deleted", T2, &[]),
+    ]);
+    assert_eq!(view(&store, "u"), None);
+}
+
+#[test]
+fn update_before_any_create_is_kept_only_if_newer_than_the_create() {
+    let store = fold_all(&[
+        ev("u", "User Updated", T1, &[("username", "too early")]),
+        ev("u", "User Updated", T4, &[("user_type", "later")]),
+        ev("u", "User Created", T2, &[("username", "created")]),
+    ]);
+    let v = view(&store, "u").unwrap();
+    assert_eq!(v["username"], "created");
+    assert_eq!(v["user_type"], "later");
+    assert_eq!(v["updated_at"], "2020-12-08T20:00:00.000004Z");
+}
+
+#[test]
+fn same_time_conflict_is_decided_by_value_not_arrival() {
+    let a = [
+        ev("u", "User Created", T1, &[("username", "x")]),
+        ev("u", "User Updated", T2, &[("username", "alpha")]),
+        ev("u", "User Updated", T2, &[("username", "beta")]),
+    ];
+    let mut b = a.clone();
+    b.swap(1, 2);
+    assert_eq!(fold_all(&a), fold_all(&b));
+    assert_eq!(view(&fold_all(&a), "u").unwrap()["username"], "beta");
+}
+
+#[test]
+fn duplicated_events_change_nothing() {
+    let events = [
+        ev("u", "User Created", T1, &[("username", "a")]),
+        ev("u", "User Updated", T2, &[("username", "b")]),
+    ];
+    let once = fold_all(&events);
+    let mut store = once.clone();
+    apply(&mut store, &events);
+    apply(&mut store, &events[..1]);
+    assert_eq!(store, once);
+}
+
+#[test]
+fn organization_is_replaced_by_a_newer_event_for_its_key() {
+    let store = fold_all(&[
+        org("k", "MGS", "Medium", "2018-01-24 17:28:09"),
+        org("k", "MGS", "Large", "2019-01-24 17:28:09"),
+        org("k", "MGS", "Small", "2017-01-24 17:28:09"),
+    ]);
+    let (_, v, join) = &store[&Entity {
+        kind: Kind::Organization,
+        key: "k".into(),
+    }];
+    let v: serde_json::Value = serde_json::from_str(v.as_deref().unwrap()).unwrap();
+    assert_eq!(v["organization_tier"], "Large");
+    assert_eq!(v["organization_key"], "k");
+    assert_eq!(v["created_at"], "2019-01-24T17:28:09.000000Z");
+    assert_eq!(join.as_deref(), Some("MGS"));
+}
+
+#[test]
+fn seed_samples_fold_without_rejections() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/data/");
+    let users = std::fs::read_to_string(format!("{dir}users.json")).expect("shared/data/users.json");
+    let orgs = std::fs::read_to_string(format!("{dir}organizations.json")).expect("organizations.json");
+    let store = fold_all(&[(Source::Users, users), (Source::Organizations, orgs)]);
+    let snake = view(&store, "069feb770fe581acc9d3313d59780196").expect("Snake is visible");
+    assert_eq!(snake["username"], "Solid Snake");
+    assert_eq!(view(&store, "a0b1c2d3e4f5061728394a5b6c7d8e9f"), None, "Liquid was deleted");
+    assert_eq!(
+        store.keys().filter(|e| e.kind == Kind::Organization).count(),
+        3
+    );
+}
+
+#[test]
+fn rejections_name_their_record_and_event() {
+    let mut store = Store::new();
+    let plan = apply(
+        &mut store,
+        &[
+            ev("u", "User Created", T1, &[]),
+            (Source::Users, "not json".into()),
+            (Source::Users, format!("[{},{{}}]", ev("v", "User Created", T1, &[]).1)),
+        ],
+    );
+    assert_eq!(plan.accepted, [1, 0, 1]);
+    assert_eq!(plan.rejections.len(), 2);
+    assert_eq!((plan.rejections[0].input, plan.rejections[0].event), (1, None));
+    assert_eq!((plan.rejections[1].input, plan.rejections[1].event), (2, Some(1)));
+    assert!(view(&store, "v").is_some(), "the good event of the mixed array applied");
+}
+
+#[test]
+fn foreign_state_is_an_error_not_a_panic() {
+    let batch = Batch::new([(Source::Users, ev("u", "User Created", T1, &[]).1.as_bytes())]);
+    for junk in [&b""[..], b"U", b"O\0\0\0\0", b"U\x05\0\0\0abc"] {
+        assert!(batch.fold(&[Some(junk)]).is_err(), "{junk:?}");
+    }
+    assert!(batch.fold(&[]).is_err(), "wrong prior length");
+}
+
+// ---- properties over generated histories ----
+
+const NAMES: [&str; 3] = ["Metal Gear Solid", "Outer Heaven", "FOXHOUND"];
+const ACTIONS: [&str; 3] = ["User Created", "User Updated", "User Deleted"];
+
+#[derive(Debug, Clone)]
+struct GenUser {
+    id: u8,
+    action: usize,
+    at: i64,
+    fields: [Option<u8>; 4],
+}
+
+#[derive(Debug, Clone)]
+struct GenOrg {
+    key: u8,
+    name: usize,
+    tier: u8,
+    at: i64,
+}
+
+fn render_time(at: i64) -> String {
+    // Base time plus `at` seconds, alternating the two accepted formats.
+    let t = time::render(1_600_000_000_000_000 + at * 1_000_000);
+    if at % 2 == 0 {
+        t
+    } else {
+        t.replace('T', " ").trim_end_matches('Z').to_string()
+    }
+}
+
+fn user_record(u: &GenUser) -> (Source, String) {
+    let mut obj = serde_json::json!({
+        "id": format!("user-{}", u.id),
+        "event_type": ACTIONS[u.action],
+        "received_at": render_time(u.at),
+    });
+    if u.action != 2 {
+        for (name, v) in event::USER_FIELDS.iter().zip(u.fields) {
+            if let Some(v) = v {
+                obj[*name] = if *name == "organization_name" {
+                    NAMES[usize::from(v) % NAMES.len()].into()
+                } else {
+                    format!("{name}-{v}").into()
+                };
+            }
+        }
+    }
+    (Source::Users, obj.to_string())
+}
+
+fn org_record(o: &GenOrg) -> (Source, String) {
+    let obj = serde_json::json!({
+        "organization_key": format!("org-{}", o.key),
+        "organization_name": NAMES[o.name],
+        "organization_tier": format!("tier-{}", o.tier),
+        "created_at": render_time(o.at),
+    });
+    (Source::Organizations, obj.to_string())
+}
+
+fn gen_user(max_time: i64) -> impl Strategy<Value = GenUser> {
+    (0u8..4, 0usize..3, 0..max_time, proptest::array::uniform4(proptest::option::of(0u8..3)))
+        .prop_map(|(id, action, at, fields)| GenUser { id, action, at, fields })
+}
+
+fn gen_org(max_time: i64) -> impl Strategy<Value = GenOrg> {
+    (0u8..3, 0usize..3, 0u8..3, 0..max_time).prop_map(|(key, name, tier, at)| GenOrg {
+        key,
+        name,
+        tier,
+        at,
+    })
+}
+
+fn history(max_time: i64) -> impl Strategy<Value = Vec<(Source, String)>> {
+    (
+        proptest::collection::vec(gen_user(max_time), 0..40),
+        proptest::collection::vec(gen_org(max_time), 0..6),
+    )
+        .prop_map(|(users, orgs)| {
+            let mut timed: Vec<(i64, (Source, String))> = users
+                .iter()
+                .map(|u| (u.at, user_record(u)))
+                .chain(orgs.iter().map(|o| (o.at, org_record(o))))
+                .collect();
+            // The reference order: sorted by event time (stable on ties).
+            timed.sort_by_key(|(at, _)| *at);
+            timed.into_iter().map(|(_, r)| r).collect()
+        })
+}
+
+/// Folds `records` in batches whose sizes come from `cuts`.
+fn fold_in_batches(records: &[(Source, String)], cuts: &[usize]) -> Store {
+    let mut store = Store::new();
+    let mut rest = records;
+    let mut cuts = cuts.iter().cycle();
+    while !rest.is_empty() {
+        let n = (*cuts.next().unwrap_or(&1)).clamp(1, rest.len());
+        let (head, tail) = rest.split_at(n);
+        let plan = apply(&mut store, head);
+        assert!(plan.rejections.is_empty(), "{:?}", plan.rejections);
+        rest = tail;
+    }
+    store
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    /// Any permutation, with duplicates, in any batching, folds to the state of the
+    /// sorted history (times drawn from a small range, so ties happen often).
+    #[test]
+    fn any_order_and_duplication_gives_the_sorted_state(
+        sorted in history(12),
+        seed in any::<u64>(),
+        dup_mask in any::<u64>(),
+        cuts in proptest::collection::vec(1usize..8, 1..5),
+    ) {
+        let reference = fold_in_batches(&sorted, &[sorted.len().max(1)]);
+        let mut shuffled = sorted.clone();
+        for (i, r) in sorted.iter().enumerate() {
+            if dup_mask >> (i % 64) & 1 == 1 {
+                shuffled.push(r.clone());
+            }
+        }
+        let mut rng = seed | 1;
+        for i in (1..shuffled.len()).rev() {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            shuffled.swap(i, (rng % (i as u64 + 1)) as usize);
+        }
+        prop_assert_eq!(fold_in_batches(&shuffled, &cuts), reference);
+    }
+
+    /// With distinct times, the fold agrees with the plain sequential model of the
+    /// rules: apply events one by one in time order.
+    #[test]
+    fn fold_matches_the_sequential_model(users in proptest::collection::vec(gen_user(1_000_000), 0..40)) {
+        let mut users = users;
+        users.sort_by_key(|u| u.at);
+        users.dedup_by_key(|u| u.at);
+        let records: Vec<_> = users.iter().map(user_record).collect();
+        let store = fold_in_batches(&records, &[3]);
+
+        // The model: a user is None (absent/deleted) or its live fields.
+        let mut model: BTreeMap<u8, Option<(BTreeMap<usize, u8>, i64, i64)>> = BTreeMap::new();
+        for u in &users {
+            let entry = model.entry(u.id).or_insert(None);
+            match u.action {
+                0 => {
+                    let fields = u.fields.iter().enumerate().filter_map(|(i, v)| v.map(|v| (i, v))).collect();
+                    *entry = Some((fields, u.at, u.at));
+                }
+                1 => {
+                    if let Some((fields, _, touched)) = entry {
+                        for (i, v) in u.fields.iter().enumerate() {
+                            if let Some(v) = v { fields.insert(i, *v); }
+                        }
+                        *touched = u.at;
+                    }
+                }
+                _ => *entry = None,
+            }
+        }
+        for (id, expected) in model {
+            let got = view(&store, &format!("user-{id}"));
+            match expected {
+                None => prop_assert_eq!(got, None),
+                Some((fields, created, touched)) => {
+                    let got = got.expect("visible in the model");
+                    prop_assert_eq!(&got["created_at"], &serde_json::Value::from(time::render(1_600_000_000_000_000 + created * 1_000_000)));
+                    prop_assert_eq!(&got["updated_at"], &serde_json::Value::from(time::render(1_600_000_000_000_000 + touched * 1_000_000)));
+                    for (i, name) in event::USER_FIELDS.iter().enumerate() {
+                        let want = match fields.get(&i) {
+                            None => serde_json::Value::Null,
+                            Some(v) if *name == "organization_name" => NAMES[usize::from(*v) % 3].into(),
+                            Some(v) => format!("{name}-{v}").into(),
+                        };
+                        prop_assert_eq!(&got[*name], &want, "field {}", name);
+                    }
+                }
+            }
+        }
+    }
+}

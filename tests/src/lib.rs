@@ -1,0 +1,451 @@
+//! End-to-end test harness: a real Kafka-compatible broker process (nisshi), the real
+//! `logq` binary as a child process, and plain HTTP/1.1 over TCP.
+//!
+//! Everything a test needs is built or started here; what cannot be (the broker binary
+//! is missing) fails loudly with the command that installs it.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// The workspace root.
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ lives in the workspace")
+        .to_path_buf()
+}
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target"))
+}
+
+/// The `logq` binary, built (once per test process) from the current source, so a
+/// test never runs a stale binary.
+pub fn logq_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let status = Command::new(cargo)
+            .current_dir(root())
+            .args(["build", "--locked", "-p", "logq", "--bin", "logq"])
+            .status()
+            .expect("running cargo build -p logq");
+        assert!(status.success(), "`cargo build -p logq --bin logq` failed");
+        target_dir().join("debug").join("logq")
+    })
+}
+
+/// A reducer component built by the host's build script (`<target>/reducer-wasm/components/`).
+pub fn component(name: &str) -> PathBuf {
+    logq_bin();
+    let path = target_dir()
+        .join("reducer-wasm")
+        .join("components")
+        .join(name);
+    assert!(
+        path.exists(),
+        "{} is missing; it is built by `cargo build -p logq`",
+        path.display()
+    );
+    path
+}
+
+/// A free port on 127.0.0.1 (bound and released; good enough on a test machine).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("binding an ephemeral port")
+        .port()
+}
+
+fn wait_for_port(port: u16, within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+/// The broker binary: `$NISSHI`, else `nisshi` on PATH, else `~/.cargo/bin/nisshi`.
+pub fn nisshi_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("NISSHI") {
+        return p.into();
+    }
+    let on_path = Command::new("nisshi")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if on_path {
+        return "nisshi".into();
+    }
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
+    let p = home.join(".cargo/bin/nisshi");
+    assert!(
+        p.exists(),
+        "the nisshi broker is not installed; run ./scripts/setup.sh \
+         (it runs `cargo +nightly install nisshi --locked --no-default-features --features dynostore,libsql`)"
+    );
+    p
+}
+
+/// A real Kafka-compatible broker process (nisshi) on a free loopback port, in a
+/// clean temporary folder (it reads a `.env` from its working directory). Killed on drop.
+pub struct Broker {
+    /// `127.0.0.1:port`.
+    pub bootstrap: String,
+    child: Child,
+    dir: PathBuf,
+}
+
+impl Broker {
+    /// Starts a broker with in-memory storage.
+    pub fn start() -> Self {
+        let port = free_port();
+        let dir = std::env::temp_dir().join(format!("logq-e2e-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("creating the broker folder");
+        let url = format!("tcp://127.0.0.1:{port}");
+        let log = std::fs::File::create(dir.join("broker.log")).expect("broker log");
+        let child = Command::new(nisshi_bin())
+            .current_dir(&dir)
+            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
+            .args(["--storage-engine", "memory://logq/"])
+            .stdout(log.try_clone().expect("log handle"))
+            .stderr(log)
+            .spawn()
+            .expect("starting nisshi");
+        let mut broker = Self {
+            bootstrap: format!("127.0.0.1:{port}"),
+            child,
+            dir,
+        };
+        if !wait_for_port(port, Duration::from_secs(30)) {
+            let _ = broker.child.kill();
+            panic!("nisshi did not listen on {port}: {}", broker.log());
+        }
+        broker
+    }
+
+    /// Creates a topic.
+    pub fn create_topic(&self, name: &str, partitions: u32) {
+        let out = Command::new(nisshi_bin())
+            .current_dir(&self.dir)
+            .args(["topic", "create", name, "--partitions", &partitions.to_string()])
+            .args(["--broker", &format!("tcp://{}", self.bootstrap)])
+            .output()
+            .expect("running nisshi topic create");
+        assert!(
+            out.status.success(),
+            "creating topic {name}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Creates `users`, `organizations` and their dead-letter topics.
+    pub fn create_default_topics(&self) {
+        self.create_topic("users", 3);
+        self.create_topic("organizations", 2);
+        self.create_topic("users.dlq", 1);
+        self.create_topic("organizations.dlq", 1);
+    }
+
+    /// The broker's own log, for failure messages.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("broker.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Runs `logq produce` with `args`, feeding `stdin`; returns its standard output.
+pub fn produce(broker: &Broker, topic: &str, args: &[&str], stdin: &[u8]) -> String {
+    let mut child = Command::new(logq_bin())
+        .args(["produce", "--brokers", &broker.bootstrap, "--topic", topic])
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting logq produce");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(stdin)
+        .expect("writing to logq produce");
+    let out = child.wait_with_output().expect("logq produce");
+    assert!(
+        out.status.success(),
+        "logq produce failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A running `logq run` process. Killed on drop if still running.
+pub struct Host {
+    /// Where it serves HTTP.
+    pub addr: SocketAddr,
+    child: Child,
+    log: PathBuf,
+}
+
+impl Host {
+    /// Starts `logq run` against `broker` with extra `args`.
+    pub fn start(broker: &Broker, args: &[&str]) -> Self {
+        let port = free_port();
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("address");
+        let log = std::env::temp_dir().join(format!("logq-host-{}-{port}.log", std::process::id()));
+        let file = std::fs::File::create(&log).expect("host log");
+        let child = Command::new(logq_bin())
+            .args(["run", "--brokers", &broker.bootstrap, "--listen", &addr.to_string()])
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdout(file.try_clone().expect("log handle"))
+            .stderr(file)
+            .spawn()
+            .expect("starting logq run");
+        let mut host = Self { addr, child, log };
+        if !wait_for_port(port, Duration::from_secs(60)) {
+            let _ = host.child.kill();
+            panic!("logq did not listen on {addr}: {}", host.log());
+        }
+        host
+    }
+
+    /// Waits until `/readyz` answers 200; returns how long that took.
+    pub fn wait_ready(&self, within: Duration) -> Duration {
+        let start = Instant::now();
+        while start.elapsed() < within {
+            if let Ok(r) = get(self.addr, "/readyz")
+                && r.status == 200
+            {
+                return start.elapsed();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("logq not ready after {within:?}: {}", self.log());
+    }
+
+    /// GET `path`, panicking on a transport error.
+    pub fn get(&self, path: &str) -> Response {
+        get(self.addr, path).unwrap_or_else(|e| panic!("GET {path}: {e}\n{}", self.log()))
+    }
+
+    /// Sends SIGTERM and waits for the process to exit.
+    pub fn terminate(mut self) -> ExitStatus {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "logq ignored SIGTERM: {}", self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The host's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// An HTTP response.
+#[derive(Debug)]
+pub struct Response {
+    /// Status code.
+    pub status: u16,
+    /// Header lines, lower-cased names.
+    pub headers: Vec<(String, String)>,
+    /// Body.
+    pub body: String,
+}
+
+impl Response {
+    /// The body as JSON, panicking with the body if it is not.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body)
+            .unwrap_or_else(|e| panic!("body is not JSON ({e}): {:?}", self.body))
+    }
+
+    /// A header's value.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// One HTTP/1.1 GET on a fresh connection.
+///
+/// # Errors
+/// Transport errors and unparseable responses.
+pub fn get(addr: SocketAddr, path: &str) -> std::io::Result<Response> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| std::io::Error::other(format!("no header end: {text:?}")))?;
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("bad status line: {head:?}")))?;
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    Ok(Response {
+        status,
+        headers,
+        body: body.to_string(),
+    })
+}
+
+/// Polls `check` until it returns `Some`, or panics after `within` with `what`.
+pub fn eventually<T>(within: Duration, what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = check() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {within:?}: {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A record read back from a topic.
+#[derive(Debug, Clone)]
+pub struct ReadRecord {
+    /// Key.
+    pub key: Option<Vec<u8>>,
+    /// Value.
+    pub value: Vec<u8>,
+    /// Headers as text.
+    pub headers: Vec<(String, String)>,
+}
+
+/// Reads every record of `topic` (waits up to `within` for at least `at_least`).
+pub fn read_topic(broker: &Broker, topic: &str, at_least: usize, within: Duration) -> Vec<ReadRecord> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::message::{Headers, Message};
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &broker.bootstrap)
+        .set("group.id", format!("e2e-reader-{}", std::process::id()))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("test consumer");
+    let metadata = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .expect("metadata");
+    let mut list = rdkafka::TopicPartitionList::new();
+    for p in metadata.topics()[0].partitions() {
+        list.add_partition_offset(topic, p.id(), rdkafka::Offset::Beginning)
+            .expect("partition");
+    }
+    consumer.assign(&list).expect("assign");
+    let mut out = Vec::new();
+    let deadline = Instant::now() + within;
+    while out.len() < at_least && Instant::now() < deadline {
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
+            let headers = m
+                .headers()
+                .map(|h| {
+                    h.iter()
+                        .map(|x| {
+                            (
+                                x.key.to_string(),
+                                String::from_utf8_lossy(x.value.unwrap_or_default()).into_owned(),
+                            )
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            out.push(ReadRecord {
+                key: m.key().map(<[u8]>::to_vec),
+                value: m.payload().unwrap_or_default().to_vec(),
+                headers,
+            });
+        }
+    }
+    out
+}
+
+/// The answer `GET /users/{id}` must give for every user, computed with the native
+/// fold (the same logic the wasm reducer runs) and the documented join.
+pub fn expected_answers(
+    users: &[String],
+    organizations: &[String],
+) -> std::collections::BTreeMap<String, serde_json::Value> {
+    use logq_reducer::{Batch, Kind, Source};
+    let inputs = users
+        .iter()
+        .map(|v| (Source::Users, v.as_bytes()))
+        .chain(organizations.iter().map(|v| (Source::Organizations, v.as_bytes())));
+    let batch = Batch::new(inputs);
+    let plan = batch.plan().clone();
+    let updates = batch
+        .fold(&vec![None; plan.entities.len()])
+        .expect("native fold");
+    let mut orgs_by_name: std::collections::BTreeMap<String, (String, serde_json::Value)> =
+        Default::default();
+    for (e, u) in plan.entities.iter().zip(&updates) {
+        if e.kind == Kind::Organization {
+            let name = u.join.clone().expect("org has a name");
+            let view: serde_json::Value = serde_json::from_str(u.view.as_deref().expect("view")).expect("json");
+            // The smallest key wins when names collide.
+            let keep = orgs_by_name.get(&name).is_none_or(|(k, _)| e.key < *k);
+            if keep {
+                orgs_by_name.insert(name, (e.key.clone(), view));
+            }
+        }
+    }
+    let mut out = std::collections::BTreeMap::new();
+    for (e, u) in plan.entities.iter().zip(updates) {
+        if e.kind != Kind::User {
+            continue;
+        }
+        let Some(view) = u.view else { continue };
+        let mut v: serde_json::Value = serde_json::from_str(&view).expect("json");
+        v["organization"] = u
+            .join
+            .and_then(|n| orgs_by_name.get(&n).map(|(_, o)| o.clone()))
+            .unwrap_or(serde_json::Value::Null);
+        out.insert(e.key.clone(), v);
+    }
+    out
+}

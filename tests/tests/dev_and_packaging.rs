@@ -1,0 +1,50 @@
+//! `logq dev` (the zero-setup main job) and the compose file.
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use logq_e2e::{free_port, get, logq_bin, root};
+
+#[test]
+fn logq_dev_serves_the_sample_data_with_zero_setup() {
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut child = Command::new(logq_bin())
+        .args(["dev", "--listen", &addr])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("starting logq dev");
+    let addr = addr.parse().expect("addr");
+    let answer = logq_e2e::eventually(Duration::from_secs(120), "logq dev to serve Snake", || {
+        get(addr, "/users/069feb770fe581acc9d3313d59780196")
+            .ok()
+            .filter(|r| r.status == 200)
+    });
+    assert_eq!(answer.json()["username"], "Solid Snake");
+    assert_eq!(answer.json()["organization"]["organization_name"], "Metal Gear Solid");
+    let _ = child.kill();
+    let out = child.wait_with_output().expect("output");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("IN-MEMORY DEVELOPMENT BROKER"), "{text}");
+    assert!(text.contains("logq produce --brokers"), "{text}");
+}
+
+#[test]
+fn compose_file_is_valid() {
+    let out = Command::new("docker-compose")
+        .current_dir(root())
+        .args(["-f", "docker-compose.yml", "config", "--quiet"])
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("docker-compose is not installed ({e}); run ./scripts/setup.sh (apt-get install docker-compose)")
+        });
+    assert!(
+        out.status.success(),
+        "docker-compose config: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = std::fs::read_to_string(root().join("docker-compose.yml")).expect("compose file");
+    assert!(text.contains("redpanda"), "compose runs Redpanda");
+    assert!(root().join("Dockerfile").exists(), "the host image is built from ./Dockerfile");
+}

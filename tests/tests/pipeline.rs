@@ -1,0 +1,326 @@
+//! The whole pipe against a real broker process: topics -> `logq run` (wasm reducer)
+//! -> HTTP, with `logq produce` feeding the topics.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use logq_e2e::{Broker, Host, eventually, expected_answers, produce, read_topic, root};
+
+const READY: Duration = Duration::from_secs(120);
+const SNAKE: &str = "069feb770fe581acc9d3313d59780196";
+const LIQUID: &str = "a0b1c2d3e4f5061728394a5b6c7d8e9f";
+
+fn sample(name: &str) -> String {
+    std::fs::read_to_string(root().join("data").join(name)).expect("sample data")
+}
+
+/// Every event of a JSON array, compact, one string each.
+fn events_of(array: &str) -> Vec<String> {
+    let v: Vec<serde_json::Value> = serde_json::from_str(array).expect("a JSON array");
+    v.iter().map(ToString::to_string).collect()
+}
+
+#[test]
+fn seed_samples_are_served_joined_and_identical_after_restart() {
+    let broker = Broker::start();
+    broker.create_default_topics();
+    let out = produce(&broker, "users", &[root().join("data/users.json").to_str().unwrap()], b"");
+    let users = events_of(&sample("users.json"));
+    assert_eq!(out.trim(), format!("produced {} records to users", users.len()));
+    // Organizations arrive after the users, through stdin: the join must not care.
+    let out = produce(&broker, "organizations", &[], sample("organizations.json").as_bytes());
+    assert!(out.contains("produced 3 records"), "{out}");
+
+    let host = Host::start(&broker, &[]);
+    host.wait_ready(READY);
+    let snake = host.get(&format!("/users/{SNAKE}"));
+    assert_eq!(snake.status, 200, "{}", snake.body);
+    assert_eq!(snake.header("content-type"), Some("application/json"));
+    let v = snake.json();
+    assert_eq!(v["username"], "Solid Snake", "the later update wins");
+    assert_eq!(v["user_email"], "snake@outerheaven.com");
+    assert_eq!(v["organization_name"], "Metal Gear Solid");
+    assert_eq!(v["created_at"], "2020-12-08T20:03:16.759617Z");
+    assert_eq!(v["organization"]["organization_tier"], "Medium");
+    assert_eq!(v["organization"]["organization_key"], "ff3959a49ac10fc70181bc00e308fbeb");
+
+    let liquid = host.get(&format!("/users/{LIQUID}"));
+    assert_eq!(liquid.status, 404, "a deleted user is gone");
+    assert_eq!(liquid.json()["error"], "not_found");
+    let org = host.get("/organizations/ff3959a49ac10fc70181bc00e308fbeb");
+    assert_eq!(org.status, 200);
+    assert_eq!(org.json()["organization_name"], "Metal Gear Solid");
+
+    let metrics = host.get("/metrics").body;
+    assert!(
+        metrics.contains(&format!("logq_records_consumed_total{{topic=\"users\"}} {}", users.len())),
+        "{metrics}"
+    );
+    assert!(metrics.contains("logq_records_dead_lettered_total{topic=\"users\"} 0"), "{metrics}");
+
+    // Every answer, before and after a restart, equals the native fold's.
+    let orgs = events_of(&sample("organizations.json"));
+    let expected = expected_answers(&users, &orgs);
+    let ids: BTreeSet<String> = users
+        .iter()
+        .map(|u| serde_json::from_str::<serde_json::Value>(u).unwrap()["id"].as_str().unwrap().to_string())
+        .collect();
+    let answers = |host: &Host| -> Vec<(u16, String)> {
+        ids.iter()
+            .map(|id| {
+                let r = host.get(&format!("/users/{id}"));
+                (r.status, r.body)
+            })
+            .collect()
+    };
+    let before = answers(&host);
+    for ((status, body), id) in before.iter().zip(&ids) {
+        match expected.get(id) {
+            Some(want) => {
+                assert_eq!(*status, 200, "{id}");
+                assert_eq!(&serde_json::from_str::<serde_json::Value>(body).unwrap(), want, "{id}");
+            }
+            None => assert_eq!(*status, 404, "{id}"),
+        }
+    }
+    let status = host.terminate();
+    assert!(status.success(), "SIGTERM should end logq cleanly, got {status}");
+
+    let again = Host::start(&broker, &[]);
+    again.wait_ready(READY);
+    assert_eq!(answers(&again), before, "a restart rebuilds the same state");
+}
+
+#[test]
+fn bad_records_are_dead_lettered_and_their_neighbours_served() {
+    let broker = Broker::start();
+    broker.create_default_topics();
+    let good = |id: &str| {
+        format!(
+            r#"{{"id":"{id}","event_type":"User Created","username":"{id}","received_at":"2021-01-01 00:00:00"}}"#
+        )
+    };
+    let mixed = format!(
+        "[{},{{\"id\":\"x\",\"event_type\":\"User Exploded\",\"received_at\":\"2021-01-01 00:00:00\"}}]",
+        good("in-array")
+    );
+    let lines = [
+        good("before"),
+        "this is not json".to_string(),
+        mixed,
+        good("after"),
+    ]
+    .join("\n");
+    produce(&broker, "users", &["--raw-lines"], lines.as_bytes());
+
+    let host = Host::start(&broker, &[]);
+    host.wait_ready(READY);
+    for id in ["before", "after", "in-array"] {
+        let r = host.get(&format!("/users/{id}"));
+        assert_eq!(r.status, 200, "{id}: {}", r.body);
+    }
+    assert_eq!(host.get("/users/x").status, 404);
+
+    let dead = read_topic(&broker, "users.dlq", 2, Duration::from_secs(30));
+    assert_eq!(dead.len(), 2, "{dead:?}");
+    let header = |r: &logq_e2e::ReadRecord, name: &str| {
+        r.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_else(|| panic!("no header {name}: {r:?}"))
+    };
+    let not_json = dead
+        .iter()
+        .find(|r| r.value == b"this is not json")
+        .expect("the invalid record is dead-lettered as it was");
+    assert!(header(not_json, "logq.reason").contains("invalid JSON"), "{not_json:?}");
+    assert_eq!(header(not_json, "logq.topic"), "users");
+    let array = dead.iter().find(|r| r.value.starts_with(b"[")).expect("the mixed array");
+    assert!(header(array, "logq.reason").contains("unknown event_type"), "{array:?}");
+    assert_eq!(header(array, "logq.events.rejected"), "1");
+    assert_eq!(header(array, "logq.events.applied"), "1");
+
+    let metrics = host.get("/metrics").body;
+    assert!(metrics.contains("logq_records_dead_lettered_total{topic=\"users\"} 2"), "{metrics}");
+    assert!(metrics.contains("logq_events_applied_total{topic=\"users\"} 3"), "{metrics}");
+}
+
+#[test]
+fn trapping_looping_and_memory_bombing_records_are_contained() {
+    let broker = Broker::start();
+    broker.create_default_topics();
+    let reducer = logq_e2e::component("test-triggers-reducer.wasm");
+    let event = |id: &str, extra: &str| {
+        format!(
+            r#"{{"id":"{id}","event_type":"User Created","username":"{extra}","received_at":"2021-01-01 00:00:00"}}"#
+        )
+    };
+    let lines = [
+        event("ok-1", "fine"),
+        event("t", "logq-test:trap"),
+        event("ok-2", "fine"),
+        event("l", "logq-test:loop"),
+        event("m", "logq-test:oom"),
+        event("ok-3", "fine"),
+    ]
+    .join("\n");
+    produce(&broker, "users", &[], lines.as_bytes());
+    let host = Host::start(
+        &broker,
+        &[
+            "--reducer",
+            reducer.to_str().unwrap(),
+            "--reducer-time-limit-ms",
+            "300",
+            "--reducer-memory-mib",
+            "64",
+        ],
+    );
+    host.wait_ready(READY);
+    for id in ["ok-1", "ok-2", "ok-3"] {
+        assert_eq!(host.get(&format!("/users/{id}")).status, 200, "{id}: {}", host.log());
+    }
+    for id in ["t", "l", "m"] {
+        assert_eq!(host.get(&format!("/users/{id}")).status, 404, "{id}");
+    }
+    let dead = read_topic(&broker, "users.dlq", 3, Duration::from_secs(30));
+    let reasons: Vec<String> = dead
+        .iter()
+        .map(|r| {
+            r.headers
+                .iter()
+                .find(|(k, _)| k == "logq.reason")
+                .map(|(_, v)| v.clone())
+                .unwrap_or_default()
+        })
+        .collect();
+    assert_eq!(dead.len(), 3, "{reasons:?}");
+    assert!(reasons.iter().any(|r| r.contains("trapped")), "{reasons:?}");
+    assert!(reasons.iter().any(|r| r.contains("time limit")), "{reasons:?}");
+    assert!(reasons.iter().any(|r| r.contains("memory limit")), "{reasons:?}");
+    // And the host is still serving and following the topic after all that.
+    produce(&broker, "users", &[], event("ok-4", "late").as_bytes());
+    eventually(Duration::from_secs(30), "ok-4 to appear", || {
+        (host.get("/users/ok-4").status == 200).then_some(())
+    });
+}
+
+/// A deterministic generator (xorshift) so a failure can be replayed.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// A shuffled, partly duplicated history: users created, updated, deleted and
+/// re-created across partitions, organizations replaced; about 250 bytes an event.
+fn history(seed: u64, users: u64, events: usize) -> (Vec<String>, Vec<String>) {
+    const NAMES: [&str; 4] = ["Metal Gear Solid", "Outer Heaven", "FOXHOUND", "Philanthropy"];
+    const TYPES: [&str; 3] = ["User Created", "User Updated", "User Deleted"];
+    let mut rng = Rng(seed);
+    let mut user_events = Vec::with_capacity(events);
+    for _ in 0..events {
+        let id = format!("{:032x}", rng.below(users).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        let kind = TYPES[match rng.below(10) {
+            0..=3 => 0,
+            4..=8 => 1,
+            _ => 2,
+        }];
+        let at = format!(
+            "2021-{:02}-{:02} {:02}:{:02}:{:02}.{:06}",
+            1 + rng.below(12),
+            1 + rng.below(28),
+            rng.below(24),
+            rng.below(60),
+            rng.below(60),
+            rng.below(1_000_000)
+        );
+        let mut e = serde_json::json!({"id": id, "event_type": kind, "received_at": at});
+        if kind != "User Deleted" {
+            let n = rng.below(1000);
+            e["username"] = format!("user-{n}").into();
+            e["user_email"] = format!("user-{n}@example.com").into();
+            if kind == "User Created" || rng.below(2) == 0 {
+                e["user_type"] = ["Admin", "User"][rng.below(2) as usize].into();
+                e["organization_name"] = NAMES[rng.below(4) as usize].into();
+            }
+        }
+        user_events.push(e.to_string());
+        if rng.below(20) == 0 {
+            let dup = user_events[rng.below(user_events.len() as u64) as usize].clone();
+            user_events.push(dup);
+        }
+    }
+    let orgs = (0..12)
+        .map(|i| {
+            serde_json::json!({
+                "organization_key": format!("org-{}", i % 4),
+                "organization_name": NAMES[i % 4],
+                "organization_tier": ["Small", "Medium", "Large"][rng.below(3) as usize],
+                "created_at": format!("2018-01-{:02} 00:00:00", 1 + rng.below(28)),
+            })
+            .to_string()
+        })
+        .collect();
+    (user_events, orgs)
+}
+
+#[test]
+fn generated_history_folds_to_the_native_answer_and_follows_new_events() {
+    let broker = Broker::start();
+    broker.create_default_topics();
+    let (users, orgs) = history(0x5eed_1234, 2_000, 20_000);
+    produce(&broker, "users", &[], users.join("\n").as_bytes());
+    produce(&broker, "organizations", &[], orgs.join("\n").as_bytes());
+
+    let started = Instant::now();
+    let host = Host::start(&broker, &[]);
+    let ready_in = host.wait_ready(READY);
+    let total = users.len() + orgs.len();
+    println!(
+        "caught up on {total} events in {:.3} s after start ({:.0} events/s incl. wasm compile; host log: {})",
+        started.elapsed().as_secs_f64(),
+        total as f64 / started.elapsed().as_secs_f64(),
+        host.log().lines().find(|l| l.contains("caught up")).unwrap_or("?")
+    );
+    let _ = ready_in;
+
+    let expected = expected_answers(&users, &orgs);
+    assert!(expected.len() > 500, "the history should leave many users alive");
+    let mut latencies = Vec::new();
+    for (id, want) in &expected {
+        let t = Instant::now();
+        let r = host.get(&format!("/users/{id}"));
+        latencies.push(t.elapsed());
+        assert_eq!(r.status, 200, "{id}");
+        assert_eq!(&r.json(), want, "{id}");
+    }
+    latencies.sort();
+    println!(
+        "GET /users/{{id}} over {} users (new connection each): p50 {:?}, p99 {:?}, max {:?}",
+        latencies.len(),
+        latencies[latencies.len() / 2],
+        latencies[latencies.len() * 99 / 100],
+        latencies[latencies.len() - 1]
+    );
+
+    // Freshness: an event produced now is visible shortly after.
+    let (id, _) = expected.iter().next().expect("a live user");
+    let update = serde_json::json!({"id": id, "event_type": "User Updated",
+        "username": "fresh", "received_at": "2030-01-01 00:00:00"});
+    let t = Instant::now();
+    produce(&broker, "users", &[], update.to_string().as_bytes());
+    eventually(Duration::from_secs(30), "the update to be served", || {
+        (host.get(&format!("/users/{id}")).json()["username"] == "fresh").then_some(())
+    });
+    println!("produce -> visible (incl. the logq produce process): {:?}", t.elapsed());
+}
