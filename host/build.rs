@@ -9,7 +9,10 @@ const WASM_TARGET: &str = "wasm32-unknown-unknown";
 
 fn main() {
     let manifest = PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").expect("set by cargo"));
-    let root = manifest.parent().expect("host/ lives in the workspace").to_path_buf();
+    let root = manifest
+        .parent()
+        .expect("host/ lives in the workspace")
+        .to_path_buf();
     for watched in ["reducer/src", "reducer/Cargo.toml", "wit", "Cargo.lock"] {
         println!("cargo:rerun-if-changed={}", root.join(watched).display());
     }
@@ -22,7 +25,10 @@ fn main() {
         &["--features", "test-triggers"],
         &components.join("test-triggers-reducer.wasm"),
     );
-    println!("cargo:rustc-env=LOGQ_TEST_TRIGGERS_REDUCER_WASM={}", hostile.display());
+    println!(
+        "cargo:rustc-env=LOGQ_TEST_TRIGGERS_REDUCER_WASM={}",
+        hostile.display()
+    );
 }
 
 /// Where built components go: `<target>/reducer-wasm/components/`, a fixed place the
@@ -48,7 +54,14 @@ fn build_component(root: &Path, features: &[&str], out: &Path) -> PathBuf {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(cargo);
     cmd.current_dir(root)
-        .args(["build", "--locked", "--release", "--lib", "-p", "logq-reducer"])
+        .args([
+            "build",
+            "--locked",
+            "--release",
+            "--lib",
+            "-p",
+            "logq-reducer",
+        ])
         .args(features)
         .args(["--target", WASM_TARGET, "--target-dir"])
         .arg(&target_dir);

@@ -60,7 +60,11 @@ pub struct RunConfig {
     #[arg(long, env = "LOGQ_USERS_TOPIC", default_value = "users")]
     pub users_topic: String,
     /// Topic of organization events.
-    #[arg(long, env = "LOGQ_ORGANIZATIONS_TOPIC", default_value = "organizations")]
+    #[arg(
+        long,
+        env = "LOGQ_ORGANIZATIONS_TOPIC",
+        default_value = "organizations"
+    )]
     pub organizations_topic: String,
     /// Dead-letter topic of a topic: its name plus this suffix.
     #[arg(long, env = "LOGQ_DLQ_SUFFIX", default_value = ".dlq")]
@@ -152,7 +156,12 @@ mod tests {
     #[test]
     fn kafka_passthrough_parses_and_rejects_junk() {
         let cli = Cli::try_parse_from([
-            "logq", "run", "-X", "security.protocol=SASL_SSL", "-X", "sasl.password=a=b",
+            "logq",
+            "run",
+            "-X",
+            "security.protocol=SASL_SSL",
+            "-X",
+            "sasl.password=a=b",
         ])
         .unwrap();
         let Command::Run(run) = cli.command else {
@@ -172,8 +181,16 @@ mod tests {
     #[test]
     fn produce_key_options_conflict() {
         assert!(
-            Cli::try_parse_from(["logq", "produce", "-t", "u", "--no-key", "--key-field", "id"])
-                .is_err()
+            Cli::try_parse_from([
+                "logq",
+                "produce",
+                "-t",
+                "u",
+                "--no-key",
+                "--key-field",
+                "id"
+            ])
+            .is_err()
         );
     }
 }

@@ -21,7 +21,8 @@ pub const SAMPLE_ORGANIZATIONS: &str = include_str!("../../data/organizations.js
 /// When the development broker cannot start, the port is taken, or `run` fails.
 pub async fn run(dev: DevConfig) -> anyhow::Result<()> {
     let topics = ["users", "organizations", "users.dlq", "organizations.dlq"].map(String::from);
-    let broker = DevBroker::start(&topics, dev.partitions).context("starting the development broker")?;
+    let broker =
+        DevBroker::start(&topics, dev.partitions).context("starting the development broker")?;
     let bootstrap = broker.bootstrap_servers();
     let kafka = KafkaConfig {
         brokers: bootstrap.clone(),
@@ -29,7 +30,10 @@ pub async fn run(dev: DevConfig) -> anyhow::Result<()> {
     };
     if !dev.no_sample_data {
         let producer = RecordProducer::new(&kafka)?;
-        for (topic, text) in [("users", SAMPLE_USERS), ("organizations", SAMPLE_ORGANIZATIONS)] {
+        for (topic, text) in [
+            ("users", SAMPLE_USERS),
+            ("organizations", SAMPLE_ORGANIZATIONS),
+        ] {
             for r in parse_events(text, &KeyBy::Default)? {
                 producer.send(topic, r.key.as_deref(), &r.value, &[])?;
             }
@@ -40,7 +44,12 @@ pub async fn run(dev: DevConfig) -> anyhow::Result<()> {
     let config = run_config(&bootstrap, &listen)?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
-        .with_context(|| format!("binding {} (pass --listen to use another address)", config.listen))?;
+        .with_context(|| {
+            format!(
+                "binding {} (pass --listen to use another address)",
+                config.listen
+            )
+        })?;
     let http = listener.local_addr()?;
     println!(
         "\nlogq dev: IN-MEMORY DEVELOPMENT BROKER (librdkafka mock cluster) at {bootstrap}\n\
@@ -55,7 +64,11 @@ pub async fn run(dev: DevConfig) -> anyhow::Result<()> {
          \x20   | logq produce --brokers {bootstrap} --topic users\n\
          \x20 curl -s http://{http}/users/42\n",
         dev.partitions,
-        if dev.no_sample_data { "" } else { "; sample data loaded" },
+        if dev.no_sample_data {
+            ""
+        } else {
+            "; sample data loaded"
+        },
     );
     let result = crate::run(config, listener, crate::shutdown_signal()).await;
     drop(broker);

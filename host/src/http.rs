@@ -33,14 +33,16 @@ pub fn routes(api: Api) -> impl Filter<Extract = (Response,), Error = Infallible
     let user = warp::path!("users" / String)
         .and(with.clone())
         .map(|id: String, api: Api| entity("user", &id, |id| api.store.user(id)));
-    let organization = warp::path!("organizations" / String)
-        .and(with.clone())
-        .map(|key: String, api: Api| {
-            entity("organization", &key, |key| {
-                api.store.organization(key).map(|v| v.to_string())
-            })
-        });
-    let healthz = warp::path!("healthz").map(|| json_reply(StatusCode::OK, &json!({"status": "ok"})));
+    let organization =
+        warp::path!("organizations" / String)
+            .and(with.clone())
+            .map(|key: String, api: Api| {
+                entity("organization", &key, |key| {
+                    api.store.organization(key).map(|v| v.to_string())
+                })
+            });
+    let healthz =
+        warp::path!("healthz").map(|| json_reply(StatusCode::OK, &json!({"status": "ok"})));
     let readyz = warp::path!("readyz").and(with.clone()).map(|api: Api| {
         let (ready, status) = api.metrics.status();
         let code = if ready {
@@ -63,7 +65,16 @@ pub fn routes(api: Api) -> impl Filter<Extract = (Response,), Error = Infallible
         r
     });
     warp::get()
-        .and(user.or(organization).unify().or(healthz).unify().or(readyz).unify().or(metrics).unify())
+        .and(
+            user.or(organization)
+                .unify()
+                .or(healthz)
+                .unify()
+                .or(readyz)
+                .unify()
+                .or(metrics)
+                .unify(),
+        )
         .recover(recover)
         .unify()
 }
@@ -84,7 +95,10 @@ fn entity(what: &str, raw: &str, find: impl FnOnce(&str) -> Option<String>) -> R
         return error(
             StatusCode::BAD_REQUEST,
             "bad_request",
-            format!("the {what} id is {} bytes; ids are at most {MAX_ID_BYTES}", id.len()),
+            format!(
+                "the {what} id is {} bytes; ids are at most {MAX_ID_BYTES}",
+                id.len()
+            ),
         );
     }
     match find(&id) {
@@ -139,7 +153,11 @@ fn error(code: StatusCode, kind: &str, message: String) -> Response {
 /// Maps every rejection to a JSON error; nothing internal leaks.
 async fn recover(rejection: Rejection) -> Result<Response, Infallible> {
     let (code, kind, message) = if rejection.is_not_found() {
-        (StatusCode::NOT_FOUND, "not_found", "no such route".to_string())
+        (
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "no such route".to_string(),
+        )
     } else if rejection.find::<warp::reject::MethodNotAllowed>().is_some() {
         (
             StatusCode::METHOD_NOT_ALLOWED,
@@ -148,7 +166,11 @@ async fn recover(rejection: Rejection) -> Result<Response, Infallible> {
         )
     } else {
         tracing::debug!("unhandled rejection: {rejection:?}");
-        (StatusCode::BAD_REQUEST, "bad_request", "the request could not be handled".to_string())
+        (
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "the request could not be handled".to_string(),
+        )
     };
     Ok(error(code, kind, message))
 }
@@ -179,9 +201,8 @@ mod tests {
 
     async fn get(path: &str) -> (StatusCode, serde_json::Value) {
         let r = warp::test::request().path(path).reply(&routes(api())).await;
-        let body = serde_json::from_slice(r.body()).unwrap_or_else(|e| {
-            panic!("{path}: body is not JSON ({e}): {:?}", r.body())
-        });
+        let body = serde_json::from_slice(r.body())
+            .unwrap_or_else(|e| panic!("{path}: body is not JSON ({e}): {:?}", r.body()));
         (r.status(), body)
     }
 
@@ -211,7 +232,10 @@ mod tests {
             ("/users/%00".to_string(), StatusCode::NOT_FOUND),
             ("/users/".to_string(), StatusCode::NOT_FOUND),
             ("/users/a/b".to_string(), StatusCode::NOT_FOUND),
-            ("/organizations/%E2%9C%93".to_string(), StatusCode::NOT_FOUND),
+            (
+                "/organizations/%E2%9C%93".to_string(),
+                StatusCode::NOT_FOUND,
+            ),
             ("/nope".to_string(), StatusCode::NOT_FOUND),
         ];
         for (path, want) in cases {
@@ -236,12 +260,21 @@ mod tests {
     #[tokio::test]
     async fn readyz_follows_the_ingest_status() {
         let api = api();
-        let r = warp::test::request().path("/readyz").reply(&routes(api.clone())).await;
+        let r = warp::test::request()
+            .path("/readyz")
+            .reply(&routes(api.clone()))
+            .await;
         assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
         api.metrics.set_status(true, "caught up");
-        let r = warp::test::request().path("/readyz").reply(&routes(api.clone())).await;
+        let r = warp::test::request()
+            .path("/readyz")
+            .reply(&routes(api.clone()))
+            .await;
         assert_eq!(r.status(), StatusCode::OK);
-        let r = warp::test::request().path("/metrics").reply(&routes(api)).await;
+        let r = warp::test::request()
+            .path("/metrics")
+            .reply(&routes(api))
+            .await;
         assert!(String::from_utf8_lossy(r.body()).contains("logq_ready 1"));
     }
 }

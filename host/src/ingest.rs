@@ -118,7 +118,8 @@ impl Ingest {
                 Err(e) => {
                     tracing::warn!("{e}");
                     if !self.metrics.status().0 {
-                        self.metrics.set_status(false, format!("catching up; last broker error: {e}"));
+                        self.metrics
+                            .set_status(false, format!("catching up; last broker error: {e}"));
                     }
                 }
             }
@@ -204,7 +205,11 @@ impl Ingest {
 
     /// Folds one batch and applies it; returns, per partition touched, the next offset
     /// and the number of events applied.
-    fn process(&self, records: &[Record<'_>], dlq: &RecordProducer) -> HashMap<PartitionId, (i64, u64)> {
+    fn process(
+        &self,
+        records: &[Record<'_>],
+        dlq: &RecordProducer,
+    ) -> HashMap<PartitionId, (i64, u64)> {
         let mut progress: HashMap<PartitionId, (i64, u64)> = HashMap::new();
         let mut inputs = Vec::with_capacity(records.len());
         let mut kept = Vec::with_capacity(records.len());
@@ -214,11 +219,18 @@ impl Ingest {
                 tracing::error!("record from unexpected topic {} ignored", r.topic);
                 continue;
             };
-            self.metrics.topic(t).consumed.fetch_add(1, Ordering::Relaxed);
+            self.metrics
+                .topic(t)
+                .consumed
+                .fetch_add(1, Ordering::Relaxed);
             let slot = progress.entry((t, r.partition)).or_insert((0, 0));
             slot.0 = slot.0.max(r.offset + 1);
             inputs.push(Input {
-                source: if t == 0 { Source::Users } else { Source::Organizations },
+                source: if t == 0 {
+                    Source::Users
+                } else {
+                    Source::Organizations
+                },
                 value: r.value.unwrap_or_default().to_vec(),
             });
             kept.push((t, *r));
@@ -239,25 +251,45 @@ impl Ingest {
         if inputs.is_empty() {
             return;
         }
-        match self.reducer.fold(inputs, |entities| self.store.prior(entities)) {
+        match self
+            .reducer
+            .fold(inputs, |entities| self.store.prior(entities))
+        {
             Ok(folded) => {
                 self.metrics.reducer_call(folded.elapsed);
                 self.store.apply(&folded.plan.entities, folded.updates);
                 let mut reasons: BTreeMap<u32, Vec<(Option<u32>, String)>> = BTreeMap::new();
                 for r in folded.plan.rejections {
-                    reasons.entry(r.input).or_default().push((r.event, r.reason));
+                    reasons
+                        .entry(r.input)
+                        .or_default()
+                        .push((r.event, r.reason));
                 }
-                for (i, ((t, record), accepted)) in records.iter().zip(&folded.plan.accepted).enumerate() {
+                for (i, ((t, record), accepted)) in
+                    records.iter().zip(&folded.plan.accepted).enumerate()
+                {
                     let accepted = u64::from(*accepted);
-                    self.metrics.topic(*t).applied.fetch_add(accepted, Ordering::Relaxed);
+                    self.metrics
+                        .topic(*t)
+                        .applied
+                        .fetch_add(accepted, Ordering::Relaxed);
                     if let Some(p) = progress.get_mut(&(*t, record.partition)) {
                         p.1 += accepted;
                     }
                     if let Some(list) = reasons.get(&(i as u32)) {
-                        let events: Vec<String> =
-                            list.iter().filter_map(|(e, _)| e.map(|e| e.to_string())).collect();
+                        let events: Vec<String> = list
+                            .iter()
+                            .filter_map(|(e, _)| e.map(|e| e.to_string()))
+                            .collect();
                         let reason: Vec<&str> = list.iter().map(|(_, r)| r.as_str()).collect();
-                        self.dead_letter(dlq, *t, record, &reason.join("; "), &events.join(","), accepted);
+                        self.dead_letter(
+                            dlq,
+                            *t,
+                            record,
+                            &reason.join("; "),
+                            &events.join(","),
+                            accepted,
+                        );
                     }
                 }
             }
@@ -276,7 +308,12 @@ impl Ingest {
                     tracing::error!("the reducer broke the contract: {e}");
                 }
                 for (input, record) in inputs.iter().zip(records) {
-                    self.fold(std::slice::from_ref(input), std::slice::from_ref(record), dlq, progress);
+                    self.fold(
+                        std::slice::from_ref(input),
+                        std::slice::from_ref(record),
+                        dlq,
+                        progress,
+                    );
                 }
             }
         }
@@ -299,7 +336,10 @@ impl Ingest {
             offset = record.offset,
             "dead-lettered to {dlq_topic}: {reason}"
         );
-        self.metrics.topic(t).dead_lettered.fetch_add(1, Ordering::Relaxed);
+        self.metrics
+            .topic(t)
+            .dead_lettered
+            .fetch_add(1, Ordering::Relaxed);
         let (partition, offset, applied) = (
             record.partition.to_string(),
             record.offset.to_string(),

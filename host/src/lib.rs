@@ -50,7 +50,13 @@ pub async fn run(
 
     create_dead_letter_topics(&config).await;
 
-    let ingest = Ingest::new(config, reducer, store.clone(), metrics.clone(), stop.clone());
+    let ingest = Ingest::new(
+        config,
+        reducer,
+        store.clone(),
+        metrics.clone(),
+        stop.clone(),
+    );
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
     let ingest_thread = std::thread::Builder::new()
         .name("logq-ingest".into())
@@ -99,10 +105,10 @@ async fn load_reducer(config: &RunConfig) -> anyhow::Result<Reducer> {
         None => runtime::DEFAULT_REDUCER.to_vec(),
     };
     let limits = config.limits();
-    let name = config
-        .reducer
-        .as_ref()
-        .map_or_else(|| "built-in reducer".to_string(), |p| p.display().to_string());
+    let name = config.reducer.as_ref().map_or_else(
+        || "built-in reducer".to_string(),
+        |p| p.display().to_string(),
+    );
     // Compiling takes a while; keep it off the async workers.
     let reducer = tokio::task::spawn_blocking(move || Reducer::load(&bytes, limits))
         .await

@@ -12,6 +12,7 @@ async fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| "info,librdkafka=warn,rdkafka=warn".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match Cli::parse().command {
         Command::Run(config) => {

@@ -86,8 +86,10 @@ impl Metrics {
             }
         }
         self.call_count.fetch_add(1, Relaxed);
-        self.call_micros
-            .fetch_add(u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX), Relaxed);
+        self.call_micros.fetch_add(
+            u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),
+            Relaxed,
+        );
     }
 
     /// Sets the consumer lag of one partition.
@@ -120,19 +122,26 @@ impl Metrics {
                 let _ = writeln!(out, "{name}{{topic=\"{}\"}} {}", escape(topic), get(c));
             }
         };
-        counter("logq_records_consumed_total", "Records read from the topic.", &|c| {
-            c.consumed.load(Relaxed)
-        });
-        counter("logq_events_applied_total", "Events folded into the state.", &|c| {
-            c.applied.load(Relaxed)
-        });
+        counter(
+            "logq_records_consumed_total",
+            "Records read from the topic.",
+            &|c| c.consumed.load(Relaxed),
+        );
+        counter(
+            "logq_events_applied_total",
+            "Events folded into the state.",
+            &|c| c.applied.load(Relaxed),
+        );
         counter(
             "logq_records_dead_lettered_total",
             "Records sent to the dead-letter topic.",
             &|c| c.dead_lettered.load(Relaxed),
         );
         let mut single = |name: &str, kind: &str, help: &str, value: String| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+            );
         };
         single(
             "logq_dead_letter_failures_total",
@@ -152,14 +161,24 @@ impl Metrics {
             "1 once the state has caught up with the topics.",
             u8::from(self.ready.load(Relaxed)).to_string(),
         );
-        single("logq_users", "gauge", "Users GET shows.", sizes.users_visible.to_string());
+        single(
+            "logq_users",
+            "gauge",
+            "Users GET shows.",
+            sizes.users_visible.to_string(),
+        );
         single(
             "logq_users_stored",
             "gauge",
             "Users kept, deleted ones included.",
             sizes.users_stored.to_string(),
         );
-        single("logq_organizations", "gauge", "Organizations kept.", sizes.organizations.to_string());
+        single(
+            "logq_organizations",
+            "gauge",
+            "Organizations kept.",
+            sizes.organizations.to_string(),
+        );
 
         let name = "logq_reducer_call_seconds";
         let _ = writeln!(
@@ -167,11 +186,19 @@ impl Metrics {
             "# HELP {name} Time to fold one batch in the reducer.\n# TYPE {name} histogram"
         );
         for (bucket, bound) in self.call_buckets.iter().zip(BUCKETS) {
-            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {}", bucket.load(Relaxed));
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{le=\"{bound}\"}} {}",
+                bucket.load(Relaxed)
+            );
         }
         let count = self.call_count.load(Relaxed);
         let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
-        let _ = writeln!(out, "{name}_sum {}", self.call_micros.load(Relaxed) as f64 / 1e6);
+        let _ = writeln!(
+            out,
+            "{name}_sum {}",
+            self.call_micros.load(Relaxed) as f64 / 1e6
+        );
         let _ = writeln!(out, "{name}_count {count}");
 
         let name = "logq_consumer_lag";
@@ -217,12 +244,30 @@ mod tests {
             users_stored: 4,
             organizations: 1,
         });
-        assert!(text.contains("logq_records_consumed_total{topic=\"users\"} 5\n"), "{text}");
-        assert!(text.contains("logq_records_dead_lettered_total{topic=\"orgs\"} 2\n"), "{text}");
-        assert!(text.contains("logq_reducer_call_seconds_bucket{le=\"0.00025\"} 0\n"), "{text}");
-        assert!(text.contains("logq_reducer_call_seconds_bucket{le=\"0.0005\"} 1\n"), "{text}");
-        assert!(text.contains("logq_reducer_call_seconds_count 1\n"), "{text}");
-        assert!(text.contains("logq_consumer_lag{topic=\"users\",partition=\"1\"} 7\n"), "{text}");
+        assert!(
+            text.contains("logq_records_consumed_total{topic=\"users\"} 5\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("logq_records_dead_lettered_total{topic=\"orgs\"} 2\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("logq_reducer_call_seconds_bucket{le=\"0.00025\"} 0\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("logq_reducer_call_seconds_bucket{le=\"0.0005\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("logq_reducer_call_seconds_count 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("logq_consumer_lag{topic=\"users\",partition=\"1\"} 7\n"),
+            "{text}"
+        );
         assert!(text.contains("logq_users 3\n"), "{text}");
         assert_eq!(m.total_lag(), 7);
     }

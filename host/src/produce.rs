@@ -70,9 +70,9 @@ fn outgoing(event: serde_json::Value, key_by: &KeyBy) -> anyhow::Result<Outgoing
     };
     let key = match key_by {
         KeyBy::Default => field("id").or_else(|| field("organization_key")),
-        KeyBy::Field(name) => Some(
-            field(name).with_context(|| format!("an event has no field {name:?}: {event}"))?,
-        ),
+        KeyBy::Field(name) => {
+            Some(field(name).with_context(|| format!("an event has no field {name:?}: {event}"))?)
+        }
         KeyBy::None => None,
     };
     Ok(Outgoing {
@@ -87,8 +87,9 @@ fn outgoing(event: serde_json::Value, key_by: &KeyBy) -> anyhow::Result<Outgoing
 /// Unreadable or invalid input, an unreachable broker, or any record not delivered.
 pub fn run(config: &ProduceConfig) -> anyhow::Result<u64> {
     let text = match config.file.as_deref() {
-        Some(path) if path.as_os_str() != "-" => std::fs::read_to_string(path)
-            .with_context(|| format!("reading {}", path.display()))?,
+        Some(path) if path.as_os_str() != "-" => {
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?
+        }
         _ => {
             let mut s = String::new();
             std::io::stdin()
@@ -149,7 +150,9 @@ mod tests {
         let text = r#"{"id":"a","n":7}"#;
         assert_eq!(parse_events(text, &KeyBy::None).unwrap()[0].key, None);
         assert_eq!(
-            parse_events(text, &KeyBy::Field("n".into())).unwrap()[0].key.as_deref(),
+            parse_events(text, &KeyBy::Field("n".into())).unwrap()[0]
+                .key
+                .as_deref(),
             Some(&b"7"[..])
         );
         assert!(parse_events(text, &KeyBy::Field("missing".into())).is_err());

@@ -204,7 +204,10 @@ impl Reducer {
         let ticks = (self.limits.time.as_micros() / TICK.as_micros()).max(1) as u64 + 1;
 
         store.set_epoch_deadline(ticks);
-        let instance = self.pre.instantiate(&mut store).map_err(|e| self.error(&store, e))?;
+        let instance = self
+            .pre
+            .instantiate(&mut store)
+            .map_err(|e| self.error(&store, e))?;
         let batch = instance.logq_reducer_fold().batch();
 
         store.set_epoch_deadline(ticks);
@@ -219,7 +222,9 @@ impl Reducer {
 
         let prior = prior(&plan.entities);
         if prior.len() != plan.entities.len() {
-            return Err(ReducerError::Contract("prior states do not match the plan".into()));
+            return Err(ReducerError::Contract(
+                "prior states do not match the plan".into(),
+            ));
         }
         store.set_epoch_deadline(ticks);
         let updates = batch

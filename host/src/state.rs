@@ -58,7 +58,11 @@ impl StateStore {
         let maps = self.read();
         entities
             .iter()
-            .map(|e| maps.map(e.kind).get(e.key.as_str()).map(|entry| entry.state.to_vec()))
+            .map(|e| {
+                maps.map(e.kind)
+                    .get(e.key.as_str())
+                    .map(|entry| entry.state.to_vec())
+            })
             .collect()
     }
 
@@ -149,7 +153,9 @@ impl Maps {
                         .insert(key.clone());
                 }
                 let old_name = self.organizations.insert(key.clone(), entry.clone());
-                old_name.and_then(|o| o.join).filter(|n| Some(n) != entry.join.as_ref())
+                old_name
+                    .and_then(|o| o.join)
+                    .filter(|n| Some(n) != entry.join.as_ref())
             }
             None => self.organizations.remove(&key).and_then(|o| o.join),
         };
@@ -203,8 +209,14 @@ mod tests {
     #[test]
     fn user_is_joined_with_its_organization_in_either_order() {
         let store = StateStore::new();
-        store.apply(&[entity(Kind::User, "u")], vec![update(Some(r#"{"id":"u"}"#), Some("MGS"))]);
-        assert_eq!(store.user("u").unwrap(), r#"{"id":"u","organization":null}"#);
+        store.apply(
+            &[entity(Kind::User, "u")],
+            vec![update(Some(r#"{"id":"u"}"#), Some("MGS"))],
+        );
+        assert_eq!(
+            store.user("u").unwrap(),
+            r#"{"id":"u","organization":null}"#
+        );
         store.apply(
             &[entity(Kind::Organization, "k")],
             vec![update(Some(r#"{"organization_key":"k"}"#), Some("MGS"))],
@@ -221,18 +233,33 @@ mod tests {
         let org = [entity(Kind::Organization, "k")];
         store.apply(&org, vec![update(Some(r#"{"v":1}"#), Some("Old"))]);
         store.apply(&org, vec![update(Some(r#"{"v":2}"#), Some("New"))]);
-        assert_eq!(store.user("u").unwrap(), r#"{"id":"u","organization":null}"#);
+        assert_eq!(
+            store.user("u").unwrap(),
+            r#"{"id":"u","organization":null}"#
+        );
         store.apply(&user, vec![update(Some(r#"{"id":"u"}"#), Some("New"))]);
-        assert_eq!(store.user("u").unwrap(), r#"{"id":"u","organization":{"v":2}}"#);
+        assert_eq!(
+            store.user("u").unwrap(),
+            r#"{"id":"u","organization":{"v":2}}"#
+        );
     }
 
     #[test]
     fn same_name_joins_the_smallest_key() {
         let store = StateStore::new();
-        store.apply(&[entity(Kind::User, "u")], vec![update(Some("{}"), Some("N"))]);
         store.apply(
-            &[entity(Kind::Organization, "b"), entity(Kind::Organization, "a")],
-            vec![update(Some(r#"{"k":"b"}"#), Some("N")), update(Some(r#"{"k":"a"}"#), Some("N"))],
+            &[entity(Kind::User, "u")],
+            vec![update(Some("{}"), Some("N"))],
+        );
+        store.apply(
+            &[
+                entity(Kind::Organization, "b"),
+                entity(Kind::Organization, "a"),
+            ],
+            vec![
+                update(Some(r#"{"k":"b"}"#), Some("N")),
+                update(Some(r#"{"k":"a"}"#), Some("N")),
+            ],
         );
         assert_eq!(store.user("u").unwrap(), r#"{"organization":{"k":"a"}}"#);
     }

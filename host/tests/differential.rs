@@ -15,7 +15,9 @@ const LIMITS: Limits = Limits {
 
 fn reducer() -> &'static Reducer {
     static R: OnceLock<Reducer> = OnceLock::new();
-    R.get_or_init(|| Reducer::load(runtime::DEFAULT_REDUCER, LIMITS).expect("default reducer loads"))
+    R.get_or_init(|| {
+        Reducer::load(runtime::DEFAULT_REDUCER, LIMITS).expect("default reducer loads")
+    })
 }
 
 fn native_source(s: runtime::Source) -> logq_reducer::Source {
@@ -42,16 +44,28 @@ fn compare(batches: &[Vec<Input>]) -> Result<(), TestCaseError> {
             .fold(inputs, |entities| {
                 entities
                     .iter()
-                    .map(|e| wasm_state.get(&(native_kind(e.kind), e.key.clone())).cloned())
+                    .map(|e| {
+                        wasm_state
+                            .get(&(native_kind(e.kind), e.key.clone()))
+                            .cloned()
+                    })
                     .collect()
             })
             .map_err(|e| TestCaseError::fail(format!("wasm fold failed: {e}")))?;
-        let batch = logq_reducer::Batch::new(inputs.iter().map(|i| (native_source(i.source), i.value.as_slice())));
+        let batch = logq_reducer::Batch::new(
+            inputs
+                .iter()
+                .map(|i| (native_source(i.source), i.value.as_slice())),
+        );
         let plan = batch.plan();
         let prior: Vec<Option<&[u8]>> = plan
             .entities
             .iter()
-            .map(|e| native_state.get(&(e.kind, e.key.clone())).map(Vec::as_slice))
+            .map(|e| {
+                native_state
+                    .get(&(e.kind, e.key.clone()))
+                    .map(Vec::as_slice)
+            })
             .collect();
         let updates = batch.fold(&prior).map_err(TestCaseError::fail)?;
 
@@ -61,7 +75,11 @@ fn compare(batches: &[Vec<Input>]) -> Result<(), TestCaseError> {
             .iter()
             .map(|e| (native_kind(e.kind), e.key.clone()))
             .collect();
-        let native_entities: Vec<_> = plan.entities.iter().map(|e| (e.kind, e.key.clone())).collect();
+        let native_entities: Vec<_> = plan
+            .entities
+            .iter()
+            .map(|e| (e.kind, e.key.clone()))
+            .collect();
         prop_assert_eq!(&wasm_entities, &native_entities);
         let wasm_rejections: Vec<_> = folded
             .plan
@@ -95,7 +113,8 @@ fn compare(batches: &[Vec<Input>]) -> Result<(), TestCaseError> {
 fn user_value() -> impl Strategy<Value = Vec<u8>> {
     let field = |name: &'static str| {
         proptest::option::of(prop_oneof![
-            "[a-zA-Z0-9 ]{0,12}".prop_map(move |v| format!(r#","{name}":{}"#, serde_json::json!(v))),
+            "[a-zA-Z0-9 ]{0,12}"
+                .prop_map(move |v| format!(r#","{name}":{}"#, serde_json::json!(v))),
             Just(format!(r#","{name}":null"#)),
             Just(format!(r#","{name}":42"#)),
             Just(format!(r#","{name}":"é\"\\\u2028""#)),
@@ -121,7 +140,8 @@ fn user_value() -> impl Strategy<Value = Vec<u8>> {
         field("organization_name"),
     )
         .prop_map(|(id, kind, at, a, b, c)| {
-            format!(r#"{{"id":"u{id}","event_type":"{kind}","received_at":"{at}"{a}{b}{c}}}"#).into_bytes()
+            format!(r#"{{"id":"u{id}","event_type":"{kind}","received_at":"{at}"{a}{b}{c}}}"#)
+                .into_bytes()
         })
 }
 
@@ -207,9 +227,18 @@ fn test_trigger_reducer_is_contained_by_the_limits() {
     };
     assert!(matches!(fold("logq-test:trap"), Err(ReducerError::Trap(_))));
     let start = std::time::Instant::now();
-    assert!(matches!(fold("logq-test:loop"), Err(ReducerError::TimeLimit(_))));
-    assert!(start.elapsed() < Duration::from_secs(3), "cut by the time limit");
-    assert!(matches!(fold("logq-test:oom"), Err(ReducerError::MemoryLimit(32))));
+    assert!(matches!(
+        fold("logq-test:loop"),
+        Err(ReducerError::TimeLimit(_))
+    ));
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "cut by the time limit"
+    );
+    assert!(matches!(
+        fold("logq-test:oom"),
+        Err(ReducerError::MemoryLimit(32))
+    ));
     // The same reducer keeps working after each failure: every batch gets a new instance.
     let ok = fold("fine").expect("a normal record folds");
     assert_eq!(ok.plan.accepted, [1]);

@@ -5,8 +5,8 @@ use std::borrow::Cow;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use crate::time::{self, Micros};
 use crate::Source;
+use crate::time::{self, Micros};
 
 /// Keys longer than this are refused: they are almost surely not ids, and every
 /// byte of a key is kept in memory for as long as the entity lives.
@@ -195,7 +195,13 @@ fn action(event_type: &str) -> Option<Action> {
     let normalized: String = event_type
         .trim()
         .chars()
-        .map(|c| if c == '_' || c == '-' { ' ' } else { c.to_ascii_lowercase() })
+        .map(|c| {
+            if c == '_' || c == '-' {
+                ' '
+            } else {
+                c.to_ascii_lowercase()
+            }
+        })
         .collect();
     match normalized.as_str() {
         "user created" => Some(Action::Created),
@@ -271,7 +277,10 @@ mod tests {
         };
         assert_eq!(u.id, "069f");
         assert_eq!(u.action, Action::Created);
-        assert_eq!(u.fields[ORGANIZATION_NAME].as_deref(), Some("Metal Gear Solid"));
+        assert_eq!(
+            u.fields[ORGANIZATION_NAME].as_deref(),
+            Some("Metal Gear Solid")
+        );
         assert_eq!(u.at, time::parse("2020-12-08 20:03:16.759617").unwrap());
     }
 
@@ -287,9 +296,15 @@ mod tests {
         assert_eq!(events.len(), 2);
         assert_eq!(refused.len(), 2);
         assert_eq!(refused[0].event, Some(1));
-        assert!(refused[0].reason.contains("unknown event_type"), "{refused:?}");
+        assert!(
+            refused[0].reason.contains("unknown event_type"),
+            "{refused:?}"
+        );
         assert_eq!(refused[1].event, Some(2));
-        assert!(refused[1].reason.contains("wrong field type"), "{refused:?}");
+        assert!(
+            refused[1].reason.contains("wrong field type"),
+            "{refused:?}"
+        );
     }
 
     #[test]
@@ -300,13 +315,34 @@ mod tests {
             ("{\"id\":", "invalid JSON"),
             ("[{\"id\":\"a\"}", "invalid JSON array"),
             ("\"just a string\"", "wrong field type"),
-            ("{\"event_type\":\"User Created\",\"received_at\":\"2020-01-01 00:00:00\"}", "missing field `id`"),
-            ("{\"id\":\"  \",\"event_type\":\"User Created\",\"received_at\":\"2020-01-01 00:00:00\"}", "is empty"),
-            ("{\"id\":\"a\",\"received_at\":\"2020-01-01 00:00:00\"}", "missing field `event_type`"),
-            ("{\"id\":\"a\",\"event_type\":\"User Created\"}", "missing field `received_at`"),
-            ("{\"id\":\"a\",\"event_type\":\"User Created\",\"received_at\":\"soon\"}", "invalid timestamp"),
-            ("{\"id\":5,\"event_type\":\"User Created\",\"received_at\":\"2020-01-01 00:00:00\"}", "wrong field type"),
-            ("{\"id\":\"a\",\"event_type\":\"User Created\",\"received_at\":\"2020-01-01 00:00:00\",\"username\":[1]}", "wrong field type"),
+            (
+                "{\"event_type\":\"User Created\",\"received_at\":\"2020-01-01 00:00:00\"}",
+                "missing field `id`",
+            ),
+            (
+                "{\"id\":\"  \",\"event_type\":\"User Created\",\"received_at\":\"2020-01-01 00:00:00\"}",
+                "is empty",
+            ),
+            (
+                "{\"id\":\"a\",\"received_at\":\"2020-01-01 00:00:00\"}",
+                "missing field `event_type`",
+            ),
+            (
+                "{\"id\":\"a\",\"event_type\":\"User Created\"}",
+                "missing field `received_at`",
+            ),
+            (
+                "{\"id\":\"a\",\"event_type\":\"User Created\",\"received_at\":\"soon\"}",
+                "invalid timestamp",
+            ),
+            (
+                "{\"id\":5,\"event_type\":\"User Created\",\"received_at\":\"2020-01-01 00:00:00\"}",
+                "wrong field type",
+            ),
+            (
+                "{\"id\":\"a\",\"event_type\":\"User Created\",\"received_at\":\"2020-01-01 00:00:00\",\"username\":[1]}",
+                "wrong field type",
+            ),
         ];
         for (value, expected) in cases {
             let (events, refused) = run(Source::Users, value);
@@ -336,8 +372,14 @@ mod tests {
         assert!(events.is_empty(), "{events:?}");
         assert_eq!(refused.len(), 1, "{refused:?}");
         for deep in [
-            format!(r#"{{"id":"a","event_type":"User Deleted","received_at":"2020-01-01 00:00:00","extra":{}}}"#, nest(100_000)),
-            format!(r#"[{{"id":"a","event_type":"User Deleted","received_at":"2020-01-01 00:00:00","extra":{}}}]"#, nest(100_000)),
+            format!(
+                r#"{{"id":"a","event_type":"User Deleted","received_at":"2020-01-01 00:00:00","extra":{}}}"#,
+                nest(100_000)
+            ),
+            format!(
+                r#"[{{"id":"a","event_type":"User Deleted","received_at":"2020-01-01 00:00:00","extra":{}}}]"#,
+                nest(100_000)
+            ),
         ] {
             let (events, refused) = run(Source::Users, &deep);
             assert_eq!(events.len(), 1, "{refused:?}");
@@ -358,7 +400,13 @@ mod tests {
         assert_eq!(o.version, time::parse("2019-01-01T00:00:00Z").unwrap());
         assert_eq!(o.created_at, time::parse("2018-01-24 17:28:09").unwrap());
 
-        let (_, refused) = run(Source::Organizations, r#"{"organization_key":"k","created_at":"2018-01-24 17:28:09"}"#);
-        assert!(refused[0].reason.contains("organization_name"), "{refused:?}");
+        let (_, refused) = run(
+            Source::Organizations,
+            r#"{"organization_key":"k","created_at":"2018-01-24 17:28:09"}"#,
+        );
+        assert!(
+            refused[0].reason.contains("organization_name"),
+            "{refused:?}"
+        );
     }
 }

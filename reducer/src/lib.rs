@@ -97,13 +97,17 @@ impl Batch {
         for (i, (source, value)) in inputs.into_iter().enumerate() {
             let input = u32::try_from(i).unwrap_or(u32::MAX);
             event::decode(source, value, &mut events, &mut refused);
-            plan.rejections
-                .extend(refused.drain(..).map(|Refusal { event, reason }| Rejection {
-                    input,
-                    event,
-                    reason,
-                }));
-            plan.accepted.push(u32::try_from(events.len()).unwrap_or(u32::MAX));
+            plan.rejections.extend(
+                refused
+                    .drain(..)
+                    .map(|Refusal { event, reason }| Rejection {
+                        input,
+                        event,
+                        reason,
+                    }),
+            );
+            plan.accepted
+                .push(u32::try_from(events.len()).unwrap_or(u32::MAX));
             for event in events.drain(..) {
                 let (kind, key) = match &event {
                     Event::User(u) => (Kind::User, &u.id),

@@ -5,7 +5,7 @@
 //! "up" (a later time, or a larger value on a tie), so folding a set of events gives
 //! the same state whatever their order and however often each arrives.
 
-use crate::event::{Action, OrgEvent, UserEvent, UserFields, ORGANIZATION_NAME, USER_FIELDS};
+use crate::event::{Action, ORGANIZATION_NAME, OrgEvent, USER_FIELDS, UserEvent, UserFields};
 use crate::time::{self, Micros};
 
 /// One user field and the event time that set it.
@@ -91,10 +91,9 @@ impl UserState {
     fn prune(&mut self) {
         let (created, deleted) = (self.created, self.deleted);
         for slot in &mut self.fields {
-            if slot
-                .as_ref()
-                .is_some_and(|f| created.is_some_and(|c| f.at < c) || deleted.is_some_and(|d| f.at <= d))
-            {
+            if slot.as_ref().is_some_and(|f| {
+                created.is_some_and(|c| f.at < c) || deleted.is_some_and(|d| f.at <= d)
+            }) {
                 *slot = None;
             }
         }
@@ -111,7 +110,9 @@ impl UserState {
 
     /// The organization name the user joins on, while visible.
     pub fn organization_name(&self) -> Option<&str> {
-        self.fields[ORGANIZATION_NAME].as_ref().map(|f| f.value.as_str())
+        self.fields[ORGANIZATION_NAME]
+            .as_ref()
+            .map(|f| f.value.as_str())
     }
 
     /// The JSON answer without the organization (the host joins that in), or `None`
@@ -173,7 +174,10 @@ impl UserState {
         for slot in &mut fields {
             if r.flag()? {
                 let at = r.time()?;
-                *slot = Some(Field { value: r.str()?, at });
+                *slot = Some(Field {
+                    value: r.str()?,
+                    at,
+                });
             }
         }
         r.finish()?;

@@ -101,7 +101,12 @@ fn created_user_shows_every_field_and_event_times() {
 #[test]
 fn partial_update_keeps_the_other_fields() {
     let store = fold_all(&[
-        ev("u", "User Created", T1, &[("username", "a"), ("user_email", "a@x")]),
+        ev(
+            "u",
+            "User Created",
+            T1,
+            &[("username", "a"), ("user_email", "a@x")],
+        ),
         ev("u", "User Updated", T2, &[("username", "b")]),
     ]);
     let v = view(&store, "u").unwrap();
@@ -116,11 +121,19 @@ fn older_update_arriving_late_does_not_overwrite() {
     let store = fold_all(&[
         ev("u", "User Created", T1, &[("username", "a")]),
         ev("u", "User Updated", T3, &[("username", "new")]),
-        ev("u", "User Updated", T2, &[("username", "old"), ("user_type", "User")]),
+        ev(
+            "u",
+            "User Updated",
+            T2,
+            &[("username", "old"), ("user_type", "User")],
+        ),
     ]);
     let v = view(&store, "u").unwrap();
     assert_eq!(v["username"], "new");
-    assert_eq!(v["user_type"], "User", "a field only the older event set is still taken");
+    assert_eq!(
+        v["user_type"], "User",
+        "a field only the older event set is still taken"
+    );
     assert_eq!(v["updated_at"], "2020-12-08T20:00:00.000003Z");
 }
 
@@ -157,13 +170,22 @@ fn update_after_delete_without_recreate_stays_deleted() {
 #[test]
 fn created_after_delete_recreates_without_leftovers() {
     let store = fold_all(&[
-        ev("u", "User Created", T1, &[("username", "a"), ("user_type", "Admin")]),
+        ev(
+            "u",
+            "User Created",
+            T1,
+            &[("username", "a"), ("user_type", "Admin")],
+        ),
         ev("u", "User Deleted", T2, &[]),
         ev("u", "User Created", T3, &[("username", "b")]),
     ]);
     let v = view(&store, "u").unwrap();
     assert_eq!(v["username"], "b");
-    assert_eq!(v["user_type"], serde_json::Value::Null, "no field from before the deletion");
+    assert_eq!(
+        v["user_type"],
+        serde_json::Value::Null,
+        "no field from before the deletion"
+    );
     assert_eq!(v["created_at"], "2020-12-08T20:00:00.000003Z");
 }
 
@@ -171,7 +193,12 @@ fn created_after_delete_recreates_without_leftovers() {
 fn recreate_arriving_before_the_deletion_it_follows() {
     let store = fold_all(&[
         ev("u", "User Created", T3, &[("username", "b")]),
-        ev("u", "User Created", T1, &[("username", "a"), ("user_type", "Admin")]),
+        ev(
+            "u",
+            "User Created",
+            T1,
+            &[("username", "a"), ("user_type", "Admin")],
+        ),
         ev("u", "User Deleted", T2, &[]),
     ]);
     let v = view(&store, "u").unwrap();
@@ -248,14 +275,23 @@ fn organization_is_replaced_by_a_newer_event_for_its_key() {
 #[test]
 fn seed_samples_fold_without_rejections() {
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/data/");
-    let users = std::fs::read_to_string(format!("{dir}users.json")).expect("shared/data/users.json");
-    let orgs = std::fs::read_to_string(format!("{dir}organizations.json")).expect("organizations.json");
+    let users =
+        std::fs::read_to_string(format!("{dir}users.json")).expect("shared/data/users.json");
+    let orgs =
+        std::fs::read_to_string(format!("{dir}organizations.json")).expect("organizations.json");
     let store = fold_all(&[(Source::Users, users), (Source::Organizations, orgs)]);
     let snake = view(&store, "069feb770fe581acc9d3313d59780196").expect("Snake is visible");
     assert_eq!(snake["username"], "Solid Snake");
-    assert_eq!(view(&store, "a0b1c2d3e4f5061728394a5b6c7d8e9f"), None, "Liquid was deleted");
     assert_eq!(
-        store.keys().filter(|e| e.kind == Kind::Organization).count(),
+        view(&store, "a0b1c2d3e4f5061728394a5b6c7d8e9f"),
+        None,
+        "Liquid was deleted"
+    );
+    assert_eq!(
+        store
+            .keys()
+            .filter(|e| e.kind == Kind::Organization)
+            .count(),
         3
     );
 }
@@ -268,14 +304,26 @@ fn rejections_name_their_record_and_event() {
         &[
             ev("u", "User Created", T1, &[]),
             (Source::Users, "not json".into()),
-            (Source::Users, format!("[{},{{}}]", ev("v", "User Created", T1, &[]).1)),
+            (
+                Source::Users,
+                format!("[{},{{}}]", ev("v", "User Created", T1, &[]).1),
+            ),
         ],
     );
     assert_eq!(plan.accepted, [1, 0, 1]);
     assert_eq!(plan.rejections.len(), 2);
-    assert_eq!((plan.rejections[0].input, plan.rejections[0].event), (1, None));
-    assert_eq!((plan.rejections[1].input, plan.rejections[1].event), (2, Some(1)));
-    assert!(view(&store, "v").is_some(), "the good event of the mixed array applied");
+    assert_eq!(
+        (plan.rejections[0].input, plan.rejections[0].event),
+        (1, None)
+    );
+    assert_eq!(
+        (plan.rejections[1].input, plan.rejections[1].event),
+        (2, Some(1))
+    );
+    assert!(
+        view(&store, "v").is_some(),
+        "the good event of the mixed array applied"
+    );
 }
 
 #[test]
@@ -349,8 +397,18 @@ fn org_record(o: &GenOrg) -> (Source, String) {
 }
 
 fn gen_user(max_time: i64) -> impl Strategy<Value = GenUser> {
-    (0u8..4, 0usize..3, 0..max_time, proptest::array::uniform4(proptest::option::of(0u8..3)))
-        .prop_map(|(id, action, at, fields)| GenUser { id, action, at, fields })
+    (
+        0u8..4,
+        0usize..3,
+        0..max_time,
+        proptest::array::uniform4(proptest::option::of(0u8..3)),
+    )
+        .prop_map(|(id, action, at, fields)| GenUser {
+            id,
+            action,
+            at,
+            fields,
+        })
 }
 
 fn gen_org(max_time: i64) -> impl Strategy<Value = GenOrg> {
@@ -394,6 +452,9 @@ fn fold_in_batches(records: &[(Source, String)], cuts: &[usize]) -> Store {
     store
 }
 
+/// The sequential model's live user: field index -> value, created, touched.
+type LiveUser = (BTreeMap<usize, u8>, i64, i64);
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(512))]
 
@@ -434,7 +495,7 @@ proptest! {
         let store = fold_in_batches(&records, &[3]);
 
         // The model: a user is None (absent/deleted) or its live fields.
-        let mut model: BTreeMap<u8, Option<(BTreeMap<usize, u8>, i64, i64)>> = BTreeMap::new();
+        let mut model: BTreeMap<u8, Option<LiveUser>> = BTreeMap::new();
         for u in &users {
             let entry = model.entry(u.id).or_insert(None);
             match u.action {

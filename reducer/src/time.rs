@@ -87,11 +87,7 @@ fn parse_inner(b: &[u8]) -> Option<Micros> {
                 return None;
             }
             let secs = oh * 3600 + om * 60;
-            if sign == b'+' {
-                secs
-            } else {
-                -secs
-            }
+            if sign == b'+' { secs } else { -secs }
         }
         _ => return None,
     };

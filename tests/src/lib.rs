@@ -89,7 +89,9 @@ pub fn nisshi_bin() -> PathBuf {
     if on_path {
         return "nisshi".into();
     }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_default();
     let p = home.join(".cargo/bin/nisshi");
     assert!(
         p.exists(),
@@ -118,7 +120,13 @@ impl Broker {
         let log = std::fs::File::create(dir.join("broker.log")).expect("broker log");
         let child = Command::new(nisshi_bin())
             .current_dir(&dir)
-            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+            ])
             .args(["--storage-engine", "memory://logq/"])
             .stdout(log.try_clone().expect("log handle"))
             .stderr(log)
@@ -140,7 +148,13 @@ impl Broker {
     pub fn create_topic(&self, name: &str, partitions: u32) {
         let out = Command::new(nisshi_bin())
             .current_dir(&self.dir)
-            .args(["topic", "create", name, "--partitions", &partitions.to_string()])
+            .args([
+                "topic",
+                "create",
+                name,
+                "--partitions",
+                &partitions.to_string(),
+            ])
             .args(["--broker", &format!("tcp://{}", self.bootstrap)])
             .output()
             .expect("running nisshi topic create");
@@ -215,7 +229,13 @@ impl Host {
         let log = std::env::temp_dir().join(format!("logq-host-{}-{port}.log", std::process::id()));
         let file = std::fs::File::create(&log).expect("host log");
         let child = Command::new(logq_bin())
-            .args(["run", "--brokers", &broker.bootstrap, "--listen", &addr.to_string()])
+            .args([
+                "run",
+                "--brokers",
+                &broker.bootstrap,
+                "--listen",
+                &addr.to_string(),
+            ])
             .args(args)
             .env("RUST_LOG", "info")
             .stdout(file.try_clone().expect("log handle"))
@@ -259,7 +279,11 @@ impl Host {
             if let Ok(Some(status)) = self.child.try_wait() {
                 return status;
             }
-            assert!(Instant::now() < deadline, "logq ignored SIGTERM: {}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "logq ignored SIGTERM: {}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -311,7 +335,10 @@ impl Response {
 pub fn get(addr: SocketAddr, path: &str) -> std::io::Result<Response> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
     let mut raw = Vec::new();
     s.read_to_end(&mut raw)?;
     let text = String::from_utf8_lossy(&raw);
@@ -342,7 +369,10 @@ pub fn eventually<T>(within: Duration, what: &str, mut check: impl FnMut() -> Op
         if let Some(v) = check() {
             return v;
         }
-        assert!(Instant::now() < deadline, "timed out after {within:?}: {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {within:?}: {what}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -359,7 +389,12 @@ pub struct ReadRecord {
 }
 
 /// Reads every record of `topic` (waits up to `within` for at least `at_least`).
-pub fn read_topic(broker: &Broker, topic: &str, at_least: usize, within: Duration) -> Vec<ReadRecord> {
+pub fn read_topic(
+    broker: &Broker,
+    topic: &str,
+    at_least: usize,
+    within: Duration,
+) -> Vec<ReadRecord> {
     use rdkafka::consumer::{BaseConsumer, Consumer};
     use rdkafka::message::{Headers, Message};
     let consumer: BaseConsumer = rdkafka::ClientConfig::new()
@@ -412,10 +447,11 @@ pub fn expected_answers(
     organizations: &[String],
 ) -> std::collections::BTreeMap<String, serde_json::Value> {
     use logq_reducer::{Batch, Kind, Source};
-    let inputs = users
-        .iter()
-        .map(|v| (Source::Users, v.as_bytes()))
-        .chain(organizations.iter().map(|v| (Source::Organizations, v.as_bytes())));
+    let inputs = users.iter().map(|v| (Source::Users, v.as_bytes())).chain(
+        organizations
+            .iter()
+            .map(|v| (Source::Organizations, v.as_bytes())),
+    );
     let batch = Batch::new(inputs);
     let plan = batch.plan().clone();
     let updates = batch
@@ -426,7 +462,8 @@ pub fn expected_answers(
     for (e, u) in plan.entities.iter().zip(&updates) {
         if e.kind == Kind::Organization {
             let name = u.join.clone().expect("org has a name");
-            let view: serde_json::Value = serde_json::from_str(u.view.as_deref().expect("view")).expect("json");
+            let view: serde_json::Value =
+                serde_json::from_str(u.view.as_deref().expect("view")).expect("json");
             // The smallest key wins when names collide.
             let keep = orgs_by_name.get(&name).is_none_or(|(k, _)| e.key < *k);
             if keep {

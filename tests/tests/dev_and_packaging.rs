@@ -22,7 +22,10 @@ fn logq_dev_serves_the_sample_data_with_zero_setup() {
             .filter(|r| r.status == 200)
     });
     assert_eq!(answer.json()["username"], "Solid Snake");
-    assert_eq!(answer.json()["organization"]["organization_name"], "Metal Gear Solid");
+    assert_eq!(
+        answer.json()["organization"]["organization_name"],
+        "Metal Gear Solid"
+    );
     let _ = child.kill();
     let out = child.wait_with_output().expect("output");
     let text = String::from_utf8_lossy(&out.stdout);
@@ -46,5 +49,8 @@ fn compose_file_is_valid() {
     );
     let text = std::fs::read_to_string(root().join("docker-compose.yml")).expect("compose file");
     assert!(text.contains("redpanda"), "compose runs Redpanda");
-    assert!(root().join("Dockerfile").exists(), "the host image is built from ./Dockerfile");
+    assert!(
+        root().join("Dockerfile").exists(),
+        "the host image is built from ./Dockerfile"
+    );
 }

@@ -24,11 +24,24 @@ fn events_of(array: &str) -> Vec<String> {
 fn seed_samples_are_served_joined_and_identical_after_restart() {
     let broker = Broker::start();
     broker.create_default_topics();
-    let out = produce(&broker, "users", &[root().join("data/users.json").to_str().unwrap()], b"");
+    let out = produce(
+        &broker,
+        "users",
+        &[root().join("data/users.json").to_str().unwrap()],
+        b"",
+    );
     let users = events_of(&sample("users.json"));
-    assert_eq!(out.trim(), format!("produced {} records to users", users.len()));
+    assert_eq!(
+        out.trim(),
+        format!("produced {} records to users", users.len())
+    );
     // Organizations arrive after the users, through stdin: the join must not care.
-    let out = produce(&broker, "organizations", &[], sample("organizations.json").as_bytes());
+    let out = produce(
+        &broker,
+        "organizations",
+        &[],
+        sample("organizations.json").as_bytes(),
+    );
     assert!(out.contains("produced 3 records"), "{out}");
 
     let host = Host::start(&broker, &[]);
@@ -42,7 +55,10 @@ fn seed_samples_are_served_joined_and_identical_after_restart() {
     assert_eq!(v["organization_name"], "Metal Gear Solid");
     assert_eq!(v["created_at"], "2020-12-08T20:03:16.759617Z");
     assert_eq!(v["organization"]["organization_tier"], "Medium");
-    assert_eq!(v["organization"]["organization_key"], "ff3959a49ac10fc70181bc00e308fbeb");
+    assert_eq!(
+        v["organization"]["organization_key"],
+        "ff3959a49ac10fc70181bc00e308fbeb"
+    );
 
     let liquid = host.get(&format!("/users/{LIQUID}"));
     assert_eq!(liquid.status, 404, "a deleted user is gone");
@@ -53,17 +69,28 @@ fn seed_samples_are_served_joined_and_identical_after_restart() {
 
     let metrics = host.get("/metrics").body;
     assert!(
-        metrics.contains(&format!("logq_records_consumed_total{{topic=\"users\"}} {}", users.len())),
+        metrics.contains(&format!(
+            "logq_records_consumed_total{{topic=\"users\"}} {}",
+            users.len()
+        )),
         "{metrics}"
     );
-    assert!(metrics.contains("logq_records_dead_lettered_total{topic=\"users\"} 0"), "{metrics}");
+    assert!(
+        metrics.contains("logq_records_dead_lettered_total{topic=\"users\"} 0"),
+        "{metrics}"
+    );
 
     // Every answer, before and after a restart, equals the native fold's.
     let orgs = events_of(&sample("organizations.json"));
     let expected = expected_answers(&users, &orgs);
     let ids: BTreeSet<String> = users
         .iter()
-        .map(|u| serde_json::from_str::<serde_json::Value>(u).unwrap()["id"].as_str().unwrap().to_string())
+        .map(|u| {
+            serde_json::from_str::<serde_json::Value>(u).unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
         .collect();
     let answers = |host: &Host| -> Vec<(u16, String)> {
         ids.iter()
@@ -78,13 +105,20 @@ fn seed_samples_are_served_joined_and_identical_after_restart() {
         match expected.get(id) {
             Some(want) => {
                 assert_eq!(*status, 200, "{id}");
-                assert_eq!(&serde_json::from_str::<serde_json::Value>(body).unwrap(), want, "{id}");
+                assert_eq!(
+                    &serde_json::from_str::<serde_json::Value>(body).unwrap(),
+                    want,
+                    "{id}"
+                );
             }
             None => assert_eq!(*status, 404, "{id}"),
         }
     }
     let status = host.terminate();
-    assert!(status.success(), "SIGTERM should end logq cleanly, got {status}");
+    assert!(
+        status.success(),
+        "SIGTERM should end logq cleanly, got {status}"
+    );
 
     let again = Host::start(&broker, &[]);
     again.wait_ready(READY);
@@ -134,16 +168,31 @@ fn bad_records_are_dead_lettered_and_their_neighbours_served() {
         .iter()
         .find(|r| r.value == b"this is not json")
         .expect("the invalid record is dead-lettered as it was");
-    assert!(header(not_json, "logq.reason").contains("invalid JSON"), "{not_json:?}");
+    assert!(
+        header(not_json, "logq.reason").contains("invalid JSON"),
+        "{not_json:?}"
+    );
     assert_eq!(header(not_json, "logq.topic"), "users");
-    let array = dead.iter().find(|r| r.value.starts_with(b"[")).expect("the mixed array");
-    assert!(header(array, "logq.reason").contains("unknown event_type"), "{array:?}");
+    let array = dead
+        .iter()
+        .find(|r| r.value.starts_with(b"["))
+        .expect("the mixed array");
+    assert!(
+        header(array, "logq.reason").contains("unknown event_type"),
+        "{array:?}"
+    );
     assert_eq!(header(array, "logq.events.rejected"), "1");
     assert_eq!(header(array, "logq.events.applied"), "1");
 
     let metrics = host.get("/metrics").body;
-    assert!(metrics.contains("logq_records_dead_lettered_total{topic=\"users\"} 2"), "{metrics}");
-    assert!(metrics.contains("logq_events_applied_total{topic=\"users\"} 3"), "{metrics}");
+    assert!(
+        metrics.contains("logq_records_dead_lettered_total{topic=\"users\"} 2"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("logq_events_applied_total{topic=\"users\"} 3"),
+        "{metrics}"
+    );
 }
 
 #[test]
@@ -179,7 +228,12 @@ fn trapping_looping_and_memory_bombing_records_are_contained() {
     );
     host.wait_ready(READY);
     for id in ["ok-1", "ok-2", "ok-3"] {
-        assert_eq!(host.get(&format!("/users/{id}")).status, 200, "{id}: {}", host.log());
+        assert_eq!(
+            host.get(&format!("/users/{id}")).status,
+            200,
+            "{id}: {}",
+            host.log()
+        );
     }
     for id in ["t", "l", "m"] {
         assert_eq!(host.get(&format!("/users/{id}")).status, 404, "{id}");
@@ -197,8 +251,14 @@ fn trapping_looping_and_memory_bombing_records_are_contained() {
         .collect();
     assert_eq!(dead.len(), 3, "{reasons:?}");
     assert!(reasons.iter().any(|r| r.contains("trapped")), "{reasons:?}");
-    assert!(reasons.iter().any(|r| r.contains("time limit")), "{reasons:?}");
-    assert!(reasons.iter().any(|r| r.contains("memory limit")), "{reasons:?}");
+    assert!(
+        reasons.iter().any(|r| r.contains("time limit")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons.iter().any(|r| r.contains("memory limit")),
+        "{reasons:?}"
+    );
     // And the host is still serving and following the topic after all that.
     produce(&broker, "users", &[], event("ok-4", "late").as_bytes());
     eventually(Duration::from_secs(30), "ok-4 to appear", || {
@@ -224,12 +284,20 @@ impl Rng {
 /// A shuffled, partly duplicated history: users created, updated, deleted and
 /// re-created across partitions, organizations replaced; about 250 bytes an event.
 fn history(seed: u64, users: u64, events: usize) -> (Vec<String>, Vec<String>) {
-    const NAMES: [&str; 4] = ["Metal Gear Solid", "Outer Heaven", "FOXHOUND", "Philanthropy"];
+    const NAMES: [&str; 4] = [
+        "Metal Gear Solid",
+        "Outer Heaven",
+        "FOXHOUND",
+        "Philanthropy",
+    ];
     const TYPES: [&str; 3] = ["User Created", "User Updated", "User Deleted"];
     let mut rng = Rng(seed);
     let mut user_events = Vec::with_capacity(events);
     for _ in 0..events {
-        let id = format!("{:032x}", rng.below(users).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        let id = format!(
+            "{:032x}",
+            rng.below(users).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+        );
         let kind = TYPES[match rng.below(10) {
             0..=3 => 0,
             4..=8 => 1,
@@ -262,10 +330,11 @@ fn history(seed: u64, users: u64, events: usize) -> (Vec<String>, Vec<String>) {
     }
     let orgs = (0..12)
         .map(|i| {
+            let tier = ["Small", "Medium", "Large"][rng.below(3) as usize];
             serde_json::json!({
                 "organization_key": format!("org-{}", i % 4),
                 "organization_name": NAMES[i % 4],
-                "organization_tier": ["Small", "Medium", "Large"][rng.below(3) as usize],
+                "organization_tier": tier,
                 "created_at": format!("2018-01-{:02} 00:00:00", 1 + rng.below(28)),
             })
             .to_string()
@@ -287,15 +356,20 @@ fn generated_history_folds_to_the_native_answer_and_follows_new_events() {
     let ready_in = host.wait_ready(READY);
     let total = users.len() + orgs.len();
     println!(
-        "caught up on {total} events in {:.3} s after start ({:.0} events/s incl. wasm compile; host log: {})",
+        "ready {ready_in:?} after the port opened, {:.3} s after start ({:.0} events/s incl. wasm compile); host: {}",
         started.elapsed().as_secs_f64(),
         total as f64 / started.elapsed().as_secs_f64(),
-        host.log().lines().find(|l| l.contains("caught up")).unwrap_or("?")
+        host.log()
+            .lines()
+            .find(|l| l.contains("caught up"))
+            .unwrap_or("?")
     );
-    let _ = ready_in;
 
     let expected = expected_answers(&users, &orgs);
-    assert!(expected.len() > 500, "the history should leave many users alive");
+    assert!(
+        expected.len() > 500,
+        "the history should leave many users alive"
+    );
     let mut latencies = Vec::new();
     for (id, want) in &expected {
         let t = Instant::now();
@@ -322,5 +396,8 @@ fn generated_history_folds_to_the_native_answer_and_follows_new_events() {
     eventually(Duration::from_secs(30), "the update to be served", || {
         (host.get(&format!("/users/{id}")).json()["username"] == "fresh").then_some(())
     });
-    println!("produce -> visible (incl. the logq produce process): {:?}", t.elapsed());
+    println!(
+        "produce -> visible (incl. the logq produce process): {:?}",
+        t.elapsed()
+    );
 }

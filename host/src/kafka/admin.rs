@@ -14,7 +14,10 @@ use crate::config::KafkaConfig;
 ///
 /// # Errors
 /// The first topic that could not be created, with the broker's reason.
-pub async fn create_topics(kafka: &KafkaConfig, topics: &[(String, i32)]) -> Result<(), KafkaError> {
+pub async fn create_topics(
+    kafka: &KafkaConfig,
+    topics: &[(String, i32)],
+) -> Result<(), KafkaError> {
     let admin: AdminClient<DefaultClientContext> = client_config(kafka)
         .create()
         .map_err(|e| KafkaError::Config(e.to_string()))?;
@@ -27,7 +30,9 @@ pub async fn create_topics(kafka: &KafkaConfig, topics: &[(String, i32)]) -> Res
         match result {
             Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
             Err((topic, code)) => {
-                return Err(KafkaError::Broker(format!("creating topic {topic}: {code}")));
+                return Err(KafkaError::Broker(format!(
+                    "creating topic {topic}: {code}"
+                )));
             }
         }
     }

@@ -64,7 +64,9 @@ impl RecordProducer {
     /// [`KafkaError::Config`] when librdkafka refuses the settings.
     pub fn new(kafka: &KafkaConfig) -> Result<Self, KafkaError> {
         let mut config = client_config(kafka);
-        config.set("enable.idempotence", "false").set("linger.ms", "5");
+        config
+            .set("enable.idempotence", "false")
+            .set("linger.ms", "5");
         for (key, value) in &kafka.extra {
             config.set(key, value);
         }
