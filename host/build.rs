@@ -13,6 +13,7 @@ fn main() {
         .parent()
         .expect("host/ lives in the workspace")
         .to_path_buf();
+    println!("cargo:rerun-if-changed=build.rs");
     for watched in ["reducer/src", "reducer/Cargo.toml", "wit", "Cargo.lock"] {
         println!("cargo:rerun-if-changed={}", root.join(watched).display());
     }
@@ -28,6 +29,12 @@ fn main() {
     println!(
         "cargo:rustc-env=LOGQ_TEST_TRIGGERS_REDUCER_WASM={}",
         hostile.display()
+    );
+    // The proof reducer for hot swaps: the same fold, e-mail addresses masked.
+    build_component(
+        &root,
+        &["--features", "mask-emails"],
+        &components.join("mask-emails-reducer.wasm"),
     );
 }
 

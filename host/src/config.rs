@@ -25,6 +25,26 @@ pub enum Command {
     Produce(ProduceConfig),
     /// Zero-setup demo: an in-memory development broker, the sample data, and `run`.
     Dev(DevConfig),
+    /// Work with reducer components offline.
+    #[command(subcommand)]
+    Reducer(ReducerCommand),
+}
+
+/// `logq reducer ...`.
+#[derive(Debug, Subcommand)]
+pub enum ReducerCommand {
+    /// Runs the same validation as a hot swap (compile, world, canary) and prints the
+    /// verdict as JSON; exits 1 when the reducer would be refused.
+    Check {
+        /// The component (`.wasm`).
+        file: PathBuf,
+        /// Limits the canary runs under.
+        #[command(flatten)]
+        limits: LimitsConfig,
+        /// Where compiled reducers are cached.
+        #[command(flatten)]
+        cache: CacheConfig,
+    },
 }
 
 /// How to reach the broker. Shared by every subcommand that talks to Kafka.
@@ -75,12 +95,9 @@ pub struct RunConfig {
     /// HTTP listen address.
     #[arg(long, env = "LOGQ_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
-    /// Hard memory limit of one reducer instance, in MiB.
-    #[arg(long, env = "LOGQ_REDUCER_MEMORY_MIB", default_value_t = 256)]
-    pub reducer_memory_mib: u64,
-    /// Hard time limit of one call into the reducer, in milliseconds.
-    #[arg(long, env = "LOGQ_REDUCER_TIME_LIMIT_MS", default_value_t = 2000)]
-    pub reducer_time_limit_ms: u64,
+    /// Limits of every reducer call.
+    #[command(flatten)]
+    pub limits: LimitsConfig,
     /// Most records folded in one reducer call.
     #[arg(long, env = "LOGQ_BATCH_MAX_RECORDS", default_value_t = 2000)]
     pub batch_max_records: usize,
@@ -88,6 +105,67 @@ pub struct RunConfig {
     /// alone).
     #[arg(long, env = "LOGQ_BATCH_MAX_BYTES", default_value_t = 16 << 20)]
     pub batch_max_bytes: usize,
+    /// Bearer token for the admin endpoints (`/admin/...`). Without it they answer 403.
+    #[arg(long, env = "LOGQ_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+    /// Largest reducer upload `PUT /admin/reducer` accepts, in bytes.
+    #[arg(long, env = "LOGQ_ADMIN_MAX_BODY_BYTES", default_value_t = 8 << 20)]
+    pub admin_max_body_bytes: u64,
+    /// Watch the `--reducer` file and swap it in (forward mode) when it changes.
+    #[arg(long, env = "LOGQ_WATCH_REDUCER", default_value_t = true, action = clap::ArgAction::Set)]
+    pub watch_reducer: bool,
+    #[command(flatten)]
+    /// Where compiled reducers are cached.
+    pub cache: CacheConfig,
+}
+
+/// The on-disk cache of compiled reducers.
+#[derive(Debug, Clone, Args)]
+pub struct CacheConfig {
+    /// Directory for compiled reducers, by sha256 (default: `$XDG_CACHE_HOME/logq` or
+    /// `~/.cache/logq`).
+    #[arg(long, env = "LOGQ_COMPILE_CACHE_DIR")]
+    pub compile_cache_dir: Option<PathBuf>,
+    /// Do not cache compiled reducers on disk.
+    #[arg(long, env = "LOGQ_NO_COMPILE_CACHE")]
+    pub no_compile_cache: bool,
+}
+
+impl CacheConfig {
+    /// The cache directory to use, if any.
+    pub fn dir(&self) -> Option<PathBuf> {
+        if self.no_compile_cache {
+            return None;
+        }
+        self.compile_cache_dir.clone().or_else(|| {
+            let base = std::env::var_os("XDG_CACHE_HOME")
+                .map(PathBuf::from)
+                .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
+            Some(base.join("logq"))
+        })
+    }
+}
+
+/// Limits of reducer calls, shared by `run` and `reducer check`.
+#[derive(Debug, Clone, Args)]
+pub struct LimitsConfig {
+    /// Hard memory limit of one reducer instance, in MiB.
+    #[arg(long, env = "LOGQ_REDUCER_MEMORY_MIB", default_value_t = 256)]
+    pub reducer_memory_mib: u64,
+    /// Hard time limit of one call into the reducer, in milliseconds.
+    #[arg(long, env = "LOGQ_REDUCER_TIME_LIMIT_MS", default_value_t = 2000)]
+    pub reducer_time_limit_ms: u64,
+}
+
+impl LimitsConfig {
+    /// Hard limits of one reducer call.
+    pub fn limits(&self) -> crate::runtime::Limits {
+        crate::runtime::Limits {
+            memory_bytes: usize::try_from(self.reducer_memory_mib.saturating_mul(1 << 20))
+                .unwrap_or(usize::MAX),
+            time: Duration::from_millis(self.reducer_time_limit_ms),
+        }
+    }
 }
 
 impl RunConfig {
@@ -99,15 +177,6 @@ impl RunConfig {
     /// The dead-letter topic for `topic`.
     pub fn dlq_topic(&self, topic: &str) -> String {
         format!("{topic}{}", self.dlq_suffix)
-    }
-
-    /// Hard limits of one reducer call.
-    pub fn limits(&self) -> crate::runtime::Limits {
-        crate::runtime::Limits {
-            memory_bytes: usize::try_from(self.reducer_memory_mib.saturating_mul(1 << 20))
-                .unwrap_or(usize::MAX),
-            time: Duration::from_millis(self.reducer_time_limit_ms),
-        }
     }
 }
 

@@ -10,7 +10,9 @@ use warp::reply::Response;
 use warp::{Filter, Rejection};
 
 use crate::metrics::Metrics;
+use crate::replay::ReplayContext;
 use crate::state::StateStore;
+use crate::swap::{Mode, Origin, Reducers, SwapError};
 
 /// Ids and keys longer than this are refused with 400 before any lookup.
 pub const MAX_ID_BYTES: usize = 1024;
@@ -22,6 +24,172 @@ pub struct Api {
     pub store: Arc<StateStore>,
     /// Counters and readiness.
     pub metrics: Arc<Metrics>,
+    /// The admin side: reducers and who may change them.
+    pub admin: Arc<Admin>,
+}
+
+/// What the admin endpoints need.
+pub struct Admin {
+    /// The reducers.
+    pub reducers: Arc<Reducers>,
+    /// What a replay needs.
+    pub replay: ReplayContext,
+    /// The bearer token; `None` disables the admin endpoints (403).
+    pub token: Option<String>,
+    /// Largest accepted upload.
+    pub max_body_bytes: u64,
+}
+
+/// A refusal of an admin request, turned into JSON by [`recover`].
+#[derive(Debug)]
+struct AdminRefusal {
+    code: StatusCode,
+    kind: &'static str,
+    message: String,
+}
+
+impl warp::reject::Reject for AdminRefusal {}
+
+fn refuse(code: StatusCode, kind: &'static str, message: impl Into<String>) -> Rejection {
+    warp::reject::custom(AdminRefusal {
+        code,
+        kind,
+        message: message.into(),
+    })
+}
+
+/// Compares in time that does not depend on where the inputs differ: both sides are
+/// hashed first, so not even the length leaks.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    let (a, b) = (crate::runtime::sha256_hex(a), crate::runtime::sha256_hex(b));
+    a.bytes()
+        .zip(b.bytes())
+        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+        == 0
+}
+
+/// Lets the request through only with `Authorization: Bearer <token>`.
+fn authorized(api: Api) -> impl Filter<Extract = (Arc<Admin>,), Error = Rejection> + Clone {
+    warp::header::optional::<String>("authorization").and_then(move |header: Option<String>| {
+        let admin = api.admin.clone();
+        async move {
+            let Some(token) = admin.token.as_deref() else {
+                return Err(refuse(
+                    StatusCode::FORBIDDEN,
+                    "admin_disabled",
+                    "admin endpoints are disabled: start logq with --admin-token (or LOGQ_ADMIN_TOKEN) to enable them",
+                ));
+            };
+            let given = header.as_deref().and_then(|h| {
+                let (scheme, rest) = h.split_once(' ')?;
+                scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
+            });
+            match given {
+                Some(g) if constant_time_eq(g.as_bytes(), token.as_bytes()) => Ok(admin),
+                _ => Err(refuse(
+                    StatusCode::UNAUTHORIZED,
+                    "unauthorized",
+                    "send Authorization: Bearer <admin token>",
+                )),
+            }
+        }
+    })
+}
+
+#[derive(serde::Deserialize)]
+struct ModeQuery {
+    mode: Option<String>,
+}
+
+fn admin_routes(api: Api) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
+    let max_body = api.admin.max_body_bytes;
+    let auth = authorized(api);
+    let put = warp::path!("admin" / "reducer")
+        .and(warp::put())
+        .and(auth.clone())
+        .and(warp::query::<ModeQuery>())
+        .and(warp::body::content_length_limit(max_body))
+        .and(warp::body::bytes())
+        .and_then(
+            |admin: Arc<Admin>, q: ModeQuery, body: warp::hyper::body::Bytes| async move {
+                let mode = match q.mode.as_deref() {
+                    None | Some("forward") => Mode::Forward,
+                    Some("replay") => Mode::Replay,
+                    Some(other) => {
+                        return Err(refuse(
+                            StatusCode::BAD_REQUEST,
+                            "bad_request",
+                            format!("mode {other:?}: use forward or replay"),
+                        ));
+                    }
+                };
+                let result = tokio::task::spawn_blocking(move || {
+                    admin
+                        .reducers
+                        .submit(&body, Origin::Http, mode, &admin.replay)
+                })
+                .await
+                .map_err(|e| {
+                    refuse(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+                })?;
+                swap_reply(
+                    result,
+                    if mode == Mode::Replay {
+                        StatusCode::ACCEPTED
+                    } else {
+                        StatusCode::OK
+                    },
+                )
+            },
+        );
+    let get = warp::path!("admin" / "reducer")
+        .and(warp::get())
+        .and(auth.clone())
+        .map(|admin: Arc<Admin>| json_reply(StatusCode::OK, &admin.reducers.describe()));
+    let rollback = warp::path!("admin" / "reducer" / "rollback")
+        .and(warp::post())
+        .and(auth.clone())
+        .and_then(|admin: Arc<Admin>| async move {
+            let result = tokio::task::spawn_blocking(move || admin.reducers.rollback())
+                .await
+                .map_err(|e| {
+                    refuse(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+                })?;
+            swap_reply(result, StatusCode::OK)
+        });
+    let cancel = warp::path!("admin" / "reducer" / "replay")
+        .and(warp::delete())
+        .and(auth)
+        .and_then(|admin: Arc<Admin>| async move {
+            if admin.reducers.cancel_replay() {
+                Ok(json_reply(StatusCode::OK, &json!({"cancelled": true})))
+            } else {
+                Err(refuse(
+                    StatusCode::NOT_FOUND,
+                    "not_found",
+                    "no replay is running",
+                ))
+            }
+        });
+    put.or(get).unify().or(rollback).unify().or(cancel).unify()
+}
+
+fn swap_reply(
+    result: Result<crate::swap::Submitted, SwapError>,
+    ok: StatusCode,
+) -> Result<Response, Rejection> {
+    match result {
+        Ok(done) => Ok(json_reply(ok, &json!(done))),
+        Err(e) => {
+            let (code, kind) = match &e {
+                SwapError::NotWasm(_) => (StatusCode::BAD_REQUEST, "not_wasm"),
+                SwapError::Invalid(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_reducer"),
+                SwapError::Canary(_) => (StatusCode::UNPROCESSABLE_ENTITY, "canary_failed"),
+                SwapError::Busy(_) | SwapError::NoPrevious => (StatusCode::CONFLICT, "conflict"),
+            };
+            Err(refuse(code, kind, e.to_string()))
+        }
+    }
 }
 
 /// Every route of the service, errors included: the filter never rejects.
@@ -55,6 +223,7 @@ pub fn routes(api: Api) -> impl Filter<Extract = (Response,), Error = Infallible
             &json!({"ready": ready, "status": status, "lag": api.metrics.total_lag()}),
         )
     });
+    let admin = admin_routes(api);
     let metrics = warp::path!("metrics").and(with).map(|api: Api| {
         let body = api.metrics.render(api.store.sizes());
         let mut r = Response::new(body.into());
@@ -64,19 +233,17 @@ pub fn routes(api: Api) -> impl Filter<Extract = (Response,), Error = Infallible
         );
         r
     });
-    warp::get()
-        .and(
-            user.or(organization)
-                .unify()
-                .or(healthz)
-                .unify()
-                .or(readyz)
-                .unify()
-                .or(metrics)
-                .unify(),
-        )
-        .recover(recover)
-        .unify()
+    let public = warp::get().and(
+        user.or(organization)
+            .unify()
+            .or(healthz)
+            .unify()
+            .or(readyz)
+            .unify()
+            .or(metrics)
+            .unify(),
+    );
+    admin.or(public).unify().recover(recover).unify()
 }
 
 /// Looks up one entity by the raw path segment.
@@ -152,7 +319,27 @@ fn error(code: StatusCode, kind: &str, message: String) -> Response {
 
 /// Maps every rejection to a JSON error; nothing internal leaks.
 async fn recover(rejection: Rejection) -> Result<Response, Infallible> {
-    let (code, kind, message) = if rejection.is_not_found() {
+    let (code, kind, message) = if let Some(r) = rejection.find::<AdminRefusal>() {
+        (r.code, r.kind, r.message.clone())
+    } else if rejection.find::<warp::reject::PayloadTooLarge>().is_some() {
+        (
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            "the body is larger than --admin-max-body-bytes".to_string(),
+        )
+    } else if rejection.find::<warp::reject::LengthRequired>().is_some() {
+        (
+            StatusCode::LENGTH_REQUIRED,
+            "length_required",
+            "send a Content-Length".to_string(),
+        )
+    } else if rejection.find::<warp::reject::InvalidQuery>().is_some() {
+        (
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "invalid query string".to_string(),
+        )
+    } else if rejection.is_not_found() {
         (
             StatusCode::NOT_FOUND,
             "not_found",
@@ -196,7 +383,143 @@ mod tests {
         Api {
             store,
             metrics: Arc::new(Metrics::new(["users", "organizations"])),
+            admin: Arc::new(admin(None)),
         }
+    }
+
+    fn admin(token: Option<&str>) -> Admin {
+        use clap::Parser as _;
+        static REDUCER: std::sync::OnceLock<(crate::runtime::Runtime, crate::runtime::Reducer)> =
+            std::sync::OnceLock::new();
+        let (runtime, reducer) = REDUCER.get_or_init(|| {
+            let limits = crate::runtime::Limits {
+                memory_bytes: 64 << 20,
+                time: std::time::Duration::from_secs(5),
+            };
+            let runtime = crate::runtime::Runtime::new(limits, None).unwrap();
+            let reducer = runtime.load(crate::runtime::DEFAULT_REDUCER).unwrap();
+            (runtime, reducer)
+        });
+        let crate::config::Command::Run(config) =
+            crate::config::Cli::try_parse_from(["logq", "run"])
+                .unwrap()
+                .command
+        else {
+            unreachable!()
+        };
+        Admin {
+            reducers: Arc::new(Reducers::new(
+                runtime.clone(),
+                reducer.clone(),
+                Origin::Startup,
+            )),
+            replay: ReplayContext {
+                config,
+                control: std::sync::mpsc::channel().0,
+            },
+            token: token.map(str::to_owned),
+            max_body_bytes: 1 << 20,
+        }
+    }
+
+    async fn admin_call(
+        api: &Api,
+        method: &str,
+        path: &str,
+        auth: Option<&str>,
+        body: &[u8],
+    ) -> (StatusCode, serde_json::Value) {
+        let mut req = warp::test::request().method(method).path(path).body(body);
+        if let Some(a) = auth {
+            req = req.header("authorization", a);
+        }
+        let r = req.reply(&routes(api.clone())).await;
+        let body = serde_json::from_slice(r.body())
+            .unwrap_or_else(|e| panic!("{path}: body is not JSON ({e}): {:?}", r.body()));
+        (r.status(), body)
+    }
+
+    #[tokio::test]
+    async fn admin_without_a_configured_token_is_403_and_says_how_to_enable() {
+        let api = api();
+        let (code, body) = admin_call(&api, "GET", "/admin/reducer", Some("Bearer x"), b"").await;
+        assert_eq!(code, StatusCode::FORBIDDEN);
+        assert!(
+            body["message"].as_str().unwrap().contains("--admin-token"),
+            "{body}"
+        );
+    }
+
+    #[tokio::test]
+    async fn admin_token_is_checked() {
+        let mut api = api();
+        api.admin = Arc::new(admin(Some("s3cret")));
+        for auth in [
+            None,
+            Some("Bearer wrong"),
+            Some("Basic s3cret"),
+            Some("Bearer s3cre"),
+        ] {
+            let (code, body) = admin_call(&api, "GET", "/admin/reducer", auth, b"").await;
+            assert_eq!(code, StatusCode::UNAUTHORIZED, "{auth:?}: {body}");
+        }
+        let (code, body) =
+            admin_call(&api, "GET", "/admin/reducer", Some("Bearer s3cret"), b"").await;
+        assert_eq!(code, StatusCode::OK, "{body}");
+        assert_eq!(body["active"]["origin"], "startup");
+        assert_eq!(body["active"]["world_version"], "1.0.0");
+    }
+
+    #[tokio::test]
+    async fn admin_refuses_junk_big_bodies_and_bad_modes() {
+        let mut api = api();
+        api.admin = Arc::new(admin(Some("t")));
+        let auth = Some("Bearer t");
+        let (code, body) = admin_call(&api, "PUT", "/admin/reducer", auth, b"hello").await;
+        assert_eq!(code, StatusCode::BAD_REQUEST, "{body}");
+        assert_eq!(body["error"], "not_wasm");
+        let big = vec![0u8; (1 << 20) + 1];
+        let (code, _) = admin_call(&api, "PUT", "/admin/reducer", auth, &big).await;
+        assert_eq!(code, StatusCode::PAYLOAD_TOO_LARGE);
+        let (code, _) =
+            admin_call(&api, "PUT", "/admin/reducer?mode=sideways", auth, b"\0asm").await;
+        assert_eq!(code, StatusCode::BAD_REQUEST);
+        let (code, body) =
+            admin_call(&api, "PUT", "/admin/reducer", auth, b"\0asm\x0d\0\x01\0").await;
+        assert_eq!(code, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+        let (code, _) = admin_call(&api, "POST", "/admin/reducer/rollback", auth, b"").await;
+        assert_eq!(code, StatusCode::CONFLICT, "nothing to roll back to yet");
+        let (_, described) = admin_call(&api, "GET", "/admin/reducer", auth, b"").await;
+        let outcomes: Vec<&str> = described["history"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|h| h["outcome"].as_str().unwrap())
+            .collect();
+        assert_eq!(outcomes, ["rejected", "rejected"], "{described}");
+    }
+
+    #[tokio::test]
+    async fn forward_swap_then_rollback() {
+        let mut api = api();
+        api.admin = Arc::new(admin(Some("t")));
+        let auth = Some("Bearer t");
+        let (code, body) = admin_call(
+            &api,
+            "PUT",
+            "/admin/reducer?mode=forward",
+            auth,
+            crate::runtime::DEFAULT_REDUCER,
+        )
+        .await;
+        assert_eq!(code, StatusCode::OK, "{body}");
+        assert_eq!(body["swap"]["outcome"], "active");
+        assert_eq!(body["active"]["origin"], "http");
+        let (code, body) = admin_call(&api, "POST", "/admin/reducer/rollback", auth, b"").await;
+        assert_eq!(code, StatusCode::OK, "{body}");
+        assert_eq!(body["active"]["origin"], "rollback");
+        let (code, _) = admin_call(&api, "DELETE", "/admin/reducer/replay", auth, b"").await;
+        assert_eq!(code, StatusCode::NOT_FOUND, "no replay runs");
     }
 
     async fn get(path: &str) -> (StatusCode, serde_json::Value) {

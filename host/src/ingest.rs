@@ -2,11 +2,12 @@
 //!
 //! Ordering assumption: none. The reducer's fold gives the same state whatever order
 //! events arrive in and however often, so partitions are interleaved freely and a
-//! record applied twice (after a retry) changes nothing.
+//! record applied twice (after a retry, or at a replay handover) changes nothing.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
 use crate::config::RunConfig;
@@ -14,15 +15,17 @@ use crate::kafka::consumer::TopicConsumer;
 use crate::kafka::producer::RecordProducer;
 use crate::kafka::{KafkaError, Record};
 use crate::metrics::Metrics;
-use crate::runtime::{Input, Reducer, ReducerError, Source};
+use crate::replay::{Control, PartitionId, Positions};
+use crate::runtime::{Input, Reducer, Source};
 use crate::state::StateStore;
+use crate::swap::{Active, Reducers};
 
 /// How long one poll waits before the loop looks at the stop flag again.
-const POLL_WAIT: Duration = Duration::from_millis(100);
+pub(crate) const POLL_WAIT: Duration = Duration::from_millis(100);
 /// How often consumer lag is refreshed from the broker's watermarks.
 const LAG_EVERY: Duration = Duration::from_secs(2);
 /// Longest wait for one broker request.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Why the ingest loop could not run at all. Problems with records never end it.
 #[derive(Debug, thiserror::Error)]
@@ -35,30 +38,175 @@ pub enum IngestError {
 /// Everything the ingest loop owns or shares.
 pub struct Ingest {
     config: RunConfig,
-    reducer: Reducer,
+    reducers: Arc<Reducers>,
     store: Arc<StateStore>,
     metrics: Arc<Metrics>,
     stop: Arc<AtomicBool>,
+    control: Receiver<Control>,
 }
 
-/// A partition of one of the two topics: (topic index, partition id).
-type PartitionId = (usize, i32);
+/// A record the reducer would not fold, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct DeadLetter {
+    /// Index of the record in the batch.
+    pub input: usize,
+    /// Why, in words.
+    pub reason: String,
+    /// Positions of the refused events inside the record, comma-separated.
+    pub events: String,
+}
+
+/// What folding one batch did.
+#[derive(Debug, Default)]
+pub(crate) struct Folding {
+    /// Events applied, per input.
+    pub accepted: Vec<u64>,
+    /// Records (wholly or partly) refused.
+    pub dead: Vec<DeadLetter>,
+    /// Reducer calls that failed as a whole (trap, limit, refusal).
+    pub failures: u64,
+    /// Time spent in successful reducer calls.
+    pub elapsed: Duration,
+}
+
+/// Folds `inputs` into `store` with `reducer`. A batch the reducer cannot fold is
+/// split into single records, so one poison record costs only itself.
+pub(crate) fn fold_into(reducer: &Reducer, store: &StateStore, inputs: &[Input]) -> Folding {
+    let mut out = Folding {
+        accepted: vec![0; inputs.len()],
+        ..Folding::default()
+    };
+    fold_range(reducer, store, inputs, 0, &mut out);
+    out
+}
+
+fn fold_range(
+    reducer: &Reducer,
+    store: &StateStore,
+    inputs: &[Input],
+    base: usize,
+    out: &mut Folding,
+) {
+    if inputs.is_empty() {
+        return;
+    }
+    match reducer.fold(inputs, |entities| store.prior(entities)) {
+        Ok(folded) => {
+            out.elapsed += folded.elapsed;
+            store.apply(&folded.plan.entities, folded.updates);
+            for (i, n) in folded.plan.accepted.iter().enumerate() {
+                out.accepted[base + i] = u64::from(*n);
+            }
+            let mut reasons: BTreeMap<u32, Vec<(Option<u32>, String)>> = BTreeMap::new();
+            for r in folded.plan.rejections {
+                reasons
+                    .entry(r.input)
+                    .or_default()
+                    .push((r.event, r.reason));
+            }
+            for (input, list) in reasons {
+                let events: Vec<String> = list
+                    .iter()
+                    .filter_map(|(e, _)| e.map(|e| e.to_string()))
+                    .collect();
+                let reason: Vec<&str> = list.iter().map(|(_, r)| r.as_str()).collect();
+                out.dead.push(DeadLetter {
+                    input: base + input as usize,
+                    reason: reason.join("; "),
+                    events: events.join(","),
+                });
+            }
+        }
+        Err(e) => {
+            out.failures += 1;
+            if inputs.len() == 1 {
+                out.dead.push(DeadLetter {
+                    input: base,
+                    reason: e.to_string(),
+                    events: String::new(),
+                });
+            } else {
+                tracing::warn!(
+                    "reducer failed on a batch of {} records ({e}); folding them one by one",
+                    inputs.len()
+                );
+                for (i, input) in inputs.iter().enumerate() {
+                    fold_range(reducer, store, std::slice::from_ref(input), base + i, out);
+                }
+            }
+        }
+    }
+}
+
+/// Every partition of the configured topics with its watermarks now.
+///
+/// # Errors
+/// When the broker cannot be reached or a topic does not exist.
+pub(crate) fn partition_targets(
+    consumer: &TopicConsumer,
+    config: &RunConfig,
+) -> Result<BTreeMap<PartitionId, (i64, i64)>, KafkaError> {
+    let mut targets = BTreeMap::new();
+    for (t, topic) in config.topics().into_iter().enumerate() {
+        for p in consumer.partitions(topic, REQUEST_TIMEOUT)? {
+            let w = consumer.watermarks(topic, p, REQUEST_TIMEOUT)?;
+            targets.insert((t, p), (w.low, w.high));
+        }
+    }
+    Ok(targets)
+}
+
+/// Turns the records of a batch into reducer inputs (topic index, input).
+pub(crate) fn inputs_of(config: &RunConfig, records: &[Record<'_>]) -> Vec<(usize, Input)> {
+    records
+        .iter()
+        .filter_map(|r| {
+            let Some(t) = config.topics().iter().position(|t| *t == r.topic) else {
+                // Only assigned topics are delivered; a stranger is a client bug.
+                tracing::error!("record from unexpected topic {} ignored", r.topic);
+                return None;
+            };
+            let source = if t == 0 {
+                Source::Users
+            } else {
+                Source::Organizations
+            };
+            Some((
+                t,
+                Input {
+                    source,
+                    value: r.value.unwrap_or_default().to_vec(),
+                },
+            ))
+        })
+        .collect()
+}
+
+/// `topic/partition` -> offset, for people.
+pub(crate) fn named(config: &RunConfig, positions: &Positions) -> BTreeMap<String, i64> {
+    positions
+        .iter()
+        .map(|(&(t, p), &o)| (format!("{}/{p}", config.topics()[t]), o))
+        .collect()
+}
 
 impl Ingest {
     /// Prepares the loop; nothing runs until [`Ingest::run`].
     pub fn new(
         config: RunConfig,
-        reducer: Reducer,
+        reducers: Arc<Reducers>,
         store: Arc<StateStore>,
         metrics: Arc<Metrics>,
         stop: Arc<AtomicBool>,
+        control: Receiver<Control>,
     ) -> Self {
         Self {
             config,
-            reducer,
+            reducers,
             store,
             metrics,
             stop,
+            control,
         }
     }
 
@@ -83,19 +231,31 @@ impl Ingest {
             .map(|(t, p)| (self.config.topics()[*t].to_string(), *p))
             .collect();
         consumer.assign_from_beginning(&assigned)?;
-        let mut positions: HashMap<PartitionId, i64> =
-            targets.iter().map(|(p, (low, _))| (*p, *low)).collect();
+        let mut positions: Positions = targets.iter().map(|(p, (low, _))| (*p, *low)).collect();
         let started = Instant::now();
         let mut applied_since_start = 0u64;
         self.report_catch_up(&pending, started, applied_since_start);
         let mut next_lag = Instant::now();
+        let mut last_used: Option<Arc<Active>> = None;
 
         while !self.stop.load(Ordering::Relaxed) {
+            self.serve_control(&positions);
+            let active = self.reducers.current();
             let polled = consumer.poll_batch(
                 self.config.batch_max_records,
                 self.config.batch_max_bytes,
                 POLL_WAIT,
-                |records| self.process(records, &dlq),
+                |records| {
+                    if !last_used.as_ref().is_some_and(|l| Arc::ptr_eq(l, &active)) {
+                        // The first batch this reducer folds: the switch point.
+                        self.reducers.note_switch(
+                            &active.reducer.meta().sha256,
+                            named(&self.config, &positions),
+                        );
+                        last_used = Some(active.clone());
+                    }
+                    self.process(&active.reducer, records, &dlq)
+                },
             );
             match polled {
                 Ok(Some(progress)) => {
@@ -136,6 +296,33 @@ impl Ingest {
         Ok(())
     }
 
+    /// A replay asks to take over: tell it where we are, wait (serving reads from the
+    /// old state meanwhile) until it hands over its state and reducer, or gives up.
+    fn serve_control(&self, positions: &Positions) {
+        while let Ok(Control::Handover { live, resume }) = self.control.try_recv() {
+            if live.send(positions.clone()).is_err() {
+                continue;
+            }
+            loop {
+                if self.stop.load(Ordering::Relaxed) {
+                    return;
+                }
+                match resume.recv_timeout(POLL_WAIT) {
+                    Ok(Some(handover)) => {
+                        // Both flips are atomic for readers; no batch runs in between.
+                        self.store.replace(handover.store);
+                        self.reducers.install(handover.active);
+                        self.reducers.finish(handover.swap_id, "active", None);
+                        tracing::info!("replay handed over: new state and reducer active");
+                        break;
+                    }
+                    Ok(None) | Err(RecvTimeoutError::Disconnected) => break,
+                    Err(RecvTimeoutError::Timeout) => {}
+                }
+            }
+        }
+    }
+
     /// Waits for the broker and both topics; returns every partition with the
     /// watermarks seen now, which define "caught up". `None` when stopped first.
     fn discover(&self, consumer: &TopicConsumer) -> Option<BTreeMap<PartitionId, (i64, i64)>> {
@@ -144,8 +331,13 @@ impl Ingest {
             if self.stop.load(Ordering::Relaxed) {
                 return None;
             }
-            match self.watermarks(consumer) {
-                Ok(targets) => return Some(targets),
+            match partition_targets(consumer, &self.config) {
+                Ok(targets) => {
+                    for (&(t, p), &(low, high)) in &targets {
+                        self.metrics.set_lag(self.config.topics()[t], p, high - low);
+                    }
+                    return Some(targets);
+                }
                 Err(e) => {
                     tracing::warn!("waiting for the broker: {e}");
                     self.metrics
@@ -155,21 +347,6 @@ impl Ingest {
                 }
             }
         }
-    }
-
-    fn watermarks(
-        &self,
-        consumer: &TopicConsumer,
-    ) -> Result<BTreeMap<PartitionId, (i64, i64)>, KafkaError> {
-        let mut targets = BTreeMap::new();
-        for (t, topic) in self.config.topics().into_iter().enumerate() {
-            for p in consumer.partitions(topic, REQUEST_TIMEOUT)? {
-                let w = consumer.watermarks(topic, p, REQUEST_TIMEOUT)?;
-                self.metrics.set_lag(topic, p, w.high - w.low);
-                targets.insert((t, p), (w.low, w.high));
-            }
-        }
-        Ok(targets)
     }
 
     fn report_catch_up(&self, pending: &HashMap<PartitionId, i64>, started: Instant, applied: u64) {
@@ -190,7 +367,7 @@ impl Ingest {
 
     /// Lag = high watermark now - next offset to fold. One broker round trip per
     /// partition; stops at the first failure (the broker is likely down).
-    fn refresh_lag(&self, consumer: &TopicConsumer, positions: &HashMap<PartitionId, i64>) {
+    fn refresh_lag(&self, consumer: &TopicConsumer, positions: &Positions) {
         for (&(t, p), &next) in positions {
             let topic = self.config.topics()[t];
             match consumer.watermarks(topic, p, Duration::from_millis(500)) {
@@ -203,120 +380,51 @@ impl Ingest {
         }
     }
 
-    /// Folds one batch and applies it; returns, per partition touched, the next offset
-    /// and the number of events applied.
+    /// Folds one batch, dead-letters what was refused; returns, per partition touched,
+    /// the next offset and the number of events applied.
     fn process(
         &self,
+        reducer: &Reducer,
         records: &[Record<'_>],
         dlq: &RecordProducer,
     ) -> HashMap<PartitionId, (i64, u64)> {
         let mut progress: HashMap<PartitionId, (i64, u64)> = HashMap::new();
-        let mut inputs = Vec::with_capacity(records.len());
-        let mut kept = Vec::with_capacity(records.len());
-        for r in records {
-            let Some(t) = self.topic_index(r.topic) else {
-                // Only assigned topics are delivered; a stranger is a client bug.
-                tracing::error!("record from unexpected topic {} ignored", r.topic);
-                continue;
-            };
+        let (topics, inputs): (Vec<usize>, Vec<Input>) =
+            inputs_of(&self.config, records).into_iter().unzip();
+        let kept: Vec<&Record<'_>> = records
+            .iter()
+            .filter(|r| self.config.topics().contains(&r.topic))
+            .collect();
+        for (&t, r) in topics.iter().zip(&kept) {
             self.metrics
                 .topic(t)
                 .consumed
                 .fetch_add(1, Ordering::Relaxed);
             let slot = progress.entry((t, r.partition)).or_insert((0, 0));
             slot.0 = slot.0.max(r.offset + 1);
-            inputs.push(Input {
-                source: if t == 0 {
-                    Source::Users
-                } else {
-                    Source::Organizations
-                },
-                value: r.value.unwrap_or_default().to_vec(),
-            });
-            kept.push((t, *r));
         }
-        self.fold(&inputs, &kept, dlq, &mut progress);
+        let folding = fold_into(reducer, &self.store, &inputs);
+        if folding.elapsed > Duration::ZERO {
+            self.metrics.reducer_call(folding.elapsed);
+        }
+        for _ in 0..folding.failures {
+            self.metrics.reducer_failed();
+        }
+        for ((&t, r), accepted) in topics.iter().zip(&kept).zip(&folding.accepted) {
+            self.metrics
+                .topic(t)
+                .applied
+                .fetch_add(*accepted, Ordering::Relaxed);
+            if let Some(p) = progress.get_mut(&(t, r.partition)) {
+                p.1 += accepted;
+            }
+        }
+        for d in &folding.dead {
+            let t = topics[d.input];
+            self.dead_letter(dlq, t, kept[d.input], d, folding.accepted[d.input]);
+        }
+        self.reducers.remember(&inputs);
         progress
-    }
-
-    /// Folds `inputs` (from `records`, same order). A batch the reducer cannot fold is
-    /// split into single records, so one poison record costs only itself.
-    fn fold(
-        &self,
-        inputs: &[Input],
-        records: &[(usize, Record<'_>)],
-        dlq: &RecordProducer,
-        progress: &mut HashMap<PartitionId, (i64, u64)>,
-    ) {
-        if inputs.is_empty() {
-            return;
-        }
-        match self
-            .reducer
-            .fold(inputs, |entities| self.store.prior(entities))
-        {
-            Ok(folded) => {
-                self.metrics.reducer_call(folded.elapsed);
-                self.store.apply(&folded.plan.entities, folded.updates);
-                let mut reasons: BTreeMap<u32, Vec<(Option<u32>, String)>> = BTreeMap::new();
-                for r in folded.plan.rejections {
-                    reasons
-                        .entry(r.input)
-                        .or_default()
-                        .push((r.event, r.reason));
-                }
-                for (i, ((t, record), accepted)) in
-                    records.iter().zip(&folded.plan.accepted).enumerate()
-                {
-                    let accepted = u64::from(*accepted);
-                    self.metrics
-                        .topic(*t)
-                        .applied
-                        .fetch_add(accepted, Ordering::Relaxed);
-                    if let Some(p) = progress.get_mut(&(*t, record.partition)) {
-                        p.1 += accepted;
-                    }
-                    if let Some(list) = reasons.get(&(i as u32)) {
-                        let events: Vec<String> = list
-                            .iter()
-                            .filter_map(|(e, _)| e.map(|e| e.to_string()))
-                            .collect();
-                        let reason: Vec<&str> = list.iter().map(|(_, r)| r.as_str()).collect();
-                        self.dead_letter(
-                            dlq,
-                            *t,
-                            record,
-                            &reason.join("; "),
-                            &events.join(","),
-                            accepted,
-                        );
-                    }
-                }
-            }
-            Err(e) if inputs.len() == 1 => {
-                self.metrics.reducer_failed();
-                let (t, record) = &records[0];
-                self.dead_letter(dlq, *t, record, &e.to_string(), "", 0);
-            }
-            Err(e) => {
-                self.metrics.reducer_failed();
-                tracing::warn!(
-                    "reducer failed on a batch of {} records ({e}); folding them one by one",
-                    inputs.len()
-                );
-                if matches!(e, ReducerError::Contract(_)) {
-                    tracing::error!("the reducer broke the contract: {e}");
-                }
-                for (input, record) in inputs.iter().zip(records) {
-                    self.fold(
-                        std::slice::from_ref(input),
-                        std::slice::from_ref(record),
-                        dlq,
-                        progress,
-                    );
-                }
-            }
-        }
     }
 
     fn dead_letter(
@@ -324,12 +432,12 @@ impl Ingest {
         dlq: &RecordProducer,
         t: usize,
         record: &Record<'_>,
-        reason: &str,
-        events: &str,
+        d: &DeadLetter,
         applied: u64,
     ) {
         let topic = self.config.topics()[t];
         let dlq_topic = self.config.dlq_topic(topic);
+        let reason = d.reason.as_str();
         tracing::warn!(
             topic,
             partition = record.partition,
@@ -350,7 +458,7 @@ impl Ingest {
             ("logq.topic", topic),
             ("logq.partition", partition.as_str()),
             ("logq.offset", offset.as_str()),
-            ("logq.events.rejected", events),
+            ("logq.events.rejected", d.events.as_str()),
             ("logq.events.applied", applied.as_str()),
         ];
         let value = record.value.unwrap_or_default();
@@ -363,9 +471,5 @@ impl Ingest {
                 "could not dead-letter to {dlq_topic}: {e}; reason was: {reason}"
             );
         }
-    }
-
-    fn topic_index(&self, topic: &str) -> Option<usize> {
-        self.config.topics().iter().position(|t| *t == topic)
     }
 }

@@ -12,8 +12,11 @@ pub mod ingest;
 pub mod kafka;
 pub mod metrics;
 pub mod produce;
+pub mod replay;
 pub mod runtime;
 pub mod state;
+pub mod swap;
+pub mod watch;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -26,8 +29,10 @@ use tokio::net::TcpListener;
 use crate::config::RunConfig;
 use crate::ingest::Ingest;
 use crate::metrics::Metrics;
-use crate::runtime::Reducer;
+use crate::replay::ReplayContext;
+use crate::runtime::{Reducer, Runtime};
 use crate::state::StateStore;
+use crate::swap::{Origin, Reducers};
 
 /// Longest the HTTP server waits for open connections after shutdown starts.
 const HTTP_DRAIN: Duration = Duration::from_secs(5);
@@ -43,19 +48,46 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let reducer = load_reducer(&config).await?;
+    let runtime = Runtime::new(config.limits.limits(), config.cache.dir())
+        .context("creating the wasm runtime")?;
+    let reducer = load_reducer(&config, &runtime).await?;
+    let reducers = Arc::new(Reducers::new(runtime, reducer, Origin::Startup));
     let store = Arc::new(StateStore::new());
     let metrics = Arc::new(Metrics::new(config.topics()));
     let stop = Arc::new(AtomicBool::new(false));
+    let (control_tx, control_rx) = std::sync::mpsc::channel();
+    let replay_ctx = ReplayContext {
+        config: config.clone(),
+        control: control_tx,
+    };
 
     create_dead_letter_topics(&config).await;
 
+    let watcher = match (&config.reducer, config.watch_reducer) {
+        (Some(path), true) => Some(
+            watch::spawn(
+                path.clone(),
+                reducers.clone(),
+                replay_ctx.clone(),
+                stop.clone(),
+            )
+            .context("spawning the reducer watcher")?,
+        ),
+        _ => None,
+    };
+    let admin = http::Admin {
+        reducers: reducers.clone(),
+        replay: replay_ctx,
+        token: config.admin_token.clone(),
+        max_body_bytes: config.admin_max_body_bytes,
+    };
     let ingest = Ingest::new(
         config,
-        reducer,
+        reducers.clone(),
         store.clone(),
         metrics.clone(),
         stop.clone(),
+        control_rx,
     );
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
     let ingest_thread = std::thread::Builder::new()
@@ -68,7 +100,11 @@ pub async fn run(
         .context("spawning the ingest thread")?;
 
     let (http_stop_tx, http_stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let routes = http::routes(http::Api { store, metrics });
+    let routes = http::routes(http::Api {
+        store,
+        metrics,
+        admin: Arc::new(admin),
+    });
     let server = tokio::spawn(
         warp::serve(routes)
             .incoming(listener)
@@ -84,33 +120,39 @@ pub async fn run(
     }
     // The ingest thread finishes the batch it is folding, then leaves.
     stop.store(true, Ordering::Relaxed);
+    reducers.cancel_replay();
     let _ = http_stop_tx.send(());
     if tokio::time::timeout(HTTP_DRAIN, server).await.is_err() {
         tracing::warn!("open HTTP connections dropped after {HTTP_DRAIN:?}");
     }
-    let joined = tokio::task::spawn_blocking(move || ingest_thread.join())
-        .await
-        .context("joining the ingest thread")?;
+    let joined = tokio::task::spawn_blocking(move || {
+        if let Some(w) = watcher {
+            let _ = w.join();
+        }
+        ingest_thread.join()
+    })
+    .await
+    .context("joining the ingest thread")?;
     match joined {
         Ok(result) => result.context("ingest"),
         Err(_) => anyhow::bail!("the ingest thread panicked"),
     }
 }
 
-async fn load_reducer(config: &RunConfig) -> anyhow::Result<Reducer> {
+async fn load_reducer(config: &RunConfig, runtime: &Runtime) -> anyhow::Result<Reducer> {
     let bytes = match &config.reducer {
         Some(path) => tokio::fs::read(path)
             .await
             .with_context(|| format!("reading reducer {}", path.display()))?,
         None => runtime::DEFAULT_REDUCER.to_vec(),
     };
-    let limits = config.limits();
+    let runtime = runtime.clone();
     let name = config.reducer.as_ref().map_or_else(
         || "built-in reducer".to_string(),
         |p| p.display().to_string(),
     );
     // Compiling takes a while; keep it off the async workers.
-    let reducer = tokio::task::spawn_blocking(move || Reducer::load(&bytes, limits))
+    let reducer = tokio::task::spawn_blocking(move || runtime.load(&bytes))
         .await
         .context("compiling the reducer")?
         .with_context(|| format!("loading {name}"))?;

@@ -2,7 +2,7 @@
 
 use anyhow::Context as _;
 use clap::Parser as _;
-use logq::config::{Cli, Command};
+use logq::config::{Cli, Command, ReducerCommand};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -29,5 +29,22 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Dev(config) => logq::dev::run(config).await,
+        Command::Reducer(ReducerCommand::Check {
+            file,
+            limits,
+            cache,
+        }) => {
+            let bytes =
+                std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+            let verdict = tokio::task::spawn_blocking(move || {
+                logq::swap::check(&bytes, limits.limits(), cache.dir())
+            })
+            .await?;
+            println!("{}", serde_json::to_string_pretty(&verdict)?);
+            if verdict["ok"] != true {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
     }
 }

@@ -5,6 +5,8 @@
 //! A new store per batch means no guest state survives a batch (the reducer stays a
 //! pure fold) and a trapped instance is simply thrown away.
 
+use std::hash::{Hash as _, Hasher as _};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
@@ -43,6 +45,9 @@ pub struct Limits {
 /// Why a reducer could not be loaded or a call did not complete.
 #[derive(Debug, thiserror::Error)]
 pub enum ReducerError {
+    /// The bytes are not WebAssembly at all.
+    #[error("not a WebAssembly component (the bytes do not start with \\0asm)")]
+    NotWasm,
     /// The bytes are not a component that implements the `reducer` world.
     #[error("invalid reducer component: {0}")]
     Invalid(String),
@@ -138,41 +143,186 @@ impl Drop for Ticker {
     }
 }
 
-/// A compiled, linked reducer, ready to fold batches.
+/// The major version of `logq:reducer/fold` this host speaks.
+pub const WORLD_MAJOR: u64 = 1;
+const FOLD_EXPORT: &str = "logq:reducer/fold@";
+
+/// The shared compiler and epoch clock. Create once per process; load many reducers.
+#[derive(Clone)]
+pub struct Runtime {
+    engine: Engine,
+    limits: Limits,
+    cache_dir: Option<PathBuf>,
+    ticker: Arc<Ticker>,
+}
+
+/// What is known about a loaded reducer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReducerMeta {
+    /// Hex sha256 of the component bytes.
+    pub sha256: String,
+    /// Size of the component in bytes.
+    pub size: usize,
+    /// The version of `logq:reducer/fold` it exports (e.g. `1.0.0`).
+    pub world_version: String,
+    /// Whether the machine code came from the on-disk compile cache.
+    pub from_cache: bool,
+}
+
+/// A compiled, linked reducer, ready to fold batches. Cloning is cheap (shared
+/// compiled code).
+#[derive(Clone)]
 pub struct Reducer {
     engine: Engine,
     pre: ReducerPre<Limiter>,
     limits: Limits,
+    meta: ReducerMeta,
     _ticker: Arc<Ticker>,
 }
 
-impl Reducer {
-    /// Compiles and links `bytes`. A component that does not export the world, or that
-    /// imports anything (the world imports nothing), fails here, not on the first event.
+impl Runtime {
+    /// A runtime whose reducers run under `limits`. With `cache_dir`, compiled machine
+    /// code is kept there by sha256 so a restart or a rollback does not recompile.
     ///
     /// # Errors
-    /// [`ReducerError::Invalid`] with the reason.
-    pub fn load(bytes: &[u8], limits: Limits) -> Result<Self, ReducerError> {
+    /// When the engine cannot be created.
+    pub fn new(limits: Limits, cache_dir: Option<PathBuf>) -> Result<Self, ReducerError> {
         let mut config = Config::new();
         config.epoch_interruption(true);
         config.wasm_component_model(true);
         let engine = Engine::new(&config).map_err(|e| ReducerError::Invalid(format!("{e:#}")))?;
-        let component =
-            Component::new(&engine, bytes).map_err(|e| ReducerError::Invalid(format!("{e:#}")))?;
-        // An empty linker: the reducer gets no capabilities at all.
-        let linker = Linker::<Limiter>::new(&engine);
-        let instance_pre = linker
-            .instantiate_pre(&component)
-            .map_err(|e| ReducerError::Invalid(format!("{e:#}")))?;
-        let pre =
-            ReducerPre::new(instance_pre).map_err(|e| ReducerError::Invalid(format!("{e:#}")))?;
         let ticker = Arc::new(Ticker::start(engine.clone()));
         Ok(Self {
             engine,
-            pre,
             limits,
-            _ticker: ticker,
+            cache_dir,
+            ticker,
         })
+    }
+
+    /// Compiles (or takes from the cache) and links `bytes`, checking that it is a
+    /// component of this host's world: it must export `logq:reducer/fold@1.x` and
+    /// import nothing. Everything that can be checked before the first event is.
+    ///
+    /// # Errors
+    /// [`ReducerError::Invalid`] with the reason.
+    pub fn load(&self, bytes: &[u8]) -> Result<Reducer, ReducerError> {
+        let sha256 = sha256_hex(bytes);
+        let (component, from_cache) = self.compile(bytes, &sha256)?;
+        let ty = component.component_type();
+        let imports: Vec<&str> = ty.imports(&self.engine).map(|(name, _)| name).collect();
+        if !imports.is_empty() {
+            return Err(ReducerError::Invalid(format!(
+                "the component imports {}; a reducer may import nothing (no WASI, no host functions)",
+                imports.join(", ")
+            )));
+        }
+        let exports: Vec<&str> = ty.exports(&self.engine).map(|(name, _)| name).collect();
+        let world_version = exports
+            .iter()
+            .find_map(|name| name.strip_prefix(FOLD_EXPORT))
+            .ok_or_else(|| {
+                ReducerError::Invalid(format!(
+                    "the component does not export {FOLD_EXPORT}{WORLD_MAJOR}.x (it exports: {})",
+                    if exports.is_empty() {
+                        "nothing".to_string()
+                    } else {
+                        exports.join(", ")
+                    }
+                ))
+            })?
+            .to_string();
+        let major = world_version
+            .split('.')
+            .next()
+            .and_then(|m| m.parse::<u64>().ok());
+        if major != Some(WORLD_MAJOR) {
+            return Err(ReducerError::Invalid(format!(
+                "the component is built against {FOLD_EXPORT}{world_version}; this host speaks {WORLD_MAJOR}.x"
+            )));
+        }
+        // An empty linker: the reducer gets no capabilities at all.
+        let linker = Linker::<Limiter>::new(&self.engine);
+        let pre = linker
+            .instantiate_pre(&component)
+            .and_then(ReducerPre::new)
+            .map_err(|e| {
+                ReducerError::Invalid(format!(
+                    "the component does not match the reducer world: {e:#}"
+                ))
+            })?;
+        Ok(Reducer {
+            engine: self.engine.clone(),
+            pre,
+            limits: self.limits,
+            meta: ReducerMeta {
+                sha256,
+                size: bytes.len(),
+                world_version,
+                from_cache,
+            },
+            _ticker: self.ticker.clone(),
+        })
+    }
+
+    fn compile(&self, bytes: &[u8], sha256: &str) -> Result<(Component, bool), ReducerError> {
+        let invalid = |e: wasmtime::Error| ReducerError::Invalid(format!("{e:#}"));
+        if !bytes.starts_with(b"\0asm") {
+            return Err(ReducerError::NotWasm);
+        }
+        let Some(dir) = &self.cache_dir else {
+            return Component::new(&self.engine, bytes)
+                .map(|c| (c, false))
+                .map_err(invalid);
+        };
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        self.engine
+            .precompile_compatibility_hash()
+            .hash(&mut hasher);
+        let path = dir.join(format!("{sha256}-{:016x}.cwasm", hasher.finish()));
+        if path.exists() {
+            // SAFETY: the file was written by `Component::serialize` below into our own
+            // cache directory, named by the sha256 of the source and the engine's
+            // compatibility hash, and wasmtime checks its header. Whoever can write
+            // there can already replace this binary.
+            #[allow(unsafe_code)]
+            match unsafe { Component::deserialize_file(&self.engine, &path) } {
+                Ok(c) => return Ok((c, true)),
+                Err(e) => tracing::warn!("compile cache entry {} unusable: {e:#}", path.display()),
+            }
+        }
+        let component = Component::new(&self.engine, bytes).map_err(invalid)?;
+        if let Err(e) = write_cache(dir, &path, &component) {
+            tracing::warn!("could not write compile cache {}: {e}", path.display());
+        }
+        Ok((component, false))
+    }
+}
+
+/// Writes atomically (temp file, rename) so a crash never leaves half an entry.
+fn write_cache(dir: &Path, path: &Path, component: &Component) -> std::io::Result<()> {
+    let bytes = component
+        .serialize()
+        .map_err(|e| std::io::Error::other(format!("{e:#}")))?;
+    std::fs::create_dir_all(dir)?;
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)
+}
+
+/// Hex sha256 of `bytes`.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+impl Reducer {
+    /// What is known about this reducer.
+    pub fn meta(&self) -> &ReducerMeta {
+        &self.meta
     }
 
     /// The limits every call runs under.

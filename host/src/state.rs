@@ -91,6 +91,13 @@ impl StateStore {
         }
     }
 
+    /// Takes over `other`'s contents in one step: readers see all of the old state
+    /// or all of the new, never a mix.
+    pub fn replace(&self, other: StateStore) {
+        let new = other.maps.into_inner().unwrap_or_else(|p| p.into_inner());
+        *self.write() = new;
+    }
+
     /// The answer for user `id`: its view joined with its organization's.
     pub fn user(&self, id: &str) -> Option<String> {
         let (view, org) = {

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use logq::runtime::{self, Input, Limits, Reducer, ReducerError};
+use logq::runtime::{self, Input, Limits, Reducer, ReducerError, Runtime};
 use proptest::prelude::*;
 
 const LIMITS: Limits = Limits {
@@ -13,10 +13,16 @@ const LIMITS: Limits = Limits {
     time: Duration::from_secs(5),
 };
 
+fn runtime_with(limits: Limits) -> Runtime {
+    Runtime::new(limits, None).expect("engine")
+}
+
 fn reducer() -> &'static Reducer {
     static R: OnceLock<Reducer> = OnceLock::new();
     R.get_or_init(|| {
-        Reducer::load(runtime::DEFAULT_REDUCER, LIMITS).expect("default reducer loads")
+        runtime_with(LIMITS)
+            .load(runtime::DEFAULT_REDUCER)
+            .expect("default reducer loads")
     })
 }
 
@@ -198,11 +204,21 @@ fn seed_samples_match_the_native_fold() {
 #[test]
 fn the_component_imports_nothing_and_a_non_component_is_refused() {
     // Loading links against an empty linker: any import would fail here.
-    assert!(Reducer::load(runtime::DEFAULT_REDUCER, LIMITS).is_ok());
-    for junk in [&b""[..], b"\0asm\x01\0\0\0", b"not wasm at all"] {
-        let err = Reducer::load(junk, LIMITS).err().expect("refused");
-        assert!(matches!(err, ReducerError::Invalid(_)), "{err}");
+    let rt = runtime_with(LIMITS);
+    let meta = rt
+        .load(runtime::DEFAULT_REDUCER)
+        .expect("loads")
+        .meta()
+        .clone();
+    assert_eq!(meta.world_version, "1.0.0");
+    assert_eq!(meta.sha256.len(), 64);
+    for junk in [&b""[..], b"not wasm at all"] {
+        let err = rt.load(junk).err().expect("refused");
+        assert!(matches!(err, ReducerError::NotWasm), "{err}");
     }
+    // A core module is WebAssembly but not a component.
+    let err = rt.load(b"\0asm\x01\0\0\0").err().expect("refused");
+    assert!(matches!(err, ReducerError::Invalid(_)), "{err}");
 }
 
 #[test]
@@ -212,7 +228,7 @@ fn test_trigger_reducer_is_contained_by_the_limits() {
         memory_bytes: 32 << 20,
         time: Duration::from_millis(200),
     };
-    let r = Reducer::load(&bytes, limits).expect("loads");
+    let r = runtime_with(limits).load(&bytes).expect("loads");
     let fold = |marker: &str| {
         let value = format!(
             r#"{{"id":"a","event_type":"User Created","username":"{marker}","received_at":"2021-01-01 00:00:00"}}"#
@@ -242,4 +258,55 @@ fn test_trigger_reducer_is_contained_by_the_limits() {
     // The same reducer keeps working after each failure: every batch gets a new instance.
     let ok = fold("fine").expect("a normal record folds");
     assert_eq!(ok.plan.accepted, [1]);
+}
+
+/// Components that are valid WebAssembly but not reducers of this host's world.
+#[test]
+fn wrong_worlds_and_imports_are_refused_at_load() {
+    let rt = runtime_with(LIMITS);
+    let cases = [
+        (
+            "(component (import \"wasi:cli/environment@0.2.0\" (instance)))",
+            "imports wasi:cli/environment@0.2.0",
+        ),
+        ("(component)", "does not export logq:reducer/fold@1.x"),
+        (
+            "(component (instance $i) (export \"logq:reducer/fold@2.0.0\" (instance $i)))",
+            "built against logq:reducer/fold@2.0.0",
+        ),
+        (
+            "(component (instance $i) (export \"logq:reducer/fold@1.0.0\" (instance $i)))",
+            "does not match the reducer world",
+        ),
+    ];
+    for (text, expected) in cases {
+        let bytes = wat::parse_str(text).expect("valid component text");
+        let err = rt.load(&bytes).err().expect("refused").to_string();
+        assert!(err.contains(expected), "{text}: {err}");
+    }
+}
+
+#[test]
+fn compiled_reducers_are_cached_by_sha256() {
+    let dir = std::env::temp_dir().join(format!("logq-cache-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let rt = Runtime::new(LIMITS, Some(dir.clone())).expect("engine");
+    let first = rt.load(runtime::DEFAULT_REDUCER).expect("loads");
+    assert!(!first.meta().from_cache);
+    let cached = std::fs::read_dir(&dir).expect("cache dir").count();
+    assert_eq!(cached, 1, "one compiled entry");
+    let second = Runtime::new(LIMITS, Some(dir.clone()))
+        .expect("engine")
+        .load(runtime::DEFAULT_REDUCER)
+        .expect("loads from cache");
+    assert!(second.meta().from_cache);
+    // And the cached code folds exactly like freshly compiled code.
+    let inputs = [Input {
+        source: runtime::Source::Users,
+        value: std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/../data/users.json")).unwrap(),
+    }];
+    let a = first.fold(&inputs, |e| vec![None; e.len()]).unwrap();
+    let b = second.fold(&inputs, |e| vec![None; e.len()]).unwrap();
+    assert_eq!(format!("{:?}", a.updates), format!("{:?}", b.updates));
+    let _ = std::fs::remove_dir_all(&dir);
 }

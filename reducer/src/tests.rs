@@ -535,3 +535,13 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn mask_email_keeps_the_first_letter_and_the_domain() {
+    assert_eq!(
+        state::mask_email("snake@outerheaven.com"),
+        "s***@outerheaven.com"
+    );
+    assert_eq!(state::mask_email("ü@x"), "ü***@x");
+    assert_eq!(state::mask_email("no-at-sign"), "***");
+}

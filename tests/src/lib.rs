@@ -144,6 +144,14 @@ impl Broker {
         broker
     }
 
+    /// A handle on a broker started elsewhere (for `produce` from another thread); it
+    /// does not own the process.
+    pub fn attach(bootstrap: &str) -> BrokerRef {
+        BrokerRef {
+            bootstrap: bootstrap.to_string(),
+        }
+    }
+
     /// Creates a topic.
     pub fn create_topic(&self, name: &str, partitions: u32) {
         let out = Command::new(nisshi_bin())
@@ -188,10 +196,34 @@ impl Drop for Broker {
     }
 }
 
+/// The address of a broker, without owning it.
+pub struct BrokerRef {
+    /// `127.0.0.1:port`.
+    pub bootstrap: String,
+}
+
+/// Anything with a bootstrap address.
+pub trait Bootstrap {
+    /// `host:port`.
+    fn bootstrap(&self) -> &str;
+}
+
+impl Bootstrap for Broker {
+    fn bootstrap(&self) -> &str {
+        &self.bootstrap
+    }
+}
+
+impl Bootstrap for BrokerRef {
+    fn bootstrap(&self) -> &str {
+        &self.bootstrap
+    }
+}
+
 /// Runs `logq produce` with `args`, feeding `stdin`; returns its standard output.
-pub fn produce(broker: &Broker, topic: &str, args: &[&str], stdin: &[u8]) -> String {
+pub fn produce(broker: &impl Bootstrap, topic: &str, args: &[&str], stdin: &[u8]) -> String {
     let mut child = Command::new(logq_bin())
-        .args(["produce", "--brokers", &broker.bootstrap, "--topic", topic])
+        .args(["produce", "--brokers", broker.bootstrap(), "--topic", topic])
         .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -269,6 +301,20 @@ impl Host {
         get(self.addr, path).unwrap_or_else(|e| panic!("GET {path}: {e}\n{}", self.log()))
     }
 
+    /// An admin request with `token`, panicking on a transport error.
+    pub fn admin(&self, method: &str, path: &str, token: Option<&str>, body: &[u8]) -> Response {
+        request(self.addr, method, path, token, body)
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}\n{}", self.log()))
+    }
+
+    /// Waits until the host has consumed `n` records of `topic` (from `/metrics`).
+    pub fn wait_consumed(&self, topic: &str, n: usize, within: Duration) {
+        let needle = format!("logq_records_consumed_total{{topic=\"{topic}\"}} {n}\n");
+        eventually(within, &format!("{n} records of {topic} consumed"), || {
+            self.get("/metrics").body.contains(&needle).then_some(())
+        });
+    }
+
     /// Sends SIGTERM and waits for the process to exit.
     pub fn terminate(mut self) -> ExitStatus {
         let _ = Command::new("kill")
@@ -333,12 +379,32 @@ impl Response {
 /// # Errors
 /// Transport errors and unparseable responses.
 pub fn get(addr: SocketAddr, path: &str) -> std::io::Result<Response> {
+    request(addr, "GET", path, None, &[])
+}
+
+/// One HTTP/1.1 request on a fresh connection, with an optional bearer token.
+///
+/// # Errors
+/// Transport errors and unparseable responses.
+pub fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: &[u8],
+) -> std::io::Result<Response> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    s.set_read_timeout(Some(Duration::from_secs(60)))?;
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{auth}Content-Length: {}\r\n\r\n",
+        body.len()
     )?;
+    // A server may answer (413, 401) before it has read the whole body.
+    let _ = s.write_all(body);
     let mut raw = Vec::new();
     s.read_to_end(&mut raw)?;
     let text = String::from_utf8_lossy(&raw);
@@ -485,4 +551,83 @@ pub fn expected_answers(
         out.insert(e.key.clone(), v);
     }
     out
+}
+
+/// A deterministic generator (xorshift) so a failure can be replayed.
+pub struct Rng(pub u64);
+
+impl Rng {
+    /// The next number.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    /// A number below `n`.
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n
+    }
+}
+
+/// A shuffled, partly duplicated history: users created, updated, deleted and
+/// re-created across partitions, organizations replaced; about 250 bytes an event.
+pub fn history(seed: u64, users: u64, events: usize) -> (Vec<String>, Vec<String>) {
+    const NAMES: [&str; 4] = [
+        "Metal Gear Solid",
+        "Outer Heaven",
+        "FOXHOUND",
+        "Philanthropy",
+    ];
+    const TYPES: [&str; 3] = ["User Created", "User Updated", "User Deleted"];
+    let mut rng = Rng(seed);
+    let mut user_events = Vec::with_capacity(events);
+    for _ in 0..events {
+        let id = format!(
+            "{:032x}",
+            rng.below(users).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+        );
+        let kind = TYPES[match rng.below(10) {
+            0..=3 => 0,
+            4..=8 => 1,
+            _ => 2,
+        }];
+        let at = format!(
+            "2021-{:02}-{:02} {:02}:{:02}:{:02}.{:06}",
+            1 + rng.below(12),
+            1 + rng.below(28),
+            rng.below(24),
+            rng.below(60),
+            rng.below(60),
+            rng.below(1_000_000)
+        );
+        let mut e = serde_json::json!({"id": id, "event_type": kind, "received_at": at});
+        if kind != "User Deleted" {
+            let n = rng.below(1000);
+            e["username"] = format!("user-{n}").into();
+            e["user_email"] = format!("user-{n}@example.com").into();
+            if kind == "User Created" || rng.below(2) == 0 {
+                e["user_type"] = ["Admin", "User"][rng.below(2) as usize].into();
+                e["organization_name"] = NAMES[rng.below(4) as usize].into();
+            }
+        }
+        user_events.push(e.to_string());
+        if rng.below(20) == 0 {
+            let dup = user_events[rng.below(user_events.len() as u64) as usize].clone();
+            user_events.push(dup);
+        }
+    }
+    let orgs = (0..12)
+        .map(|i| {
+            let tier = ["Small", "Medium", "Large"][rng.below(3) as usize];
+            serde_json::json!({
+                "organization_key": format!("org-{}", i % 4),
+                "organization_name": NAMES[i % 4],
+                "organization_tier": tier,
+                "created_at": format!("2018-01-{:02} 00:00:00", 1 + rng.below(28)),
+            })
+            .to_string()
+        })
+        .collect();
+    (user_events, orgs)
 }

@@ -4,7 +4,7 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use logq_e2e::{Broker, Host, eventually, expected_answers, produce, read_topic, root};
+use logq_e2e::{Broker, Host, eventually, expected_answers, history, produce, read_topic, root};
 
 const READY: Duration = Duration::from_secs(120);
 const SNAKE: &str = "069feb770fe581acc9d3313d59780196";
@@ -264,83 +264,6 @@ fn trapping_looping_and_memory_bombing_records_are_contained() {
     eventually(Duration::from_secs(30), "ok-4 to appear", || {
         (host.get("/users/ok-4").status == 200).then_some(())
     });
-}
-
-/// A deterministic generator (xorshift) so a failure can be replayed.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
-/// A shuffled, partly duplicated history: users created, updated, deleted and
-/// re-created across partitions, organizations replaced; about 250 bytes an event.
-fn history(seed: u64, users: u64, events: usize) -> (Vec<String>, Vec<String>) {
-    const NAMES: [&str; 4] = [
-        "Metal Gear Solid",
-        "Outer Heaven",
-        "FOXHOUND",
-        "Philanthropy",
-    ];
-    const TYPES: [&str; 3] = ["User Created", "User Updated", "User Deleted"];
-    let mut rng = Rng(seed);
-    let mut user_events = Vec::with_capacity(events);
-    for _ in 0..events {
-        let id = format!(
-            "{:032x}",
-            rng.below(users).wrapping_mul(0x9e37_79b9_7f4a_7c15)
-        );
-        let kind = TYPES[match rng.below(10) {
-            0..=3 => 0,
-            4..=8 => 1,
-            _ => 2,
-        }];
-        let at = format!(
-            "2021-{:02}-{:02} {:02}:{:02}:{:02}.{:06}",
-            1 + rng.below(12),
-            1 + rng.below(28),
-            rng.below(24),
-            rng.below(60),
-            rng.below(60),
-            rng.below(1_000_000)
-        );
-        let mut e = serde_json::json!({"id": id, "event_type": kind, "received_at": at});
-        if kind != "User Deleted" {
-            let n = rng.below(1000);
-            e["username"] = format!("user-{n}").into();
-            e["user_email"] = format!("user-{n}@example.com").into();
-            if kind == "User Created" || rng.below(2) == 0 {
-                e["user_type"] = ["Admin", "User"][rng.below(2) as usize].into();
-                e["organization_name"] = NAMES[rng.below(4) as usize].into();
-            }
-        }
-        user_events.push(e.to_string());
-        if rng.below(20) == 0 {
-            let dup = user_events[rng.below(user_events.len() as u64) as usize].clone();
-            user_events.push(dup);
-        }
-    }
-    let orgs = (0..12)
-        .map(|i| {
-            let tier = ["Small", "Medium", "Large"][rng.below(3) as usize];
-            serde_json::json!({
-                "organization_key": format!("org-{}", i % 4),
-                "organization_name": NAMES[i % 4],
-                "organization_tier": tier,
-                "created_at": format!("2018-01-{:02} 00:00:00", 1 + rng.below(28)),
-            })
-            .to_string()
-        })
-        .collect();
-    (user_events, orgs)
 }
 
 #[test]

@@ -1,0 +1,305 @@
+//! Hot swaps of the reducer against a real broker while events and GETs keep coming.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use logq_e2e::{Broker, Host, component, eventually, expected_answers, history, produce};
+
+const READY: Duration = Duration::from_secs(120);
+const TOKEN: &str = "test-admin-token";
+
+fn masked(mut v: serde_json::Value) -> serde_json::Value {
+    if let Some(e) = v["user_email"].as_str() {
+        v["user_email"] = logq_reducer::state::mask_email(e).into();
+    }
+    v
+}
+
+/// GETs every id in a loop until stopped; counts answers that are neither 200 nor
+/// 404 (and transport errors) as failures.
+fn hammer(
+    host: &Host,
+    ids: Vec<String>,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<(u64, u64)> {
+    let addr = host.addr;
+    std::thread::spawn(move || {
+        let (mut ok, mut failed) = (0u64, 0u64);
+        let mut i = 0;
+        // Gives up on its own if the host is gone (a failed test must not spin).
+        while !stop.load(Ordering::Relaxed) && failed < 100 {
+            match logq_e2e::get(addr, &format!("/users/{}", ids[i % ids.len()])) {
+                Ok(r) if r.status == 200 || r.status == 404 => ok += 1,
+                other => {
+                    eprintln!("GET failed: {other:?}");
+                    failed += 1;
+                }
+            }
+            i += 1;
+        }
+        (ok, failed)
+    })
+}
+
+#[test]
+fn forward_and_replay_swaps_under_load_lose_nothing() {
+    let broker = Broker::start();
+    broker.create_default_topics();
+    let (mut users, orgs) = history(0xfeed, 500, 4_000);
+    produce(&broker, "users", &[], users.join("\n").as_bytes());
+    produce(&broker, "organizations", &[], orgs.join("\n").as_bytes());
+    let host = Host::start(&broker, &["--admin-token", TOKEN]);
+    host.wait_ready(READY);
+    let ids: Vec<String> = expected_answers(&users, &orgs).into_keys().collect();
+
+    // A steady stream of events (the same generator, another seed) and of GETs.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (more, _) = history(0xbeef, 500, 3_000);
+    let streamed = Arc::new(AtomicU64::new(0));
+    let producer = {
+        let (stop, streamed, bootstrap) =
+            (stop.clone(), streamed.clone(), broker.bootstrap.clone());
+        let more = more.clone();
+        std::thread::spawn(move || {
+            for chunk in more.chunks(150) {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let b = Broker::attach(&bootstrap);
+                produce(&b, "users", &[], chunk.join("\n").as_bytes());
+                streamed.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        })
+    };
+    let getter = hammer(&host, ids.clone(), stop.clone());
+
+    // Forward: masked answers appear for users touched after the switch.
+    let proof = std::fs::read(component("mask-emails-reducer.wasm")).unwrap();
+    let put = Instant::now();
+    let r = host.admin("PUT", "/admin/reducer?mode=forward", Some(TOKEN), &proof);
+    assert_eq!(r.status, 200, "{}", r.body);
+    println!(
+        "forward swap: PUT -> active in {:?} ({})",
+        put.elapsed(),
+        r.body
+    );
+    let swap = r.json();
+    assert_eq!(swap["swap"]["outcome"], "active");
+    eventually(Duration::from_secs(30), "a masked answer", || {
+        ids.iter()
+            .any(|id| host.get(&format!("/users/{id}")).body.contains("***@"))
+            .then_some(())
+    });
+    let described = host.admin("GET", "/admin/reducer", Some(TOKEN), b"").json();
+    let offsets = &described["history"][0]["switch_offsets"];
+    assert!(offsets.is_object(), "switch offsets recorded: {described}");
+
+    // Rollback, then a replay with the proof reducer while events keep coming.
+    let r = host.admin("POST", "/admin/reducer/rollback", Some(TOKEN), b"");
+    assert_eq!(r.status, 200, "{}", r.body);
+    let put = Instant::now();
+    let r = host.admin("PUT", "/admin/reducer?mode=replay", Some(TOKEN), &proof);
+    assert_eq!(r.status, 202, "{}", r.body);
+    let progress = eventually(Duration::from_secs(120), "the replay to finish", || {
+        let d = host.admin("GET", "/admin/reducer", Some(TOKEN), b"").json();
+        (d["replay"]["phase"] == "done").then_some(d["replay"].clone())
+    });
+    println!(
+        "replay: PUT -> flipped in {:?}; progress {progress}",
+        put.elapsed()
+    );
+    assert!(
+        progress["events_folded"].as_u64().unwrap() >= 4_000,
+        "{progress}"
+    );
+
+    producer.join().unwrap();
+    stop.store(true, Ordering::Relaxed);
+    let (ok, failed) = getter.join().unwrap();
+    assert_eq!(failed, 0, "no GET failed during the swaps ({ok} succeeded)");
+    assert!(ok > 50, "the GET stream ran ({ok})");
+
+    // Nothing lost or doubled: every answer equals a fresh fold of everything
+    // produced, rendered by the new reducer.
+    users.extend(
+        more.iter()
+            .take(streamed.load(Ordering::Relaxed) as usize)
+            .cloned(),
+    );
+    host.wait_consumed("users", users.len(), Duration::from_secs(60));
+    let expected: BTreeMap<String, serde_json::Value> = expected_answers(&users, &orgs)
+        .into_iter()
+        .map(|(k, v)| (k, masked(v)))
+        .collect();
+    for (id, want) in &expected {
+        let r = host.get(&format!("/users/{id}"));
+        assert_eq!(r.status, 200, "{id}");
+        assert_eq!(&r.json(), want, "{id}");
+    }
+    let active = host.admin("GET", "/admin/reducer", Some(TOKEN), b"").json();
+    assert_eq!(active["active"]["origin"], "http");
+    assert_eq!(active["history"][0]["outcome"], "active", "{active}");
+}
+
+#[test]
+fn bad_candidates_are_refused_and_the_running_reducer_keeps_serving() {
+    let broker = Broker::start();
+    broker.create_default_topics();
+    produce(&broker, "users", &[root_file("users.json").as_str()], b"");
+    let host = Host::start(
+        &broker,
+        &[
+            "--admin-token",
+            TOKEN,
+            "--reducer-time-limit-ms",
+            "300",
+            "--reducer-memory-mib",
+            "48",
+        ],
+    );
+    host.wait_ready(READY);
+    let before = host.admin("GET", "/admin/reducer", Some(TOKEN), b"").json()["active"].clone();
+    let snake = host.get("/users/069feb770fe581acc9d3313d59780196").body;
+
+    // Authentication and size first.
+    assert_eq!(host.admin("GET", "/admin/reducer", None, b"").status, 401);
+    assert_eq!(
+        host.admin("GET", "/admin/reducer", Some("wrong"), b"")
+            .status,
+        401
+    );
+    let big = vec![0u8; 9 << 20];
+    assert_eq!(
+        host.admin("PUT", "/admin/reducer", Some(TOKEN), &big)
+            .status,
+        413
+    );
+
+    let refuse = |body: &[u8], status: u16, needle: &str| {
+        let r = host.admin("PUT", "/admin/reducer", Some(TOKEN), body);
+        assert_eq!(r.status, status, "{needle}: {}", r.body);
+        assert!(r.body.contains(needle), "{needle}: {}", r.body);
+    };
+    refuse(b"definitely not wasm", 400, "not a WebAssembly component");
+    let wasi =
+        wat::parse_str("(component (import \"wasi:filesystem/types@0.2.0\" (instance)))").unwrap();
+    refuse(&wasi, 422, "imports wasi:filesystem/types@0.2.0");
+    let v2 = wat::parse_str(
+        "(component (instance $i) (export \"logq:reducer/fold@2.0.0\" (instance $i)))",
+    )
+    .unwrap();
+    refuse(&v2, 422, "fold@2.0.0");
+    let other = wat::parse_str("(component)").unwrap();
+    refuse(&other, 422, "does not export");
+
+    // Reducers that loop, eat memory or trap on recent events: the canary folds the
+    // recent records, so each marker below makes the test reducer misbehave there.
+    let hostile = std::fs::read(component("test-triggers-reducer.wasm")).unwrap();
+    let marked = |id: &str, marker: &str| {
+        format!(
+            r#"{{"id":"{id}","event_type":"User Created","username":"{marker}","received_at":"2021-01-01 00:00:00"}}"#
+        )
+    };
+    let filler: Vec<String> = (0..300).map(|i| marked(&format!("f{i}"), "fine")).collect();
+    for (marker, reason) in [
+        ("logq-test:loop", "time limit"),
+        ("logq-test:oom", "memory limit"),
+        ("logq-test:trap", "trapped"),
+    ] {
+        // Flush the recent-records window, then add one marked record.
+        let mut lines = filler.clone();
+        lines.push(marked(marker, marker));
+        produce(&broker, "users", &[], lines.join("\n").as_bytes());
+        eventually(
+            Duration::from_secs(30),
+            "the marked record to be folded",
+            || (host.get(&format!("/users/{marker}")).status == 200).then_some(()),
+        );
+        let start = Instant::now();
+        refuse(&hostile, 422, reason);
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "{marker} was cut by a limit"
+        );
+    }
+
+    let after = host.admin("GET", "/admin/reducer", Some(TOKEN), b"").json();
+    assert_eq!(
+        after["active"]["sha256"], before["sha256"],
+        "the running reducer stayed"
+    );
+    let rejected = after["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|h| h["outcome"] == "rejected")
+        .count();
+    assert_eq!(rejected, 7, "{after}");
+    assert_eq!(
+        host.get("/users/069feb770fe581acc9d3313d59780196").body,
+        snake
+    );
+}
+
+#[test]
+fn changing_the_reducer_file_swaps_it_in_and_a_broken_file_is_refused() {
+    let broker = Broker::start();
+    broker.create_default_topics();
+    produce(&broker, "users", &[root_file("users.json").as_str()], b"");
+    let dir = std::env::temp_dir().join(format!("logq-watch-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("reducer.wasm");
+    std::fs::copy(component("reducer.wasm"), &file).unwrap();
+    let host = Host::start(
+        &broker,
+        &["--admin-token", TOKEN, "--reducer", file.to_str().unwrap()],
+    );
+    host.wait_ready(READY);
+    let path = "/users/069feb770fe581acc9d3313d59780196";
+    assert_eq!(host.get(path).json()["user_email"], "snake@outerheaven.com");
+
+    // Atomic replace (write elsewhere, rename over), as deploy tools do.
+    let tmp = dir.join("reducer.wasm.new");
+    std::fs::copy(component("mask-emails-reducer.wasm"), &tmp).unwrap();
+    std::fs::rename(&tmp, &file).unwrap();
+    eventually(
+        Duration::from_secs(30),
+        "the file's reducer to be active",
+        || {
+            let d = host.admin("GET", "/admin/reducer", Some(TOKEN), b"").json();
+            (d["active"]["origin"] == "file").then_some(())
+        },
+    );
+    // Forward mode: the next event for Snake is rendered by the new reducer.
+    let update = r#"{"id":"069feb770fe581acc9d3313d59780196","event_type":"User Updated","user_type":"Legend","received_at":"2022-01-01 00:00:00"}"#;
+    produce(&broker, "users", &[], update.as_bytes());
+    eventually(Duration::from_secs(30), "Snake's masked answer", || {
+        (host.get(path).json()["user_email"] == "s***@outerheaven.com").then_some(())
+    });
+
+    // A broken write in place is refused; the masked reducer keeps serving.
+    std::fs::write(&file, b"\0asm garbage").unwrap();
+    eventually(
+        Duration::from_secs(30),
+        "the broken file to be refused",
+        || {
+            let d = host.admin("GET", "/admin/reducer", Some(TOKEN), b"").json();
+            (d["history"][0]["outcome"] == "rejected" && d["history"][0]["origin"] == "file")
+                .then_some(())
+        },
+    );
+    assert_eq!(host.get(path).json()["user_type"], "Legend");
+    assert_eq!(host.get(path).json()["user_email"], "s***@outerheaven.com");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn root_file(name: &str) -> String {
+    logq_e2e::root()
+        .join("data")
+        .join(name)
+        .to_string_lossy()
+        .into_owned()
+}
