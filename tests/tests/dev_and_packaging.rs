@@ -54,3 +54,31 @@ fn compose_file_is_valid() {
         "the host image is built from ./Dockerfile"
     );
 }
+
+#[test]
+fn reducer_check_prints_a_verdict_and_exits_by_it() {
+    let check = |file: &std::path::Path| {
+        let out = Command::new(logq_bin())
+            .args(["reducer", "check", "--no-compile-cache"])
+            .arg(file)
+            .output()
+            .expect("logq reducer check");
+        let verdict: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)));
+        (out.status.success(), verdict)
+    };
+    let (ok, verdict) = check(&logq_e2e::component("mask-emails-reducer.wasm"));
+    assert!(ok, "{verdict}");
+    assert_eq!(verdict["ok"], true);
+    assert_eq!(verdict["world_version"], "1.0.0");
+    assert_eq!(verdict["from_cache"], false);
+    println!("reducer check (no cache): {verdict}");
+
+    let bad = std::env::temp_dir().join(format!("logq-bad-{}.wasm", std::process::id()));
+    std::fs::write(&bad, b"\0asm\x0d\0\x01\0").unwrap();
+    let (ok, verdict) = check(&bad);
+    assert!(!ok, "a broken component exits non-zero");
+    assert_eq!(verdict["ok"], false);
+    assert_eq!(verdict["stage"], "load", "{verdict}");
+    let _ = std::fs::remove_file(&bad);
+}
