@@ -461,44 +461,5 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// Now, RFC 3339 UTC with milliseconds.
 pub fn now() -> String {
-    let d = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap_or_default();
-    rfc3339(d)
-}
-
-fn rfc3339(d: Duration) -> String {
-    let secs = d.as_secs() as i64;
-    let (days, sod) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    // civil_from_days (Howard Hinnant), as in the reducer's time module.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
-        sod / 3600,
-        sod / 60 % 60,
-        sod % 60,
-        d.subsec_millis()
-    )
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn rfc3339_renders_known_instants() {
-        assert_eq!(rfc3339(Duration::ZERO), "1970-01-01T00:00:00.000Z");
-        assert_eq!(
-            rfc3339(Duration::from_millis(1_607_457_796_759)),
-            "2020-12-08T20:03:16.759Z"
-        );
-    }
+    humantime::format_rfc3339_millis(SystemTime::now()).to_string()
 }
