@@ -101,25 +101,56 @@ pub fn nisshi_bin() -> PathBuf {
     p
 }
 
-/// A real Kafka-compatible broker process (nisshi) on a free loopback port, in a
-/// clean temporary folder (it reads a `.env` from its working directory). Killed on drop.
+/// A real Kafka-compatible broker process (nisshi) on a loopback port, in a clean
+/// temporary folder (it reads a `.env` from its working directory). Killed on drop.
 pub struct Broker {
     /// `127.0.0.1:port`.
     pub bootstrap: String,
-    child: Child,
+    port: u16,
+    storage: String,
+    child: Option<Child>,
     dir: PathBuf,
 }
 
 impl Broker {
-    /// Starts a broker with in-memory storage.
+    /// Starts a broker with in-memory storage on a free port.
     pub fn start() -> Self {
-        let port = free_port();
+        Self::start_with(free_port(), false)
+    }
+
+    /// Starts a broker on `port`; with `durable`, on SQLite in its folder, so that
+    /// [`Broker::kill`] and [`Broker::restart`] keep the data.
+    pub fn start_with(port: u16, durable: bool) -> Self {
         let dir = std::env::temp_dir().join(format!("logq-e2e-{}-{port}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("creating the broker folder");
-        let url = format!("tcp://127.0.0.1:{port}");
-        let log = std::fs::File::create(dir.join("broker.log")).expect("broker log");
+        let storage = if durable {
+            // Relative to the broker's working directory (its folder).
+            "sqlite://broker.db".to_string()
+        } else {
+            "memory://logq/".to_string()
+        };
+        let mut broker = Self {
+            bootstrap: format!("127.0.0.1:{port}"),
+            port,
+            storage,
+            child: None,
+            dir,
+        };
+        broker.restart();
+        broker
+    }
+
+    /// Starts the process (again), on the same port and storage.
+    pub fn restart(&mut self) {
+        let url = format!("tcp://127.0.0.1:{}", self.port);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("broker.log"))
+            .expect("broker log");
         let child = Command::new(nisshi_bin())
-            .current_dir(&dir)
+            .current_dir(&self.dir)
             .args([
                 "broker",
                 "--listener-url",
@@ -127,21 +158,24 @@ impl Broker {
                 "--advertised-listener-url",
                 &url,
             ])
-            .args(["--storage-engine", "memory://logq/"])
+            .args(["--storage-engine", &self.storage])
             .stdout(log.try_clone().expect("log handle"))
             .stderr(log)
             .spawn()
             .expect("starting nisshi");
-        let mut broker = Self {
-            bootstrap: format!("127.0.0.1:{port}"),
-            child,
-            dir,
-        };
-        if !wait_for_port(port, Duration::from_secs(30)) {
-            let _ = broker.child.kill();
-            panic!("nisshi did not listen on {port}: {}", broker.log());
+        self.child = Some(child);
+        if !wait_for_port(self.port, Duration::from_secs(30)) {
+            self.kill();
+            panic!("nisshi did not listen on {}: {}", self.port, self.log());
         }
-        broker
+    }
+
+    /// Kills the process (SIGKILL) and waits for it.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 
     /// A handle on a broker started elsewhere (for `produce` from another thread); it
@@ -154,8 +188,13 @@ impl Broker {
 
     /// Creates a topic.
     pub fn create_topic(&self, name: &str, partitions: u32) {
-        let out = Command::new(nisshi_bin())
-            .current_dir(&self.dir)
+        self.create_topic_with(name, partitions, &[]);
+    }
+
+    /// Creates a topic with topic settings (`key=value`, e.g. `max.message.bytes=...`).
+    pub fn create_topic_with(&self, name: &str, partitions: u32, settings: &[&str]) {
+        let mut cmd = Command::new(nisshi_bin());
+        cmd.current_dir(&self.dir)
             .args([
                 "topic",
                 "create",
@@ -163,9 +202,11 @@ impl Broker {
                 "--partitions",
                 &partitions.to_string(),
             ])
-            .args(["--broker", &format!("tcp://{}", self.bootstrap)])
-            .output()
-            .expect("running nisshi topic create");
+            .args(["--broker", &format!("tcp://{}", self.bootstrap)]);
+        for s in settings {
+            cmd.args(["--config", s]);
+        }
+        let out = cmd.output().expect("running nisshi topic create");
         assert!(
             out.status.success(),
             "creating topic {name}: {}{}",
@@ -190,8 +231,7 @@ impl Broker {
 
 impl Drop for Broker {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.kill();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
@@ -256,6 +296,11 @@ pub struct Host {
 impl Host {
     /// Starts `logq run` against `broker` with extra `args`.
     pub fn start(broker: &Broker, args: &[&str]) -> Self {
+        Self::start_at(broker, args)
+    }
+
+    /// Starts `logq run` against whatever `broker` names (it need not be up yet).
+    pub fn start_at(broker: &impl Bootstrap, args: &[&str]) -> Self {
         let port = free_port();
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("address");
         let log = std::env::temp_dir().join(format!("logq-host-{}-{port}.log", std::process::id()));
@@ -264,7 +309,7 @@ impl Host {
             .args([
                 "run",
                 "--brokers",
-                &broker.bootstrap,
+                broker.bootstrap(),
                 "--listen",
                 &addr.to_string(),
             ])
@@ -313,6 +358,12 @@ impl Host {
         eventually(within, &format!("{n} records of {topic} consumed"), || {
             self.get("/metrics").body.contains(&needle).then_some(())
         });
+    }
+
+    /// Kills the process with SIGKILL (no chance to clean up) and waits for it.
+    pub fn kill_9(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     /// Sends SIGTERM and waits for the process to exit.
@@ -452,6 +503,64 @@ pub struct ReadRecord {
     pub value: Vec<u8>,
     /// Headers as text.
     pub headers: Vec<(String, String)>,
+}
+
+/// Counts failed deliveries of the raw producer.
+#[derive(Default)]
+struct Failures(std::sync::Mutex<Vec<String>>);
+
+impl rdkafka::ClientContext for Failures {}
+
+impl rdkafka::producer::ProducerContext for Failures {
+    type DeliveryOpaque = ();
+    fn delivery(&self, result: &rdkafka::producer::DeliveryResult<'_>, _: ()) {
+        if let Err((e, _)) = result {
+            self.0
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(e.to_string());
+        }
+    }
+}
+
+/// A record to produce as it is: (key, value), either may be absent.
+pub type RawRecord<'a> = (Option<&'a [u8]>, Option<&'a [u8]>);
+
+/// Produces exact bytes (any key, value or none) with a plain client, for records
+/// `logq produce` would refuse to make. Panics if any is not delivered.
+pub fn produce_raw(broker: &Broker, topic: &str, records: &[RawRecord<'_>]) {
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    let producer: BaseProducer<Failures> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &broker.bootstrap)
+        .set("message.max.bytes", "20000000")
+        .create_with_context(Failures::default())
+        .expect("test producer");
+    for (key, value) in records {
+        let mut r: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(topic);
+        if let Some(k) = key {
+            r = r.key(*k);
+        }
+        if let Some(v) = value {
+            r = r.payload(*v);
+        }
+        producer
+            .send(r)
+            .map_err(|(e, _)| e)
+            .expect("queueing a raw record");
+    }
+    producer
+        .flush(Duration::from_secs(30))
+        .expect("raw records delivered");
+    let failures = producer
+        .context()
+        .0
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    assert!(
+        failures.is_empty(),
+        "raw records not delivered: {failures:?}"
+    );
 }
 
 /// Reads every record of `topic` (waits up to `within` for at least `at_least`).

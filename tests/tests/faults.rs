@@ -1,0 +1,212 @@
+//! Faults and hostile input against a real broker process: the bad-record corpus,
+//! the broker down at start, the broker killed and restarted mid-stream, and the host
+//! killed with SIGKILL. Every run ends by comparing the answers with a fresh fold.
+
+use std::time::Duration;
+
+use logq_e2e::{
+    Broker, Host, eventually, expected_answers, free_port, history, produce, produce_raw,
+    read_topic, root,
+};
+
+const READY: Duration = Duration::from_secs(120);
+
+struct Case {
+    name: String,
+    value: Option<Vec<u8>>,
+    applied: bool,
+    detail: String,
+}
+
+fn corpus() -> Vec<Case> {
+    let dir = root().join("tests/corpus");
+    let manifest = std::fs::read_to_string(dir.join("manifest.tsv")).expect("corpus manifest");
+    manifest
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .map(|line| {
+            let cols: Vec<&str> = line.split('\t').collect();
+            assert_eq!(cols.len(), 4, "manifest line {line:?}");
+            let value = match (cols[1], cols[0]) {
+                ("-", "empty-value") => Some(Vec::new()),
+                ("-", "null-value-tombstone") => None,
+                ("-", "deeply-nested") => {
+                    Some(format!("{}{}", "[".repeat(50_000), "]".repeat(50_000)).into_bytes())
+                }
+                ("-", "ten-mib-value") => Some(
+                    format!(
+                        r#"{{"id":"c-big","event_type":"User Created","username":"Big","received_at":"2021-01-01 00:00:00","padding":"{}"}}"#,
+                        "x".repeat(10 << 20)
+                    )
+                    .into_bytes(),
+                ),
+                ("-", other) => panic!("no generator for {other}"),
+                (file, _) => Some(std::fs::read(dir.join(file)).expect("corpus file")),
+            };
+            Case {
+                name: cols[0].to_string(),
+                value,
+                applied: cols[2] == "applied",
+                detail: cols[3].to_string(),
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn hostile_corpus_gets_its_documented_outcome_and_nothing_crashes() {
+    let broker = Broker::start();
+    // Brokers cap records at about 1 MB by default (Redpanda too); the 10 MiB case
+    // needs a topic that allows it.
+    broker.create_topic_with("users", 3, &["max.message.bytes=20000000"]);
+    broker.create_topic("organizations", 1);
+    broker.create_topic("users.dlq", 1);
+    broker.create_topic("organizations.dlq", 1);
+    let cases = corpus();
+    let mut records: Vec<logq_e2e::RawRecord<'_>> = cases
+        .iter()
+        .filter(|c| !c.name.ends_with("-good-part"))
+        .map(|c| (Some(c.name.as_bytes()), c.value.as_deref()))
+        .collect();
+    // The duplicate goes twice.
+    let dup = cases
+        .iter()
+        .find(|c| c.name == "duplicate")
+        .expect("duplicate case");
+    records.push((Some(b"duplicate"), dup.value.as_deref()));
+    produce_raw(&broker, "users", &records);
+
+    let host = Host::start(&broker, &[]);
+    host.wait_ready(READY);
+    for c in cases.iter().filter(|c| c.applied) {
+        let r = host.get(&format!("/users/{}", c.detail));
+        assert_eq!(r.status, 200, "{}: {}\n{}", c.name, r.body, host.log());
+    }
+    assert_eq!(
+        host.get("/users/c-orphan").json()["organization"],
+        serde_json::Value::Null
+    );
+    assert_eq!(
+        host.get("/users/c-nullfield").json()["user_email"],
+        serde_json::Value::Null
+    );
+    assert_eq!(host.get("/users/c-big").json()["username"], "Big");
+
+    let dead_cases: Vec<&Case> = cases.iter().filter(|c| !c.applied).collect();
+    let dead = read_topic(
+        &broker,
+        "users.dlq",
+        dead_cases.len(),
+        Duration::from_secs(30),
+    );
+    assert_eq!(dead.len(), dead_cases.len(), "{dead:?}");
+    for c in dead_cases {
+        let record = dead
+            .iter()
+            .find(|r| r.key.as_deref() == Some(c.name.as_bytes()))
+            .unwrap_or_else(|| panic!("{} was not dead-lettered", c.name));
+        let reason = record
+            .headers
+            .iter()
+            .find(|(k, _)| k == "logq.reason")
+            .map(|(_, v)| v.as_str())
+            .unwrap_or_default();
+        assert!(reason.contains(&c.detail), "{}: reason {reason:?}", c.name);
+        assert_eq!(
+            record.value,
+            c.value.clone().unwrap_or_default(),
+            "{}: value kept",
+            c.name
+        );
+    }
+    let metrics = host.get("/metrics").body;
+    assert!(
+        metrics.contains("logq_reducer_failures_total 0"),
+        "{metrics}"
+    );
+    assert_eq!(host.get("/healthz").status, 200);
+}
+
+#[test]
+fn broker_down_at_start_then_up_is_reported_then_served() {
+    let port = free_port();
+    let bootstrap = format!("127.0.0.1:{port}");
+    let host = {
+        // A host pointed at a broker that is not there yet.
+        struct Nowhere(String);
+        impl logq_e2e::Bootstrap for Nowhere {
+            fn bootstrap(&self) -> &str {
+                &self.0
+            }
+        }
+        Host::start_at(&Nowhere(bootstrap), &[])
+    };
+    let waiting = eventually(
+        Duration::from_secs(30),
+        "readyz to explain the wait",
+        || {
+            let r = host.get("/readyz");
+            (r.status == 503 && r.body.contains("waiting for the broker")).then_some(r.body)
+        },
+    );
+    println!("while the broker is down: {waiting}");
+    let broker = Broker::start_with(port, false);
+    broker.create_default_topics();
+    produce(
+        &broker,
+        "users",
+        &[root().join("data/users.json").to_str().unwrap()],
+        b"",
+    );
+    host.wait_ready(READY);
+    eventually(Duration::from_secs(30), "Snake to be served", || {
+        (host.get("/users/069feb770fe581acc9d3313d59780196").status == 200).then_some(())
+    });
+}
+
+#[test]
+fn broker_killed_and_restarted_mid_stream_loses_and_doubles_nothing() {
+    let mut broker = Broker::start_with(free_port(), true);
+    broker.create_default_topics();
+    let (users, orgs) = history(0xdead, 300, 3_000);
+    let (first, second) = users.split_at(1_500);
+    produce(&broker, "users", &[], first.join("\n").as_bytes());
+    produce(&broker, "organizations", &[], orgs.join("\n").as_bytes());
+    let host = Host::start(&broker, &[]);
+    host.wait_ready(READY);
+    let some_id = expected_answers(first, &orgs)
+        .into_keys()
+        .next()
+        .expect("a user");
+
+    broker.kill();
+    // The state already folded keeps being served while the broker is gone.
+    for _ in 0..10 {
+        assert_eq!(host.get(&format!("/users/{some_id}")).status, 200);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    broker.restart();
+    produce(&broker, "users", &[], second.join("\n").as_bytes());
+    host.wait_consumed("users", users.len(), Duration::from_secs(120));
+    for (id, want) in expected_answers(&users, &orgs) {
+        assert_eq!(host.get(&format!("/users/{id}")).json(), want, "{id}");
+    }
+}
+
+#[test]
+fn host_killed_with_sigkill_mid_ingest_restarts_to_the_fresh_fold() {
+    let broker = Broker::start();
+    broker.create_default_topics();
+    let (users, orgs) = history(0xc0de, 1_000, 15_000);
+    produce(&broker, "organizations", &[], orgs.join("\n").as_bytes());
+    produce(&broker, "users", &[], users.join("\n").as_bytes());
+    let host = Host::start(&broker, &[]);
+    // Kill it while it is still replaying (or just after: either way it is abrupt).
+    std::thread::sleep(Duration::from_millis(300));
+    host.kill_9();
+    let host = Host::start(&broker, &[]);
+    host.wait_ready(READY);
+    for (id, want) in expected_answers(&users, &orgs) {
+        assert_eq!(host.get(&format!("/users/{id}")).json(), want, "{id}");
+    }
+}
