@@ -497,6 +497,10 @@ pub fn eventually<T>(within: Duration, what: &str, mut check: impl FnMut() -> Op
 /// A record read back from a topic.
 #[derive(Debug, Clone)]
 pub struct ReadRecord {
+    /// Partition it was read from.
+    pub partition: i32,
+    /// Its offset there.
+    pub offset: i64,
     /// Key.
     pub key: Option<Vec<u8>>,
     /// Value.
@@ -606,6 +610,8 @@ pub fn read_topic(
                 })
                 .unwrap_or_default();
             out.push(ReadRecord {
+                partition: m.partition(),
+                offset: m.offset(),
                 key: m.key().map(<[u8]>::to_vec),
                 value: m.payload().unwrap_or_default().to_vec(),
                 headers,

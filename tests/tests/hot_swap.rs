@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use logq_e2e::{Broker, Host, component, eventually, expected_answers, history, produce};
@@ -43,6 +43,33 @@ fn hammer(
     })
 }
 
+/// Produces `events` to `users` in chunks on a thread until done or stopped; returns
+/// how many it produced.
+fn stream(
+    broker: &Broker,
+    events: Vec<String>,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<usize> {
+    let bootstrap = broker.bootstrap.clone();
+    std::thread::spawn(move || {
+        let mut sent = 0;
+        for chunk in events.chunks(150) {
+            if stop.load(Ordering::Relaxed) {
+                break;
+            }
+            produce(
+                &Broker::attach(&bootstrap),
+                "users",
+                &[],
+                chunk.join("\n").as_bytes(),
+            );
+            sent += chunk.len();
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        sent
+    })
+}
+
 #[test]
 fn forward_and_replay_swaps_under_load_lose_nothing() {
     let broker = Broker::start();
@@ -53,31 +80,15 @@ fn forward_and_replay_swaps_under_load_lose_nothing() {
     let host = Host::start(&broker, &["--admin-token", TOKEN]);
     host.wait_ready(READY);
     let ids: Vec<String> = expected_answers(&users, &orgs).into_keys().collect();
-
-    // A steady stream of events (the same generator, another seed) and of GETs.
-    let stop = Arc::new(AtomicBool::new(false));
-    let (more, _) = history(0xbeef, 500, 3_000);
-    let streamed = Arc::new(AtomicU64::new(0));
-    let producer = {
-        let (stop, streamed, bootstrap) =
-            (stop.clone(), streamed.clone(), broker.bootstrap.clone());
-        let more = more.clone();
-        std::thread::spawn(move || {
-            for chunk in more.chunks(150) {
-                if stop.load(Ordering::Relaxed) {
-                    break;
-                }
-                let b = Broker::attach(&bootstrap);
-                produce(&b, "users", &[], chunk.join("\n").as_bytes());
-                streamed.fetch_add(chunk.len() as u64, Ordering::Relaxed);
-                std::thread::sleep(Duration::from_millis(100));
-            }
-        })
-    };
-    let getter = hammer(&host, ids.clone(), stop.clone());
-
-    // Forward: masked answers appear for users touched after the switch.
+    let stop_gets = Arc::new(AtomicBool::new(false));
+    let getter = hammer(&host, ids.clone(), stop_gets.clone());
     let proof = std::fs::read(component("mask-emails-reducer.wasm")).unwrap();
+
+    // Forward, under a stream of events (the same generator, another seed).
+    let (more, _) = history(0xbeef, 500, 2_000);
+    let stop = Arc::new(AtomicBool::new(false));
+    let producer = stream(&broker, more.clone(), stop.clone());
+    std::thread::sleep(Duration::from_millis(500));
     let put = Instant::now();
     let r = host.admin("PUT", "/admin/reducer?mode=forward", Some(TOKEN), &proof);
     assert_eq!(r.status, 200, "{}", r.body);
@@ -86,20 +97,43 @@ fn forward_and_replay_swaps_under_load_lose_nothing() {
         put.elapsed(),
         r.body
     );
-    let swap = r.json();
-    assert_eq!(swap["swap"]["outcome"], "active");
-    eventually(Duration::from_secs(30), "a masked answer", || {
-        ids.iter()
-            .any(|id| host.get(&format!("/users/{id}")).body.contains("***@"))
-            .then_some(())
-    });
-    let described = host.admin("GET", "/admin/reducer", Some(TOKEN), b"").json();
-    let offsets = &described["history"][0]["switch_offsets"];
-    assert!(offsets.is_object(), "switch offsets recorded: {described}");
+    assert_eq!(r.json()["swap"]["outcome"], "active");
+    let sent = producer.join().unwrap();
+    users.extend(more[..sent].iter().cloned());
+    host.wait_consumed("users", users.len(), Duration::from_secs(60));
 
-    // Rollback, then a replay with the proof reducer while events keep coming.
+    // Exactly the old-then-new fold at the recorded switch offsets: a user answers
+    // with the new (masked) rendering iff one of its records lies at or after the
+    // switch offset of its partition (records are keyed by id: one partition each).
+    let described = host.admin("GET", "/admin/reducer", Some(TOKEN), b"").json();
+    let switch = described["history"][0]["switch_offsets"].clone();
+    assert!(switch.is_object(), "switch offsets recorded: {described}");
+    let log = logq_e2e::read_topic(&broker, "users", users.len(), Duration::from_secs(60));
+    assert_eq!(log.len(), users.len());
+    let mut after_switch = std::collections::BTreeSet::new();
+    for r in &log {
+        let at = switch[format!("users/{}", r.partition)]
+            .as_i64()
+            .expect("partition offset");
+        if r.offset >= at {
+            after_switch.insert(String::from_utf8(r.key.clone().unwrap()).unwrap());
+        }
+    }
+    assert!(!after_switch.is_empty(), "events arrived after the switch");
+    for (id, want) in expected_answers(&users, &orgs) {
+        let want = if after_switch.contains(&id) {
+            masked(want)
+        } else {
+            want
+        };
+        assert_eq!(host.get(&format!("/users/{id}")).json(), want, "{id}");
+    }
+
+    // Rollback, then a replay with the proof reducer under another stream.
     let r = host.admin("POST", "/admin/reducer/rollback", Some(TOKEN), b"");
     assert_eq!(r.status, 200, "{}", r.body);
+    let (more, _) = history(0xcafe, 500, 2_000);
+    let producer = stream(&broker, more.clone(), stop.clone());
     let put = Instant::now();
     let r = host.admin("PUT", "/admin/reducer?mode=replay", Some(TOKEN), &proof);
     assert_eq!(r.status, 202, "{}", r.body);
@@ -112,23 +146,17 @@ fn forward_and_replay_swaps_under_load_lose_nothing() {
         put.elapsed()
     );
     assert!(
-        progress["events_folded"].as_u64().unwrap() >= 4_000,
+        progress["events_folded"].as_u64().unwrap() >= 6_000,
         "{progress}"
     );
-
-    producer.join().unwrap();
-    stop.store(true, Ordering::Relaxed);
+    let sent = producer.join().unwrap();
+    users.extend(more[..sent].iter().cloned());
+    stop_gets.store(true, Ordering::Relaxed);
     let (ok, failed) = getter.join().unwrap();
     assert_eq!(failed, 0, "no GET failed during the swaps ({ok} succeeded)");
     assert!(ok > 50, "the GET stream ran ({ok})");
 
-    // Nothing lost or doubled: every answer equals a fresh fold of everything
-    // produced, rendered by the new reducer.
-    users.extend(
-        more.iter()
-            .take(streamed.load(Ordering::Relaxed) as usize)
-            .cloned(),
-    );
+    // Replay: every answer equals a fresh fold of everything, by the new reducer.
     host.wait_consumed("users", users.len(), Duration::from_secs(60));
     let expected: BTreeMap<String, serde_json::Value> = expected_answers(&users, &orgs)
         .into_iter()
