@@ -20,7 +20,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Consume the topics, fold them with the reducer, serve the state over HTTP.
-    Run(RunConfig),
+    Run(Box<RunConfig>),
     /// Produce events from a JSON array file or JSON lines (like `rpk topic produce`).
     Produce(ProduceConfig),
     /// Zero-setup demo: an in-memory development broker, the sample data, and `run`.
@@ -117,6 +117,14 @@ pub struct RunConfig {
     #[command(flatten)]
     /// Where compiled reducers are cached.
     pub cache: CacheConfig,
+    /// Directory for state snapshots; on start the newest valid one is loaded and the
+    /// topics are read on from its offsets. Without it the state is rebuilt from the
+    /// earliest offsets.
+    #[arg(long, env = "LOGQ_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Seconds between snapshots (only with `--state-dir`; one is also written on exit).
+    #[arg(long, env = "LOGQ_SNAPSHOT_INTERVAL_SECS", default_value_t = 30)]
+    pub snapshot_interval_secs: u64,
 }
 
 /// The on-disk cache of compiled reducers.

@@ -80,7 +80,7 @@ pub async fn run(dev: DevConfig) -> anyhow::Result<()> {
 fn run_config(bootstrap: &str, listen: &str) -> anyhow::Result<RunConfig> {
     let cli = Cli::try_parse_from(["logq", "run", "--brokers", bootstrap, "--listen", listen])?;
     match cli.command {
-        Command::Run(config) => Ok(config),
+        Command::Run(config) => Ok(*config),
         _ => anyhow::bail!("internal: `run` did not parse as run"),
     }
 }

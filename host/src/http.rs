@@ -407,6 +407,7 @@ mod tests {
         else {
             unreachable!()
         };
+        let config = *config;
         Admin {
             reducers: Arc::new(Reducers::new(
                 runtime.clone(),

@@ -17,6 +17,7 @@ use crate::kafka::{KafkaError, Record};
 use crate::metrics::Metrics;
 use crate::replay::{Control, PartitionId, Positions};
 use crate::runtime::{Input, Reducer, Source};
+use crate::snapshot::Snapshot;
 use crate::state::StateStore;
 use crate::swap::{Active, Reducers};
 
@@ -182,6 +183,32 @@ pub(crate) fn inputs_of(config: &RunConfig, records: &[Record<'_>]) -> Vec<(usiz
         .collect()
 }
 
+/// Writes snapshots on a thread of its own, so the ingest loop never waits on disk.
+fn snapshot_writer(dir: std::path::PathBuf) -> std::sync::mpsc::SyncSender<Snapshot> {
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Snapshot>(1);
+    let spawned = std::thread::Builder::new()
+        .name("logq-snapshot".into())
+        .spawn(move || {
+            for snap in rx {
+                let stamp = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_millis())
+                    .unwrap_or_default();
+                let n = snap.entities.len();
+                match crate::snapshot::write(&dir, &snap, stamp) {
+                    Ok(path) => {
+                        tracing::info!("snapshot {} written ({n} entities)", path.display())
+                    }
+                    Err(e) => tracing::error!("snapshot in {} failed: {e}", dir.display()),
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::error!("snapshots disabled: {e}");
+    }
+    tx
+}
+
 /// `topic/partition` -> offset, for people.
 pub(crate) fn named(config: &RunConfig, positions: &Positions) -> BTreeMap<String, i64> {
     positions
@@ -221,17 +248,31 @@ impl Ingest {
         let Some(targets) = self.discover(&consumer) else {
             return Ok(());
         };
+        let mut positions: Positions = targets.iter().map(|(p, (low, _))| (*p, *low)).collect();
+        if let Some(restored) = self.restore(&targets) {
+            positions = restored;
+        }
         let mut pending: HashMap<PartitionId, i64> = targets
             .iter()
-            .filter(|(_, (low, high))| high > low)
+            .filter(|(p, (_, high))| *high > positions[*p])
             .map(|(p, (_, high))| (*p, *high))
             .collect();
-        let assigned: Vec<(String, i32)> = targets
-            .keys()
-            .map(|(t, p)| (self.config.topics()[*t].to_string(), *p))
+        let assigned: Vec<(String, i32, Option<i64>)> = targets
+            .iter()
+            .map(|(&(t, p), &(low, _))| {
+                let at = positions[&(t, p)];
+                (
+                    self.config.topics()[t].to_string(),
+                    p,
+                    (at > low).then_some(at),
+                )
+            })
             .collect();
-        consumer.assign_from_beginning(&assigned)?;
-        let mut positions: Positions = targets.iter().map(|(p, (low, _))| (*p, *low)).collect();
+        consumer.assign(&assigned)?;
+        let snapshots = self.config.state_dir.clone().map(snapshot_writer);
+        let snapshot_every = Duration::from_secs(self.config.snapshot_interval_secs.max(1));
+        let mut next_snapshot = Instant::now() + snapshot_every;
+        let mut changed = false;
         let started = Instant::now();
         let mut applied_since_start = 0u64;
         self.report_catch_up(&pending, started, applied_since_start);
@@ -259,6 +300,7 @@ impl Ingest {
             );
             match polled {
                 Ok(Some(progress)) => {
+                    changed = true;
                     applied_since_start += progress.values().map(|(_, n)| n).sum::<u64>();
                     for (&(t, p), &(next, _)) in &progress {
                         positions.insert((t, p), next);
@@ -283,6 +325,16 @@ impl Ingest {
                     }
                 }
             }
+            if let Some(tx) = &snapshots
+                && changed
+                && Instant::now() >= next_snapshot
+            {
+                // Full: the writer is still busy with the last one; try next round.
+                if tx.try_send(self.snapshot(&positions)).is_ok() {
+                    changed = false;
+                }
+                next_snapshot = Instant::now() + snapshot_every;
+            }
             if Instant::now() >= next_lag {
                 self.refresh_lag(&consumer, &positions);
                 self.metrics
@@ -293,7 +345,53 @@ impl Ingest {
         if let Err(e) = dlq.flush(REQUEST_TIMEOUT) {
             tracing::error!("dead letters not flushed before exit: {e}");
         }
+        if let Some(tx) = snapshots {
+            // One last snapshot, so the next start has nothing to replay.
+            let last = self.snapshot(&positions);
+            let _ = tx.send(last);
+            drop(tx);
+        }
         Ok(())
+    }
+
+    /// The current state, its offsets and reducer, for a snapshot.
+    fn snapshot(&self, positions: &Positions) -> Snapshot {
+        Snapshot {
+            reducer_sha256: self.reducers.current().reducer.meta().sha256.clone(),
+            topics: self.config.topics().map(str::to_owned).to_vec(),
+            offsets: positions.iter().map(|(k, v)| (*k, *v)).collect(),
+            entities: self.store.dump(),
+        }
+    }
+
+    /// Loads the newest valid snapshot into the store; returns the positions to read
+    /// on from. `None`: no usable snapshot, replay from the earliest offsets.
+    fn restore(&self, targets: &BTreeMap<PartitionId, (i64, i64)>) -> Option<Positions> {
+        let dir = self.config.state_dir.as_ref()?;
+        let sha = self.reducers.current().reducer.meta().sha256.clone();
+        let (snap, path) = crate::snapshot::load_newest(dir, &sha, &self.config.topics())?;
+        if let Some((p, o)) = snap
+            .offsets
+            .iter()
+            .find(|(p, o)| targets.get(p).is_none_or(|(_, high)| **o > *high))
+        {
+            tracing::warn!(
+                "skipping snapshot {}: offset {o} of partition {p:?} is beyond the log (topic recreated?); replaying from the earliest offsets",
+                path.display()
+            );
+            return None;
+        }
+        let positions: Positions = targets
+            .iter()
+            .map(|(p, (low, _))| (*p, snap.offsets.get(p).copied().unwrap_or(*low).max(*low)))
+            .collect();
+        let n = snap.entities.len();
+        self.store.replace(StateStore::from_dump(snap.entities));
+        tracing::info!(
+            "loaded snapshot {} ({n} entities); reading on from its offsets",
+            path.display()
+        );
+        Some(positions)
     }
 
     /// A replay asks to take over: tell it where we are, wait (serving reads from the

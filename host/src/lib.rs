@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod produce;
 pub mod replay;
 pub mod runtime;
+pub mod snapshot;
 pub mod state;
 pub mod swap;
 pub mod watch;

@@ -20,7 +20,7 @@ async fn main() -> anyhow::Result<()> {
                 .await
                 .with_context(|| format!("binding {}", config.listen))?;
             tracing::info!("HTTP on http://{}", listener.local_addr()?);
-            logq::run(config, listener, logq::shutdown_signal()).await
+            logq::run(*config, listener, logq::shutdown_signal()).await
         }
         Command::Produce(config) => {
             let topic = config.topic.clone();

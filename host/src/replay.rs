@@ -195,13 +195,11 @@ impl Replay {
         let consumer = TopicConsumer::new(&config.kafka, &format!("{}-replay", config.group_id))
             .map_err(|e| e.to_string())?;
         let targets = partition_targets(&consumer, config).map_err(|e| e.to_string())?;
-        let assigned: Vec<(String, i32)> = targets
+        let assigned: Vec<(String, i32, Option<i64>)> = targets
             .keys()
-            .map(|(t, p)| (config.topics()[*t].to_string(), *p))
+            .map(|(t, p)| (config.topics()[*t].to_string(), *p, None))
             .collect();
-        consumer
-            .assign_from_beginning(&assigned)
-            .map_err(|e| e.to_string())?;
+        consumer.assign(&assigned).map_err(|e| e.to_string())?;
         let shadow = StateStore::new();
         let mut positions: Positions = targets.iter().map(|(p, (low, _))| (*p, *low)).collect();
         let goal: Positions = targets.iter().map(|(p, (_, high))| (*p, *high)).collect();

@@ -98,6 +98,39 @@ impl StateStore {
         *self.write() = new;
     }
 
+    /// Every stored entity as (entity, update): what a snapshot keeps. Taken under one
+    /// read lock, so it is one consistent state.
+    pub fn dump(&self) -> Vec<(Entity, Update)> {
+        let maps = self.read();
+        let entry = |kind: Kind, key: &str, e: &Entry| {
+            (
+                Entity {
+                    kind,
+                    key: key.to_string(),
+                },
+                Update {
+                    state: Some(e.state.to_vec()),
+                    view: e.view.as_deref().map(str::to_owned),
+                    join: e.join.as_deref().map(str::to_owned),
+                },
+            )
+        };
+        let users = maps.users.iter().map(|(k, e)| entry(Kind::User, k, e));
+        let orgs = maps
+            .organizations
+            .iter()
+            .map(|(k, e)| entry(Kind::Organization, k, e));
+        users.chain(orgs).collect()
+    }
+
+    /// A store holding exactly `entities` (what [`StateStore::dump`] gave).
+    pub fn from_dump(entities: Vec<(Entity, Update)>) -> Self {
+        let store = Self::new();
+        let (keys, updates): (Vec<Entity>, Vec<Update>) = entities.into_iter().unzip();
+        store.apply(&keys, updates);
+        store
+    }
+
     /// The answer for user `id`: its view joined with its organization's.
     pub fn user(&self, id: &str) -> Option<String> {
         let (view, org) = {

@@ -275,8 +275,7 @@ fn organization_is_replaced_by_a_newer_event_for_its_key() {
 #[test]
 fn seed_samples_fold_without_rejections() {
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../data/");
-    let users =
-        std::fs::read_to_string(format!("{dir}users.json")).expect("data/users.json");
+    let users = std::fs::read_to_string(format!("{dir}users.json")).expect("data/users.json");
     let orgs =
         std::fs::read_to_string(format!("{dir}organizations.json")).expect("organizations.json");
     let store = fold_all(&[(Source::Users, users), (Source::Organizations, orgs)]);

@@ -210,3 +210,101 @@ fn host_killed_with_sigkill_mid_ingest_restarts_to_the_fresh_fold() {
         assert_eq!(host.get(&format!("/users/{id}")).json(), want, "{id}");
     }
 }
+
+fn snapshots_in(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut v: Vec<_> = std::fs::read_dir(dir)
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|e| e == "bin"))
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+fn consumed(host: &Host, topic: &str) -> usize {
+    let needle = format!("logq_records_consumed_total{{topic=\"{topic}\"}} ");
+    let metrics = host.get("/metrics").body;
+    let line = metrics
+        .lines()
+        .find(|l| l.starts_with(&needle))
+        .expect("counter");
+    line[needle.len()..].parse().expect("a number")
+}
+
+#[test]
+fn snapshots_make_restarts_exact_and_bad_snapshots_are_skipped() {
+    let broker = Broker::start();
+    broker.create_default_topics();
+    let (users, orgs) = history(0x5a5, 800, 8_000);
+    let (first, second) = users.split_at(6_000);
+    produce(&broker, "organizations", &[], orgs.join("\n").as_bytes());
+    produce(&broker, "users", &[], first.join("\n").as_bytes());
+    let dir = std::env::temp_dir().join(format!("logq-state-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let args = [
+        "--state-dir",
+        dir.to_str().unwrap(),
+        "--snapshot-interval-secs",
+        "1",
+    ];
+
+    let host = Host::start(&broker, &args);
+    host.wait_ready(READY);
+    eventually(
+        Duration::from_secs(30),
+        "a snapshot after catching up",
+        || {
+            (host.log().matches("snapshot ").count() >= 1 && !snapshots_in(&dir).is_empty())
+                .then_some(())
+        },
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    host.kill_9();
+    produce(&broker, "users", &[], second.join("\n").as_bytes());
+
+    // Restart from the snapshot: reads on from its offsets, ends at the fresh fold.
+    let check = |host: &Host, masked: bool| {
+        for (id, mut want) in expected_answers(&users, &orgs) {
+            if masked && let Some(e) = want["user_email"].as_str() {
+                want["user_email"] = logq_reducer::state::mask_email(e).into();
+            }
+            assert_eq!(host.get(&format!("/users/{id}")).json(), want, "{id}");
+        }
+    };
+    let host = Host::start(&broker, &args);
+    host.wait_ready(READY);
+    assert!(host.log().contains("loaded snapshot"), "{}", host.log());
+    let read = consumed(&host, "users");
+    assert!(
+        read < users.len(),
+        "read {read} records: it must not have replayed all {}",
+        users.len()
+    );
+    check(&host, false);
+    assert!(host.terminate().success());
+
+    // The newest snapshot damaged: it is skipped with the reason, an older one is used.
+    let newest = snapshots_in(&dir).pop().expect("a snapshot");
+    let bytes = std::fs::read(&newest).unwrap();
+    std::fs::write(&newest, &bytes[..bytes.len() / 2]).unwrap();
+    let host = Host::start(&broker, &args);
+    host.wait_ready(READY);
+    assert!(host.log().contains("checksum mismatch"), "{}", host.log());
+    check(&host, false);
+    host.kill_9();
+
+    // Another reducer: every snapshot is refused, the state is rebuilt from scratch.
+    let proof = logq_e2e::component("mask-emails-reducer.wasm");
+    let mut with_reducer = args.to_vec();
+    with_reducer.extend(["--reducer", proof.to_str().unwrap()]);
+    let host = Host::start(&broker, &with_reducer);
+    host.wait_ready(READY);
+    assert!(host.log().contains("made by reducer"), "{}", host.log());
+    assert!(!host.log().contains("loaded snapshot"), "{}", host.log());
+    assert_eq!(consumed(&host, "users"), users.len(), "a full replay");
+    check(&host, true);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -80,14 +80,15 @@ impl TopicConsumer {
         Ok(Watermarks { low, high })
     }
 
-    /// Reads `partitions` from their earliest offsets.
+    /// Reads `partitions` from the given offsets (`None`: the earliest).
     ///
     /// # Errors
     /// When librdkafka refuses the assignment.
-    pub fn assign_from_beginning(&self, partitions: &[(String, i32)]) -> Result<(), KafkaError> {
+    pub fn assign(&self, partitions: &[(String, i32, Option<i64>)]) -> Result<(), KafkaError> {
         let mut list = TopicPartitionList::new();
-        for (topic, partition) in partitions {
-            list.add_partition_offset(topic, *partition, Offset::Beginning)?;
+        for (topic, partition, offset) in partitions {
+            let at = offset.map_or(Offset::Beginning, Offset::Offset);
+            list.add_partition_offset(topic, *partition, at)?;
         }
         self.consumer.assign(&list)?;
         Ok(())

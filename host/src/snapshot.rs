@@ -1,0 +1,353 @@
+//! Snapshots of the state for fast, exact restarts: the state, the offsets it reflects
+//! and the reducer that made it, written atomically (temp file, fsync, rename) with a
+//! checksum. A snapshot that is corrupt, truncated or made by another reducer is
+//! reported and skipped, never trusted.
+
+use std::collections::BTreeMap;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+
+use crate::runtime::{Entity, Kind, Update};
+
+const MAGIC: &[u8; 8] = b"LOGQSNP1";
+/// How many snapshots are kept; older ones are deleted after a new one is written.
+const KEEP: usize = 3;
+
+/// Everything a snapshot holds.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    /// sha256 of the reducer whose states these are.
+    pub reducer_sha256: String,
+    /// The topics, in order (users first), the offsets refer to.
+    pub topics: Vec<String>,
+    /// Next offset to fold, per (topic index, partition).
+    pub offsets: BTreeMap<(usize, i32), i64>,
+    /// Every stored entity.
+    pub entities: Vec<(Entity, Update)>,
+}
+
+/// Why a snapshot was not used.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    /// Reading or writing failed.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    /// The bytes are not a whole, intact snapshot.
+    #[error("corrupt snapshot: {0}")]
+    Corrupt(String),
+    /// Made by another reducer or for other topics.
+    #[error("snapshot does not match: {0}")]
+    Mismatch(String),
+}
+
+/// Writes `snapshot` into `dir` atomically and keeps the newest few.
+///
+/// # Errors
+/// I/O errors; the previous snapshots stay.
+pub fn write(
+    dir: &Path,
+    snapshot: &Snapshot,
+    stamp_millis: u128,
+) -> Result<PathBuf, SnapshotError> {
+    std::fs::create_dir_all(dir)?;
+    let bytes = encode(snapshot);
+    let path = dir.join(format!("snapshot-{stamp_millis:020}.bin"));
+    let tmp = dir.join(format!(".snapshot-{stamp_millis:020}.tmp"));
+    {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(&bytes)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, &path)?;
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    for old in list(dir)?.into_iter().skip(KEEP) {
+        let _ = std::fs::remove_file(old);
+    }
+    Ok(path)
+}
+
+/// The newest snapshot in `dir` that is intact and matches `reducer_sha256` and
+/// `topics`; every one skipped on the way is logged with the reason.
+pub fn load_newest(
+    dir: &Path,
+    reducer_sha256: &str,
+    topics: &[&str],
+) -> Option<(Snapshot, PathBuf)> {
+    let files = match list(dir) {
+        Ok(f) => f,
+        Err(e) => {
+            tracing::warn!("snapshots in {}: {e}", dir.display());
+            return None;
+        }
+    };
+    for path in files {
+        let checked = std::fs::read(&path)
+            .map_err(SnapshotError::from)
+            .and_then(|b| decode(&b))
+            .and_then(|s| {
+                if s.reducer_sha256 != reducer_sha256 {
+                    Err(SnapshotError::Mismatch(format!(
+                        "made by reducer {}, the active one is {reducer_sha256}",
+                        s.reducer_sha256
+                    )))
+                } else if s.topics != topics {
+                    Err(SnapshotError::Mismatch(format!(
+                        "made for topics {:?}, consuming {topics:?}",
+                        s.topics
+                    )))
+                } else {
+                    Ok(s)
+                }
+            });
+        match checked {
+            Ok(s) => return Some((s, path)),
+            Err(e) => tracing::warn!("skipping snapshot {}: {e}", path.display()),
+        }
+    }
+    None
+}
+
+/// Snapshot files, newest first.
+fn list(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    if !dir.exists() {
+        return Ok(Vec::new());
+    }
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("snapshot-") && n.ends_with(".bin"))
+        })
+        .collect();
+    files.sort();
+    files.reverse();
+    Ok(files)
+}
+
+fn encode(s: &Snapshot) -> Vec<u8> {
+    let mut out = Vec::with_capacity(64 + s.entities.len() * 256);
+    out.extend_from_slice(MAGIC);
+    put_bytes(&mut out, s.reducer_sha256.as_bytes());
+    out.extend_from_slice(&(s.topics.len() as u32).to_le_bytes());
+    for t in &s.topics {
+        put_bytes(&mut out, t.as_bytes());
+    }
+    out.extend_from_slice(&(s.offsets.len() as u32).to_le_bytes());
+    for (&(t, p), &o) in &s.offsets {
+        out.extend_from_slice(&(t as u32).to_le_bytes());
+        out.extend_from_slice(&p.to_le_bytes());
+        out.extend_from_slice(&o.to_le_bytes());
+    }
+    out.extend_from_slice(&(s.entities.len() as u64).to_le_bytes());
+    for (e, u) in &s.entities {
+        out.push(match e.kind {
+            Kind::User => 0,
+            Kind::Organization => 1,
+        });
+        put_bytes(&mut out, e.key.as_bytes());
+        put_opt(&mut out, u.state.as_deref());
+        put_opt(&mut out, u.view.as_deref().map(str::as_bytes));
+        put_opt(&mut out, u.join.as_deref().map(str::as_bytes));
+    }
+    let sum = crate::runtime::sha256_hex(&out);
+    out.extend_from_slice(sum.as_bytes());
+    out
+}
+
+fn decode(bytes: &[u8]) -> Result<Snapshot, SnapshotError> {
+    let corrupt = |m: &str| SnapshotError::Corrupt(m.to_string());
+    if bytes.len() < MAGIC.len() + 64 || &bytes[..MAGIC.len()] != MAGIC {
+        return Err(corrupt("not a logq snapshot (bad magic or too short)"));
+    }
+    let (body, sum) = bytes.split_at(bytes.len() - 64);
+    if crate::runtime::sha256_hex(body).as_bytes() != sum {
+        return Err(corrupt("checksum mismatch (truncated or damaged)"));
+    }
+    let mut r = Reader(&body[MAGIC.len()..]);
+    let reducer_sha256 = r.string()?;
+    let topics = (0..r.u32()?)
+        .map(|_| r.string())
+        .collect::<Result<_, _>>()?;
+    let mut offsets = BTreeMap::new();
+    for _ in 0..r.u32()? {
+        let t = r.u32()? as usize;
+        let p = i32::from_le_bytes(r.array()?);
+        let o = i64::from_le_bytes(r.array()?);
+        offsets.insert((t, p), o);
+    }
+    let n = u64::from_le_bytes(r.array()?);
+    let mut entities = Vec::new();
+    for _ in 0..n {
+        let kind = match r.take(1)?[0] {
+            0 => Kind::User,
+            1 => Kind::Organization,
+            k => return Err(SnapshotError::Corrupt(format!("unknown entity kind {k}"))),
+        };
+        let key = r.string()?;
+        let state = r.opt()?.map(<[u8]>::to_vec);
+        let view = r.opt()?.map(utf8).transpose()?;
+        let join = r.opt()?.map(utf8).transpose()?;
+        entities.push((Entity { kind, key }, Update { state, view, join }));
+    }
+    if !r.0.is_empty() {
+        return Err(corrupt("trailing bytes"));
+    }
+    Ok(Snapshot {
+        reducer_sha256,
+        topics,
+        offsets,
+        entities,
+    })
+}
+
+fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
+    out.extend_from_slice(&(b.len() as u32).to_le_bytes());
+    out.extend_from_slice(b);
+}
+
+fn put_opt(out: &mut Vec<u8>, b: Option<&[u8]>) {
+    match b {
+        Some(b) => {
+            out.push(1);
+            put_bytes(out, b);
+        }
+        None => out.push(0),
+    }
+}
+
+fn utf8(b: &[u8]) -> Result<String, SnapshotError> {
+    String::from_utf8(b.to_vec()).map_err(|_| SnapshotError::Corrupt("text is not UTF-8".into()))
+}
+
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], SnapshotError> {
+        if self.0.len() < n {
+            return Err(SnapshotError::Corrupt("unexpected end".into()));
+        }
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Ok(head)
+    }
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], SnapshotError> {
+        self.take(N)?
+            .try_into()
+            .map_err(|_| SnapshotError::Corrupt("short field".into()))
+    }
+    fn u32(&mut self) -> Result<u32, SnapshotError> {
+        Ok(u32::from_le_bytes(self.array()?))
+    }
+    fn bytes(&mut self) -> Result<&'a [u8], SnapshotError> {
+        let n = self.u32()? as usize;
+        self.take(n)
+    }
+    fn string(&mut self) -> Result<String, SnapshotError> {
+        utf8(self.bytes()?)
+    }
+    fn opt(&mut self) -> Result<Option<&'a [u8]>, SnapshotError> {
+        match self.take(1)?[0] {
+            0 => Ok(None),
+            1 => self.bytes().map(Some),
+            f => Err(SnapshotError::Corrupt(format!("bad flag {f}"))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Snapshot {
+        Snapshot {
+            reducer_sha256: "abc".into(),
+            topics: vec!["users".into(), "organizations".into()],
+            offsets: [((0, 0), 10), ((0, 1), 7), ((1, 0), 3)]
+                .into_iter()
+                .collect(),
+            entities: vec![
+                (
+                    Entity {
+                        kind: Kind::User,
+                        key: "u".into(),
+                    },
+                    Update {
+                        state: Some(vec![1, 2, 3]),
+                        view: Some("{\"id\":\"u\"}".into()),
+                        join: Some("MGS".into()),
+                    },
+                ),
+                (
+                    Entity {
+                        kind: Kind::Organization,
+                        key: "k".into(),
+                    },
+                    Update {
+                        state: Some(vec![]),
+                        view: None,
+                        join: None,
+                    },
+                ),
+            ],
+        }
+    }
+
+    fn same(a: &Snapshot, b: &Snapshot) -> bool {
+        format!("{a:?}") == format!("{b:?}")
+    }
+
+    #[test]
+    fn round_trip() {
+        let s = sample();
+        assert!(same(&decode(&encode(&s)).unwrap(), &s));
+    }
+
+    #[test]
+    fn every_truncation_and_any_flipped_byte_is_refused() {
+        let bytes = encode(&sample());
+        for n in 0..bytes.len() {
+            assert!(decode(&bytes[..n]).is_err(), "truncated to {n}");
+        }
+        for i in 0..bytes.len() {
+            let mut b = bytes.clone();
+            b[i] ^= 0x40;
+            assert!(decode(&b).is_err(), "flipped byte {i}");
+        }
+    }
+
+    #[test]
+    fn newest_matching_snapshot_wins_and_bad_ones_are_skipped() {
+        let dir = std::env::temp_dir().join(format!("logq-snap-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let topics = ["users", "organizations"];
+        let good = sample();
+        write(&dir, &good, 1).unwrap();
+        let mut other = sample();
+        other.reducer_sha256 = "other".into();
+        write(&dir, &other, 2).unwrap();
+        let p3 = write(&dir, &good, 3).unwrap();
+        // The newest is truncated: skipped; the next is another reducer's: skipped.
+        let b = std::fs::read(&p3).unwrap();
+        std::fs::write(&p3, &b[..b.len() / 2]).unwrap();
+        let (s, path) = load_newest(&dir, "abc", &topics).expect("the oldest is good");
+        assert!(same(&s, &good));
+        assert!(
+            path.ends_with("snapshot-00000000000000000001.bin"),
+            "{path:?}"
+        );
+        assert!(
+            load_newest(&dir, "abc", &["a", "b"]).is_none(),
+            "other topics"
+        );
+        // Only the newest few are kept.
+        for t in 4..10 {
+            write(&dir, &good, t).unwrap();
+        }
+        assert_eq!(list(&dir).unwrap().len(), KEEP);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
