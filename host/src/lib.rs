@@ -152,11 +152,17 @@ async fn load_reducer(config: &RunConfig, runtime: &Runtime) -> anyhow::Result<R
         || "built-in reducer".to_string(),
         |p| p.display().to_string(),
     );
-    // Compiling takes a while; keep it off the async workers.
-    let reducer = tokio::task::spawn_blocking(move || runtime.load(&bytes))
-        .await
-        .context("compiling the reducer")?
-        .with_context(|| format!("loading {name}"))?;
+    // Compiling takes a while; keep it off the async workers. The start-up reducer
+    // passes the same canary as a hot swap: one that loops or traps on the sample data
+    // is refused here, with the reason, instead of dead-lettering every record.
+    let reducer = tokio::task::spawn_blocking(move || {
+        let reducer = runtime.load(&bytes).map_err(anyhow::Error::from)?;
+        swap::canary(&reducer, &[]).map_err(|e| anyhow::anyhow!("canary failed: {e}"))?;
+        anyhow::Ok(reducer)
+    })
+    .await
+    .context("compiling the reducer")?
+    .with_context(|| format!("loading {name}"))?;
     tracing::info!("reducer loaded: {name}");
     Ok(reducer)
 }

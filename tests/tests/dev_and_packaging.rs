@@ -82,3 +82,27 @@ fn reducer_check_prints_a_verdict_and_exits_by_it() {
     assert_eq!(verdict["stage"], "load", "{verdict}");
     let _ = std::fs::remove_file(&bad);
 }
+
+#[test]
+fn run_refuses_to_start_with_a_broken_reducer_and_says_why() {
+    let bad = std::env::temp_dir().join(format!("logq-start-bad-{}.wasm", std::process::id()));
+    std::fs::write(&bad, b"not a component").unwrap();
+    let port = free_port();
+    let out = Command::new(logq_bin())
+        .args([
+            "run",
+            "--brokers",
+            "127.0.0.1:1",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .arg("--reducer")
+        .arg(&bad)
+        .output()
+        .expect("logq run");
+    let _ = std::fs::remove_file(&bad);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("not a WebAssembly component"), "{err}");
+    assert!(err.contains(bad.to_str().unwrap()), "names the file: {err}");
+}
