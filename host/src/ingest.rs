@@ -281,18 +281,22 @@ impl Ingest {
 
         while !self.stop.load(Ordering::Relaxed) {
             self.serve_control(&positions);
-            let active = self.reducers.current();
             let polled = consumer.poll_batch(
                 self.config.batch_max_records,
                 self.config.batch_max_bytes,
                 POLL_WAIT,
                 |records| {
+                    // Read once the batch is formed, not before the poll: a record that
+                    // arrives after a swap is visible is folded by the new reducer.
+                    let active = self.reducers.current();
                     if !last_used.as_ref().is_some_and(|l| Arc::ptr_eq(l, &active)) {
                         // The first batch this reducer folds: the switch point.
-                        self.reducers.note_switch(
-                            &active.reducer.meta().sha256,
-                            named(&self.config, &positions),
+                        let at = named(&self.config, &positions);
+                        tracing::info!(
+                            "folding with reducer {} from offsets {at:?}",
+                            active.reducer.meta().sha256
                         );
+                        self.reducers.note_switch(&active.reducer.meta().sha256, at);
                         last_used = Some(active.clone());
                     }
                     self.process(&active.reducer, records, &dlq)

@@ -304,9 +304,17 @@ fn changing_the_reducer_file_swaps_it_in_and_a_broken_file_is_refused() {
     // Forward mode: the next event for Snake is rendered by the new reducer.
     let update = r#"{"id":"069feb770fe581acc9d3313d59780196","event_type":"User Updated","user_type":"Legend","received_at":"2022-01-01 00:00:00"}"#;
     produce(&broker, "users", &[], update.as_bytes());
-    eventually(Duration::from_secs(30), "Snake's masked answer", || {
-        (host.get(path).json()["user_email"] == "s***@outerheaven.com").then_some(())
-    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while host.get(path).json()["user_email"] != "s***@outerheaven.com" {
+        assert!(
+            Instant::now() < deadline,
+            "Snake's masked answer never came: {}\n{}\n{}",
+            host.get(path).body,
+            host.admin("GET", "/admin/reducer", Some(TOKEN), b"").body,
+            host.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 
     // A broken write in place is refused; the masked reducer keeps serving.
     std::fs::write(&file, b"\0asm garbage").unwrap();
