@@ -16,11 +16,12 @@ fn logq_dev_serves_the_sample_data_with_zero_setup() {
         .spawn()
         .expect("starting logq dev");
     let addr = addr.parse().expect("addr");
-    let answer = logq_e2e::eventually(Duration::from_secs(120), "logq dev to serve Snake", || {
-        get(addr, "/users/069feb770fe581acc9d3313d59780196")
-            .ok()
-            .filter(|r| r.status == 200)
+    // Ready means the sample data (produced before the service starts) is all folded.
+    logq_e2e::eventually(Duration::from_secs(120), "logq dev to be ready", || {
+        get(addr, "/readyz").ok().filter(|r| r.status == 200)
     });
+    let answer = get(addr, "/users/069feb770fe581acc9d3313d59780196").expect("GET");
+    assert_eq!(answer.status, 200, "{}", answer.body);
     assert_eq!(answer.json()["username"], "Solid Snake");
     assert_eq!(
         answer.json()["organization"]["organization_name"],
