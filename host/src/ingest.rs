@@ -315,6 +315,11 @@ impl Ingest {
                         if pending.get(&(t, p)).is_some_and(|high| next >= *high) {
                             pending.remove(&(t, p));
                         }
+                        // Until the next refresh from the broker, the start watermark
+                        // is the best estimate of the lag.
+                        if let Some((_, high)) = targets.get(&(t, p)) {
+                            self.metrics.set_lag(topic, p, high - next);
+                        }
                     }
                     if !self.metrics.status().0 {
                         self.report_catch_up(&pending, started, applied_since_start);

@@ -62,7 +62,8 @@ pub async fn run(
         control: control_tx,
     };
 
-    create_dead_letter_topics(&config).await;
+    // Best effort, in the background: a slow or absent broker must not delay start-up.
+    tokio::spawn(create_dead_letter_topics(config.clone()));
 
     let watcher = match (&config.reducer, config.watch_reducer) {
         (Some(path), true) => Some(
@@ -170,7 +171,7 @@ async fn load_reducer(config: &RunConfig, runtime: &Runtime) -> anyhow::Result<R
 /// Dead letters need somewhere to go: create the DLQ topics when the broker allows
 /// it. A failure here is not fatal (the topics may be managed elsewhere); a dead
 /// letter that cannot be delivered is logged and counted.
-async fn create_dead_letter_topics(config: &RunConfig) {
+async fn create_dead_letter_topics(config: RunConfig) {
     let topics: Vec<(String, i32)> = config
         .topics()
         .iter()
