@@ -51,6 +51,10 @@ pub async fn run(dev: DevConfig) -> anyhow::Result<()> {
             )
         })?;
     let http = listener.local_addr()?;
+    // The path of this very binary, so the line works without `logq` on PATH.
+    let exe = std::env::current_exe()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| "logq".into());
     println!(
         "\nlogq dev: IN-MEMORY DEVELOPMENT BROKER (librdkafka mock cluster) at {bootstrap}\n\
          \x20 everything is lost on exit; for development only, not for production.\n\
@@ -61,7 +65,7 @@ pub async fn run(dev: DevConfig) -> anyhow::Result<()> {
          \x20 curl -s http://{http}/organizations/ff3959a49ac10fc70181bc00e308fbeb\n\
          \x20 curl -s http://{http}/readyz\n\
          \x20 echo '{{\"id\":\"42\",\"event_type\":\"User Created\",\"username\":\"Raiden\",\"organization_name\":\"FOXHOUND\",\"received_at\":\"2021-01-01 00:00:00\"}}' \\\n\
-         \x20   | logq produce --brokers {bootstrap} --topic users\n\
+         \x20   | {exe} produce --brokers {bootstrap} --topic users\n\
          \x20 curl -s http://{http}/users/42\n",
         dev.partitions,
         if dev.no_sample_data {
