@@ -325,11 +325,6 @@ impl Reducer {
         &self.meta
     }
 
-    /// The limits every call runs under.
-    pub fn limits(&self) -> Limits {
-        self.limits
-    }
-
     /// Folds one batch. `prior` is asked once for the current state of the entities
     /// the batch touches (in plan order).
     ///

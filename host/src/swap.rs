@@ -168,11 +168,6 @@ impl Reducers {
         }
     }
 
-    /// The runtime reducers are compiled with.
-    pub fn runtime(&self) -> &Runtime {
-        &self.runtime
-    }
-
     /// The active reducer. Callers keep the `Arc` for one batch, so a swap takes
     /// effect exactly at a batch boundary.
     pub fn current(&self) -> Arc<Active> {
