@@ -157,30 +157,43 @@ pub(crate) fn partition_targets(
     Ok(targets)
 }
 
-/// Turns the records of a batch into reducer inputs (topic index, input).
-pub(crate) fn inputs_of(config: &RunConfig, records: &[Record<'_>]) -> Vec<(usize, Input)> {
-    records
-        .iter()
-        .filter_map(|r| {
-            let Some(t) = config.topics().iter().position(|t| *t == r.topic) else {
-                // Only assigned topics are delivered; a stranger is a client bug.
-                tracing::error!("record from unexpected topic {} ignored", r.topic);
-                return None;
-            };
-            let source = if t == 0 {
-                Source::Users
-            } else {
-                Source::Organizations
-            };
-            Some((
-                t,
-                Input {
-                    source,
-                    value: r.value.unwrap_or_default().to_vec(),
-                },
-            ))
-        })
-        .collect()
+/// The records of a batch that come from the configured topics, each with its topic
+/// index and as a reducer input (same order in all three).
+pub(crate) struct Inputs<'r, 'a> {
+    /// Topic index (0 users, 1 organizations) of each record.
+    pub topics: Vec<usize>,
+    /// The records themselves.
+    pub records: Vec<&'r Record<'a>>,
+    /// What the reducer folds.
+    pub inputs: Vec<Input>,
+}
+
+/// Turns the records of a batch into reducer inputs.
+pub(crate) fn inputs_of<'r, 'a>(config: &RunConfig, records: &'r [Record<'a>]) -> Inputs<'r, 'a> {
+    let mut out = Inputs {
+        topics: Vec::with_capacity(records.len()),
+        records: Vec::with_capacity(records.len()),
+        inputs: Vec::with_capacity(records.len()),
+    };
+    for r in records {
+        let Some(t) = config.topics().iter().position(|t| *t == r.topic) else {
+            // Only assigned topics are delivered; a stranger is a client bug.
+            tracing::error!("record from unexpected topic {} ignored", r.topic);
+            continue;
+        };
+        let source = if t == 0 {
+            Source::Users
+        } else {
+            Source::Organizations
+        };
+        out.topics.push(t);
+        out.records.push(r);
+        out.inputs.push(Input {
+            source,
+            value: r.value.unwrap_or_default().to_vec(),
+        });
+    }
+    out
 }
 
 /// Writes snapshots on a thread of its own, so the ingest loop never waits on disk.
@@ -496,12 +509,11 @@ impl Ingest {
         dlq: &RecordProducer,
     ) -> HashMap<PartitionId, (i64, u64)> {
         let mut progress: HashMap<PartitionId, (i64, u64)> = HashMap::new();
-        let (topics, inputs): (Vec<usize>, Vec<Input>) =
-            inputs_of(&self.config, records).into_iter().unzip();
-        let kept: Vec<&Record<'_>> = records
-            .iter()
-            .filter(|r| self.config.topics().contains(&r.topic))
-            .collect();
+        let Inputs {
+            topics,
+            records: kept,
+            inputs,
+        } = inputs_of(&self.config, records);
         for (&t, r) in topics.iter().zip(&kept) {
             self.metrics
                 .topic(t)

@@ -275,14 +275,11 @@ impl Replay {
                 config.batch_max_bytes,
                 POLL_WAIT,
                 |records| {
-                    let (_, inputs): (Vec<usize>, Vec<_>) =
-                        inputs_of(config, records).into_iter().unzip();
-                    let folding = fold_into(&active.reducer, shadow, &inputs);
-                    for r in records {
-                        if let Some(t) = config.topics().iter().position(|t| *t == r.topic) {
-                            let next = positions.entry((t, r.partition)).or_insert(0);
-                            *next = (*next).max(r.offset + 1);
-                        }
+                    let batch = inputs_of(config, records);
+                    let folding = fold_into(&active.reducer, shadow, &batch.inputs);
+                    for (&t, r) in batch.topics.iter().zip(&batch.records) {
+                        let next = positions.entry((t, r.partition)).or_insert(0);
+                        *next = (*next).max(r.offset + 1);
                     }
                     (
                         records.len() as u64,
