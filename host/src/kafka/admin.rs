@@ -18,7 +18,7 @@ pub async fn create_topics(
     kafka: &KafkaConfig,
     topics: &[(String, i32)],
 ) -> Result<(), KafkaError> {
-    let admin: AdminClient<DefaultClientContext> = client_config(kafka)
+    let admin: AdminClient<DefaultClientContext> = client_config(kafka, &[])
         .create()
         .map_err(|e| KafkaError::Config(e.to_string()))?;
     let new: Vec<NewTopic<'_>> = topics

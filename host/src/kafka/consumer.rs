@@ -30,22 +30,20 @@ impl TopicConsumer {
     /// # Errors
     /// [`KafkaError::Config`] when librdkafka refuses the settings.
     pub fn new(kafka: &KafkaConfig, group_id: &str) -> Result<Self, KafkaError> {
-        let mut config = client_config(kafka);
-        config
-            .set("group.id", group_id)
-            // Progress is committed for monitoring, but only offsets whose effect is in
-            // the state are stored (at-least-once; the fold is idempotent).
-            .set("enable.auto.commit", "true")
-            .set("enable.auto.offset.store", "false")
-            .set("auto.offset.reset", "earliest")
-            .set("enable.partition.eof", "false");
-        // `-X` settings win over ours, as documented.
-        for (key, value) in &kafka.extra {
-            config.set(key, value);
-        }
-        let consumer: BaseConsumer = config
-            .create()
-            .map_err(|e| KafkaError::Config(e.to_string()))?;
+        let consumer: BaseConsumer = client_config(
+            kafka,
+            &[
+                ("group.id", group_id),
+                // Progress is committed for monitoring, but only offsets whose effect
+                // is in the state are stored (at-least-once; the fold is idempotent).
+                ("enable.auto.commit", "true"),
+                ("enable.auto.offset.store", "false"),
+                ("auto.offset.reset", "earliest"),
+                ("enable.partition.eof", "false"),
+            ],
+        )
+        .create()
+        .map_err(|e| KafkaError::Config(e.to_string()))?;
         Ok(Self { consumer })
     }
 

@@ -50,13 +50,17 @@ pub struct Record<'a> {
     pub value: Option<&'a [u8]>,
 }
 
-/// The base client settings: bootstrap servers, then every `-X` setting on top, so a
-/// user can override anything (security, timeouts) without a code change.
-fn client_config(kafka: &KafkaConfig) -> ClientConfig {
+/// Client settings in a fixed order: bootstrap servers, then the client's own
+/// `defaults`, then every `-X` setting on top, so a user can override anything
+/// (security, timeouts, our defaults) without a code change.
+fn client_config(kafka: &KafkaConfig, defaults: &[(&str, &str)]) -> ClientConfig {
     let mut config = ClientConfig::new();
     config
         .set("bootstrap.servers", &kafka.brokers)
         .set_log_level(RDKafkaLogLevel::Warning);
+    for (key, value) in defaults {
+        config.set(*key, *value);
+    }
     for (key, value) in &kafka.extra {
         config.set(key, value);
     }

@@ -63,16 +63,12 @@ impl RecordProducer {
     /// # Errors
     /// [`KafkaError::Config`] when librdkafka refuses the settings.
     pub fn new(kafka: &KafkaConfig) -> Result<Self, KafkaError> {
-        let mut config = client_config(kafka);
-        config
-            .set("enable.idempotence", "false")
-            .set("linger.ms", "5");
-        for (key, value) in &kafka.extra {
-            config.set(key, value);
-        }
-        let producer = config
-            .create_with_context(Deliveries::default())
-            .map_err(|e| KafkaError::Config(e.to_string()))?;
+        let producer = client_config(
+            kafka,
+            &[("enable.idempotence", "false"), ("linger.ms", "5")],
+        )
+        .create_with_context(Deliveries::default())
+        .map_err(|e| KafkaError::Config(e.to_string()))?;
         Ok(Self { producer })
     }
 
