@@ -356,6 +356,15 @@ impl Host {
             .unwrap_or_else(|e| panic!("{method} {path}: {e}\n{}", self.log()))
     }
 
+    /// Asserts that every `(id, answer)` is exactly what `GET /users/{id}` answers.
+    pub fn assert_answers(&self, expected: impl IntoIterator<Item = (String, serde_json::Value)>) {
+        for (id, want) in expected {
+            let r = self.get(&format!("/users/{id}"));
+            assert_eq!(r.status, 200, "{id}: {}", r.body);
+            assert_eq!(r.json(), want, "{id}");
+        }
+    }
+
     /// Waits until the host has consumed `n` records of `topic` (from `/metrics`).
     pub fn wait_consumed(&self, topic: &str, n: usize, within: Duration) {
         let needle = format!("logq_records_consumed_total{{topic=\"{topic}\"}} {n}\n");
@@ -623,6 +632,14 @@ pub fn read_topic(
         }
     }
     out
+}
+
+/// An answer as the proof reducer (`mask-emails`) renders it.
+pub fn masked(mut answer: serde_json::Value) -> serde_json::Value {
+    if let Some(e) = answer["user_email"].as_str() {
+        answer["user_email"] = logq_reducer::state::mask_email(e).into();
+    }
+    answer
 }
 
 /// The answer `GET /users/{id}` must give for every user, computed with the native

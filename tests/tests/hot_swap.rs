@@ -1,21 +1,13 @@
 //! Hot swaps of the reducer against a real broker while events and GETs keep coming.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use logq_e2e::{Broker, Host, component, eventually, expected_answers, history, produce};
+use logq_e2e::{Broker, Host, component, eventually, expected_answers, history, masked, produce};
 
 const READY: Duration = Duration::from_secs(120);
 const TOKEN: &str = "test-admin-token";
-
-fn masked(mut v: serde_json::Value) -> serde_json::Value {
-    if let Some(e) = v["user_email"].as_str() {
-        v["user_email"] = logq_reducer::state::mask_email(e).into();
-    }
-    v
-}
 
 /// GETs every id in a loop until stopped; counts answers that are neither 200 nor
 /// 404 (and transport errors) as failures.
@@ -120,14 +112,14 @@ fn forward_and_replay_swaps_under_load_lose_nothing() {
         }
     }
     assert!(!after_switch.is_empty(), "events arrived after the switch");
-    for (id, want) in expected_answers(&users, &orgs) {
-        let want = if after_switch.contains(&id) {
-            masked(want)
+    host.assert_answers(expected_answers(&users, &orgs).into_iter().map(|(id, v)| {
+        let v = if after_switch.contains(&id) {
+            masked(v)
         } else {
-            want
+            v
         };
-        assert_eq!(host.get(&format!("/users/{id}")).json(), want, "{id}");
-    }
+        (id, v)
+    }));
 
     // Rollback, then a replay with the proof reducer under another stream.
     let r = host.admin("POST", "/admin/reducer/rollback", Some(TOKEN), b"");
@@ -158,15 +150,11 @@ fn forward_and_replay_swaps_under_load_lose_nothing() {
 
     // Replay: every answer equals a fresh fold of everything, by the new reducer.
     host.wait_consumed("users", users.len(), Duration::from_secs(60));
-    let expected: BTreeMap<String, serde_json::Value> = expected_answers(&users, &orgs)
-        .into_iter()
-        .map(|(k, v)| (k, masked(v)))
-        .collect();
-    for (id, want) in &expected {
-        let r = host.get(&format!("/users/{id}"));
-        assert_eq!(r.status, 200, "{id}");
-        assert_eq!(&r.json(), want, "{id}");
-    }
+    host.assert_answers(
+        expected_answers(&users, &orgs)
+            .into_iter()
+            .map(|(id, v)| (id, masked(v))),
+    );
     let active = host.admin("GET", "/admin/reducer", Some(TOKEN), b"").json();
     assert_eq!(active["active"]["origin"], "http");
     assert_eq!(active["history"][0]["outcome"], "active", "{active}");
