@@ -91,7 +91,7 @@ fn fold_range(
     if inputs.is_empty() {
         return;
     }
-    match reducer.fold(inputs, |entities| store.prior(entities)) {
+    match reducer.fold(inputs, |entities, out| store.prior(entities, out)) {
         Ok(folded) => {
             out.elapsed += folded.elapsed;
             store.apply(&folded.plan.entities, folded.updates);
@@ -197,29 +197,53 @@ pub(crate) fn inputs_of<'r, 'a>(config: &RunConfig, records: &'r [Record<'a>]) -
 }
 
 /// Writes snapshots on a thread of its own, so the ingest loop never waits on disk.
-fn snapshot_writer(dir: std::path::PathBuf) -> std::sync::mpsc::SyncSender<Snapshot> {
-    let (tx, rx) = std::sync::mpsc::sync_channel::<Snapshot>(1);
-    let spawned = std::thread::Builder::new()
-        .name("logq-snapshot".into())
-        .spawn(move || {
-            for snap in rx {
-                let stamp = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_millis())
-                    .unwrap_or_default();
-                let n = snap.entities.len();
-                match crate::snapshot::write(&dir, &snap, stamp) {
-                    Ok(path) => {
-                        tracing::info!("snapshot {} written ({n} entities)", path.display())
+pub(crate) struct SnapshotWriter {
+    tx: std::sync::mpsc::SyncSender<Snapshot>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl SnapshotWriter {
+    pub(crate) fn start(dir: std::path::PathBuf) -> Self {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Snapshot>(1);
+        let spawned = std::thread::Builder::new()
+            .name("logq-snapshot".into())
+            .spawn(move || {
+                for snap in rx {
+                    let stamp = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.as_millis())
+                        .unwrap_or_default();
+                    let n = snap.entities.len();
+                    match crate::snapshot::write(&dir, &snap, stamp) {
+                        Ok(path) => {
+                            tracing::info!("snapshot {} written ({n} entities)", path.display())
+                        }
+                        Err(e) => tracing::error!("snapshot in {} failed: {e}", dir.display()),
                     }
-                    Err(e) => tracing::error!("snapshot in {} failed: {e}", dir.display()),
                 }
-            }
-        });
-    if let Err(e) = spawned {
-        tracing::error!("snapshots disabled: {e}");
+            });
+        let thread = spawned
+            .map_err(|e| tracing::error!("snapshots disabled: {e}"))
+            .ok();
+        Self { tx, thread }
     }
-    tx
+
+    /// Hands a snapshot over unless the writer is still busy with the last one.
+    pub(crate) fn offer(&self, snapshot: Snapshot) -> bool {
+        self.tx.try_send(snapshot).is_ok()
+    }
+
+    /// Writes `last` and waits until it is on disk: the process may exit right after.
+    pub(crate) fn finish(self, last: Snapshot) {
+        let Self { tx, thread } = self;
+        let _ = tx.send(last);
+        drop(tx);
+        if let Some(t) = thread
+            && t.join().is_err()
+        {
+            tracing::error!("the snapshot writer panicked");
+        }
+    }
 }
 
 /// `topic/partition` -> offset, for people.
@@ -282,7 +306,7 @@ impl Ingest {
             })
             .collect();
         consumer.assign(&assigned)?;
-        let snapshots = self.config.state_dir.clone().map(snapshot_writer);
+        let snapshots = self.config.state_dir.clone().map(SnapshotWriter::start);
         let snapshot_every = Duration::from_secs(self.config.snapshot_interval_secs.max(1));
         let mut next_snapshot = Instant::now() + snapshot_every;
         let mut changed = false;
@@ -352,7 +376,7 @@ impl Ingest {
                 && Instant::now() >= next_snapshot
             {
                 // Full: the writer is still busy with the last one; try next round.
-                if tx.try_send(self.snapshot(&positions)).is_ok() {
+                if tx.offer(self.snapshot(&positions)) {
                     changed = false;
                 }
                 next_snapshot = Instant::now() + snapshot_every;
@@ -367,11 +391,10 @@ impl Ingest {
         if let Err(e) = dlq.flush(REQUEST_TIMEOUT) {
             tracing::error!("dead letters not flushed before exit: {e}");
         }
-        if let Some(tx) = snapshots {
-            // One last snapshot, so the next start has nothing to replay.
-            let last = self.snapshot(&positions);
-            let _ = tx.send(last);
-            drop(tx);
+        if let Some(writer) = snapshots {
+            // One last snapshot, so the next start has nothing to replay; written
+            // before the process may exit (a large state takes a while).
+            writer.finish(self.snapshot(&positions));
         }
         Ok(())
     }
@@ -590,5 +613,45 @@ impl Ingest {
                 "could not dead-letter to {dlq_topic}: {e}; reason was: {reason}"
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtime::{Entity, Kind};
+
+    #[test]
+    fn the_last_snapshot_is_on_disk_when_finish_returns() {
+        let dir = std::env::temp_dir().join(format!("logq-writer-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let view = format!("{{\"id\":\"{}\"}}", "x".repeat(300));
+        let snapshot = Snapshot {
+            reducer_sha256: "0".repeat(64),
+            topics: vec!["users".into(), "organizations".into()],
+            offsets: BTreeMap::from([((0, 0), 42)]),
+            // Big enough that writing it takes a while.
+            entities: (0..50_000)
+                .map(|i| {
+                    (
+                        Entity {
+                            kind: Kind::User,
+                            key: format!("user-{i}"),
+                        },
+                        crate::state::test_update(Some(&view), Some("Org")),
+                    )
+                })
+                .collect(),
+        };
+        SnapshotWriter::start(dir.clone()).finish(snapshot);
+        let names: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(
+            names.len() == 1 && names[0].starts_with("snapshot-") && names[0].ends_with(".bin"),
+            "{names:?}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

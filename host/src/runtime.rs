@@ -23,9 +23,17 @@ mod bindings {
 }
 
 use bindings::ReducerPre;
-pub use bindings::exports::logq::reducer::fold::{
-    Entity, Input, Kind, Plan, Rejection, Source, Update,
-};
+use logq_reducer::wire;
+pub use logq_reducer::{Entity, Kind, Plan, Rejection, Source, Update};
+
+/// One record value as read from a topic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Input {
+    /// The stream it came from.
+    pub source: Source,
+    /// The record value.
+    pub value: Vec<u8>,
+}
 
 /// The reducer built from `reducer/`, embedded at build time.
 pub const DEFAULT_REDUCER: &[u8] = include_bytes!(env!("LOGQ_REDUCER_WASM"));
@@ -144,7 +152,7 @@ impl Drop for Ticker {
 }
 
 /// The major version of `logq:reducer/fold` this host speaks.
-pub const WORLD_MAJOR: u64 = 1;
+pub const WORLD_MAJOR: u64 = 2;
 const FOLD_EXPORT: &str = "logq:reducer/fold@";
 
 /// The shared compiler and epoch clock. Create once per process; load many reducers.
@@ -163,7 +171,7 @@ pub struct ReducerMeta {
     pub sha256: String,
     /// Size of the component in bytes.
     pub size: usize,
-    /// The version of `logq:reducer/fold` it exports (e.g. `1.0.0`).
+    /// The version of `logq:reducer/fold` it exports (e.g. `2.0.0`).
     pub world_version: String,
     /// Whether the machine code came from the on-disk compile cache.
     pub from_cache: bool,
@@ -201,7 +209,7 @@ impl Runtime {
     }
 
     /// Compiles (or takes from the cache) and links `bytes`, checking that it is a
-    /// component of this host's world: it must export `logq:reducer/fold@1.x` and
+    /// component of this host's world: it must export `logq:reducer/fold@2.x` and
     /// import nothing. Everything that can be checked before the first event is.
     ///
     /// # Errors
@@ -326,7 +334,8 @@ impl Reducer {
     }
 
     /// Folds one batch. `prior` is asked once for the current state of the entities
-    /// the batch touches (in plan order).
+    /// the batch touches (in plan order), which it appends to the buffer with
+    /// [`put_prior`].
     ///
     /// # Errors
     /// When the reducer traps, runs out of time or memory, refuses the batch, or
@@ -334,7 +343,7 @@ impl Reducer {
     pub fn fold(
         &self,
         inputs: &[Input],
-        prior: impl FnOnce(&[Entity]) -> Vec<Option<Vec<u8>>>,
+        prior: impl FnOnce(&[Entity], &mut Vec<u8>),
     ) -> Result<Folded, ReducerError> {
         let start = Instant::now();
         let mut store = Store::new(
@@ -348,6 +357,16 @@ impl Reducer {
         store.epoch_deadline_trap();
         let ticks = (self.limits.time.as_micros() / TICK.as_micros()).max(1) as u64 + 1;
 
+        let mut records =
+            Vec::with_capacity(inputs.iter().map(|i| i.value.len() + 5).sum::<usize>());
+        for i in inputs {
+            records.push(match i.source {
+                Source::Users => wire::SOURCE_USERS,
+                Source::Organizations => wire::SOURCE_ORGANIZATIONS,
+            });
+            wire::put_frame(&mut records, &i.value);
+        }
+
         store.set_epoch_deadline(ticks);
         let instance = self
             .pre
@@ -357,32 +376,24 @@ impl Reducer {
 
         store.set_epoch_deadline(ticks);
         let handle: ResourceAny = batch
-            .call_constructor(&mut store, inputs)
+            .call_constructor(&mut store, &records)
             .map_err(|e| self.error(&store, e))?;
+        drop(records);
         store.set_epoch_deadline(ticks);
-        let plan = batch
+        let raw = batch
             .call_plan(&mut store, handle)
             .map_err(|e| self.error(&store, e))?;
-        check_plan(&plan, inputs.len())?;
+        let plan = read_plan(raw, inputs.len())?;
 
-        let prior = prior(&plan.entities);
-        if prior.len() != plan.entities.len() {
-            return Err(ReducerError::Contract(
-                "prior states do not match the plan".into(),
-            ));
-        }
+        let mut framed = Vec::new();
+        prior(&plan.entities, &mut framed);
         store.set_epoch_deadline(ticks);
-        let updates = batch
-            .call_fold(&mut store, handle, &prior)
+        let out = batch
+            .call_fold(&mut store, handle, &framed)
             .map_err(|e| self.error(&store, e))?
             .map_err(ReducerError::Refused)?;
-        if updates.len() != plan.entities.len() {
-            return Err(ReducerError::Contract(format!(
-                "{} updates for {} entities",
-                updates.len(),
-                plan.entities.len()
-            )));
-        }
+        drop(framed);
+        let updates = read_updates(&out, plan.entities.len())?;
         Ok(Folded {
             plan,
             updates,
@@ -401,19 +412,117 @@ impl Reducer {
     }
 }
 
-/// The plan must describe the inputs it was given.
-fn check_plan(plan: &Plan, inputs: usize) -> Result<(), ReducerError> {
-    if plan.accepted.len() != inputs {
-        return Err(ReducerError::Contract(format!(
-            "accepted counts for {} inputs, expected {inputs}",
-            plan.accepted.len()
+/// Appends one entity's prior state (or its absence) in the framing `fold` expects.
+pub fn put_prior(out: &mut Vec<u8>, state: Option<&[u8]>) {
+    match state {
+        Some(state) => {
+            out.push(1);
+            wire::put_frame(out, state);
+        }
+        None => out.push(0),
+    }
+}
+
+/// Reads the guest's plan, checking that it describes the inputs it was given.
+fn read_plan(
+    raw: bindings::exports::logq::reducer::fold::Plan,
+    inputs: usize,
+) -> Result<Plan, ReducerError> {
+    let contract = |e: String| ReducerError::Contract(format!("plan: {e}"));
+    let mut r = wire::Reader::new(&raw.entities);
+    let mut entities = Vec::with_capacity(raw.entity_count as usize);
+    while !r.is_empty() {
+        let kind = match r.u8().map_err(contract)? {
+            wire::KIND_USER => Kind::User,
+            wire::KIND_ORGANIZATION => Kind::Organization,
+            other => return Err(contract(format!("unknown entity kind {other}"))),
+        };
+        let key = std::str::from_utf8(r.frame().map_err(contract)?)
+            .map_err(|_| contract("an entity key is not UTF-8".into()))?;
+        entities.push(Entity {
+            kind,
+            key: key.to_owned(),
+        });
+    }
+    if entities.len() != raw.entity_count as usize {
+        return Err(contract(format!(
+            "{} entities framed, {} announced",
+            entities.len(),
+            raw.entity_count
         )));
     }
-    if let Some(r) = plan.rejections.iter().find(|r| r.input as usize >= inputs) {
-        return Err(ReducerError::Contract(format!(
+    if raw.accepted.len() != inputs {
+        return Err(contract(format!(
+            "accepted counts for {} inputs, expected {inputs}",
+            raw.accepted.len()
+        )));
+    }
+    if let Some(r) = raw.rejections.iter().find(|r| r.input as usize >= inputs) {
+        return Err(contract(format!(
             "rejection names input {} of {inputs}",
             r.input
         )));
     }
-    Ok(())
+    Ok(Plan {
+        entities,
+        rejections: raw
+            .rejections
+            .into_iter()
+            .map(|r| Rejection {
+                input: r.input,
+                event: r.event,
+                reason: r.reason,
+            })
+            .collect(),
+        accepted: raw.accepted,
+    })
+}
+
+/// Reads the guest's framed updates: one per entity, every range inside its state
+/// and valid UTF-8 (the guest is not trusted).
+fn read_updates(out: &[u8], entities: usize) -> Result<Vec<Update>, ReducerError> {
+    let contract = |e: String| ReducerError::Contract(format!("updates: {e}"));
+    let mut r = wire::Reader::new(out);
+    let mut updates = Vec::with_capacity(entities);
+    while !r.is_empty() {
+        let flags = r.u8().map_err(contract)?;
+        if flags & !(wire::KEEP | wire::VIEW | wire::JOIN) != 0 {
+            return Err(contract(format!("unknown flags {flags:#x}")));
+        }
+        let state = if flags & wire::KEEP != 0 {
+            Some(r.frame().map_err(contract)?)
+        } else {
+            None
+        };
+        let mut range =
+            |flag: u8, what: &str| -> Result<Option<std::ops::Range<u32>>, ReducerError> {
+                if flags & flag == 0 {
+                    return Ok(None);
+                }
+                let start = r.u32().map_err(contract)?;
+                let len = r.u32().map_err(contract)?;
+                let end = start
+                    .checked_add(len)
+                    .ok_or_else(|| contract(format!("{what} range overflows")))?;
+                let text = state
+                    .and_then(|s| s.get(start as usize..end as usize))
+                    .ok_or_else(|| contract(format!("{what} range is outside the state")))?;
+                std::str::from_utf8(text).map_err(|_| contract(format!("{what} is not UTF-8")))?;
+                Ok(Some(start..end))
+            };
+        let view = range(wire::VIEW, "view")?;
+        let join = range(wire::JOIN, "join")?;
+        updates.push(Update {
+            state: state.map(<[u8]>::to_vec),
+            view,
+            join,
+        });
+    }
+    if updates.len() != entities {
+        return Err(ReducerError::Contract(format!(
+            "{} updates for {entities} entities",
+            updates.len()
+        )));
+    }
+    Ok(updates)
 }

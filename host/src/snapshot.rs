@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use crate::runtime::{Entity, Kind, Update};
 
-const MAGIC: &[u8; 8] = b"LOGQSNP1";
+const MAGIC: &[u8; 8] = b"LOGQSNP2";
 /// How many snapshots are kept; older ones are deleted after a new one is written.
 const KEEP: usize = 3;
 
@@ -150,8 +150,16 @@ fn encode(s: &Snapshot) -> Vec<u8> {
         });
         put_bytes(&mut out, e.key.as_bytes());
         put_opt(&mut out, u.state.as_deref());
-        put_opt(&mut out, u.view.as_deref().map(str::as_bytes));
-        put_opt(&mut out, u.join.as_deref().map(str::as_bytes));
+        for range in [&u.view, &u.join] {
+            match range {
+                Some(r) => {
+                    out.push(1);
+                    out.extend_from_slice(&r.start.to_le_bytes());
+                    out.extend_from_slice(&r.end.to_le_bytes());
+                }
+                None => out.push(0),
+            }
+        }
     }
     let sum = crate::runtime::sha256_hex(&out);
     out.extend_from_slice(sum.as_bytes());
@@ -189,8 +197,8 @@ fn decode(bytes: &[u8]) -> Result<Snapshot, SnapshotError> {
         };
         let key = r.string()?;
         let state = r.opt()?.map(<[u8]>::to_vec);
-        let view = r.opt()?.map(utf8).transpose()?;
-        let join = r.opt()?.map(utf8).transpose()?;
+        let view = r.range(state.as_deref())?;
+        let join = r.range(state.as_deref())?;
         entities.push((Entity { kind, key }, Update { state, view, join }));
     }
     if !r.0.is_empty() {
@@ -219,10 +227,6 @@ fn put_opt(out: &mut Vec<u8>, b: Option<&[u8]>) {
     }
 }
 
-fn utf8(b: &[u8]) -> Result<String, SnapshotError> {
-    String::from_utf8(b.to_vec()).map_err(|_| SnapshotError::Corrupt("text is not UTF-8".into()))
-}
-
 struct Reader<'a>(&'a [u8]);
 
 impl<'a> Reader<'a> {
@@ -247,8 +251,27 @@ impl<'a> Reader<'a> {
         self.take(n)
     }
     fn string(&mut self) -> Result<String, SnapshotError> {
-        utf8(self.bytes()?)
+        String::from_utf8(self.bytes()?.to_vec())
+            .map_err(|_| SnapshotError::Corrupt("text is not UTF-8".into()))
     }
+    /// A range of `state` holding UTF-8 text (an answer or a join key), checked.
+    fn range(
+        &mut self,
+        state: Option<&[u8]>,
+    ) -> Result<Option<std::ops::Range<u32>>, SnapshotError> {
+        if self.take(1)?[0] == 0 {
+            return Ok(None);
+        }
+        let start = u32::from_le_bytes(self.array()?);
+        let end = u32::from_le_bytes(self.array()?);
+        let text = state
+            .and_then(|s| s.get(start as usize..end as usize))
+            .ok_or_else(|| SnapshotError::Corrupt("a range is outside its state".into()))?;
+        std::str::from_utf8(text)
+            .map_err(|_| SnapshotError::Corrupt("text is not UTF-8".into()))?;
+        Ok(Some(start..end))
+    }
+
     fn opt(&mut self) -> Result<Option<&'a [u8]>, SnapshotError> {
         match self.take(1)?[0] {
             0 => Ok(None),
@@ -275,11 +298,7 @@ mod tests {
                         kind: Kind::User,
                         key: "u".into(),
                     },
-                    Update {
-                        state: Some(vec![1, 2, 3]),
-                        view: Some("{\"id\":\"u\"}".into()),
-                        join: Some("MGS".into()),
-                    },
+                    crate::state::test_update(Some("{\"id\":\"u\"}"), Some("MGS")),
                 ),
                 (
                     Entity {

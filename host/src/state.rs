@@ -2,20 +2,54 @@
 //! the join of users to organizations by name.
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::{Arc, RwLock};
+use std::sync::RwLock;
 
 use crate::runtime::{Entity, Kind, Update};
 
-/// One stored entity.
+/// One stored entity: one buffer, nothing twice.
 #[derive(Debug, Clone)]
 struct Entry {
     /// What the reducer hands itself next time.
     state: Box<[u8]>,
-    /// The JSON answer; `None` while not visible. An `Arc` so readers copy a pointer
-    /// under the lock and do the rest outside it.
-    view: Option<Arc<str>>,
-    /// Organization name (for a user: the one it joins; for an organization: its own).
-    join: Option<Box<str>>,
+    /// The JSON answer's range in `state`; `None` while not visible.
+    view: Option<(u32, u32)>,
+    /// The organization name's range in `state` (for a user: the one it joins; for an
+    /// organization: its own).
+    join: Option<(u32, u32)>,
+}
+
+impl Entry {
+    fn new(update: Update) -> Option<Self> {
+        let range = |r: Option<std::ops::Range<u32>>| r.map(|r| (r.start, r.end));
+        Some(Self {
+            state: update.state?.into_boxed_slice(),
+            view: range(update.view),
+            join: range(update.join),
+        })
+    }
+
+    fn text(&self, range: Option<(u32, u32)>) -> Option<&str> {
+        let (start, end) = range?;
+        // The runtime checked that the range is inside the state and UTF-8.
+        std::str::from_utf8(self.state.get(start as usize..end as usize)?).ok()
+    }
+
+    fn view(&self) -> Option<&str> {
+        self.text(self.view)
+    }
+
+    fn join(&self) -> Option<&str> {
+        self.text(self.join)
+    }
+
+    fn update(&self) -> Update {
+        let range = |r: Option<(u32, u32)>| r.map(|(s, e)| s..e);
+        Update {
+            state: Some(self.state.to_vec()),
+            view: range(self.view),
+            join: range(self.join),
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -36,6 +70,9 @@ pub struct Sizes {
     pub users_stored: usize,
     /// Organizations kept.
     pub organizations: usize,
+    /// Bytes of user keys and states held (what the users cost before allocator and
+    /// hash-table overhead).
+    pub user_bytes: usize,
 }
 
 /// All state the host owns, shared by the ingest thread (one writer) and HTTP readers.
@@ -53,17 +90,13 @@ impl StateStore {
         Self::default()
     }
 
-    /// Current states of `entities`, for the reducer to fold into.
-    pub fn prior(&self, entities: &[Entity]) -> Vec<Option<Vec<u8>>> {
+    /// Current states of `entities`, framed for the reducer to fold into.
+    pub fn prior(&self, entities: &[Entity], out: &mut Vec<u8>) {
         let maps = self.read();
-        entities
-            .iter()
-            .map(|e| {
-                maps.map(e.kind)
-                    .get(e.key.as_str())
-                    .map(|entry| entry.state.to_vec())
-            })
-            .collect()
+        for e in entities {
+            let state = maps.map(e.kind).get(e.key.as_str()).map(|e| &*e.state);
+            crate::runtime::put_prior(out, state);
+        }
     }
 
     /// Stores the reducer's updates, all under one write lock so a reader sees the
@@ -71,22 +104,20 @@ impl StateStore {
     pub fn apply(&self, entities: &[Entity], updates: Vec<Update>) {
         let mut maps = self.write();
         for (entity, update) in entities.iter().zip(updates) {
-            let key: Box<str> = entity.key.as_str().into();
-            let new = update.state.map(|state| Entry {
-                state: state.into_boxed_slice(),
-                view: update.view.map(Arc::from),
-                join: update.join.map(Box::from),
-            });
+            let key = entity.key.as_str();
+            let new = Entry::new(update);
             match entity.kind {
-                Kind::User => match new {
-                    Some(entry) => {
-                        maps.users.insert(key, entry);
+                Kind::User => match (new, maps.users.get_mut(key)) {
+                    // Most updates replace an entry: keep its key, allocate nothing.
+                    (Some(entry), Some(old)) => *old = entry,
+                    (Some(entry), None) => {
+                        maps.users.insert(key.into(), entry);
                     }
-                    None => {
-                        maps.users.remove(&key);
+                    (None, _) => {
+                        maps.users.remove(key);
                     }
                 },
-                Kind::Organization => maps.put_organization(key, new),
+                Kind::Organization => maps.put_organization(key.into(), new),
             }
         }
     }
@@ -108,11 +139,7 @@ impl StateStore {
                     kind,
                     key: key.to_string(),
                 },
-                Update {
-                    state: Some(e.state.to_vec()),
-                    view: e.view.as_deref().map(str::to_owned),
-                    join: e.join.as_deref().map(str::to_owned),
-                },
+                e.update(),
             )
         };
         let users = maps.users.iter().map(|(k, e)| entry(Kind::User, k, e));
@@ -133,25 +160,27 @@ impl StateStore {
 
     /// The answer for user `id`: its view joined with its organization's.
     pub fn user(&self, id: &str) -> Option<String> {
-        let (view, org) = {
-            let maps = self.read();
-            let entry = maps.users.get(id)?;
-            let view = entry.view.clone()?;
-            let org = entry
-                .join
-                .as_deref()
-                .and_then(|name| maps.by_name.get(name))
-                .and_then(|keys| keys.first())
-                .and_then(|key| maps.organizations.get(key))
-                .and_then(|o| o.view.clone());
-            (view, org)
-        };
-        Some(join_view(&view, org.as_deref()))
+        let maps = self.read();
+        let entry = maps.users.get(id)?;
+        let view = entry.view()?;
+        let org = entry
+            .join()
+            .and_then(|name| maps.by_name.get(name))
+            .and_then(|keys| keys.first())
+            .and_then(|key| maps.organizations.get(key))
+            .and_then(Entry::view);
+        // Copying a few hundred bytes under the read lock is cheaper than sharing
+        // pointers to them; the writer holds the lock only to swap a batch in.
+        Some(join_view(view, org))
     }
 
     /// The answer for organization `key`.
-    pub fn organization(&self, key: &str) -> Option<Arc<str>> {
-        self.read().organizations.get(key)?.view.clone()
+    pub fn organization(&self, key: &str) -> Option<String> {
+        self.read()
+            .organizations
+            .get(key)?
+            .view()
+            .map(str::to_owned)
     }
 
     /// How much is stored.
@@ -161,6 +190,11 @@ impl StateStore {
             users_visible: maps.users.values().filter(|e| e.view.is_some()).count(),
             users_stored: maps.users.len(),
             organizations: maps.organizations.len(),
+            user_bytes: maps
+                .users
+                .iter()
+                .map(|(k, e)| k.len() + e.state.len())
+                .sum(),
         }
     }
 
@@ -184,20 +218,22 @@ impl Maps {
     }
 
     fn put_organization(&mut self, key: Box<str>, new: Option<Entry>) {
+        let name_of = |e: &Entry| e.join().map(Box::<str>::from);
         let old = match new {
             Some(entry) => {
-                if let Some(name) = &entry.join {
+                let name = name_of(&entry);
+                if let Some(name) = &name {
                     self.by_name
                         .entry(name.clone())
                         .or_default()
                         .insert(key.clone());
                 }
-                let old_name = self.organizations.insert(key.clone(), entry.clone());
-                old_name
-                    .and_then(|o| o.join)
-                    .filter(|n| Some(n) != entry.join.as_ref())
+                let old = self.organizations.insert(key.clone(), entry);
+                old.as_ref()
+                    .and_then(name_of)
+                    .filter(|n| Some(n) != name.as_ref())
             }
-            None => self.organizations.remove(&key).and_then(|o| o.join),
+            None => self.organizations.remove(&key).as_ref().and_then(name_of),
         };
         if let Some(old_name) = old
             && let Some(keys) = self.by_name.get_mut(&old_name)
@@ -207,6 +243,27 @@ impl Maps {
                 self.by_name.remove(&old_name);
             }
         }
+    }
+}
+
+/// An update whose state holds `view` and `join` (and a marker byte), the way a
+/// reducer lays them out.
+#[cfg(test)]
+pub(crate) fn test_update(view: Option<&str>, join: Option<&str>) -> Update {
+    let mut state = b"s".to_vec();
+    let mut put = |text: Option<&str>| {
+        text.map(|t| {
+            let start = state.len() as u32;
+            state.extend_from_slice(t.as_bytes());
+            start..state.len() as u32
+        })
+    };
+    let view = put(view);
+    let join = put(join);
+    Update {
+        state: Some(state),
+        view,
+        join,
     }
 }
 
@@ -239,11 +296,7 @@ mod tests {
     }
 
     fn update(view: Option<&str>, join: Option<&str>) -> Update {
-        Update {
-            state: Some(b"s".to_vec()),
-            view: view.map(str::to_owned),
-            join: join.map(str::to_owned),
-        }
+        test_update(view, join)
     }
 
     #[test]
@@ -316,7 +369,7 @@ mod tests {
             &u,
             vec![Update {
                 state: None,
-                view: Some("{}".into()),
+                view: Some(0..2),
                 join: None,
             }],
         );

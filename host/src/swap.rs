@@ -433,9 +433,13 @@ pub fn canary(reducer: &Reducer, recent: &[Input]) -> Result<(), String> {
             continue;
         }
         let folded = reducer
-            .fold(batch, |entities| vec![None; entities.len()])
+            .fold(batch, |entities, out| {
+                for _ in entities {
+                    crate::runtime::put_prior(out, None);
+                }
+            })
             .map_err(|e| format!("on {name}: {e}"))?;
-        for view in folded.updates.iter().filter_map(|u| u.view.as_deref()) {
+        for view in folded.updates.iter().filter_map(|u| u.view()) {
             let parsed: Result<serde_json::Map<String, serde_json::Value>, _> =
                 serde_json::from_str(view);
             if let Err(e) = parsed {

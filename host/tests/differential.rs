@@ -26,17 +26,10 @@ fn reducer() -> &'static Reducer {
     })
 }
 
-fn native_source(s: runtime::Source) -> logq_reducer::Source {
-    match s {
-        runtime::Source::Users => logq_reducer::Source::Users,
-        runtime::Source::Organizations => logq_reducer::Source::Organizations,
-    }
-}
-
-fn native_kind(k: runtime::Kind) -> logq_reducer::Kind {
-    match k {
-        runtime::Kind::User => logq_reducer::Kind::User,
-        runtime::Kind::Organization => logq_reducer::Kind::Organization,
+/// Prior states for a batch of entities the host has never seen.
+fn none(entities: &[runtime::Entity], out: &mut Vec<u8>) {
+    for _ in entities {
+        runtime::put_prior(out, None);
     }
 }
 
@@ -47,22 +40,14 @@ fn compare(batches: &[Vec<Input>]) -> Result<(), TestCaseError> {
     let mut native_state = wasm_state.clone();
     for inputs in batches {
         let folded = reducer()
-            .fold(inputs, |entities| {
-                entities
-                    .iter()
-                    .map(|e| {
-                        wasm_state
-                            .get(&(native_kind(e.kind), e.key.clone()))
-                            .cloned()
-                    })
-                    .collect()
+            .fold(inputs, |entities, out| {
+                for e in entities {
+                    let state = wasm_state.get(&(e.kind, e.key.clone()));
+                    runtime::put_prior(out, state.map(Vec::as_slice));
+                }
             })
             .map_err(|e| TestCaseError::fail(format!("wasm fold failed: {e}")))?;
-        let batch = logq_reducer::Batch::new(
-            inputs
-                .iter()
-                .map(|i| (native_source(i.source), i.value.as_slice())),
-        );
+        let batch = logq_reducer::Batch::new(inputs.iter().map(|i| (i.source, i.value.as_slice())));
         let plan = batch.plan();
         let prior: Vec<Option<&[u8]>> = plan
             .entities
@@ -79,7 +64,7 @@ fn compare(batches: &[Vec<Input>]) -> Result<(), TestCaseError> {
             .plan
             .entities
             .iter()
-            .map(|e| (native_kind(e.kind), e.key.clone()))
+            .map(|e| (e.kind, e.key.clone()))
             .collect();
         let native_entities: Vec<_> = plan
             .entities
@@ -210,7 +195,7 @@ fn the_component_imports_nothing_and_a_non_component_is_refused() {
         .expect("loads")
         .meta()
         .clone();
-    assert_eq!(meta.world_version, "1.0.0");
+    assert_eq!(meta.world_version, "2.0.0");
     assert_eq!(meta.sha256.len(), 64);
     for junk in [&b""[..], b"not wasm at all"] {
         let err = rt.load(junk).err().expect("refused");
@@ -238,7 +223,7 @@ fn test_trigger_reducer_is_contained_by_the_limits() {
                 source: runtime::Source::Users,
                 value: value.into_bytes(),
             }],
-            |e| vec![None; e.len()],
+            none,
         )
     };
     assert!(matches!(fold("logq-test:trap"), Err(ReducerError::Trap(_))));
@@ -269,13 +254,13 @@ fn wrong_worlds_and_imports_are_refused_at_load() {
             "(component (import \"wasi:cli/environment@0.2.0\" (instance)))",
             "imports wasi:cli/environment@0.2.0",
         ),
-        ("(component)", "does not export logq:reducer/fold@1.x"),
-        (
-            "(component (instance $i) (export \"logq:reducer/fold@2.0.0\" (instance $i)))",
-            "built against logq:reducer/fold@2.0.0",
-        ),
+        ("(component)", "does not export logq:reducer/fold@2.x"),
         (
             "(component (instance $i) (export \"logq:reducer/fold@1.0.0\" (instance $i)))",
+            "built against logq:reducer/fold@1.0.0",
+        ),
+        (
+            "(component (instance $i) (export \"logq:reducer/fold@2.0.0\" (instance $i)))",
             "does not match the reducer world",
         ),
     ];
@@ -305,8 +290,8 @@ fn compiled_reducers_are_cached_by_sha256() {
         source: runtime::Source::Users,
         value: std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/../data/users.json")).unwrap(),
     }];
-    let a = first.fold(&inputs, |e| vec![None; e.len()]).unwrap();
-    let b = second.fold(&inputs, |e| vec![None; e.len()]).unwrap();
+    let a = first.fold(&inputs, none).unwrap();
+    let b = second.fold(&inputs, none).unwrap();
     assert_eq!(format!("{:?}", a.updates), format!("{:?}", b.updates));
     let _ = std::fs::remove_dir_all(&dir);
 }

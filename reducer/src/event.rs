@@ -2,15 +2,45 @@
 
 use std::borrow::Cow;
 
-use serde::Deserialize;
-use serde_json::value::RawValue;
-
 use crate::Source;
+use crate::json::{self, Value};
 use crate::time::{self, Micros};
 
 /// Keys longer than this are refused: they are almost surely not ids, and every
 /// byte of a key is kept in memory for as long as the entity lives.
 pub const MAX_KEY_BYTES: usize = 1024;
+
+/// A string of a batch's events, kept in the batch's [`Arena`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Span {
+    start: usize,
+    len: usize,
+}
+
+/// Every string a batch decodes, in one buffer: one growing allocation per batch
+/// instead of several per event.
+#[derive(Debug, Default)]
+pub struct Arena(String);
+
+impl Arena {
+    /// Keeps `s`; the span reads it back.
+    pub fn push(&mut self, s: &str) -> Span {
+        let start = self.0.len();
+        self.0.push_str(s);
+        Span {
+            start,
+            len: s.len(),
+        }
+    }
+
+    /// The string behind `span`.
+    pub fn get(&self, span: Span) -> &str {
+        // Spans are only made by `push`, on char boundaries of this buffer.
+        self.0
+            .get(span.start..span.start + span.len)
+            .unwrap_or_default()
+    }
+}
 
 /// What a user event does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -23,37 +53,35 @@ pub enum Action {
     Deleted,
 }
 
-/// The user fields an event can set, in a fixed order (see [`USER_FIELDS`]).
-pub type UserFields = [Option<String>; 4];
-
-/// JSON names of the user fields, in the order of [`UserFields`].
+/// JSON names of the user fields, in the order of [`UserEvent::fields`].
 pub const USER_FIELDS: [&str; 4] = ["username", "user_email", "user_type", "organization_name"];
 
-/// Index of `organization_name` in [`UserFields`]: the join key.
+/// Index of `organization_name` in [`USER_FIELDS`]: the join key.
 pub const ORGANIZATION_NAME: usize = 3;
 
-/// One decoded user event.
+/// One decoded user event; its strings are in the batch's [`Arena`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UserEvent {
     /// The user's `id`.
-    pub id: String,
+    pub id: Span,
     /// What happened.
     pub action: Action,
     /// `received_at`: event time.
     pub at: Micros,
-    /// Fields the event carries; `None` where absent or null.
-    pub fields: UserFields,
+    /// Fields the event carries, in the order of [`USER_FIELDS`]; `None` where absent
+    /// or null.
+    pub fields: [Option<Span>; 4],
 }
 
-/// One decoded organization event.
+/// One decoded organization event; its strings are in the batch's [`Arena`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OrgEvent {
     /// `organization_key`: the organization's identity.
-    pub key: String,
+    pub key: Span,
     /// `organization_name`: what users join on.
-    pub name: String,
+    pub name: Span,
     /// `organization_tier`, if given.
-    pub tier: Option<String>,
+    pub tier: Option<Span>,
     /// `created_at`.
     pub created_at: Micros,
     /// Which of two events for one key wins: `updated_at` (or `received_at`) when the
@@ -70,6 +98,16 @@ pub enum Event {
     Org(OrgEvent),
 }
 
+impl Event {
+    /// The key of the entity the event touches.
+    pub fn key(&self) -> Span {
+        match self {
+            Event::User(u) => u.id,
+            Event::Org(o) => o.key,
+        }
+    }
+}
+
 /// An event that could not be decoded.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Refusal {
@@ -80,43 +118,61 @@ pub struct Refusal {
     pub reason: String,
 }
 
-#[derive(Deserialize)]
+/// The members of a user event this reducer reads.
+#[derive(Default)]
 struct RawUser<'a> {
-    #[serde(borrow)]
     id: Option<Cow<'a, str>>,
-    #[serde(borrow)]
     event_type: Option<Cow<'a, str>>,
-    #[serde(borrow)]
     received_at: Option<Cow<'a, str>>,
-    #[serde(borrow)]
-    username: Option<Cow<'a, str>>,
-    #[serde(borrow)]
-    user_email: Option<Cow<'a, str>>,
-    #[serde(borrow)]
-    user_type: Option<Cow<'a, str>>,
-    #[serde(borrow)]
-    organization_name: Option<Cow<'a, str>>,
+    fields: [Option<Cow<'a, str>>; 4],
 }
 
-#[derive(Deserialize)]
+/// The members of an organization event this reducer reads.
+#[derive(Default)]
 struct RawOrg<'a> {
-    #[serde(borrow)]
     organization_key: Option<Cow<'a, str>>,
-    #[serde(borrow)]
     organization_name: Option<Cow<'a, str>>,
-    #[serde(borrow)]
     organization_tier: Option<Cow<'a, str>>,
-    #[serde(borrow)]
     created_at: Option<Cow<'a, str>>,
-    #[serde(borrow)]
     updated_at: Option<Cow<'a, str>>,
-    #[serde(borrow)]
     received_at: Option<Cow<'a, str>>,
+}
+
+/// Stores one member read by [`json::object`]: strings and null only, each at most
+/// once (a repeated member would make the event ambiguous).
+fn member<'a>(
+    seen: &mut u16,
+    bit: u16,
+    name: &str,
+    slot: &mut Option<Cow<'a, str>>,
+    value: Value<'a>,
+) -> Result<(), String> {
+    if *seen & bit != 0 {
+        return Err(format!("invalid JSON: duplicate field `{name}`"));
+    }
+    *seen |= bit;
+    match value {
+        Value::Str(s) => *slot = Some(s),
+        Value::Null => *slot = None,
+        Value::Other(kind) => {
+            return Err(format!(
+                "wrong field type: field `{name}` must be a string or null, found {kind}"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Decodes one record value: a JSON object or a JSON array of objects. Each event is
 /// decoded on its own, so one bad element of an array does not cost the others.
-pub fn decode(source: Source, value: &[u8], out: &mut Vec<Event>, refused: &mut Vec<Refusal>) {
+/// Strings go to `arena`.
+pub fn decode(
+    source: Source,
+    value: &[u8],
+    arena: &mut Arena,
+    out: &mut Vec<Event>,
+    refused: &mut Vec<Refusal>,
+) {
     let whole = |reason: String| Refusal {
         event: None,
         reason,
@@ -125,12 +181,25 @@ pub fn decode(source: Source, value: &[u8], out: &mut Vec<Event>, refused: &mut 
         refused.push(whole("record value is empty".into()));
         return;
     };
+    let text = match std::str::from_utf8(value) {
+        Ok(text) => text,
+        Err(e) => {
+            refused.push(whole(format!(
+                "invalid JSON: the record is not UTF-8 (byte {})",
+                e.valid_up_to()
+            )));
+            return;
+        }
+    };
     if first == b'[' {
-        match serde_json::from_slice::<Vec<&RawValue>>(value) {
+        match json::array_items(text) {
+            Ok(items) if items.is_empty() => {
+                refused.push(whole("the record is an empty JSON array: no events".into()));
+            }
             Ok(items) => {
                 for (i, item) in items.into_iter().enumerate() {
                     let index = u32::try_from(i).unwrap_or(u32::MAX);
-                    match decode_one(source, item.get().as_bytes()) {
+                    match decode_one(source, item, arena) {
                         Ok(event) => out.push(event),
                         Err(reason) => refused.push(Refusal {
                             event: Some(index),
@@ -142,36 +211,56 @@ pub fn decode(source: Source, value: &[u8], out: &mut Vec<Event>, refused: &mut 
             Err(e) => refused.push(whole(format!("invalid JSON array: {e}"))),
         }
     } else {
-        match decode_one(source, value) {
+        match decode_one(source, text, arena) {
             Ok(event) => out.push(event),
             Err(reason) => refused.push(whole(reason)),
         }
     }
 }
 
-fn decode_one(source: Source, json: &[u8]) -> Result<Event, String> {
+fn decode_one(source: Source, json: &str, arena: &mut Arena) -> Result<Event, String> {
+    let mut seen = 0u16;
     match source {
         Source::Users => {
-            let raw: RawUser = serde_json::from_slice(json).map_err(json_error)?;
-            user_event(raw).map(Event::User)
+            let mut raw = RawUser::default();
+            json::object(json, |name, value| {
+                let (bit, slot) = match name {
+                    "id" => (1, &mut raw.id),
+                    "event_type" => (2, &mut raw.event_type),
+                    "received_at" => (4, &mut raw.received_at),
+                    "username" => (8, &mut raw.fields[0]),
+                    "user_email" => (16, &mut raw.fields[1]),
+                    "user_type" => (32, &mut raw.fields[2]),
+                    "organization_name" => (64, &mut raw.fields[3]),
+                    _ => return Ok(()),
+                };
+                member(&mut seen, bit, name, slot, value)
+            })?;
+            user_event(raw, arena).map(Event::User)
         }
         Source::Organizations => {
-            let raw: RawOrg = serde_json::from_slice(json).map_err(json_error)?;
-            org_event(raw).map(Event::Org)
+            let mut raw = RawOrg::default();
+            json::object(json, |name, value| {
+                let (bit, slot) = match name {
+                    "organization_key" => (1, &mut raw.organization_key),
+                    "organization_name" => (2, &mut raw.organization_name),
+                    "organization_tier" => (4, &mut raw.organization_tier),
+                    "created_at" => (8, &mut raw.created_at),
+                    "updated_at" => (16, &mut raw.updated_at),
+                    "received_at" => (32, &mut raw.received_at),
+                    _ => return Ok(()),
+                };
+                member(&mut seen, bit, name, slot, value)
+            })?;
+            org_event(raw, arena).map(Event::Org)
         }
     }
 }
 
-fn json_error(e: serde_json::Error) -> String {
-    if e.is_data() {
-        format!("wrong field type: {e}")
-    } else {
-        format!("invalid JSON: {e}")
-    }
-}
-
-fn required_key(name: &str, value: Option<Cow<'_, str>>) -> Result<String, String> {
-    let value = value.ok_or_else(|| format!("missing field `{name}`"))?;
+fn required_key<'a>(name: &str, value: &'a Option<Cow<'_, str>>) -> Result<&'a str, String> {
+    let value = value
+        .as_deref()
+        .ok_or_else(|| format!("missing field `{name}`"))?;
     if value.trim().is_empty() {
         return Err(format!("field `{name}` is empty"));
     }
@@ -181,38 +270,40 @@ fn required_key(name: &str, value: Option<Cow<'_, str>>) -> Result<String, Strin
             value.len()
         ));
     }
-    Ok(value.into_owned())
+    Ok(value)
 }
 
-fn timestamp(name: &str, value: Option<Cow<'_, str>>) -> Result<Micros, String> {
+fn timestamp(name: &str, value: Option<&str>) -> Result<Micros, String> {
     let value = value.ok_or_else(|| format!("missing field `{name}`"))?;
-    time::parse(&value).map_err(|e| format!("field `{name}`: {e}"))
+    time::parse(value).map_err(|e| format!("field `{name}`: {e}"))
 }
 
+/// Reads `event_type`, accepting the documented spelling and its obvious variants
+/// ("user_created", "USER CREATED"): producers differ, the meaning does not.
 fn action(event_type: &str) -> Option<Action> {
-    // Accept the documented spelling and its obvious variants ("user_created",
-    // "USER CREATED"): producers differ, the meaning does not.
-    let normalized: String = event_type
-        .trim()
-        .chars()
-        .map(|c| {
-            if c == '_' || c == '-' {
-                ' '
-            } else {
-                c.to_ascii_lowercase()
-            }
-        })
-        .collect();
-    match normalized.as_str() {
-        "user created" => Some(Action::Created),
-        "user updated" => Some(Action::Updated),
-        "user deleted" => Some(Action::Deleted),
-        _ => None,
+    let t = event_type.trim().as_bytes();
+    let (prefix, verb) = (t.get(..5)?, t.get(5..)?);
+    let same = |a: &[u8], b: &[u8]| {
+        a.len() == b.len()
+            && a.iter().zip(b).all(|(&x, &y)| {
+                let x = if x == b'_' || x == b'-' { b' ' } else { x };
+                x.eq_ignore_ascii_case(&y)
+            })
+    };
+    if !same(prefix, b"user ") {
+        return None;
     }
+    [
+        (&b"created"[..], Action::Created),
+        (b"updated", Action::Updated),
+        (b"deleted", Action::Deleted),
+    ]
+    .into_iter()
+    .find_map(|(name, action)| same(verb, name).then_some(action))
 }
 
-fn user_event(raw: RawUser<'_>) -> Result<UserEvent, String> {
-    let id = required_key("id", raw.id)?;
+fn user_event(raw: RawUser<'_>, arena: &mut Arena) -> Result<UserEvent, String> {
+    let id = required_key("id", &raw.id)?;
     let event_type = raw.event_type.ok_or("missing field `event_type`")?;
     let action = action(&event_type).ok_or_else(|| {
         format!(
@@ -220,14 +311,9 @@ fn user_event(raw: RawUser<'_>) -> Result<UserEvent, String> {
             event_type.chars().take(64).collect::<String>()
         )
     })?;
-    let at = timestamp("received_at", raw.received_at)?;
-    let fields = [
-        raw.username,
-        raw.user_email,
-        raw.user_type,
-        raw.organization_name,
-    ]
-    .map(|f| f.map(Cow::into_owned));
+    let at = timestamp("received_at", raw.received_at.as_deref())?;
+    let id = arena.push(id);
+    let fields = raw.fields.map(|f| f.map(|f| arena.push(&f)));
     Ok(UserEvent {
         id,
         action,
@@ -236,19 +322,19 @@ fn user_event(raw: RawUser<'_>) -> Result<UserEvent, String> {
     })
 }
 
-fn org_event(raw: RawOrg<'_>) -> Result<OrgEvent, String> {
-    let key = required_key("organization_key", raw.organization_key)?;
-    let name = required_key("organization_name", raw.organization_name)?;
-    let created_at = timestamp("created_at", raw.created_at)?;
-    let version = match (raw.updated_at, raw.received_at) {
+fn org_event(raw: RawOrg<'_>, arena: &mut Arena) -> Result<OrgEvent, String> {
+    let key = required_key("organization_key", &raw.organization_key)?;
+    let name = required_key("organization_name", &raw.organization_name)?;
+    let created_at = timestamp("created_at", raw.created_at.as_deref())?;
+    let version = match (raw.updated_at.as_deref(), raw.received_at.as_deref()) {
         (Some(t), _) => timestamp("updated_at", Some(t))?,
         (None, Some(t)) => timestamp("received_at", Some(t))?,
         (None, None) => created_at,
     };
     Ok(OrgEvent {
-        key,
-        name,
-        tier: raw.organization_tier.map(Cow::into_owned),
+        key: arena.push(key),
+        name: arena.push(name),
+        tier: raw.organization_tier.map(|t| arena.push(&t)),
         created_at,
         version,
     })
@@ -259,14 +345,20 @@ mod tests {
     use super::*;
 
     fn run(source: Source, value: &str) -> (Vec<Event>, Vec<Refusal>) {
+        run_in(&mut Arena::default(), source, value)
+    }
+
+    fn run_in(arena: &mut Arena, source: Source, value: &str) -> (Vec<Event>, Vec<Refusal>) {
         let (mut out, mut refused) = (Vec::new(), Vec::new());
-        decode(source, value.as_bytes(), &mut out, &mut refused);
+        decode(source, value.as_bytes(), arena, &mut out, &mut refused);
         (out, refused)
     }
 
     #[test]
     fn seed_user_event_decodes() {
-        let (events, refused) = run(
+        let mut arena = Arena::default();
+        let (events, refused) = run_in(
+            &mut arena,
             Source::Users,
             r#"{"id":"069f","event_type":"User Created","username":"Snake","user_email":"s@o.com",
                "user_type":"Admin","organization_name":"Metal Gear Solid","received_at":"2020-12-08 20:03:16.759617"}"#,
@@ -275,10 +367,10 @@ mod tests {
         let Event::User(u) = &events[0] else {
             panic!("not a user event: {events:?}")
         };
-        assert_eq!(u.id, "069f");
+        assert_eq!(arena.get(u.id), "069f");
         assert_eq!(u.action, Action::Created);
         assert_eq!(
-            u.fields[ORGANIZATION_NAME].as_deref(),
+            u.fields[ORGANIZATION_NAME].map(|s| arena.get(s)),
             Some("Metal Gear Solid")
         );
         assert_eq!(u.at, time::parse("2020-12-08 20:03:16.759617").unwrap());
@@ -311,6 +403,7 @@ mod tests {
     fn every_kind_of_bad_record_gets_a_reason() {
         let cases = [
             ("", "empty"),
+            (" [ ] ", "empty JSON array"),
             ("   ", "empty"),
             ("{\"id\":", "invalid JSON"),
             ("[{\"id\":\"a\"}", "invalid JSON array"),

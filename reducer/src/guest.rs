@@ -21,34 +21,18 @@ impl wit::Guest for Component {
 struct GuestBatch(crate::Batch);
 
 impl wit::GuestBatch for GuestBatch {
-    fn new(inputs: Vec<wit::Input>) -> Self {
+    fn new(records: Vec<u8>) -> Self {
         #[cfg(feature = "test-triggers")]
-        for i in &inputs {
-            crate::test_triggers::misbehave(&i.value);
-        }
-        Self(crate::Batch::new(inputs.iter().map(|i| {
-            let source = match i.source {
-                wit::Source::Users => crate::Source::Users,
-                wit::Source::Organizations => crate::Source::Organizations,
-            };
-            (source, i.value.as_slice())
-        })))
+        crate::test_triggers::misbehave(&records);
+        // The host frames the records; broken framing is a host bug: trap.
+        Self(crate::Batch::from_records(&records).unwrap_or_else(|e| panic!("{e}")))
     }
 
     fn plan(&self) -> wit::Plan {
         let plan = self.0.plan();
         wit::Plan {
-            entities: plan
-                .entities
-                .iter()
-                .map(|e| wit::Entity {
-                    kind: match e.kind {
-                        crate::Kind::User => wit::Kind::User,
-                        crate::Kind::Organization => wit::Kind::Organization,
-                    },
-                    key: e.key.clone(),
-                })
-                .collect(),
+            entities: self.0.entities_framed(),
+            entity_count: u32::try_from(plan.entities.len()).unwrap_or(u32::MAX),
             rejections: plan
                 .rejections
                 .iter()
@@ -62,17 +46,8 @@ impl wit::GuestBatch for GuestBatch {
         }
     }
 
-    fn fold(&self, prior: Vec<Option<Vec<u8>>>) -> Result<Vec<wit::Update>, String> {
-        let prior: Vec<Option<&[u8]>> = prior.iter().map(Option::as_deref).collect();
-        let updates = self.0.fold(&prior)?;
-        Ok(updates
-            .into_iter()
-            .map(|u| wit::Update {
-                state: u.state,
-                view: u.view,
-                join: u.join,
-            })
-            .collect())
+    fn fold(&self, prior: Vec<u8>) -> Result<Vec<u8>, String> {
+        self.0.fold_framed(&prior)
     }
 }
 

@@ -4,25 +4,35 @@
 //! Every fold here is a merge in a join-semilattice: each piece of state only moves
 //! "up" (a later time, or a larger value on a tie), so folding a set of events gives
 //! the same state whatever their order and however often each arrives.
+//!
+//! Encoding: `[body][header][u32 header length]`. The body is the JSON answer followed
+//! by whatever strings the answer does not show verbatim; the header (tag, times,
+//! where each field's value is in the body) is binary. The answer and the join key are
+//! ranges of the state, so the host keeps each string once.
 
-use crate::event::{Action, ORGANIZATION_NAME, OrgEvent, USER_FIELDS, UserEvent, UserFields};
+use std::borrow::Cow;
+use std::ops::Range;
+
+use crate::event::{Action, ORGANIZATION_NAME, USER_FIELDS};
+use crate::json;
 use crate::time::{self, Micros};
 
 /// One user field and the event time that set it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Field {
+pub struct Field<'a> {
     /// The value.
-    pub value: String,
+    pub value: Cow<'a, str>,
     /// Event time of the event that set it.
     pub at: Micros,
 }
 
 /// Everything known about one user id, including a deleted one: the deletion time is
-/// kept so that older events never bring the user back.
+/// kept so that older events never bring the user back. Strings are borrowed from the
+/// prior state or the batch's events where possible.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct UserState {
+pub struct UserState<'a> {
     /// The user's id.
-    pub id: String,
+    pub id: &'a str,
     /// Time of the newest "User Created".
     pub created: Option<Micros>,
     /// Time of the newest "User Deleted".
@@ -30,12 +40,23 @@ pub struct UserState {
     /// Time of the newest "User Created" or "User Updated".
     pub touched: Option<Micros>,
     /// Field values, in the order of [`USER_FIELDS`].
-    pub fields: [Option<Field>; 4],
+    pub fields: [Option<Field<'a>>; 4],
 }
 
-impl UserState {
+/// An encoded state, with where its answer and join key are inside it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Encoded {
+    /// The state bytes.
+    pub state: Vec<u8>,
+    /// The JSON answer's range in `state`, when visible.
+    pub view: Option<Range<u32>>,
+    /// The join key's range in `state`.
+    pub join: Option<Range<u32>>,
+}
+
+impl<'a> UserState<'a> {
     /// A user nothing is known about yet.
-    pub fn new(id: String) -> Self {
+    pub fn new(id: &'a str) -> Self {
         Self {
             id,
             created: None,
@@ -45,7 +66,7 @@ impl UserState {
         }
     }
 
-    /// Folds one event in.
+    /// Folds one event in: `fields` in the order of [`USER_FIELDS`].
     ///
     /// Rules (each holds in any order):
     /// - a field takes a value only from an event newer than the one that set it
@@ -54,32 +75,32 @@ impl UserState {
     ///   are dropped;
     /// - "User Deleted" drops every field set at or before it; the user is visible
     ///   only while its newest Created is newer than its newest Deleted.
-    pub fn apply(&mut self, event: &UserEvent) {
-        match event.action {
+    pub fn apply(&mut self, action: Action, at: Micros, fields: [Option<&'a str>; 4]) {
+        match action {
             Action::Created => {
-                raise(&mut self.created, event.at);
-                raise(&mut self.touched, event.at);
-                self.set_fields(&event.fields, event.at);
+                raise(&mut self.created, at);
+                raise(&mut self.touched, at);
+                self.set_fields(fields, at);
             }
             Action::Updated => {
-                raise(&mut self.touched, event.at);
-                self.set_fields(&event.fields, event.at);
+                raise(&mut self.touched, at);
+                self.set_fields(fields, at);
             }
-            Action::Deleted => raise(&mut self.deleted, event.at),
+            Action::Deleted => raise(&mut self.deleted, at),
         }
         self.prune();
     }
 
-    fn set_fields(&mut self, fields: &UserFields, at: Micros) {
+    fn set_fields(&mut self, fields: [Option<&'a str>; 4], at: Micros) {
         for (slot, value) in self.fields.iter_mut().zip(fields) {
             let Some(value) = value else { continue };
             let newer = match slot {
                 None => true,
-                Some(old) => (at, value.as_str()) > (old.at, old.value.as_str()),
+                Some(old) => (at, value) > (old.at, old.value.as_ref()),
             };
             if newer {
                 *slot = Some(Field {
-                    value: value.clone(),
+                    value: Cow::Borrowed(value),
                     at,
                 });
             }
@@ -108,82 +129,104 @@ impl UserState {
         }
     }
 
-    /// The organization name the user joins on, while visible.
+    /// The organization name the user joins on.
     pub fn organization_name(&self) -> Option<&str> {
         self.fields[ORGANIZATION_NAME]
             .as_ref()
-            .map(|f| f.value.as_str())
+            .map(|f| f.value.as_ref())
     }
 
-    /// The JSON answer without the organization (the host joins that in), or `None`
-    /// while the user is not visible.
-    pub fn view(&self) -> Option<String> {
-        if !self.visible() {
-            return None;
-        }
-        let mut out = String::with_capacity(256);
-        out.push_str("{\"id\":");
-        push_json_str(&mut out, &self.id);
-        for (name, field) in USER_FIELDS.iter().zip(&self.fields) {
-            out.push_str(",\"");
-            out.push_str(name);
-            out.push_str("\":");
-            match field {
-                Some(f) if cfg!(feature = "mask-emails") && *name == "user_email" => {
-                    push_json_str(&mut out, &mask_email(&f.value));
+    /// Encodes the state; while visible, its answer (without the organization, which
+    /// the host joins in) is the start of the body.
+    pub fn encode(&self) -> Encoded {
+        let mut body = String::with_capacity(384);
+        let mut spans: [Option<Span>; 4] = [None; 4];
+        let view = self.visible().then(|| {
+            body.push_str("{\"id\":");
+            push_json_str(&mut body, self.id);
+            for ((name, field), span) in USER_FIELDS.iter().zip(&self.fields).zip(&mut spans) {
+                body.push_str(",\"");
+                body.push_str(name);
+                body.push_str("\":");
+                match field {
+                    Some(f) if cfg!(feature = "mask-emails") && *name == "user_email" => {
+                        push_json_str(&mut body, &mask_email(&f.value));
+                    }
+                    Some(f) => *span = Some(push_json_str(&mut body, &f.value)),
+                    None => body.push_str("null"),
                 }
-                Some(f) => push_json_str(&mut out, &f.value),
-                None => out.push_str("null"),
+            }
+            push_time(&mut body, "created_at", self.created);
+            push_time(&mut body, "updated_at", self.touched);
+            body.push('}');
+            range(0, body.len())
+        });
+        for (field, span) in self.fields.iter().zip(&mut spans) {
+            if let (Some(f), None) = (field, &span) {
+                *span = Some(push_raw(&mut body, &f.value));
             }
         }
-        push_time(&mut out, "created_at", self.created);
-        push_time(&mut out, "updated_at", self.touched);
-        out.push('}');
-        Some(out)
-    }
+        let join = join_span(
+            &mut body,
+            spans[ORGANIZATION_NAME],
+            self.organization_name(),
+        );
 
-    /// Encodes the state for the host to keep.
-    pub fn encode(&self) -> Vec<u8> {
-        let mut w = Writer(Vec::with_capacity(128));
-        w.0.push(USER_TAG);
-        w.str(&self.id);
-        w.opt_time(self.created);
-        w.opt_time(self.deleted);
-        w.opt_time(self.touched);
-        for field in &self.fields {
-            match field {
-                Some(f) => {
-                    w.0.push(1);
-                    w.time(f.at);
-                    w.str(&f.value);
-                }
-                None => w.0.push(0),
+        let mut h = Header::start(body, USER_TAG);
+        let times = [self.created, self.deleted, self.touched];
+        let mut flags = 0u8;
+        for (i, t) in times.iter().enumerate() {
+            flags |= u8::from(t.is_some()) << i;
+        }
+        for (i, s) in spans.iter().enumerate() {
+            flags |= u8::from(s.is_some()) << (3 + i);
+        }
+        h.u8(flags);
+        h.u8(spans.iter().enumerate().fold(0, |acc, (i, s)| {
+            acc | u8::from(s.is_some_and(|s| s.escaped)) << i
+        }));
+        for t in times.into_iter().flatten() {
+            h.time(t);
+        }
+        h.str(self.id);
+        for (field, span) in self.fields.iter().zip(spans) {
+            if let (Some(f), Some(span)) = (field, span) {
+                h.time(f.at);
+                h.span(span);
             }
         }
-        w.0
+        Encoded {
+            state: h.finish(),
+            view,
+            join,
+        }
     }
 
-    /// Decodes what [`UserState::encode`] wrote.
+    /// Decodes what [`UserState::encode`] wrote, borrowing its strings from `bytes`.
     ///
     /// # Errors
     /// When `bytes` is not a user state of this encoding.
-    pub fn decode(bytes: &[u8]) -> Result<Self, String> {
-        let mut r = Reader::new(bytes, USER_TAG)?;
+    pub fn decode(bytes: &'a [u8]) -> Result<Self, String> {
+        let (body, mut r) = split(bytes, USER_TAG)?;
+        let flags = r.u8()?;
+        let escaped = r.u8()?;
+        let mut times = [None; 3];
+        for (i, t) in times.iter_mut().enumerate() {
+            if flags & (1 << i) != 0 {
+                *t = Some(r.time()?);
+            }
+        }
         let id = r.str()?;
-        let created = r.opt_time()?;
-        let deleted = r.opt_time()?;
-        let touched = r.opt_time()?;
-        let mut fields: [Option<Field>; 4] = Default::default();
-        for slot in &mut fields {
-            if r.flag()? {
+        let mut fields: [Option<Field<'a>>; 4] = Default::default();
+        for (i, slot) in fields.iter_mut().enumerate() {
+            if flags & (1 << (3 + i)) != 0 {
                 let at = r.time()?;
-                *slot = Some(Field {
-                    value: r.str()?,
-                    at,
-                });
+                let value = r.value(body, escaped & (1 << i) != 0)?;
+                *slot = Some(Field { value, at });
             }
         }
         r.finish()?;
+        let [created, deleted, touched] = times;
         Ok(Self {
             id,
             created,
@@ -194,80 +237,102 @@ impl UserState {
     }
 }
 
-/// The current record of one organization key.
+/// One organization record: the winning event of its key.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct OrgState {
-    /// The event that won.
-    pub current: OrgEvent,
+pub struct Org<'a> {
+    /// `organization_key`.
+    pub key: Cow<'a, str>,
+    /// `organization_name`: what users join on.
+    pub name: Cow<'a, str>,
+    /// `organization_tier`, if given.
+    pub tier: Option<Cow<'a, str>>,
+    /// `created_at`.
+    pub created_at: Micros,
+    /// The version that decides between two records (see [`crate::event::OrgEvent`]).
+    pub version: Micros,
 }
 
-impl OrgState {
+/// The current record of one organization key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OrgState<'a> {
+    /// The event that won.
+    pub current: Org<'a>,
+}
+
+impl<'a> OrgState<'a> {
     /// The state after its first event.
-    pub fn new(event: &OrgEvent) -> Self {
-        Self {
-            current: event.clone(),
-        }
+    pub fn new(event: Org<'a>) -> Self {
+        Self { current: event }
     }
 
     /// Replaces the organization if `event` is newer (by version; on equal versions the
     /// larger record wins so that the order of arrival does not matter).
-    pub fn apply(&mut self, event: &OrgEvent) {
-        if order_key(event) > order_key(&self.current) {
-            self.current = event.clone();
+    pub fn apply(&mut self, event: Org<'a>) {
+        if order_key(&event) > order_key(&self.current) {
+            self.current = event;
         }
     }
 
-    /// The organization's JSON answer.
-    pub fn view(&self) -> String {
+    /// Encodes the state; its answer is the start of the body.
+    pub fn encode(&self) -> Encoded {
         let o = &self.current;
-        let mut out = String::with_capacity(160);
-        out.push_str("{\"organization_key\":");
-        push_json_str(&mut out, &o.key);
-        out.push_str(",\"organization_name\":");
-        push_json_str(&mut out, &o.name);
-        out.push_str(",\"organization_tier\":");
-        match &o.tier {
-            Some(t) => push_json_str(&mut out, t),
-            None => out.push_str("null"),
-        }
-        push_time(&mut out, "created_at", Some(o.created_at));
-        out.push('}');
-        out
-    }
-
-    /// Encodes the state for the host to keep.
-    pub fn encode(&self) -> Vec<u8> {
-        let o = &self.current;
-        let mut w = Writer(Vec::with_capacity(96));
-        w.0.push(ORG_TAG);
-        w.str(&o.key);
-        w.str(&o.name);
-        match &o.tier {
-            Some(t) => {
-                w.0.push(1);
-                w.str(t);
+        let mut body = String::with_capacity(192);
+        body.push_str("{\"organization_key\":");
+        let key = push_json_str(&mut body, &o.key);
+        body.push_str(",\"organization_name\":");
+        let name = push_json_str(&mut body, &o.name);
+        body.push_str(",\"organization_tier\":");
+        let tier = match &o.tier {
+            Some(t) => Some(push_json_str(&mut body, t)),
+            None => {
+                body.push_str("null");
+                None
             }
-            None => w.0.push(0),
+        };
+        push_time(&mut body, "created_at", Some(o.created_at));
+        body.push('}');
+        let view = range(0, body.len());
+        let join = join_span(&mut body, Some(name), Some(o.name.as_ref()));
+
+        let mut h = Header::start(body, ORG_TAG);
+        let escaped = |s: Option<Span>| u8::from(s.is_some_and(|s| s.escaped));
+        h.u8(u8::from(tier.is_some())
+            | escaped(Some(key)) << 1
+            | escaped(Some(name)) << 2
+            | escaped(tier) << 3);
+        h.time(o.created_at);
+        h.time(o.version);
+        h.span(key);
+        h.span(name);
+        if let Some(t) = tier {
+            h.span(t);
         }
-        w.time(o.created_at);
-        w.time(o.version);
-        w.0
+        Encoded {
+            state: h.finish(),
+            view: Some(view),
+            join,
+        }
     }
 
-    /// Decodes what [`OrgState::encode`] wrote.
+    /// Decodes what [`OrgState::encode`] wrote, borrowing its strings from `bytes`.
     ///
     /// # Errors
     /// When `bytes` is not an organization state of this encoding.
-    pub fn decode(bytes: &[u8]) -> Result<Self, String> {
-        let mut r = Reader::new(bytes, ORG_TAG)?;
-        let key = r.str()?;
-        let name = r.str()?;
-        let tier = if r.flag()? { Some(r.str()?) } else { None };
+    pub fn decode(bytes: &'a [u8]) -> Result<Self, String> {
+        let (body, mut r) = split(bytes, ORG_TAG)?;
+        let flags = r.u8()?;
         let created_at = r.time()?;
         let version = r.time()?;
+        let key = r.value(body, flags & 2 != 0)?;
+        let name = r.value(body, flags & 4 != 0)?;
+        let tier = if flags & 1 != 0 {
+            Some(r.value(body, flags & 8 != 0)?)
+        } else {
+            None
+        };
         r.finish()?;
         Ok(Self {
-            current: OrgEvent {
+            current: Org {
                 key,
                 name,
                 tier,
@@ -278,8 +343,8 @@ impl OrgState {
     }
 }
 
-fn order_key(o: &OrgEvent) -> (Micros, &str, Option<&str>, Micros) {
-    (o.version, o.name.as_str(), o.tier.as_deref(), o.created_at)
+fn order_key<'b>(o: &'b Org<'_>) -> (Micros, &'b str, Option<&'b str>, Micros) {
+    (o.version, &o.name, o.tier.as_deref(), o.created_at)
 }
 
 /// `snake@outerheaven.com` -> `s***@outerheaven.com`: the proof reducer's visible
@@ -300,22 +365,77 @@ fn raise(slot: &mut Option<Micros>, at: Micros) {
     }
 }
 
-fn push_json_str(out: &mut String, s: &str) {
+/// Where a string is in a state's body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Span {
+    start: usize,
+    len: usize,
+    /// Stored JSON-escaped (inside the answer) rather than raw.
+    escaped: bool,
+}
+
+fn range(start: usize, end: usize) -> Range<u32> {
+    // States are bounded by the record size, far below 4 GiB.
+    let at = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+    at(start)..at(end)
+}
+
+/// The join key's range: the name inside the answer when it is stored raw there,
+/// else a raw copy appended to the body.
+fn join_span(body: &mut String, span: Option<Span>, name: Option<&str>) -> Option<Range<u32>> {
+    match (span, name) {
+        (Some(s), _) if !s.escaped => Some(range(s.start, s.start + s.len)),
+        (_, Some(name)) => {
+            let s = push_raw(body, name);
+            Some(range(s.start, s.start + s.len))
+        }
+        (_, None) => None,
+    }
+}
+
+fn push_raw(body: &mut String, s: &str) -> Span {
+    let start = body.len();
+    body.push_str(s);
+    Span {
+        start,
+        len: s.len(),
+        escaped: false,
+    }
+}
+
+/// Appends `s` as a JSON string; returns where its content (inside the quotes) is.
+fn push_json_str(out: &mut String, s: &str) -> Span {
     out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            c if (c as u32) < 0x20 => {
-                out.push_str(&format!("\\u{:04x}", c as u32));
+    let start = out.len();
+    // Most strings need no escaping: copy them whole.
+    let escaped = s.bytes().any(|b| b < 0x20 || b == b'"' || b == b'\\');
+    if !escaped {
+        out.push_str(s);
+    } else {
+        for c in s.chars() {
+            match c {
+                '"' => out.push_str("\\\""),
+                '\\' => out.push_str("\\\\"),
+                '\n' => out.push_str("\\n"),
+                '\r' => out.push_str("\\r"),
+                '\t' => out.push_str("\\t"),
+                c if (c as u32) < 0x20 => {
+                    out.push_str("\\u00");
+                    let hex = b"0123456789abcdef";
+                    out.push(char::from(hex[(c as usize) >> 4]));
+                    out.push(char::from(hex[(c as usize) & 15]));
+                }
+                c => out.push(c),
             }
-            c => out.push(c),
         }
     }
+    let len = out.len() - start;
     out.push('"');
+    Span {
+        start,
+        len,
+        escaped,
+    }
 }
 
 fn push_time(out: &mut String, name: &str, t: Option<Micros>) {
@@ -325,7 +445,7 @@ fn push_time(out: &mut String, name: &str, t: Option<Micros>) {
     match t {
         Some(t) => {
             out.push('"');
-            out.push_str(&time::render(t));
+            time::render_into(out, t);
             out.push('"');
         }
         None => out.push_str("null"),
@@ -335,26 +455,61 @@ fn push_time(out: &mut String, name: &str, t: Option<Micros>) {
 const USER_TAG: u8 = b'U';
 const ORG_TAG: u8 = b'O';
 
-/// A little-endian, length-prefixed encoding: compact, and cheap to read back.
-struct Writer(Vec<u8>);
+/// Writes the header after the body: little-endian times, LEB128 numbers.
+struct Header {
+    out: Vec<u8>,
+    start: usize,
+}
 
-impl Writer {
-    fn time(&mut self, t: Micros) {
-        self.0.extend_from_slice(&t.to_le_bytes());
+impl Header {
+    fn start(body: String, tag: u8) -> Self {
+        let mut out = body.into_bytes();
+        out.reserve(64);
+        let start = out.len();
+        out.push(tag);
+        Self { out, start }
     }
-    fn opt_time(&mut self, t: Option<Micros>) {
-        match t {
-            Some(t) => {
-                self.0.push(1);
-                self.time(t);
-            }
-            None => self.0.push(0),
+    fn u8(&mut self, b: u8) {
+        self.out.push(b);
+    }
+    fn time(&mut self, t: Micros) {
+        self.out.extend_from_slice(&t.to_le_bytes());
+    }
+    fn varint(&mut self, mut n: usize) {
+        while n >= 0x80 {
+            self.out.push((n as u8) | 0x80);
+            n >>= 7;
         }
+        self.out.push(n as u8);
     }
     fn str(&mut self, s: &str) {
-        let len = u32::try_from(s.len()).expect("strings are bounded by the record size");
-        self.0.extend_from_slice(&len.to_le_bytes());
-        self.0.extend_from_slice(s.as_bytes());
+        self.varint(s.len());
+        self.out.extend_from_slice(s.as_bytes());
+    }
+    fn span(&mut self, s: Span) {
+        self.varint(s.start);
+        self.varint(s.len);
+    }
+    fn finish(mut self) -> Vec<u8> {
+        let len = u32::try_from(self.out.len() - self.start).unwrap_or(u32::MAX);
+        self.out.extend_from_slice(&len.to_le_bytes());
+        self.out
+    }
+}
+
+/// Splits a state into its body (UTF-8) and a reader of its header.
+fn split(bytes: &[u8], tag: u8) -> Result<(&str, Reader<'_>), String> {
+    let (rest, len) = bytes.split_last_chunk::<4>().ok_or("state is truncated")?;
+    let len = u32::from_le_bytes(*len) as usize;
+    let at = rest
+        .len()
+        .checked_sub(len)
+        .ok_or("state header length is out of range")?;
+    let (body, header) = rest.split_at(at);
+    let body = std::str::from_utf8(body).map_err(|_| "state body is not UTF-8")?;
+    match header.split_first() {
+        Some((&t, header)) if t == tag => Ok((body, Reader { bytes: header })),
+        _ => Err(format!("state does not have tag {:?}", tag as char)),
     }
 }
 
@@ -363,12 +518,6 @@ struct Reader<'a> {
 }
 
 impl<'a> Reader<'a> {
-    fn new(bytes: &'a [u8], tag: u8) -> Result<Self, String> {
-        match bytes.split_first() {
-            Some((&t, rest)) if t == tag => Ok(Self { bytes: rest }),
-            _ => Err(format!("state does not start with tag {:?}", tag as char)),
-        }
-    }
     fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
         if self.bytes.len() < n {
             return Err("state is truncated".into());
@@ -377,29 +526,44 @@ impl<'a> Reader<'a> {
         self.bytes = rest;
         Ok(head)
     }
-    fn flag(&mut self) -> Result<bool, String> {
-        match self.take(1)?[0] {
-            0 => Ok(false),
-            1 => Ok(true),
-            other => Err(format!("bad flag byte {other}")),
-        }
+    fn u8(&mut self) -> Result<u8, String> {
+        Ok(self.take(1)?[0])
     }
     fn time(&mut self) -> Result<Micros, String> {
         let raw: [u8; 8] = self.take(8)?.try_into().map_err(|_| "short time")?;
         Ok(Micros::from_le_bytes(raw))
     }
-    fn opt_time(&mut self) -> Result<Option<Micros>, String> {
-        if self.flag()? {
-            self.time().map(Some)
-        } else {
-            Ok(None)
+    fn varint(&mut self) -> Result<usize, String> {
+        let mut n = 0usize;
+        for shift in (0..35).step_by(7) {
+            let b = self.u8()?;
+            n |= usize::from(b & 0x7f) << shift;
+            if b & 0x80 == 0 {
+                return Ok(n);
+            }
         }
+        Err("state number is too long".into())
     }
-    fn str(&mut self) -> Result<String, String> {
-        let raw: [u8; 4] = self.take(4)?.try_into().map_err(|_| "short length")?;
-        let len = u32::from_le_bytes(raw) as usize;
-        let bytes = self.take(len)?;
-        String::from_utf8(bytes.to_vec()).map_err(|_| "state string is not UTF-8".into())
+    fn str(&mut self) -> Result<&'a str, String> {
+        let len = self.varint()?;
+        std::str::from_utf8(self.take(len)?).map_err(|_| "state string is not UTF-8".into())
+    }
+    /// A string of `body` at the next span, unescaped if it is stored escaped.
+    fn value<'b>(&mut self, body: &'b str, escaped: bool) -> Result<Cow<'b, str>, String> {
+        let start = self.varint()?;
+        let len = self.varint()?;
+        let end = start.checked_add(len).ok_or("state span overflows")?;
+        if !escaped {
+            return body
+                .get(start..end)
+                .map(Cow::Borrowed)
+                .ok_or_else(|| "state span is out of range".into());
+        }
+        let quoted = start
+            .checked_sub(1)
+            .and_then(|s| body.get(s..end + 1))
+            .ok_or("state span is out of range")?;
+        json::string_literal(quoted).map_err(|e| format!("state string: {e}"))
     }
     fn finish(self) -> Result<(), String> {
         if self.bytes.is_empty() {

@@ -147,17 +147,44 @@ fn civil_from_days(z: i64) -> (i64, i64, i64) {
 
 /// Renders a time as RFC 3339 in UTC with microseconds, e.g. `2020-12-08T20:03:16.759617Z`.
 pub fn render(t: Micros) -> String {
+    let mut out = String::with_capacity(27);
+    render_into(&mut out, t);
+    out
+}
+
+/// [`render`], appended to `out` (no formatting machinery: this runs for every answer).
+pub fn render_into(out: &mut String, t: Micros) {
     let secs = t.div_euclid(MICROS_PER_SEC);
     let micros = t.rem_euclid(MICROS_PER_SEC);
     let days = secs.div_euclid(SECS_PER_DAY);
     let sod = secs.rem_euclid(SECS_PER_DAY);
     let (y, m, d) = civil_from_days(days);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{micros:06}Z",
-        sod / 3600,
-        sod / 60 % 60,
-        sod % 60
-    )
+    if !(0..=9999).contains(&y) {
+        // Outside four-digit years (only reachable from RFC 3339 offsets at the edges).
+        out.push_str(&format!(
+            "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{micros:06}Z",
+            sod / 3600,
+            sod / 60 % 60,
+            sod % 60
+        ));
+        return;
+    }
+    let mut buf = *b"0000-00-00T00:00:00.000000Z";
+    let mut put = |at: usize, width: usize, mut v: i64| {
+        for i in (at..at + width).rev() {
+            buf[i] = b'0' + (v % 10) as u8;
+            v /= 10;
+        }
+    };
+    put(0, 4, y);
+    put(5, 2, m);
+    put(8, 2, d);
+    put(11, 2, sod / 3600);
+    put(14, 2, sod / 60 % 60);
+    put(17, 2, sod % 60);
+    put(20, 6, micros);
+    // Every byte written above is an ASCII digit or one of the template's.
+    out.push_str(std::str::from_utf8(&buf).unwrap_or_default());
 }
 
 #[cfg(test)]

@@ -26,10 +26,14 @@ fn target_dir() -> PathBuf {
 }
 
 /// The `logq` binary, built (once per test process) from the current source, so a
-/// test never runs a stale binary.
+/// test never runs a stale binary. `$LOGQ_BIN` names another build (the benchmark
+/// sets it to the release binary it just built).
 pub fn logq_bin() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
+        if let Some(bin) = std::env::var_os("LOGQ_BIN") {
+            return bin.into();
+        }
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
         let status = Command::new(cargo)
             .current_dir(root())
@@ -398,6 +402,11 @@ impl Host {
         }
     }
 
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// The host's log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
@@ -663,9 +672,9 @@ pub fn expected_answers(
         Default::default();
     for (e, u) in plan.entities.iter().zip(&updates) {
         if e.kind == Kind::Organization {
-            let name = u.join.clone().expect("org has a name");
+            let name = u.join().expect("org has a name").to_owned();
             let view: serde_json::Value =
-                serde_json::from_str(u.view.as_deref().expect("view")).expect("json");
+                serde_json::from_str(u.view().expect("view")).expect("json");
             // The smallest key wins when names collide.
             let keep = orgs_by_name.get(&name).is_none_or(|(k, _)| e.key < *k);
             if keep {
@@ -678,11 +687,11 @@ pub fn expected_answers(
         if e.kind != Kind::User {
             continue;
         }
-        let Some(view) = u.view else { continue };
-        let mut v: serde_json::Value = serde_json::from_str(&view).expect("json");
+        let Some(view) = u.view() else { continue };
+        let mut v: serde_json::Value = serde_json::from_str(view).expect("json");
         v["organization"] = u
-            .join
-            .and_then(|n| orgs_by_name.get(&n).map(|(_, o)| o.clone()))
+            .join()
+            .and_then(|n| orgs_by_name.get(n).map(|(_, o)| o.clone()))
             .unwrap_or(serde_json::Value::Null);
         out.insert(e.key.clone(), v);
     }

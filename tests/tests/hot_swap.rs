@@ -203,11 +203,11 @@ fn bad_candidates_are_refused_and_the_running_reducer_keeps_serving() {
     let wasi =
         wat::parse_str("(component (import \"wasi:filesystem/types@0.2.0\" (instance)))").unwrap();
     refuse(&wasi, 422, "imports wasi:filesystem/types@0.2.0");
-    let v2 = wat::parse_str(
-        "(component (instance $i) (export \"logq:reducer/fold@2.0.0\" (instance $i)))",
+    let v1 = wat::parse_str(
+        "(component (instance $i) (export \"logq:reducer/fold@1.0.0\" (instance $i)))",
     )
     .unwrap();
-    refuse(&v2, 422, "fold@2.0.0");
+    refuse(&v1, 422, "fold@1.0.0");
     let other = wat::parse_str("(component)").unwrap();
     refuse(&other, 422, "does not export");
 
