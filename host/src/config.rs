@@ -111,6 +111,16 @@ pub struct RunConfig {
     /// Largest reducer upload `PUT /admin/reducer` accepts, in bytes.
     #[arg(long, env = "LOGQ_ADMIN_MAX_BODY_BYTES", default_value_t = 8 << 20)]
     pub admin_max_body_bytes: u64,
+    /// Most HTTP connections open at once; more are answered 503 and closed.
+    #[arg(long, env = "LOGQ_HTTP_MAX_CONNECTIONS", default_value_t = 1024)]
+    pub http_max_connections: usize,
+    /// A client must send a request's headers within this many milliseconds (also
+    /// the idle limit of a kept-alive connection); slower ones are disconnected.
+    #[arg(long, env = "LOGQ_HTTP_HEADER_TIMEOUT_MS", default_value_t = 10_000)]
+    pub http_header_timeout_ms: u64,
+    /// Largest request head (request line plus headers) in bytes; larger ones get 431.
+    #[arg(long, env = "LOGQ_HTTP_MAX_HEADER_BYTES", default_value_t = 16 << 10)]
+    pub http_max_header_bytes: usize,
     /// Watch the `--reducer` file and swap it in (forward mode) when it changes.
     #[arg(long, env = "LOGQ_WATCH_REDUCER", default_value_t = true, action = clap::ArgAction::Set)]
     pub watch_reducer: bool,

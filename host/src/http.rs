@@ -14,6 +14,92 @@ use crate::replay::ReplayContext;
 use crate::state::StateStore;
 use crate::swap::{Mode, Origin, Reducers, SwapError};
 
+/// Limits of the HTTP server itself (below the routes).
+#[derive(Debug, Clone, Copy)]
+pub struct ServerLimits {
+    /// Most connections open at once; more are answered 503 and closed.
+    pub max_connections: usize,
+    /// Time a client has to send a request head (and the keep-alive idle limit).
+    pub header_timeout: std::time::Duration,
+    /// Largest request head, in bytes.
+    pub max_header_bytes: usize,
+}
+
+/// Serves `routes` on `listener` until `shutdown` resolves, then lets open requests
+/// finish for up to `drain`. Slow clients are cut by the head timeout, oversized heads
+/// get 431, and connections past the limit get a 503 and are closed, so no client can
+/// hold the server's memory or sockets hostage.
+pub async fn serve<F>(
+    listener: tokio::net::TcpListener,
+    routes: F,
+    limits: ServerLimits,
+    shutdown: impl std::future::Future<Output = ()>,
+    drain: std::time::Duration,
+) where
+    F: Filter<Extract = (Response,), Error = Infallible> + Clone + Send + Sync + 'static,
+{
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    let permits = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let (stream, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off, keep serving.
+                    tracing::warn!("accept: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            tokio::spawn(too_busy(stream));
+            continue;
+        };
+        let mut http = hyper::server::conn::http1::Builder::new();
+        http.timer(TokioTimer::new())
+            .header_read_timeout(limits.header_timeout)
+            .max_buf_size(limits.max_header_bytes.max(8192) + 8192)
+            .max_header_size(limits.max_header_bytes);
+        let service = hyper_util::service::TowerToHyperService::new(warp::service(routes.clone()));
+        let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+        tokio::spawn(async move {
+            let _permit = permit;
+            if let Err(e) = conn.await {
+                tracing::debug!("HTTP connection: {e}");
+            }
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(drain, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("open HTTP connections dropped after {drain:?}");
+    }
+}
+
+/// The answer to a connection past the limit.
+async fn too_busy(mut stream: tokio::net::TcpStream) {
+    use tokio::io::AsyncWriteExt as _;
+    let body = r#"{"error":"busy","message":"too many open connections; retry shortly"}"#;
+    let reply = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\nretry-after: 1\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), async {
+        let _ = stream.write_all(reply.as_bytes()).await;
+        let _ = stream.shutdown().await;
+    })
+    .await;
+}
+
+/// The OpenAPI document of this API, served at `/openapi.json`.
+pub const OPENAPI: &str = include_str!("openapi.json");
+
 /// Ids and keys longer than this are refused with 400 before any lookup.
 pub const MAX_ID_BYTES: usize = 1024;
 
@@ -211,6 +297,14 @@ pub fn routes(api: Api) -> impl Filter<Extract = (Response,), Error = Infallible
             });
     let healthz =
         warp::path!("healthz").map(|| json_reply(StatusCode::OK, &json!({"status": "ok"})));
+    let openapi = warp::path!("openapi.json").map(|| {
+        let mut r = Response::new(OPENAPI.into());
+        r.headers_mut().insert(
+            "content-type",
+            warp::http::HeaderValue::from_static("application/json"),
+        );
+        r
+    });
     let readyz = warp::path!("readyz").and(with.clone()).map(|api: Api| {
         let (ready, status) = api.metrics.status();
         let code = if ready {
@@ -238,12 +332,40 @@ pub fn routes(api: Api) -> impl Filter<Extract = (Response,), Error = Infallible
             .unify()
             .or(healthz)
             .unify()
+            .or(openapi)
+            .unify()
             .or(readyz)
             .unify()
             .or(metrics)
             .unify(),
     );
-    admin.or(public).unify().recover(recover).unify()
+    warp::path::full()
+        .and(admin.or(public).unify().recover(recover).unify())
+        .map(|path: warp::path::FullPath, response: Response| {
+            if response.status() != StatusCode::METHOD_NOT_ALLOWED {
+                return response;
+            }
+            // RFC 9110: a 405 names the methods the resource does allow.
+            let allow = allowed_methods(path.as_str());
+            let mut r = error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                format!("{} allows {allow}", path.as_str()),
+            );
+            r.headers_mut()
+                .insert("allow", warp::http::HeaderValue::from_static(allow));
+            r
+        })
+}
+
+/// The methods a path allows (for the `Allow` header of a 405).
+fn allowed_methods(path: &str) -> &'static str {
+    match path.trim_end_matches('/') {
+        "/admin/reducer" => "GET, PUT",
+        "/admin/reducer/rollback" => "POST",
+        "/admin/reducer/replay" => "DELETE",
+        _ => "GET",
+    }
 }
 
 /// Looks up one entity by the raw path segment.
@@ -349,7 +471,7 @@ async fn recover(rejection: Rejection) -> Result<Response, Infallible> {
         (
             StatusCode::METHOD_NOT_ALLOWED,
             "method_not_allowed",
-            "only GET is served here".to_string(),
+            "method not allowed".to_string(),
         )
     } else {
         tracing::debug!("unhandled rejection: {rejection:?}");
@@ -365,7 +487,9 @@ async fn recover(rejection: Rejection) -> Result<Response, Infallible> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::runtime::{Entity, Kind, Update};
+    use std::time::Duration;
+
+    use crate::runtime::{Entity, Kind};
 
     fn api() -> Api {
         let store = Arc::new(StateStore::new());
@@ -374,11 +498,7 @@ mod tests {
                 kind: Kind::User,
                 key: "snake ü".into(),
             }],
-            vec![Update {
-                state: Some(vec![1]),
-                view: Some(r#"{"id":"snake ü"}"#.into()),
-                join: None,
-            }],
+            vec![crate::state::test_update(Some(r#"{"id":"snake ü"}"#), None)],
         );
         Api {
             store,
@@ -468,7 +588,7 @@ mod tests {
             admin_call(&api, "GET", "/admin/reducer", Some("Bearer s3cret"), b"").await;
         assert_eq!(code, StatusCode::OK, "{body}");
         assert_eq!(body["active"]["origin"], "startup");
-        assert_eq!(body["active"]["world_version"], "1.0.0");
+        assert_eq!(body["active"]["world_version"], "2.0.0");
     }
 
     #[tokio::test]
@@ -577,8 +697,16 @@ mod tests {
             .reply(&routes(api()))
             .await;
         assert_eq!(r.status(), StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(r.headers()["allow"], "GET");
         let body: serde_json::Value = serde_json::from_slice(r.body()).unwrap();
         assert_eq!(body["error"], "method_not_allowed");
+        let r = warp::test::request()
+            .method("PATCH")
+            .path("/admin/reducer")
+            .reply(&routes(api()))
+            .await;
+        assert_eq!(r.status(), StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(r.headers()["allow"], "GET, PUT");
     }
 
     #[tokio::test]
@@ -600,5 +728,107 @@ mod tests {
             .reply(&routes(api))
             .await;
         assert!(String::from_utf8_lossy(r.body()).contains("logq_ready 1"));
+    }
+
+    /// Sends `request` on a new connection and reads until the server closes it (or
+    /// `within` passes); returns what came back.
+    async fn exchange(addr: std::net::SocketAddr, request: &[u8], within: Duration) -> String {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let _ = stream.write_all(request).await;
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(within, stream.read_to_end(&mut out)).await;
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    #[tokio::test]
+    async fn the_server_bounds_heads_slow_clients_and_connections() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let limits = ServerLimits {
+            max_connections: 2,
+            header_timeout: Duration::from_millis(300),
+            max_header_bytes: 8192,
+        };
+        let server = tokio::spawn(serve(
+            listener,
+            routes(api()),
+            limits,
+            async move {
+                let _ = stopped.await;
+            },
+            Duration::from_secs(1),
+        ));
+        let get = b"GET /healthz HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n";
+        let ok = exchange(addr, get, Duration::from_secs(5)).await;
+        assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
+
+        // An oversized head is refused, not buffered.
+        let big = format!(
+            "GET /healthz HTTP/1.1\r\nhost: t\r\nx-big: {}\r\n\r\n",
+            "a".repeat(20_000)
+        );
+        let refused = exchange(addr, big.as_bytes(), Duration::from_secs(5)).await;
+        assert!(refused.starts_with("HTTP/1.1 431"), "{refused}");
+
+        // Two slow clients take both slots; a third connection is told to come back.
+        let slow = || async {
+            use tokio::io::AsyncWriteExt as _;
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            s.write_all(b"GET /healthz HTTP/1.1\r\nho").await.unwrap();
+            s
+        };
+        let started = std::time::Instant::now();
+        let (a, b) = (slow().await, slow().await);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let busy = exchange(addr, get, Duration::from_secs(5)).await;
+        assert!(busy.starts_with("HTTP/1.1 503"), "{busy}");
+        assert!(busy.contains("\"error\":\"busy\""), "{busy}");
+
+        // The head timeout disconnects the slow ones, which frees the slots.
+        for mut s in [a, b] {
+            use tokio::io::AsyncReadExt as _;
+            let mut rest = Vec::new();
+            let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest)).await;
+            assert!(
+                started.elapsed() < Duration::from_secs(4),
+                "a slow client was not cut: {:?}",
+                started.elapsed()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let again = exchange(addr, get, Duration::from_secs(5)).await;
+        assert!(again.starts_with("HTTP/1.1 200"), "{again}");
+
+        stop.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), server)
+            .await
+            .expect("the server stops")
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn openapi_document_is_served_and_names_every_route() {
+        let r = warp::test::request()
+            .path("/openapi.json")
+            .reply(&routes(api()))
+            .await;
+        assert_eq!(r.status(), 200);
+        let doc: serde_json::Value = serde_json::from_slice(r.body()).unwrap();
+        let paths = doc["paths"].as_object().unwrap();
+        for path in [
+            "/users/{id}",
+            "/organizations/{key}",
+            "/healthz",
+            "/readyz",
+            "/metrics",
+            "/openapi.json",
+            "/admin/reducer",
+            "/admin/reducer/rollback",
+            "/admin/reducer/replay",
+        ] {
+            assert!(paths.contains_key(path), "{path} is not documented");
+        }
     }
 }

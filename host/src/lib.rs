@@ -63,6 +63,11 @@ pub async fn run(
     };
 
     // Best effort, in the background: a slow or absent broker must not delay start-up.
+    let limits = http::ServerLimits {
+        max_connections: config.http_max_connections.max(1),
+        header_timeout: Duration::from_millis(config.http_header_timeout_ms.max(1)),
+        max_header_bytes: config.http_max_header_bytes,
+    };
     tokio::spawn(create_dead_letter_topics(config.clone()));
 
     let watcher = match (&config.reducer, config.watch_reducer) {
@@ -107,14 +112,15 @@ pub async fn run(
         metrics,
         admin: Arc::new(admin),
     });
-    let server = tokio::spawn(
-        warp::serve(routes)
-            .incoming(listener)
-            .graceful(async move {
-                let _ = http_stop_rx.await;
-            })
-            .run(),
-    );
+    let server = tokio::spawn(http::serve(
+        listener,
+        routes,
+        limits,
+        async move {
+            let _ = http_stop_rx.await;
+        },
+        HTTP_DRAIN,
+    ));
 
     tokio::select! {
         () = shutdown => tracing::info!("shutting down"),
@@ -124,8 +130,11 @@ pub async fn run(
     stop.store(true, Ordering::Relaxed);
     reducers.cancel_replay();
     let _ = http_stop_tx.send(());
-    if tokio::time::timeout(HTTP_DRAIN, server).await.is_err() {
-        tracing::warn!("open HTTP connections dropped after {HTTP_DRAIN:?}");
+    if tokio::time::timeout(HTTP_DRAIN + Duration::from_secs(1), server)
+        .await
+        .is_err()
+    {
+        tracing::warn!("the HTTP server did not stop after {HTTP_DRAIN:?}");
     }
     let joined = tokio::task::spawn_blocking(move || {
         if let Some(w) = watcher {

@@ -174,6 +174,12 @@ impl Metrics {
             sizes.users_stored.to_string(),
         );
         single(
+            "logq_user_state_bytes",
+            "gauge",
+            "Bytes of user keys and states held, before allocator and table overhead.",
+            sizes.user_bytes.to_string(),
+        );
+        single(
             "logq_organizations",
             "gauge",
             "Organizations kept.",
@@ -243,6 +249,7 @@ mod tests {
             users_visible: 3,
             users_stored: 4,
             organizations: 1,
+            user_bytes: 1234,
         });
         assert!(
             text.contains("logq_records_consumed_total{topic=\"users\"} 5\n"),
@@ -269,6 +276,7 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("logq_users 3\n"), "{text}");
+        assert!(text.contains("logq_user_state_bytes 1234\n"), "{text}");
         assert_eq!(m.total_lag(), 7);
     }
 }
