@@ -25,6 +25,8 @@ use crate::swap::{Active, Reducers};
 pub(crate) const POLL_WAIT: Duration = Duration::from_millis(100);
 /// How often consumer lag is refreshed from the broker's watermarks.
 const LAG_EVERY: Duration = Duration::from_secs(2);
+/// How often freed memory is handed back to the OS while following the topics.
+const TRIM_EVERY: Duration = Duration::from_secs(30);
 /// Longest wait for one broker request.
 pub(crate) const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -314,6 +316,7 @@ impl Ingest {
         let mut applied_since_start = 0u64;
         self.report_catch_up(&pending, started, applied_since_start);
         let mut next_lag = Instant::now();
+        let mut next_trim = Instant::now() + TRIM_EVERY;
         let mut last_used: Option<Arc<Active>> = None;
 
         while !self.stop.load(Ordering::Relaxed) {
@@ -386,6 +389,10 @@ impl Ingest {
                 self.metrics
                     .set_dlq_delivery_failures(dlq.deliveries().failed.load(Ordering::Relaxed));
                 next_lag = Instant::now() + LAG_EVERY;
+            }
+            if Instant::now() >= next_trim {
+                crate::memory::trim();
+                next_trim = Instant::now() + TRIM_EVERY;
             }
         }
         if let Err(e) = dlq.flush(REQUEST_TIMEOUT) {
@@ -500,6 +507,7 @@ impl Ingest {
                 applied as f64 / secs.max(1e-9)
             );
             self.metrics.set_status(true, "caught up");
+            crate::memory::trim();
         } else {
             self.metrics.set_status(
                 false,

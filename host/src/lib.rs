@@ -10,6 +10,7 @@ pub mod dev;
 pub mod http;
 pub mod ingest;
 pub mod kafka;
+pub mod memory;
 pub mod metrics;
 pub mod produce;
 pub mod replay;
