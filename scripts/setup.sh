@@ -4,6 +4,7 @@
 #
 #   scripts/setup.sh build   # enough to build and run logq (`logq dev`)
 #   scripts/setup.sh all     # plus the test broker (nisshi) and docker-compose
+#   scripts/setup.sh bench   # plus the benchmark peers and load tools (nginx, wrk, a font)
 set -euo pipefail
 what="${1:-all}"
 
@@ -40,6 +41,7 @@ if ! rustup target list --installed 2>/dev/null | grep -qx wasm32-unknown-unknow
 fi
 
 [ "$what" = build ] && exit 0
+case "$what" in all|bench) ;; *) log "unknown target $what (build, all, bench)"; exit 1 ;; esac
 
 # Testing: compose-file validation and a real Kafka-compatible broker.
 apt_install docker-compose
@@ -59,4 +61,12 @@ else
     log "building the test broker with Debian's cargo: ${args[*]} (15-30 minutes, once per machine)"
     RUSTC=/usr/bin/rustc /usr/bin/cargo "${args[@]}" --root "$HOME/.cargo"
   fi
+fi
+
+[ "$what" = all ] && exit 0
+
+# Benchmarks and soaks (`scripts/setup.sh bench`): the peers (nginx), the load
+# generator (wrk) and a font for the charts.
+if [ "$what" = bench ]; then
+  apt_install wrk nginx-light fonts-dejavu-core
 fi

@@ -1,0 +1,123 @@
+//! Figures 2, 4 and 5 against a real broker: the host's catch-up vs. a plain rdkafka
+//! consumer of the same topics, resident memory per user, start-up time.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use logq_e2e::{Broker, Host};
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer as _};
+use rdkafka::{Offset, TopicPartitionList};
+
+use crate::history::History;
+
+/// Partitions of the users topic (the organizations topic has one).
+pub const USER_PARTITIONS: u32 = 3;
+
+/// A broker loaded with a history.
+pub struct Loaded {
+    /// The broker process.
+    pub broker: Broker,
+    /// Records in the two topics.
+    pub records: usize,
+}
+
+/// Starts a broker (memory storage) and produces `history` with `logq produce`.
+pub fn load(history: &History) -> Loaded {
+    let broker = Broker::start();
+    broker.create_topic("users", USER_PARTITIONS);
+    broker.create_topic("organizations", 1);
+    broker.create_topic("users.dlq", 1);
+    broker.create_topic("organizations.dlq", 1);
+    broker.create_topic("empty-users", 1);
+    broker.create_topic("empty-organizations", 1);
+    let lines = |events: &[String]| events.join("\n").into_bytes();
+    logq_e2e::produce(
+        &broker,
+        "organizations",
+        &[],
+        &lines(&history.organizations),
+    );
+    logq_e2e::produce(&broker, "users", &[], &lines(&history.users));
+    Loaded {
+        broker,
+        records: history.len(),
+    }
+}
+
+/// A plain rdkafka consumer (librdkafka defaults, like the host's) reading every
+/// partition of both topics from the beginning and discarding the records. Returns
+/// the time from creating the client to the last record, and the bytes read.
+pub fn raw_consumer(loaded: &Loaded) -> anyhow::Result<(Duration, usize)> {
+    let start = Instant::now();
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &loaded.broker.bootstrap)
+        .set("group.id", "logq-bench-raw")
+        .set("enable.auto.commit", "false")
+        .create()
+        .context("creating the raw consumer")?;
+    let mut list = TopicPartitionList::new();
+    for (topic, partitions) in [("users", USER_PARTITIONS), ("organizations", 1)] {
+        for p in 0..partitions {
+            list.add_partition_offset(topic, p as i32, Offset::Beginning)?;
+        }
+    }
+    consumer.assign(&list)?;
+    let (mut seen, mut bytes) = (0, 0);
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while seen < loaded.records {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "raw consumer stuck at {seen} records"
+        );
+        match consumer.poll(Duration::from_millis(100)) {
+            Some(Ok(m)) => {
+                seen += 1;
+                bytes += m.payload_len();
+            }
+            Some(Err(e)) => anyhow::bail!("raw consumer: {e}"),
+            None => {}
+        }
+    }
+    Ok((start.elapsed(), bytes))
+}
+
+/// A host that caught up on the whole history.
+pub struct CaughtUp {
+    /// The running host.
+    pub host: Host,
+    /// From spawning the process to `/readyz` answering 200.
+    pub ready_after: Duration,
+}
+
+/// Starts `logq run` and waits until it has caught up with the start watermarks.
+pub fn start_host(loaded: &Loaded, group: &str, extra: &[&str]) -> CaughtUp {
+    let mut args = vec!["--group-id", group];
+    args.extend_from_slice(extra);
+    let start = Instant::now();
+    let host = Host::start_at(&loaded.broker, &args);
+    host.wait_ready(Duration::from_secs(900));
+    CaughtUp {
+        host,
+        ready_after: start.elapsed(),
+    }
+}
+
+/// Resident memory of a process, in bytes.
+pub fn rss(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("no VmRSS in /proc/<pid>/status")?;
+    Ok(kib * 1024)
+}
+
+/// A gauge or counter from `/metrics`.
+pub fn metric(host: &Host, name: &str) -> anyhow::Result<f64> {
+    let body = host.get("/metrics").body;
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .with_context(|| format!("metric {name} not found"))
+}

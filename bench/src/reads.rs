@@ -1,0 +1,189 @@
+//! Figure 3, reads: `GET /users/{id}` over random existing ids with wrk, vs. nginx
+//! serving a static JSON file of the same size to the same requests.
+
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+
+/// What one wrk run measured.
+#[derive(Debug, Clone, Copy)]
+pub struct Load {
+    /// Requests per second.
+    pub rps: f64,
+    /// 50th percentile latency, ms.
+    pub p50_ms: f64,
+    /// 99th percentile latency, ms.
+    pub p99_ms: f64,
+    /// Requests answered.
+    pub requests: u64,
+    /// Non-2xx answers plus socket errors.
+    pub errors: u64,
+}
+
+/// wrk's connections and threads: two threads on a two-core machine, 32 connections.
+pub const WRK_THREADS: u32 = 2;
+/// See [`WRK_THREADS`].
+pub const WRK_CONNECTIONS: u32 = 32;
+
+/// Writes a wrk script that requests `paths` in random order.
+pub fn script(dir: &Path, paths: &[String]) -> anyhow::Result<std::path::PathBuf> {
+    let mut lua = String::from("local paths = {\n");
+    for p in paths {
+        lua.push_str(&format!("  {p:?},\n"));
+    }
+    lua.push_str(
+        "}\nmath.randomseed(42)\nrequest = function()\n  return wrk.format(\"GET\", paths[math.random(#paths)])\nend\n",
+    );
+    let path = dir.join("random-users.lua");
+    std::fs::write(&path, lua)?;
+    Ok(path)
+}
+
+/// Runs wrk against `port` for `secs`.
+pub fn wrk(port: u16, script: &Path, secs: u64) -> anyhow::Result<Load> {
+    let out = Command::new("wrk")
+        .args([
+            &format!("-t{WRK_THREADS}"),
+            &format!("-c{WRK_CONNECTIONS}"),
+            &format!("-d{secs}s"),
+            "--latency",
+            "-s",
+        ])
+        .arg(script)
+        .arg(format!("http://127.0.0.1:{port}"))
+        .output()
+        .context("running wrk (apt-get install wrk; scripts/setup.sh bench does)")?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    anyhow::ensure!(out.status.success(), "wrk failed: {text}");
+    parse_wrk(&text).with_context(|| format!("reading wrk's report:\n{text}"))
+}
+
+fn parse_wrk(text: &str) -> Option<Load> {
+    let field = |prefix: &str| {
+        text.lines()
+            .find_map(|l| l.trim().strip_prefix(prefix).map(str::trim))
+    };
+    let latency = |pct: &str| field(pct).and_then(duration_ms);
+    let errors = field("Non-2xx or 3xx responses:")
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0)
+        + field("Socket errors:").map_or(0, |v| {
+            v.split(',')
+                .filter_map(|part| part.split_whitespace().last()?.parse::<u64>().ok())
+                .sum()
+        });
+    let requests = text
+        .lines()
+        .find(|l| l.contains("requests in"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    Some(Load {
+        rps: field("Requests/sec:")?.parse().ok()?,
+        p50_ms: latency("50%")?,
+        p99_ms: latency("99%")?,
+        requests,
+        errors,
+    })
+}
+
+fn duration_ms(v: &str) -> Option<f64> {
+    let (num, unit) = v.split_at(v.find(|c: char| c.is_ascii_alphabetic())?);
+    let n: f64 = num.parse().ok()?;
+    Some(match unit {
+        "us" => n / 1000.0,
+        "ms" => n,
+        "s" => n * 1000.0,
+        "m" => n * 60_000.0,
+        _ => return None,
+    })
+}
+
+/// nginx serving `answer` for every `/users/...` path, as a child process.
+pub struct Nginx {
+    child: Child,
+    /// Its port.
+    pub port: u16,
+}
+
+impl Nginx {
+    /// Starts nginx (Debian's package) in `dir` with two workers.
+    pub fn start(dir: &Path, answer: &[u8]) -> anyhow::Result<Self> {
+        let dir = dir.join("nginx");
+        std::fs::create_dir_all(dir.join("logs"))?;
+        std::fs::write(dir.join("answer.json"), answer)?;
+        let port = logq_e2e::free_port();
+        let conf = format!(
+            "worker_processes 2;\nuser root;\npid {d}/nginx.pid;\nerror_log {d}/logs/error.log;\ndaemon off;\n\
+             events {{ worker_connections 4096; }}\n\
+             http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
+             \x20 server {{\n    listen 127.0.0.1:{port};\n    location /users/ {{ default_type application/json; root {d}; try_files /answer.json =404; }}\n  }}\n}}\n",
+            d = dir.display()
+        );
+        std::fs::write(dir.join("nginx.conf"), conf)?;
+        let nginx = ["/usr/sbin/nginx", "nginx"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+            .unwrap_or("nginx");
+        let child = Command::new(nginx)
+            .arg("-p")
+            .arg(&dir)
+            .arg("-c")
+            .arg(dir.join("nginx.conf"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting nginx (apt-get install nginx-light; scripts/setup.sh bench does)")?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "nginx did not listen: {}",
+                std::fs::read_to_string(dir.join("logs/error.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(Self { child, port })
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        // SIGTERM lets the master stop its workers; SIGKILL would orphan them.
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_a_wrk_report() {
+        let text = "Running 10s test @ http://127.0.0.1:1\n  2 threads and 32 connections\n\
+            \x20 Latency Distribution\n     50%  210.00us\n     75%  300.00us\n     90%    1.10ms\n     99%    2.50ms\n\
+            \x20 123456 requests in 10.00s, 30.00MB read\n  Socket errors: connect 0, read 2, write 0, timeout 1\n\
+            \x20 Non-2xx or 3xx responses: 4\nRequests/sec:  12345.60\nTransfer/sec:      3.00MB\n";
+        let load = parse_wrk(text).unwrap();
+        assert_eq!(load.requests, 123_456);
+        assert_eq!(load.errors, 7);
+        assert!((load.rps - 12_345.6).abs() < 1e-6);
+        assert!((load.p50_ms - 0.21).abs() < 1e-9);
+        assert!((load.p99_ms - 2.5).abs() < 1e-9);
+    }
+}
