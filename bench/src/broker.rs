@@ -45,6 +45,29 @@ pub fn load(history: &History) -> Loaded {
     }
 }
 
+/// Produces the "User Updated" events of `history` to `users` with `logq produce`;
+/// returns how many. Updates only: a deletion would turn a GET of the reads into a 404,
+/// which wrk counts as an error.
+pub fn produce_updates(bootstrap: &str, history: &History) -> anyhow::Result<usize> {
+    let updates: Vec<&str> = history
+        .users
+        .iter()
+        .map(String::as_str)
+        .filter(|e| e.contains("\"User Updated\""))
+        .collect();
+    let mut child = std::process::Command::new(logq_e2e::logq_bin())
+        .args(["produce", "--brokers", bootstrap, "--topic", "users"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()?;
+    if let Some(mut stdin) = child.stdin.take() {
+        use std::io::Write as _;
+        stdin.write_all(updates.join("\n").as_bytes())?;
+    }
+    anyhow::ensure!(child.wait()?.success(), "logq produce failed");
+    Ok(updates.len())
+}
+
 /// A plain rdkafka consumer (librdkafka defaults, like the host's) reading every
 /// partition of both topics from the beginning and discarding the records. Returns
 /// the time from creating the client to the last record, and the bytes read.

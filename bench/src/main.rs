@@ -10,7 +10,6 @@ mod report;
 mod soak;
 
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -263,31 +262,12 @@ fn run(args: &Args, work: &std::path::Path) -> anyhow::Result<()> {
     // The same reads while a producer streams a fifth of the history again.
     let more = history::generate(args.seed + 1, args.events / 5, args.users);
     let bootstrap = loaded.broker.bootstrap.clone();
-    let producer = std::thread::spawn(move || {
-        let mut child = Command::new(logq_e2e::logq_bin())
-            .args(["produce", "--brokers", &bootstrap, "--topic", "users"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .spawn()?;
-        use std::io::Write as _;
-        if let Some(mut stdin) = child.stdin.take() {
-            // Updates only: a deletion would turn a GET into a 404 (an "error").
-            let updates: Vec<&str> = more
-                .users
-                .iter()
-                .map(String::as_str)
-                .filter(|e| e.contains("\"User Updated\""))
-                .collect();
-            stdin.write_all(updates.join("\n").as_bytes())?;
-        }
-        child.wait()
-    });
+    let producer = std::thread::spawn(move || broker::produce_updates(&bootstrap, &more));
     std::thread::sleep(Duration::from_millis(500));
     let busy = reads::wrk(port, &script, args.wrk_secs)?;
-    let produced = producer
+    producer
         .join()
         .map_err(|_| anyhow::anyhow!("producer thread panicked"))??;
-    anyhow::ensure!(produced.success(), "logq produce (ingest load) failed");
     let consumed_during =
         broker::metric(&host.host, "logq_records_consumed_total{topic=\"users\"}")?;
     // nginx serves the answer of median size.

@@ -2,7 +2,6 @@
 //! keeps streaming events, with the host's resident memory sampled every second. Fails
 //! on any error or on memory that keeps growing after the warm-up.
 
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -37,8 +36,7 @@ pub fn run(events: usize, users: u64, secs: u64, work: &std::path::Path) -> anyh
         .collect();
     let script = reads::script(work, &paths)?;
 
-    // Ingest load: updates only (a deletion would turn a GET into a 404, which wrk
-    // counts as an error), produced in rounds until the soak ends.
+    // Ingest load: updates, produced in rounds until the soak ends.
     let stop = Arc::new(AtomicBool::new(false));
     let produced = Arc::new(AtomicUsize::new(0));
     let producer = {
@@ -49,23 +47,8 @@ pub fn run(events: usize, users: u64, secs: u64, work: &std::path::Path) -> anyh
             while !stop.load(Ordering::Relaxed) {
                 round += 1;
                 let more = history::generate(1000 + round, 20_000, users);
-                let updates: Vec<&str> = more
-                    .users
-                    .iter()
-                    .map(String::as_str)
-                    .filter(|e| e.contains("\"User Updated\""))
-                    .collect();
-                let mut child = Command::new(logq_e2e::logq_bin())
-                    .args(["produce", "--brokers", &bootstrap, "--topic", "users"])
-                    .stdin(Stdio::piped())
-                    .stdout(Stdio::null())
-                    .spawn()?;
-                if let Some(mut stdin) = child.stdin.take() {
-                    use std::io::Write as _;
-                    stdin.write_all(updates.join("\n").as_bytes())?;
-                }
-                anyhow::ensure!(child.wait()?.success(), "logq produce failed");
-                produced.fetch_add(updates.len(), Ordering::Relaxed);
+                let n = broker::produce_updates(&bootstrap, &more)?;
+                produced.fetch_add(n, Ordering::Relaxed);
                 std::thread::sleep(Duration::from_millis(200));
             }
             Ok(())
