@@ -240,7 +240,7 @@ impl Batch {
         match entity.kind {
             Kind::User => {
                 let mut state = match prior {
-                    Some(bytes) => UserState::decode(bytes).map_err(fail)?,
+                    Some(bytes) => UserState::decode(bytes, &entity.key).map_err(fail)?,
                     None => UserState::new(&entity.key),
                 };
                 for event in self.list(first) {

@@ -188,7 +188,6 @@ impl<'a> UserState<'a> {
         for t in times.into_iter().flatten() {
             h.time(t);
         }
-        h.str(self.id);
         for (field, span) in self.fields.iter().zip(spans) {
             if let (Some(f), Some(span)) = (field, span) {
                 h.time(f.at);
@@ -202,11 +201,13 @@ impl<'a> UserState<'a> {
         }
     }
 
-    /// Decodes what [`UserState::encode`] wrote, borrowing its strings from `bytes`.
+    /// Decodes what [`UserState::encode`] wrote for user `id`, borrowing its strings
+    /// from `bytes`. The id is not stored in the state: the host keys the state by it
+    /// and hands it back with the entity.
     ///
     /// # Errors
     /// When `bytes` is not a user state of this encoding.
-    pub fn decode(bytes: &'a [u8]) -> Result<Self, String> {
+    pub fn decode(bytes: &'a [u8], id: &'a str) -> Result<Self, String> {
         let (body, mut r) = split(bytes, USER_TAG)?;
         let flags = r.u8()?;
         let escaped = r.u8()?;
@@ -216,7 +217,6 @@ impl<'a> UserState<'a> {
                 *t = Some(r.time()?);
             }
         }
-        let id = r.str()?;
         let mut fields: [Option<Field<'a>>; 4] = Default::default();
         for (i, slot) in fields.iter_mut().enumerate() {
             if flags & (1 << (3 + i)) != 0 {
@@ -482,10 +482,6 @@ impl Header {
         }
         self.out.push(n as u8);
     }
-    fn str(&mut self, s: &str) {
-        self.varint(s.len());
-        self.out.extend_from_slice(s.as_bytes());
-    }
     fn span(&mut self, s: Span) {
         self.varint(s.start);
         self.varint(s.len);
@@ -543,10 +539,6 @@ impl<'a> Reader<'a> {
             }
         }
         Err("state number is too long".into())
-    }
-    fn str(&mut self) -> Result<&'a str, String> {
-        let len = self.varint()?;
-        std::str::from_utf8(self.take(len)?).map_err(|_| "state string is not UTF-8".into())
     }
     /// A string of `body` at the next span, unescaped if it is stored escaped.
     fn value<'b>(&mut self, body: &'b str, escaped: bool) -> Result<Cow<'b, str>, String> {
