@@ -42,6 +42,11 @@ pub async fn serve<F>(
     let permits = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut shutdown = std::pin::pin!(shutdown);
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        .max_buf_size(limits.max_header_bytes.max(8192) + 8192)
+        .max_header_size(limits.max_header_bytes);
     loop {
         let (stream, _) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -59,11 +64,6 @@ pub async fn serve<F>(
             tokio::spawn(too_busy(stream));
             continue;
         };
-        let mut http = hyper::server::conn::http1::Builder::new();
-        http.timer(TokioTimer::new())
-            .header_read_timeout(limits.header_timeout)
-            .max_buf_size(limits.max_header_bytes.max(8192) + 8192)
-            .max_header_size(limits.max_header_bytes);
         let service = hyper_util::service::TowerToHyperService::new(warp::service(routes.clone()));
         let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
         tokio::spawn(async move {

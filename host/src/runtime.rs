@@ -24,6 +24,7 @@ mod bindings {
 
 use bindings::ReducerPre;
 use logq_reducer::wire;
+pub use logq_reducer::wire::put_prior;
 pub use logq_reducer::{Entity, Kind, Plan, Rejection, Source, Update};
 
 /// One record value as read from a topic.
@@ -412,17 +413,6 @@ impl Reducer {
     }
 }
 
-/// Appends one entity's prior state (or its absence) in the framing `fold` expects.
-pub fn put_prior(out: &mut Vec<u8>, state: Option<&[u8]>) {
-    match state {
-        Some(state) => {
-            out.push(1);
-            wire::put_frame(out, state);
-        }
-        None => out.push(0),
-    }
-}
-
 /// Reads the guest's plan, checking that it describes the inputs it was given.
 fn read_plan(
     raw: bindings::exports::logq::reducer::fold::Plan,
@@ -494,22 +484,21 @@ fn read_updates(out: &[u8], entities: usize) -> Result<Vec<Update>, ReducerError
         } else {
             None
         };
-        let mut range =
-            |flag: u8, what: &str| -> Result<Option<std::ops::Range<u32>>, ReducerError> {
-                if flags & flag == 0 {
-                    return Ok(None);
-                }
-                let start = r.u32().map_err(contract)?;
-                let len = r.u32().map_err(contract)?;
-                let end = start
-                    .checked_add(len)
-                    .ok_or_else(|| contract(format!("{what} range overflows")))?;
-                let text = state
-                    .and_then(|s| s.get(start as usize..end as usize))
-                    .ok_or_else(|| contract(format!("{what} range is outside the state")))?;
-                std::str::from_utf8(text).map_err(|_| contract(format!("{what} is not UTF-8")))?;
-                Ok(Some(start..end))
-            };
+        let mut range = |flag: u8,
+                         what: &str|
+         -> Result<Option<std::ops::Range<u32>>, ReducerError> {
+            if flags & flag == 0 {
+                return Ok(None);
+            }
+            let start = r.u32().map_err(contract)?;
+            let len = r.u32().map_err(contract)?;
+            let end = start
+                .checked_add(len)
+                .ok_or_else(|| contract(format!("{what} range overflows")))?;
+            let state = state.ok_or_else(|| contract(format!("{what} range without a state")))?;
+            wire::text_in(state, &(start..end)).map_err(|e| contract(format!("{what}: {e}")))?;
+            Ok(Some(start..end))
+        };
         let view = range(wire::VIEW, "view")?;
         let join = range(wire::JOIN, "join")?;
         updates.push(Update {

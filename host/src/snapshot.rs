@@ -262,14 +262,12 @@ impl<'a> Reader<'a> {
         if self.take(1)?[0] == 0 {
             return Ok(None);
         }
-        let start = u32::from_le_bytes(self.array()?);
-        let end = u32::from_le_bytes(self.array()?);
-        let text = state
-            .and_then(|s| s.get(start as usize..end as usize))
-            .ok_or_else(|| SnapshotError::Corrupt("a range is outside its state".into()))?;
-        std::str::from_utf8(text)
-            .map_err(|_| SnapshotError::Corrupt("text is not UTF-8".into()))?;
-        Ok(Some(start..end))
+        let range = u32::from_le_bytes(self.array()?)..u32::from_le_bytes(self.array()?);
+        let state =
+            state.ok_or_else(|| SnapshotError::Corrupt("a range without a state".into()))?;
+        logq_reducer::wire::text_in(state, &range)
+            .map_err(|e| SnapshotError::Corrupt(e.to_string()))?;
+        Ok(Some(range))
     }
 
     fn opt(&mut self) -> Result<Option<&'a [u8]>, SnapshotError> {

@@ -2,6 +2,7 @@
 //! the join of users to organizations by name.
 
 use std::collections::{BTreeSet, HashMap};
+use std::ops::Range;
 use std::sync::RwLock;
 
 use crate::runtime::{Entity, Kind, Update};
@@ -12,42 +13,39 @@ struct Entry {
     /// What the reducer hands itself next time.
     state: Box<[u8]>,
     /// The JSON answer's range in `state`; `None` while not visible.
-    view: Option<(u32, u32)>,
+    view: Option<Range<u32>>,
     /// The organization name's range in `state` (for a user: the one it joins; for an
     /// organization: its own).
-    join: Option<(u32, u32)>,
+    join: Option<Range<u32>>,
 }
 
 impl Entry {
     fn new(update: Update) -> Option<Self> {
-        let range = |r: Option<std::ops::Range<u32>>| r.map(|r| (r.start, r.end));
         Some(Self {
             state: update.state?.into_boxed_slice(),
-            view: range(update.view),
-            join: range(update.join),
+            view: update.view,
+            join: update.join,
         })
     }
 
-    fn text(&self, range: Option<(u32, u32)>) -> Option<&str> {
-        let (start, end) = range?;
+    fn text(&self, range: Option<&Range<u32>>) -> Option<&str> {
         // The runtime checked that the range is inside the state and UTF-8.
-        std::str::from_utf8(self.state.get(start as usize..end as usize)?).ok()
+        logq_reducer::wire::text_in(&self.state, range?).ok()
     }
 
     fn view(&self) -> Option<&str> {
-        self.text(self.view)
+        self.text(self.view.as_ref())
     }
 
     fn join(&self) -> Option<&str> {
-        self.text(self.join)
+        self.text(self.join.as_ref())
     }
 
     fn update(&self) -> Update {
-        let range = |r: Option<(u32, u32)>| r.map(|(s, e)| s..e);
         Update {
             state: Some(self.state.to_vec()),
-            view: range(self.view),
-            join: range(self.join),
+            view: self.view.clone(),
+            join: self.join.clone(),
         }
     }
 }
@@ -186,15 +184,18 @@ impl StateStore {
     /// How much is stored.
     pub fn sizes(&self) -> Sizes {
         let maps = self.read();
+        // One pass over the users for both the visible count and the bytes.
+        let (users_visible, user_bytes) = maps.users.iter().fold((0, 0), |(n, bytes), (k, e)| {
+            (
+                n + usize::from(e.view.is_some()),
+                bytes + k.len() + e.state.len(),
+            )
+        });
         Sizes {
-            users_visible: maps.users.values().filter(|e| e.view.is_some()).count(),
+            users_visible,
             users_stored: maps.users.len(),
             organizations: maps.organizations.len(),
-            user_bytes: maps
-                .users
-                .iter()
-                .map(|(k, e)| k.len() + e.state.len())
-                .sum(),
+            user_bytes,
         }
     }
 

@@ -87,12 +87,7 @@ pub struct Update {
 
 impl Update {
     fn text(&self, range: Option<&Range<u32>>) -> Option<&str> {
-        let r = range?;
-        let bytes = self
-            .state
-            .as_deref()?
-            .get(r.start as usize..r.end as usize)?;
-        std::str::from_utf8(bytes).ok()
+        wire::text_in(self.state.as_deref()?, range?).ok()
     }
 
     /// The JSON answer, when visible.
@@ -313,11 +308,7 @@ impl Batch {
         let mut r = wire::Reader::new(prior);
         let mut states = Vec::with_capacity(self.lists.len());
         while !r.is_empty() {
-            states.push(match r.u8()? {
-                0 => None,
-                1 => Some(r.frame()?),
-                other => return Err(format!("framing: bad prior flag {other}")),
-            });
+            states.push(r.prior()?);
         }
         let updates = self.fold(&states)?;
         let size: usize = updates

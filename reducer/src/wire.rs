@@ -2,6 +2,8 @@
 //! entities out, prior states in, updates out. Shared by this reducer's guest glue and
 //! the host, so both sides read and write one definition.
 
+use std::ops::Range;
+
 /// Record stream byte: the user events topic.
 pub const SOURCE_USERS: u8 = 0;
 /// Record stream byte: the organization events topic.
@@ -27,6 +29,29 @@ pub fn put_frame(out: &mut Vec<u8>, bytes: &[u8]) {
     // Record values and states are bounded far below 4 GiB (the broker's record limit).
     put_u32(out, u32::try_from(bytes.len()).unwrap_or(u32::MAX));
     out.extend_from_slice(bytes);
+}
+
+/// Appends one entity's prior state (or its absence), as `fold` expects it.
+pub fn put_prior(out: &mut Vec<u8>, state: Option<&[u8]>) {
+    match state {
+        Some(state) => {
+            out.push(1);
+            put_frame(out, state);
+        }
+        None => out.push(0),
+    }
+}
+
+/// The text `range` of `state` holds (an answer or a join key), checked: inside the
+/// state and UTF-8.
+///
+/// # Errors
+/// Says which of the two it is not.
+pub fn text_in<'s>(state: &'s [u8], range: &Range<u32>) -> Result<&'s str, &'static str> {
+    let bytes = state
+        .get(range.start as usize..range.end as usize)
+        .ok_or("range is outside the state")?;
+    std::str::from_utf8(bytes).map_err(|_| "text is not UTF-8")
 }
 
 /// Reads framed bytes, every read bounds-checked.
@@ -75,6 +100,18 @@ impl<'a> Reader<'a> {
             .try_into()
             .map_err(|_| "framing: short u32".to_string())?;
         Ok(u32::from_le_bytes(raw))
+    }
+
+    /// One entity's prior state, as [`put_prior`] wrote it.
+    ///
+    /// # Errors
+    /// On a flag other than 0 or 1, or a frame that runs past the end.
+    pub fn prior(&mut self) -> Result<Option<&'a [u8]>, String> {
+        match self.u8()? {
+            0 => Ok(None),
+            1 => self.frame().map(Some),
+            other => Err(format!("framing: bad prior flag {other}")),
+        }
     }
 
     /// A frame's bytes.
