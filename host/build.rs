@@ -14,7 +14,14 @@ fn main() {
         .expect("host/ lives in the workspace")
         .to_path_buf();
     println!("cargo:rerun-if-changed=build.rs");
-    for watched in ["reducer/src", "reducer/Cargo.toml", "wit", "Cargo.lock"] {
+    for watched in [
+        "abi/src",
+        "abi/Cargo.toml",
+        "reducer/src",
+        "reducer/Cargo.toml",
+        "wit",
+        "Cargo.lock",
+    ] {
         println!("cargo:rerun-if-changed={}", root.join(watched).display());
     }
     let components = components_dir(&root);
@@ -31,10 +38,14 @@ fn main() {
         hostile.display()
     );
     // The proof reducer for hot swaps: the same fold, e-mail addresses masked.
-    build_component(
+    let mask = build_component(
         &root,
         &["--features", "mask-emails"],
         &components.join("mask-emails-reducer.wasm"),
+    );
+    println!(
+        "cargo:rustc-env=LOGQ_MASK_EMAILS_REDUCER_WASM={}",
+        mask.display()
     );
 }
 

@@ -1,11 +1,13 @@
 //! Figure 1, the fold engine without a broker: the wasm reducer under the host's
 //! runtime vs. the same fold compiled natively, on the same events, in this process,
-//! one thread (so events/s is per core).
+//! one thread (so events/s is per core). Both go through the one driver
+//! ([`logq_abi::driver::Model`]), so they pay the same bookkeeping.
 
-use std::collections::HashMap;
 use std::time::Instant;
 
-use logq::runtime::{self, Input, Limits, Runtime, Source};
+use logq::fold::{DEFAULT_REDUCER, Limits, Runtime};
+use logq_abi::driver::Model;
+use logq_abi::{Fold, Record, Source};
 
 use crate::history::History;
 
@@ -13,81 +15,56 @@ use crate::history::History;
 pub struct FoldResult {
     /// The reducer crate called directly.
     pub native: f64,
-    /// The component through `logq::runtime` (fresh instance per batch).
+    /// The component through `logq::fold` (fresh instance per batch).
     pub wasm: f64,
 }
 
 /// Batches of `batch` records, as the host forms them.
 pub fn run(history: &History, batch: usize, runs: usize) -> anyhow::Result<FoldResult> {
-    let inputs: Vec<Input> = history
-        .organizations
-        .iter()
-        .map(|v| (Source::Organizations, v))
-        .chain(history.users.iter().map(|v| (Source::Users, v)))
-        .map(|(source, v)| Input {
-            source,
-            value: v.as_bytes().to_vec(),
-        })
-        .collect();
+    let records = Record::sequence(
+        history
+            .organizations
+            .iter()
+            .map(|v| (Source::Organizations, v.as_bytes()))
+            .chain(history.users.iter().map(|v| (Source::Users, v.as_bytes()))),
+    );
     let limits = Limits {
         memory_bytes: 256 << 20,
         time: std::time::Duration::from_secs(10),
     };
-    let reducer = Runtime::new(limits, None)?.load(runtime::DEFAULT_REDUCER)?;
-    let n = inputs.len() as f64;
+    let reducer = Runtime::new(limits, None)?.load(DEFAULT_REDUCER)?;
+    let n = records.len() as f64;
     let (mut native, mut wasm) = (0f64, 0f64);
-    let (mut native_states, mut wasm_states) = (States::default(), States::default());
+    let (mut native_model, mut wasm_model) = (Model::new(), Model::new());
     for _ in 0..runs {
-        native_states = States::default();
-        let start = Instant::now();
-        for chunk in inputs.chunks(batch) {
-            fold_native(chunk, &mut native_states)?;
-        }
-        native = native.max(n / start.elapsed().as_secs_f64());
-
-        wasm_states = States::default();
-        let start = Instant::now();
-        for chunk in inputs.chunks(batch) {
-            let folded = reducer.fold(chunk, |entities, out| {
-                for e in entities {
-                    let map = &wasm_states[usize::from(e.kind == runtime::Kind::User)];
-                    runtime::put_prior(out, map.get(e.key.as_str()).map(Vec::as_slice));
-                }
-            })?;
-            for (e, u) in folded.plan.entities.into_iter().zip(folded.updates) {
-                if let Some(state) = u.state {
-                    wasm_states[usize::from(e.kind == runtime::Kind::User)].insert(e.key, state);
-                }
-            }
-        }
-        wasm = wasm.max(n / start.elapsed().as_secs_f64());
+        let (secs, model) = fold_all(&logq_reducer::Native, &records, batch)?;
+        native = native.max(n / secs);
+        native_model = model;
+        let (secs, model) = fold_all(&reducer, &records, batch)?;
+        wasm = wasm.max(n / secs);
+        wasm_model = model;
     }
     anyhow::ensure!(
-        native_states == wasm_states,
-        "the wasm and native folds disagree ({} vs {} users)",
-        wasm_states[1].len(),
-        native_states[1].len()
+        native_model == wasm_model,
+        "the wasm and native folds disagree ({} vs {} entities)",
+        wasm_model.len(),
+        native_model.len()
     );
     Ok(FoldResult { native, wasm })
 }
 
-/// Entity states by key: organizations, users.
-type States = [HashMap<String, Vec<u8>>; 2];
-
-fn fold_native(chunk: &[Input], states: &mut States) -> anyhow::Result<()> {
-    let batch = logq_reducer::Batch::new(chunk.iter().map(|i| (i.source, i.value.as_slice())));
-    let map = |e: &logq_reducer::Entity| usize::from(e.kind == logq_reducer::Kind::User);
-    let prior: Vec<Option<&[u8]>> = batch
-        .plan()
-        .entities
-        .iter()
-        .map(|e| states[map(e)].get(e.key.as_str()).map(Vec::as_slice))
-        .collect();
-    let updates = batch.fold(&prior).map_err(anyhow::Error::msg)?;
-    for (e, u) in batch.plan().entities.iter().zip(updates) {
-        if let Some(state) = u.state {
-            states[map(e)].insert(e.key.clone(), state);
-        }
+/// Folds everything in batches; returns the seconds it took and the state.
+fn fold_all<F: Fold>(
+    fold: &F,
+    records: &[Record<'_>],
+    batch: usize,
+) -> anyhow::Result<(f64, Model)> {
+    let mut model = Model::new();
+    let start = Instant::now();
+    for chunk in records.chunks(batch) {
+        model
+            .apply(fold, chunk)
+            .map_err(|e| anyhow::anyhow!("fold: {e}"))?;
     }
-    Ok(())
+    Ok((start.elapsed().as_secs_f64(), model))
 }

@@ -123,16 +123,16 @@ mod tests {
         let again = generate(7, 20_000, 2_000);
         assert_eq!(h.users, again.users, "same seed, same history");
         // Every event decodes.
-        let batch = logq_reducer::Batch::new(
+        let batch = logq_reducer::Batch::new(&logq_abi::Record::sequence(
             h.users
                 .iter()
-                .map(|u| (logq_reducer::Source::Users, u.as_bytes()))
+                .map(|u| (logq_abi::Source::Users, u.as_bytes()))
                 .chain(
                     h.organizations
                         .iter()
-                        .map(|o| (logq_reducer::Source::Organizations, o.as_bytes())),
+                        .map(|o| (logq_abi::Source::Organizations, o.as_bytes())),
                 ),
-        );
+        ));
         assert!(
             batch.plan().rejections.is_empty(),
             "{:?}",

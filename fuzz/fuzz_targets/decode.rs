@@ -3,11 +3,11 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use logq_reducer::{Batch, Source};
+use logq_reducer::{Batch, Record, Source};
 
 fuzz_target!(|data: &[u8]| {
     for source in [Source::Users, Source::Organizations] {
-        let batch = Batch::new([(source, data)]);
+        let batch = Batch::new(&Record::sequence([(source, data)]));
         let plan = batch.plan();
         assert_eq!(plan.accepted.len(), 1);
         let refused = plan.rejections.iter().any(|r| r.input == 0);

@@ -3,29 +3,14 @@
 //! bytes handed in as a prior state are an error, never a panic.
 #![no_main]
 
-use std::collections::BTreeMap;
-
 use libfuzzer_sys::fuzz_target;
-use logq_reducer::{Batch, Entity, Source};
+use logq_abi::driver::Model;
+use logq_reducer::{Batch, Native, Record, Source};
 
-type Store = BTreeMap<Entity, Vec<u8>>;
-
-fn fold(store: &mut Store, records: &[(Source, &[u8])]) {
-    let batch = Batch::new(records.iter().copied());
-    let prior: Vec<Option<&[u8]>> = batch
-        .plan()
-        .entities
-        .iter()
-        .map(|e| store.get(e).map(Vec::as_slice))
-        .collect();
-    let updates = batch.fold(&prior).expect("the reducer's own states decode");
-    let entities = batch.plan().entities.clone();
-    for (e, u) in entities.into_iter().zip(updates) {
-        match u.state {
-            Some(s) => store.insert(e, s),
-            None => store.remove(&e),
-        };
-    }
+fn fold(model: &mut Model, records: &[Record<'_>]) {
+    model
+        .apply(&Native, records)
+        .expect("the reducer's own states decode");
 }
 
 fuzz_target!(|data: &[u8]| {
@@ -36,18 +21,20 @@ fuzz_target!(|data: &[u8]| {
             _ => (Source::Users, r),
         })
         .collect();
-    let mut whole = Store::new();
-    fold(&mut whole, &records);
-    let mut split = Store::new();
-    let cut = records.len() / 2;
-    fold(&mut split, &records[..cut]);
-    fold(&mut split, &records[cut..]);
+    // One log: the same offsets whichever way it is cut into batches.
+    let log = Record::sequence(records.iter().copied());
+    let mut whole = Model::new();
+    fold(&mut whole, &log);
+    let mut split = Model::new();
+    let cut = log.len() / 2;
+    fold(&mut split, &log[..cut]);
+    fold(&mut split, &log[cut..]);
     // The fold is a join-semilattice and the encoding is canonical: same bytes.
     assert_eq!(whole, split);
 
     // Junk as a prior state: an error, not a panic.
     if let Some((first, _)) = records.first() {
-        let batch = Batch::new([(*first, records[0].1)]);
+        let batch = Batch::new(&Record::sequence([(*first, records[0].1)]));
         let n = batch.plan().entities.len();
         let _ = batch.fold(&vec![Some(data); n]);
     }

@@ -1,9 +1,9 @@
 //! Command-line and environment configuration, parsed once in `main` and passed down
-//! by value. Every flag is also an environment variable.
+//! by value. Every flag is also an environment variable. A leaf: it imports nothing
+//! of the crate, so every module may read it.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
@@ -173,17 +173,6 @@ pub struct LimitsConfig {
     /// Hard time limit of one call into the reducer, in milliseconds.
     #[arg(long, env = "LOGQ_REDUCER_TIME_LIMIT_MS", default_value_t = 2000)]
     pub reducer_time_limit_ms: u64,
-}
-
-impl LimitsConfig {
-    /// Hard limits of one reducer call.
-    pub fn limits(&self) -> crate::runtime::Limits {
-        crate::runtime::Limits {
-            memory_bytes: usize::try_from(self.reducer_memory_mib.saturating_mul(1 << 20))
-                .unwrap_or(usize::MAX),
-            time: Duration::from_millis(self.reducer_time_limit_ms),
-        }
-    }
 }
 
 impl RunConfig {

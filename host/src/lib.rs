@@ -2,221 +2,32 @@
 //! sandboxed WebAssembly reducer, keeps the latest joined state in memory and serves it
 //! over HTTP.
 //!
-//! Data path: broker -> [`kafka::consumer`] -> [`ingest`] -> [`runtime`] (the reducer)
-//! -> [`state`] -> [`http`].
+//! The modules follow the data path, and each may import only those above it here
+//! (`tests/layering.rs` checks it):
+//!
+//! | layer | module | what |
+//! |---|---|---|
+//! | 0 | [`config`], [`memory`] | flags; giving memory back to the OS |
+//! | 1 | [`broker`] | the only rdkafka user: records in, dead letters out |
+//! | 2 | [`fold`] | the only wasmtime user: records -> entity updates |
+//! | 3 | [`state`] | the store, the join, snapshots |
+//! | 4 | [`metrics`] | counters and readiness |
+//! | 5 | [`reducers`] | which reducer is active; swaps, replays, the watcher (commands only) |
+//! | 6 | [`consumer`] | the loop: the one writer of the store and the active reducer |
+//! | 7 | [`http`] | the only warp/hyper user: reads and admin |
+//! | 8 | [`service`] | `run`: wires it all |
+//! | 9 | [`cli`] | `produce`, `dev`, `reducer check` |
 
+pub mod broker;
+pub mod cli;
 pub mod config;
-pub mod dev;
+pub mod consumer;
+pub mod fold;
 pub mod http;
-pub mod ingest;
-pub mod kafka;
 pub mod memory;
 pub mod metrics;
-pub mod produce;
-pub mod replay;
-pub mod runtime;
-pub mod snapshot;
+pub mod reducers;
+pub mod service;
 pub mod state;
-pub mod swap;
-pub mod watch;
 
-use std::future::Future;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
-
-use anyhow::Context as _;
-use tokio::net::TcpListener;
-
-use crate::config::RunConfig;
-use crate::ingest::Ingest;
-use crate::metrics::Metrics;
-use crate::replay::ReplayContext;
-use crate::runtime::{Reducer, Runtime};
-use crate::state::StateStore;
-use crate::swap::{Origin, Reducers};
-
-/// Longest the HTTP server waits for open connections after shutdown starts.
-const HTTP_DRAIN: Duration = Duration::from_secs(5);
-
-/// Runs the service until `shutdown` completes: loads the reducer, replays the topics
-/// from the earliest offsets into memory, follows them, and serves HTTP on `listener`.
-///
-/// # Errors
-/// When the reducer cannot be loaded, the Kafka clients cannot be created, or a task
-/// dies. Bad records never end it.
-pub async fn run(
-    config: RunConfig,
-    listener: TcpListener,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> anyhow::Result<()> {
-    let runtime = Runtime::new(config.limits.limits(), config.cache.dir())
-        .context("creating the wasm runtime")?;
-    let reducer = load_reducer(&config, &runtime).await?;
-    let reducers = Arc::new(Reducers::new(runtime, reducer, Origin::Startup));
-    let store = Arc::new(StateStore::new());
-    let metrics = Arc::new(Metrics::new(config.topics()));
-    let stop = Arc::new(AtomicBool::new(false));
-    let (control_tx, control_rx) = std::sync::mpsc::channel();
-    let replay_ctx = ReplayContext {
-        config: config.clone(),
-        control: control_tx,
-    };
-
-    // Best effort, in the background: a slow or absent broker must not delay start-up.
-    let limits = http::ServerLimits {
-        max_connections: config.http_max_connections.max(1),
-        header_timeout: Duration::from_millis(config.http_header_timeout_ms.max(1)),
-        max_header_bytes: config.http_max_header_bytes,
-    };
-    tokio::spawn(create_dead_letter_topics(config.clone()));
-
-    let watcher = match (&config.reducer, config.watch_reducer) {
-        (Some(path), true) => Some(
-            watch::spawn(
-                path.clone(),
-                reducers.clone(),
-                replay_ctx.clone(),
-                stop.clone(),
-            )
-            .context("spawning the reducer watcher")?,
-        ),
-        _ => None,
-    };
-    let admin = http::Admin {
-        reducers: reducers.clone(),
-        replay: replay_ctx,
-        token: config.admin_token.clone(),
-        max_body_bytes: config.admin_max_body_bytes,
-    };
-    let ingest = Ingest::new(
-        config,
-        reducers.clone(),
-        store.clone(),
-        metrics.clone(),
-        stop.clone(),
-        control_rx,
-    );
-    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
-    let ingest_thread = std::thread::Builder::new()
-        .name("logq-ingest".into())
-        .spawn(move || {
-            let result = ingest.run();
-            let _ = done_tx.send(());
-            result
-        })
-        .context("spawning the ingest thread")?;
-
-    let (http_stop_tx, http_stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let routes = http::routes(http::Api {
-        store,
-        metrics,
-        admin: Arc::new(admin),
-    });
-    let server = tokio::spawn(http::serve(
-        listener,
-        routes,
-        limits,
-        async move {
-            let _ = http_stop_rx.await;
-        },
-        HTTP_DRAIN,
-    ));
-
-    tokio::select! {
-        () = shutdown => tracing::info!("shutting down"),
-        _ = done_rx => tracing::error!("the ingest loop ended on its own"),
-    }
-    // The ingest thread finishes the batch it is folding, then leaves.
-    stop.store(true, Ordering::Relaxed);
-    reducers.cancel_replay();
-    let _ = http_stop_tx.send(());
-    if tokio::time::timeout(HTTP_DRAIN + Duration::from_secs(1), server)
-        .await
-        .is_err()
-    {
-        tracing::warn!("the HTTP server did not stop after {HTTP_DRAIN:?}");
-    }
-    let joined = tokio::task::spawn_blocking(move || {
-        if let Some(w) = watcher {
-            let _ = w.join();
-        }
-        ingest_thread.join()
-    })
-    .await
-    .context("joining the ingest thread")?;
-    match joined {
-        Ok(result) => result.context("ingest"),
-        Err(_) => anyhow::bail!("the ingest thread panicked"),
-    }
-}
-
-async fn load_reducer(config: &RunConfig, runtime: &Runtime) -> anyhow::Result<Reducer> {
-    let bytes = match &config.reducer {
-        Some(path) => tokio::fs::read(path)
-            .await
-            .with_context(|| format!("reading reducer {}", path.display()))?,
-        None => runtime::DEFAULT_REDUCER.to_vec(),
-    };
-    let runtime = runtime.clone();
-    let name = config.reducer.as_ref().map_or_else(
-        || "built-in reducer".to_string(),
-        |p| p.display().to_string(),
-    );
-    // Compiling takes a while; keep it off the async workers. The start-up reducer
-    // passes the same canary as a hot swap: one that loops or traps on the sample data
-    // is refused here, with the reason, instead of dead-lettering every record.
-    let reducer = tokio::task::spawn_blocking(move || {
-        let reducer = runtime.load(&bytes).map_err(anyhow::Error::from)?;
-        swap::canary(&reducer, &[]).map_err(|e| anyhow::anyhow!("canary failed: {e}"))?;
-        anyhow::Ok(reducer)
-    })
-    .await
-    .context("compiling the reducer")?
-    .with_context(|| format!("loading {name}"))?;
-    tracing::info!("reducer loaded: {name}");
-    Ok(reducer)
-}
-
-/// Dead letters need somewhere to go: create the DLQ topics when the broker allows
-/// it. A failure here is not fatal (the topics may be managed elsewhere); a dead
-/// letter that cannot be delivered is logged and counted.
-async fn create_dead_letter_topics(config: RunConfig) {
-    let topics: Vec<(String, i32)> = config
-        .topics()
-        .iter()
-        .map(|t| (config.dlq_topic(t), 1))
-        .collect();
-    match tokio::time::timeout(
-        Duration::from_secs(15),
-        kafka::admin::create_topics(&config.kafka, &topics),
-    )
-    .await
-    {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => tracing::warn!("dead-letter topics: {e}"),
-        Err(_) => tracing::warn!("dead-letter topics: the broker did not answer in time"),
-    }
-}
-
-/// Completes on Ctrl-C or SIGTERM (what container runtimes send).
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {},
-        () = term => {},
-    }
-}
+pub use service::{run, shutdown_signal};

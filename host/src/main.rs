@@ -24,11 +24,11 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Produce(config) => {
             let topic = config.topic.clone();
-            let n = tokio::task::spawn_blocking(move || logq::produce::run(&config)).await??;
+            let n = tokio::task::spawn_blocking(move || logq::cli::produce::run(&config)).await??;
             println!("produced {n} records to {topic}");
             Ok(())
         }
-        Command::Dev(config) => logq::dev::run(config).await,
+        Command::Dev(config) => logq::cli::dev::run(config).await,
         Command::Reducer(ReducerCommand::Check {
             file,
             limits,
@@ -37,11 +37,11 @@ async fn main() -> anyhow::Result<()> {
             let bytes =
                 std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
             let verdict = tokio::task::spawn_blocking(move || {
-                logq::swap::check(&bytes, limits.limits(), cache.dir())
+                logq::reducers::canary::check(&bytes, (&limits).into(), cache.dir())
             })
             .await?;
             println!("{}", serde_json::to_string_pretty(&verdict)?);
-            if verdict["ok"] != true {
+            if !verdict.ok {
                 std::process::exit(1);
             }
             Ok(())

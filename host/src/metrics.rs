@@ -1,4 +1,4 @@
-//! Counters for `/metrics` (Prometheus text format) and the readiness the ingest
+//! Counters for `/metrics` (Prometheus text format) and the readiness the consumer
 //! loop reports. Plain atomics: the hot path only adds.
 
 use std::collections::BTreeMap;
@@ -6,6 +6,8 @@ use std::fmt::Write as _;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
+
+use logq_abi::Source;
 
 use crate::state::Sizes;
 
@@ -57,8 +59,12 @@ impl Metrics {
         }
     }
 
-    /// Counters of topic `index` (0 users, 1 organizations).
-    pub fn topic(&self, index: usize) -> &TopicCounters {
+    /// Counters of the topic of `source`.
+    pub fn topic(&self, source: Source) -> &TopicCounters {
+        let index = match source {
+            Source::Users => 0,
+            Source::Organizations => 1,
+        };
         &self.topics[index].1
     }
 
@@ -103,7 +109,7 @@ impl Metrics {
         self.ready.store(ready, Relaxed);
     }
 
-    /// Whether the state has caught up, and what the ingest loop is doing.
+    /// Whether the state has caught up, and what the consumer loop is doing.
     pub fn status(&self) -> (bool, String) {
         (self.ready.load(Relaxed), lock(&self.status).clone())
     }
@@ -241,8 +247,10 @@ mod tests {
     #[test]
     fn render_shows_counters_histogram_and_lag() {
         let m = Metrics::new(["users", "orgs"]);
-        m.topic(0).consumed.fetch_add(5, Relaxed);
-        m.topic(1).dead_lettered.fetch_add(2, Relaxed);
+        m.topic(Source::Users).consumed.fetch_add(5, Relaxed);
+        m.topic(Source::Organizations)
+            .dead_lettered
+            .fetch_add(2, Relaxed);
         m.reducer_call(Duration::from_micros(300));
         m.set_lag("users", 1, 7);
         let text = m.render(Sizes {

@@ -1,11 +1,13 @@
 //! Differential tests: the built reducer component, run by the host's runtime, gives
 //! exactly the native fold's results on the same records, good and bad.
 
-use std::collections::HashMap;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use logq::runtime::{self, Input, Limits, Reducer, ReducerError, Runtime};
+use logq::fold::{DEFAULT_REDUCER, Limits, Reducer, ReducerError, Runtime};
+use logq_abi::driver::{Model, NoPrior};
+use logq_abi::{OwnedRecord, Record, Source};
+use logq_reducer::Native;
 use proptest::prelude::*;
 
 const LIMITS: Limits = Limits {
@@ -21,82 +23,46 @@ fn reducer() -> &'static Reducer {
     static R: OnceLock<Reducer> = OnceLock::new();
     R.get_or_init(|| {
         runtime_with(LIMITS)
-            .load(runtime::DEFAULT_REDUCER)
+            .load(DEFAULT_REDUCER)
             .expect("default reducer loads")
     })
 }
 
-/// Prior states for a batch of entities the host has never seen.
-fn none(entities: &[runtime::Entity], out: &mut Vec<u8>) {
-    for _ in entities {
-        runtime::put_prior(out, None);
+fn record(source: Source, value: Vec<u8>) -> OwnedRecord {
+    OwnedRecord {
+        source,
+        partition: 0,
+        offset: 0,
+        value,
     }
 }
 
-/// Folds the batches both ways, carrying each side's own state, and compares
-/// everything observable after every batch.
-fn compare(batches: &[Vec<Input>]) -> Result<(), TestCaseError> {
-    let mut wasm_state: HashMap<(logq_reducer::Kind, String), Vec<u8>> = HashMap::new();
-    let mut native_state = wasm_state.clone();
-    for inputs in batches {
-        let folded = reducer()
-            .fold(inputs, |entities, out| {
-                for e in entities {
-                    let state = wasm_state.get(&(e.kind, e.key.clone()));
-                    runtime::put_prior(out, state.map(Vec::as_slice));
+/// Folds the batches both ways through the one driver, each side carrying its own
+/// state, and compares everything observable after every batch: the plan (entities,
+/// rejections, accepted counts) and the whole kept state.
+fn compare(batches: &[Vec<OwnedRecord>]) -> Result<(), TestCaseError> {
+    let (mut wasm, mut native) = (Model::new(), Model::new());
+    let mut offset = 0;
+    for batch in batches {
+        let records: Vec<Record<'_>> = batch
+            .iter()
+            .map(|r| {
+                offset += 1;
+                Record {
+                    offset,
+                    ..r.as_record()
                 }
             })
+            .collect();
+        let w = wasm
+            .apply(reducer(), &records)
             .map_err(|e| TestCaseError::fail(format!("wasm fold failed: {e}")))?;
-        let batch = logq_reducer::Batch::new(inputs.iter().map(|i| (i.source, i.value.as_slice())));
-        let plan = batch.plan();
-        let prior: Vec<Option<&[u8]>> = plan
-            .entities
-            .iter()
-            .map(|e| {
-                native_state
-                    .get(&(e.kind, e.key.clone()))
-                    .map(Vec::as_slice)
-            })
-            .collect();
-        let updates = batch.fold(&prior).map_err(TestCaseError::fail)?;
-
-        let wasm_entities: Vec<_> = folded
-            .plan
-            .entities
-            .iter()
-            .map(|e| (e.kind, e.key.clone()))
-            .collect();
-        let native_entities: Vec<_> = plan
-            .entities
-            .iter()
-            .map(|e| (e.kind, e.key.clone()))
-            .collect();
-        prop_assert_eq!(&wasm_entities, &native_entities);
-        let wasm_rejections: Vec<_> = folded
-            .plan
-            .rejections
-            .iter()
-            .map(|r| (r.input, r.event, r.reason.clone()))
-            .collect();
-        let native_rejections: Vec<_> = plan
-            .rejections
-            .iter()
-            .map(|r| (r.input, r.event, r.reason.clone()))
-            .collect();
-        prop_assert_eq!(wasm_rejections, native_rejections);
-        prop_assert_eq!(&folded.plan.accepted, &plan.accepted);
-        prop_assert_eq!(folded.updates.len(), updates.len());
-        for ((w, n), key) in folded.updates.iter().zip(&updates).zip(&native_entities) {
-            prop_assert_eq!(&w.state, &n.state, "state of {:?}", key);
-            prop_assert_eq!(&w.view, &n.view, "view of {:?}", key);
-            prop_assert_eq!(&w.join, &n.join, "join of {:?}", key);
-            if let Some(s) = &w.state {
-                wasm_state.insert(key.clone(), s.clone());
-            }
-            if let Some(s) = &n.state {
-                native_state.insert(key.clone(), s.clone());
-            }
-        }
+        let n = native
+            .apply(&Native, &records)
+            .map_err(TestCaseError::fail)?;
+        prop_assert_eq!(&w, &n);
+        // Every update (state, answer range, join range) is kept or forgot alike.
+        prop_assert_eq!(&wasm, &native);
     }
     Ok(())
 }
@@ -146,18 +112,18 @@ fn org_value() -> impl Strategy<Value = Vec<u8>> {
     })
 }
 
-fn input() -> impl Strategy<Value = Input> {
+fn input() -> impl Strategy<Value = OwnedRecord> {
     prop_oneof![
-        6 => user_value().prop_map(|value| Input { source: runtime::Source::Users, value }),
-        2 => org_value().prop_map(|value| Input { source: runtime::Source::Organizations, value }),
+        6 => user_value().prop_map(|value| record(Source::Users, value)),
+        2 => org_value().prop_map(|value| record(Source::Organizations, value)),
         1 => proptest::collection::vec(user_value(), 0..4).prop_map(|vs| {
             let mut value = b"[".to_vec();
             value.extend(vs.join(&b","[..]));
             value.push(b']');
-            Input { source: runtime::Source::Users, value }
+            record(Source::Users, value)
         }),
         1 => proptest::collection::vec(any::<u8>(), 0..40)
-            .prop_map(|value| Input { source: runtime::Source::Users, value }),
+            .prop_map(|value| record(Source::Users, value)),
     ]
 }
 
@@ -175,13 +141,15 @@ proptest! {
 #[test]
 fn seed_samples_match_the_native_fold() {
     let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../data/");
-    let batch = |source, file: &str| Input {
-        source,
-        value: std::fs::read(format!("{root}{file}")).expect("sample data"),
+    let batch = |source, file: &str| {
+        record(
+            source,
+            std::fs::read(format!("{root}{file}")).expect("sample data"),
+        )
     };
     compare(&[vec![
-        batch(runtime::Source::Users, "users.json"),
-        batch(runtime::Source::Organizations, "organizations.json"),
+        batch(Source::Users, "users.json"),
+        batch(Source::Organizations, "organizations.json"),
     ]])
     .unwrap();
 }
@@ -190,12 +158,8 @@ fn seed_samples_match_the_native_fold() {
 fn the_component_imports_nothing_and_a_non_component_is_refused() {
     // Loading links against an empty linker: any import would fail here.
     let rt = runtime_with(LIMITS);
-    let meta = rt
-        .load(runtime::DEFAULT_REDUCER)
-        .expect("loads")
-        .meta()
-        .clone();
-    assert_eq!(meta.world_version, "2.0.0");
+    let meta = rt.load(DEFAULT_REDUCER).expect("loads").meta().clone();
+    assert_eq!(meta.world_version, "3.0.0");
     assert_eq!(meta.sha256.len(), 64);
     for junk in [&b""[..], b"not wasm at all"] {
         let err = rt.load(junk).err().expect("refused");
@@ -219,11 +183,8 @@ fn test_trigger_reducer_is_contained_by_the_limits() {
             r#"{{"id":"a","event_type":"User Created","username":"{marker}","received_at":"2021-01-01 00:00:00"}}"#
         );
         r.fold(
-            &[Input {
-                source: runtime::Source::Users,
-                value: value.into_bytes(),
-            }],
-            none,
+            &Record::sequence([(Source::Users, value.as_bytes())]),
+            &NoPrior,
         )
     };
     assert!(matches!(fold("logq-test:trap"), Err(ReducerError::Trap(_))));
@@ -254,13 +215,18 @@ fn wrong_worlds_and_imports_are_refused_at_load() {
             "(component (import \"wasi:cli/environment@0.2.0\" (instance)))",
             "imports wasi:cli/environment@0.2.0",
         ),
-        ("(component)", "does not export logq:reducer/fold@2.x"),
+        ("(component)", "does not export logq:reducer/fold@3.x"),
         (
             "(component (instance $i) (export \"logq:reducer/fold@1.0.0\" (instance $i)))",
             "built against logq:reducer/fold@1.0.0",
         ),
+        // 2.x framed records without their partition and offset: refused by name.
         (
             "(component (instance $i) (export \"logq:reducer/fold@2.0.0\" (instance $i)))",
+            "built against logq:reducer/fold@2.0.0; this host speaks 3.x",
+        ),
+        (
+            "(component (instance $i) (export \"logq:reducer/fold@3.0.0\" (instance $i)))",
             "does not match the reducer world",
         ),
     ];
@@ -276,22 +242,20 @@ fn compiled_reducers_are_cached_by_sha256() {
     let dir = std::env::temp_dir().join(format!("logq-cache-test-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let rt = Runtime::new(LIMITS, Some(dir.clone())).expect("engine");
-    let first = rt.load(runtime::DEFAULT_REDUCER).expect("loads");
+    let first = rt.load(DEFAULT_REDUCER).expect("loads");
     assert!(!first.meta().from_cache);
     let cached = std::fs::read_dir(&dir).expect("cache dir").count();
     assert_eq!(cached, 1, "one compiled entry");
     let second = Runtime::new(LIMITS, Some(dir.clone()))
         .expect("engine")
-        .load(runtime::DEFAULT_REDUCER)
+        .load(DEFAULT_REDUCER)
         .expect("loads from cache");
     assert!(second.meta().from_cache);
     // And the cached code folds exactly like freshly compiled code.
-    let inputs = [Input {
-        source: runtime::Source::Users,
-        value: std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/../data/users.json")).unwrap(),
-    }];
-    let a = first.fold(&inputs, none).unwrap();
-    let b = second.fold(&inputs, none).unwrap();
+    let users = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/../data/users.json")).unwrap();
+    let records = Record::sequence([(Source::Users, users.as_slice())]);
+    let a = first.fold(&records, &NoPrior).unwrap();
+    let b = second.fold(&records, &NoPrior).unwrap();
     assert_eq!(format!("{:?}", a.updates), format!("{:?}", b.updates));
     let _ = std::fs::remove_dir_all(&dir);
 }

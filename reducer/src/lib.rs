@@ -11,7 +11,6 @@ pub mod event;
 pub mod json;
 pub mod state;
 pub mod time;
-pub mod wire;
 
 #[cfg(all(target_arch = "wasm32", feature = "component"))]
 mod guest;
@@ -20,86 +19,11 @@ pub mod test_triggers;
 
 use std::borrow::Cow;
 use std::hash::BuildHasher as _;
-use std::ops::Range;
 
 use event::{Arena, Event, Refusal};
 use state::{Org, OrgState, UserState};
 
-/// Which stream a record was read from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Source {
-    /// User events.
-    Users,
-    /// Organization events.
-    Organizations,
-}
-
-/// The kinds of entity the host keeps.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Kind {
-    /// Keyed by `id`.
-    User,
-    /// Keyed by `organization_key`.
-    Organization,
-}
-
-/// One entity a batch touches.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Entity {
-    /// What kind.
-    pub kind: Kind,
-    /// Its key.
-    pub key: String,
-}
-
-/// An event the reducer refused.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Rejection {
-    /// Index of the record in the batch.
-    pub input: u32,
-    /// Position of the event inside the record, if known.
-    pub event: Option<u32>,
-    /// Why.
-    pub reason: String,
-}
-
-/// What a batch needs from the host before it can fold.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct Plan {
-    /// The distinct entities touched, in first-seen order.
-    pub entities: Vec<Entity>,
-    /// The refused events.
-    pub rejections: Vec<Rejection>,
-    /// How many events of each input were accepted, in input order.
-    pub accepted: Vec<u32>,
-}
-
-/// The new state of one entity.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Update {
-    /// State to hand back next time; `None`: forget the entity.
-    pub state: Option<Vec<u8>>,
-    /// The JSON answer's range in `state`; `None`: not visible.
-    pub view: Option<Range<u32>>,
-    /// The join key's (organization name's) range in `state`.
-    pub join: Option<Range<u32>>,
-}
-
-impl Update {
-    fn text(&self, range: Option<&Range<u32>>) -> Option<&str> {
-        wire::text_in(self.state.as_deref()?, range?).ok()
-    }
-
-    /// The JSON answer, when visible.
-    pub fn view(&self) -> Option<&str> {
-        self.text(self.view.as_ref())
-    }
-
-    /// The join key.
-    pub fn join(&self) -> Option<&str> {
-        self.text(self.join.as_ref())
-    }
-}
+pub use logq_abi::{Entity, Fold, Folded, Kind, Plan, Record, Rejection, Source, States, Update};
 
 /// No entry: the end of an entity's list of events.
 const NONE: u32 = u32::MAX;
@@ -119,7 +43,7 @@ pub struct Batch {
 
 impl Batch {
     /// Decodes every record; what cannot be decoded becomes a rejection.
-    pub fn new<'a>(inputs: impl IntoIterator<Item = (Source, &'a [u8])>) -> Self {
+    pub fn new(records: &[Record<'_>]) -> Self {
         let mut plan = Plan::default();
         let mut arena = Arena::default();
         let (mut events, mut next, mut lists) = (Vec::new(), Vec::new(), Vec::<(u32, u32)>::new());
@@ -127,10 +51,16 @@ impl Batch {
         let mut index: hashbrown::HashTable<u32> = hashbrown::HashTable::new();
         let hasher = foldhash::fast::FixedState::with_seed(0x6c6f6771);
         let mut refused = Vec::new();
-        for (i, (source, value)) in inputs.into_iter().enumerate() {
+        for (i, record) in records.iter().enumerate() {
             let input = u32::try_from(i).unwrap_or(u32::MAX);
             let first = events.len();
-            event::decode(source, value, &mut arena, &mut events, &mut refused);
+            event::decode(
+                record.source,
+                record.value,
+                &mut arena,
+                &mut events,
+                &mut refused,
+            );
             plan.rejections.extend(
                 refused
                     .drain(..)
@@ -267,37 +197,20 @@ impl Batch {
     }
 }
 
-/// Framed entry points: what the WIT interface carries (see [`wire`]).
+/// Framed entry points: what the WIT interface carries (the formats live in
+/// [`logq_abi`], shared with the host).
 impl Batch {
     /// Decodes the framed records of a batch.
     ///
     /// # Errors
     /// When the framing is broken (a host bug, not bad records).
     pub fn from_records(records: &[u8]) -> Result<Self, String> {
-        let mut r = wire::Reader::new(records);
-        let mut inputs = Vec::new();
-        while !r.is_empty() {
-            let source = match r.u8()? {
-                wire::SOURCE_USERS => Source::Users,
-                wire::SOURCE_ORGANIZATIONS => Source::Organizations,
-                other => return Err(format!("framing: unknown stream byte {other}")),
-            };
-            inputs.push((source, r.frame()?));
-        }
-        Ok(Self::new(inputs))
+        Ok(Self::new(&logq_abi::records::decode(records)?))
     }
 
     /// The plan's entities, framed.
     pub fn entities_framed(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(self.plan.entities.len() * 40);
-        for e in &self.plan.entities {
-            out.push(match e.kind {
-                Kind::User => wire::KIND_USER,
-                Kind::Organization => wire::KIND_ORGANIZATION,
-            });
-            wire::put_frame(&mut out, e.key.as_bytes());
-        }
-        out
+        logq_abi::entities::encode(&self.plan.entities)
     }
 
     /// [`Batch::fold`] on framed prior states, returning framed updates.
@@ -305,32 +218,33 @@ impl Batch {
     /// # Errors
     /// As [`Batch::fold`], or when the framing is broken.
     pub fn fold_framed(&self, prior: &[u8]) -> Result<Vec<u8>, String> {
-        let mut r = wire::Reader::new(prior);
-        let mut states = Vec::with_capacity(self.lists.len());
-        while !r.is_empty() {
-            states.push(r.prior()?);
-        }
-        let updates = self.fold(&states)?;
-        let size: usize = updates
-            .iter()
-            .map(|u| 21 + u.state.as_ref().map_or(0, Vec::len))
-            .sum();
-        let mut out = Vec::with_capacity(size);
-        for u in &updates {
-            let flag = |set: bool, bit: u8| if set { bit } else { 0 };
-            let flags = flag(u.state.is_some(), wire::KEEP)
-                | flag(u.view.is_some(), wire::VIEW)
-                | flag(u.join.is_some(), wire::JOIN);
-            out.push(flags);
-            if let Some(state) = &u.state {
-                wire::put_frame(&mut out, state);
-            }
-            for range in [&u.view, &u.join].into_iter().flatten() {
-                wire::put_u32(&mut out, range.start);
-                wire::put_u32(&mut out, range.end - range.start);
-            }
-        }
-        Ok(out)
+        let states = logq_abi::prior::decode(prior)?;
+        Ok(logq_abi::updates::encode(&self.fold(&states)?))
+    }
+}
+
+/// The native fold: this crate's logic called directly, no wasm. What the
+/// differential tests compare a component with, and what [`logq_abi::driver`] drives
+/// in tests and tools.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Native;
+
+impl Fold for Native {
+    type Error = String;
+
+    fn fold(&self, records: &[Record<'_>], states: &dyn States) -> Result<Folded, String> {
+        let batch = Batch::new(records);
+        // The states are lent for the call only; the fold needs them all at once.
+        let mut prior: Vec<Option<Vec<u8>>> = Vec::with_capacity(batch.plan.entities.len());
+        states.states(&batch.plan.entities, &mut |s| {
+            prior.push(s.map(<[u8]>::to_vec))
+        });
+        let prior: Vec<Option<&[u8]>> = prior.iter().map(Option::as_deref).collect();
+        let updates = batch.fold(&prior)?;
+        Ok(Folded {
+            plan: batch.plan,
+            updates,
+        })
     }
 }
 

@@ -7,32 +7,12 @@ use proptest::prelude::*;
 
 use super::*;
 
-/// A minimal stand-in for the host's store: entity -> (state, view, join).
-type Store = BTreeMap<Entity, (Vec<u8>, Option<String>, Option<String>)>;
+/// The host's store as the one driver keeps it: entity -> latest update.
+type Store = logq_abi::driver::Model;
 
 fn apply(store: &mut Store, records: &[(Source, String)]) -> Plan {
-    let batch = Batch::new(records.iter().map(|(s, v)| (*s, v.as_bytes())));
-    let plan = batch.plan().clone();
-    let prior: Vec<Option<&[u8]>> = plan
-        .entities
-        .iter()
-        .map(|e| store.get(e).map(|(s, _, _)| s.as_slice()))
-        .collect();
-    let updates = batch.fold(&prior).expect("fold");
-    assert_eq!(updates.len(), plan.entities.len());
-    for (entity, update) in plan.entities.iter().zip(updates) {
-        let view = update.view().map(str::to_owned);
-        let join = update.join().map(str::to_owned);
-        match update.state {
-            Some(state) => {
-                store.insert(entity.clone(), (state, view, join));
-            }
-            None => {
-                store.remove(entity);
-            }
-        }
-    }
-    plan
+    let records = Record::sequence(records.iter().map(|(s, v)| (*s, v.as_bytes())));
+    store.apply(&Native, &records).expect("fold")
 }
 
 fn fold_all(records: &[(Source, String)]) -> Store {
@@ -42,17 +22,10 @@ fn fold_all(records: &[(Source, String)]) -> Store {
     store
 }
 
-fn user(id: &str) -> Entity {
-    Entity {
-        kind: Kind::User,
-        key: id.into(),
-    }
-}
-
 fn view(store: &Store, id: &str) -> Option<serde_json::Value> {
     store
-        .get(&user(id))
-        .and_then(|(_, v, _)| v.as_deref())
+        .get(Kind::User, id)
+        .and_then(Update::view)
         .map(|v| serde_json::from_str(v).expect("view is JSON"))
 }
 
@@ -96,7 +69,11 @@ fn created_user_shows_every_field_and_event_times() {
     assert_eq!(v["organization_name"], "MGS");
     assert_eq!(v["created_at"], "2020-12-08T20:00:00.000001Z");
     assert_eq!(v["updated_at"], "2020-12-08T20:00:00.000001Z");
-    assert_eq!(store[&user("u")].2.as_deref(), Some("MGS"), "join key");
+    assert_eq!(
+        store.get(Kind::User, "u").and_then(Update::join),
+        Some("MGS"),
+        "join key"
+    );
 }
 
 #[test]
@@ -262,15 +239,13 @@ fn organization_is_replaced_by_a_newer_event_for_its_key() {
         org("k", "MGS", "Large", "2019-01-24 17:28:09"),
         org("k", "MGS", "Small", "2017-01-24 17:28:09"),
     ]);
-    let (_, v, join) = &store[&Entity {
-        kind: Kind::Organization,
-        key: "k".into(),
-    }];
-    let v: serde_json::Value = serde_json::from_str(v.as_deref().unwrap()).unwrap();
+    let o = store.get(Kind::Organization, "k").expect("kept");
+    let (v, join) = (o.view(), o.join());
+    let v: serde_json::Value = serde_json::from_str(v.unwrap()).unwrap();
     assert_eq!(v["organization_tier"], "Large");
     assert_eq!(v["organization_key"], "k");
     assert_eq!(v["created_at"], "2019-01-24T17:28:09.000000Z");
-    assert_eq!(join.as_deref(), Some("MGS"));
+    assert_eq!(join, Some("MGS"));
 }
 
 #[test]
@@ -289,8 +264,8 @@ fn seed_samples_fold_without_rejections() {
     );
     assert_eq!(
         store
-            .keys()
-            .filter(|e| e.kind == Kind::Organization)
+            .iter()
+            .filter(|(e, _)| e.kind == Kind::Organization)
             .count(),
         3
     );
@@ -328,7 +303,8 @@ fn rejections_name_their_record_and_event() {
 
 #[test]
 fn foreign_state_is_an_error_not_a_panic() {
-    let batch = Batch::new([(Source::Users, ev("u", "User Created", T1, &[]).1.as_bytes())]);
+    let value = ev("u", "User Created", T1, &[]).1;
+    let batch = Batch::new(&Record::sequence([(Source::Users, value.as_bytes())]));
     for junk in [&b""[..], b"U", b"O\0\0\0\0", b"U\x05\0\0\0abc"] {
         assert!(batch.fold(&[Some(junk)]).is_err(), "{junk:?}");
     }
@@ -576,20 +552,13 @@ fn escaped_values_survive_the_state_round_trip() {
     assert_eq!(v["username"], odd);
     assert_eq!(v["organization_name"], org_name);
     assert_eq!(v["user_type"], "Admin");
-    let (_, _, join) = &store[&user("u")];
-    assert_eq!(
-        join.as_deref(),
-        Some(org_name),
-        "the join key is the raw name"
-    );
-    let org_entity = Entity {
-        kind: Kind::Organization,
-        key: "k".into(),
-    };
-    let (state, org_view, org_join) = &store[&org_entity];
-    let org_view: serde_json::Value = serde_json::from_str(org_view.as_deref().unwrap()).unwrap();
+    let join = store.get(Kind::User, "u").and_then(Update::join);
+    assert_eq!(join, Some(org_name), "the join key is the raw name");
+    let o = store.get(Kind::Organization, "k").expect("kept");
+    let (state, org_view, org_join) = (o.state.as_deref().expect("state"), o.view(), o.join());
+    let org_view: serde_json::Value = serde_json::from_str(org_view.unwrap()).unwrap();
     assert_eq!(org_view["organization_tier"], "Tier \"1\"");
-    assert_eq!(org_join.as_deref(), Some(org_name));
+    assert_eq!(org_join, Some(org_name));
     // The organization state decodes to the same record.
     let decoded = state::OrgState::decode(state).unwrap();
     assert_eq!(decoded.current.name, org_name);
@@ -613,8 +582,13 @@ fn states_keep_each_string_once() {
             ],
         )],
     );
-    let (state, view, _) = &store[&user("0123456789abcdef0123456789abcdef")];
-    let view = view.as_deref().unwrap();
+    let kept = store
+        .get(Kind::User, "0123456789abcdef0123456789abcdef")
+        .expect("kept");
+    let (state, view) = (
+        kept.state.as_deref().expect("state"),
+        kept.view().expect("view"),
+    );
     // The state is the answer plus a small header (and, with mask-emails, the raw
     // address): not a second copy of every field.
     let extra = if cfg!(feature = "mask-emails") { 40 } else { 0 };

@@ -657,20 +657,22 @@ pub fn expected_answers(
     users: &[String],
     organizations: &[String],
 ) -> std::collections::BTreeMap<String, serde_json::Value> {
-    use logq_reducer::{Batch, Kind, Source};
-    let inputs = users.iter().map(|v| (Source::Users, v.as_bytes())).chain(
-        organizations
-            .iter()
-            .map(|v| (Source::Organizations, v.as_bytes())),
+    use logq_abi::driver::Model;
+    use logq_abi::{Kind, Record, Source};
+    let records = Record::sequence(
+        users.iter().map(|v| (Source::Users, v.as_bytes())).chain(
+            organizations
+                .iter()
+                .map(|v| (Source::Organizations, v.as_bytes())),
+        ),
     );
-    let batch = Batch::new(inputs);
-    let plan = batch.plan().clone();
-    let updates = batch
-        .fold(&vec![None; plan.entities.len()])
+    let mut model = Model::new();
+    model
+        .apply(&logq_reducer::Native, &records)
         .expect("native fold");
     let mut orgs_by_name: std::collections::BTreeMap<String, (String, serde_json::Value)> =
         Default::default();
-    for (e, u) in plan.entities.iter().zip(&updates) {
+    for (e, u) in model.iter() {
         if e.kind == Kind::Organization {
             let name = u.join().expect("org has a name").to_owned();
             let view: serde_json::Value =
@@ -683,7 +685,7 @@ pub fn expected_answers(
         }
     }
     let mut out = std::collections::BTreeMap::new();
-    for (e, u) in plan.entities.iter().zip(updates) {
+    for (e, u) in model.iter() {
         if e.kind != Kind::User {
             continue;
         }

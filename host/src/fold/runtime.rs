@@ -1,4 +1,4 @@
-//! The reducer runtime: the only module that touches wasmtime.
+//! The reducer runtime: the only file of the host that touches wasmtime.
 //!
 //! A component is compiled and linked once ([`Reducer::load`]); every batch then gets
 //! a fresh, cheap instance in a fresh `Store` with a memory limit and a time budget.
@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use wasmtime::component::{Component, Linker, ResourceAny};
 use wasmtime::{Config, Engine, ResourceLimiter, Store, Trap};
@@ -23,18 +23,9 @@ mod bindings {
 }
 
 use bindings::ReducerPre;
-use logq_reducer::wire;
-pub use logq_reducer::wire::put_prior;
-pub use logq_reducer::{Entity, Kind, Plan, Rejection, Source, Update};
+use logq_abi::{Fold, Folded, Plan, Record, Rejection, States};
 
-/// One record value as read from a topic.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Input {
-    /// The stream it came from.
-    pub source: Source,
-    /// The record value.
-    pub value: Vec<u8>,
-}
+use crate::config::LimitsConfig;
 
 /// The reducer built from `reducer/`, embedded at build time.
 pub const DEFAULT_REDUCER: &[u8] = include_bytes!(env!("LOGQ_REDUCER_WASM"));
@@ -49,6 +40,16 @@ pub struct Limits {
     pub memory_bytes: usize,
     /// Longest one call may run.
     pub time: Duration,
+}
+
+impl From<&LimitsConfig> for Limits {
+    fn from(c: &LimitsConfig) -> Self {
+        Self {
+            memory_bytes: usize::try_from(c.reducer_memory_mib.saturating_mul(1 << 20))
+                .unwrap_or(usize::MAX),
+            time: Duration::from_millis(c.reducer_time_limit_ms),
+        }
+    }
 }
 
 /// Why a reducer could not be loaded or a call did not complete.
@@ -75,17 +76,6 @@ pub enum ReducerError {
     /// The guest broke the contract (e.g. a wrong number of updates).
     #[error("reducer broke the contract: {0}")]
     Contract(String),
-}
-
-/// A folded batch: what the reducer planned, and one update per planned entity.
-#[derive(Debug)]
-pub struct Folded {
-    /// Entities touched, rejections, accepted counts.
-    pub plan: Plan,
-    /// New state of each entity of `plan.entities`, same order.
-    pub updates: Vec<Update>,
-    /// Time spent inside the reducer (all calls of the batch).
-    pub elapsed: Duration,
 }
 
 /// Per-store data: the memory limiter.
@@ -153,7 +143,7 @@ impl Drop for Ticker {
 }
 
 /// The major version of `logq:reducer/fold` this host speaks.
-pub const WORLD_MAJOR: u64 = 2;
+pub const WORLD_MAJOR: u64 = 3;
 const FOLD_EXPORT: &str = "logq:reducer/fold@";
 
 /// The shared compiler and epoch clock. Create once per process; load many reducers.
@@ -210,7 +200,7 @@ impl Runtime {
     }
 
     /// Compiles (or takes from the cache) and links `bytes`, checking that it is a
-    /// component of this host's world: it must export `logq:reducer/fold@2.x` and
+    /// component of this host's world: it must export `logq:reducer/fold@3.x` and
     /// import nothing. Everything that can be checked before the first event is.
     ///
     /// # Errors
@@ -334,19 +324,17 @@ impl Reducer {
         &self.meta
     }
 
-    /// Folds one batch. `prior` is asked once for the current state of the entities
-    /// the batch touches (in plan order), which it appends to the buffer with
-    /// [`put_prior`].
+    /// Folds one batch. `states` is asked once for the current state of the entities
+    /// the batch touches (in plan order).
     ///
     /// # Errors
     /// When the reducer traps, runs out of time or memory, refuses the batch, or
     /// breaks the contract. Nothing of the batch should be applied then.
     pub fn fold(
         &self,
-        inputs: &[Input],
-        prior: impl FnOnce(&[Entity], &mut Vec<u8>),
+        records: &[Record<'_>],
+        states: &dyn States,
     ) -> Result<Folded, ReducerError> {
-        let start = Instant::now();
         let mut store = Store::new(
             &self.engine,
             Limiter {
@@ -358,16 +346,7 @@ impl Reducer {
         store.epoch_deadline_trap();
         let ticks = (self.limits.time.as_micros() / TICK.as_micros()).max(1) as u64 + 1;
 
-        let mut records =
-            Vec::with_capacity(inputs.iter().map(|i| i.value.len() + 5).sum::<usize>());
-        for i in inputs {
-            records.push(match i.source {
-                Source::Users => wire::SOURCE_USERS,
-                Source::Organizations => wire::SOURCE_ORGANIZATIONS,
-            });
-            wire::put_frame(&mut records, &i.value);
-        }
-
+        let framed = logq_abi::records::encode(records);
         store.set_epoch_deadline(ticks);
         let instance = self
             .pre
@@ -377,29 +356,27 @@ impl Reducer {
 
         store.set_epoch_deadline(ticks);
         let handle: ResourceAny = batch
-            .call_constructor(&mut store, &records)
+            .call_constructor(&mut store, &framed)
             .map_err(|e| self.error(&store, e))?;
-        drop(records);
+        drop(framed);
         store.set_epoch_deadline(ticks);
         let raw = batch
             .call_plan(&mut store, handle)
             .map_err(|e| self.error(&store, e))?;
-        let plan = read_plan(raw, inputs.len())?;
+        let plan = read_plan(raw, records.len())?;
 
-        let mut framed = Vec::new();
-        prior(&plan.entities, &mut framed);
+        let mut prior = Vec::new();
+        states.states(&plan.entities, &mut |s| logq_abi::prior::put(&mut prior, s));
         store.set_epoch_deadline(ticks);
         let out = batch
-            .call_fold(&mut store, handle, &framed)
+            .call_fold(&mut store, handle, &prior)
             .map_err(|e| self.error(&store, e))?
             .map_err(ReducerError::Refused)?;
-        drop(framed);
-        let updates = read_updates(&out, plan.entities.len())?;
-        Ok(Folded {
-            plan,
-            updates,
-            elapsed: start.elapsed(),
-        })
+        drop(prior);
+        // The guest is not trusted: every range is checked inside its state.
+        let updates = logq_abi::updates::decode(&out, plan.entities.len())
+            .map_err(|e| ReducerError::Contract(format!("updates: {e}")))?;
+        Ok(Folded { plan, updates })
     }
 
     fn error(&self, store: &Store<Limiter>, e: wasmtime::Error) -> ReducerError {
@@ -413,43 +390,30 @@ impl Reducer {
     }
 }
 
-/// Reads the guest's plan, checking that it describes the inputs it was given.
+impl Fold for Reducer {
+    type Error = ReducerError;
+
+    fn fold(&self, records: &[Record<'_>], states: &dyn States) -> Result<Folded, ReducerError> {
+        Reducer::fold(self, records, states)
+    }
+}
+
+/// Reads the guest's plan, checking that it describes the records it was given.
 fn read_plan(
     raw: bindings::exports::logq::reducer::fold::Plan,
-    inputs: usize,
+    records: usize,
 ) -> Result<Plan, ReducerError> {
     let contract = |e: String| ReducerError::Contract(format!("plan: {e}"));
-    let mut r = wire::Reader::new(&raw.entities);
-    let mut entities = Vec::with_capacity(raw.entity_count as usize);
-    while !r.is_empty() {
-        let kind = match r.u8().map_err(contract)? {
-            wire::KIND_USER => Kind::User,
-            wire::KIND_ORGANIZATION => Kind::Organization,
-            other => return Err(contract(format!("unknown entity kind {other}"))),
-        };
-        let key = std::str::from_utf8(r.frame().map_err(contract)?)
-            .map_err(|_| contract("an entity key is not UTF-8".into()))?;
-        entities.push(Entity {
-            kind,
-            key: key.to_owned(),
-        });
-    }
-    if entities.len() != raw.entity_count as usize {
+    let entities = logq_abi::entities::decode(&raw.entities, raw.entity_count).map_err(contract)?;
+    if raw.accepted.len() != records {
         return Err(contract(format!(
-            "{} entities framed, {} announced",
-            entities.len(),
-            raw.entity_count
-        )));
-    }
-    if raw.accepted.len() != inputs {
-        return Err(contract(format!(
-            "accepted counts for {} inputs, expected {inputs}",
+            "accepted counts for {} records, expected {records}",
             raw.accepted.len()
         )));
     }
-    if let Some(r) = raw.rejections.iter().find(|r| r.input as usize >= inputs) {
+    if let Some(r) = raw.rejections.iter().find(|r| r.input as usize >= records) {
         return Err(contract(format!(
-            "rejection names input {} of {inputs}",
+            "rejection names record {} of {records}",
             r.input
         )));
     }
@@ -466,52 +430,4 @@ fn read_plan(
             .collect(),
         accepted: raw.accepted,
     })
-}
-
-/// Reads the guest's framed updates: one per entity, every range inside its state
-/// and valid UTF-8 (the guest is not trusted).
-fn read_updates(out: &[u8], entities: usize) -> Result<Vec<Update>, ReducerError> {
-    let contract = |e: String| ReducerError::Contract(format!("updates: {e}"));
-    let mut r = wire::Reader::new(out);
-    let mut updates = Vec::with_capacity(entities);
-    while !r.is_empty() {
-        let flags = r.u8().map_err(contract)?;
-        if flags & !(wire::KEEP | wire::VIEW | wire::JOIN) != 0 {
-            return Err(contract(format!("unknown flags {flags:#x}")));
-        }
-        let state = if flags & wire::KEEP != 0 {
-            Some(r.frame().map_err(contract)?)
-        } else {
-            None
-        };
-        let mut range = |flag: u8,
-                         what: &str|
-         -> Result<Option<std::ops::Range<u32>>, ReducerError> {
-            if flags & flag == 0 {
-                return Ok(None);
-            }
-            let start = r.u32().map_err(contract)?;
-            let len = r.u32().map_err(contract)?;
-            let end = start
-                .checked_add(len)
-                .ok_or_else(|| contract(format!("{what} range overflows")))?;
-            let state = state.ok_or_else(|| contract(format!("{what} range without a state")))?;
-            wire::text_in(state, &(start..end)).map_err(|e| contract(format!("{what}: {e}")))?;
-            Ok(Some(start..end))
-        };
-        let view = range(wire::VIEW, "view")?;
-        let join = range(wire::JOIN, "join")?;
-        updates.push(Update {
-            state: state.map(<[u8]>::to_vec),
-            view,
-            join,
-        });
-    }
-    if updates.len() != entities {
-        return Err(ReducerError::Contract(format!(
-            "{} updates for {entities} entities",
-            updates.len()
-        )));
-    }
-    Ok(updates)
 }

@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 
+use crate::broker::producer::RecordProducer;
 use crate::config::ProduceConfig;
-use crate::kafka::producer::RecordProducer;
 
 /// One record to produce.
 #[derive(Debug, Clone, PartialEq, Eq)]

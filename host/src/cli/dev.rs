@@ -5,15 +5,11 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::Parser as _;
 
+use super::produce::{KeyBy, parse_events};
+use crate::broker::mock::DevBroker;
+use crate::broker::producer::RecordProducer;
 use crate::config::{Cli, Command, DevConfig, KafkaConfig, RunConfig};
-use crate::kafka::mock::DevBroker;
-use crate::kafka::producer::RecordProducer;
-use crate::produce::{KeyBy, parse_events};
-
-/// The sample user events shipped with the repository.
-pub const SAMPLE_USERS: &str = include_str!("../../data/users.json");
-/// The sample organization events shipped with the repository.
-pub const SAMPLE_ORGANIZATIONS: &str = include_str!("../../data/organizations.json");
+use crate::reducers::canary::{SAMPLE_ORGANIZATIONS, SAMPLE_USERS};
 
 /// Runs `logq dev` until Ctrl-C / SIGTERM.
 ///
@@ -74,7 +70,7 @@ pub async fn run(dev: DevConfig) -> anyhow::Result<()> {
             "; sample data loaded"
         },
     );
-    let result = crate::run(config, listener, crate::shutdown_signal()).await;
+    let result = crate::service::run(config, listener, crate::service::shutdown_signal()).await;
     drop(broker);
     result
 }

@@ -7,8 +7,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime};
 
-use crate::replay::ReplayContext;
-use crate::swap::{Mode, Origin, Reducers};
+use super::{Mode, Origin, Registry};
+use crate::fold::sha256_hex;
 
 /// How often the file is looked at.
 const POLL: Duration = Duration::from_millis(200);
@@ -42,8 +42,7 @@ fn signature(path: &std::path::Path) -> Option<Signature> {
 /// When the thread cannot be spawned.
 pub fn spawn(
     path: PathBuf,
-    reducers: Arc<Reducers>,
-    ctx: ReplayContext,
+    reducers: Arc<Registry>,
     stop: Arc<AtomicBool>,
 ) -> std::io::Result<JoinHandle<()>> {
     std::thread::Builder::new()
@@ -52,7 +51,7 @@ pub fn spawn(
             let mut loaded = signature(&path);
             let mut seen = loaded;
             let mut same_for = 0u32;
-            let mut last_tried = reducers.current().reducer.meta().sha256.clone();
+            let mut last_tried = reducers.current().sha256().to_owned();
             while !stop.load(Ordering::Relaxed) {
                 std::thread::sleep(POLL);
                 let now = signature(&path);
@@ -73,12 +72,12 @@ pub fn spawn(
                         continue;
                     }
                 };
-                let sha = crate::runtime::sha256_hex(&bytes);
-                if sha == last_tried || sha == reducers.current().reducer.meta().sha256 {
+                let sha = sha256_hex(&bytes);
+                if sha == last_tried || sha == reducers.current().sha256() {
                     continue;
                 }
                 last_tried = sha.clone();
-                match reducers.submit(&bytes, Origin::File, Mode::Forward, &ctx) {
+                match reducers.submit(&bytes, Origin::File, Mode::Forward) {
                     Ok(_) => tracing::info!("reducer {} from {} is active", sha, path.display()),
                     Err(e) => tracing::warn!(
                         "reducer {} from {} refused, the previous one keeps running: {e}",

@@ -7,9 +7,16 @@ use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
-use crate::runtime::{Entity, Kind, Update};
+use logq_abi::{Entity, Kind, Reader, Source, Update};
 
-const MAGIC: &[u8; 8] = b"LOGQSNP2";
+use crate::broker::{Partition, Positions};
+use crate::fold::sha256_hex;
+
+/// Format 3: offsets are keyed by stream and partition (format 2 keyed them by a
+/// topic index).
+const MAGIC: &[u8; 8] = b"LOGQSNP3";
+/// Every format so far starts with this.
+const MAGIC_FAMILY: &[u8; 7] = b"LOGQSNP";
 /// How many snapshots are kept; older ones are deleted after a new one is written.
 const KEEP: usize = 3;
 
@@ -20,8 +27,8 @@ pub struct Snapshot {
     pub reducer_sha256: String,
     /// The topics, in order (users first), the offsets refer to.
     pub topics: Vec<String>,
-    /// Next offset to fold, per (topic index, partition).
-    pub offsets: BTreeMap<(usize, i32), i64>,
+    /// Next offset to fold, per partition.
+    pub offsets: Positions,
     /// Every stored entity.
     pub entities: Vec<(Entity, Update)>,
 }
@@ -137,17 +144,14 @@ fn encode(s: &Snapshot) -> Vec<u8> {
         put_bytes(&mut out, t.as_bytes());
     }
     out.extend_from_slice(&(s.offsets.len() as u32).to_le_bytes());
-    for (&(t, p), &o) in &s.offsets {
-        out.extend_from_slice(&(t as u32).to_le_bytes());
-        out.extend_from_slice(&p.to_le_bytes());
+    for (p, &o) in &s.offsets {
+        out.push(p.source.byte());
+        out.extend_from_slice(&p.id.to_le_bytes());
         out.extend_from_slice(&o.to_le_bytes());
     }
     out.extend_from_slice(&(s.entities.len() as u64).to_le_bytes());
     for (e, u) in &s.entities {
-        out.push(match e.kind {
-            Kind::User => 0,
-            Kind::Organization => 1,
-        });
+        out.push(e.kind.byte());
         put_bytes(&mut out, e.key.as_bytes());
         put_opt(&mut out, u.state.as_deref());
         for range in [&u.view, &u.join] {
@@ -161,48 +165,60 @@ fn encode(s: &Snapshot) -> Vec<u8> {
             }
         }
     }
-    let sum = crate::runtime::sha256_hex(&out);
+    let sum = sha256_hex(&out);
     out.extend_from_slice(sum.as_bytes());
     out
 }
 
 fn decode(bytes: &[u8]) -> Result<Snapshot, SnapshotError> {
-    let corrupt = |m: &str| SnapshotError::Corrupt(m.to_string());
+    let corrupt = |m: String| SnapshotError::Corrupt(m);
+    if bytes.len() >= MAGIC.len()
+        && bytes.starts_with(MAGIC_FAMILY)
+        && &bytes[..MAGIC.len()] != MAGIC
+    {
+        return Err(SnapshotError::Mismatch(format!(
+            "written by another version of logq (format {:?}, this one reads {:?})",
+            String::from_utf8_lossy(&bytes[MAGIC_FAMILY.len()..MAGIC.len()]),
+            String::from_utf8_lossy(&MAGIC[MAGIC_FAMILY.len()..]),
+        )));
+    }
     if bytes.len() < MAGIC.len() + 64 || &bytes[..MAGIC.len()] != MAGIC {
-        return Err(corrupt("not a logq snapshot (bad magic or too short)"));
+        return Err(corrupt(
+            "not a logq snapshot (bad magic or too short)".into(),
+        ));
     }
     let (body, sum) = bytes.split_at(bytes.len() - 64);
-    if crate::runtime::sha256_hex(body).as_bytes() != sum {
-        return Err(corrupt("checksum mismatch (truncated or damaged)"));
+    if sha256_hex(body).as_bytes() != sum {
+        return Err(corrupt("checksum mismatch (truncated or damaged)".into()));
     }
-    let mut r = Reader(&body[MAGIC.len()..]);
-    let reducer_sha256 = r.string()?;
-    let topics = (0..r.u32()?)
-        .map(|_| r.string())
+    let mut r = Reader::new(&body[MAGIC.len()..]);
+    let reducer_sha256 = string(&mut r)?;
+    let topics = (0..r.u32().map_err(corrupt)?)
+        .map(|_| string(&mut r))
         .collect::<Result<_, _>>()?;
     let mut offsets = BTreeMap::new();
-    for _ in 0..r.u32()? {
-        let t = r.u32()? as usize;
-        let p = i32::from_le_bytes(r.array()?);
-        let o = i64::from_le_bytes(r.array()?);
-        offsets.insert((t, p), o);
+    for _ in 0..r.u32().map_err(corrupt)? {
+        let source = Source::from_byte(r.u8().map_err(corrupt)?).map_err(corrupt)?;
+        let id = i32::from_le_bytes(r.array().map_err(corrupt)?);
+        let o = i64::from_le_bytes(r.array().map_err(corrupt)?);
+        offsets.insert(Partition { source, id }, o);
     }
-    let n = u64::from_le_bytes(r.array()?);
+    let n = u64::from_le_bytes(r.array().map_err(corrupt)?);
     let mut entities = Vec::new();
     for _ in 0..n {
-        let kind = match r.take(1)?[0] {
-            0 => Kind::User,
-            1 => Kind::Organization,
-            k => return Err(SnapshotError::Corrupt(format!("unknown entity kind {k}"))),
+        let kind = Kind::from_byte(r.u8().map_err(corrupt)?).map_err(corrupt)?;
+        let key = string(&mut r)?;
+        let state = match r.u8().map_err(corrupt)? {
+            0 => None,
+            1 => Some(r.frame().map_err(corrupt)?.to_vec()),
+            f => return Err(corrupt(format!("bad flag {f}"))),
         };
-        let key = r.string()?;
-        let state = r.opt()?.map(<[u8]>::to_vec);
-        let view = r.range(state.as_deref())?;
-        let join = r.range(state.as_deref())?;
+        let view = range(&mut r, state.as_deref())?;
+        let join = range(&mut r, state.as_deref())?;
         entities.push((Entity { kind, key }, Update { state, view, join }));
     }
-    if !r.0.is_empty() {
-        return Err(corrupt("trailing bytes"));
+    if !r.is_empty() {
+        return Err(corrupt("trailing bytes".into()));
     }
     Ok(Snapshot {
         reducer_sha256,
@@ -213,8 +229,7 @@ fn decode(bytes: &[u8]) -> Result<Snapshot, SnapshotError> {
 }
 
 fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
-    out.extend_from_slice(&(b.len() as u32).to_le_bytes());
-    out.extend_from_slice(b);
+    logq_abi::put_frame(out, b);
 }
 
 fn put_opt(out: &mut Vec<u8>, b: Option<&[u8]>) {
@@ -227,56 +242,25 @@ fn put_opt(out: &mut Vec<u8>, b: Option<&[u8]>) {
     }
 }
 
-struct Reader<'a>(&'a [u8]);
+fn string(r: &mut Reader<'_>) -> Result<String, SnapshotError> {
+    let bytes = r.frame().map_err(SnapshotError::Corrupt)?;
+    String::from_utf8(bytes.to_vec())
+        .map_err(|_| SnapshotError::Corrupt("text is not UTF-8".into()))
+}
 
-impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], SnapshotError> {
-        if self.0.len() < n {
-            return Err(SnapshotError::Corrupt("unexpected end".into()));
-        }
-        let (head, rest) = self.0.split_at(n);
-        self.0 = rest;
-        Ok(head)
+/// A range of `state` holding UTF-8 text (an answer or a join key), checked.
+fn range(
+    r: &mut Reader<'_>,
+    state: Option<&[u8]>,
+) -> Result<Option<std::ops::Range<u32>>, SnapshotError> {
+    let corrupt = SnapshotError::Corrupt;
+    if r.u8().map_err(corrupt)? == 0 {
+        return Ok(None);
     }
-    fn array<const N: usize>(&mut self) -> Result<[u8; N], SnapshotError> {
-        self.take(N)?
-            .try_into()
-            .map_err(|_| SnapshotError::Corrupt("short field".into()))
-    }
-    fn u32(&mut self) -> Result<u32, SnapshotError> {
-        Ok(u32::from_le_bytes(self.array()?))
-    }
-    fn bytes(&mut self) -> Result<&'a [u8], SnapshotError> {
-        let n = self.u32()? as usize;
-        self.take(n)
-    }
-    fn string(&mut self) -> Result<String, SnapshotError> {
-        String::from_utf8(self.bytes()?.to_vec())
-            .map_err(|_| SnapshotError::Corrupt("text is not UTF-8".into()))
-    }
-    /// A range of `state` holding UTF-8 text (an answer or a join key), checked.
-    fn range(
-        &mut self,
-        state: Option<&[u8]>,
-    ) -> Result<Option<std::ops::Range<u32>>, SnapshotError> {
-        if self.take(1)?[0] == 0 {
-            return Ok(None);
-        }
-        let range = u32::from_le_bytes(self.array()?)..u32::from_le_bytes(self.array()?);
-        let state =
-            state.ok_or_else(|| SnapshotError::Corrupt("a range without a state".into()))?;
-        logq_reducer::wire::text_in(state, &range)
-            .map_err(|e| SnapshotError::Corrupt(e.to_string()))?;
-        Ok(Some(range))
-    }
-
-    fn opt(&mut self) -> Result<Option<&'a [u8]>, SnapshotError> {
-        match self.take(1)?[0] {
-            0 => Ok(None),
-            1 => self.bytes().map(Some),
-            f => Err(SnapshotError::Corrupt(format!("bad flag {f}"))),
-        }
-    }
+    let range = r.u32().map_err(corrupt)?..r.u32().map_err(corrupt)?;
+    let state = state.ok_or_else(|| corrupt("a range without a state".into()))?;
+    logq_abi::text_in(state, &range).map_err(|e| corrupt(e.to_string()))?;
+    Ok(Some(range))
 }
 
 #[cfg(test)]
@@ -287,16 +271,21 @@ mod tests {
         Snapshot {
             reducer_sha256: "abc".into(),
             topics: vec!["users".into(), "organizations".into()],
-            offsets: [((0, 0), 10), ((0, 1), 7), ((1, 0), 3)]
-                .into_iter()
-                .collect(),
+            offsets: [
+                (Source::Users, 0, 10),
+                (Source::Users, 1, 7),
+                (Source::Organizations, 0, 3),
+            ]
+            .into_iter()
+            .map(|(source, id, o)| (Partition { source, id }, o))
+            .collect(),
             entities: vec![
                 (
                     Entity {
                         kind: Kind::User,
                         key: "u".into(),
                     },
-                    crate::state::test_update(Some("{\"id\":\"u\"}"), Some("MGS")),
+                    super::super::test_update(Some("{\"id\":\"u\"}"), Some("MGS")),
                 ),
                 (
                     Entity {
@@ -321,6 +310,19 @@ mod tests {
     fn round_trip() {
         let s = sample();
         assert!(same(&decode(&encode(&s)).unwrap(), &s));
+    }
+
+    #[test]
+    fn a_snapshot_of_another_format_says_so() {
+        let mut bytes = encode(&sample());
+        bytes[7] = b'2';
+        let e = decode(&bytes).unwrap_err();
+        assert!(matches!(e, SnapshotError::Mismatch(_)), "{e}");
+        assert!(
+            e.to_string()
+                .contains("another version of logq (format \"2\", this one reads \"3\")"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -1,101 +1,31 @@
-//! The HTTP API: the only module that touches warp. Routes are built by [`routes`]
-//! and every error becomes a JSON body in [`recover`], in one place.
+//! The HTTP API: the only module that touches warp and hyper, and the last stage of
+//! the data path. Routes are built by [`routes`] and every error becomes a JSON body
+//! in [`recover`], in one place.
+//!
+//! - [`server`]: the connection loop and its limits;
+//! - [`admin`]: the admin endpoints, against a [`SwapControl`] handle;
+//! - here: the read routes (users, organizations, health, readiness, metrics,
+//!   OpenAPI), percent-decoding, and the error mapping.
+
+pub mod admin;
+pub mod reply;
+pub mod server;
 
 use std::convert::Infallible;
 use std::sync::Arc;
 
 use serde_json::json;
+use warp::Filter;
 use warp::http::StatusCode;
 use warp::reply::Response;
-use warp::{Filter, Rejection};
+
+pub use admin::{Admin, SwapControl};
+pub use server::{ServerLimits, serve};
+
+use reply::{error, json_reply, recover};
 
 use crate::metrics::Metrics;
-use crate::replay::ReplayContext;
 use crate::state::StateStore;
-use crate::swap::{Mode, Origin, Reducers, SwapError};
-
-/// Limits of the HTTP server itself (below the routes).
-#[derive(Debug, Clone, Copy)]
-pub struct ServerLimits {
-    /// Most connections open at once; more are answered 503 and closed.
-    pub max_connections: usize,
-    /// Time a client has to send a request head (and the keep-alive idle limit).
-    pub header_timeout: std::time::Duration,
-    /// Largest request head, in bytes.
-    pub max_header_bytes: usize,
-}
-
-/// Serves `routes` on `listener` until `shutdown` resolves, then lets open requests
-/// finish for up to `drain`. Slow clients are cut by the head timeout, oversized heads
-/// get 431, and connections past the limit get a 503 and are closed, so no client can
-/// hold the server's memory or sockets hostage.
-pub async fn serve<F>(
-    listener: tokio::net::TcpListener,
-    routes: F,
-    limits: ServerLimits,
-    shutdown: impl std::future::Future<Output = ()>,
-    drain: std::time::Duration,
-) where
-    F: Filter<Extract = (Response,), Error = Infallible> + Clone + Send + Sync + 'static,
-{
-    use hyper_util::rt::{TokioIo, TokioTimer};
-    let permits = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let mut shutdown = std::pin::pin!(shutdown);
-    let mut http = hyper::server::conn::http1::Builder::new();
-    http.timer(TokioTimer::new())
-        .header_read_timeout(limits.header_timeout)
-        .max_buf_size(limits.max_header_bytes.max(8192) + 8192)
-        .max_header_size(limits.max_header_bytes);
-    loop {
-        let (stream, _) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(pair) => pair,
-                Err(e) => {
-                    // Out of file descriptors and the like: back off, keep serving.
-                    tracing::warn!("accept: {e}");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            () = &mut shutdown => break,
-        };
-        let Ok(permit) = permits.clone().try_acquire_owned() else {
-            tokio::spawn(too_busy(stream));
-            continue;
-        };
-        let service = hyper_util::service::TowerToHyperService::new(warp::service(routes.clone()));
-        let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
-        tokio::spawn(async move {
-            let _permit = permit;
-            if let Err(e) = conn.await {
-                tracing::debug!("HTTP connection: {e}");
-            }
-        });
-    }
-    drop(listener);
-    if tokio::time::timeout(drain, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!("open HTTP connections dropped after {drain:?}");
-    }
-}
-
-/// The answer to a connection past the limit.
-async fn too_busy(mut stream: tokio::net::TcpStream) {
-    use tokio::io::AsyncWriteExt as _;
-    let body = r#"{"error":"busy","message":"too many open connections; retry shortly"}"#;
-    let reply = format!(
-        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\nretry-after: 1\r\nconnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), async {
-        let _ = stream.write_all(reply.as_bytes()).await;
-        let _ = stream.shutdown().await;
-    })
-    .await;
-}
 
 /// The OpenAPI document of this API, served at `/openapi.json`.
 pub const OPENAPI: &str = include_str!("openapi.json");
@@ -112,170 +42,6 @@ pub struct Api {
     pub metrics: Arc<Metrics>,
     /// The admin side: reducers and who may change them.
     pub admin: Arc<Admin>,
-}
-
-/// What the admin endpoints need.
-pub struct Admin {
-    /// The reducers.
-    pub reducers: Arc<Reducers>,
-    /// What a replay needs.
-    pub replay: ReplayContext,
-    /// The bearer token; `None` disables the admin endpoints (403).
-    pub token: Option<String>,
-    /// Largest accepted upload.
-    pub max_body_bytes: u64,
-}
-
-/// A refusal of an admin request, turned into JSON by [`recover`].
-#[derive(Debug)]
-struct AdminRefusal {
-    code: StatusCode,
-    kind: &'static str,
-    message: String,
-}
-
-impl warp::reject::Reject for AdminRefusal {}
-
-fn refuse(code: StatusCode, kind: &'static str, message: impl Into<String>) -> Rejection {
-    warp::reject::custom(AdminRefusal {
-        code,
-        kind,
-        message: message.into(),
-    })
-}
-
-/// Compares in time that does not depend on where the inputs differ: both sides are
-/// hashed first, so not even the length leaks.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    let (a, b) = (crate::runtime::sha256_hex(a), crate::runtime::sha256_hex(b));
-    a.bytes()
-        .zip(b.bytes())
-        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
-        == 0
-}
-
-/// Lets the request through only with `Authorization: Bearer <token>`.
-fn authorized(api: Api) -> impl Filter<Extract = (Arc<Admin>,), Error = Rejection> + Clone {
-    warp::header::optional::<String>("authorization").and_then(move |header: Option<String>| {
-        let admin = api.admin.clone();
-        async move {
-            let Some(token) = admin.token.as_deref() else {
-                return Err(refuse(
-                    StatusCode::FORBIDDEN,
-                    "admin_disabled",
-                    "admin endpoints are disabled: start logq with --admin-token (or LOGQ_ADMIN_TOKEN) to enable them",
-                ));
-            };
-            let given = header.as_deref().and_then(|h| {
-                let (scheme, rest) = h.split_once(' ')?;
-                scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
-            });
-            match given {
-                Some(g) if constant_time_eq(g.as_bytes(), token.as_bytes()) => Ok(admin),
-                _ => Err(refuse(
-                    StatusCode::UNAUTHORIZED,
-                    "unauthorized",
-                    "send Authorization: Bearer <admin token>",
-                )),
-            }
-        }
-    })
-}
-
-#[derive(serde::Deserialize)]
-struct ModeQuery {
-    mode: Option<String>,
-}
-
-fn admin_routes(api: Api) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
-    let max_body = api.admin.max_body_bytes;
-    let auth = authorized(api);
-    let put = warp::path!("admin" / "reducer")
-        .and(warp::put())
-        .and(auth.clone())
-        .and(warp::query::<ModeQuery>())
-        .and(warp::body::content_length_limit(max_body))
-        .and(warp::body::bytes())
-        .and_then(
-            |admin: Arc<Admin>, q: ModeQuery, body: warp::hyper::body::Bytes| async move {
-                let mode = match q.mode.as_deref() {
-                    None | Some("forward") => Mode::Forward,
-                    Some("replay") => Mode::Replay,
-                    Some(other) => {
-                        return Err(refuse(
-                            StatusCode::BAD_REQUEST,
-                            "bad_request",
-                            format!("mode {other:?}: use forward or replay"),
-                        ));
-                    }
-                };
-                let result = tokio::task::spawn_blocking(move || {
-                    admin
-                        .reducers
-                        .submit(&body, Origin::Http, mode, &admin.replay)
-                })
-                .await
-                .map_err(|e| {
-                    refuse(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
-                })?;
-                swap_reply(
-                    result,
-                    if mode == Mode::Replay {
-                        StatusCode::ACCEPTED
-                    } else {
-                        StatusCode::OK
-                    },
-                )
-            },
-        );
-    let get = warp::path!("admin" / "reducer")
-        .and(warp::get())
-        .and(auth.clone())
-        .map(|admin: Arc<Admin>| json_reply(StatusCode::OK, &admin.reducers.describe()));
-    let rollback = warp::path!("admin" / "reducer" / "rollback")
-        .and(warp::post())
-        .and(auth.clone())
-        .and_then(|admin: Arc<Admin>| async move {
-            let result = tokio::task::spawn_blocking(move || admin.reducers.rollback())
-                .await
-                .map_err(|e| {
-                    refuse(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
-                })?;
-            swap_reply(result, StatusCode::OK)
-        });
-    let cancel = warp::path!("admin" / "reducer" / "replay")
-        .and(warp::delete())
-        .and(auth)
-        .and_then(|admin: Arc<Admin>| async move {
-            if admin.reducers.cancel_replay() {
-                Ok(json_reply(StatusCode::OK, &json!({"cancelled": true})))
-            } else {
-                Err(refuse(
-                    StatusCode::NOT_FOUND,
-                    "not_found",
-                    "no replay is running",
-                ))
-            }
-        });
-    put.or(get).unify().or(rollback).unify().or(cancel).unify()
-}
-
-fn swap_reply(
-    result: Result<crate::swap::Submitted, SwapError>,
-    ok: StatusCode,
-) -> Result<Response, Rejection> {
-    match result {
-        Ok(done) => Ok(json_reply(ok, &json!(done))),
-        Err(e) => {
-            let (code, kind) = match &e {
-                SwapError::NotWasm(_) => (StatusCode::BAD_REQUEST, "not_wasm"),
-                SwapError::Invalid(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_reducer"),
-                SwapError::Canary(_) => (StatusCode::UNPROCESSABLE_ENTITY, "canary_failed"),
-                SwapError::Busy(_) | SwapError::NoPrevious => (StatusCode::CONFLICT, "conflict"),
-            };
-            Err(refuse(code, kind, e.to_string()))
-        }
-    }
 }
 
 /// Every route of the service, errors included: the filter never rejects.
@@ -317,7 +83,7 @@ pub fn routes(api: Api) -> impl Filter<Extract = (Response,), Error = Infallible
             &json!({"ready": ready, "status": status, "lag": api.metrics.total_lag()}),
         )
     });
-    let admin = admin_routes(api);
+    let admin = admin::routes(api.admin.clone());
     let metrics = warp::path!("metrics").and(with).map(|api: Api| {
         let body = api.metrics.render(api.store.sizes());
         let mut r = Response::new(body.into());
@@ -431,71 +197,14 @@ fn percent_decode(raw: &str) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
-fn json_reply(code: StatusCode, body: &serde_json::Value) -> Response {
-    let mut r = Response::new(body.to_string().into());
-    *r.status_mut() = code;
-    r.headers_mut().insert(
-        "content-type",
-        warp::http::HeaderValue::from_static("application/json"),
-    );
-    r
-}
-
-fn error(code: StatusCode, kind: &str, message: String) -> Response {
-    json_reply(code, &json!({"error": kind, "message": message}))
-}
-
-/// Maps every rejection to a JSON error; nothing internal leaks.
-async fn recover(rejection: Rejection) -> Result<Response, Infallible> {
-    let (code, kind, message) = if let Some(r) = rejection.find::<AdminRefusal>() {
-        (r.code, r.kind, r.message.clone())
-    } else if rejection.find::<warp::reject::PayloadTooLarge>().is_some() {
-        (
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "payload_too_large",
-            "the body is larger than --admin-max-body-bytes".to_string(),
-        )
-    } else if rejection.find::<warp::reject::LengthRequired>().is_some() {
-        (
-            StatusCode::LENGTH_REQUIRED,
-            "length_required",
-            "send a Content-Length".to_string(),
-        )
-    } else if rejection.find::<warp::reject::InvalidQuery>().is_some() {
-        (
-            StatusCode::BAD_REQUEST,
-            "bad_request",
-            "invalid query string".to_string(),
-        )
-    } else if rejection.is_not_found() {
-        (
-            StatusCode::NOT_FOUND,
-            "not_found",
-            "no such route".to_string(),
-        )
-    } else if rejection.find::<warp::reject::MethodNotAllowed>().is_some() {
-        (
-            StatusCode::METHOD_NOT_ALLOWED,
-            "method_not_allowed",
-            "method not allowed".to_string(),
-        )
-    } else {
-        tracing::debug!("unhandled rejection: {rejection:?}");
-        (
-            StatusCode::BAD_REQUEST,
-            "bad_request",
-            "the request could not be handled".to_string(),
-        )
-    };
-    Ok(error(code, kind, message))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::time::Duration;
 
-    use crate::runtime::{Entity, Kind};
+    use logq_abi::{Entity, Kind};
+
+    use crate::reducers::{Mode, Origin, Outcome, ReducerInfo, Submitted, SwapError, SwapRecord};
 
     fn api() -> Api {
         let store = Arc::new(StateStore::new());
@@ -509,41 +218,80 @@ mod tests {
         Api {
             store,
             metrics: Arc::new(Metrics::new(["users", "organizations"])),
-            admin: Arc::new(admin(None)),
+            admin: Arc::new(admin(None, Fake::default())),
         }
     }
 
-    fn admin(token: Option<&str>) -> Admin {
-        use clap::Parser as _;
-        static REDUCER: std::sync::OnceLock<(crate::runtime::Runtime, crate::runtime::Reducer)> =
-            std::sync::OnceLock::new();
-        let (runtime, reducer) = REDUCER.get_or_init(|| {
-            let limits = crate::runtime::Limits {
-                memory_bytes: 64 << 20,
-                time: std::time::Duration::from_secs(5),
-            };
-            let runtime = crate::runtime::Runtime::new(limits, None).unwrap();
-            let reducer = runtime.load(crate::runtime::DEFAULT_REDUCER).unwrap();
-            (runtime, reducer)
-        });
-        let crate::config::Command::Run(config) =
-            crate::config::Cli::try_parse_from(["logq", "run"])
+    /// A swap control that answers from a script and logs what reached it: the HTTP
+    /// layer is tested for its mapping, not for validation (the registry's own tests
+    /// and the end-to-end tests do that with real components).
+    #[derive(Default)]
+    struct Fake {
+        answers: std::sync::Mutex<std::collections::VecDeque<Result<Submitted, SwapError>>>,
+        calls: std::sync::Mutex<Vec<String>>,
+    }
+
+    impl Fake {
+        fn answering(answers: impl IntoIterator<Item = Result<Submitted, SwapError>>) -> Self {
+            Self {
+                answers: std::sync::Mutex::new(answers.into_iter().collect()),
+                calls: Default::default(),
+            }
+        }
+        fn next(&self, call: String) -> Result<Submitted, SwapError> {
+            self.calls.lock().unwrap().push(call);
+            self.answers
+                .lock()
                 .unwrap()
-                .command
-        else {
-            unreachable!()
-        };
-        let config = *config;
-        Admin {
-            reducers: Arc::new(Reducers::new(
-                runtime.clone(),
-                reducer.clone(),
-                Origin::Startup,
-            )),
-            replay: ReplayContext {
-                config,
-                control: std::sync::mpsc::channel().0,
+                .pop_front()
+                .expect("the test scripted an answer for every call")
+        }
+    }
+
+    impl SwapControl for Fake {
+        fn submit(&self, bytes: &[u8], origin: Origin, mode: Mode) -> Result<Submitted, SwapError> {
+            self.next(format!("submit {} bytes {origin:?} {mode:?}", bytes.len()))
+        }
+        fn rollback(&self) -> Result<Submitted, SwapError> {
+            self.next("rollback".into())
+        }
+        fn cancel_replay(&self) -> bool {
+            self.calls.lock().unwrap().push("cancel".into());
+            false
+        }
+        fn describe(&self) -> serde_json::Value {
+            json!({"active": {"origin": "startup"}})
+        }
+    }
+
+    fn submitted(outcome: Outcome, mode: Mode, origin: Origin) -> Submitted {
+        Submitted {
+            swap: SwapRecord {
+                id: 1,
+                at: "now".into(),
+                sha256: "ab".into(),
+                origin,
+                mode,
+                outcome,
+                reason: None,
+                compile_ms: 0,
+                from_cache: false,
+                canary_ms: 0,
+                switch_offsets: None,
             },
+            active: ReducerInfo {
+                sha256: "ab".into(),
+                size: 1,
+                world_version: "3.0.0".into(),
+                loaded_at: "now".into(),
+                origin,
+            },
+        }
+    }
+
+    fn admin(token: Option<&str>, control: Fake) -> Admin {
+        Admin {
+            control: Arc::new(control),
             token: token.map(str::to_owned),
             max_body_bytes: 1 << 20,
         }
@@ -580,7 +328,7 @@ mod tests {
     #[tokio::test]
     async fn admin_token_is_checked() {
         let mut api = api();
-        api.admin = Arc::new(admin(Some("s3cret")));
+        api.admin = Arc::new(admin(Some("s3cret"), Fake::default()));
         for auth in [
             None,
             Some("Bearer wrong"),
@@ -594,59 +342,117 @@ mod tests {
             admin_call(&api, "GET", "/admin/reducer", Some("Bearer s3cret"), b"").await;
         assert_eq!(code, StatusCode::OK, "{body}");
         assert_eq!(body["active"]["origin"], "startup");
-        assert_eq!(body["active"]["world_version"], "2.0.0");
     }
 
     #[tokio::test]
-    async fn admin_refuses_junk_big_bodies_and_bad_modes() {
+    async fn admin_refusals_map_to_their_status_codes() {
+        use crate::fold::ReducerError;
+        let fake = Fake::answering([
+            Err(SwapError::NotWasm(ReducerError::NotWasm)),
+            Err(SwapError::Invalid(ReducerError::Invalid(
+                "no export".into(),
+            ))),
+            Err(SwapError::Canary("on the sample data: trap".into())),
+            Err(SwapError::Busy("a replay is in progress".into())),
+            Err(SwapError::NoPrevious),
+            Err(SwapError::Stopped),
+        ]);
         let mut api = api();
-        api.admin = Arc::new(admin(Some("t")));
+        let control = Arc::new(fake);
+        api.admin = Arc::new(Admin {
+            control: control.clone(),
+            token: Some("t".into()),
+            max_body_bytes: 1 << 20,
+        });
         let auth = Some("Bearer t");
-        let (code, body) = admin_call(&api, "PUT", "/admin/reducer", auth, b"hello").await;
-        assert_eq!(code, StatusCode::BAD_REQUEST, "{body}");
-        assert_eq!(body["error"], "not_wasm");
+        let expect = [
+            ("PUT", "/admin/reducer", StatusCode::BAD_REQUEST, "not_wasm"),
+            (
+                "PUT",
+                "/admin/reducer",
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_reducer",
+            ),
+            (
+                "PUT",
+                "/admin/reducer?mode=replay",
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "canary_failed",
+            ),
+            (
+                "PUT",
+                "/admin/reducer?mode=replay",
+                StatusCode::CONFLICT,
+                "conflict",
+            ),
+            (
+                "POST",
+                "/admin/reducer/rollback",
+                StatusCode::CONFLICT,
+                "conflict",
+            ),
+            (
+                "PUT",
+                "/admin/reducer",
+                StatusCode::SERVICE_UNAVAILABLE,
+                "stopping",
+            ),
+        ];
+        for (method, path, code, kind) in expect {
+            let (got, body) = admin_call(&api, method, path, auth, b"\0asm").await;
+            assert_eq!(
+                (got, body["error"].as_str()),
+                (code, Some(kind)),
+                "{method} {path}: {body}"
+            );
+            assert!(
+                body["message"].as_str().is_some_and(|m| !m.is_empty()),
+                "{body}"
+            );
+        }
+        // Refused before reaching the control: too big, and an unknown mode.
         let big = vec![0u8; (1 << 20) + 1];
         let (code, _) = admin_call(&api, "PUT", "/admin/reducer", auth, &big).await;
         assert_eq!(code, StatusCode::PAYLOAD_TOO_LARGE);
         let (code, _) =
             admin_call(&api, "PUT", "/admin/reducer?mode=sideways", auth, b"\0asm").await;
         assert_eq!(code, StatusCode::BAD_REQUEST);
-        let (code, body) =
-            admin_call(&api, "PUT", "/admin/reducer", auth, b"\0asm\x0d\0\x01\0").await;
-        assert_eq!(code, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
-        let (code, _) = admin_call(&api, "POST", "/admin/reducer/rollback", auth, b"").await;
-        assert_eq!(code, StatusCode::CONFLICT, "nothing to roll back to yet");
-        let (_, described) = admin_call(&api, "GET", "/admin/reducer", auth, b"").await;
-        let outcomes: Vec<&str> = described["history"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|h| h["outcome"].as_str().unwrap())
-            .collect();
-        assert_eq!(outcomes, ["rejected", "rejected"], "{described}");
+        let (code, _) = admin_call(&api, "DELETE", "/admin/reducer/replay", auth, b"").await;
+        assert_eq!(code, StatusCode::NOT_FOUND, "no replay runs");
+        assert_eq!(
+            *control.calls.lock().unwrap(),
+            [
+                "submit 4 bytes Http Forward",
+                "submit 4 bytes Http Forward",
+                "submit 4 bytes Http Replay",
+                "submit 4 bytes Http Replay",
+                "rollback",
+                "submit 4 bytes Http Forward",
+                "cancel",
+            ]
+        );
     }
 
     #[tokio::test]
-    async fn forward_swap_then_rollback() {
+    async fn forward_swap_is_200_replay_202_rollback_200() {
+        let fake = Fake::answering([
+            Ok(submitted(Outcome::Active, Mode::Forward, Origin::Http)),
+            Ok(submitted(Outcome::Replaying, Mode::Replay, Origin::Http)),
+            Ok(submitted(Outcome::Active, Mode::Forward, Origin::Rollback)),
+        ]);
         let mut api = api();
-        api.admin = Arc::new(admin(Some("t")));
+        api.admin = Arc::new(admin(Some("t"), fake));
         let auth = Some("Bearer t");
-        let (code, body) = admin_call(
-            &api,
-            "PUT",
-            "/admin/reducer?mode=forward",
-            auth,
-            crate::runtime::DEFAULT_REDUCER,
-        )
-        .await;
+        let (code, body) = admin_call(&api, "PUT", "/admin/reducer?mode=forward", auth, b"x").await;
         assert_eq!(code, StatusCode::OK, "{body}");
         assert_eq!(body["swap"]["outcome"], "active");
         assert_eq!(body["active"]["origin"], "http");
+        let (code, body) = admin_call(&api, "PUT", "/admin/reducer?mode=replay", auth, b"x").await;
+        assert_eq!(code, StatusCode::ACCEPTED, "{body}");
+        assert_eq!(body["swap"]["outcome"], "replaying");
         let (code, body) = admin_call(&api, "POST", "/admin/reducer/rollback", auth, b"").await;
         assert_eq!(code, StatusCode::OK, "{body}");
         assert_eq!(body["active"]["origin"], "rollback");
-        let (code, _) = admin_call(&api, "DELETE", "/admin/reducer/replay", auth, b"").await;
-        assert_eq!(code, StatusCode::NOT_FOUND, "no replay runs");
     }
 
     async fn get(path: &str) -> (StatusCode, serde_json::Value) {

@@ -1,11 +1,19 @@
-//! The state store: every entity's opaque reducer state and its rendered answer, and
-//! the join of users to organizations by name.
+//! The state: every entity's opaque reducer state and its rendered answer, the join
+//! of users to organizations by name ([`StateStore`]), and snapshots of it on disk
+//! ([`snapshot`]). Third stage of the data path, between the fold and the readers.
+//!
+//! The store hands out plain bytes; how they are framed for a reducer is the fold's
+//! business ([`logq_abi::prior`]).
+
+pub mod snapshot;
 
 use std::collections::{BTreeSet, HashMap};
 use std::ops::Range;
 use std::sync::RwLock;
 
-use crate::runtime::{Entity, Kind, Update};
+use logq_abi::{Entity, Kind, States, Update};
+
+use crate::fold::Target;
 
 /// One stored entity: one buffer, nothing twice.
 #[derive(Debug, Clone)]
@@ -30,7 +38,7 @@ impl Entry {
 
     fn text(&self, range: Option<&Range<u32>>) -> Option<&str> {
         // The runtime checked that the range is inside the state and UTF-8.
-        logq_reducer::wire::text_in(&self.state, range?).ok()
+        logq_abi::text_in(&self.state, range?).ok()
     }
 
     fn view(&self) -> Option<&str> {
@@ -73,7 +81,8 @@ pub struct Sizes {
     pub user_bytes: usize,
 }
 
-/// All state the host owns, shared by the ingest thread (one writer) and HTTP readers.
+/// All state the host owns, shared by the consumer loop (its one writer) and HTTP
+/// readers.
 ///
 /// A `std::sync::RwLock` and not an async lock: nothing awaits while holding it,
 /// readers hold it for a few hash lookups and the writer for one batch's updates.
@@ -86,15 +95,6 @@ impl StateStore {
     /// An empty store.
     pub fn new() -> Self {
         Self::default()
-    }
-
-    /// Current states of `entities`, framed for the reducer to fold into.
-    pub fn prior(&self, entities: &[Entity], out: &mut Vec<u8>) {
-        let maps = self.read();
-        for e in entities {
-            let state = maps.map(e.kind).get(e.key.as_str()).map(|e| &*e.state);
-            crate::runtime::put_prior(out, state);
-        }
     }
 
     /// Stores the reducer's updates, all under one write lock so a reader sees the
@@ -207,6 +207,22 @@ impl StateStore {
 
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, Maps> {
         self.maps.write().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl States for StateStore {
+    /// Lends the states under one read lock: a batch sees one consistent state.
+    fn states(&self, entities: &[Entity], each: &mut dyn FnMut(Option<&[u8]>)) {
+        let maps = self.read();
+        for e in entities {
+            each(maps.map(e.kind).get(e.key.as_str()).map(|e| &*e.state));
+        }
+    }
+}
+
+impl Target for StateStore {
+    fn apply(&self, entities: &[Entity], updates: Vec<Update>) {
+        StateStore::apply(self, entities, updates);
     }
 }
 

@@ -1,23 +1,8 @@
-//! The byte framing of the WIT `fold` interface (`wit/reducer.wit`): records in,
-//! entities out, prior states in, updates out. Shared by this reducer's guest glue and
-//! the host, so both sides read and write one definition.
+//! The primitives every codec of this crate is built from: little-endian `u32`s,
+//! frames (a `u32` length, then the bytes), a bounds-checked reader, and the check
+//! that a range of a state holds text.
 
 use std::ops::Range;
-
-/// Record stream byte: the user events topic.
-pub const SOURCE_USERS: u8 = 0;
-/// Record stream byte: the organization events topic.
-pub const SOURCE_ORGANIZATIONS: u8 = 1;
-/// Entity kind byte: a user.
-pub const KIND_USER: u8 = 0;
-/// Entity kind byte: an organization.
-pub const KIND_ORGANIZATION: u8 = 1;
-/// Update flag: a new state follows (else the host forgets the entity).
-pub const KEEP: u8 = 1;
-/// Update flag: the answer's range inside the state follows.
-pub const VIEW: u8 = 2;
-/// Update flag: the join key's range inside the state follows.
-pub const JOIN: u8 = 4;
 
 /// Appends a little-endian `u32`.
 pub fn put_u32(out: &mut Vec<u8>, n: u32) {
@@ -29,17 +14,6 @@ pub fn put_frame(out: &mut Vec<u8>, bytes: &[u8]) {
     // Record values and states are bounded far below 4 GiB (the broker's record limit).
     put_u32(out, u32::try_from(bytes.len()).unwrap_or(u32::MAX));
     out.extend_from_slice(bytes);
-}
-
-/// Appends one entity's prior state (or its absence), as `fold` expects it.
-pub fn put_prior(out: &mut Vec<u8>, state: Option<&[u8]>) {
-    match state {
-        Some(state) => {
-            out.push(1);
-            put_frame(out, state);
-        }
-        None => out.push(0),
-    }
 }
 
 /// The text `range` of `state` holds (an answer or a join key), checked: inside the
@@ -70,7 +44,11 @@ impl<'a> Reader<'a> {
         self.bytes.is_empty()
     }
 
-    fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
+    /// The next `n` bytes.
+    ///
+    /// # Errors
+    /// When fewer are left.
+    pub fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
         if self.bytes.len() < n {
             return Err(format!(
                 "framing: {n} bytes wanted, {} left",
@@ -80,6 +58,16 @@ impl<'a> Reader<'a> {
         let (head, rest) = self.bytes.split_at(n);
         self.bytes = rest;
         Ok(head)
+    }
+
+    /// The next `N` bytes as an array.
+    ///
+    /// # Errors
+    /// When fewer are left.
+    pub fn array<const N: usize>(&mut self) -> Result<[u8; N], String> {
+        let head = self.take(N)?;
+        head.try_into()
+            .map_err(|_| format!("framing: {N} bytes wanted"))
     }
 
     /// One byte.
@@ -95,23 +83,7 @@ impl<'a> Reader<'a> {
     /// # Errors
     /// When fewer than 4 bytes are left.
     pub fn u32(&mut self) -> Result<u32, String> {
-        let raw: [u8; 4] = self
-            .take(4)?
-            .try_into()
-            .map_err(|_| "framing: short u32".to_string())?;
-        Ok(u32::from_le_bytes(raw))
-    }
-
-    /// One entity's prior state, as [`put_prior`] wrote it.
-    ///
-    /// # Errors
-    /// On a flag other than 0 or 1, or a frame that runs past the end.
-    pub fn prior(&mut self) -> Result<Option<&'a [u8]>, String> {
-        match self.u8()? {
-            0 => Ok(None),
-            1 => self.frame().map(Some),
-            other => Err(format!("framing: bad prior flag {other}")),
-        }
+        Ok(u32::from_le_bytes(self.array()?))
     }
 
     /// A frame's bytes.

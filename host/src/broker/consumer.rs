@@ -1,18 +1,26 @@
 //! Reading the topics: partition discovery, watermarks, batched polling.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use rdkafka::Message;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 
-use super::{KafkaError, Record, client_config};
+use super::{KafkaError, Partition, Record, Topics, client_config};
 use crate::config::KafkaConfig;
+
+/// How long one poll waits for a record before its caller looks around again (stop
+/// flag, commands).
+pub const POLL_WAIT: Duration = Duration::from_millis(100);
+/// Longest wait for one metadata or watermark request.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A consumer that reads whole topics itself (every replica of the service holds the
 /// entire state, so partitions are assigned, not balanced across a group).
 pub struct TopicConsumer {
     consumer: BaseConsumer,
+    topics: Topics,
 }
 
 /// Where one partition stands.
@@ -29,7 +37,7 @@ impl TopicConsumer {
     ///
     /// # Errors
     /// [`KafkaError::Config`] when librdkafka refuses the settings.
-    pub fn new(kafka: &KafkaConfig, group_id: &str) -> Result<Self, KafkaError> {
+    pub fn new(kafka: &KafkaConfig, group_id: &str, topics: Topics) -> Result<Self, KafkaError> {
         let consumer: BaseConsumer = client_config(
             kafka,
             &[
@@ -50,14 +58,34 @@ impl TopicConsumer {
         )
         .create()
         .map_err(|e| KafkaError::Config(e.to_string()))?;
-        Ok(Self { consumer })
+        Ok(Self { consumer, topics })
+    }
+
+    /// The topics this consumer reads.
+    pub fn topics(&self) -> &Topics {
+        &self.topics
+    }
+
+    /// Every partition of both topics with its watermarks now.
+    ///
+    /// # Errors
+    /// When the broker cannot be reached or a topic does not exist.
+    pub fn targets(
+        &self,
+        timeout: Duration,
+    ) -> Result<BTreeMap<Partition, Watermarks>, KafkaError> {
+        let mut targets = BTreeMap::new();
+        for source in logq_abi::Source::ALL {
+            for id in self.partitions(self.topics.name(source), timeout)? {
+                let p = Partition { source, id };
+                targets.insert(p, self.watermarks(p, timeout)?);
+            }
+        }
+        Ok(targets)
     }
 
     /// Partition ids of `topic`.
-    ///
-    /// # Errors
-    /// When the broker cannot be reached or the topic does not exist.
-    pub fn partitions(&self, topic: &str, timeout: Duration) -> Result<Vec<i32>, KafkaError> {
+    fn partitions(&self, topic: &str, timeout: Duration) -> Result<Vec<i32>, KafkaError> {
         let metadata = self.consumer.fetch_metadata(Some(topic), timeout)?;
         let t = metadata
             .topics()
@@ -74,13 +102,10 @@ impl TopicConsumer {
     ///
     /// # Errors
     /// When the broker does not answer in time.
-    pub fn watermarks(
-        &self,
-        topic: &str,
-        partition: i32,
-        timeout: Duration,
-    ) -> Result<Watermarks, KafkaError> {
-        let (low, high) = self.consumer.fetch_watermarks(topic, partition, timeout)?;
+    pub fn watermarks(&self, p: Partition, timeout: Duration) -> Result<Watermarks, KafkaError> {
+        let (low, high) =
+            self.consumer
+                .fetch_watermarks(self.topics.name(p.source), p.id, timeout)?;
         Ok(Watermarks { low, high })
     }
 
@@ -88,11 +113,11 @@ impl TopicConsumer {
     ///
     /// # Errors
     /// When librdkafka refuses the assignment.
-    pub fn assign(&self, partitions: &[(String, i32, Option<i64>)]) -> Result<(), KafkaError> {
+    pub fn assign(&self, partitions: &[(Partition, Option<i64>)]) -> Result<(), KafkaError> {
         let mut list = TopicPartitionList::new();
-        for (topic, partition, offset) in partitions {
+        for (p, offset) in partitions {
             let at = offset.map_or(Offset::Beginning, Offset::Offset);
-            list.add_partition_offset(topic, *partition, at)?;
+            list.add_partition_offset(self.topics.name(p.source), p.id, at)?;
         }
         self.consumer.assign(&list)?;
         Ok(())
@@ -149,8 +174,9 @@ impl TopicConsumer {
     ///
     /// # Errors
     /// When the partition is not assigned.
-    pub fn store_progress(&self, topic: &str, partition: i32, next: i64) -> Result<(), KafkaError> {
-        self.consumer.store_offset(topic, partition, next)?;
+    pub fn store_progress(&self, p: Partition, next: i64) -> Result<(), KafkaError> {
+        self.consumer
+            .store_offset(self.topics.name(p.source), p.id, next)?;
         Ok(())
     }
 }

@@ -1,0 +1,158 @@
+//! Everything that talks to the broker: the only module that touches rdkafka. The
+//! first stage of the data path: records come out of here, borrowed from the client.
+//!
+//! - [`consumer`]: reads the topics in batches, finds partitions and watermarks,
+//!   stores progress;
+//! - [`producer`]: sends records (dead letters, `logq produce`) and counts deliveries;
+//! - [`admin`]: creates topics;
+//! - [`mock`]: librdkafka's in-process mock cluster, for `logq dev` only.
+//!
+//! Which topic is which stream is said once, by [`Topics`]; a partition is a
+//! [`Partition`] (stream and id), never a topic index.
+
+pub mod admin;
+pub mod consumer;
+pub mod mock;
+pub mod producer;
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use logq_abi::Source;
+use rdkafka::ClientConfig;
+use rdkafka::config::RDKafkaLogLevel;
+
+use crate::config::KafkaConfig;
+
+/// One partition of one of the two streams.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Partition {
+    /// The stream (and so the topic) it belongs to.
+    pub source: Source,
+    /// The partition id within the topic.
+    pub id: i32,
+}
+
+/// Next offset to read or fold, per partition.
+pub type Positions = BTreeMap<Partition, i64>;
+
+/// The topic names of the two streams, and the mapping between them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Topics {
+    /// Topic of user events.
+    pub users: String,
+    /// Topic of organization events.
+    pub organizations: String,
+}
+
+impl Topics {
+    /// The topic of `source`.
+    pub fn name(&self, source: Source) -> &str {
+        match source {
+            Source::Users => &self.users,
+            Source::Organizations => &self.organizations,
+        }
+    }
+
+    /// The stream `topic` carries, if it is one of ours.
+    pub fn source_of(&self, topic: &str) -> Option<Source> {
+        Source::ALL.into_iter().find(|s| self.name(*s) == topic)
+    }
+
+    /// Both topic names, users first.
+    pub fn names(&self) -> [&str; 2] {
+        Source::ALL.map(|s| self.name(s))
+    }
+
+    /// `positions` keyed `topic/partition`, as the admin API and logs show them.
+    pub fn named(&self, positions: &Positions) -> BTreeMap<String, i64> {
+        positions
+            .iter()
+            .map(|(p, o)| (self.partition_name(*p), *o))
+            .collect()
+    }
+
+    /// `topic/partition`.
+    pub fn partition_name(&self, p: Partition) -> String {
+        format!("{}/{}", self.name(p.source), p.id)
+    }
+
+    /// The reducer's view of a record: its stream, partition, offset and value
+    /// (borrowed, not copied). `None` for a record of another topic, a client bug
+    /// that is logged.
+    pub fn record<'a>(&self, r: &Record<'a>) -> Option<logq_abi::Record<'a>> {
+        let Some(source) = self.source_of(r.topic) else {
+            tracing::error!("record from unexpected topic {} ignored", r.topic);
+            return None;
+        };
+        Some(logq_abi::Record {
+            source,
+            partition: r.partition,
+            offset: r.offset,
+            value: r.value.unwrap_or_default(),
+        })
+    }
+
+    /// [`Topics::record`] of every record of a batch.
+    pub fn records<'a>(&self, records: &[Record<'a>]) -> Vec<logq_abi::Record<'a>> {
+        records.iter().filter_map(|r| self.record(r)).collect()
+    }
+}
+
+impl fmt::Display for Partition {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}/{}", self.source, self.id)
+    }
+}
+
+/// A broker operation that failed, with librdkafka's words.
+#[derive(Debug, thiserror::Error)]
+pub enum KafkaError {
+    /// The client could not be created (usually a bad `-X` setting).
+    #[error("kafka client configuration: {0}")]
+    Config(String),
+    /// A topic does not exist on the broker.
+    #[error("topic {0:?} does not exist (create it, e.g. `rpk topic create {0}`)")]
+    MissingTopic(String),
+    /// Anything else the broker or client reported.
+    #[error("kafka: {0}")]
+    Broker(String),
+}
+
+impl From<rdkafka::error::KafkaError> for KafkaError {
+    fn from(e: rdkafka::error::KafkaError) -> Self {
+        Self::Broker(e.to_string())
+    }
+}
+
+/// One record as read, borrowed from the client for the duration of a batch.
+#[derive(Debug, Clone, Copy)]
+pub struct Record<'a> {
+    /// Topic it was read from.
+    pub topic: &'a str,
+    /// Partition.
+    pub partition: i32,
+    /// Offset within the partition.
+    pub offset: i64,
+    /// Record key, if any.
+    pub key: Option<&'a [u8]>,
+    /// Record value; `None` for a tombstone.
+    pub value: Option<&'a [u8]>,
+}
+
+/// Client settings in a fixed order: bootstrap servers, then the client's own
+/// `defaults`, then every `-X` setting on top, so a user can override anything
+/// (security, timeouts, our defaults) without a code change.
+fn client_config(kafka: &KafkaConfig, defaults: &[(&str, &str)]) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    config
+        .set("bootstrap.servers", &kafka.brokers)
+        .set_log_level(RDKafkaLogLevel::Warning);
+    for (key, value) in defaults {
+        config.set(*key, *value);
+    }
+    for (key, value) in &kafka.extra {
+        config.set(key, value);
+    }
+    config
+}

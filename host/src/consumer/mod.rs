@@ -1,0 +1,365 @@
+//! The consumer loop: broker -> fold -> state, on a thread of its own. Fifth layer.
+//!
+//! The one writer: only this loop replaces the store and the active reducer. Forward
+//! swaps, rollbacks, file-watch swaps and replay handovers arrive as
+//! [`Command`]s and are applied between two batches, in the order they arrive;
+//! nothing calls into the loop.
+//!
+//! Ordering assumption: none. The reducer's fold gives the same state whatever order
+//! events arrive in and however often, so partitions are interleaved freely and a
+//! record applied twice (after a retry, or at a replay handover) changes nothing.
+//!
+//! - [`dead_letter`]: refused records to the dead-letter topics;
+//! - [`progress`]: readiness and lag;
+//! - [`snapshots`]: writing and restoring snapshots.
+
+pub mod dead_letter;
+pub mod progress;
+pub mod snapshots;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::Receiver;
+use std::time::{Duration, Instant};
+
+use logq_abi::Source;
+
+use crate::broker::consumer::{POLL_WAIT, REQUEST_TIMEOUT, TopicConsumer, Watermarks};
+use crate::broker::{KafkaError, Partition, Positions, Record, Topics};
+use crate::config::RunConfig;
+use crate::fold::fold_into;
+use crate::metrics::Metrics;
+use crate::reducers::{Active, Command, Origin, Registry, SwapError, Switched};
+use crate::state::StateStore;
+use crate::state::snapshot::Snapshot;
+use dead_letter::DeadLetters;
+use progress::CatchUp;
+use snapshots::SnapshotWriter;
+
+/// How often consumer lag is refreshed from the broker's watermarks.
+const LAG_EVERY: Duration = Duration::from_secs(2);
+/// How often freed memory is handed back to the OS while following the topics.
+const TRIM_EVERY: Duration = Duration::from_secs(30);
+
+/// Why the consumer loop could not run at all. Problems with records never end it.
+#[derive(Debug, thiserror::Error)]
+pub enum ConsumerError {
+    /// The Kafka clients could not be created.
+    #[error(transparent)]
+    Kafka(#[from] KafkaError),
+}
+
+/// The reducer the loop folds with, and the one before it (for rollback). Owned by
+/// the loop; the registry gets a published copy.
+struct Slots {
+    current: Arc<Active>,
+    previous: Option<Arc<Active>>,
+}
+
+impl Slots {
+    fn install(&mut self, active: Arc<Active>) {
+        self.previous = Some(std::mem::replace(&mut self.current, active));
+    }
+}
+
+/// Everything the consumer loop owns or shares.
+pub struct Consumer {
+    config: RunConfig,
+    topics: Topics,
+    registry: Arc<Registry>,
+    store: Arc<StateStore>,
+    metrics: Arc<Metrics>,
+    stop: Arc<AtomicBool>,
+    commands: Receiver<Command>,
+    slots: Slots,
+}
+
+impl Consumer {
+    /// Prepares the loop, starting with the registry's current reducer; nothing runs
+    /// until [`Consumer::run`].
+    pub fn new(
+        config: RunConfig,
+        registry: Arc<Registry>,
+        store: Arc<StateStore>,
+        metrics: Arc<Metrics>,
+        stop: Arc<AtomicBool>,
+        commands: Receiver<Command>,
+    ) -> Self {
+        let topics = Topics {
+            users: config.users_topic.clone(),
+            organizations: config.organizations_topic.clone(),
+        };
+        Self {
+            slots: Slots {
+                current: registry.current(),
+                previous: None,
+            },
+            config,
+            topics,
+            registry,
+            store,
+            metrics,
+            stop,
+            commands,
+        }
+    }
+
+    /// Runs until the stop flag is set: waits for the broker and the topics, reads
+    /// them from a snapshot's offsets or the earliest, then follows them.
+    ///
+    /// # Errors
+    /// Only when the Kafka clients cannot be created (bad settings).
+    pub fn run(mut self) -> Result<(), ConsumerError> {
+        let consumer = TopicConsumer::new(
+            &self.config.kafka,
+            &self.config.group_id,
+            self.topics.clone(),
+        )?;
+        let dlq = DeadLetters::new(&self.config, self.topics.clone(), self.metrics.clone())?;
+        let Some(targets) = self.discover(&consumer) else {
+            return Ok(());
+        };
+        let mut positions: Positions = targets.iter().map(|(p, w)| (*p, w.low)).collect();
+        if let Some(dir) = &self.config.state_dir
+            && let Some(restored) = snapshots::restore(
+                dir,
+                self.slots.current.sha256(),
+                &self.topics.names(),
+                &targets,
+                &self.store,
+            )
+        {
+            positions = restored;
+        }
+        let mut catch_up = CatchUp::new(
+            self.metrics.clone(),
+            self.topics.clone(),
+            &targets,
+            &positions,
+        );
+        let assigned: Vec<(Partition, Option<i64>)> = targets
+            .iter()
+            .map(|(p, w)| (*p, Some(positions[p]).filter(|at| *at > w.low)))
+            .collect();
+        consumer.assign(&assigned)?;
+        let snapshots = self.config.state_dir.clone().map(SnapshotWriter::start);
+        let snapshot_every = Duration::from_secs(self.config.snapshot_interval_secs.max(1));
+        let mut next_snapshot = Instant::now() + snapshot_every;
+        let mut changed = false;
+        let mut next_lag = Instant::now();
+        let mut next_trim = Instant::now() + TRIM_EVERY;
+
+        while !self.stop.load(Ordering::Relaxed) {
+            self.serve_commands(&positions);
+            let polled = consumer.poll_batch(
+                self.config.batch_max_records,
+                self.config.batch_max_bytes,
+                POLL_WAIT,
+                |records| self.process(records, &dlq),
+            );
+            match polled {
+                Ok(Some(progress)) => {
+                    changed = true;
+                    let mut applied = 0;
+                    for (&p, &(next, n)) in &progress {
+                        applied += n;
+                        positions.insert(p, next);
+                        if let Err(e) = consumer.store_progress(p, next) {
+                            tracing::debug!("storing progress of {p}: {e}");
+                        }
+                        catch_up.advanced(p, next);
+                    }
+                    catch_up.applied(applied);
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!("{e}");
+                    if !self.metrics.status().0 {
+                        self.metrics
+                            .set_status(false, format!("catching up; last broker error: {e}"));
+                    }
+                }
+            }
+            if let Some(tx) = &snapshots
+                && changed
+                && Instant::now() >= next_snapshot
+            {
+                // Full: the writer is still busy with the last one; try next round.
+                if tx.offer(self.snapshot(&positions)) {
+                    changed = false;
+                }
+                next_snapshot = Instant::now() + snapshot_every;
+            }
+            if Instant::now() >= next_lag {
+                progress::refresh_lag(&consumer, &self.metrics, &positions);
+                dlq.report();
+                next_lag = Instant::now() + LAG_EVERY;
+            }
+            if Instant::now() >= next_trim {
+                crate::memory::trim();
+                next_trim = Instant::now() + TRIM_EVERY;
+            }
+        }
+        if let Err(e) = dlq.flush(REQUEST_TIMEOUT) {
+            tracing::error!("dead letters not flushed before exit: {e}");
+        }
+        if let Some(writer) = snapshots {
+            // One last snapshot, so the next start has nothing to replay; written
+            // before the process may exit (a large state takes a while).
+            writer.finish(self.snapshot(&positions));
+        }
+        Ok(())
+    }
+
+    /// Applies every command that has arrived, in order.
+    fn serve_commands(&mut self, positions: &Positions) {
+        while let Ok(command) = self.commands.try_recv() {
+            self.apply(command, positions);
+        }
+    }
+
+    /// The one place the active reducer and the store are replaced.
+    fn apply(&mut self, command: Command, positions: &Positions) {
+        match command {
+            Command::Activate { swap, active, done } => {
+                let offsets = self.topics.named(positions);
+                tracing::info!(
+                    "swap #{swap}: folding with reducer {} from offsets {offsets:?}",
+                    active.sha256()
+                );
+                self.slots.install(active);
+                self.publish();
+                let _ = done.send(Ok(Switched {
+                    active: self.slots.current.info(),
+                    offsets,
+                }));
+            }
+            Command::Rollback { swap, done } => {
+                let Some(previous) = self.slots.previous.clone() else {
+                    let _ = done.send(Err(SwapError::NoPrevious));
+                    return;
+                };
+                let offsets = self.topics.named(positions);
+                tracing::info!(
+                    "swap #{swap}: rolled back to reducer {} from offsets {offsets:?}",
+                    previous.sha256()
+                );
+                // The compiled reducer is reused as it is: a rollback never recompiles.
+                let back = Arc::new(Active::new(previous.reducer.clone(), Origin::Rollback));
+                self.slots.install(back);
+                self.publish();
+                let _ = done.send(Ok(Switched {
+                    active: self.slots.current.info(),
+                    offsets,
+                }));
+            }
+            Command::Handover(tail) => {
+                let (store, slots, registry) = (&self.store, &mut self.slots, &self.registry);
+                // Both flips are atomic for readers; no batch runs in between.
+                tail.finish(positions, |shadow, active| {
+                    store.replace(shadow);
+                    slots.install(active);
+                    registry.publish(&slots.current, slots.previous.as_ref());
+                });
+            }
+        }
+    }
+
+    fn publish(&self) {
+        self.registry
+            .publish(&self.slots.current, self.slots.previous.as_ref());
+    }
+
+    /// The current state, its offsets and reducer, for a snapshot.
+    fn snapshot(&self, positions: &Positions) -> Snapshot {
+        Snapshot {
+            reducer_sha256: self.slots.current.sha256().to_owned(),
+            topics: self.topics.names().map(str::to_owned).to_vec(),
+            offsets: positions.clone(),
+            entities: self.store.dump(),
+        }
+    }
+
+    /// Waits for the broker and both topics; returns every partition with the
+    /// watermarks seen now, which define "caught up". Commands are served meanwhile.
+    /// `None` when stopped first.
+    fn discover(&mut self, consumer: &TopicConsumer) -> Option<BTreeMap<Partition, Watermarks>> {
+        let mut delay = Duration::from_millis(200);
+        loop {
+            if self.stop.load(Ordering::Relaxed) {
+                return None;
+            }
+            match consumer.targets(REQUEST_TIMEOUT) {
+                Ok(targets) => {
+                    for (p, w) in &targets {
+                        self.metrics
+                            .set_lag(self.topics.name(p.source), p.id, w.high - w.low);
+                    }
+                    return Some(targets);
+                }
+                Err(e) => {
+                    tracing::warn!("waiting for the broker: {e}");
+                    self.metrics
+                        .set_status(false, format!("waiting for the broker: {e}"));
+                    self.serve_commands(&Positions::new());
+                    std::thread::sleep(delay);
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    /// Folds one batch, dead-letters what was refused; returns, per partition touched,
+    /// the next offset and the number of events applied.
+    fn process(&self, records: &[Record<'_>], dlq: &DeadLetters) -> HashMap<Partition, (i64, u64)> {
+        let (kept, batch): (Vec<&Record<'_>>, Vec<logq_abi::Record<'_>>) = records
+            .iter()
+            .filter_map(|r| self.topics.record(r).map(|a| (r, a)))
+            .unzip();
+        let mut progress: HashMap<Partition, (i64, u64)> = HashMap::new();
+        let mut consumed = [0u64; 2];
+        for r in &batch {
+            consumed[usize::from(r.source == Source::Organizations)] += 1;
+            let slot = progress
+                .entry(Partition {
+                    source: r.source,
+                    id: r.partition,
+                })
+                .or_insert((0, 0));
+            slot.0 = slot.0.max(r.offset + 1);
+        }
+        let folding = fold_into(&self.slots.current.reducer, &*self.store, &batch);
+        if folding.elapsed > Duration::ZERO {
+            self.metrics.reducer_call(folding.elapsed);
+        }
+        for _ in 0..folding.failures {
+            self.metrics.reducer_failed();
+        }
+        let mut applied = [0u64; 2];
+        for (r, accepted) in batch.iter().zip(&folding.accepted) {
+            applied[usize::from(r.source == Source::Organizations)] += accepted;
+            if let Some(p) = progress.get_mut(&Partition {
+                source: r.source,
+                id: r.partition,
+            }) {
+                p.1 += accepted;
+            }
+        }
+        for (i, source) in Source::ALL.into_iter().enumerate() {
+            let counters = self.metrics.topic(source);
+            counters.consumed.fetch_add(consumed[i], Ordering::Relaxed);
+            counters.applied.fetch_add(applied[i], Ordering::Relaxed);
+        }
+        for d in &folding.dead {
+            dlq.send(
+                batch[d.input].source,
+                kept[d.input],
+                d,
+                folding.accepted[d.input],
+            );
+        }
+        self.registry.remember(&batch);
+        progress
+    }
+}

@@ -1,0 +1,104 @@
+//! Where the consumer loop stands: readiness (caught up with the high watermarks seen
+//! at start), consumer lag, and what `/readyz` says meanwhile.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::broker::consumer::{TopicConsumer, Watermarks};
+use crate::broker::{Partition, Positions, Topics};
+use crate::metrics::Metrics;
+
+/// Catch-up tracking: which partitions are still below their start watermark.
+pub struct CatchUp {
+    metrics: Arc<Metrics>,
+    topics: Topics,
+    /// High watermark at start, per partition (for the lag estimate between refreshes).
+    highs: BTreeMap<Partition, i64>,
+    /// Partitions not caught up yet, with the offset they must reach.
+    pending: HashMap<Partition, i64>,
+    started: Instant,
+    applied: u64,
+}
+
+impl CatchUp {
+    /// Tracks `targets` from `positions`, and says so.
+    pub fn new(
+        metrics: Arc<Metrics>,
+        topics: Topics,
+        targets: &BTreeMap<Partition, Watermarks>,
+        positions: &Positions,
+    ) -> Self {
+        let me = Self {
+            pending: targets
+                .iter()
+                .filter(|(p, w)| w.high > positions[*p])
+                .map(|(p, w)| (*p, w.high))
+                .collect(),
+            highs: targets.iter().map(|(p, w)| (*p, w.high)).collect(),
+            metrics,
+            topics,
+            started: Instant::now(),
+            applied: 0,
+        };
+        me.report();
+        me
+    }
+
+    /// A batch moved partition `p` to `next`.
+    pub fn advanced(&mut self, p: Partition, next: i64) {
+        if self.pending.get(&p).is_some_and(|high| next >= *high) {
+            self.pending.remove(&p);
+        }
+        // Until the next refresh from the broker, the start watermark is the best
+        // estimate of the lag.
+        if let Some(high) = self.highs.get(&p) {
+            self.metrics
+                .set_lag(self.topics.name(p.source), p.id, high - next);
+        }
+    }
+
+    /// A batch applied `events` events; readiness is re-evaluated.
+    pub fn applied(&mut self, events: u64) {
+        self.applied += events;
+        if !self.metrics.status().0 {
+            self.report();
+        }
+    }
+
+    fn report(&self) {
+        if self.pending.is_empty() {
+            let secs = self.started.elapsed().as_secs_f64();
+            tracing::info!(
+                "caught up: {} events folded in {secs:.3} s ({:.0} events/s)",
+                self.applied,
+                self.applied as f64 / secs.max(1e-9)
+            );
+            self.metrics.set_status(true, "caught up");
+            crate::memory::trim();
+        } else {
+            self.metrics.set_status(
+                false,
+                format!(
+                    "replaying: {} partitions not caught up yet",
+                    self.pending.len()
+                ),
+            );
+        }
+    }
+}
+
+/// Lag = high watermark now - next offset to fold. One broker round trip per
+/// partition; stops at the first failure (the broker is likely down).
+pub fn refresh_lag(consumer: &TopicConsumer, metrics: &Metrics, positions: &Positions) {
+    for (&p, &next) in positions {
+        let topic = consumer.topics().name(p.source);
+        match consumer.watermarks(p, Duration::from_millis(500)) {
+            Ok(w) => metrics.set_lag(topic, p.id, w.high - next),
+            Err(e) => {
+                tracing::debug!("lag of {topic}/{}: {e}", p.id);
+                return;
+            }
+        }
+    }
+}

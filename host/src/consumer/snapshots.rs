@@ -1,0 +1,141 @@
+//! Snapshots from the consumer loop's side: written on a thread of their own so the
+//! loop never waits on disk, and restored at start.
+
+use std::collections::BTreeMap;
+
+use crate::broker::consumer::Watermarks;
+use crate::broker::{Partition, Positions};
+use crate::state::StateStore;
+use crate::state::snapshot::Snapshot;
+
+/// Writes snapshots on a thread of its own, so the consumer loop never waits on disk.
+pub struct SnapshotWriter {
+    tx: std::sync::mpsc::SyncSender<Snapshot>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl SnapshotWriter {
+    /// Starts the writer thread for snapshots in `dir`.
+    pub fn start(dir: std::path::PathBuf) -> Self {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Snapshot>(1);
+        let spawned = std::thread::Builder::new()
+            .name("logq-snapshot".into())
+            .spawn(move || {
+                for snap in rx {
+                    let stamp = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.as_millis())
+                        .unwrap_or_default();
+                    let n = snap.entities.len();
+                    match crate::state::snapshot::write(&dir, &snap, stamp) {
+                        Ok(path) => {
+                            tracing::info!("snapshot {} written ({n} entities)", path.display())
+                        }
+                        Err(e) => tracing::error!("snapshot in {} failed: {e}", dir.display()),
+                    }
+                }
+            });
+        let thread = spawned
+            .map_err(|e| tracing::error!("snapshots disabled: {e}"))
+            .ok();
+        Self { tx, thread }
+    }
+
+    /// Hands a snapshot over unless the writer is still busy with the last one.
+    pub fn offer(&self, snapshot: Snapshot) -> bool {
+        self.tx.try_send(snapshot).is_ok()
+    }
+
+    /// Writes `last` and waits until it is on disk: the process may exit right after.
+    pub fn finish(self, last: Snapshot) {
+        let Self { tx, thread } = self;
+        let _ = tx.send(last);
+        drop(tx);
+        if let Some(t) = thread
+            && t.join().is_err()
+        {
+            tracing::error!("the snapshot writer panicked");
+        }
+    }
+}
+
+/// Loads the newest valid snapshot of `dir` made by reducer `sha256` for `topics` into
+/// `store`; returns the positions to read on from. `None`: no usable snapshot, replay
+/// from the earliest offsets.
+pub fn restore(
+    dir: &std::path::Path,
+    sha256: &str,
+    topics: &[&str],
+    targets: &BTreeMap<Partition, Watermarks>,
+    store: &StateStore,
+) -> Option<Positions> {
+    let (snap, path) = crate::state::snapshot::load_newest(dir, sha256, topics)?;
+    if let Some((p, o)) = snap
+        .offsets
+        .iter()
+        .find(|(p, o)| targets.get(p).is_none_or(|w| **o > w.high))
+    {
+        tracing::warn!(
+            "skipping snapshot {}: offset {o} of partition {p} is beyond the log (topic recreated?); replaying from the earliest offsets",
+            path.display()
+        );
+        return None;
+    }
+    let positions: Positions = targets
+        .iter()
+        .map(|(p, w)| (*p, snap.offsets.get(p).copied().unwrap_or(w.low).max(w.low)))
+        .collect();
+    let n = snap.entities.len();
+    store.replace(StateStore::from_dump(snap.entities));
+    tracing::info!(
+        "loaded snapshot {} ({n} entities); reading on from its offsets",
+        path.display()
+    );
+    Some(positions)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use logq_abi::{Entity, Kind, Source};
+
+    #[test]
+    fn the_last_snapshot_is_on_disk_when_finish_returns() {
+        let dir = std::env::temp_dir().join(format!("logq-writer-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let view = format!("{{\"id\":\"{}\"}}", "x".repeat(300));
+        let snapshot = Snapshot {
+            reducer_sha256: "0".repeat(64),
+            topics: vec!["users".into(), "organizations".into()],
+            offsets: Positions::from([(
+                Partition {
+                    source: Source::Users,
+                    id: 0,
+                },
+                42,
+            )]),
+            // Big enough that writing it takes a while.
+            entities: (0..50_000)
+                .map(|i| {
+                    (
+                        Entity {
+                            kind: Kind::User,
+                            key: format!("user-{i}"),
+                        },
+                        crate::state::test_update(Some(&view), Some("Org")),
+                    )
+                })
+                .collect(),
+        };
+        SnapshotWriter::start(dir.clone()).finish(snapshot);
+        let names: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(
+            names.len() == 1 && names[0].starts_with("snapshot-") && names[0].ends_with(".bin"),
+            "{names:?}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -1,0 +1,17 @@
+//! The fold: records in, entity updates out. Second stage of the data path.
+//!
+//! - [`runtime`]: compiles and runs reducer components (the only wasmtime user);
+//! - [`batch`]: how a batch is folded into a [`Target`], and what happens when the
+//!   reducer cannot fold it as a whole (split until each bad record costs only
+//!   itself).
+//!
+//! It knows nothing of the broker or of where states are kept: a [`Target`] lends
+//! the prior states and takes the updates.
+
+pub mod batch;
+pub mod runtime;
+
+pub use batch::{DeadLetter, Folding, Target, fold_into};
+pub use runtime::{
+    DEFAULT_REDUCER, Limits, Reducer, ReducerError, ReducerMeta, Runtime, sha256_hex,
+};

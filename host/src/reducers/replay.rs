@@ -1,0 +1,411 @@
+//! Replay mode of a swap: a shadow state is rebuilt from the earliest offsets with the
+//! new reducer while the old one keeps serving. A replay is built from a broker client,
+//! the fold and a shadow store; it knows nothing of the consumer loop.
+//!
+//! Handover: once the shadow has caught up with the high watermarks seen at its
+//! start, the replay thread hands its [`Tail`] (client, shadow, positions) to the
+//! consumer loop as a command and ends. The loop, between two batches, calls
+//! [`Tail::finish`] with its own positions: the tail reads the few records up to there
+//! into the shadow and, unless the replay was cancelled or superseded meanwhile, the
+//! loop flips state and reducer together. Records between the replay's and the loop's
+//! positions are folded twice into the new state, which the fold's idempotence makes
+//! harmless; none is skipped.
+//!
+//! The phase is kept under one lock. Cancelling, superseding and concluding each take
+//! it, so exactly one of them wins, and the history says which.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use super::active::Active;
+use super::history::{History, Outcome};
+use crate::broker::consumer::{POLL_WAIT, REQUEST_TIMEOUT, TopicConsumer};
+use crate::broker::{Partition, Positions, Topics};
+use crate::config::KafkaConfig;
+use crate::fold::fold_into;
+use crate::state::StateStore;
+
+/// Where a replay stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// Reading from the earliest offsets into the shadow.
+    CatchingUp,
+    /// Caught up; waiting for the consumer loop to take the handover.
+    HandingOver,
+    /// The loop flipped to the new state and reducer.
+    Done,
+    /// Cancelled (admin request or shutdown).
+    Cancelled,
+    /// Overtaken by a later swap or rollback.
+    Superseded,
+    /// Could not finish.
+    Failed,
+}
+
+impl Phase {
+    fn is_final(self) -> bool {
+        matches!(
+            self,
+            Phase::Done | Phase::Cancelled | Phase::Superseded | Phase::Failed
+        )
+    }
+}
+
+/// The points of a handover where a test may hold a replay (see
+/// [`super::Registry::with_pause`]); production code never sets a hook.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// The replay thread has caught up and is about to hand over.
+    CaughtUp,
+    /// The consumer loop has taken the handover, before reading the tail.
+    HandoverTaken,
+    /// The loop has read the tail, before the flip.
+    TailRead,
+    /// The loop has flipped (or found the replay overtaken and dropped it).
+    Concluded,
+}
+
+/// A test's hook, called at each [`Step`].
+pub type PauseHook = Arc<dyn Fn(Step) + Send + Sync>;
+
+/// What a replay needs from the service's configuration.
+#[derive(Debug, Clone)]
+pub struct Setup {
+    /// The broker.
+    pub kafka: KafkaConfig,
+    /// The replay's client uses `<group_id>-replay`.
+    pub group_id: String,
+    /// The topics.
+    pub topics: Topics,
+    /// Most records in one fold.
+    pub batch_max_records: usize,
+    /// Most value bytes in one fold.
+    pub batch_max_bytes: usize,
+}
+
+/// Progress, as `GET /admin/reducer` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Progress {
+    /// The swap this replay is.
+    pub swap: u64,
+    /// sha256 of the reducer being replayed.
+    pub sha256: String,
+    /// Where it stands.
+    pub phase: Phase,
+    /// Events folded so far.
+    pub events_folded: u64,
+    /// Records read so far.
+    pub records_read: u64,
+    /// Records the new reducer refused (not dead-lettered again; counted here).
+    pub records_refused: u64,
+    /// Records between the replay and its goal.
+    pub lag: i64,
+    /// Events per second so far.
+    pub events_per_second: f64,
+    /// Seconds since the replay started.
+    pub elapsed_seconds: f64,
+    /// Why it failed or stopped, if it did.
+    pub error: Option<String>,
+    /// Where the replay stood at handover (`topic/partition` -> offset).
+    pub handover_offsets: Option<std::collections::BTreeMap<String, i64>>,
+}
+
+/// A running (or finished) replay: its phase, progress and stop flag.
+pub struct Replay {
+    swap: u64,
+    sha256: String,
+    phase: Mutex<Phase>,
+    /// Set together with a final phase; read on the hot path without the lock.
+    stop: AtomicBool,
+    events: AtomicU64,
+    progress: Mutex<Progress>,
+    started: Instant,
+    history: Arc<History>,
+    pause: Option<PauseHook>,
+}
+
+/// A caught-up replay, handed to the consumer loop to finish.
+pub struct Tail {
+    replay: Arc<Replay>,
+    consumer: TopicConsumer,
+    setup: Setup,
+    shadow: StateStore,
+    positions: Positions,
+    active: Arc<Active>,
+}
+
+impl Replay {
+    /// Starts replaying swap `swap` with `active` on a thread of its own; once caught
+    /// up, its [`Tail`] goes to `handover` (which sends it to the consumer loop).
+    pub fn start(
+        setup: Setup,
+        active: Arc<Active>,
+        swap: u64,
+        history: Arc<History>,
+        pause: Option<PauseHook>,
+        handover: impl FnOnce(Tail) -> Result<(), String> + Send + 'static,
+    ) -> Arc<Self> {
+        let sha256 = active.sha256().to_owned();
+        let replay = Arc::new(Self {
+            swap,
+            sha256: sha256.clone(),
+            phase: Mutex::new(Phase::CatchingUp),
+            stop: AtomicBool::new(false),
+            events: AtomicU64::new(0),
+            progress: Mutex::new(Progress {
+                swap,
+                sha256,
+                phase: Phase::CatchingUp,
+                events_folded: 0,
+                records_read: 0,
+                records_refused: 0,
+                lag: 0,
+                events_per_second: 0.0,
+                elapsed_seconds: 0.0,
+                error: None,
+                handover_offsets: None,
+            }),
+            started: Instant::now(),
+            history,
+            pause,
+        });
+        let me = replay.clone();
+        let spawned = std::thread::Builder::new()
+            .name("logq-replay".into())
+            .spawn(move || match me.clone().catch_up(setup, active) {
+                Ok(Some(tail)) => {
+                    if let Err(e) = handover(tail) {
+                        me.stop(Phase::Failed, Some(e));
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    me.stop(Phase::Failed, Some(e));
+                }
+            });
+        if let Err(e) = spawned {
+            replay.stop(Phase::Failed, Some(e.to_string()));
+        }
+        replay
+    }
+
+    /// sha256 of the reducer being replayed.
+    pub fn sha256(&self) -> &str {
+        &self.sha256
+    }
+
+    /// The swap this replay is.
+    pub fn swap(&self) -> u64 {
+        self.swap
+    }
+
+    /// Whether it has not ended yet (catching up or handing over).
+    pub fn running(&self) -> bool {
+        !self.phase().is_final()
+    }
+
+    /// Where it stands.
+    pub fn phase(&self) -> Phase {
+        *lock(&self.phase)
+    }
+
+    /// Ends it with `phase` (cancelled, superseded, failed) unless it has ended
+    /// already; records the outcome in the history. `false`: it had ended (a
+    /// handover that already flipped stays flipped).
+    pub fn stop(&self, phase: Phase, reason: Option<String>) -> bool {
+        {
+            let mut current = lock(&self.phase);
+            if current.is_final() {
+                return false;
+            }
+            *current = phase;
+            self.stop.store(true, Ordering::Relaxed);
+        }
+        let outcome = match phase {
+            Phase::Cancelled => Outcome::Cancelled,
+            Phase::Superseded => Outcome::Superseded,
+            _ => Outcome::Failed,
+        };
+        tracing::info!(
+            "replay of swap #{} {outcome:?}{}",
+            self.swap,
+            reason
+                .as_deref()
+                .map(|r| format!(": {r}"))
+                .unwrap_or_default()
+        );
+        self.history.end(self.swap, outcome, reason.clone());
+        self.update(|p| p.error = reason);
+        true
+    }
+
+    /// A snapshot of its progress.
+    pub fn progress(&self) -> Progress {
+        let mut p = lock(&self.progress).clone();
+        p.phase = self.phase();
+        p.elapsed_seconds = self.started.elapsed().as_secs_f64();
+        p.events_folded = self.events.load(Ordering::Relaxed);
+        p.events_per_second = p.events_folded as f64 / p.elapsed_seconds.max(1e-9);
+        p
+    }
+
+    fn update(&self, f: impl FnOnce(&mut Progress)) {
+        f(&mut lock(&self.progress));
+    }
+
+    fn pause(&self, step: Step) {
+        if let Some(hook) = &self.pause {
+            hook(step);
+        }
+    }
+
+    fn stopped(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
+    }
+
+    /// Reads from the earliest offsets to the high watermarks seen now. `Ok(None)`:
+    /// stopped on the way.
+    fn catch_up(
+        self: Arc<Self>,
+        setup: Setup,
+        active: Arc<Active>,
+    ) -> Result<Option<Tail>, String> {
+        let group = format!("{}-replay", setup.group_id);
+        let consumer = TopicConsumer::new(&setup.kafka, &group, setup.topics.clone())
+            .map_err(|e| e.to_string())?;
+        let targets = consumer
+            .targets(REQUEST_TIMEOUT)
+            .map_err(|e| e.to_string())?;
+        let assigned: Vec<(Partition, Option<i64>)> = targets.keys().map(|p| (*p, None)).collect();
+        consumer.assign(&assigned).map_err(|e| e.to_string())?;
+        let shadow = StateStore::new();
+        let mut positions: Positions = targets.iter().map(|(p, w)| (*p, w.low)).collect();
+        let goal: Positions = targets.iter().map(|(p, w)| (*p, w.high)).collect();
+        let mut tail = Tail {
+            replay: self.clone(),
+            consumer,
+            setup,
+            shadow,
+            positions: Positions::new(),
+            active,
+        };
+        if !tail.read_until(&mut positions, &goal)? {
+            return Ok(None);
+        }
+        tail.positions = positions;
+        self.pause(Step::CaughtUp);
+        let mut phase = lock(&self.phase);
+        if phase.is_final() {
+            return Ok(None);
+        }
+        *phase = Phase::HandingOver;
+        Ok(Some(tail))
+    }
+}
+
+impl Tail {
+    /// Finishes the handover on the consumer loop's thread: reads up to `live` (the
+    /// loop's positions), then calls `flip` with the shadow state and the new reducer
+    /// unless the replay has ended meanwhile. Returns whether it flipped.
+    pub fn finish(mut self, live: &Positions, flip: impl FnOnce(StateStore, Arc<Active>)) -> bool {
+        let replay = self.replay.clone();
+        replay.pause(Step::HandoverTaken);
+        let mut positions = std::mem::take(&mut self.positions);
+        let reached = self.read_until(&mut positions, live);
+        replay.pause(Step::TailRead);
+        let flipped = match reached {
+            Ok(true) => {
+                let offsets = self.setup.topics.named(&positions);
+                let Tail { shadow, active, .. } = self;
+                let mut phase = lock(&replay.phase);
+                if phase.is_final() {
+                    false
+                } else {
+                    flip(shadow, active);
+                    *phase = Phase::Done;
+                    drop(phase);
+                    replay.update(|p| p.handover_offsets = Some(offsets.clone()));
+                    replay.history.update(replay.swap, |r| {
+                        r.outcome = Outcome::Active;
+                        r.switch_offsets = Some(offsets);
+                    });
+                    tracing::info!("replay of swap #{} handed over", replay.swap);
+                    true
+                }
+            }
+            Ok(false) => false,
+            Err(e) => {
+                replay.stop(Phase::Failed, Some(e));
+                false
+            }
+        };
+        replay.pause(Step::Concluded);
+        flipped
+    }
+
+    /// Folds records into the shadow until every partition reaches `goal`.
+    /// `Ok(false)` when the replay was stopped.
+    fn read_until(&self, positions: &mut Positions, goal: &Positions) -> Result<bool, String> {
+        let replay = &self.replay;
+        let behind = |positions: &Positions| -> i64 {
+            goal.iter()
+                .map(|(p, g)| (g - positions.get(p).copied().unwrap_or(0)).max(0))
+                .sum()
+        };
+        let mut last_error = Instant::now();
+        while behind(positions) > 0 {
+            if replay.stopped() {
+                return Ok(false);
+            }
+            let polled = self.consumer.poll_batch(
+                self.setup.batch_max_records,
+                self.setup.batch_max_bytes,
+                POLL_WAIT,
+                |records| {
+                    let batch = self.setup.topics.records(records);
+                    let folding = fold_into(&self.active.reducer, &self.shadow, &batch);
+                    for r in &batch {
+                        let p = Partition {
+                            source: r.source,
+                            id: r.partition,
+                        };
+                        let next = positions.entry(p).or_insert(0);
+                        *next = (*next).max(r.offset + 1);
+                    }
+                    (
+                        records.len() as u64,
+                        folding.accepted.iter().sum::<u64>(),
+                        folding.dead.len() as u64,
+                    )
+                },
+            );
+            match polled {
+                Ok(Some((read, folded, refused))) => {
+                    replay.events.fetch_add(folded, Ordering::Relaxed);
+                    let lag = behind(positions);
+                    replay.update(|p| {
+                        p.records_read += read;
+                        p.records_refused += refused;
+                        p.lag = lag;
+                    });
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    if last_error.elapsed() > Duration::from_secs(5) {
+                        tracing::warn!("replay: {e}");
+                        last_error = Instant::now();
+                    }
+                }
+            }
+        }
+        Ok(true)
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}

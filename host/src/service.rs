@@ -1,0 +1,212 @@
+//! `logq run` as a library call: builds every part, wires them in data-path order,
+//! and runs until shutdown. The only module that knows all the others.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio::net::TcpListener;
+
+use crate::broker::Topics;
+use crate::config::RunConfig;
+use crate::consumer::Consumer;
+use crate::fold::{DEFAULT_REDUCER, Limits, Reducer, Runtime};
+use crate::metrics::Metrics;
+use crate::reducers::canary::canary;
+use crate::reducers::replay::Setup;
+use crate::reducers::{Active, Origin, Registry};
+use crate::state::StateStore;
+use crate::{broker, http, reducers};
+
+/// Longest the HTTP server waits for open connections after shutdown starts.
+const HTTP_DRAIN: Duration = Duration::from_secs(5);
+
+/// Runs the service until `shutdown` completes: loads the reducer, reads the topics
+/// from a snapshot's offsets or the earliest into memory, follows them, and serves
+/// HTTP on `listener`.
+///
+/// # Errors
+/// When the reducer cannot be loaded, the Kafka clients cannot be created, or a task
+/// dies. Bad records never end it.
+pub async fn run(
+    config: RunConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let runtime = Runtime::new(Limits::from(&config.limits), config.cache.dir())
+        .context("creating the wasm runtime")?;
+    let reducer = load_reducer(&config, &runtime).await?;
+    let (commands, command_rx) = std::sync::mpsc::channel();
+    let topics = Topics {
+        users: config.users_topic.clone(),
+        organizations: config.organizations_topic.clone(),
+    };
+    let registry = Arc::new(Registry::new(
+        runtime,
+        Arc::new(Active::new(reducer, Origin::Startup)),
+        commands,
+        Setup {
+            kafka: config.kafka.clone(),
+            group_id: config.group_id.clone(),
+            topics,
+            batch_max_records: config.batch_max_records,
+            batch_max_bytes: config.batch_max_bytes,
+        },
+    ));
+    let store = Arc::new(StateStore::new());
+    let metrics = Arc::new(Metrics::new(config.topics()));
+    let stop = Arc::new(AtomicBool::new(false));
+
+    // Best effort, in the background: a slow or absent broker must not delay start-up.
+    tokio::spawn(create_dead_letter_topics(config.clone()));
+
+    let watcher = match (&config.reducer, config.watch_reducer) {
+        (Some(path), true) => Some(
+            reducers::watch::spawn(path.clone(), registry.clone(), stop.clone())
+                .context("spawning the reducer watcher")?,
+        ),
+        _ => None,
+    };
+    let limits = http::ServerLimits {
+        max_connections: config.http_max_connections.max(1),
+        header_timeout: Duration::from_millis(config.http_header_timeout_ms.max(1)),
+        max_header_bytes: config.http_max_header_bytes,
+    };
+    let admin = http::Admin {
+        control: registry.clone(),
+        token: config.admin_token.clone(),
+        max_body_bytes: config.admin_max_body_bytes,
+    };
+    let consumer = Consumer::new(
+        config,
+        registry.clone(),
+        store.clone(),
+        metrics.clone(),
+        stop.clone(),
+        command_rx,
+    );
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    let consumer_thread = std::thread::Builder::new()
+        .name("logq-consumer".into())
+        .spawn(move || {
+            let result = consumer.run();
+            let _ = done_tx.send(());
+            result
+        })
+        .context("spawning the consumer thread")?;
+
+    let (http_stop_tx, http_stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let routes = http::routes(http::Api {
+        store,
+        metrics,
+        admin: Arc::new(admin),
+    });
+    let server = tokio::spawn(http::serve(
+        listener,
+        routes,
+        limits,
+        async move {
+            let _ = http_stop_rx.await;
+        },
+        HTTP_DRAIN,
+    ));
+
+    tokio::select! {
+        () = shutdown => tracing::info!("shutting down"),
+        _ = done_rx => tracing::error!("the consumer loop ended on its own"),
+    }
+    // The consumer thread finishes the batch it is folding, then leaves.
+    stop.store(true, Ordering::Relaxed);
+    registry.cancel_replay();
+    let _ = http_stop_tx.send(());
+    if tokio::time::timeout(HTTP_DRAIN + Duration::from_secs(1), server)
+        .await
+        .is_err()
+    {
+        tracing::warn!("the HTTP server did not stop after {HTTP_DRAIN:?}");
+    }
+    let joined = tokio::task::spawn_blocking(move || {
+        if let Some(w) = watcher {
+            let _ = w.join();
+        }
+        consumer_thread.join()
+    })
+    .await
+    .context("joining the consumer thread")?;
+    match joined {
+        Ok(result) => result.context("consumer"),
+        Err(_) => anyhow::bail!("the consumer thread panicked"),
+    }
+}
+
+async fn load_reducer(config: &RunConfig, runtime: &Runtime) -> anyhow::Result<Reducer> {
+    let bytes = match &config.reducer {
+        Some(path) => tokio::fs::read(path)
+            .await
+            .with_context(|| format!("reading reducer {}", path.display()))?,
+        None => DEFAULT_REDUCER.to_vec(),
+    };
+    let runtime = runtime.clone();
+    let name = config.reducer.as_ref().map_or_else(
+        || "built-in reducer".to_string(),
+        |p| p.display().to_string(),
+    );
+    // Compiling takes a while; keep it off the async workers. The start-up reducer
+    // passes the same canary as a hot swap: one that loops or traps on the sample data
+    // is refused here, with the reason, instead of dead-lettering every record.
+    let reducer = tokio::task::spawn_blocking(move || {
+        let reducer = runtime.load(&bytes).map_err(anyhow::Error::from)?;
+        canary(&reducer, &[]).map_err(|e| anyhow::anyhow!("canary failed: {e}"))?;
+        anyhow::Ok(reducer)
+    })
+    .await
+    .context("compiling the reducer")?
+    .with_context(|| format!("loading {name}"))?;
+    tracing::info!("reducer loaded: {name}");
+    Ok(reducer)
+}
+
+/// Dead letters need somewhere to go: create the DLQ topics when the broker allows
+/// it. A failure here is not fatal (the topics may be managed elsewhere); a dead
+/// letter that cannot be delivered is logged and counted.
+async fn create_dead_letter_topics(config: RunConfig) {
+    let topics: Vec<(String, i32)> = config
+        .topics()
+        .iter()
+        .map(|t| (config.dlq_topic(t), 1))
+        .collect();
+    match tokio::time::timeout(
+        Duration::from_secs(15),
+        broker::admin::create_topics(&config.kafka, &topics),
+    )
+    .await
+    {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!("dead-letter topics: {e}"),
+        Err(_) => tracing::warn!("dead-letter topics: the broker did not answer in time"),
+    }
+}
+
+/// Completes on Ctrl-C or SIGTERM (what container runtimes send).
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+}
