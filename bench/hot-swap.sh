@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Hot-swap benchmark (not a test): time from PUT to active in forward mode, with and
-# without the compile cache, and the replay rate, against a real broker (nisshi).
+# without the compile cache, the replay rate, and a rollback until every answer is the
+# previous reducer's again (p50 of 3, with the memory it takes), against a real broker
+# (nisshi).
 #
-#   bench/hot-swap.sh                 # release build, 200k events
+#   bench/hot-swap.sh                 # release build, 1M events over 100k users
 #   PROFILE=debug EVENTS=50000 bench/hot-swap.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PROFILE="${PROFILE:-release}"
-EVENTS="${EVENTS:-200000}"
+EVENTS="${EVENTS:-1000000}"
 scripts/setup.sh all >&2
 export PATH="$HOME/.cargo/bin:$PATH"
 if [ "$PROFILE" = release ]; then cargo build --locked --release -p logq >&2; else cargo build --locked -p logq >&2; fi
@@ -52,7 +54,40 @@ start_host "--compile-cache-dir $work/cache"
 put "$COMPONENTS/mask-emails-reducer.wasm" forward >/dev/null   # fills the cache
 cached_default=$(put "$COMPONENTS/reducer.wasm" forward)
 cached_mask=$(put "$COMPONENTS/mask-emails-reducer.wasm" forward)
-rollback=$(curl -s -o /dev/null -w '%{time_total}' -X POST -H "Authorization: Bearer bench" "http://127.0.0.1:$hport/admin/reducer/rollback")
+
+# Rollback: a replay of the previous reducer. Timed from the POST until its swap is
+# active (every answer re-rendered); RSS sampled meanwhile. Three runs, each after
+# forward swaps to the default then the mask reducer (so the rollback goes back to
+# the default one, and every masked answer must change back).
+rss() { awk '/^VmRSS/ {print $2}' "/proc/$host_pid/status"; }
+admin() { curl -s -H "Authorization: Bearer bench" "http://127.0.0.1:$hport/admin/reducer"; }
+rollback_runs=()
+for _ in 1 2 3; do
+  put "$COMPONENTS/reducer.wasm" forward >/dev/null
+  put "$COMPONENTS/mask-emails-reducer.wasm" forward >/dev/null
+  before=$(rss); peak=$before
+  t0=$(date +%s.%N)
+  id=$(curl -s -X POST -H "Authorization: Bearer bench" "http://127.0.0.1:$hport/admin/reducer/rollback" \
+       | python3 -c 'import json,sys; print(json.load(sys.stdin)["swap"]["id"])')
+  for _ in $(seq 6000); do
+    now=$(rss); [ "$now" -gt "$peak" ] && peak=$now
+    admin >"$work/admin.json"
+    python3 - "$work/admin.json" "$id" <<'PY' && break
+import json, sys
+d = json.load(open(sys.argv[1]))
+swap = next(h for h in d["history"] if h["id"] == int(sys.argv[2]))
+ok = swap["outcome"] == "active" and d["active"]["answers"]["share_by_active"] == 1.0
+sys.exit(0 if ok else 1)
+PY
+    sleep 0.05
+  done
+  t1=$(date +%s.%N)
+  after=$(rss)
+  rollback_runs+=("$(python3 -c "print('%.2f %d %d %d' % ($t1 - $t0, $before // 1024, $peak // 1024, $after // 1024))")")
+done
+rollback=$(printf '%s\n' "${rollback_runs[@]}" | sort -n | sed -n 2p)
+read -r rb_secs rb_before rb_peak rb_after <<<"$rollback"
+answers=$(admin | python3 -c 'import json,sys; a=json.load(sys.stdin)["active"]["answers"]; print("%d answers, %d by the active reducer" % (a["total"], a["by_active"]))')
 put "$COMPONENTS/reducer.wasm" replay >/dev/null
 for _ in $(seq 1200); do
   curl -s -H "Authorization: Bearer bench" "http://127.0.0.1:$hport/admin/reducer" >"$work/admin.json"
@@ -70,7 +105,9 @@ cat <<REPORT
 | PUT -> active, forward, mask-emails reducer, no compile cache | ${no_cache_mask} s |
 | PUT -> active, forward, default reducer, compile cache hit | ${cached_default} s |
 | PUT -> active, forward, mask-emails reducer, compile cache hit | ${cached_mask} s |
-| rollback (in-memory, no recompile) | ${rollback} s |
+| rollback until every answer is the previous reducer's (replay, no recompile), p50 of 3 | ${rb_secs} s (${answers}) |
+| RSS during that rollback: before / peak / after | ${rb_before} / ${rb_peak} / ${rb_after} MiB |
+| rollback runs (seconds, RSS before/peak/after MiB) | $(printf '%s; ' "${rollback_runs[@]}") |
 | replay (default reducer, from earliest) | ${replay} |
 | start-up catch-up of the same history | ${caught} |
 REPORT

@@ -43,8 +43,10 @@ pub async fn run(
         users: config.users_topic.clone(),
         organizations: config.organizations_topic.clone(),
     };
+    let store = Arc::new(StateStore::new());
     let registry = Arc::new(Registry::new(
         runtime,
+        store.clone(),
         Arc::new(Active::new(reducer, Origin::Startup)),
         commands,
         Setup {
@@ -55,7 +57,6 @@ pub async fn run(
             batch_max_bytes: config.batch_max_bytes,
         },
     ));
-    let store = Arc::new(StateStore::new());
     let metrics = Arc::new(Metrics::new(config.topics()));
     let stop = Arc::new(AtomicBool::new(false));
 

@@ -121,9 +121,15 @@ fn forward_and_replay_swaps_under_load_lose_nothing() {
         (id, v)
     }));
 
-    // Rollback, then a replay with the proof reducer under another stream.
+    // Rollback (a replay of the previous reducer), then a replay with the proof
+    // reducer under another stream.
     let r = host.admin("POST", "/admin/reducer/rollback", Some(TOKEN), b"");
-    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.status, 202, "{}", r.body);
+    let rollback = r.json()["swap"]["id"].clone();
+    eventually(Duration::from_secs(120), "the rollback to finish", || {
+        let d = host.admin("GET", "/admin/reducer", Some(TOKEN), b"").json();
+        (d["history"][0]["id"] == rollback && d["history"][0]["outcome"] == "active").then_some(())
+    });
     let (more, _) = history(0xcafe, 500, 2_000);
     let producer = stream(&broker, more.clone(), stop.clone());
     let put = Instant::now();

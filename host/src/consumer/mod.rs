@@ -30,7 +30,7 @@ use crate::broker::{KafkaError, Partition, Positions, Record, Topics};
 use crate::config::RunConfig;
 use crate::fold::fold_into;
 use crate::metrics::Metrics;
-use crate::reducers::{Active, Command, Origin, Registry, SwapError, Switched};
+use crate::reducers::{Active, Command, Registry, Switched};
 use crate::state::StateStore;
 use crate::state::snapshot::Snapshot;
 use dead_letter::DeadLetters;
@@ -90,9 +90,11 @@ impl Consumer {
             users: config.users_topic.clone(),
             organizations: config.organizations_topic.clone(),
         };
+        let current = registry.current();
+        store.set_renderer(current.id);
         Self {
             slots: Slots {
-                current: registry.current(),
+                current,
                 previous: None,
             },
             config,
@@ -125,6 +127,7 @@ impl Consumer {
             && let Some(restored) = snapshots::restore(
                 dir,
                 self.slots.current.sha256(),
+                self.slots.current.id,
                 &self.topics.names(),
                 &targets,
                 &self.store,
@@ -219,7 +222,8 @@ impl Consumer {
         }
     }
 
-    /// The one place the active reducer and the store are replaced.
+    /// The one place the active reducer and the store are replaced. (A rollback is a
+    /// replay of the previous reducer, so it arrives as a handover.)
     fn apply(&mut self, command: Command, positions: &Positions) {
         match command {
             Command::Activate { swap, active, done } => {
@@ -228,30 +232,15 @@ impl Consumer {
                     "swap #{swap}: folding with reducer {} from offsets {offsets:?}",
                     active.sha256()
                 );
+                self.store.set_renderer(active.id);
                 self.slots.install(active);
                 self.publish();
+                // Every answer there is was rendered by an earlier reducer.
+                let stale_answers = self.store.answers(self.slots.current.id).total;
                 let _ = done.send(Ok(Switched {
                     active: self.slots.current.info(),
                     offsets,
-                }));
-            }
-            Command::Rollback { swap, done } => {
-                let Some(previous) = self.slots.previous.clone() else {
-                    let _ = done.send(Err(SwapError::NoPrevious));
-                    return;
-                };
-                let offsets = self.topics.named(positions);
-                tracing::info!(
-                    "swap #{swap}: rolled back to reducer {} from offsets {offsets:?}",
-                    previous.sha256()
-                );
-                // The compiled reducer is reused as it is: a rollback never recompiles.
-                let back = Arc::new(Active::new(previous.reducer.clone(), Origin::Rollback));
-                self.slots.install(back);
-                self.publish();
-                let _ = done.send(Ok(Switched {
-                    active: self.slots.current.info(),
-                    offsets,
+                    stale_answers,
                 }));
             }
             Command::Handover(tail) => {
@@ -277,7 +266,7 @@ impl Consumer {
             reducer_sha256: self.slots.current.sha256().to_owned(),
             topics: self.topics.names().map(str::to_owned).to_vec(),
             offsets: positions.clone(),
-            entities: self.store.dump(),
+            entities: self.store.dump(self.slots.current.id),
         }
     }
 

@@ -59,12 +59,13 @@ impl SnapshotWriter {
     }
 }
 
-/// Loads the newest valid snapshot of `dir` made by reducer `sha256` for `topics` into
-/// `store`; returns the positions to read on from. `None`: no usable snapshot, replay
-/// from the earliest offsets.
+/// Loads the newest valid snapshot of `dir` made by reducer `sha256` (active as
+/// renderer `renderer`) for `topics` into `store`; returns the positions to read on
+/// from. `None`: no usable snapshot, replay from the earliest offsets.
 pub fn restore(
     dir: &std::path::Path,
     sha256: &str,
+    renderer: u32,
     topics: &[&str],
     targets: &BTreeMap<Partition, Watermarks>,
     store: &StateStore,
@@ -86,7 +87,7 @@ pub fn restore(
         .map(|(p, w)| (*p, snap.offsets.get(p).copied().unwrap_or(w.low).max(w.low)))
         .collect();
     let n = snap.entities.len();
-    store.replace(StateStore::from_dump(snap.entities));
+    store.replace(StateStore::from_dump(snap.entities, renderer));
     tracing::info!(
         "loaded snapshot {} ({n} entities); reading on from its offsets",
         path.display()
@@ -123,6 +124,7 @@ mod tests {
                             key: format!("user-{i}"),
                         },
                         crate::state::test_update(Some(&view), Some("Org")),
+                        true,
                     )
                 })
                 .collect(),

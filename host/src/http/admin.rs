@@ -155,7 +155,7 @@ pub fn routes(admin: Arc<Admin>) -> impl Filter<Extract = (Response,), Error = R
                 .map_err(|e| {
                     refuse(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
                 })?;
-            swap_reply(result, StatusCode::OK)
+            swap_reply(result, StatusCode::ACCEPTED)
         });
     let cancel = warp::path!("admin" / "reducer" / "replay")
         .and(warp::delete())

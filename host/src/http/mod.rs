@@ -278,6 +278,7 @@ mod tests {
                 from_cache: false,
                 canary_ms: 0,
                 switch_offsets: None,
+                stale_answers: None,
             },
             active: ReducerInfo {
                 sha256: "ab".into(),
@@ -434,11 +435,15 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn forward_swap_is_200_replay_202_rollback_200() {
+    async fn forward_swap_is_200_replay_and_rollback_202() {
         let fake = Fake::answering([
             Ok(submitted(Outcome::Active, Mode::Forward, Origin::Http)),
             Ok(submitted(Outcome::Replaying, Mode::Replay, Origin::Http)),
-            Ok(submitted(Outcome::Active, Mode::Forward, Origin::Rollback)),
+            Ok(submitted(
+                Outcome::Replaying,
+                Mode::Replay,
+                Origin::Rollback,
+            )),
         ]);
         let mut api = api();
         api.admin = Arc::new(admin(Some("t"), fake));
@@ -451,8 +456,9 @@ mod tests {
         assert_eq!(code, StatusCode::ACCEPTED, "{body}");
         assert_eq!(body["swap"]["outcome"], "replaying");
         let (code, body) = admin_call(&api, "POST", "/admin/reducer/rollback", auth, b"").await;
-        assert_eq!(code, StatusCode::OK, "{body}");
-        assert_eq!(body["active"]["origin"], "rollback");
+        assert_eq!(code, StatusCode::ACCEPTED, "{body}");
+        assert_eq!(body["swap"]["origin"], "rollback");
+        assert_eq!(body["swap"]["mode"], "replay");
     }
 
     async fn get(path: &str) -> (StatusCode, serde_json::Value) {

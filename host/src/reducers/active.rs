@@ -1,9 +1,22 @@
 //! A loaded reducer as the service knows it: the compiled code, how it arrived and
 //! when.
 
+use std::collections::HashMap;
+use std::sync::Mutex;
+
 use serde::Serialize;
 
 use crate::fold::Reducer;
+
+/// A small number per reducer (by sha256) for this process, so a store can tag each
+/// answer with the code that rendered it. 0 is the store's "an earlier reducer".
+fn renderer_id(sha256: &str) -> u32 {
+    static IDS: Mutex<Option<HashMap<String, u32>>> = Mutex::new(None);
+    let mut ids = IDS.lock().unwrap_or_else(|p| p.into_inner());
+    let ids = ids.get_or_insert_with(HashMap::new);
+    let next = u32::try_from(ids.len() + 1).unwrap_or(u32::MAX);
+    *ids.entry(sha256.to_owned()).or_insert(next)
+}
 
 /// How a reducer arrived.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -21,6 +34,10 @@ pub enum Origin {
 
 /// A reducer that is (or was) active, and how it got there.
 pub struct Active {
+    /// The tag of the answers it renders in a store: the same for every `Active`
+    /// of the same component (same sha256), so a rollback to it or a forward swap to
+    /// the same code leaves nothing stale.
+    pub id: u32,
     /// The compiled reducer.
     pub reducer: Reducer,
     /// How it arrived.
@@ -48,6 +65,7 @@ impl Active {
     /// `reducer`, arrived now by `origin`.
     pub fn new(reducer: Reducer, origin: Origin) -> Self {
         Self {
+            id: renderer_id(&reducer.meta().sha256),
             reducer,
             origin,
             loaded_at: now(),

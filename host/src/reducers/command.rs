@@ -21,29 +21,24 @@ pub enum Command {
         /// Where the loop says what it did.
         done: Reply,
     },
-    /// Go back to the reducer that was active before the current one.
-    Rollback {
-        /// The swap this is.
-        swap: u64,
-        /// Where the loop says what it did.
-        done: Reply,
-    },
-    /// A replay has caught up with the log: read the last records up to where the
-    /// loop stands, then flip state and reducer together (unless the replay was
-    /// cancelled or superseded meanwhile).
+    /// A replay (or a rollback, which is a replay of the previous reducer) has caught
+    /// up with the log: read the last records up to where the loop stands, then flip
+    /// state and reducer together (unless it was cancelled or superseded meanwhile).
     Handover(Box<Tail>),
 }
 
-/// The loop's answer to a swap or rollback.
+/// The loop's answer to a forward swap.
 pub type Reply = SyncSender<Result<Switched, SwapError>>;
 
-/// What a swap or rollback did, as the loop saw it.
+/// What a forward swap did, as the loop saw it.
 #[derive(Debug, Clone)]
 pub struct Switched {
     /// The reducer now active.
     pub active: ReducerInfo,
     /// The next offset of every partition when it took effect.
     pub offsets: BTreeMap<String, i64>,
+    /// Visible answers that earlier reducers rendered, at that moment.
+    pub stale_answers: usize,
 }
 
 /// Why a candidate was not swapped in, or a rollback not done.

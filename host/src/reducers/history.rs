@@ -31,19 +31,20 @@ pub enum Outcome {
     Validating,
     /// Valid, sent to the consumer loop, not applied yet.
     Queued,
-    /// A replay is rebuilding the state with it.
+    /// A replay (or a rollback) is rebuilding the state with it.
     Replaying,
     /// The consumer loop made it active (it may have been replaced since: see
     /// `active` and later entries).
     Active,
     /// Refused before anything changed (see `reason`).
     Rejected,
-    /// A replay cancelled by `DELETE /admin/reducer/replay` or by shutdown.
+    /// A replay (or rollback) cancelled by `DELETE /admin/reducer/replay` or by
+    /// shutdown.
     Cancelled,
-    /// A replay overtaken by a later swap or rollback before it handed over (see
-    /// `reason` for which).
+    /// A replay (or rollback) overtaken by a later swap or rollback before it handed
+    /// over (see `reason` for which).
     Superseded,
-    /// A replay that could not finish (see `reason`).
+    /// A replay (or rollback) that could not finish (see `reason`).
     Failed,
 }
 
@@ -74,6 +75,10 @@ pub struct SwapRecord {
     /// (`topic/partition` -> offset). Events before it were folded by the previous
     /// reducer, events from it on by this one.
     pub switch_offsets: Option<BTreeMap<String, i64>>,
+    /// For a forward swap: how many visible answers were still rendered by earlier
+    /// reducers when it took effect. Each changes when its entity gets an event; a
+    /// replay or a rollback re-renders them all.
+    pub stale_answers: Option<usize>,
 }
 
 /// The last [`KEEP`] swaps.
@@ -99,6 +104,7 @@ impl History {
             from_cache: false,
             canary_ms: 0,
             switch_offsets: None,
+            stale_answers: None,
         };
         if inner.1.len() == KEEP {
             inner.1.pop_front();

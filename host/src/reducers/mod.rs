@@ -4,9 +4,9 @@
 //! only by [`Command`].
 //!
 //! Nothing here changes the active reducer or the store: the consumer loop is their
-//! one writer. A forward swap, a rollback, a file-watch swap and a replay's handover
-//! each reach it as a command, and it applies them in the order they arrive, between
-//! two batches. The [`Registry`] keeps the record: the history, and a published copy of
+//! one writer. A forward swap, a file-watch swap and the handover of a replay (a
+//! rollback is a replay of the previous reducer) each reach it as a command, and it
+//! applies them in the order they arrive, between two batches. The [`Registry`] keeps the record: the history, and a published copy of
 //! what the loop made active, for readers.
 //!
 //! - [`active`]: a loaded reducer and how it arrived;
@@ -39,6 +39,7 @@ use history::History;
 use replay::{PauseHook, Phase, Replay, Setup};
 
 use crate::fold::{Reducer, ReducerError, Runtime, sha256_hex};
+use crate::state::StateStore;
 
 /// What a successful submit did.
 #[derive(Debug, Clone, Serialize)]
@@ -58,6 +59,8 @@ struct Published {
 /// The service's reducers: validation, the command channel to the loop, the history.
 pub struct Registry {
     runtime: Runtime,
+    /// Read only (for the answer counts); the consumer loop writes it.
+    store: Arc<StateStore>,
     commands: Sender<Command>,
     published: RwLock<Published>,
     history: Arc<History>,
@@ -71,15 +74,18 @@ pub struct Registry {
 }
 
 impl Registry {
-    /// A registry whose loop starts with `active`; commands go to `commands`.
+    /// A registry whose loop starts with `active` and writes `store`; commands go to
+    /// `commands`.
     pub fn new(
         runtime: Runtime,
+        store: Arc<StateStore>,
         active: Arc<Active>,
         commands: Sender<Command>,
         setup: Setup,
     ) -> Self {
         Self {
             runtime,
+            store,
             commands,
             published: RwLock::new(Published {
                 current: active,
@@ -150,26 +156,23 @@ impl Registry {
         }
     }
 
-    /// Has the loop go back to the previous reducer (forward mode, no recompile).
+    /// Goes back to the previous reducer: a replay with it (no recompile), so that
+    /// every answer is the previous reducer's again, not only those of entities that
+    /// get events later. The current answers keep serving until it flips. A running
+    /// replay is superseded. Returns at once, like a replay.
     ///
     /// # Errors
     /// [`SwapError::NoPrevious`] when there is none.
     pub fn rollback(&self) -> Result<Submitted, SwapError> {
         let _one_at_a_time = lock(&self.swapping);
-        let sha256 = self
-            .read()
-            .previous
-            .as_ref()
-            .ok_or(SwapError::NoPrevious)?
-            .sha256()
-            .to_owned();
-        let record = self.history.begin(sha256, Origin::Rollback, Mode::Forward);
+        let previous = self.read().previous.clone().ok_or(SwapError::NoPrevious)?;
+        let record =
+            self.history
+                .begin(previous.sha256().to_owned(), Origin::Rollback, Mode::Replay);
         self.history.update(record.id, |r| r.from_cache = true);
         self.supersede_replay(record.id);
-        self.apply(record.id, |done| Command::Rollback {
-            swap: record.id,
-            done,
-        })
+        let back = Arc::new(Active::new(previous.reducer.clone(), Origin::Rollback));
+        self.start_replay(record.id, back)
     }
 
     /// Cancels a running replay; `false` when none runs.
@@ -179,14 +182,31 @@ impl Registry {
             .is_some_and(|r| r.stop(Phase::Cancelled, None))
     }
 
-    /// Everything `GET /admin/reducer` shows.
+    /// Everything `GET /admin/reducer` shows; `active.answers` says how many of the
+    /// visible answers the active reducer rendered.
     pub fn describe(&self) -> serde_json::Value {
-        let (current, previous) = {
+        let (current, id, previous) = {
             let p = self.read();
-            (p.current.info(), p.previous.as_ref().map(|p| p.info()))
+            (
+                p.current.info(),
+                p.current.id,
+                p.previous.as_ref().map(|p| p.info()),
+            )
         };
+        let answers = self.store.answers(id);
+        let mut active = serde_json::json!(current);
+        active["answers"] = serde_json::json!({
+            "total": answers.total,
+            "by_active": answers.by_it,
+            "by_earlier_reducers": answers.total - answers.by_it,
+            "share_by_active": if answers.total == 0 {
+                1.0
+            } else {
+                answers.by_it as f64 / answers.total as f64
+            },
+        });
         serde_json::json!({
-            "active": current,
+            "active": active,
             "previous": previous,
             "history": self.history.newest_first(),
             "replay": lock(&self.replay).as_ref().map(|r| r.progress()),
@@ -235,6 +255,7 @@ impl Registry {
                     .update(id, |r| {
                         r.outcome = Outcome::Active;
                         r.switch_offsets = Some(switched.offsets);
+                        r.stale_answers = Some(switched.stale_answers);
                     })
                     .ok_or(SwapError::Stopped)?;
                 Ok(Submitted {

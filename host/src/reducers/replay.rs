@@ -283,6 +283,7 @@ impl Replay {
         let assigned: Vec<(Partition, Option<i64>)> = targets.keys().map(|p| (*p, None)).collect();
         consumer.assign(&assigned).map_err(|e| e.to_string())?;
         let shadow = StateStore::new();
+        shadow.set_renderer(active.id);
         let mut positions: Positions = targets.iter().map(|(p, w)| (*p, w.low)).collect();
         let goal: Positions = targets.iter().map(|(p, w)| (*p, w.high)).collect();
         let mut tail = Tail {

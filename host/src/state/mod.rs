@@ -10,6 +10,7 @@ pub mod snapshot;
 use std::collections::{BTreeSet, HashMap};
 use std::ops::Range;
 use std::sync::RwLock;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use logq_abi::{Entity, Kind, States, Update};
 
@@ -25,15 +26,23 @@ struct Entry {
     /// The organization name's range in `state` (for a user: the one it joins; for an
     /// organization: its own).
     join: Option<Range<u32>>,
+    /// Which reducer rendered it (see [`StateStore::set_renderer`]).
+    by: u32,
 }
 
 impl Entry {
-    fn new(update: Update) -> Option<Self> {
+    fn new(update: Update, by: u32) -> Option<Self> {
         Some(Self {
             state: update.state?.into_boxed_slice(),
             view: update.view,
             join: update.join,
+            by,
         })
+    }
+
+    /// The renderer whose visible answer this is, if it is visible.
+    fn answer_by(&self) -> Option<u32> {
+        self.view.as_ref().map(|_| self.by)
     }
 
     fn text(&self, range: Option<&Range<u32>>) -> Option<&str> {
@@ -65,6 +74,8 @@ struct Maps {
     /// organization name -> keys of organizations with that name. Names are not
     /// unique; a user joins the smallest key so the answer does not depend on order.
     by_name: HashMap<Box<str>, BTreeSet<Box<str>>>,
+    /// Visible answers (users and organizations) per renderer.
+    answers: HashMap<u32, usize>,
 }
 
 /// Counts for `/metrics`.
@@ -89,7 +100,23 @@ pub struct Sizes {
 #[derive(Debug, Default)]
 pub struct StateStore {
     maps: RwLock<Maps>,
+    /// The tag [`StateStore::apply`] gives the entries it writes: the id of the
+    /// reducer folding into this store (0: an earlier one, after a restore).
+    renderer: AtomicU32,
 }
+
+/// Which reducer rendered the visible answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Answers {
+    /// Visible answers (users and organizations).
+    pub total: usize,
+    /// Of those, rendered by the reducer asked about.
+    pub by_it: usize,
+}
+
+/// The renderer tag of answers restored from a snapshot that an earlier reducer
+/// rendered (before a forward swap).
+pub const EARLIER: u32 = 0;
 
 impl StateStore {
     /// An empty store.
@@ -100,36 +127,56 @@ impl StateStore {
     /// Stores the reducer's updates, all under one write lock so a reader sees the
     /// batch entirely or not at all.
     pub fn apply(&self, entities: &[Entity], updates: Vec<Update>) {
+        let by = self.renderer.load(Ordering::Relaxed);
         let mut maps = self.write();
         for (entity, update) in entities.iter().zip(updates) {
             let key = entity.key.as_str();
-            let new = Entry::new(update);
-            match entity.kind {
-                Kind::User => match (new, maps.users.get_mut(key)) {
-                    // Most updates replace an entry: keep its key, allocate nothing.
-                    (Some(entry), Some(old)) => *old = entry,
-                    (Some(entry), None) => {
-                        maps.users.insert(key.into(), entry);
-                    }
-                    (None, _) => {
-                        maps.users.remove(key);
-                    }
-                },
+            let new = Entry::new(update, by);
+            let (gone, came) = match entity.kind {
+                Kind::User => {
+                    let came = new.as_ref().and_then(Entry::answer_by);
+                    let gone = match (new, maps.users.get_mut(key)) {
+                        // Most updates replace an entry: keep its key, allocate nothing.
+                        (Some(entry), Some(old)) => std::mem::replace(old, entry).answer_by(),
+                        (Some(entry), None) => {
+                            maps.users.insert(key.into(), entry);
+                            None
+                        }
+                        (None, _) => maps.users.remove(key).and_then(|e| e.answer_by()),
+                    };
+                    (gone, came)
+                }
                 Kind::Organization => maps.put_organization(key.into(), new),
-            }
+            };
+            maps.count(gone, came);
+        }
+    }
+
+    /// From now on, entries written are tagged as rendered by reducer `id`.
+    pub fn set_renderer(&self, id: u32) {
+        self.renderer.store(id, Ordering::Relaxed);
+    }
+
+    /// How many visible answers there are, and how many reducer `id` rendered.
+    pub fn answers(&self, id: u32) -> Answers {
+        let maps = self.read();
+        Answers {
+            total: maps.answers.values().sum(),
+            by_it: maps.answers.get(&id).copied().unwrap_or(0),
         }
     }
 
     /// Takes over `other`'s contents in one step: readers see all of the old state
     /// or all of the new, never a mix.
     pub fn replace(&self, other: StateStore) {
+        self.set_renderer(other.renderer.load(Ordering::Relaxed));
         let new = other.maps.into_inner().unwrap_or_else(|p| p.into_inner());
         *self.write() = new;
     }
 
-    /// Every stored entity as (entity, update): what a snapshot keeps. Taken under one
-    /// read lock, so it is one consistent state.
-    pub fn dump(&self) -> Vec<(Entity, Update)> {
+    /// Every stored entity as (entity, update, whether reducer `current` rendered it):
+    /// what a snapshot keeps. Taken under one read lock, so it is one consistent state.
+    pub fn dump(&self, current: u32) -> Vec<(Entity, Update, bool)> {
         let maps = self.read();
         let entry = |kind: Kind, key: &str, e: &Entry| {
             (
@@ -138,6 +185,7 @@ impl StateStore {
                     key: key.to_string(),
                 },
                 e.update(),
+                e.by == current,
             )
         };
         let users = maps.users.iter().map(|(k, e)| entry(Kind::User, k, e));
@@ -148,11 +196,18 @@ impl StateStore {
         users.chain(orgs).collect()
     }
 
-    /// A store holding exactly `entities` (what [`StateStore::dump`] gave).
-    pub fn from_dump(entities: Vec<(Entity, Update)>) -> Self {
+    /// A store holding exactly `entities` (what [`StateStore::dump`] gave), those
+    /// rendered by the dump's reducer tagged `current`, the others [`EARLIER`]; it
+    /// goes on writing as `current`.
+    pub fn from_dump(entities: Vec<(Entity, Update, bool)>, current: u32) -> Self {
         let store = Self::new();
-        let (keys, updates): (Vec<Entity>, Vec<Update>) = entities.into_iter().unzip();
-        store.apply(&keys, updates);
+        let (mine, earlier): (Vec<_>, Vec<_>) = entities.into_iter().partition(|e| e.2);
+        for (tag, list) in [(EARLIER, earlier), (current, mine)] {
+            store.set_renderer(tag);
+            let (keys, updates): (Vec<Entity>, Vec<Update>) =
+                list.into_iter().map(|(e, u, _)| (e, u)).unzip();
+            store.apply(&keys, updates);
+        }
         store
     }
 
@@ -234,9 +289,31 @@ impl Maps {
         }
     }
 
-    fn put_organization(&mut self, key: Box<str>, new: Option<Entry>) {
+    /// One visible answer less by `gone`'s renderer, one more by `came`'s.
+    fn count(&mut self, gone: Option<u32>, came: Option<u32>) {
+        if let Some(by) = gone
+            && let Some(n) = self.answers.get_mut(&by)
+        {
+            *n -= 1;
+            if *n == 0 {
+                self.answers.remove(&by);
+            }
+        }
+        if let Some(by) = came {
+            *self.answers.entry(by).or_default() += 1;
+        }
+    }
+
+    /// Stores (or forgets) an organization; returns the renderers of the visible
+    /// answer it replaced and of the one it stored.
+    fn put_organization(
+        &mut self,
+        key: Box<str>,
+        new: Option<Entry>,
+    ) -> (Option<u32>, Option<u32>) {
         let name_of = |e: &Entry| e.join().map(Box::<str>::from);
-        let old = match new {
+        let came = new.as_ref().and_then(Entry::answer_by);
+        let (old, gone) = match new {
             Some(entry) => {
                 let name = name_of(&entry);
                 if let Some(name) = &name {
@@ -246,11 +323,21 @@ impl Maps {
                         .insert(key.clone());
                 }
                 let old = self.organizations.insert(key.clone(), entry);
-                old.as_ref()
-                    .and_then(name_of)
-                    .filter(|n| Some(n) != name.as_ref())
+                let gone = old.as_ref().and_then(Entry::answer_by);
+                (
+                    old.as_ref()
+                        .and_then(name_of)
+                        .filter(|n| Some(n) != name.as_ref()),
+                    gone,
+                )
             }
-            None => self.organizations.remove(&key).as_ref().and_then(name_of),
+            None => {
+                let old = self.organizations.remove(&key);
+                (
+                    old.as_ref().and_then(name_of),
+                    old.as_ref().and_then(Entry::answer_by),
+                )
+            }
         };
         if let Some(old_name) = old
             && let Some(keys) = self.by_name.get_mut(&old_name)
@@ -260,6 +347,7 @@ impl Maps {
                 self.by_name.remove(&old_name);
             }
         }
+        (gone, came)
     }
 }
 
@@ -372,6 +460,47 @@ mod tests {
             ],
         );
         assert_eq!(store.user("u").unwrap(), r#"{"organization":{"k":"a"}}"#);
+    }
+
+    #[test]
+    fn answers_are_counted_by_the_reducer_that_rendered_them() {
+        let store = StateStore::new();
+        store.set_renderer(1);
+        store.apply(
+            &[
+                entity(Kind::User, "u"),
+                entity(Kind::User, "hidden"),
+                entity(Kind::Organization, "k"),
+            ],
+            vec![
+                update(Some("{}"), Some("N")),
+                update(None, None),
+                update(Some("{}"), Some("N")),
+            ],
+        );
+        assert_eq!(store.answers(1), Answers { total: 2, by_it: 2 });
+        store.set_renderer(2);
+        store.apply(&[entity(Kind::User, "u")], vec![update(Some("{}"), None)]);
+        assert_eq!(store.answers(2), Answers { total: 2, by_it: 1 });
+        assert_eq!(store.answers(1).by_it, 1, "the organization is still 1's");
+        // A snapshot keeps who rendered what; a restore tags the others EARLIER.
+        let restored = StateStore::from_dump(store.dump(2), 7);
+        assert_eq!(restored.answers(7), Answers { total: 2, by_it: 1 });
+        assert_eq!(restored.answers(EARLIER).by_it, 1);
+        // Hidden and forgotten answers are no longer counted.
+        store.apply(
+            &[entity(Kind::User, "u"), entity(Kind::Organization, "k")],
+            vec![
+                Update {
+                    state: None,
+                    view: None,
+                    join: None,
+                },
+                update(None, Some("N")),
+            ],
+        );
+        assert_eq!(store.answers(2), Answers { total: 0, by_it: 0 });
+        assert!(store.read().answers.is_empty(), "no zero counts kept");
     }
 
     #[test]

@@ -29,8 +29,9 @@ pub struct Snapshot {
     pub topics: Vec<String>,
     /// Next offset to fold, per partition.
     pub offsets: Positions,
-    /// Every stored entity.
-    pub entities: Vec<(Entity, Update)>,
+    /// Every stored entity, and whether `reducer_sha256` rendered its answer (not an
+    /// earlier reducer, before a forward swap).
+    pub entities: Vec<(Entity, Update, bool)>,
 }
 
 /// Why a snapshot was not used.
@@ -150,8 +151,9 @@ fn encode(s: &Snapshot) -> Vec<u8> {
         out.extend_from_slice(&o.to_le_bytes());
     }
     out.extend_from_slice(&(s.entities.len() as u64).to_le_bytes());
-    for (e, u) in &s.entities {
+    for (e, u, mine) in &s.entities {
         out.push(e.kind.byte());
+        out.push(u8::from(*mine));
         put_bytes(&mut out, e.key.as_bytes());
         put_opt(&mut out, u.state.as_deref());
         for range in [&u.view, &u.join] {
@@ -207,6 +209,11 @@ fn decode(bytes: &[u8]) -> Result<Snapshot, SnapshotError> {
     let mut entities = Vec::new();
     for _ in 0..n {
         let kind = Kind::from_byte(r.u8().map_err(corrupt)?).map_err(corrupt)?;
+        let mine = match r.u8().map_err(corrupt)? {
+            0 => false,
+            1 => true,
+            f => return Err(corrupt(format!("bad renderer flag {f}"))),
+        };
         let key = string(&mut r)?;
         let state = match r.u8().map_err(corrupt)? {
             0 => None,
@@ -215,7 +222,7 @@ fn decode(bytes: &[u8]) -> Result<Snapshot, SnapshotError> {
         };
         let view = range(&mut r, state.as_deref())?;
         let join = range(&mut r, state.as_deref())?;
-        entities.push((Entity { kind, key }, Update { state, view, join }));
+        entities.push((Entity { kind, key }, Update { state, view, join }, mine));
     }
     if !r.is_empty() {
         return Err(corrupt("trailing bytes".into()));
@@ -286,6 +293,7 @@ mod tests {
                         key: "u".into(),
                     },
                     super::super::test_update(Some("{\"id\":\"u\"}"), Some("MGS")),
+                    true,
                 ),
                 (
                     Entity {
@@ -297,6 +305,7 @@ mod tests {
                         view: None,
                         join: None,
                     },
+                    false,
                 ),
             ],
         }

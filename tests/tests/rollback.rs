@@ -1,0 +1,171 @@
+//! A rollback rolls back what readers see: after a replay swap, a forward swap or a
+//! file-watch swap, and after a second rollback, every answer equals the fold of the
+//! reducer then active, from the moment the admin API says the rollback is done; and
+//! all the while, a GET of a user that exists never gets anything but 200.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use logq_e2e::{Broker, Host, component, eventually, expected_answers, history, masked, produce};
+
+const TOKEN: &str = "rollback-test-token";
+const WITHIN: Duration = Duration::from_secs(120);
+
+/// GETs the ids in a loop until stopped; anything but 200 (a 404 included: these
+/// users exist throughout) and transport errors are failures.
+fn strict_hammer(
+    host: &Host,
+    ids: Vec<String>,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<(u64, Vec<String>)> {
+    let addr = host.addr;
+    std::thread::spawn(move || {
+        let (mut ok, mut failures) = (0u64, Vec::new());
+        let mut i = 0;
+        while !stop.load(Ordering::Relaxed) && failures.len() < 20 {
+            let id = &ids[i % ids.len()];
+            match logq_e2e::get(addr, &format!("/users/{id}")) {
+                Ok(r) if r.status == 200 => ok += 1,
+                other => failures.push(format!("{id}: {other:?}")),
+            }
+            i += 1;
+        }
+        (ok, failures)
+    })
+}
+
+/// Waits until swap `id` is active: for a replay or a rollback, its state has flipped.
+fn wait_active(host: &Host, id: &serde_json::Value) -> serde_json::Value {
+    eventually(WITHIN, "the swap to be active", || {
+        let d = host.admin("GET", "/admin/reducer", Some(TOKEN), b"").json();
+        let entry = d["history"]
+            .as_array()?
+            .iter()
+            .find(|h| h["id"] == *id)?
+            .clone();
+        assert!(
+            !matches!(
+                entry["outcome"].as_str(),
+                Some("failed" | "superseded" | "cancelled" | "rejected")
+            ),
+            "{d}"
+        );
+        (entry["outcome"] == "active").then_some(d)
+    })
+}
+
+fn rollback(host: &Host) -> serde_json::Value {
+    let r = host.admin("POST", "/admin/reducer/rollback", Some(TOKEN), b"");
+    assert_eq!(r.status, 202, "{}", r.body);
+    assert_eq!(r.json()["swap"]["mode"], "replay");
+    wait_active(host, &r.json()["swap"]["id"])
+}
+
+/// `User Updated` events for `ids`, newer than anything in the history.
+fn updates(ids: &[String], tag: &str) -> Vec<String> {
+    ids.iter()
+        .map(|id| {
+            serde_json::json!({"id": id, "event_type": "User Updated", "user_type": tag,
+                "received_at": "2030-01-01 00:00:00"})
+            .to_string()
+        })
+        .collect()
+}
+
+fn all_masked(
+    answers: std::collections::BTreeMap<String, serde_json::Value>,
+) -> impl Iterator<Item = (String, serde_json::Value)> {
+    answers.into_iter().map(|(id, v)| (id, masked(v)))
+}
+
+#[test]
+fn every_rollback_restores_every_answer_and_no_existing_user_is_ever_missing() {
+    let broker = Broker::start();
+    broker.create_default_topics();
+    let (mut users, orgs) = history(0x0b5e, 300, 2_000);
+    produce(&broker, "users", &[], users.join("\n").as_bytes());
+    produce(&broker, "organizations", &[], orgs.join("\n").as_bytes());
+    let dir = std::env::temp_dir().join(format!("logq-rollback-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("reducer.wasm");
+    std::fs::copy(component("reducer.wasm"), &file).unwrap();
+    let host = Host::start(
+        &broker,
+        &["--admin-token", TOKEN, "--reducer", file.to_str().unwrap()],
+    );
+    host.wait_ready(WITHIN);
+    let ids: Vec<String> = expected_answers(&users, &orgs).into_keys().collect();
+    assert!(ids.len() > 100, "{} users", ids.len());
+    let stop = Arc::new(AtomicBool::new(false));
+    let getter = strict_hammer(&host, ids.clone(), stop.clone());
+    let mask = std::fs::read(component("mask-emails-reducer.wasm")).unwrap();
+
+    // 1. A replay swap, then a rollback.
+    let r = host.admin("PUT", "/admin/reducer?mode=replay", Some(TOKEN), &mask);
+    assert_eq!(r.status, 202, "{}", r.body);
+    let mask_sha = r.json()["swap"]["sha256"].clone();
+    let d = wait_active(&host, &r.json()["swap"]["id"]);
+    assert_eq!(d["active"]["answers"]["share_by_active"], 1.0, "{d}");
+    host.assert_answers(all_masked(expected_answers(&users, &orgs)));
+    let d = rollback(&host);
+    assert_eq!(d["active"]["answers"]["share_by_active"], 1.0, "{d}");
+    host.assert_answers(expected_answers(&users, &orgs));
+
+    // 2. A forward swap: it says how many answers it leaves to the old reducer, and
+    // only the users with new events change. Then a rollback restores them.
+    let r = host.admin("PUT", "/admin/reducer?mode=forward", Some(TOKEN), &mask);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let d = host.admin("GET", "/admin/reducer", Some(TOKEN), b"").json();
+    let total = d["active"]["answers"]["total"].as_u64().unwrap();
+    assert_eq!(r.json()["swap"]["stale_answers"], total, "{}", r.body);
+    let touched = &ids[..20];
+    let more = updates(touched, "Forwarded");
+    produce(&broker, "users", &[], more.join("\n").as_bytes());
+    users.extend(more);
+    host.wait_consumed("users", users.len(), WITHIN);
+    let d = host.admin("GET", "/admin/reducer", Some(TOKEN), b"").json();
+    assert_eq!(d["active"]["answers"]["by_active"], 20, "{d}");
+    host.assert_answers(expected_answers(&users, &orgs).into_iter().map(|(id, v)| {
+        let v = if touched.contains(&id) { masked(v) } else { v };
+        (id, v)
+    }));
+    rollback(&host);
+    host.assert_answers(expected_answers(&users, &orgs));
+
+    // 3. A second rollback goes back to the newer reducer, for every answer.
+    let d = rollback(&host);
+    assert_eq!(d["active"]["sha256"], mask_sha, "{d}");
+    host.assert_answers(all_masked(expected_answers(&users, &orgs)));
+    rollback(&host);
+    host.assert_answers(expected_answers(&users, &orgs));
+
+    // 4. A file-watch swap (forward), then a rollback.
+    let tmp = dir.join("reducer.wasm.new");
+    std::fs::copy(component("mask-emails-reducer.wasm"), &tmp).unwrap();
+    std::fs::rename(&tmp, &file).unwrap();
+    eventually(WITHIN, "the file's reducer to be active", || {
+        let d = host.admin("GET", "/admin/reducer", Some(TOKEN), b"").json();
+        (d["active"]["origin"] == "file").then_some(())
+    });
+    let touched = &ids[20..30];
+    let more = updates(touched, "Watched");
+    produce(&broker, "users", &[], more.join("\n").as_bytes());
+    users.extend(more);
+    host.wait_consumed("users", users.len(), WITHIN);
+    host.assert_answers(expected_answers(&users, &orgs).into_iter().map(|(id, v)| {
+        let v = if touched.contains(&id) { masked(v) } else { v };
+        (id, v)
+    }));
+    rollback(&host);
+    host.assert_answers(expected_answers(&users, &orgs));
+
+    stop.store(true, Ordering::Relaxed);
+    let (ok, failures) = getter.join().unwrap();
+    assert!(
+        failures.is_empty(),
+        "GETs of existing users failed: {failures:#?}"
+    );
+    assert!(ok > 100, "the GET stream ran ({ok})");
+    let _ = std::fs::remove_dir_all(&dir);
+}
