@@ -23,8 +23,20 @@ pub struct Soak {
 /// Memory after the warm-up may not grow by more than this fraction.
 pub const FLAT: f64 = 0.10;
 
+/// The shortest soak that can see anything: the first 10 s are warm-up, and the
+/// growth check compares the halves of what follows.
+pub const MIN_SECS: u64 = 20;
+
 /// Runs the soak for `secs` on a history of `events` events over `users` ids.
+///
+/// # Errors
+/// A soak shorter than [`MIN_SECS`] is refused (it would pass by construction), and
+/// any failure to run the parts.
 pub fn run(events: usize, users: u64, secs: u64, work: &std::path::Path) -> anyhow::Result<Soak> {
+    anyhow::ensure!(
+        secs >= MIN_SECS,
+        "a soak of {secs} s would pass by construction (10 s of warm-up, then two halves to compare): use --soak {MIN_SECS} or more"
+    );
     let h = history::generate(7, events, users);
     let loaded = broker::load(&h);
     let host = broker::start_host(&loaded, "soak", &[]);
@@ -123,5 +135,13 @@ mod tests {
         assert!(growth(&saw, 10.0).abs() < 1e-9, "a level sawtooth is flat");
         let leak: Vec<(f64, u64)> = (0..120).map(|t| (f64::from(t), 30 + t as u64)).collect();
         assert!(growth(&leak, 10.0) > 0.4, "a steady climb is growth");
+    }
+
+    #[test]
+    fn a_soak_too_short_to_see_growth_is_refused_before_it_starts() {
+        let e = run(10, 10, MIN_SECS - 1, std::path::Path::new("/nonexistent"))
+            .err()
+            .expect("refused");
+        assert!(e.to_string().contains("pass by construction"), "{e}");
     }
 }

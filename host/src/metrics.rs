@@ -25,6 +25,11 @@ pub struct TopicCounters {
     pub applied: AtomicU64,
     /// Records sent to the dead-letter topic.
     pub dead_lettered: AtomicU64,
+    /// Records refused again that an earlier run already dead-lettered (below the
+    /// committed offset at start): not sent twice.
+    pub dead_letters_known: AtomicU64,
+    /// Compaction tombstones (null values), skipped.
+    pub tombstones: AtomicU64,
 }
 
 /// Everything `/metrics` shows, and readiness.
@@ -33,6 +38,9 @@ pub struct Metrics {
     topics: [(String, TopicCounters); 2],
     dlq_failed: AtomicU64,
     dlq_delivery_failed: AtomicU64,
+    dlq_pending: AtomicU64,
+    /// Why dead letters cannot be delivered right now, if they cannot.
+    dlq_trouble: Mutex<Option<String>>,
     reducer_failures: AtomicU64,
     call_buckets: [AtomicU64; BUCKETS.len()],
     call_count: AtomicU64,
@@ -49,6 +57,8 @@ impl Metrics {
             topics: topics.map(|t| (t.to_string(), TopicCounters::default())),
             dlq_failed: AtomicU64::new(0),
             dlq_delivery_failed: AtomicU64::new(0),
+            dlq_pending: AtomicU64::new(0),
+            dlq_trouble: Mutex::new(None),
             reducer_failures: AtomicU64::new(0),
             call_buckets: Default::default(),
             call_count: AtomicU64::new(0),
@@ -66,6 +76,13 @@ impl Metrics {
             Source::Organizations => 1,
         };
         &self.topics[index].1
+    }
+
+    /// How many dead letters await the broker's acknowledgement, and why they cannot
+    /// be delivered if they cannot (shown by `/readyz`, which answers 503 meanwhile).
+    pub fn set_dlq_pending(&self, n: usize, trouble: Option<String>) {
+        self.dlq_pending.store(n as u64, Relaxed);
+        *self.dlq_trouble.lock().unwrap_or_else(|p| p.into_inner()) = trouble;
     }
 
     /// A dead-letter record could not be delivered (it is logged with its content).
@@ -114,6 +131,15 @@ impl Metrics {
         (self.ready.load(Relaxed), lock(&self.status).clone())
     }
 
+    /// What `/readyz` says: the catch-up status, unless dead letters cannot be
+    /// delivered (then not ready, with the reason: the host holds its progress).
+    pub fn readiness(&self) -> (bool, String) {
+        match lock(&self.dlq_trouble).clone() {
+            Some(trouble) => (false, trouble),
+            None => self.status(),
+        }
+    }
+
     /// The sum of all partitions' lag.
     pub fn total_lag(&self) -> i64 {
         lock(&self.lag).values().sum()
@@ -143,6 +169,16 @@ impl Metrics {
             "Records sent to the dead-letter topic.",
             &|c| c.dead_lettered.load(Relaxed),
         );
+        counter(
+            "logq_dead_letters_known_total",
+            "Records refused again that an earlier run had dead-lettered (not sent twice).",
+            &|c| c.dead_letters_known.load(Relaxed),
+        );
+        counter(
+            "logq_tombstones_skipped_total",
+            "Compaction tombstones (null values) skipped.",
+            &|c| c.tombstones.load(Relaxed),
+        );
         let mut single = |name: &str, kind: &str, help: &str, value: String| {
             let _ = writeln!(
                 out,
@@ -154,6 +190,12 @@ impl Metrics {
             "counter",
             "Dead-letter records that could not be delivered.",
             (self.dlq_failed.load(Relaxed) + self.dlq_delivery_failed.load(Relaxed)).to_string(),
+        );
+        single(
+            "logq_dead_letters_pending",
+            "gauge",
+            "Dead letters not yet acknowledged by the broker; their source offsets are not committed.",
+            self.dlq_pending.load(Relaxed).to_string(),
         );
         single(
             "logq_reducer_failures_total",

@@ -15,6 +15,7 @@ struct Case {
     name: String,
     value: Option<Vec<u8>>,
     applied: bool,
+    skipped: bool,
     detail: String,
 }
 
@@ -47,6 +48,7 @@ fn corpus() -> Vec<Case> {
                 name: cols[0].to_string(),
                 value,
                 applied: cols[2] == "applied",
+                skipped: cols[2] == "skipped",
                 detail: cols[3].to_string(),
             }
         })
@@ -92,7 +94,7 @@ fn hostile_corpus_gets_its_documented_outcome_and_nothing_crashes() {
     );
     assert_eq!(host.get("/users/c-big").json()["username"], "Big");
 
-    let dead_cases: Vec<&Case> = cases.iter().filter(|c| !c.applied).collect();
+    let dead_cases: Vec<&Case> = cases.iter().filter(|c| !c.applied && !c.skipped).collect();
     let dead = read_topic(
         &broker,
         "users.dlq",
@@ -124,6 +126,10 @@ fn hostile_corpus_gets_its_documented_outcome_and_nothing_crashes() {
         metrics.contains("logq_reducer_failures_total 0"),
         "{metrics}"
     );
+    for c in cases.iter().filter(|c| c.skipped) {
+        let line = format!("{}{{topic=\"users\"}} 1\n", c.detail);
+        assert!(metrics.contains(&line), "{}: {line:?} in {metrics}", c.name);
+    }
     assert_eq!(host.get("/healthz").status, 200);
 }
 
@@ -303,4 +309,120 @@ fn snapshots_make_restarts_exact_and_bad_snapshots_are_skipped() {
     assert_eq!(consumed(&host, "users"), users.len(), "a full replay");
     check(&host, true);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The value of a metric line `name{topic="users"}` in `/metrics`.
+fn users_metric(host: &Host, name: &str) -> u64 {
+    let body = host.get("/metrics").body;
+    let prefix = format!("{name}{{topic=\"users\"}} ");
+    body.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{name} in {body}"))
+}
+
+#[test]
+fn dead_letters_are_sent_once_across_restarts_with_or_without_a_state_dir() {
+    let broker = Broker::start();
+    broker.create_default_topics();
+    let mut lines = Vec::new();
+    for i in 0..200 {
+        lines.push(format!(
+            r#"{{"id":"u{i}","event_type":"User Created","username":"n{i}","received_at":"2021-01-01 00:00:00"}}"#
+        ));
+        if i % 25 == 0 {
+            lines.push(format!("bad record {i}"));
+        }
+    }
+    produce(
+        &broker,
+        "users",
+        &["--raw-lines"],
+        lines.join("\n").as_bytes(),
+    );
+    let state = std::env::temp_dir().join(format!("logq-dlq-once-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&state);
+    let state_arg = state.to_str().unwrap();
+    // (flags, dead letters sent by this run, refused ones known from earlier runs)
+    let runs: [(&[&str], u64, u64); 4] = [
+        (&[], 8, 0),
+        (&[], 0, 8),
+        // No snapshot yet: from the earliest offsets again.
+        (&["--state-dir", state_arg], 0, 8),
+        // From the snapshot: the bad records are not even read again.
+        (&["--state-dir", state_arg], 0, 0),
+    ];
+    for (run, (flags, sent, known)) in runs.into_iter().enumerate() {
+        let host = Host::start(&broker, flags);
+        host.wait_ready(READY);
+        assert_eq!(host.get("/users/u199").status, 200, "run {run}");
+        if known > 0 {
+            host.wait_consumed("users", lines.len(), READY);
+        }
+        let dead = read_topic(&broker, "users.dlq", 9, Duration::from_secs(3));
+        assert_eq!(
+            dead.len(),
+            8,
+            "run {run}: one copy of each bad record: {dead:?}"
+        );
+        assert_eq!(
+            users_metric(&host, "logq_records_dead_lettered_total"),
+            sent,
+            "run {run}"
+        );
+        assert_eq!(
+            users_metric(&host, "logq_dead_letters_known_total"),
+            known,
+            "run {run}"
+        );
+        assert!(host.terminate().success(), "run {run}");
+    }
+    let _ = std::fs::remove_dir_all(&state);
+}
+
+#[test]
+fn an_unwritable_dead_letter_topic_holds_progress_and_says_so_while_reads_go_on() {
+    let broker = Broker::start();
+    broker.create_topic("users", 1);
+    broker.create_topic("organizations", 1);
+    // Every dead letter is larger than this topic takes.
+    broker.create_topic_with("users.dlq", 1, &["max.message.bytes=64"]);
+    broker.create_topic("organizations.dlq", 1);
+    let good = r#"{"id":"g","event_type":"User Created","username":"g","received_at":"2021-01-01 00:00:00"}"#;
+    let lines = format!("{good}\nthis record is not JSON and its dead letter will not fit");
+    produce(&broker, "users", &["--raw-lines"], lines.as_bytes());
+    let host = Host::start(&broker, &[]);
+    let body = eventually(READY, "/readyz to say the dead letter is stuck", || {
+        let r = host.get("/readyz");
+        (r.status == 503 && r.body.contains("dead letters not delivered")).then_some(r.body)
+    });
+    assert!(body.contains("progress held"), "{body}");
+    assert_eq!(host.get("/users/g").status, 200, "reads go on");
+    let metrics = host.get("/metrics").body;
+    assert!(
+        metrics.contains("logq_dead_letters_pending 1\n"),
+        "{metrics}"
+    );
+    // Nothing reached the topic, and it is retried, not dropped.
+    assert!(read_topic(&broker, "users.dlq", 1, Duration::from_secs(2)).is_empty());
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        host.get("/metrics")
+            .body
+            .contains("logq_dead_letters_pending 1\n")
+    );
+    // The commit did not pass the record: after a restart it is refused and tried
+    // again, not taken for one an earlier run delivered.
+    assert!(host.terminate().success());
+    let host = Host::start(&broker, &[]);
+    eventually(
+        READY,
+        "the restarted host to try the dead letter again",
+        || {
+            let r = host.get("/readyz");
+            (r.status == 503 && r.body.contains("dead letters not delivered")).then_some(())
+        },
+    );
+    assert_eq!(users_metric(&host, "logq_dead_letters_known_total"), 0);
+    assert_eq!(users_metric(&host, "logq_records_dead_lettered_total"), 1);
 }

@@ -10,7 +10,8 @@ use super::{KafkaError, client_config};
 use crate::config::KafkaConfig;
 
 /// Creates each `(topic, partitions)` that does not exist yet. Topics that already
-/// exist are left as they are.
+/// exist are left as they are; when all exist, nothing is asked of the broker but
+/// metadata (some brokers, librdkafka's mock among them, never answer `CreateTopics`).
 ///
 /// # Errors
 /// The first topic that could not be created, with the broker's reason.
@@ -21,10 +22,24 @@ pub async fn create_topics(
     let admin: AdminClient<DefaultClientContext> = client_config(kafka, &[])
         .create()
         .map_err(|e| KafkaError::Config(e.to_string()))?;
+    let admin = std::sync::Arc::new(admin);
+    let lookup = admin.clone();
+    let existing: Vec<String> = tokio::task::spawn_blocking(move || {
+        lookup
+            .inner()
+            .fetch_metadata(None, Duration::from_secs(10))
+            .map(|m| m.topics().iter().map(|t| t.name().to_owned()).collect())
+    })
+    .await
+    .map_err(|e| KafkaError::Broker(e.to_string()))??;
     let new: Vec<NewTopic<'_>> = topics
         .iter()
+        .filter(|(name, _)| !existing.contains(name))
         .map(|(name, partitions)| NewTopic::new(name, *partitions, TopicReplication::Fixed(1)))
         .collect();
+    if new.is_empty() {
+        return Ok(());
+    }
     let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
     for result in admin.create_topics(&new, &options).await? {
         match result {

@@ -4,15 +4,17 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use rdkafka::Message;
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 
 use super::{KafkaError, Partition, Record, Topics, client_config};
 use crate::config::KafkaConfig;
 
 /// How long one poll waits for a record before its caller looks around again (stop
-/// flag, commands).
-pub const POLL_WAIT: Duration = Duration::from_millis(100);
+/// flag, commands). Short, because a forward swap waits for the consumer loop to
+/// apply it: an idle loop answers within this (about 50 wake-ups a second when idle,
+/// which cost nothing measurable).
+pub const POLL_WAIT: Duration = Duration::from_millis(20);
 /// Longest wait for one metadata or watermark request.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -170,13 +172,58 @@ impl TopicConsumer {
         Ok(Some(f(&records)))
     }
 
+    /// The offsets this consumer group committed for `partitions` (the next offset to
+    /// read); partitions without a commit are left out.
+    ///
+    /// # Errors
+    /// When the broker does not answer in time.
+    pub fn committed(
+        &self,
+        partitions: &[Partition],
+        timeout: Duration,
+    ) -> Result<BTreeMap<Partition, i64>, KafkaError> {
+        let mut list = TopicPartitionList::new();
+        for p in partitions {
+            list.add_partition(self.topics.name(p.source), p.id);
+        }
+        let committed = self.consumer.committed_offsets(list, timeout)?;
+        Ok(partitions
+            .iter()
+            .filter_map(|p| {
+                let e = committed.find_partition(self.topics.name(p.source), p.id)?;
+                match e.offset() {
+                    Offset::Offset(o) => Some((*p, o)),
+                    _ => None,
+                }
+            })
+            .collect())
+    }
+
+    /// Commits `progress` (the next offset to read, per partition) now and waits for
+    /// the broker's answer. (Not the consumer's position: that may be past records
+    /// whose effects are not safe yet.)
+    ///
+    /// # Errors
+    /// When the commit fails.
+    pub fn commit(&self, progress: &BTreeMap<Partition, i64>) -> Result<(), KafkaError> {
+        let mut list = TopicPartitionList::new();
+        for (p, next) in progress {
+            list.add_partition_offset(self.topics.name(p.source), p.id, Offset::Offset(*next))?;
+        }
+        self.consumer.commit(&list, CommitMode::Sync)?;
+        Ok(())
+    }
+
     /// Marks everything before `next` in a partition as applied, for the next commit.
     ///
     /// # Errors
     /// When the partition is not assigned.
     pub fn store_progress(&self, p: Partition, next: i64) -> Result<(), KafkaError> {
-        self.consumer
-            .store_offset(self.topics.name(p.source), p.id, next)?;
+        // `rd_kafka_offsets_store` stores the offset as given; the single-offset
+        // `store_offset` would store `next + 1`, one record too far.
+        let mut list = TopicPartitionList::new();
+        list.add_partition_offset(self.topics.name(p.source), p.id, Offset::Offset(next))?;
+        self.consumer.store_offsets(&list)?;
         Ok(())
     }
 }

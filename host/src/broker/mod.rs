@@ -78,8 +78,9 @@ impl Topics {
     }
 
     /// The reducer's view of a record: its stream, partition, offset and value
-    /// (borrowed, not copied). `None` for a record of another topic, a client bug
-    /// that is logged.
+    /// (borrowed, not copied). `None` for a compaction tombstone (a null value: there
+    /// is nothing to fold; the caller counts it) and for a record of another topic, a
+    /// client bug that is logged.
     pub fn record<'a>(&self, r: &Record<'a>) -> Option<logq_abi::Record<'a>> {
         let Some(source) = self.source_of(r.topic) else {
             tracing::error!("record from unexpected topic {} ignored", r.topic);
@@ -89,7 +90,7 @@ impl Topics {
             source,
             partition: r.partition,
             offset: r.offset,
-            value: r.value.unwrap_or_default(),
+            value: r.value?,
         })
     }
 

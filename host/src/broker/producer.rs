@@ -124,3 +124,106 @@ impl RecordProducer {
         self.producer.context()
     }
 }
+
+/// Which source record a dead letter is for: its partition and offset.
+pub type LetterKey = (super::Partition, i64);
+
+/// What the broker said about each dead letter, collected by librdkafka's thread
+/// until the consumer loop takes it.
+#[derive(Debug, Default)]
+pub struct LetterOutcomes {
+    acked: Mutex<Vec<LetterKey>>,
+    failed: Mutex<Vec<(LetterKey, String)>>,
+}
+
+impl ClientContext for LetterOutcomes {}
+
+impl ProducerContext for LetterOutcomes {
+    type DeliveryOpaque = Box<LetterKey>;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, key: Box<LetterKey>) {
+        match result {
+            Ok(_) => lock(&self.acked).push(*key),
+            Err((e, _)) => lock(&self.failed).push((*key, e.to_string())),
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The dead-letter producer: idempotent, acknowledged by every in-sync replica
+/// (`acks=all`), and each record's outcome reported by its source key, so the consumer
+/// loop commits a source offset only once its dead letter is safe.
+pub struct LetterProducer {
+    producer: ThreadedProducer<LetterOutcomes>,
+}
+
+impl LetterProducer {
+    /// Creates the client.
+    ///
+    /// # Errors
+    /// [`KafkaError::Config`] when librdkafka refuses the settings.
+    pub fn new(kafka: &KafkaConfig) -> Result<Self, KafkaError> {
+        let producer = client_config(
+            kafka,
+            &[
+                ("enable.idempotence", "true"),
+                ("acks", "all"),
+                ("linger.ms", "5"),
+            ],
+        )
+        .create_with_context(LetterOutcomes::default())
+        .map_err(|e| KafkaError::Config(e.to_string()))?;
+        Ok(Self { producer })
+    }
+
+    /// Queues the dead letter of source record `key`; its outcome comes later from
+    /// [`LetterProducer::take_outcomes`].
+    ///
+    /// # Errors
+    /// When it cannot even be queued (then no outcome will come for it).
+    pub fn send(
+        &self,
+        key: LetterKey,
+        topic: &str,
+        record_key: Option<&[u8]>,
+        value: &[u8],
+        headers: &[(String, String)],
+    ) -> Result<(), KafkaError> {
+        let mut h = OwnedHeaders::new_with_capacity(headers.len());
+        for (k, v) in headers {
+            h = h.insert(Header {
+                key: k,
+                value: Some(v.as_bytes()),
+            });
+        }
+        let mut record = BaseRecord::with_opaque_to(topic, Box::new(key))
+            .payload(value)
+            .headers(h);
+        if let Some(k) = record_key {
+            record = record.key(k);
+        }
+        self.producer.send(record).map_err(|(e, _)| e.into())
+    }
+
+    /// The dead letters acknowledged, and those that failed with the reason, since
+    /// the last call.
+    pub fn take_outcomes(&self) -> (Vec<LetterKey>, Vec<(LetterKey, String)>) {
+        let ctx = self.producer.context();
+        (
+            std::mem::take(&mut *lock(&ctx.acked)),
+            std::mem::take(&mut *lock(&ctx.failed)),
+        )
+    }
+
+    /// Waits until every queued dead letter is delivered or failed.
+    ///
+    /// # Errors
+    /// When `timeout` passes first.
+    pub fn flush(&self, timeout: Duration) -> Result<(), KafkaError> {
+        self.producer.flush(timeout)?;
+        Ok(())
+    }
+}

@@ -1,28 +1,64 @@
 //! Dead letters: a record the reducer refused (wholly or partly) goes to
-//! `<topic><dlq suffix>` with its key and value and headers saying why and where from.
+//! `<topic><dlq suffix>` with its key and value and headers saying why and where from,
+//! once per cause:
+//!
+//! - a record below the offset the consumer group had committed at start was
+//!   dead-lettered by an earlier run (commits never pass an unacknowledged dead
+//!   letter), so it is counted and not sent again;
+//! - every dead letter is kept until the broker acknowledges it (idempotent producer,
+//!   `acks=all`); a failed one is sent again with backoff, and [`DeadLetters::hold`]
+//!   keeps the loop from committing (or snapshotting) past it meanwhile.
+//!
+//! The crash window: a host killed between a dead letter's acknowledgement and the
+//! next offset commit (`auto.commit.interval.ms`, 5 s by default) sends it once more
+//! after the restart. Consumers of the dead-letter topic can drop such a copy by its
+//! `logq.topic`/`logq.partition`/`logq.offset` headers.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use logq_abi::Source;
 
-use crate::broker::producer::RecordProducer;
-use crate::broker::{KafkaError, Record, Topics};
+use crate::broker::producer::{LetterKey, LetterProducer};
+use crate::broker::{KafkaError, Partition, Record, Topics};
 use crate::config::RunConfig;
 use crate::fold::DeadLetter;
 use crate::metrics::Metrics;
 
-/// Sends dead letters and counts them.
+/// Longest wait between two attempts at a dead letter that failed.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// A dead letter kept until the broker acknowledges it.
+struct Letter {
+    topic: String,
+    key: Option<Vec<u8>>,
+    value: Vec<u8>,
+    headers: Vec<(String, String)>,
+}
+
+/// Sends dead letters, counts them, and knows which are safe.
 pub struct DeadLetters {
-    producer: RecordProducer,
+    producer: LetterProducer,
     topics: Topics,
     suffix: String,
     metrics: Arc<Metrics>,
+    /// The group's committed offsets at start: below them, an earlier run sent the
+    /// dead letters already.
+    sent_before: BTreeMap<Partition, i64>,
+    /// Sent, not acknowledged yet.
+    in_flight: BTreeMap<LetterKey, Letter>,
+    /// Failed, to be sent again at `next_retry`.
+    retry: Vec<LetterKey>,
+    next_retry: Instant,
+    backoff: Duration,
+    last_error: Option<String>,
 }
 
 impl DeadLetters {
-    /// A producer for the dead-letter topics of `config`.
+    /// A producer for the dead-letter topics of `config`; `sent_before` are the
+    /// committed offsets found at start.
     ///
     /// # Errors
     /// When librdkafka refuses the settings.
@@ -30,67 +66,151 @@ impl DeadLetters {
         config: &RunConfig,
         topics: Topics,
         metrics: Arc<Metrics>,
+        sent_before: BTreeMap<Partition, i64>,
     ) -> Result<Self, KafkaError> {
         Ok(Self {
-            producer: RecordProducer::new(&config.kafka)?,
+            producer: LetterProducer::new(&config.kafka)?,
             topics,
             suffix: config.dlq_suffix.clone(),
             metrics,
+            sent_before,
+            in_flight: BTreeMap::new(),
+            retry: Vec::new(),
+            next_retry: Instant::now(),
+            backoff: Duration::from_millis(100),
+            last_error: None,
         })
     }
 
     /// Logs, counts and sends `record` (of stream `source`), refused as `d` says, with
-    /// `applied` of its events applied.
-    pub fn send(&self, source: Source, record: &Record<'_>, d: &DeadLetter, applied: u64) {
-        let topic = self.topics.name(source);
+    /// `applied` of its events applied, unless an earlier run sent it.
+    pub fn send(&mut self, source: Source, record: &Record<'_>, d: &DeadLetter, applied: u64) {
+        let topic = self.topics.name(source).to_owned();
+        let partition = Partition {
+            source,
+            id: record.partition,
+        };
+        let counters = self.metrics.topic(source);
+        if self
+            .sent_before
+            .get(&partition)
+            .is_some_and(|committed| record.offset < *committed)
+        {
+            tracing::debug!(
+                topic,
+                partition = record.partition,
+                offset = record.offset,
+                "refused again, dead-lettered by an earlier run: {}",
+                d.reason
+            );
+            counters.dead_letters_known.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
         let dlq_topic = format!("{topic}{}", self.suffix);
-        let reason = d.reason.as_str();
         tracing::warn!(
             topic,
             partition = record.partition,
             offset = record.offset,
-            "dead-lettered to {dlq_topic}: {reason}"
+            "dead-lettered to {dlq_topic}: {}",
+            d.reason
         );
-        self.metrics
-            .topic(source)
-            .dead_lettered
-            .fetch_add(1, Ordering::Relaxed);
-        let (partition, offset, applied) = (
-            record.partition.to_string(),
-            record.offset.to_string(),
-            applied.to_string(),
-        );
+        counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
         let headers = [
-            ("logq.reason", reason),
+            ("logq.reason", d.reason.clone()),
             ("logq.topic", topic),
-            ("logq.partition", partition.as_str()),
-            ("logq.offset", offset.as_str()),
-            ("logq.events.rejected", d.events.as_str()),
-            ("logq.events.applied", applied.as_str()),
-        ];
-        let value = record.value.unwrap_or_default();
-        if let Err(e) = self.producer.send(&dlq_topic, record.key, value, &headers) {
-            self.metrics.dlq_failed();
-            tracing::error!(
-                topic,
-                partition = record.partition,
-                offset = record.offset,
-                "could not dead-letter to {dlq_topic}: {e}; reason was: {reason}"
-            );
+            ("logq.partition", record.partition.to_string()),
+            ("logq.offset", record.offset.to_string()),
+            ("logq.events.rejected", d.events.clone()),
+            ("logq.events.applied", applied.to_string()),
+        ]
+        .map(|(k, v)| (k.to_owned(), v))
+        .to_vec();
+        let key = (partition, record.offset);
+        self.in_flight.insert(
+            key,
+            Letter {
+                topic: dlq_topic,
+                key: record.key.map(<[u8]>::to_vec),
+                value: record.value.unwrap_or_default().to_vec(),
+                headers,
+            },
+        );
+        self.produce(key);
+    }
+
+    fn produce(&mut self, key: LetterKey) {
+        let Some(letter) = self.in_flight.get(&key) else {
+            return;
+        };
+        if let Err(e) = self.producer.send(
+            key,
+            &letter.topic,
+            letter.key.as_deref(),
+            &letter.value,
+            &letter.headers,
+        ) {
+            self.failed(key, e.to_string());
         }
     }
 
-    /// Publishes the delivery failures the broker reported so far.
-    pub fn report(&self) {
-        self.metrics
-            .set_dlq_delivery_failures(self.producer.deliveries().failed.load(Ordering::Relaxed));
+    fn failed(&mut self, key: LetterKey, error: String) {
+        self.metrics.dlq_failed();
+        tracing::error!(
+            "dead letter of {}/{} at offset {} not delivered ({error}); retrying",
+            self.topics.name(key.0.source),
+            key.0.id,
+            key.1
+        );
+        self.last_error = Some(error);
+        self.retry.push(key);
     }
 
-    /// Waits for every queued dead letter to be delivered or failed.
+    /// Takes the broker's outcomes, sends failed letters again when their backoff is
+    /// over, and publishes how many are pending. Called every loop iteration.
+    pub fn poll(&mut self) {
+        let (acked, failed) = self.producer.take_outcomes();
+        for key in acked {
+            self.in_flight.remove(&key);
+        }
+        for (key, error) in failed {
+            self.failed(key, error);
+        }
+        if !self.retry.is_empty() && Instant::now() >= self.next_retry {
+            for key in std::mem::take(&mut self.retry) {
+                self.produce(key);
+            }
+            self.next_retry = Instant::now() + self.backoff;
+            self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
+        } else if self.retry.is_empty() && self.in_flight.is_empty() {
+            self.backoff = Duration::from_millis(100);
+            self.last_error = None;
+        }
+        let trouble = self.last_error.as_ref().map(|e| {
+            format!(
+                "{} dead letters not delivered yet (last error: {e}); retrying, progress held",
+                self.in_flight.len()
+            )
+        });
+        self.metrics.set_dlq_pending(self.in_flight.len(), trouble);
+    }
+
+    /// The first offset of `p` whose dead letter the broker has not acknowledged:
+    /// progress may be committed (and snapshotted) up to it, not past it.
+    pub fn hold(&self, p: Partition) -> Option<i64> {
+        self.in_flight
+            .range((p, i64::MIN)..=(p, i64::MAX))
+            .next()
+            .map(|((_, offset), _)| *offset)
+    }
+
+    /// Waits (up to `timeout`) until every dead letter is acknowledged or failed,
+    /// then takes the outcomes.
     ///
     /// # Errors
     /// When `timeout` passes first.
-    pub fn flush(&self, timeout: Duration) -> Result<(), KafkaError> {
-        self.producer.flush(timeout)
+    pub fn flush(&mut self, timeout: Duration) -> Result<(), KafkaError> {
+        let flushed = self.producer.flush(timeout);
+        self.poll();
+        flushed
     }
 }

@@ -50,6 +50,36 @@ pub enum ConsumerError {
     Kafka(#[from] KafkaError),
 }
 
+/// `positions`, held back where a dead letter is not acknowledged yet: what may be
+/// committed or snapshotted (reading from there again is harmless: the fold is
+/// idempotent, and the dead letter is sent again).
+fn safe(dlq: &DeadLetters, positions: &Positions) -> Positions {
+    positions
+        .iter()
+        .map(|(p, next)| (*p, dlq.hold(*p).map_or(*next, |h| h.min(*next))))
+        .collect()
+}
+
+/// Stores (for the next commit) every partition's safe progress that moved.
+fn store_safe_progress(
+    consumer: &TopicConsumer,
+    dlq: &DeadLetters,
+    positions: &Positions,
+    stored: &mut BTreeMap<Partition, i64>,
+) {
+    for (p, next) in safe(dlq, positions) {
+        if stored.get(&p).is_some_and(|s| *s >= next) {
+            continue;
+        }
+        match consumer.store_progress(p, next) {
+            Ok(()) => {
+                stored.insert(p, next);
+            }
+            Err(e) => tracing::debug!("storing progress of {p}: {e}"),
+        }
+    }
+}
+
 /// The reducer the loop folds with, and the one before it (for rollback). Owned by
 /// the loop; the registry gets a published copy.
 struct Slots {
@@ -118,10 +148,27 @@ impl Consumer {
             &self.config.group_id,
             self.topics.clone(),
         )?;
-        let dlq = DeadLetters::new(&self.config, self.topics.clone(), self.metrics.clone())?;
         let Some(targets) = self.discover(&consumer) else {
             return Ok(());
         };
+        let partitions: Vec<Partition> = targets.keys().copied().collect();
+        // Below these, an earlier run dead-lettered what it refused (commits never
+        // pass an unacknowledged dead letter): not sent again.
+        let committed = consumer
+            .committed(&partitions, REQUEST_TIMEOUT)
+            .unwrap_or_else(|e| {
+                tracing::warn!(
+                    "committed offsets unknown ({e}): refused records may be dead-lettered again"
+                );
+                BTreeMap::new()
+            });
+        let mut stored = committed.clone();
+        let mut dlq = DeadLetters::new(
+            &self.config,
+            self.topics.clone(),
+            self.metrics.clone(),
+            committed,
+        )?;
         let mut positions: Positions = targets.iter().map(|(p, w)| (*p, w.low)).collect();
         if let Some(dir) = &self.config.state_dir
             && let Some(restored) = snapshots::restore(
@@ -159,7 +206,7 @@ impl Consumer {
                 self.config.batch_max_records,
                 self.config.batch_max_bytes,
                 POLL_WAIT,
-                |records| self.process(records, &dlq),
+                |records| self.process(records, &mut dlq),
             );
             match polled {
                 Ok(Some(progress)) => {
@@ -168,9 +215,6 @@ impl Consumer {
                     for (&p, &(next, n)) in &progress {
                         applied += n;
                         positions.insert(p, next);
-                        if let Err(e) = consumer.store_progress(p, next) {
-                            tracing::debug!("storing progress of {p}: {e}");
-                        }
                         catch_up.advanced(p, next);
                     }
                     catch_up.applied(applied);
@@ -184,19 +228,20 @@ impl Consumer {
                     }
                 }
             }
+            dlq.poll();
+            store_safe_progress(&consumer, &dlq, &positions, &mut stored);
             if let Some(tx) = &snapshots
                 && changed
                 && Instant::now() >= next_snapshot
             {
                 // Full: the writer is still busy with the last one; try next round.
-                if tx.offer(self.snapshot(&positions)) {
+                if tx.offer(self.snapshot(&safe(&dlq, &positions))) {
                     changed = false;
                 }
                 next_snapshot = Instant::now() + snapshot_every;
             }
             if Instant::now() >= next_lag {
                 progress::refresh_lag(&consumer, &self.metrics, &positions);
-                dlq.report();
                 next_lag = Instant::now() + LAG_EVERY;
             }
             if Instant::now() >= next_trim {
@@ -207,10 +252,14 @@ impl Consumer {
         if let Err(e) = dlq.flush(REQUEST_TIMEOUT) {
             tracing::error!("dead letters not flushed before exit: {e}");
         }
+        store_safe_progress(&consumer, &dlq, &positions, &mut stored);
+        if let Err(e) = consumer.commit(&stored) {
+            tracing::warn!("committing progress before exit: {e}");
+        }
         if let Some(writer) = snapshots {
             // One last snapshot, so the next start has nothing to replay; written
             // before the process may exit (a large state takes a while).
-            writer.finish(self.snapshot(&positions));
+            writer.finish(self.snapshot(&safe(&dlq, &positions)));
         }
         Ok(())
     }
@@ -301,22 +350,39 @@ impl Consumer {
 
     /// Folds one batch, dead-letters what was refused; returns, per partition touched,
     /// the next offset and the number of events applied.
-    fn process(&self, records: &[Record<'_>], dlq: &DeadLetters) -> HashMap<Partition, (i64, u64)> {
-        let (kept, batch): (Vec<&Record<'_>>, Vec<logq_abi::Record<'_>>) = records
-            .iter()
-            .filter_map(|r| self.topics.record(r).map(|a| (r, a)))
-            .unzip();
+    fn process(
+        &self,
+        records: &[Record<'_>],
+        dlq: &mut DeadLetters,
+    ) -> HashMap<Partition, (i64, u64)> {
         let mut progress: HashMap<Partition, (i64, u64)> = HashMap::new();
-        let mut consumed = [0u64; 2];
-        for r in &batch {
-            consumed[usize::from(r.source == Source::Organizations)] += 1;
+        let (mut consumed, mut tombstones) = ([0u64; 2], [0u64; 2]);
+        let (mut kept, mut batch) = (
+            Vec::with_capacity(records.len()),
+            Vec::with_capacity(records.len()),
+        );
+        for r in records {
+            let Some(source) = self.topics.source_of(r.topic) else {
+                continue;
+            };
+            let side = usize::from(source == Source::Organizations);
+            consumed[side] += 1;
+            // Every record moves its partition on, tombstones too.
             let slot = progress
                 .entry(Partition {
-                    source: r.source,
+                    source,
                     id: r.partition,
                 })
                 .or_insert((0, 0));
             slot.0 = slot.0.max(r.offset + 1);
+            match self.topics.record(r) {
+                Some(record) => {
+                    kept.push(r);
+                    batch.push(record);
+                }
+                // A compaction tombstone: nothing to fold, nothing wrong.
+                None => tombstones[side] += 1,
+            }
         }
         let folding = fold_into(&self.slots.current.reducer, &*self.store, &batch);
         if folding.elapsed > Duration::ZERO {
@@ -339,6 +405,9 @@ impl Consumer {
             let counters = self.metrics.topic(source);
             counters.consumed.fetch_add(consumed[i], Ordering::Relaxed);
             counters.applied.fetch_add(applied[i], Ordering::Relaxed);
+            counters
+                .tombstones
+                .fetch_add(tombstones[i], Ordering::Relaxed);
         }
         for d in &folding.dead {
             dlq.send(

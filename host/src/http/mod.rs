@@ -72,7 +72,7 @@ pub fn routes(api: Api) -> impl Filter<Extract = (Response,), Error = Infallible
         r
     });
     let readyz = warp::path!("readyz").and(with.clone()).map(|api: Api| {
-        let (ready, status) = api.metrics.status();
+        let (ready, status) = api.metrics.readiness();
         let code = if ready {
             StatusCode::OK
         } else {
