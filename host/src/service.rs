@@ -39,10 +39,7 @@ pub async fn run(
         .context("creating the wasm runtime")?;
     let reducer = load_reducer(&config, &runtime).await?;
     let (commands, command_rx) = std::sync::mpsc::channel();
-    let topics = Topics {
-        users: config.users_topic.clone(),
-        organizations: config.organizations_topic.clone(),
-    };
+    let topics = Topics::from(&config);
     let store = Arc::new(StateStore::new());
     let registry = Arc::new(Registry::new(
         runtime,

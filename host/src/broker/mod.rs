@@ -45,6 +45,15 @@ pub struct Topics {
     pub organizations: String,
 }
 
+impl From<&crate::config::RunConfig> for Topics {
+    fn from(config: &crate::config::RunConfig) -> Self {
+        Self {
+            users: config.users_topic.clone(),
+            organizations: config.organizations_topic.clone(),
+        }
+    }
+}
+
 impl Topics {
     /// The topic of `source`.
     pub fn name(&self, source: Source) -> &str {

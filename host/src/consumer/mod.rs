@@ -116,10 +116,7 @@ impl Consumer {
         stop: Arc<AtomicBool>,
         commands: Receiver<Command>,
     ) -> Self {
-        let topics = Topics {
-            users: config.users_topic.clone(),
-            organizations: config.organizations_topic.clone(),
-        };
+        let topics = Topics::from(&config);
         let current = registry.current();
         store.set_renderer(current.id);
         Self {
@@ -154,7 +151,7 @@ impl Consumer {
         let partitions: Vec<Partition> = targets.keys().copied().collect();
         // Below these, an earlier run dead-lettered what it refused (commits never
         // pass an unacknowledged dead letter): not sent again.
-        let committed = consumer
+        let mut committed = consumer
             .committed(&partitions, REQUEST_TIMEOUT)
             .unwrap_or_else(|e| {
                 tracing::warn!(
@@ -162,6 +159,16 @@ impl Consumer {
                 );
                 BTreeMap::new()
             });
+        // A commit beyond the log belongs to an earlier topic of the same name.
+        committed.retain(|p, at| {
+            let fits = targets.get(p).is_some_and(|w| *at <= w.high);
+            if !fits {
+                tracing::warn!(
+                    "committed offset {at} of {p} is beyond the log (topic recreated?); ignored"
+                );
+            }
+            fits
+        });
         let mut stored = committed.clone();
         let mut dlq = DeadLetters::new(
             &self.config,
