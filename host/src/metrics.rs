@@ -39,6 +39,8 @@ pub struct Metrics {
     dlq_failed: AtomicU64,
     dlq_delivery_failed: AtomicU64,
     dlq_pending: AtomicU64,
+    snapshots_written: AtomicU64,
+    snapshot_failures: AtomicU64,
     /// Why dead letters cannot be delivered right now, if they cannot.
     dlq_trouble: Mutex<Option<String>>,
     reducer_failures: AtomicU64,
@@ -58,6 +60,8 @@ impl Metrics {
             dlq_failed: AtomicU64::new(0),
             dlq_delivery_failed: AtomicU64::new(0),
             dlq_pending: AtomicU64::new(0),
+            snapshots_written: AtomicU64::new(0),
+            snapshot_failures: AtomicU64::new(0),
             dlq_trouble: Mutex::new(None),
             reducer_failures: AtomicU64::new(0),
             call_buckets: Default::default(),
@@ -83,6 +87,16 @@ impl Metrics {
     pub fn set_dlq_pending(&self, n: usize, trouble: Option<String>) {
         self.dlq_pending.store(n as u64, Relaxed);
         *self.dlq_trouble.lock().unwrap_or_else(|p| p.into_inner()) = trouble;
+    }
+
+    /// A snapshot was written (`true`) or could not be (`false`).
+    pub fn snapshot_written(&self, ok: bool) {
+        let counter = if ok {
+            &self.snapshots_written
+        } else {
+            &self.snapshot_failures
+        };
+        counter.fetch_add(1, Relaxed);
     }
 
     /// A dead-letter record could not be delivered (it is logged with its content).
@@ -196,6 +210,18 @@ impl Metrics {
             "gauge",
             "Dead letters not yet acknowledged by the broker; their source offsets are not committed.",
             self.dlq_pending.load(Relaxed).to_string(),
+        );
+        single(
+            "logq_snapshots_written_total",
+            "counter",
+            "State snapshots written to --state-dir.",
+            self.snapshots_written.load(Relaxed).to_string(),
+        );
+        single(
+            "logq_snapshot_failures_total",
+            "counter",
+            "State snapshots that could not be written (full or unwritable --state-dir).",
+            self.snapshot_failures.load(Relaxed).to_string(),
         );
         single(
             "logq_reducer_failures_total",

@@ -426,3 +426,51 @@ fn an_unwritable_dead_letter_topic_holds_progress_and_says_so_while_reads_go_on(
     assert_eq!(users_metric(&host, "logq_dead_letters_known_total"), 0);
     assert_eq!(users_metric(&host, "logq_records_dead_lettered_total"), 1);
 }
+
+#[test]
+fn a_state_dir_that_cannot_be_written_is_counted_and_the_service_goes_on() {
+    let broker = Broker::start();
+    broker.create_default_topics();
+    let user = |kind: &str, name: &str| {
+        format!(
+            r#"{{"id":"w","event_type":"{kind}","username":"{name}","received_at":"2021-01-0{} 00:00:00"}}"#,
+            name.len()
+        )
+    };
+    produce(&broker, "users", &[], user("User Created", "a").as_bytes());
+    // Under a regular file, nothing can be created (root or not).
+    let blocker = std::env::temp_dir().join(format!("logq-blocked-{}", std::process::id()));
+    std::fs::write(&blocker, b"not a directory").unwrap();
+    let state = blocker.join("state");
+    let host = Host::start(
+        &broker,
+        &[
+            "--state-dir",
+            state.to_str().unwrap(),
+            "--snapshot-interval-secs",
+            "1",
+        ],
+    );
+    host.wait_ready(READY);
+    eventually(READY, "a failed snapshot to be counted", || {
+        let m = host.get("/metrics").body;
+        (!m.contains("logq_snapshot_failures_total 0\n")
+            && m.contains("logq_snapshot_failures_total"))
+        .then_some(())
+    });
+    assert!(
+        host.get("/metrics")
+            .body
+            .contains("logq_snapshots_written_total 0\n")
+    );
+    // The service goes on: new events are folded and served.
+    produce(&broker, "users", &[], user("User Updated", "bb").as_bytes());
+    eventually(READY, "the next event to be served", || {
+        (host.get("/users/w").json()["username"] == "bb").then_some(())
+    });
+    assert!(
+        host.terminate().success(),
+        "the last snapshot fails too; the exit is clean"
+    );
+    let _ = std::fs::remove_file(&blocker);
+}

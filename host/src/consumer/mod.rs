@@ -200,7 +200,11 @@ impl Consumer {
             .map(|(p, w)| (*p, Some(positions[p]).filter(|at| *at > w.low)))
             .collect();
         consumer.assign(&assigned)?;
-        let snapshots = self.config.state_dir.clone().map(SnapshotWriter::start);
+        let snapshots = self
+            .config
+            .state_dir
+            .clone()
+            .map(|dir| SnapshotWriter::start(dir, self.metrics.clone()));
         let snapshot_every = Duration::from_secs(self.config.snapshot_interval_secs.max(1));
         let mut next_snapshot = Instant::now() + snapshot_every;
         let mut changed = false;

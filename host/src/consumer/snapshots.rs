@@ -2,9 +2,11 @@
 //! loop never waits on disk, and restored at start.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use crate::broker::consumer::Watermarks;
 use crate::broker::{Partition, Positions};
+use crate::metrics::Metrics;
 use crate::state::StateStore;
 use crate::state::snapshot::Snapshot;
 
@@ -15,8 +17,9 @@ pub struct SnapshotWriter {
 }
 
 impl SnapshotWriter {
-    /// Starts the writer thread for snapshots in `dir`.
-    pub fn start(dir: std::path::PathBuf) -> Self {
+    /// Starts the writer thread for snapshots in `dir`; each written or failed one is
+    /// counted in `metrics` (a failure is logged and the service goes on).
+    pub fn start(dir: std::path::PathBuf, metrics: Arc<Metrics>) -> Self {
         let (tx, rx) = std::sync::mpsc::sync_channel::<Snapshot>(1);
         let spawned = std::thread::Builder::new()
             .name("logq-snapshot".into())
@@ -27,11 +30,16 @@ impl SnapshotWriter {
                         .map(|d| d.as_millis())
                         .unwrap_or_default();
                     let n = snap.entities.len();
-                    match crate::state::snapshot::write(&dir, &snap, stamp) {
+                    let written = crate::state::snapshot::write(&dir, &snap, stamp);
+                    metrics.snapshot_written(written.is_ok());
+                    match written {
                         Ok(path) => {
                             tracing::info!("snapshot {} written ({n} entities)", path.display())
                         }
-                        Err(e) => tracing::error!("snapshot in {} failed: {e}", dir.display()),
+                        Err(e) => tracing::error!(
+                            "snapshot in {} failed: {e}; the service goes on, the next one is tried in the next interval",
+                            dir.display()
+                        ),
                     }
                 }
             });
@@ -129,7 +137,11 @@ mod tests {
                 })
                 .collect(),
         };
-        SnapshotWriter::start(dir.clone()).finish(snapshot);
+        SnapshotWriter::start(
+            dir.clone(),
+            Arc::new(Metrics::new(["users", "organizations"])),
+        )
+        .finish(snapshot);
         let names: Vec<String> = std::fs::read_dir(&dir)
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
