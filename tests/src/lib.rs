@@ -531,6 +531,40 @@ pub struct ReadRecord {
     pub headers: Vec<(String, String)>,
 }
 
+impl ReadRecord {
+    /// The value of header `name`, if the record has it.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// GETs `/users/{id}` for the ids in a loop until stopped (or 20 failures); anything
+/// but 200 (a 404 included: the caller passes users that exist throughout) and
+/// transport errors are failures. Returns the successes and the failures.
+pub fn hammer(
+    addr: SocketAddr,
+    ids: Vec<String>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<(u64, Vec<String>)> {
+    std::thread::spawn(move || {
+        let (mut ok, mut failures) = (0u64, Vec::new());
+        let mut i = 0;
+        // Gives up on its own if the host is gone (a failed test must not spin).
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) && failures.len() < 20 {
+            let id = &ids[i % ids.len()];
+            match get(addr, &format!("/users/{id}")) {
+                Ok(r) if r.status == 200 => ok += 1,
+                other => failures.push(format!("{id}: {other:?}")),
+            }
+            i += 1;
+        }
+        (ok, failures)
+    })
+}
+
 /// Counts failed deliveries of the raw producer.
 #[derive(Default)]
 struct Failures(std::sync::Mutex<Vec<String>>);

@@ -530,13 +530,7 @@ fn sigkill_at_seeded_points_of_catch_up_with_a_state_dir_ends_exact_with_bounded
     );
     let mut copies: std::collections::BTreeMap<(String, String), usize> = Default::default();
     for r in &dead {
-        let header = |name: &str| {
-            r.headers
-                .iter()
-                .find(|(k, _)| k == name)
-                .map(|(_, v)| v.clone())
-                .unwrap_or_default()
-        };
+        let header = |name: &str| r.header(name).unwrap_or_default().to_owned();
         *copies
             .entry((header("logq.partition"), header("logq.offset")))
             .or_default() += 1;

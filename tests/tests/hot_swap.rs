@@ -9,32 +9,6 @@ use logq_e2e::{Broker, Host, component, eventually, expected_answers, history, m
 const READY: Duration = Duration::from_secs(120);
 const TOKEN: &str = "test-admin-token";
 
-/// GETs every id in a loop until stopped; anything but 200 (a 404 included: the ids
-/// are users that exist throughout) and transport errors are failures.
-fn hammer(
-    host: &Host,
-    ids: Vec<String>,
-    stop: Arc<AtomicBool>,
-) -> std::thread::JoinHandle<(u64, u64)> {
-    let addr = host.addr;
-    std::thread::spawn(move || {
-        let (mut ok, mut failed) = (0u64, 0u64);
-        let mut i = 0;
-        // Gives up on its own if the host is gone (a failed test must not spin).
-        while !stop.load(Ordering::Relaxed) && failed < 100 {
-            match logq_e2e::get(addr, &format!("/users/{}", ids[i % ids.len()])) {
-                Ok(r) if r.status == 200 => ok += 1,
-                other => {
-                    eprintln!("GET failed: {other:?}");
-                    failed += 1;
-                }
-            }
-            i += 1;
-        }
-        (ok, failed)
-    })
-}
-
 /// Produces `events` to `users` in chunks on a thread until done or stopped; returns
 /// how many it produced.
 fn stream(
@@ -87,7 +61,7 @@ fn forward_and_replay_swaps_under_load_lose_nothing() {
         .collect();
     assert!(ids.len() > 50, "{} users exist throughout", ids.len());
     let stop_gets = Arc::new(AtomicBool::new(false));
-    let getter = hammer(&host, ids.clone(), stop_gets.clone());
+    let getter = logq_e2e::hammer(host.addr, ids.clone(), stop_gets.clone());
     let proof = std::fs::read(component("mask-emails-reducer.wasm")).unwrap();
 
     // Forward, under a stream of events (the same generator, another seed).
@@ -164,8 +138,11 @@ fn forward_and_replay_swaps_under_load_lose_nothing() {
     let sent = producer.join().unwrap();
     users.extend(more[..sent].iter().cloned());
     stop_gets.store(true, Ordering::Relaxed);
-    let (ok, failed) = getter.join().unwrap();
-    assert_eq!(failed, 0, "no GET failed during the swaps ({ok} succeeded)");
+    let (ok, failures) = getter.join().unwrap();
+    assert!(
+        failures.is_empty(),
+        "GETs failed during the swaps ({ok} succeeded): {failures:#?}"
+    );
     assert!(ok > 50, "the GET stream ran ({ok})");
 
     // Replay: every answer equals a fresh fold of everything, by the new reducer.

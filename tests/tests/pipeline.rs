@@ -158,10 +158,8 @@ fn bad_records_are_dead_lettered_and_their_neighbours_served() {
     let dead = read_topic(&broker, "users.dlq", 2, Duration::from_secs(30));
     assert_eq!(dead.len(), 2, "{dead:?}");
     let header = |r: &logq_e2e::ReadRecord, name: &str| {
-        r.headers
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.clone())
+        r.header(name)
+            .map(str::to_owned)
             .unwrap_or_else(|| panic!("no header {name}: {r:?}"))
     };
     let not_json = dead

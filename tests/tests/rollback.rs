@@ -12,29 +12,6 @@ use logq_e2e::{Broker, Host, component, eventually, expected_answers, history, m
 const TOKEN: &str = "rollback-test-token";
 const WITHIN: Duration = Duration::from_secs(120);
 
-/// GETs the ids in a loop until stopped; anything but 200 (a 404 included: these
-/// users exist throughout) and transport errors are failures.
-fn strict_hammer(
-    host: &Host,
-    ids: Vec<String>,
-    stop: Arc<AtomicBool>,
-) -> std::thread::JoinHandle<(u64, Vec<String>)> {
-    let addr = host.addr;
-    std::thread::spawn(move || {
-        let (mut ok, mut failures) = (0u64, Vec::new());
-        let mut i = 0;
-        while !stop.load(Ordering::Relaxed) && failures.len() < 20 {
-            let id = &ids[i % ids.len()];
-            match logq_e2e::get(addr, &format!("/users/{id}")) {
-                Ok(r) if r.status == 200 => ok += 1,
-                other => failures.push(format!("{id}: {other:?}")),
-            }
-            i += 1;
-        }
-        (ok, failures)
-    })
-}
-
 /// Waits until swap `id` is active: for a replay or a rollback, its state has flipped.
 fn wait_active(host: &Host, id: &serde_json::Value) -> serde_json::Value {
     eventually(WITHIN, "the swap to be active", || {
@@ -98,7 +75,7 @@ fn every_rollback_restores_every_answer_and_no_existing_user_is_ever_missing() {
     let ids: Vec<String> = expected_answers(&users, &orgs).into_keys().collect();
     assert!(ids.len() > 100, "{} users", ids.len());
     let stop = Arc::new(AtomicBool::new(false));
-    let getter = strict_hammer(&host, ids.clone(), stop.clone());
+    let getter = logq_e2e::hammer(host.addr, ids.clone(), stop.clone());
     let mask = std::fs::read(component("mask-emails-reducer.wasm")).unwrap();
 
     // 1. A replay swap, then a rollback.

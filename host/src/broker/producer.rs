@@ -83,14 +83,9 @@ impl RecordProducer {
         value: &[u8],
         headers: &[(&str, &str)],
     ) -> Result<(), KafkaError> {
-        let mut h = OwnedHeaders::new_with_capacity(headers.len());
-        for (k, v) in headers {
-            h = h.insert(Header {
-                key: k,
-                value: Some(v.as_bytes()),
-            });
-        }
-        let mut record = BaseRecord::to(topic).payload(value).headers(h);
+        let mut record = BaseRecord::to(topic)
+            .payload(value)
+            .headers(owned_headers(headers));
         if let Some(key) = key {
             record = record.key(key);
         }
@@ -123,6 +118,19 @@ impl RecordProducer {
     pub fn deliveries(&self) -> &Deliveries {
         self.producer.context()
     }
+}
+
+/// Text headers as librdkafka takes them.
+fn owned_headers(headers: &[(impl AsRef<str>, impl AsRef<str>)]) -> OwnedHeaders {
+    headers.iter().fold(
+        OwnedHeaders::new_with_capacity(headers.len()),
+        |h, (k, v)| {
+            h.insert(Header {
+                key: k.as_ref(),
+                value: Some(v.as_ref().as_bytes()),
+            })
+        },
+    )
 }
 
 /// Which source record a dead letter is for: its partition and offset.
@@ -192,16 +200,9 @@ impl LetterProducer {
         value: &[u8],
         headers: &[(String, String)],
     ) -> Result<(), KafkaError> {
-        let mut h = OwnedHeaders::new_with_capacity(headers.len());
-        for (k, v) in headers {
-            h = h.insert(Header {
-                key: k,
-                value: Some(v.as_bytes()),
-            });
-        }
         let mut record = BaseRecord::with_opaque_to(topic, Box::new(key))
             .payload(value)
-            .headers(h);
+            .headers(owned_headers(headers));
         if let Some(k) = record_key {
             record = record.key(k);
         }
