@@ -37,7 +37,6 @@ pub struct TopicCounters {
 pub struct Metrics {
     topics: [(String, TopicCounters); 2],
     dlq_failed: AtomicU64,
-    dlq_delivery_failed: AtomicU64,
     dlq_pending: AtomicU64,
     snapshots_written: AtomicU64,
     snapshot_failures: AtomicU64,
@@ -58,7 +57,6 @@ impl Metrics {
         Self {
             topics: topics.map(|t| (t.to_string(), TopicCounters::default())),
             dlq_failed: AtomicU64::new(0),
-            dlq_delivery_failed: AtomicU64::new(0),
             dlq_pending: AtomicU64::new(0),
             snapshots_written: AtomicU64::new(0),
             snapshot_failures: AtomicU64::new(0),
@@ -102,11 +100,6 @@ impl Metrics {
     /// A dead-letter record could not be delivered (it is logged with its content).
     pub fn dlq_failed(&self) {
         self.dlq_failed.fetch_add(1, Relaxed);
-    }
-
-    /// Dead letters the broker did not accept, as counted by the producer.
-    pub fn set_dlq_delivery_failures(&self, n: u64) {
-        self.dlq_delivery_failed.store(n, Relaxed);
     }
 
     /// A reducer call failed as a whole (trap, limit, refusal).
@@ -203,7 +196,7 @@ impl Metrics {
             "logq_dead_letter_failures_total",
             "counter",
             "Dead-letter records that could not be delivered.",
-            (self.dlq_failed.load(Relaxed) + self.dlq_delivery_failed.load(Relaxed)).to_string(),
+            self.dlq_failed.load(Relaxed).to_string(),
         );
         single(
             "logq_dead_letters_pending",

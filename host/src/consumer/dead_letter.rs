@@ -6,7 +6,7 @@
 //!   dead-lettered by an earlier run (commits never pass an unacknowledged dead
 //!   letter), so it is counted and not sent again;
 //! - every dead letter is kept until the broker acknowledges it (idempotent producer,
-//!   `acks=all`); a failed one is sent again with backoff, and [`DeadLetters::hold`]
+//!   `acks=all`); a failed one is sent again with backoff, and [`DeadLetters::safe`]
 //!   keeps the loop from committing (or snapshotting) past it meanwhile.
 //!
 //! The crash window: a host killed between a dead letter's acknowledgement and the
@@ -42,7 +42,8 @@ struct Letter {
 pub struct DeadLetters {
     producer: LetterProducer,
     topics: Topics,
-    suffix: String,
+    /// The dead-letter topic of each stream, users first.
+    dlq_topics: [String; 2],
     metrics: Arc<Metrics>,
     /// The group's committed offsets at start: below them, an earlier run sent the
     /// dead letters already.
@@ -70,8 +71,8 @@ impl DeadLetters {
     ) -> Result<Self, KafkaError> {
         Ok(Self {
             producer: LetterProducer::new(&config.kafka)?,
+            dlq_topics: Source::ALL.map(|s| config.dlq_topic(topics.name(s))),
             topics,
-            suffix: config.dlq_suffix.clone(),
             metrics,
             sent_before,
             in_flight: BTreeMap::new(),
@@ -106,7 +107,7 @@ impl DeadLetters {
             counters.dead_letters_known.fetch_add(1, Ordering::Relaxed);
             return;
         }
-        let dlq_topic = format!("{topic}{}", self.suffix);
+        let dlq_topic = self.dlq_topics[usize::from(source == Source::Organizations)].clone();
         tracing::warn!(
             topic,
             partition = record.partition,
@@ -194,13 +195,14 @@ impl DeadLetters {
         self.metrics.set_dlq_pending(self.in_flight.len(), trouble);
     }
 
-    /// The first offset of `p` whose dead letter the broker has not acknowledged:
-    /// progress may be committed (and snapshotted) up to it, not past it.
-    pub fn hold(&self, p: Partition) -> Option<i64> {
+    /// How far progress `next` of partition `p` may be committed (and snapshotted):
+    /// up to the first offset whose dead letter the broker has not acknowledged, not
+    /// past it.
+    pub fn safe(&self, p: Partition, next: i64) -> i64 {
         self.in_flight
             .range((p, i64::MIN)..=(p, i64::MAX))
             .next()
-            .map(|((_, offset), _)| *offset)
+            .map_or(next, |((_, held), _)| next.min(*held))
     }
 
     /// Waits (up to `timeout`) until every dead letter is acknowledged or failed,

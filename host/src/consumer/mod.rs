@@ -56,18 +56,20 @@ pub enum ConsumerError {
 fn safe(dlq: &DeadLetters, positions: &Positions) -> Positions {
     positions
         .iter()
-        .map(|(p, next)| (*p, dlq.hold(*p).map_or(*next, |h| h.min(*next))))
+        .map(|(&p, &next)| (p, dlq.safe(p, next)))
         .collect()
 }
 
-/// Stores (for the next commit) every partition's safe progress that moved.
+/// Stores (for the next commit) every partition's safe progress that moved. Runs
+/// every loop iteration, so it allocates nothing.
 fn store_safe_progress(
     consumer: &TopicConsumer,
     dlq: &DeadLetters,
     positions: &Positions,
     stored: &mut BTreeMap<Partition, i64>,
 ) {
-    for (p, next) in safe(dlq, positions) {
+    for (&p, &next) in positions {
+        let next = dlq.safe(p, next);
         if stored.get(&p).is_some_and(|s| *s >= next) {
             continue;
         }
