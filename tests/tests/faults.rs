@@ -479,12 +479,12 @@ fn a_state_dir_that_cannot_be_written_is_counted_and_the_service_goes_on() {
 fn sigkill_at_seeded_points_of_catch_up_with_a_state_dir_ends_exact_with_bounded_dead_letters() {
     let broker = Broker::start();
     broker.create_default_topics();
-    let (users, orgs) = history(0xdead, 1_000, 15_000);
-    // 20 bad records among the good ones.
+    let (users, orgs) = history(0xdead, 2_000, 40_000);
+    // About 20 bad records among the good ones.
     let mut lines = Vec::new();
     for (i, u) in users.iter().enumerate() {
         lines.push(u.clone());
-        if i % 750 == 0 {
+        if i % 2_000 == 0 {
             lines.push(format!("bad record {i}"));
         }
     }
@@ -504,19 +504,28 @@ fn sigkill_at_seeded_points_of_catch_up_with_a_state_dir_ends_exact_with_bounded
         "--snapshot-interval-secs",
         "1",
     ];
-    // Seeded kill points across catch-up and the snapshots written meanwhile.
+    // Seeded kill points, counted from the first record folded, so they land in
+    // catch-up (and in the snapshots written meanwhile), not in process start-up.
     let mut seed: u64 = 0x5eed;
     let kills: Vec<u64> = (0..4)
         .map(|_| {
             seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
-            100 + (seed >> 33) % 1_400
+            (seed >> 33) % 600
         })
         .collect();
+    let mut mid_catch_up = 0;
     for at in &kills {
         let host = Host::start(&broker, &args);
+        eventually(READY, "the first records to be folded", || {
+            (host.get("/readyz").status == 200 || consumed(&host, "users") > 0).then_some(())
+        });
         std::thread::sleep(Duration::from_millis(*at));
+        if host.get("/readyz").status == 503 {
+            mid_catch_up += 1;
+        }
         host.kill_9();
     }
+    assert!(mid_catch_up >= 1, "no kill landed in catch-up: {kills:?}");
     let host = Host::start(&broker, &args);
     host.wait_ready(READY);
     host.assert_answers(expected_answers(&users, &orgs));
@@ -545,7 +554,7 @@ fn sigkill_at_seeded_points_of_catch_up_with_a_state_dir_ends_exact_with_bounded
         "kills at {kills:?}: {copies:?}"
     );
     println!(
-        "kills at {kills:?} ms: {} dead letters for {bad} bad records",
+        "kills {kills:?} ms after the first fold, {mid_catch_up} mid catch-up: {} dead letters for {bad} bad records",
         dead.len()
     );
     assert!(host.terminate().success());
