@@ -10,7 +10,6 @@ fn logq_dev_serves_the_sample_data_with_zero_setup() {
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
     let log = std::env::temp_dir().join(format!("logq-dev-{}.log", std::process::id()));
-    let started = std::time::Instant::now();
     let mut child = Command::new(logq_bin())
         .args(["dev", "--listen", &addr])
         .stdout(Stdio::piped())
@@ -22,6 +21,7 @@ fn logq_dev_serves_the_sample_data_with_zero_setup() {
     logq_e2e::eventually(Duration::from_secs(120), "logq dev to be ready", || {
         get(addr, "/readyz").ok().filter(|r| r.status == 200)
     });
+    let ready = std::time::Instant::now();
     let answer = get(addr, "/users/069feb770fe581acc9d3313d59780196").expect("GET");
     assert_eq!(answer.status, 200, "{}", answer.body);
     assert_eq!(answer.json()["username"], "Solid Snake");
@@ -30,8 +30,9 @@ fn logq_dev_serves_the_sample_data_with_zero_setup() {
         "Metal Gear Solid"
     );
     // A healthy start warns about nothing (the dead-letter topics exist on the dev
-    // broker; asking it to create them used to time out after 15 s with a warning).
-    std::thread::sleep(Duration::from_secs(17).saturating_sub(started.elapsed()));
+    // broker; asking it to create them used to time out 15 s after the service
+    // started, which is before it was ready, with a warning).
+    std::thread::sleep(Duration::from_secs(17).saturating_sub(ready.elapsed()));
     let _ = child.kill();
     let out = child.wait_with_output().expect("output");
     let text = String::from_utf8_lossy(&out.stdout);
