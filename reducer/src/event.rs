@@ -4,6 +4,7 @@ use std::borrow::Cow;
 
 use crate::Source;
 use crate::json::{self, Value};
+use crate::stamp::{Pos, Stamp};
 use crate::time::{self, Micros};
 
 /// Keys longer than this are refused: they are almost surely not ids, and every
@@ -66,8 +67,8 @@ pub struct UserEvent {
     pub id: Span,
     /// What happened.
     pub action: Action,
-    /// `received_at`: event time.
-    pub at: Micros,
+    /// `received_at` (event time) and the event's place in the log.
+    pub at: Stamp,
     /// Fields the event carries, in the order of [`USER_FIELDS`]; `None` where absent
     /// or null.
     pub fields: [Option<Span>; 4],
@@ -85,8 +86,8 @@ pub struct OrgEvent {
     /// `created_at`.
     pub created_at: Micros,
     /// Which of two events for one key wins: `updated_at` (or `received_at`) when the
-    /// event has one, else `created_at`.
-    pub version: Micros,
+    /// event has one, else `created_at`; on equal times, the later in the log.
+    pub version: Stamp,
 }
 
 /// A decoded event.
@@ -165,9 +166,11 @@ fn member<'a>(
 
 /// Decodes one record value: a JSON object or a JSON array of objects. Each event is
 /// decoded on its own, so one bad element of an array does not cost the others.
-/// Strings go to `arena`.
+/// Strings go to `arena`; `pos` is the record's place in the log (its `item` is set
+/// here, per element).
 pub fn decode(
     source: Source,
+    pos: Pos,
     value: &[u8],
     arena: &mut Arena,
     out: &mut Vec<Event>,
@@ -199,7 +202,8 @@ pub fn decode(
             Ok(items) => {
                 for (i, item) in items.into_iter().enumerate() {
                     let index = u32::try_from(i).unwrap_or(u32::MAX);
-                    match decode_one(source, item, arena) {
+                    let pos = Pos { item: index, ..pos };
+                    match decode_one(source, pos, item, arena) {
                         Ok(event) => out.push(event),
                         Err(reason) => refused.push(Refusal {
                             event: Some(index),
@@ -211,14 +215,14 @@ pub fn decode(
             Err(e) => refused.push(whole(format!("invalid JSON array: {e}"))),
         }
     } else {
-        match decode_one(source, text, arena) {
+        match decode_one(source, Pos { item: 0, ..pos }, text, arena) {
             Ok(event) => out.push(event),
             Err(reason) => refused.push(whole(reason)),
         }
     }
 }
 
-fn decode_one(source: Source, json: &str, arena: &mut Arena) -> Result<Event, String> {
+fn decode_one(source: Source, pos: Pos, json: &str, arena: &mut Arena) -> Result<Event, String> {
     let mut seen = 0u16;
     match source {
         Source::Users => {
@@ -236,7 +240,7 @@ fn decode_one(source: Source, json: &str, arena: &mut Arena) -> Result<Event, St
                 };
                 member(&mut seen, bit, name, slot, value)
             })?;
-            user_event(raw, arena).map(Event::User)
+            user_event(raw, pos, arena).map(Event::User)
         }
         Source::Organizations => {
             let mut raw = RawOrg::default();
@@ -252,7 +256,7 @@ fn decode_one(source: Source, json: &str, arena: &mut Arena) -> Result<Event, St
                 };
                 member(&mut seen, bit, name, slot, value)
             })?;
-            org_event(raw, arena).map(Event::Org)
+            org_event(raw, pos, arena).map(Event::Org)
         }
     }
 }
@@ -302,7 +306,7 @@ fn action(event_type: &str) -> Option<Action> {
     .find_map(|(name, action)| same(verb, name).then_some(action))
 }
 
-fn user_event(raw: RawUser<'_>, arena: &mut Arena) -> Result<UserEvent, String> {
+fn user_event(raw: RawUser<'_>, pos: Pos, arena: &mut Arena) -> Result<UserEvent, String> {
     let id = required_key("id", &raw.id)?;
     let event_type = raw.event_type.ok_or("missing field `event_type`")?;
     let action = action(&event_type).ok_or_else(|| {
@@ -311,7 +315,7 @@ fn user_event(raw: RawUser<'_>, arena: &mut Arena) -> Result<UserEvent, String> 
             event_type.chars().take(64).collect::<String>()
         )
     })?;
-    let at = timestamp("received_at", raw.received_at.as_deref())?;
+    let at = Stamp::new(timestamp("received_at", raw.received_at.as_deref())?, pos);
     let id = arena.push(id);
     let fields = raw.fields.map(|f| f.map(|f| arena.push(&f)));
     Ok(UserEvent {
@@ -322,7 +326,7 @@ fn user_event(raw: RawUser<'_>, arena: &mut Arena) -> Result<UserEvent, String> 
     })
 }
 
-fn org_event(raw: RawOrg<'_>, arena: &mut Arena) -> Result<OrgEvent, String> {
+fn org_event(raw: RawOrg<'_>, pos: Pos, arena: &mut Arena) -> Result<OrgEvent, String> {
     let key = required_key("organization_key", &raw.organization_key)?;
     let name = required_key("organization_name", &raw.organization_name)?;
     let created_at = timestamp("created_at", raw.created_at.as_deref())?;
@@ -336,7 +340,7 @@ fn org_event(raw: RawOrg<'_>, arena: &mut Arena) -> Result<OrgEvent, String> {
         name: arena.push(name),
         tier: raw.organization_tier.map(|t| arena.push(&t)),
         created_at,
-        version,
+        version: Stamp::new(version, pos),
     })
 }
 
@@ -350,7 +354,12 @@ mod tests {
 
     fn run_in(arena: &mut Arena, source: Source, value: &str) -> (Vec<Event>, Vec<Refusal>) {
         let (mut out, mut refused) = (Vec::new(), Vec::new());
-        decode(source, value.as_bytes(), arena, &mut out, &mut refused);
+        let pos = Pos {
+            partition: 2,
+            offset: 7,
+            item: 0,
+        };
+        decode(source, pos, value.as_bytes(), arena, &mut out, &mut refused);
         (out, refused)
     }
 
@@ -373,7 +382,8 @@ mod tests {
             u.fields[ORGANIZATION_NAME].map(|s| arena.get(s)),
             Some("Metal Gear Solid")
         );
-        assert_eq!(u.at, time::parse("2020-12-08 20:03:16.759617").unwrap());
+        assert_eq!(u.at.at, time::parse("2020-12-08 20:03:16.759617").unwrap());
+        assert_eq!((u.at.pos.partition, u.at.pos.offset), (2, 7));
     }
 
     #[test]
@@ -386,6 +396,14 @@ mod tests {
                 {"id":"c","event_type":"user_updated","received_at":"2020-01-01T00:00:00Z","username":"C"}]"#,
         );
         assert_eq!(events.len(), 2);
+        let items: Vec<u32> = events
+            .iter()
+            .map(|e| match e {
+                Event::User(u) => u.at.pos.item,
+                Event::Org(o) => o.version.pos.item,
+            })
+            .collect();
+        assert_eq!(items, [0, 3], "each event knows its element of the array");
         assert_eq!(refused.len(), 2);
         assert_eq!(refused[0].event, Some(1));
         assert!(
@@ -490,7 +508,7 @@ mod tests {
         let Event::Org(o) = &events[0] else {
             panic!("not an org event")
         };
-        assert_eq!(o.version, time::parse("2019-01-01T00:00:00Z").unwrap());
+        assert_eq!(o.version.at, time::parse("2019-01-01T00:00:00Z").unwrap());
         assert_eq!(o.created_at, time::parse("2018-01-24 17:28:09").unwrap());
 
         let (_, refused) = run(

@@ -9,6 +9,7 @@
 
 pub mod event;
 pub mod json;
+pub mod stamp;
 pub mod state;
 pub mod time;
 
@@ -54,8 +55,14 @@ impl Batch {
         for (i, record) in records.iter().enumerate() {
             let input = u32::try_from(i).unwrap_or(u32::MAX);
             let first = events.len();
+            let pos = stamp::Pos {
+                partition: record.partition,
+                offset: record.offset,
+                item: 0,
+            };
             event::decode(
                 record.source,
+                pos,
                 record.value,
                 &mut arena,
                 &mut events,

@@ -2,8 +2,8 @@
 //! is encoded for the host and rendered as the JSON answer.
 //!
 //! Every fold here is a merge in a join-semilattice: each piece of state only moves
-//! "up" (a later time, or a larger value on a tie), so folding a set of events gives
-//! the same state whatever their order and however often each arrives.
+//! "up" (a later [`Stamp`]: event time, then place in the log), so folding a set of
+//! records gives the same state whatever their order and however often each arrives.
 //!
 //! Encoding: `[body][header][u32 header length]`. The body is the JSON answer followed
 //! by whatever strings the answer does not show verbatim; the header (tag, times,
@@ -15,6 +15,7 @@ use std::ops::Range;
 
 use crate::event::{Action, ORGANIZATION_NAME, USER_FIELDS};
 use crate::json;
+use crate::stamp::{Pos, Stamp};
 use crate::time::{self, Micros};
 
 /// One user field and the event time that set it.
@@ -22,8 +23,8 @@ use crate::time::{self, Micros};
 pub struct Field<'a> {
     /// The value.
     pub value: Cow<'a, str>,
-    /// Event time of the event that set it.
-    pub at: Micros,
+    /// The event that set it.
+    pub at: Stamp,
 }
 
 /// Everything known about one user id, including a deleted one: the deletion time is
@@ -33,10 +34,10 @@ pub struct Field<'a> {
 pub struct UserState<'a> {
     /// The user's id.
     pub id: &'a str,
-    /// Time of the newest "User Created".
-    pub created: Option<Micros>,
-    /// Time of the newest "User Deleted".
-    pub deleted: Option<Micros>,
+    /// The newest "User Created".
+    pub created: Option<Stamp>,
+    /// The newest "User Deleted".
+    pub deleted: Option<Stamp>,
     /// Time of the newest "User Created" or "User Updated".
     pub touched: Option<Micros>,
     /// Field values, in the order of [`USER_FIELDS`].
@@ -70,20 +71,20 @@ impl<'a> UserState<'a> {
     ///
     /// Rules (each holds in any order):
     /// - a field takes a value only from an event newer than the one that set it
-    ///   (equal times: the larger value wins, so the answer does not depend on order);
+    ///   (newer by [`Stamp`]: equal event times are decided by the log);
     /// - "User Created" carries the whole record: fields set before the newest Created
     ///   are dropped;
     /// - "User Deleted" drops every field set at or before it; the user is visible
     ///   only while its newest Created is newer than its newest Deleted.
-    pub fn apply(&mut self, action: Action, at: Micros, fields: [Option<&'a str>; 4]) {
+    pub fn apply(&mut self, action: Action, at: Stamp, fields: [Option<&'a str>; 4]) {
         match action {
             Action::Created => {
                 raise(&mut self.created, at);
-                raise(&mut self.touched, at);
+                raise(&mut self.touched, at.at);
                 self.set_fields(fields, at);
             }
             Action::Updated => {
-                raise(&mut self.touched, at);
+                raise(&mut self.touched, at.at);
                 self.set_fields(fields, at);
             }
             Action::Deleted => raise(&mut self.deleted, at),
@@ -91,7 +92,7 @@ impl<'a> UserState<'a> {
         self.prune();
     }
 
-    fn set_fields(&mut self, fields: [Option<&'a str>; 4], at: Micros) {
+    fn set_fields(&mut self, fields: [Option<&'a str>; 4], at: Stamp) {
         for (slot, value) in self.fields.iter_mut().zip(fields) {
             let Some(value) = value else { continue };
             let newer = match slot {
@@ -156,7 +157,7 @@ impl<'a> UserState<'a> {
                     None => body.push_str("null"),
                 }
             }
-            push_time(&mut body, "created_at", self.created);
+            push_time(&mut body, "created_at", self.created.map(|s| s.at));
             push_time(&mut body, "updated_at", self.touched);
             body.push('}');
             range(0, body.len())
@@ -173,10 +174,14 @@ impl<'a> UserState<'a> {
         );
 
         let mut h = Header::start(body, USER_TAG);
-        let times = [self.created, self.deleted, self.touched];
+        let times = [
+            self.created.is_some(),
+            self.deleted.is_some(),
+            self.touched.is_some(),
+        ];
         let mut flags = 0u8;
         for (i, t) in times.iter().enumerate() {
-            flags |= u8::from(t.is_some()) << i;
+            flags |= u8::from(*t) << i;
         }
         for (i, s) in spans.iter().enumerate() {
             flags |= u8::from(s.is_some()) << (3 + i);
@@ -185,12 +190,15 @@ impl<'a> UserState<'a> {
         h.u8(spans.iter().enumerate().fold(0, |acc, (i, s)| {
             acc | u8::from(s.is_some_and(|s| s.escaped)) << i
         }));
-        for t in times.into_iter().flatten() {
+        for s in [self.created, self.deleted].into_iter().flatten() {
+            h.stamp(s);
+        }
+        if let Some(t) = self.touched {
             h.time(t);
         }
         for (field, span) in self.fields.iter().zip(spans) {
             if let (Some(f), Some(span)) = (field, span) {
-                h.time(f.at);
+                h.stamp(f.at);
                 h.span(span);
             }
         }
@@ -211,22 +219,27 @@ impl<'a> UserState<'a> {
         let (body, mut r) = split(bytes, USER_TAG)?;
         let flags = r.u8()?;
         let escaped = r.u8()?;
-        let mut times = [None; 3];
-        for (i, t) in times.iter_mut().enumerate() {
+        let mut stamps = [None; 2];
+        for (i, s) in stamps.iter_mut().enumerate() {
             if flags & (1 << i) != 0 {
-                *t = Some(r.time()?);
+                *s = Some(r.stamp()?);
             }
         }
+        let touched = if flags & 4 != 0 {
+            Some(r.time()?)
+        } else {
+            None
+        };
         let mut fields: [Option<Field<'a>>; 4] = Default::default();
         for (i, slot) in fields.iter_mut().enumerate() {
             if flags & (1 << (3 + i)) != 0 {
-                let at = r.time()?;
+                let at = r.stamp()?;
                 let value = r.value(body, escaped & (1 << i) != 0)?;
                 *slot = Some(Field { value, at });
             }
         }
         r.finish()?;
-        let [created, deleted, touched] = times;
+        let [created, deleted] = stamps;
         Ok(Self {
             id,
             created,
@@ -249,7 +262,7 @@ pub struct Org<'a> {
     /// `created_at`.
     pub created_at: Micros,
     /// The version that decides between two records (see [`crate::event::OrgEvent`]).
-    pub version: Micros,
+    pub version: Stamp,
 }
 
 /// The current record of one organization key.
@@ -265,8 +278,9 @@ impl<'a> OrgState<'a> {
         Self { current: event }
     }
 
-    /// Replaces the organization if `event` is newer (by version; on equal versions the
-    /// larger record wins so that the order of arrival does not matter).
+    /// Replaces the organization if `event` is newer (by version, a [`Stamp`]: on equal
+    /// times the later in the log wins; only a duplicate of the same record compares
+    /// equal, and then the larger record wins so that the order never matters).
     pub fn apply(&mut self, event: Org<'a>) {
         if order_key(&event) > order_key(&self.current) {
             self.current = event;
@@ -301,7 +315,7 @@ impl<'a> OrgState<'a> {
             | escaped(Some(name)) << 2
             | escaped(tier) << 3);
         h.time(o.created_at);
-        h.time(o.version);
+        h.stamp(o.version);
         h.span(key);
         h.span(name);
         if let Some(t) = tier {
@@ -322,7 +336,7 @@ impl<'a> OrgState<'a> {
         let (body, mut r) = split(bytes, ORG_TAG)?;
         let flags = r.u8()?;
         let created_at = r.time()?;
-        let version = r.time()?;
+        let version = r.stamp()?;
         let key = r.value(body, flags & 2 != 0)?;
         let name = r.value(body, flags & 4 != 0)?;
         let tier = if flags & 1 != 0 {
@@ -343,7 +357,7 @@ impl<'a> OrgState<'a> {
     }
 }
 
-fn order_key<'b>(o: &'b Org<'_>) -> (Micros, &'b str, Option<&'b str>, Micros) {
+fn order_key<'b>(o: &'b Org<'_>) -> (Stamp, &'b str, Option<&'b str>, Micros) {
     (o.version, &o.name, o.tier.as_deref(), o.created_at)
 }
 
@@ -359,7 +373,7 @@ pub fn mask_email(email: &str) -> String {
     }
 }
 
-fn raise(slot: &mut Option<Micros>, at: Micros) {
+fn raise<T: Ord + Copy>(slot: &mut Option<T>, at: T) {
     if slot.is_none_or(|old| at > old) {
         *slot = Some(at);
     }
@@ -452,8 +466,19 @@ fn push_time(out: &mut String, name: &str, t: Option<Micros>) {
     }
 }
 
-const USER_TAG: u8 = b'U';
-const ORG_TAG: u8 = b'O';
+fn zigzag(n: i64) -> u64 {
+    ((n << 1) ^ (n >> 63)) as u64
+}
+
+fn unzigzag(n: u64) -> i64 {
+    ((n >> 1) as i64) ^ -((n & 1) as i64)
+}
+
+/// Tags of this encoding. `U` and `O` were the encoding before stamps carried the
+/// log position: such a state is refused with a hint, not misread.
+const USER_TAG: u8 = b'u';
+const ORG_TAG: u8 = b'o';
+const EARLIER_TAGS: [u8; 2] = [b'U', b'O'];
 
 /// Writes the header after the body: little-endian times, LEB128 numbers.
 struct Header {
@@ -475,12 +500,23 @@ impl Header {
     fn time(&mut self, t: Micros) {
         self.out.extend_from_slice(&t.to_le_bytes());
     }
-    fn varint(&mut self, mut n: usize) {
+    fn varint(&mut self, n: usize) {
+        self.varint64(n as u64);
+    }
+    fn varint64(&mut self, mut n: u64) {
         while n >= 0x80 {
             self.out.push((n as u8) | 0x80);
             n >>= 7;
         }
         self.out.push(n as u8);
+    }
+    /// Time, then partition and offset zigzag-encoded (small and non-negative in
+    /// practice), then the element index.
+    fn stamp(&mut self, s: Stamp) {
+        self.time(s.at);
+        self.varint64(zigzag(i64::from(s.pos.partition)));
+        self.varint64(zigzag(s.pos.offset));
+        self.varint64(u64::from(s.pos.item));
     }
     fn span(&mut self, s: Span) {
         self.varint(s.start);
@@ -505,6 +541,11 @@ fn split(bytes: &[u8], tag: u8) -> Result<(&str, Reader<'_>), String> {
     let body = std::str::from_utf8(body).map_err(|_| "state body is not UTF-8")?;
     match header.split_first() {
         Some((&t, header)) if t == tag => Ok((body, Reader { bytes: header })),
+        Some((t, _)) if EARLIER_TAGS.contains(t) => Err(
+            "state written by an earlier version of this reducer (without log positions): \
+             swap with mode=replay to rebuild it"
+                .into(),
+        ),
         _ => Err(format!("state does not have tag {:?}", tag as char)),
     }
 }
@@ -530,15 +571,33 @@ impl<'a> Reader<'a> {
         Ok(Micros::from_le_bytes(raw))
     }
     fn varint(&mut self) -> Result<usize, String> {
-        let mut n = 0usize;
-        for shift in (0..35).step_by(7) {
+        usize::try_from(self.varint64()?).map_err(|_| "state number is too large".into())
+    }
+    fn varint64(&mut self) -> Result<u64, String> {
+        let mut n = 0u64;
+        for shift in (0..64).step_by(7) {
             let b = self.u8()?;
-            n |= usize::from(b & 0x7f) << shift;
+            n |= u64::from(b & 0x7f) << shift;
             if b & 0x80 == 0 {
                 return Ok(n);
             }
         }
         Err("state number is too long".into())
+    }
+    fn stamp(&mut self) -> Result<Stamp, String> {
+        let at = self.time()?;
+        let partition = i32::try_from(unzigzag(self.varint64()?))
+            .map_err(|_| "state partition is out of range")?;
+        let offset = unzigzag(self.varint64()?);
+        let item = u32::try_from(self.varint64()?).map_err(|_| "state item is out of range")?;
+        Ok(Stamp::new(
+            at,
+            Pos {
+                partition,
+                offset,
+                item,
+            },
+        ))
     }
     /// A string of `body` at the next span, unescaped if it is stored escaped.
     fn value<'b>(&mut self, body: &'b str, escaped: bool) -> Result<Cow<'b, str>, String> {

@@ -22,9 +22,11 @@ pub fn misbehave(value: &[u8]) {
         }
     }
     if has(OOM) {
+        // Reserved, not written: the memory limit cuts it after a few grows, long
+        // before a time limit could, even on a loaded machine.
         let mut hoard: Vec<Vec<u8>> = Vec::new();
         loop {
-            hoard.push(vec![1u8; 1 << 20]);
+            hoard.push(Vec::with_capacity(4 << 20));
             std::hint::black_box(&hoard);
         }
     }

@@ -5,14 +5,40 @@ use std::collections::BTreeMap;
 
 use proptest::prelude::*;
 
+use logq_abi::OwnedRecord;
+
 use super::*;
 
 /// The host's store as the one driver keeps it: entity -> latest update.
 type Store = logq_abi::driver::Model;
 
+/// Folds `records` as if read in this order from partition 0, at offsets 0, 1, ...
 fn apply(store: &mut Store, records: &[(Source, String)]) -> Plan {
     let records = Record::sequence(records.iter().map(|(s, v)| (*s, v.as_bytes())));
     store.apply(&Native, &records).expect("fold")
+}
+
+/// Folds records that carry their own place in the log.
+fn apply_logged(store: &mut Store, records: &[OwnedRecord]) -> Plan {
+    let records: Vec<Record<'_>> = records.iter().map(OwnedRecord::as_record).collect();
+    store.apply(&Native, &records).expect("fold")
+}
+
+/// `record` as read from `partition` at `offset`.
+fn at_pos((source, value): (Source, String), partition: i32, offset: i64) -> OwnedRecord {
+    OwnedRecord {
+        source,
+        partition,
+        offset,
+        value: value.into_bytes(),
+    }
+}
+
+fn fold_logged(records: &[OwnedRecord]) -> Store {
+    let mut store = Store::new();
+    let plan = apply_logged(&mut store, records);
+    assert!(plan.rejections.is_empty(), "{:?}", plan.rejections);
+    store
 }
 
 fn fold_all(records: &[(Source, String)]) -> Store {
@@ -206,17 +232,85 @@ fn update_before_any_create_is_kept_only_if_newer_than_the_create() {
     assert_eq!(v["updated_at"], "2020-12-08T20:00:00.000004Z");
 }
 
+/// Equal event times in one partition: the later offset wins, in both orders of
+/// arrival, whatever the values' alphabetical order; a replay changes nothing.
 #[test]
-fn same_time_conflict_is_decided_by_value_not_arrival() {
-    let a = [
-        ev("u", "User Created", T1, &[("username", "x")]),
-        ev("u", "User Updated", T2, &[("username", "alpha")]),
-        ev("u", "User Updated", T2, &[("username", "beta")]),
-    ];
-    let mut b = a.clone();
-    b.swap(1, 2);
-    assert_eq!(fold_all(&a), fold_all(&b));
-    assert_eq!(view(&fold_all(&a), "u").unwrap()["username"], "beta");
+fn same_time_conflict_is_decided_by_the_log_not_the_alphabet() {
+    let created = at_pos(ev("u", "User Created", T1, &[("username", "x")]), 0, 10);
+    let earlier = at_pos(ev("u", "User Updated", T2, &[("username", "beta")]), 0, 11);
+    let later = at_pos(ev("u", "User Updated", T2, &[("username", "alpha")]), 0, 12);
+    let in_order = fold_logged(&[created.clone(), earlier.clone(), later.clone()]);
+    let reversed = fold_logged(&[later.clone(), created.clone(), earlier.clone()]);
+    assert_eq!(view(&in_order, "u").unwrap()["username"], "alpha");
+    assert_eq!(in_order, reversed);
+    let mut replayed = in_order.clone();
+    apply_logged(&mut replayed, &[created, earlier, later]);
+    assert_eq!(
+        replayed, in_order,
+        "a replay of the same records changes nothing"
+    );
+}
+
+/// Within one record (a JSON array), the later element wins on equal times.
+#[test]
+fn same_time_events_of_one_record_are_ordered_by_element() {
+    let first = ev("u", "User Created", T1, &[("username", "zulu")]).1;
+    let second = ev("u", "User Updated", T1, &[("username", "alpha")]).1;
+    let record = (Source::Users, format!("[{first},{second}]"));
+    let store = fold_logged(&[at_pos(record, 0, 0)]);
+    assert_eq!(view(&store, "u").unwrap()["username"], "alpha");
+}
+
+/// Across partitions offsets do not compare: the higher partition wins on equal
+/// times, whatever the offsets and the order of arrival.
+#[test]
+fn same_time_across_partitions_is_decided_by_partition() {
+    let created = at_pos(ev("u", "User Created", T1, &[("username", "x")]), 0, 0);
+    let p1 = at_pos(ev("u", "User Updated", T2, &[("username", "one")]), 1, 5);
+    let p0 = at_pos(ev("u", "User Updated", T2, &[("username", "zero")]), 0, 900);
+    let a = fold_logged(&[created.clone(), p0.clone(), p1.clone()]);
+    let b = fold_logged(&[p1, created, p0]);
+    assert_eq!(view(&a, "u").unwrap()["username"], "one");
+    assert_eq!(a, b);
+}
+
+/// A created and a deleted event with the same time: the later in the log decides.
+#[test]
+fn same_time_create_and_delete_follow_the_log() {
+    let created = at_pos(ev("u", "User Created", T1, &[("username", "x")]), 0, 1);
+    let deleted = at_pos(ev("u", "User Deleted", T1, &[]), 0, 2);
+    let recreated = at_pos(ev("u", "User Created", T1, &[("username", "y")]), 0, 3);
+    assert_eq!(
+        view(&fold_logged(&[deleted.clone(), created.clone()]), "u"),
+        None
+    );
+    let back = fold_logged(&[recreated, deleted, created]);
+    assert_eq!(view(&back, "u").unwrap()["username"], "y");
+}
+
+/// The seed's organizations carry only `created_at`: a correction re-sent with the same
+/// time and a new tier wins because it is later in the log ("Small" sorts after
+/// "Enterprise", so comparing values would keep the old tier).
+#[test]
+fn organization_correction_with_the_same_time_wins() {
+    let old = at_pos(org("k", "MGS", "Small", T1), 0, 3);
+    let new = at_pos(org("k", "MGS", "Enterprise", T1), 0, 4);
+    for order in [[old.clone(), new.clone()], [new.clone(), old.clone()]] {
+        let store = fold_logged(&order);
+        let o = store.get(Kind::Organization, "k").and_then(Update::view);
+        let o: serde_json::Value = serde_json::from_str(o.expect("visible")).unwrap();
+        assert_eq!(o["organization_tier"], "Enterprise");
+    }
+}
+
+#[test]
+fn a_state_of_the_encoding_without_positions_is_refused_with_a_hint() {
+    // "U", flags 0, escaped 0: a user state of the earlier encoding, empty body.
+    let earlier = b"U\0\0\x03\0\0\0";
+    let value = ev("u", "User Created", T1, &[]).1;
+    let batch = Batch::new(&Record::sequence([(Source::Users, value.as_bytes())]));
+    let err = batch.fold(&[Some(&earlier[..])]).unwrap_err();
+    assert!(err.contains("mode=replay"), "{err}");
 }
 
 #[test]
@@ -396,32 +490,35 @@ fn gen_org(max_time: i64) -> impl Strategy<Value = GenOrg> {
     })
 }
 
-fn history(max_time: i64) -> impl Strategy<Value = Vec<(Source, String)>> {
+/// A log: generated events, each in a record on partition 0 or 1 at the next offset
+/// (generation order is log order), then sorted by event time (stable on ties).
+fn history(max_time: i64) -> impl Strategy<Value = Vec<OwnedRecord>> {
     (
-        proptest::collection::vec(gen_user(max_time), 0..40),
-        proptest::collection::vec(gen_org(max_time), 0..6),
+        proptest::collection::vec((gen_user(max_time), 0i32..2), 0..40),
+        proptest::collection::vec((gen_org(max_time), 0i32..2), 0..6),
     )
         .prop_map(|(users, orgs)| {
-            let mut timed: Vec<(i64, (Source, String))> = users
+            let mut timed: Vec<(i64, OwnedRecord)> = users
                 .iter()
-                .map(|u| (u.at, user_record(u)))
-                .chain(orgs.iter().map(|o| (o.at, org_record(o))))
+                .map(|(u, p)| (u.at, user_record(u), *p))
+                .chain(orgs.iter().map(|(o, p)| (o.at, org_record(o), *p)))
+                .zip(0i64..)
+                .map(|((at, record, partition), offset)| (at, at_pos(record, partition, offset)))
                 .collect();
-            // The reference order: sorted by event time (stable on ties).
             timed.sort_by_key(|(at, _)| *at);
             timed.into_iter().map(|(_, r)| r).collect()
         })
 }
 
 /// Folds `records` in batches whose sizes come from `cuts`.
-fn fold_in_batches(records: &[(Source, String)], cuts: &[usize]) -> Store {
+fn fold_in_batches(records: &[OwnedRecord], cuts: &[usize]) -> Store {
     let mut store = Store::new();
     let mut rest = records;
     let mut cuts = cuts.iter().cycle();
     while !rest.is_empty() {
         let n = (*cuts.next().unwrap_or(&1)).clamp(1, rest.len());
         let (head, tail) = rest.split_at(n);
-        let plan = apply(&mut store, head);
+        let plan = apply_logged(&mut store, head);
         assert!(plan.rejections.is_empty(), "{:?}", plan.rejections);
         rest = tail;
     }
@@ -467,7 +564,7 @@ proptest! {
         let mut users = users;
         users.sort_by_key(|u| u.at);
         users.dedup_by_key(|u| u.at);
-        let records: Vec<_> = users.iter().map(user_record).collect();
+        let records: Vec<_> = users.iter().zip(0..).map(|(u, offset)| at_pos(user_record(u), 0, offset)).collect();
         let store = fold_in_batches(&records, &[3]);
 
         // The model: a user is None (absent/deleted) or its live fields.

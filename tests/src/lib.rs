@@ -11,6 +11,8 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+pub mod oracle;
+
 /// The workspace root.
 pub fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -680,58 +682,18 @@ pub fn read_topic(
 /// An answer as the proof reducer (`mask-emails`) renders it.
 pub fn masked(mut answer: serde_json::Value) -> serde_json::Value {
     if let Some(e) = answer["user_email"].as_str() {
-        answer["user_email"] = logq_reducer::state::mask_email(e).into();
+        answer["user_email"] = oracle::mask_email(e).into();
     }
     answer
 }
 
-/// The answer `GET /users/{id}` must give for every user, computed with the native
-/// fold (the same logic the wasm reducer runs) and the documented join.
+/// The answer `GET /users/{id}` must give for every user: [`oracle::answers`], the
+/// README's rules applied in order, independent of the reducer's code.
 pub fn expected_answers(
     users: &[String],
     organizations: &[String],
 ) -> std::collections::BTreeMap<String, serde_json::Value> {
-    use logq_abi::driver::Model;
-    use logq_abi::{Kind, Record, Source};
-    let records = Record::sequence(
-        users.iter().map(|v| (Source::Users, v.as_bytes())).chain(
-            organizations
-                .iter()
-                .map(|v| (Source::Organizations, v.as_bytes())),
-        ),
-    );
-    let mut model = Model::new();
-    model
-        .apply(&logq_reducer::Native, &records)
-        .expect("native fold");
-    let mut orgs_by_name: std::collections::BTreeMap<String, (String, serde_json::Value)> =
-        Default::default();
-    for (e, u) in model.iter() {
-        if e.kind == Kind::Organization {
-            let name = u.join().expect("org has a name").to_owned();
-            let view: serde_json::Value =
-                serde_json::from_str(u.view().expect("view")).expect("json");
-            // The smallest key wins when names collide.
-            let keep = orgs_by_name.get(&name).is_none_or(|(k, _)| e.key < *k);
-            if keep {
-                orgs_by_name.insert(name, (e.key.clone(), view));
-            }
-        }
-    }
-    let mut out = std::collections::BTreeMap::new();
-    for (e, u) in model.iter() {
-        if e.kind != Kind::User {
-            continue;
-        }
-        let Some(view) = u.view() else { continue };
-        let mut v: serde_json::Value = serde_json::from_str(view).expect("json");
-        v["organization"] = u
-            .join()
-            .and_then(|n| orgs_by_name.get(n).map(|(_, o)| o.clone()))
-            .unwrap_or(serde_json::Value::Null);
-        out.insert(e.key.clone(), v);
-    }
-    out
+    oracle::answers(users, organizations)
 }
 
 /// A deterministic generator (xorshift) so a failure can be replayed.
