@@ -112,6 +112,7 @@ mod tests {
                     state: (n < 3).then(|| vec![n]),
                     view: None,
                     join: None,
+                    clock: None,
                 });
             });
             Ok(Folded {

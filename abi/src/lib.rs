@@ -198,6 +198,9 @@ pub struct Update {
     pub view: Option<Range<u32>>,
     /// The join key's (organization name's) range in `state`.
     pub join: Option<Range<u32>>,
+    /// The entity's newest event time (microseconds since the Unix epoch), if the
+    /// reducer tells: it drives the expiry of tombstones (see [`updates::CLOCK`]).
+    pub clock: Option<i64>,
 }
 
 impl Update {

@@ -3,7 +3,12 @@
 //! For each entity of the plan, in order: a flags byte, then
 //! - [`KEEP`]: the new state as a frame (without it the host forgets the entity);
 //! - [`VIEW`]: the JSON answer as a `u32` offset and a `u32` length inside the state;
-//! - [`JOIN`]: the join key, likewise.
+//! - [`JOIN`]: the join key, likewise;
+//! - [`CLOCK`]: the entity's newest event time as an `i64` (little-endian,
+//!   microseconds since the Unix epoch). The host's event-time clock is the largest
+//!   it has seen; an entity that is not visible and whose clock has fallen behind it by
+//!   more than the tombstone retention is forgotten. Without it the entity never
+//!   expires (what 3.0 reducers give).
 //!
 //! The decoder treats its input as untrusted: every range must lie inside its state
 //! and hold UTF-8.
@@ -18,12 +23,14 @@ pub const KEEP: u8 = 1;
 pub const VIEW: u8 = 2;
 /// Flag: the join key's range inside the state follows.
 pub const JOIN: u8 = 4;
+/// Flag: the entity's newest event time follows (since 3.1).
+pub const CLOCK: u8 = 8;
 
 /// All of `updates`, framed.
 pub fn encode(updates: &[Update]) -> Vec<u8> {
     let size = updates
         .iter()
-        .map(|u| 21 + u.state.as_ref().map_or(0, Vec::len))
+        .map(|u| 29 + u.state.as_ref().map_or(0, Vec::len))
         .sum();
     let mut out = Vec::with_capacity(size);
     for u in updates {
@@ -31,7 +38,8 @@ pub fn encode(updates: &[Update]) -> Vec<u8> {
         out.push(
             flag(u.state.is_some(), KEEP)
                 | flag(u.view.is_some(), VIEW)
-                | flag(u.join.is_some(), JOIN),
+                | flag(u.join.is_some(), JOIN)
+                | flag(u.clock.is_some(), CLOCK),
         );
         if let Some(state) = &u.state {
             put_frame(&mut out, state);
@@ -39,6 +47,9 @@ pub fn encode(updates: &[Update]) -> Vec<u8> {
         for range in [&u.view, &u.join].into_iter().flatten() {
             put_u32(&mut out, range.start);
             put_u32(&mut out, range.end.saturating_sub(range.start));
+        }
+        if let Some(clock) = u.clock {
+            out.extend_from_slice(&clock.to_le_bytes());
         }
     }
     out
@@ -54,7 +65,7 @@ pub fn decode(bytes: &[u8], count: usize) -> Result<Vec<Update>, String> {
     let mut out = Vec::with_capacity(count.min(bytes.len()));
     while !r.is_empty() {
         let flags = r.u8()?;
-        if flags & !(KEEP | VIEW | JOIN) != 0 {
+        if flags & !(KEEP | VIEW | JOIN | CLOCK) != 0 {
             return Err(format!("unknown flags {flags:#x}"));
         }
         let state = if flags & KEEP != 0 {
@@ -77,10 +88,16 @@ pub fn decode(bytes: &[u8], count: usize) -> Result<Vec<Update>, String> {
         };
         let view = range(VIEW, "view")?;
         let join = range(JOIN, "join")?;
+        let clock = if flags & CLOCK != 0 {
+            Some(i64::from_le_bytes(r.array()?))
+        } else {
+            None
+        };
         out.push(Update {
             state: state.map(<[u8]>::to_vec),
             view,
             join,
+            clock,
         });
     }
     if out.len() != count {
@@ -100,12 +117,14 @@ mod tests {
             proptest::option::of(("[a-z]{0,8}", "[a-z{}\":é]{0,16}", "[A-Z ]{0,8}")),
             any::<bool>(),
             any::<bool>(),
+            proptest::option::of(any::<i64>()),
         )
-            .prop_map(|(parts, with_view, with_join)| match parts {
+            .prop_map(|(parts, with_view, with_join, clock)| match parts {
                 None => Update {
                     state: None,
                     view: None,
                     join: None,
+                    clock,
                 },
                 Some((head, view, join)) => {
                     let mut state = head.into_bytes();
@@ -117,6 +136,7 @@ mod tests {
                         state: Some(state),
                         view: with_view.then_some(v),
                         join: with_join.then_some(j),
+                        clock,
                     }
                 }
             })
@@ -136,6 +156,7 @@ mod tests {
             state: Some(state.to_vec()),
             view: Some(view),
             join: None,
+            clock: None,
         }])
     }
 
@@ -154,7 +175,8 @@ mod tests {
         put_u32(&mut bytes, 0);
         put_u32(&mut bytes, 1);
         assert_eq!(decode(&bytes, 1).unwrap_err(), "view range without a state");
-        assert_eq!(decode(&[8], 1).unwrap_err(), "unknown flags 0x8");
+        assert_eq!(decode(&[16], 1).unwrap_err(), "unknown flags 0x10");
+        assert!(decode(&[CLOCK, 1, 2], 1).is_err(), "a clock is 8 bytes");
         let mut overflow = vec![KEEP | VIEW];
         put_frame(&mut overflow, b"x");
         put_u32(&mut overflow, u32::MAX);

@@ -139,8 +139,6 @@ pub fn rss(pid: u32) -> anyhow::Result<u64> {
 
 /// A gauge or counter from `/metrics`.
 pub fn metric(host: &Host, name: &str) -> anyhow::Result<f64> {
-    let body = host.get("/metrics").body;
-    body.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+    host.metric(name)
         .with_context(|| format!("metric {name} not found"))
 }

@@ -135,6 +135,37 @@ pub struct RunConfig {
     /// Seconds between snapshots (only with `--state-dir`; one is also written on exit).
     #[arg(long, env = "LOGQ_SNAPSHOT_INTERVAL_SECS", default_value_t = 30)]
     pub snapshot_interval_secs: u64,
+    /// How long, in event time, a deleted user's tombstone is kept after its newest
+    /// event (e.g. `7d`, `12h`; `never` keeps tombstones for ever). Measured against
+    /// the newest event time folded, not the wall clock.
+    #[arg(long, env = "LOGQ_TOMBSTONE_RETENTION", default_value = "7d", value_parser = parse_retention)]
+    pub tombstone_retention: Retention,
+}
+
+/// A tombstone retention in event time: `never`, or a duration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention(pub Option<std::time::Duration>);
+
+impl Retention {
+    /// In microseconds, 0 for never (what [`crate::state::StateStore::set_retention`]
+    /// takes).
+    pub fn micros(self) -> i64 {
+        self.0
+            .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+    }
+}
+
+fn parse_retention(s: &str) -> Result<Retention, String> {
+    if s.trim().eq_ignore_ascii_case("never") {
+        return Ok(Retention(None));
+    }
+    match humantime::parse_duration(s.trim()) {
+        Ok(d) if d.is_zero() => Err(
+            "a retention of 0 would forget deletions at once: give a duration, or `never`".into(),
+        ),
+        Ok(d) => Ok(Retention(Some(d))),
+        Err(e) => Err(format!("{e} (for example `7d`, `12h` or `never`)")),
+    }
 }
 
 /// The on-disk cache of compiled reducers.
@@ -252,6 +283,19 @@ mod tests {
         );
         assert!(Cli::try_parse_from(["logq", "run", "-X", "novalue"]).is_err());
         assert_eq!(run.dlq_topic("users"), "users.dlq");
+    }
+
+    #[test]
+    fn tombstone_retention_is_a_duration_or_never() {
+        assert_eq!(
+            parse_retention("7d").unwrap().micros(),
+            7 * 86_400 * 1_000_000
+        );
+        assert_eq!(parse_retention("90s").unwrap().micros(), 90_000_000);
+        assert_eq!(parse_retention("never").unwrap(), Retention(None));
+        assert_eq!(parse_retention("never").unwrap().micros(), 0);
+        assert!(parse_retention("0s").unwrap_err().contains("never"));
+        assert!(parse_retention("soon").unwrap_err().contains("7d"));
     }
 
     #[test]

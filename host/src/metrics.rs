@@ -252,6 +252,26 @@ impl Metrics {
             "Organizations kept.",
             sizes.organizations.to_string(),
         );
+        single(
+            "logq_tombstones",
+            "gauge",
+            "Users kept only to remember a deletion (or never created), waiting to expire.",
+            sizes.tombstones.to_string(),
+        );
+        single(
+            "logq_tombstones_expired_total",
+            "counter",
+            "Tombstones forgotten after --tombstone-retention of event time.",
+            sizes.tombstones_expired.to_string(),
+        );
+        if let Some(clock) = sizes.clock {
+            single(
+                "logq_event_time_seconds",
+                "gauge",
+                "The event-time clock: the newest event time folded (tombstones expire against it).",
+                format!("{:.6}", clock as f64 / 1e6),
+            );
+        }
 
         let name = "logq_reducer_call_seconds";
         let _ = writeln!(
@@ -319,7 +339,16 @@ mod tests {
             users_stored: 4,
             organizations: 1,
             user_bytes: 1234,
+            tombstones: 1,
+            tombstones_expired: 9,
+            clock: Some(1_600_000_000_500_000),
         });
+        assert!(text.contains("logq_tombstones 1\n"), "{text}");
+        assert!(text.contains("logq_tombstones_expired_total 9\n"), "{text}");
+        assert!(
+            text.contains("logq_event_time_seconds 1600000000.500000\n"),
+            "{text}"
+        );
         assert!(
             text.contains("logq_records_consumed_total{topic=\"users\"} 5\n"),
             "{text}"

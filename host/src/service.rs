@@ -41,6 +41,7 @@ pub async fn run(
     let (commands, command_rx) = std::sync::mpsc::channel();
     let topics = Topics::from(&config);
     let store = Arc::new(StateStore::new());
+    store.set_retention(config.tombstone_retention.micros());
     let registry = Arc::new(Registry::new(
         runtime,
         store.clone(),
@@ -52,6 +53,7 @@ pub async fn run(
             topics,
             batch_max_records: config.batch_max_records,
             batch_max_bytes: config.batch_max_bytes,
+            tombstone_retention_micros: config.tombstone_retention.micros(),
         },
     ));
     let metrics = Arc::new(Metrics::new(config.topics()));

@@ -155,6 +155,7 @@ fn start() -> Service {
                 },
                 batch_max_records: 2000,
                 batch_max_bytes: 1 << 20,
+                tombstone_retention_micros: 0,
             },
         )
         .with_pause(Arc::new(move |step| hook_gate.hold(step))),

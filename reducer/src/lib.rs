@@ -260,6 +260,7 @@ fn update(e: state::Encoded) -> Update {
         state: Some(e.state),
         view: e.view,
         join: e.join,
+        clock: Some(e.clock),
     }
 }
 

@@ -53,6 +53,9 @@ pub struct Encoded {
     pub view: Option<Range<u32>>,
     /// The join key's range in `state`.
     pub join: Option<Range<u32>>,
+    /// The newest event time the state has seen (the host's event-time clock, and
+    /// when a tombstone may expire).
+    pub clock: Micros,
 }
 
 impl<'a> UserState<'a> {
@@ -119,6 +122,21 @@ impl<'a> UserState<'a> {
                 *slot = None;
             }
         }
+    }
+
+    /// The newest event time of any event folded in so far (pruned fields included:
+    /// their times are at most a kept created or deleted time).
+    pub fn clock(&self) -> Micros {
+        let stamps = [self.created, self.deleted]
+            .into_iter()
+            .flatten()
+            .map(|s| s.at);
+        let fields = self.fields.iter().flatten().map(|f| f.at.at);
+        stamps
+            .chain(fields)
+            .chain(self.touched)
+            .max()
+            .unwrap_or(Micros::MIN)
     }
 
     /// Whether GET shows this user: created, and not deleted since.
@@ -206,6 +224,7 @@ impl<'a> UserState<'a> {
             state: h.finish(),
             view,
             join,
+            clock: self.clock(),
         }
     }
 
@@ -325,6 +344,7 @@ impl<'a> OrgState<'a> {
             state: h.finish(),
             view: Some(view),
             join,
+            clock: o.version.at,
         }
     }
 

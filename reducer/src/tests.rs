@@ -303,6 +303,23 @@ fn organization_correction_with_the_same_time_wins() {
     }
 }
 
+/// Each update carries the entity's newest event time: the host's event-time clock
+/// and, for a deleted user, the time its tombstone expires from.
+#[test]
+fn updates_carry_the_newest_event_time() {
+    let micros = |t: &str| time::parse(t).unwrap();
+    let store = fold_all(&[
+        ev("u", "User Created", T1, &[("username", "a")]),
+        ev("u", "User Deleted", T3, &[]),
+        ev("u", "User Updated", T2, &[("username", "b")]),
+        org("k", "MGS", "Small", T4),
+    ]);
+    let user = store.get(Kind::User, "u").expect("kept as a tombstone");
+    assert_eq!((user.view(), user.clock), (None, Some(micros(T3))));
+    let o = store.get(Kind::Organization, "k").expect("kept");
+    assert_eq!(o.clock, Some(micros(T4)));
+}
+
 #[test]
 fn a_state_of_the_encoding_without_positions_is_refused_with_a_hint() {
     // "U", flags 0, escaped 0: a user state of the earlier encoding, empty body.

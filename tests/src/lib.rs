@@ -310,6 +310,10 @@ impl Host {
     }
 
     /// Starts `logq run` against whatever `broker` names (it need not be up yet).
+    ///
+    /// Tombstones never expire unless `args` say otherwise: the generated histories
+    /// are shuffled over a whole year of event time, far more disorder than any
+    /// retention allows, and the oracle knows no retention (the expiry tests set one).
     pub fn start_at(broker: &impl Bootstrap, args: &[&str]) -> Self {
         let port = free_port();
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("address");
@@ -324,6 +328,7 @@ impl Host {
                 &addr.to_string(),
             ])
             .args(args)
+            .env("LOGQ_TOMBSTONE_RETENTION", "never")
             .env("RUST_LOG", "info")
             .stdout(file.try_clone().expect("log handle"))
             .stderr(file)
@@ -377,6 +382,15 @@ impl Host {
         eventually(within, &format!("{n} records of {topic} consumed"), || {
             self.get("/metrics").body.contains(&needle).then_some(())
         });
+    }
+
+    /// One unlabelled gauge or counter (or a labelled one, `name{label="x"}`) from
+    /// `/metrics`.
+    pub fn metric(&self, name: &str) -> Option<f64> {
+        self.get("/metrics")
+            .body
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
     }
 
     /// Kills the process with SIGKILL (no chance to clean up) and waits for it.

@@ -322,3 +322,90 @@ fn generated_history_folds_to_the_native_answer_and_follows_new_events() {
         t.elapsed()
     );
 }
+
+/// One gauge or counter from `/metrics`.
+fn metric(host: &Host, name: &str) -> f64 {
+    host.metric(name)
+        .unwrap_or_else(|| panic!("{name} not in {}", host.get("/metrics").body))
+}
+
+/// Create/delete churn with `--tombstone-retention 1h`: the store holds only the
+/// tombstones younger than an hour of event time, whatever the churn, and a late
+/// event behaves as the README says, inside the retention and past it.
+#[test]
+fn deleted_users_tombstones_expire_after_the_retention_in_event_time() {
+    const ROUNDS: usize = 10;
+    const PER_ROUND: usize = 200;
+    let broker = Broker::start();
+    broker.create_default_topics();
+    // Round r happens at 2021-01-01 + 2r hours: its users are created, then deleted a
+    // second later; "keeper" is updated every round.
+    let time = |round: usize, second: usize| format!("2021-01-01 {:02}:00:{second:02}", 2 * round);
+    let mut users = Vec::new();
+    for r in 0..ROUNDS {
+        for i in 0..PER_ROUND {
+            let id = format!("churn-{r}-{i}");
+            users.push(
+                serde_json::json!({"id": id, "event_type": "User Created",
+                    "username": id, "received_at": time(r, 0)})
+                .to_string(),
+            );
+            users.push(
+                serde_json::json!({"id": id, "event_type": "User Deleted",
+                    "received_at": time(r, 1)})
+                .to_string(),
+            );
+        }
+        let kind = if r == 0 {
+            "User Created"
+        } else {
+            "User Updated"
+        };
+        users.push(
+            serde_json::json!({"id": "keeper", "event_type": kind,
+                "username": format!("round-{r}"), "received_at": time(r, 2)})
+            .to_string(),
+        );
+    }
+    produce(&broker, "users", &[], users.join("\n").as_bytes());
+    let host = Host::start(&broker, &["--tombstone-retention", "1h"]);
+    host.wait_ready(READY);
+    host.wait_consumed("users", users.len(), Duration::from_secs(60));
+
+    // Only the last round's tombstones are younger than an hour (the clock is the
+    // keeper's last update); without expiry all 2,000 would be kept.
+    assert_eq!(metric(&host, "logq_users_stored"), (PER_ROUND + 1) as f64);
+    assert_eq!(metric(&host, "logq_tombstones"), PER_ROUND as f64);
+    assert_eq!(
+        metric(&host, "logq_tombstones_expired_total"),
+        ((ROUNDS - 1) * PER_ROUND) as f64
+    );
+    let expected = expected_answers(&users, &[]);
+    assert_eq!(expected.len(), 1, "the oracle keeps only the keeper");
+    host.assert_answers(expected);
+
+    // A late Created older than its deletion: inside the retention it changes
+    // nothing; past it (the tombstone is gone) it brings the user back, the trade-off
+    // the README states.
+    let late = |id: &str, round: usize| {
+        serde_json::json!({"id": id, "event_type": "User Created",
+            "username": "late", "received_at": time(round, 0)})
+        .to_string()
+    };
+    let last = ROUNDS - 1;
+    let fenced = format!("churn-{last}-0");
+    let expired = "churn-0-0";
+    produce(
+        &broker,
+        "users",
+        &[],
+        [late(&fenced, last), late(expired, 0)]
+            .join("\n")
+            .as_bytes(),
+    );
+    host.wait_consumed("users", users.len() + 2, Duration::from_secs(30));
+    assert_eq!(host.get(&format!("/users/{fenced}")).status, 404);
+    let back = host.get(&format!("/users/{expired}"));
+    assert_eq!(back.status, 200, "{}", back.body);
+    assert_eq!(back.json()["username"], "late");
+}

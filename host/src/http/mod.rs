@@ -283,7 +283,7 @@ mod tests {
             active: ReducerInfo {
                 sha256: "ab".into(),
                 size: 1,
-                world_version: "3.0.0".into(),
+                world_version: "3.1.0".into(),
                 loaded_at: "now".into(),
                 origin,
             },

@@ -85,6 +85,8 @@ pub struct Setup {
     pub batch_max_records: usize,
     /// Most value bytes in one fold.
     pub batch_max_bytes: usize,
+    /// Tombstone retention in event time, µs (0: never), as the live store has it.
+    pub tombstone_retention_micros: i64,
 }
 
 /// Progress, as `GET /admin/reducer` shows it.
@@ -284,6 +286,7 @@ impl Replay {
         consumer.assign(&assigned).map_err(|e| e.to_string())?;
         let shadow = StateStore::new();
         shadow.set_renderer(active.id);
+        shadow.set_retention(setup.tombstone_retention_micros);
         let mut positions: Positions = targets.iter().map(|(p, w)| (*p, w.low)).collect();
         let goal: Positions = targets.iter().map(|(p, w)| (*p, w.high)).collect();
         let mut tail = Tail {

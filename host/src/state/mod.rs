@@ -10,7 +10,7 @@ pub mod snapshot;
 use std::collections::{BTreeSet, HashMap};
 use std::ops::Range;
 use std::sync::RwLock;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering};
 
 use logq_abi::{Entity, Kind, States, Update};
 
@@ -28,6 +28,8 @@ struct Entry {
     join: Option<Range<u32>>,
     /// Which reducer rendered it (see [`StateStore::set_renderer`]).
     by: u32,
+    /// The entity's newest event time, if the reducer says (see [`Update::clock`]).
+    clock: Option<i64>,
 }
 
 impl Entry {
@@ -37,7 +39,13 @@ impl Entry {
             view: update.view,
             join: update.join,
             by,
+            clock: update.clock,
         })
+    }
+
+    /// When it is a tombstone (kept, not visible) that can expire: its clock.
+    fn tombstone(&self) -> Option<i64> {
+        self.view.is_none().then_some(self.clock).flatten()
     }
 
     /// The renderer whose visible answer this is, if it is visible.
@@ -63,6 +71,7 @@ impl Entry {
             state: Some(self.state.to_vec()),
             view: self.view.clone(),
             join: self.join.clone(),
+            clock: self.clock,
         }
     }
 }
@@ -76,6 +85,12 @@ struct Maps {
     by_name: HashMap<Box<str>, BTreeSet<Box<str>>>,
     /// Visible answers (users and organizations) per renderer.
     answers: HashMap<u32, usize>,
+    /// The event-time clock: the largest entity clock seen (capped near the wall
+    /// clock, see [`StateStore::apply`]).
+    clock: Option<i64>,
+    /// Users kept but not visible (deleted, or never created) that carry a clock,
+    /// oldest first: what expires.
+    tombstones: BTreeSet<(i64, Box<str>)>,
 }
 
 /// Counts for `/metrics`.
@@ -90,6 +105,12 @@ pub struct Sizes {
     /// Bytes of user keys and states held (what the users cost before allocator and
     /// hash-table overhead).
     pub user_bytes: usize,
+    /// Of the users stored, the tombstones waiting to expire.
+    pub tombstones: usize,
+    /// Tombstones forgotten after their retention, since start.
+    pub tombstones_expired: u64,
+    /// The event-time clock (µs since the Unix epoch), once anything carried one.
+    pub clock: Option<i64>,
 }
 
 /// All state the host owns, shared by the consumer loop (its one writer) and HTTP
@@ -103,6 +124,12 @@ pub struct StateStore {
     /// The tag [`StateStore::apply`] gives the entries it writes: the id of the
     /// reducer folding into this store (0: an earlier one, after a restore).
     renderer: AtomicU32,
+    /// How far (µs of event time) a tombstone's clock may fall behind the store's
+    /// clock before it is forgotten; 0: never (see [`StateStore::set_retention`]).
+    retention: AtomicI64,
+    /// Tombstones this store forgot (kept across [`StateStore::replace`], so the
+    /// counter never goes back).
+    expired: AtomicU64,
 }
 
 /// Which reducer rendered the visible answers.
@@ -118,22 +145,43 @@ pub struct Answers {
 /// rendered (before a forward swap).
 pub const EARLIER: u32 = 0;
 
+/// How far ahead of the wall clock an event time may move the store's clock: a
+/// record stamped in the year 9999 must not expire every tombstone at once.
+pub const CLOCK_AHEAD_MAX_MICROS: i64 = 24 * 3600 * 1_000_000;
+
 impl StateStore {
     /// An empty store.
     pub fn new() -> Self {
         Self::default()
     }
 
+    /// Tombstones (users kept but not visible, with a clock) are forgotten once the
+    /// store's clock has moved more than `micros` of event time past theirs; 0 keeps
+    /// them for ever.
+    pub fn set_retention(&self, micros: i64) {
+        self.retention.store(micros.max(0), Ordering::Relaxed);
+    }
+
     /// Stores the reducer's updates, all under one write lock so a reader sees the
-    /// batch entirely or not at all.
+    /// batch entirely or not at all; then forgets the tombstones whose retention has
+    /// passed. The clock only moves forward, by event times (never more than
+    /// [`CLOCK_AHEAD_MAX_MICROS`] past the wall clock).
     pub fn apply(&self, entities: &[Entity], updates: Vec<Update>) {
         let by = self.renderer.load(Ordering::Relaxed);
+        let wall = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX));
+        let cap = wall.saturating_add(CLOCK_AHEAD_MAX_MICROS);
         let mut maps = self.write();
         for (entity, update) in entities.iter().zip(updates) {
             let key = entity.key.as_str();
+            if let Some(c) = update.clock {
+                maps.clock = maps.clock.max(Some(c.min(cap)));
+            }
             let new = Entry::new(update, by);
             let (gone, came) = match entity.kind {
                 Kind::User => {
+                    maps.track_tombstone(key, new.as_ref());
                     let came = new.as_ref().and_then(Entry::answer_by);
                     let gone = match (new, maps.users.get_mut(key)) {
                         // Most updates replace an entry: keep its key, allocate nothing.
@@ -149,6 +197,11 @@ impl StateStore {
                 Kind::Organization => maps.put_organization(key.into(), new),
             };
             maps.count(gone, came);
+        }
+        let retention = self.retention.load(Ordering::Relaxed);
+        if retention > 0 {
+            let n = maps.expire(retention);
+            self.expired.fetch_add(n, Ordering::Relaxed);
         }
     }
 
@@ -251,6 +304,9 @@ impl StateStore {
             users_stored: maps.users.len(),
             organizations: maps.organizations.len(),
             user_bytes,
+            tombstones: maps.tombstones.len(),
+            tombstones_expired: self.expired.load(Ordering::Relaxed),
+            clock: maps.clock,
         }
     }
 
@@ -282,6 +338,38 @@ impl Target for StateStore {
 }
 
 impl Maps {
+    /// Keeps the tombstone index right as user `key`'s entry becomes `new`.
+    fn track_tombstone(&mut self, key: &str, new: Option<&Entry>) {
+        let old = self.users.get(key).and_then(Entry::tombstone);
+        let new = new.and_then(Entry::tombstone);
+        if old == new {
+            return;
+        }
+        if let Some(c) = old {
+            self.tombstones.remove(&(c, Box::from(key)));
+        }
+        if let Some(c) = new {
+            self.tombstones.insert((c, Box::from(key)));
+        }
+    }
+
+    /// Forgets every tombstone whose clock is more than `retention` behind the clock;
+    /// returns how many.
+    fn expire(&mut self, retention: i64) -> u64 {
+        let Some(clock) = self.clock else { return 0 };
+        let horizon = clock.saturating_sub(retention);
+        let mut n = 0;
+        while self.tombstones.first().is_some_and(|(c, _)| *c < horizon) {
+            let Some((_, key)) = self.tombstones.pop_first() else {
+                break;
+            };
+            // The index only holds current tombstones (see `track_tombstone`).
+            self.users.remove(&key);
+            n += 1;
+        }
+        n
+    }
+
     fn map(&self, kind: Kind) -> &HashMap<Box<str>, Entry> {
         match kind {
             Kind::User => &self.users,
@@ -369,6 +457,7 @@ pub(crate) fn test_update(view: Option<&str>, join: Option<&str>) -> Update {
         state: Some(state),
         view,
         join,
+        clock: None,
     }
 }
 
@@ -495,6 +584,7 @@ mod tests {
                     state: None,
                     view: None,
                     join: None,
+                    clock: None,
                 },
                 update(None, Some("N")),
             ],
@@ -517,8 +607,106 @@ mod tests {
                 state: None,
                 view: Some(0..2),
                 join: None,
+                clock: None,
             }],
         );
         assert_eq!(store.sizes().users_stored, 0);
+    }
+
+    const HOUR: i64 = 3600 * 1_000_000;
+    /// 2021-01-01, in µs: event times well behind the wall clock.
+    const T0: i64 = 1_609_459_200_000_000;
+
+    fn at(view: Option<&str>, clock: i64) -> Update {
+        Update {
+            clock: Some(clock),
+            ..update(view, None)
+        }
+    }
+
+    #[test]
+    fn tombstones_expire_after_the_retention_in_event_time() {
+        let store = StateStore::new();
+        store.set_retention(24 * HOUR);
+        let users =
+            |keys: &[&str]| -> Vec<Entity> { keys.iter().map(|k| entity(Kind::User, k)).collect() };
+        // A visible user, a tombstone, a user with no clock (a 3.0 reducer's).
+        store.apply(
+            &users(&["alive", "gone", "old"]),
+            vec![
+                at(Some("{}"), T0),
+                at(None, T0),
+                Update {
+                    clock: None,
+                    ..update(None, None)
+                },
+            ],
+        );
+        assert_eq!(store.sizes().tombstones, 1);
+        // The clock moves (by any entity, an organization too) but not past the
+        // retention: kept.
+        store.apply(
+            &[entity(Kind::Organization, "k")],
+            vec![at(Some("{}"), T0 + 24 * HOUR)],
+        );
+        assert_eq!(store.sizes().users_stored, 3);
+        // A later event for the tombstone refreshes it: it expires from then on.
+        store.apply(&users(&["gone"]), vec![at(None, T0 + 2 * HOUR)]);
+        store.apply(&users(&["alive"]), vec![at(Some("{}"), T0 + 26 * HOUR)]);
+        assert_eq!(store.sizes().users_stored, 3, "2 h + 24 h is not past 26 h");
+        store.apply(&users(&["alive"]), vec![at(Some("{}"), T0 + 27 * HOUR)]);
+        let sizes = store.sizes();
+        assert_eq!(sizes.users_stored, 2, "the tombstone is forgotten");
+        assert_eq!((sizes.tombstones, sizes.tombstones_expired), (0, 1));
+        assert_eq!(sizes.clock, Some(T0 + 27 * HOUR));
+        assert!(store.user("alive").is_some(), "visible users never expire");
+        assert!(
+            store.read().users.contains_key("old"),
+            "no clock, no expiry"
+        );
+        // A user that becomes visible again leaves the tombstones.
+        store.apply(&users(&["back"]), vec![at(None, T0 + 27 * HOUR)]);
+        store.apply(&users(&["back"]), vec![at(Some("{}"), T0 + 28 * HOUR)]);
+        store.apply(&users(&["alive"]), vec![at(Some("{}"), T0 + 90 * HOUR)]);
+        assert!(store.user("back").is_some());
+        assert_eq!(store.sizes().tombstones, 0);
+    }
+
+    #[test]
+    fn retention_never_keeps_tombstones_and_far_future_times_are_capped() {
+        let store = StateStore::new();
+        let u = [entity(Kind::User, "gone")];
+        store.apply(&u, vec![at(None, T0)]);
+        store.apply(
+            &[entity(Kind::User, "x")],
+            vec![at(Some("{}"), T0 + 10_000 * HOUR)],
+        );
+        assert_eq!(store.sizes().users_stored, 2, "no retention set: never");
+        // The year 9999 does not become the clock: the wall clock plus a day does.
+        store.set_retention(24 * HOUR);
+        store.apply(&[entity(Kind::User, "y")], vec![at(Some("{}"), i64::MAX)]);
+        let clock = store.sizes().clock.unwrap();
+        let wall = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_micros() as i64;
+        assert!(
+            clock <= wall + CLOCK_AHEAD_MAX_MICROS && clock > wall,
+            "{clock} vs {wall}"
+        );
+    }
+
+    #[test]
+    fn a_restored_store_keeps_clocks_so_its_tombstones_still_expire() {
+        let store = StateStore::new();
+        store.apply(&[entity(Kind::User, "gone")], vec![at(None, T0)]);
+        let restored = StateStore::from_dump(store.dump(1), 1);
+        restored.set_retention(HOUR);
+        assert_eq!(restored.sizes().tombstones, 1);
+        restored.apply(
+            &[entity(Kind::User, "x")],
+            vec![at(Some("{}"), T0 + 2 * HOUR)],
+        );
+        assert_eq!(restored.sizes().users_stored, 1);
     }
 }

@@ -12,9 +12,10 @@ use logq_abi::{Entity, Kind, Reader, Source, Update};
 use crate::broker::{Partition, Positions};
 use crate::fold::sha256_hex;
 
-/// Format 3: offsets are keyed by stream and partition (format 2 keyed them by a
+/// Format 4: each entity keeps its clock (event time), so tombstones still expire
+/// after a restart. Format 3 keyed offsets by stream and partition (format 2 by a
 /// topic index).
-const MAGIC: &[u8; 8] = b"LOGQSNP3";
+const MAGIC: &[u8; 8] = b"LOGQSNP4";
 /// Every format so far starts with this.
 const MAGIC_FAMILY: &[u8; 7] = b"LOGQSNP";
 /// How many snapshots are kept; older ones are deleted after a new one is written.
@@ -166,6 +167,13 @@ fn encode(s: &Snapshot) -> Vec<u8> {
                 None => out.push(0),
             }
         }
+        match u.clock {
+            Some(c) => {
+                out.push(1);
+                out.extend_from_slice(&c.to_le_bytes());
+            }
+            None => out.push(0),
+        }
     }
     let sum = sha256_hex(&out);
     out.extend_from_slice(sum.as_bytes());
@@ -222,7 +230,18 @@ fn decode(bytes: &[u8]) -> Result<Snapshot, SnapshotError> {
         };
         let view = range(&mut r, state.as_deref())?;
         let join = range(&mut r, state.as_deref())?;
-        entities.push((Entity { kind, key }, Update { state, view, join }, mine));
+        let clock = match r.u8().map_err(corrupt)? {
+            0 => None,
+            1 => Some(i64::from_le_bytes(r.array().map_err(corrupt)?)),
+            f => return Err(corrupt(format!("bad clock flag {f}"))),
+        };
+        let update = Update {
+            state,
+            view,
+            join,
+            clock,
+        };
+        entities.push((Entity { kind, key }, update, mine));
     }
     if !r.is_empty() {
         return Err(corrupt("trailing bytes".into()));
@@ -304,6 +323,7 @@ mod tests {
                         state: Some(vec![]),
                         view: None,
                         join: None,
+                        clock: Some(-42),
                     },
                     false,
                 ),
@@ -324,12 +344,12 @@ mod tests {
     #[test]
     fn a_snapshot_of_another_format_says_so() {
         let mut bytes = encode(&sample());
-        bytes[7] = b'2';
+        bytes[7] = b'3';
         let e = decode(&bytes).unwrap_err();
         assert!(matches!(e, SnapshotError::Mismatch(_)), "{e}");
         assert!(
             e.to_string()
-                .contains("another version of logq (format \"2\", this one reads \"3\")"),
+                .contains("another version of logq (format \"3\", this one reads \"4\")"),
             "{e}"
         );
     }
