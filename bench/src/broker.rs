@@ -55,17 +55,30 @@ pub fn produce_updates(bootstrap: &str, history: &History) -> anyhow::Result<usi
         .map(String::as_str)
         .filter(|e| e.contains("\"User Updated\""))
         .collect();
+    produce_lines(bootstrap, "users", &updates)
+}
+
+/// Produces `lines` (one JSON event each) to `topic` with `logq produce`; returns how
+/// many.
+pub fn produce_lines(
+    bootstrap: &str,
+    topic: &str,
+    lines: &[impl AsRef<str>],
+) -> anyhow::Result<usize> {
     let mut child = std::process::Command::new(logq_e2e::logq_bin())
-        .args(["produce", "--brokers", bootstrap, "--topic", "users"])
+        .args(["produce", "--brokers", bootstrap, "--topic", topic])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::null())
         .spawn()?;
     if let Some(mut stdin) = child.stdin.take() {
         use std::io::Write as _;
-        stdin.write_all(updates.join("\n").as_bytes())?;
+        for line in lines {
+            stdin.write_all(line.as_ref().as_bytes())?;
+            stdin.write_all(b"\n")?;
+        }
     }
     anyhow::ensure!(child.wait()?.success(), "logq produce failed");
-    Ok(updates.len())
+    Ok(lines.len())
 }
 
 /// A plain rdkafka consumer (librdkafka defaults, like the host's) reading every

@@ -42,6 +42,10 @@ struct Args {
     /// stream in; fails on any error or on memory growing after the warm-up).
     #[arg(long)]
     soak: Option<u64>,
+    /// The soak host's `--tombstone-retention` (`never` shows what the churn costs
+    /// without expiry: the soak then fails on users stored).
+    #[arg(long, default_value = "1h")]
+    soak_retention: String,
     /// Only the fold engine (figure 1), printed; for profiling it.
     #[arg(long)]
     fold_only: bool,
@@ -73,18 +77,28 @@ fn soak(args: &Args, secs: u64, work: &std::path::Path) -> anyhow::Result<()> {
     say(format!(
         "soak: {secs} s of wrk while events stream in ({events} events of history)"
     ));
-    let s = soak::run(events, users, secs, work)?;
+    let s = soak::run(events, users, secs, &args.soak_retention, work)?;
     let warmup = (secs as f64 / 6.0).max(10.0);
     let growth = soak::growth(&s.rss, warmup);
     let (first, last) = (
         s.rss.first().map_or(0, |r| r.1),
         s.rss.last().map_or(0, |r| r.1),
     );
-    let pass = s.load.errors == 0 && growth <= soak::FLAT;
+    let stored_growth = soak::stored_growth_rounds(&s.stored, warmup);
+    let stored = |i: Option<&(f64, u64)>| i.map_or(0, |s| s.1);
+    let pass = s.load.errors == 0
+        && growth <= soak::FLAT
+        && stored_growth <= soak::STORED_ROUNDS_MAX
+        && s.expired > 0.0;
     let mut md = format!(
         "# logq soak\n\n`bench/run.sh --soak {secs}`: wrk ({} threads, {} connections) on random \
          existing ids for {secs} s while a producer streamed {} more user events (the host \
-         consumed {} user records in all).\n\n| figure | value |\n|---|---|\n\
+         consumed {} user records in all), {} of them churn: users created and deleted \
+         again, two hours of event time per round, with `--tombstone-retention {}`.\n\n\
+         | figure | value |\n|---|---|\n\
+         | users stored first / last sample | {} / {} |\n\
+         | users stored, growth after the warm-up | {:.1} churn rounds (limit {:.0}) |\n\
+         | tombstones expired | {} |\n\
          | requests | {} ({} req/s) |\n| errors (non-2xx, socket) | {} |\n| latency p50 / p99 | {:.2} / {:.2} ms |\n\
          | RSS first / last sample | {} / {} MiB |\n| peak RSS, second half vs first half after a {warmup:.0} s warm-up | {:+.1}% (limit {:.0}%) |\n\
          | result | {} |\n\nRSS every second (s, MiB):",
@@ -92,6 +106,13 @@ fn soak(args: &Args, secs: u64, work: &std::path::Path) -> anyhow::Result<()> {
         reads::WRK_CONNECTIONS,
         s.produced,
         s.consumed,
+        2 * s.churned,
+        args.soak_retention,
+        stored(s.stored.first()),
+        stored(s.stored.last()),
+        stored_growth,
+        soak::STORED_ROUNDS_MAX,
+        s.expired,
         s.load.requests,
         report::format_value(s.load.rps),
         s.load.errors,
