@@ -233,6 +233,59 @@ impl Broker {
         self.create_topic("organizations.dlq", 1);
     }
 
+    /// Adds one partition to `topic` while the broker runs. nisshi does not implement
+    /// Kafka's CreatePartitions API, so this writes what that API would into its SQLite
+    /// catalogue (durable brokers only): the topic's partition count, the new
+    /// partition and its empty watermark. The broker reads the catalogue on every
+    /// request; clients see a topic that grew, as they would on Kafka or Redpanda.
+    pub fn add_partition(&self, topic: &str) -> i32 {
+        assert!(
+            self.storage.starts_with("sqlite://"),
+            "add_partition needs a durable broker (Broker::start_with(port, true))"
+        );
+        let sql = format!(
+            "begin;
+             update topic set partitions = partitions + 1 where name = '{topic}';
+             insert into topition (topic, partition)
+               select id, partitions - 1 from topic where name = '{topic}';
+             insert into watermark (topition)
+               select tp.id from topition tp join topic t on tp.topic = t.id
+               where t.name = '{topic}' and tp.partition = t.partitions - 1;
+             commit;
+             select partitions - 1 from topic where name = '{topic}';"
+        );
+        let out = self.sqlite(&sql);
+        out.trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("adding a partition to {topic}: {out}"))
+    }
+
+    /// Records the broker holds in one partition of `topic` (durable brokers only).
+    pub fn records_in(&self, topic: &str, partition: i32) -> usize {
+        let out = self.sqlite(&format!(
+            "select count(*) from record r join topition tp on r.topition = tp.id
+             join topic t on tp.topic = t.id
+             where t.name = '{topic}' and tp.partition = {partition};"
+        ));
+        out.trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("counting records: {out}"))
+    }
+
+    fn sqlite(&self, sql: &str) -> String {
+        let out = Command::new("sqlite3")
+            .current_dir(&self.dir)
+            .args(["-bail", "broker.db", sql])
+            .output()
+            .expect("sqlite3 is missing: run scripts/setup.sh all (it installs it)");
+        assert!(
+            out.status.success(),
+            "sqlite3: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// The broker's own log, for failure messages.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("broker.log")).unwrap_or_default()

@@ -4,7 +4,10 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use logq_e2e::{Broker, Host, eventually, expected_answers, history, produce, read_topic, root};
+use logq_e2e::{
+    Broker, Host, eventually, expected_answers, free_port, history, produce, produce_raw,
+    read_topic, root,
+};
 
 const READY: Duration = Duration::from_secs(120);
 const SNAKE: &str = "069feb770fe581acc9d3313d59780196";
@@ -408,4 +411,92 @@ fn deleted_users_tombstones_expire_after_the_retention_in_event_time() {
     let back = host.get(&format!("/users/{expired}"));
     assert_eq!(back.status, 200, "{}", back.body);
     assert_eq!(back.json()["username"], "late");
+}
+
+/// A partition added to `users` while the host runs is found (within seconds, no
+/// restart) and folded from its beginning, and a record refused there is
+/// dead-lettered like any other.
+#[test]
+fn a_partition_added_while_the_host_runs_is_folded_without_a_restart() {
+    let broker = Broker::start_with(free_port(), true);
+    for (topic, partitions) in [
+        ("users", 1),
+        ("organizations", 1),
+        ("users.dlq", 1),
+        ("organizations.dlq", 1),
+    ] {
+        broker.create_topic(topic, partitions);
+    }
+    let user = |i: usize| {
+        serde_json::json!({"id": format!("user-{i}"), "event_type": "User Created",
+            "username": format!("name-{i}"), "received_at": "2021-01-01 00:00:00"})
+        .to_string()
+    };
+    let first: Vec<String> = (0..5).map(user).collect();
+    produce(&broker, "users", &[], first.join("\n").as_bytes());
+    let host = Host::start(&broker, &[]);
+    host.wait_ready(READY);
+    host.assert_answers(expected_answers(&first, &[]));
+
+    let added = broker.add_partition("users");
+    assert_eq!(added, 1);
+    let mut all = first.clone();
+    all.extend((5..60).map(user));
+    produce(&broker, "users", &[], all[5..].join("\n").as_bytes());
+    let keys: Vec<String> = (0..8).map(|i| format!("bad-{i}")).collect();
+    let bad: Vec<_> = keys
+        .iter()
+        .map(|k| (Some(k.as_bytes()), Some(&b"not json"[..])))
+        .collect();
+    produce_raw(&broker, "users", &bad);
+    let on_new = broker.records_in("users", added);
+    assert!(
+        on_new > 5,
+        "the keyed records should spread over both partitions: {on_new}"
+    );
+
+    eventually(
+        Duration::from_secs(30),
+        "users on the new partition to be served",
+        || {
+            let expected = expected_answers(&all, &[]);
+            expected
+                .iter()
+                .all(|(id, v)| {
+                    let r = host.get(&format!("/users/{id}"));
+                    r.status == 200 && r.json() == *v
+                })
+                .then_some(())
+        },
+    );
+    assert!(
+        host.log().contains("users/1 was added to its topic"),
+        "{}",
+        host.log()
+    );
+    // The lag of both partitions comes from the broker's watermarks (read off the
+    // loop's client, which nisshi answers only between fetches) and reaches 0.
+    eventually(
+        Duration::from_secs(30),
+        "the lag of both partitions to be 0",
+        || {
+            (0..=added)
+                .all(|p| {
+                    host.metric(&format!(
+                        "logq_consumer_lag{{topic=\"users\",partition=\"{p}\"}}"
+                    )) == Some(0.0)
+                })
+                .then_some(())
+        },
+    );
+    let dead = read_topic(&broker, "users.dlq", bad.len(), Duration::from_secs(30));
+    assert_eq!(dead.len(), bad.len(), "each bad record dead-lettered once");
+    assert!(
+        dead.iter().any(|d| d.header("logq.partition") == Some("1")),
+        "some bad records were on the new partition"
+    );
+    assert!(dead.iter().all(|d| {
+        d.header("logq.reason")
+            .is_some_and(|r| r.contains("invalid JSON"))
+    }));
 }

@@ -116,13 +116,53 @@ impl TopicConsumer {
     /// # Errors
     /// When librdkafka refuses the assignment.
     pub fn assign(&self, partitions: &[(Partition, Option<i64>)]) -> Result<(), KafkaError> {
+        self.consumer.assign(&self.list(partitions)?)?;
+        Ok(())
+    }
+
+    /// Also reads `partitions` (from the earliest offset), keeping what is assigned.
+    ///
+    /// # Errors
+    /// When librdkafka refuses the assignment.
+    pub fn add(&self, partitions: &[Partition]) -> Result<(), KafkaError> {
+        let from_start: Vec<(Partition, Option<i64>)> =
+            partitions.iter().map(|p| (*p, None)).collect();
+        self.consumer.incremental_assign(&self.list(&from_start)?)?;
+        Ok(())
+    }
+
+    /// Partitions of both topics that exist now and are not in `known`: partitions
+    /// added to a topic while the host runs.
+    ///
+    /// # Errors
+    /// When the broker cannot be reached or a topic does not exist.
+    pub fn new_partitions(
+        &self,
+        known: &std::collections::BTreeSet<Partition>,
+        timeout: Duration,
+    ) -> Result<Vec<Partition>, KafkaError> {
+        let mut out = Vec::new();
+        for source in logq_abi::Source::ALL {
+            for id in self.partitions(self.topics.name(source), timeout)? {
+                let p = Partition { source, id };
+                if !known.contains(&p) {
+                    out.push(p);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn list(
+        &self,
+        partitions: &[(Partition, Option<i64>)],
+    ) -> Result<TopicPartitionList, KafkaError> {
         let mut list = TopicPartitionList::new();
         for (p, offset) in partitions {
             let at = offset.map_or(Offset::Beginning, Offset::Offset);
             list.add_partition_offset(self.topics.name(p.source), p.id, at)?;
         }
-        self.consumer.assign(&list)?;
-        Ok(())
+        Ok(list)
     }
 
     /// Waits up to `wait` for a record, then takes what else is ready without waiting,

@@ -16,6 +16,7 @@
 pub mod dead_letter;
 pub mod progress;
 pub mod snapshots;
+mod watch;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -37,8 +38,6 @@ use dead_letter::DeadLetters;
 use progress::CatchUp;
 use snapshots::SnapshotWriter;
 
-/// How often consumer lag is refreshed from the broker's watermarks.
-const LAG_EVERY: Duration = Duration::from_secs(2);
 /// How often freed memory is handed back to the OS while following the topics.
 const TRIM_EVERY: Duration = Duration::from_secs(30);
 
@@ -62,6 +61,27 @@ fn safe(dlq: &DeadLetters, positions: &Positions) -> Positions {
 
 /// Stores (for the next commit) every partition's safe progress that moved. Runs
 /// every loop iteration, so it allocates nothing.
+/// Starts reading partitions the watcher found, from their beginning.
+fn follow_new_partitions(
+    consumer: &TopicConsumer,
+    added: Vec<Partition>,
+    positions: &mut Positions,
+) {
+    match consumer.add(&added) {
+        Ok(()) => {
+            for p in added {
+                tracing::info!(
+                    "{}/{} was added to its topic: folding it from its beginning",
+                    consumer.topics().name(p.source),
+                    p.id
+                );
+                positions.insert(p, 0);
+            }
+        }
+        Err(e) => tracing::warn!("following new partitions {added:?}: {e}"),
+    }
+}
+
 fn store_safe_progress(
     consumer: &TopicConsumer,
     dlq: &DeadLetters,
@@ -210,8 +230,14 @@ impl Consumer {
         let snapshot_every = Duration::from_secs(self.config.snapshot_interval_secs.max(1));
         let mut next_snapshot = Instant::now() + snapshot_every;
         let mut changed = false;
-        let mut next_lag = Instant::now();
         let mut next_trim = Instant::now() + TRIM_EVERY;
+        let broker_news = watch::start(
+            &self.config.kafka,
+            &self.config.group_id,
+            self.topics.clone(),
+            positions.keys().copied().collect(),
+            self.stop.clone(),
+        );
 
         while !self.stop.load(Ordering::Relaxed) {
             self.serve_commands(&positions);
@@ -253,13 +279,24 @@ impl Consumer {
                 }
                 next_snapshot = Instant::now() + snapshot_every;
             }
-            if Instant::now() >= next_lag {
-                progress::refresh_lag(&consumer, &self.metrics, &positions);
-                next_lag = Instant::now() + LAG_EVERY;
-            }
             if Instant::now() >= next_trim {
                 crate::memory::trim();
                 next_trim = Instant::now() + TRIM_EVERY;
+            }
+            while let Ok(news) = broker_news.try_recv() {
+                match news {
+                    watch::News::Highs(highs) => {
+                        for (p, high) in highs {
+                            if let Some(next) = positions.get(&p) {
+                                let topic = self.topics.name(p.source);
+                                self.metrics.set_lag(topic, p.id, high - next);
+                            }
+                        }
+                    }
+                    watch::News::Added(added) => {
+                        follow_new_partitions(&consumer, added, &mut positions);
+                    }
+                }
             }
         }
         if let Err(e) = dlq.flush(REQUEST_TIMEOUT) {

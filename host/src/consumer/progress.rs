@@ -3,9 +3,9 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use crate::broker::consumer::{TopicConsumer, Watermarks};
+use crate::broker::consumer::Watermarks;
 use crate::broker::{Partition, Positions, Topics};
 use crate::metrics::Metrics;
 
@@ -84,21 +84,6 @@ impl CatchUp {
                     self.pending.len()
                 ),
             );
-        }
-    }
-}
-
-/// Lag = high watermark now - next offset to fold. One broker round trip per
-/// partition; stops at the first failure (the broker is likely down).
-pub fn refresh_lag(consumer: &TopicConsumer, metrics: &Metrics, positions: &Positions) {
-    for (&p, &next) in positions {
-        let topic = consumer.topics().name(p.source);
-        match consumer.watermarks(p, Duration::from_millis(500)) {
-            Ok(w) => metrics.set_lag(topic, p.id, w.high - next),
-            Err(e) => {
-                tracing::debug!("lag of {topic}/{}: {e}", p.id);
-                return;
-            }
         }
     }
 }

@@ -319,7 +319,18 @@ impl Tail {
         let replay = self.replay.clone();
         replay.pause(Step::HandoverTaken);
         let mut positions = std::mem::take(&mut self.positions);
-        let reached = self.read_until(&mut positions, live);
+        // Partitions the loop found after the replay started: read them from the start.
+        let added: Vec<Partition> = live
+            .keys()
+            .filter(|p| !positions.contains_key(p))
+            .copied()
+            .collect();
+        let reached = if added.is_empty() {
+            Ok(())
+        } else {
+            self.consumer.add(&added).map_err(|e| e.to_string())
+        }
+        .and_then(|()| self.read_until(&mut positions, live));
         replay.pause(Step::TailRead);
         let flipped = match reached {
             Ok(true) => {
