@@ -2,6 +2,8 @@
 //! the broker down at start, the broker killed and restarted mid-stream, and the host
 //! killed with SIGKILL. Every run ends by comparing the answers with a fresh fold.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use logq_e2e::{
@@ -170,12 +172,15 @@ fn broker_down_at_start_then_up_is_reported_then_served() {
     });
 }
 
+/// The broker is killed while a producer streams records into it (not while idle)
+/// and restarted: the producer (idempotent, `acks=all`) delivers every record once,
+/// the host serves what it has meanwhile, then folds everything exactly once.
 #[test]
-fn broker_killed_and_restarted_mid_stream_loses_and_doubles_nothing() {
+fn broker_killed_while_records_are_produced_and_restarted_loses_and_doubles_nothing() {
     let mut broker = Broker::start_with(free_port(), true);
     broker.create_default_topics();
-    let (users, orgs) = history(0xdead, 300, 3_000);
-    let (first, second) = users.split_at(1_500);
+    let (users, orgs) = history(0xdead, 300, 4_000);
+    let (first, second) = users.split_at(1_000);
     produce(&broker, "users", &[], first.join("\n").as_bytes());
     produce(&broker, "organizations", &[], orgs.join("\n").as_bytes());
     let host = Host::start(&broker, &[]);
@@ -185,16 +190,43 @@ fn broker_killed_and_restarted_mid_stream_loses_and_doubles_nothing() {
         .next()
         .expect("a user");
 
+    // The rest streams in, 100 records per `logq produce`, while the broker dies.
+    let done = Arc::new(AtomicBool::new(false));
+    let producing = {
+        let bootstrap = broker.bootstrap.clone();
+        let chunks: Vec<String> = second.chunks(100).map(|c| c.join("\n")).collect();
+        let done = done.clone();
+        std::thread::spawn(move || {
+            let b = Broker::attach(&bootstrap);
+            for c in chunks {
+                produce(&b, "users", &[], c.as_bytes());
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            done.store(true, Ordering::SeqCst);
+        })
+    };
+    eventually(Duration::from_secs(60), "the stream to be flowing", || {
+        (consumed(&host, "users") >= first.len() + 200).then_some(())
+    });
     broker.kill();
+    assert!(
+        !done.load(Ordering::SeqCst),
+        "the producer finished before the kill: the fault hit an idle broker"
+    );
     // The state already folded keeps being served while the broker is gone.
     for _ in 0..10 {
         assert_eq!(host.get(&format!("/users/{some_id}")).status, 200);
         std::thread::sleep(Duration::from_millis(100));
     }
     broker.restart();
-    produce(&broker, "users", &[], second.join("\n").as_bytes());
+    producing
+        .join()
+        .expect("every chunk was delivered across the broker restart");
     host.wait_consumed("users", users.len(), Duration::from_secs(120));
     host.assert_answers(expected_answers(&users, &orgs));
+    // Nothing doubled: the count stays exact once everything is in.
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(consumed(&host, "users"), users.len());
 }
 
 #[test]
