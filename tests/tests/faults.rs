@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use logq_e2e::{
     Broker, Host, eventually, expected_answers, free_port, history, produce, produce_raw,
@@ -587,6 +587,119 @@ fn sigkill_at_seeded_points_of_catch_up_with_a_state_dir_ends_exact_with_bounded
     );
     println!(
         "kills {kills:?} ms after the first fold, {mid_catch_up} mid catch-up: {} dead letters for {bad} bad records",
+        dead.len()
+    );
+    assert!(host.terminate().success());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Half-written snapshots in `dir`.
+fn half_written(dir: &std::path::Path) -> usize {
+    std::fs::read_dir(dir).map_or(0, |d| {
+        d.filter_map(Result::ok)
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+            .count()
+    })
+}
+
+/// SIGKILL *during* a snapshot write: the state dir is watched and the host killed
+/// the moment a half-written snapshot (`.snapshot-*.tmp`) appears; that the kill
+/// landed mid-write is checked afterwards (the file is still there, never renamed),
+/// and only such kills count; each while an earlier complete snapshot exists. Events keep streaming in, so snapshots keep being
+/// written. The next start removes the half-written files, restores the newest
+/// complete snapshot, and ends at the oracle's answers with every dead letter
+/// present, at most once more per kill.
+#[test]
+fn sigkill_during_snapshot_writes_restarts_exact_from_a_complete_snapshot() {
+    const HITS: usize = 3;
+    let broker = Broker::start();
+    broker.create_default_topics();
+    let (users, orgs) = history(0x5a5a, 20_000, 60_000);
+    let (first, rest) = users.split_at(40_000);
+    let mut lines = Vec::new();
+    for (i, u) in first.iter().enumerate() {
+        lines.push(u.clone());
+        if i % 4_000 == 0 {
+            lines.push(format!("bad record {i}"));
+        }
+    }
+    let bad = lines.len() - first.len();
+    produce(&broker, "organizations", &[], orgs.join("\n").as_bytes());
+    produce(
+        &broker,
+        "users",
+        &["--raw-lines"],
+        lines.join("\n").as_bytes(),
+    );
+    let streaming = {
+        let bootstrap = broker.bootstrap.clone();
+        let chunks: Vec<String> = rest.chunks(500).map(|c| c.join("\n")).collect();
+        std::thread::spawn(move || {
+            let b = Broker::attach(&bootstrap);
+            for c in chunks {
+                produce(&b, "users", &[], c.as_bytes());
+                std::thread::sleep(Duration::from_millis(150));
+            }
+        })
+    };
+    let dir = std::env::temp_dir().join(format!("logq-snapkill-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let args = [
+        "--state-dir",
+        dir.to_str().unwrap(),
+        "--snapshot-interval-secs",
+        "1",
+    ];
+    let (mut hits, mut kills) = (0, 0);
+    while hits < HITS && kills < 4 * HITS {
+        let host = Host::start(&broker, &args);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        // A write while a complete snapshot exists: the restart has one to fall
+        // back on (the first write of the first run completes).
+        while (half_written(&dir) == 0 || snapshots_in(&dir).is_empty())
+            && Instant::now() < deadline
+        {
+            std::hint::spin_loop();
+        }
+        host.kill_9();
+        kills += 1;
+        if half_written(&dir) > 0 {
+            hits += 1;
+        }
+    }
+    assert_eq!(hits, HITS, "{kills} kills, {hits} during a write");
+    streaming.join().expect("the stream was produced");
+    let host = Host::start(&broker, &args);
+    // Everything was produced before this start: ready means caught up with it all.
+    host.wait_ready(READY);
+    assert_eq!(
+        half_written(&dir),
+        0,
+        "half-written snapshots are removed at start"
+    );
+    assert!(
+        host.log().contains("loaded snapshot"),
+        "a complete snapshot was restored: {}",
+        host.log()
+    );
+    host.assert_answers(expected_answers(&users, &orgs));
+    let dead = read_topic(
+        &broker,
+        "users.dlq",
+        bad * (1 + kills) + 1,
+        Duration::from_secs(5),
+    );
+    let mut copies: std::collections::BTreeMap<(String, String), usize> = Default::default();
+    for r in &dead {
+        let header = |name: &str| r.header(name).unwrap_or_default().to_owned();
+        *copies
+            .entry((header("logq.partition"), header("logq.offset")))
+            .or_default() += 1;
+    }
+    assert_eq!(copies.len(), bad, "every bad record: {copies:?}");
+    assert!(copies.values().all(|n| *n <= 1 + kills), "{copies:?}");
+    println!(
+        "{kills} kills, {hits} mid-write: {} dead letters for {bad} bad records",
         dead.len()
     );
     assert!(host.terminate().success());

@@ -20,6 +20,13 @@ impl SnapshotWriter {
     /// Starts the writer thread for snapshots in `dir`; each written or failed one is
     /// counted in `metrics` (a failure is logged and the service goes on).
     pub fn start(dir: std::path::PathBuf, metrics: Arc<Metrics>) -> Self {
+        let removed = crate::state::snapshot::remove_leftovers(&dir);
+        if removed > 0 {
+            tracing::info!(
+                "removed {removed} half-written snapshot(s) from {} (a previous run was killed while writing)",
+                dir.display()
+            );
+        }
         let (tx, rx) = std::sync::mpsc::sync_channel::<Snapshot>(1);
         let spawned = std::thread::Builder::new()
             .name("logq-snapshot".into())

@@ -62,12 +62,17 @@ pub fn write(
     let bytes = encode(snapshot);
     let path = dir.join(format!("snapshot-{stamp_millis:020}.bin"));
     let tmp = dir.join(format!(".snapshot-{stamp_millis:020}.tmp"));
-    {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&bytes)?;
-        f.sync_all()?;
+    let written = std::fs::File::create(&tmp)
+        .and_then(|mut f| {
+            f.write_all(&bytes)?;
+            f.sync_all()
+        })
+        .and_then(|()| std::fs::rename(&tmp, &path));
+    if let Err(e) = written {
+        // A full disk must not also keep the half-written file.
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e.into());
     }
-    std::fs::rename(&tmp, &path)?;
     if let Ok(d) = std::fs::File::open(dir) {
         let _ = d.sync_all();
     }
@@ -75,6 +80,24 @@ pub fn write(
         let _ = std::fs::remove_file(old);
     }
     Ok(path)
+}
+
+/// Deletes half-written snapshots a killed process left in `dir` (they are never
+/// read: only renamed, complete files count); returns how many.
+pub fn remove_leftovers(dir: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(".snapshot-") && n.ends_with(".tmp"))
+        })
+        .filter(|p| std::fs::remove_file(p).is_ok())
+        .count()
 }
 
 /// The newest snapshot in `dir` that is intact and matches `reducer_sha256` and
@@ -395,6 +418,12 @@ mod tests {
         for t in 4..10 {
             write(&dir, &good, t).unwrap();
         }
+        assert_eq!(list(&dir).unwrap().len(), KEEP);
+        // What a killed writer left is removed, and only that.
+        let leftover = dir.join(".snapshot-00000000000000000011.tmp");
+        std::fs::write(&leftover, b"half").unwrap();
+        assert_eq!(remove_leftovers(&dir), 1);
+        assert!(!leftover.exists());
         assert_eq!(list(&dir).unwrap().len(), KEEP);
         let _ = std::fs::remove_dir_all(&dir);
     }
