@@ -135,6 +135,10 @@ pub struct RunConfig {
     /// Seconds between snapshots (only with `--state-dir`; one is also written on exit).
     #[arg(long, env = "LOGQ_SNAPSHOT_INTERVAL_SECS", default_value_t = 30)]
     pub snapshot_interval_secs: u64,
+    /// Longest a read that requires a position (`X-Logq-Min-Position`) waits for the
+    /// state to reach it before answering 503, in milliseconds.
+    #[arg(long, env = "LOGQ_READ_WAIT_MAX_MS", default_value_t = 2000)]
+    pub read_wait_max_ms: u64,
     /// How long, in event time, a deleted user's tombstone is kept after its newest
     /// event (e.g. `7d`, `12h`; `never` keeps tombstones for ever). Measured against
     /// the newest event time folded, not the wall clock.

@@ -24,8 +24,11 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Produce(config) => {
             let topic = config.topic.clone();
-            let n = tokio::task::spawn_blocking(move || logq::cli::produce::run(&config)).await??;
-            println!("produced {n} records to {topic}");
+            let done =
+                tokio::task::spawn_blocking(move || logq::cli::produce::run(&config)).await??;
+            println!("produced {} records to {topic}", done.records);
+            // For read-your-writes: GET ... -H "X-Logq-Min-Position: <this>".
+            println!("position {}", done.position);
             Ok(())
         }
         Command::Dev(config) => logq::cli::dev::run(config).await,

@@ -40,6 +40,10 @@ pub async fn run(
     let reducer = load_reducer(&config, &runtime).await?;
     let (commands, command_rx) = std::sync::mpsc::channel();
     let topics = Topics::from(&config);
+    let reads = http::Reads {
+        topics: Topics::from(&config),
+        wait_max: std::time::Duration::from_millis(config.read_wait_max_ms),
+    };
     let store = Arc::new(StateStore::new());
     store.set_retention(config.tombstone_retention.micros());
     let registry = Arc::new(Registry::new(
@@ -102,6 +106,7 @@ pub async fn run(
         store,
         metrics,
         admin: Arc::new(admin),
+        reads,
     });
     let server = tokio::spawn(http::serve(
         listener,

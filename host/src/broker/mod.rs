@@ -13,6 +13,7 @@
 pub mod admin;
 pub mod consumer;
 pub mod mock;
+pub mod position;
 pub mod producer;
 
 use std::collections::BTreeMap;

@@ -1,5 +1,6 @@
 //! Sending records: dead letters and `logq produce`, with delivery accounting.
 
+use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
@@ -19,9 +20,18 @@ pub struct Deliveries {
     /// Records that could not be delivered.
     pub failed: AtomicU64,
     last_error: Mutex<Option<String>>,
+    /// Per topic and partition, the next offset after the last acknowledged record.
+    reached: Mutex<BTreeMap<(String, i32), i64>>,
 }
 
 impl Deliveries {
+    /// The position the acknowledged records reached, as a token (see
+    /// [`super::position`]); empty when nothing was delivered.
+    pub fn position(&self) -> String {
+        let reached = self.reached.lock().unwrap_or_else(|p| p.into_inner());
+        super::position::format(reached.iter().map(|((t, p), o)| (t.as_str(), *p, *o)))
+    }
+
     /// The most recent delivery error, if any.
     pub fn last_error(&self) -> Option<String> {
         self.last_error
@@ -38,8 +48,14 @@ impl ProducerContext for Deliveries {
 
     fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
         match result {
-            Ok(_) => {
+            Ok(m) => {
+                use rdkafka::Message;
                 self.delivered.fetch_add(1, Relaxed);
+                let mut reached = self.reached.lock().unwrap_or_else(|p| p.into_inner());
+                let next = reached
+                    .entry((m.topic().to_owned(), m.partition()))
+                    .or_insert(0);
+                *next = (*next).max(m.offset() + 1);
             }
             Err((e, m)) => {
                 use rdkafka::Message;
@@ -65,7 +81,9 @@ impl RecordProducer {
     pub fn new(kafka: &KafkaConfig) -> Result<Self, KafkaError> {
         let producer = client_config(
             kafka,
-            &[("enable.idempotence", "false"), ("linger.ms", "5")],
+            // Idempotent: a retry after a broker restart neither doubles nor
+            // reorders records, and the log order decides equal event times.
+            &[("enable.idempotence", "true"), ("linger.ms", "5")],
         )
         .create_with_context(Deliveries::default())
         .map_err(|e| KafkaError::Config(e.to_string()))?;

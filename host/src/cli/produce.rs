@@ -81,11 +81,20 @@ fn outgoing(event: serde_json::Value, key_by: &KeyBy) -> anyhow::Result<Outgoing
     })
 }
 
-/// Runs `logq produce`; returns how many records the broker acknowledged.
+/// What `logq produce` delivered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Produced {
+    /// Records the broker acknowledged.
+    pub records: u64,
+    /// The position they reached (a token for `X-Logq-Min-Position`).
+    pub position: String,
+}
+
+/// Runs `logq produce`; returns what the broker acknowledged.
 ///
 /// # Errors
 /// Unreadable or invalid input, an unreachable broker, or any record not delivered.
-pub fn run(config: &ProduceConfig) -> anyhow::Result<u64> {
+pub fn run(config: &ProduceConfig) -> anyhow::Result<Produced> {
     let text = match config.file.as_deref() {
         Some(path) if path.as_os_str() != "-" => {
             std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?
@@ -126,7 +135,10 @@ pub fn run(config: &ProduceConfig) -> anyhow::Result<u64> {
             d.last_error().unwrap_or_default()
         );
     }
-    Ok(d.delivered.load(std::sync::atomic::Ordering::Relaxed))
+    Ok(Produced {
+        records: d.delivered.load(std::sync::atomic::Ordering::Relaxed),
+        position: d.position(),
+    })
 }
 
 #[cfg(test)]

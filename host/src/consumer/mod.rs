@@ -222,6 +222,7 @@ impl Consumer {
             .map(|(p, w)| (*p, Some(positions[p]).filter(|at| *at > w.low)))
             .collect();
         consumer.assign(&assigned)?;
+        self.store.publish_position(&positions);
         let snapshots = self
             .config
             .state_dir
@@ -257,6 +258,7 @@ impl Consumer {
                         catch_up.advanced(p, next);
                     }
                     catch_up.applied(applied);
+                    self.store.publish_position(&positions);
                 }
                 Ok(None) => {}
                 Err(e) => {

@@ -8,6 +8,7 @@
 //!   OpenAPI), percent-decoding, and the error mapping.
 
 pub mod admin;
+pub mod reads;
 pub mod reply;
 pub mod server;
 
@@ -20,6 +21,7 @@ use warp::http::StatusCode;
 use warp::reply::Response;
 
 pub use admin::{Admin, SwapControl};
+pub use reads::Reads;
 pub use server::{ServerLimits, serve};
 
 use reply::{error, json_reply, recover};
@@ -42,6 +44,8 @@ pub struct Api {
     pub metrics: Arc<Metrics>,
     /// The admin side: reducers and who may change them.
     pub admin: Arc<Admin>,
+    /// Positions and waiting for them.
+    pub reads: Reads,
 }
 
 /// Every route of the service, errors included: the filter never rejects.
@@ -50,17 +54,91 @@ pub fn routes(api: Api) -> impl Filter<Extract = (Response,), Error = Infallible
         let api = api.clone();
         warp::any().map(move || api.clone())
     };
-    let user = warp::path!("users" / String)
-        .and(with.clone())
-        .map(|id: String, api: Api| entity("user", &id, |id| api.store.user(id)));
-    let organization =
-        warp::path!("organizations" / String)
-            .and(with.clone())
-            .map(|key: String, api: Api| {
-                entity("organization", &key, |key| {
-                    api.store.organization(key).map(|v| v.to_string())
+    let conditions = warp::header::optional::<String>(reads::MIN_POSITION)
+        .and(warp::header::optional::<String>("if-none-match"))
+        .map(|min_position, if_none_match| reads::Conditions {
+            min_position,
+            if_none_match,
+        });
+    let query = warp::query::raw().or(warp::any().map(String::new)).unify();
+    let read = with.clone().and(conditions).and(query);
+    let user = warp::path!("users" / String).and(read.clone()).then(
+        |id: String, api: Api, c: reads::Conditions, raw: String| async move {
+            let q = match reads::Query::parse(&raw, &[]) {
+                Ok(q) => q,
+                Err(r) => return r,
+            };
+            reads::answer(&api, c, &q, |s| lookup("user", &id, |id| s.user(id))).await
+        },
+    );
+    let organization = warp::path!("organizations" / String)
+        .and(read.clone())
+        .then(
+            |key: String, api: Api, c: reads::Conditions, raw: String| async move {
+                let q = match reads::Query::parse(&raw, &[]) {
+                    Ok(q) => q,
+                    Err(r) => return r,
+                };
+                reads::answer(&api, c, &q, |s| {
+                    lookup("organization", &key, |key| s.organization(key))
                 })
-            });
+                .await
+            },
+        );
+    let users = warp::path!("users").and(read.clone()).then(
+        |api: Api, c: reads::Conditions, raw: String| async move {
+            let page = async {
+                let q = reads::Query::parse(&raw, &["organization", "limit", "after"])?;
+                let (limit, after) = (q.limit()?, q.after()?.map(str::to_owned));
+                let org = q.get("organization").map(str::to_owned);
+                Ok::<_, Response>(
+                    reads::answer(&api, c, &q, |s| {
+                        let page = s.list_users(org.as_deref(), after.as_deref(), limit);
+                        Ok(reads::page_body("users", &page))
+                    })
+                    .await,
+                )
+            };
+            page.await.unwrap_or_else(|r| r)
+        },
+    );
+    let organizations = warp::path!("organizations").and(read.clone()).then(
+        |api: Api, c: reads::Conditions, raw: String| async move {
+            let page = async {
+                let q = reads::Query::parse(&raw, &["limit", "after"])?;
+                let (limit, after) = (q.limit()?, q.after()?.map(str::to_owned));
+                Ok::<_, Response>(
+                    reads::answer(&api, c, &q, |s| {
+                        let page = s.list_organizations(after.as_deref(), limit);
+                        Ok(reads::page_body("organizations", &page))
+                    })
+                    .await,
+                )
+            };
+            page.await.unwrap_or_else(|r| r)
+        },
+    );
+    let members = warp::path!("organizations" / String / "users")
+        .and(read)
+        .then(
+            |key: String, api: Api, c: reads::Conditions, raw: String| async move {
+                let page = async {
+                    let q = reads::Query::parse(&raw, &["limit", "after"])?;
+                    let (limit, after) = (q.limit()?, q.after()?.map(str::to_owned));
+                    Ok::<_, Response>(
+                        reads::answer(&api, c, &q, |s| {
+                            let key = decoded("organization", &key)?;
+                            match s.members(&key, after.as_deref(), limit) {
+                                Some(page) => Ok(reads::page_body("users", &page)),
+                                None => Err(not_found("organization", &key)),
+                            }
+                        })
+                        .await,
+                    )
+                };
+                page.await.unwrap_or_else(|r| r)
+            },
+        );
     let healthz =
         warp::path!("healthz").map(|| json_reply(StatusCode::OK, &json!({"status": "ok"})));
     let openapi = warp::path!("openapi.json").map(|| {
@@ -72,16 +150,22 @@ pub fn routes(api: Api) -> impl Filter<Extract = (Response,), Error = Infallible
         r
     });
     let readyz = warp::path!("readyz").and(with.clone()).map(|api: Api| {
+        let at = api.store.position();
         let (ready, status) = api.metrics.readiness();
         let code = if ready {
             StatusCode::OK
         } else {
             StatusCode::SERVICE_UNAVAILABLE
         };
-        json_reply(
+        let token = api.reads.topics.token(&at);
+        let mut r = json_reply(
             code,
-            &json!({"ready": ready, "status": status, "lag": api.metrics.total_lag()}),
-        )
+            &json!({"ready": ready, "status": status, "lag": api.metrics.total_lag(), "position": token}),
+        );
+        if let Ok(v) = warp::http::HeaderValue::from_str(&token) {
+            r.headers_mut().insert(reads::POSITION, v);
+        }
+        r
     });
     let admin = admin::routes(api.admin.clone());
     let metrics = warp::path!("metrics").and(with).map(|api: Api| {
@@ -95,6 +179,12 @@ pub fn routes(api: Api) -> impl Filter<Extract = (Response,), Error = Infallible
     });
     let public = warp::get().and(
         user.or(organization)
+            .unify()
+            .or(users)
+            .unify()
+            .or(organizations)
+            .unify()
+            .or(members)
             .unify()
             .or(healthz)
             .unify()
@@ -135,48 +225,40 @@ fn allowed_methods(path: &str) -> &'static str {
     }
 }
 
-/// Looks up one entity by the raw path segment.
-fn entity(what: &str, raw: &str, find: impl FnOnce(&str) -> Option<String>) -> Response {
-    let decoded = if raw.contains('%') {
-        percent_decode(raw).map(std::borrow::Cow::Owned)
-    } else {
-        Some(std::borrow::Cow::Borrowed(raw))
-    };
-    let id = match decoded {
-        Some(id) => id,
-        None => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                "bad_request",
-                format!("the {what} id is not valid percent-encoded UTF-8"),
-            );
-        }
+/// Looks up one entity by the raw path segment: its answer, or the error response.
+fn lookup(what: &str, raw: &str, find: impl FnOnce(&str) -> Option<String>) -> reads::Found {
+    let id = decoded(what, raw)?;
+    find(&id).ok_or_else(|| not_found(what, &id))
+}
+
+fn not_found(what: &str, id: &str) -> Response {
+    error(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        format!("no {what} with id {}", json!(id)),
+    )
+}
+
+/// A path segment, percent-decoded and checked for length.
+fn decoded(what: &str, raw: &str) -> Result<String, Response> {
+    let Some(id) = percent_decode(raw) else {
+        return Err(error(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            format!("the {what} id is not valid percent-encoded UTF-8"),
+        ));
     };
     if id.len() > MAX_ID_BYTES {
-        return error(
+        return Err(error(
             StatusCode::BAD_REQUEST,
             "bad_request",
             format!(
                 "the {what} id is {} bytes; ids are at most {MAX_ID_BYTES}",
                 id.len()
             ),
-        );
+        ));
     }
-    match find(&id) {
-        Some(body) => {
-            let mut r = Response::new(body.into());
-            r.headers_mut().insert(
-                "content-type",
-                warp::http::HeaderValue::from_static("application/json"),
-            );
-            r
-        }
-        None => error(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            format!("no {what} with id {}", json!(id)),
-        ),
-    }
+    Ok(id)
 }
 
 /// Decodes `%XX` escapes; `None` for a broken escape or bytes that are not UTF-8.
@@ -219,6 +301,132 @@ mod tests {
             store,
             metrics: Arc::new(Metrics::new(["users", "organizations"])),
             admin: Arc::new(admin(None, Fake::default())),
+            reads: Reads {
+                topics: crate::broker::Topics {
+                    users: "users".into(),
+                    organizations: "organizations".into(),
+                },
+                wait_max: Duration::from_millis(300),
+            },
+        }
+    }
+
+    fn at(next: i64) -> crate::broker::Positions {
+        let p = crate::broker::Partition {
+            source: logq_abi::Source::Users,
+            id: 0,
+        };
+        [(p, next)].into_iter().collect()
+    }
+
+    #[tokio::test]
+    async fn answers_carry_their_position_and_an_etag_that_gives_304() {
+        let api = api();
+        api.store.publish_position(&at(7));
+        let r = warp::test::request()
+            .path("/users/snake%20%C3%BC")
+            .reply(&routes(api.clone()))
+            .await;
+        assert_eq!(r.status(), StatusCode::OK);
+        assert_eq!(r.headers()[reads::POSITION], "users/0@7");
+        let tag = r.headers()["etag"].to_str().unwrap().to_owned();
+        let again = warp::test::request()
+            .path("/users/snake%20%C3%BC")
+            .header("if-none-match", &tag)
+            .reply(&routes(api.clone()))
+            .await;
+        assert_eq!(again.status(), StatusCode::NOT_MODIFIED);
+        assert!(again.body().is_empty());
+        let other = warp::test::request()
+            .path("/users/snake%20%C3%BC")
+            .header("if-none-match", "\"0000\"")
+            .reply(&routes(api.clone()))
+            .await;
+        assert_eq!(other.status(), StatusCode::OK);
+        let missing = warp::test::request()
+            .path("/users/nobody")
+            .reply(&routes(api.clone()))
+            .await;
+        assert_eq!(
+            missing.headers()[reads::POSITION],
+            "users/0@7",
+            "a 404 says where it looked"
+        );
+        let ready = warp::test::request()
+            .path("/readyz")
+            .reply(&routes(api))
+            .await;
+        assert_eq!(ready.headers()[reads::POSITION], "users/0@7");
+    }
+
+    #[tokio::test]
+    async fn a_read_waits_for_the_position_it_requires_and_gives_up_with_503() {
+        let api = api();
+        api.store.publish_position(&at(3));
+        // Reached already: answered at once.
+        let r = warp::test::request()
+            .path("/users/snake%20%C3%BC?min_position=users/0@3")
+            .reply(&routes(api.clone()))
+            .await;
+        assert_eq!(r.status(), StatusCode::OK);
+        // Reached while it waits.
+        let store = api.store.clone();
+        let later = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            store.publish_position(&at(5));
+        });
+        let r = warp::test::request()
+            .path("/users/snake%20%C3%BC")
+            .header(reads::MIN_POSITION, "users/0@5")
+            .reply(&routes(api.clone()))
+            .await;
+        later.await.unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+        assert_eq!(r.headers()[reads::POSITION], "users/0@5");
+        // Not reached within --read-wait-max-ms (300 ms here).
+        let start = std::time::Instant::now();
+        let r = warp::test::request()
+            .path("/users/snake%20%C3%BC")
+            .header(reads::MIN_POSITION, "users/0@9,users/1@1")
+            .reply(&routes(api.clone()))
+            .await;
+        assert!(start.elapsed() >= Duration::from_millis(300));
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(r.headers()["retry-after"], "1");
+        let body: serde_json::Value = serde_json::from_slice(r.body()).unwrap();
+        assert_eq!(body["error"], "position_not_reached");
+        assert_eq!(body["behind"], json!({"users/0": 4, "users/1": 1}));
+        // A token that is not one is refused, not waited on.
+        let (code, body) = get("/users/x?min_position=users@1").await;
+        assert_eq!(code, StatusCode::BAD_REQUEST, "{body}");
+        let (code, body) = get("/users/x?min_position=payments/0@1").await;
+        assert_eq!(code, StatusCode::BAD_REQUEST, "{body}");
+    }
+
+    #[tokio::test]
+    async fn listings_page_and_refuse_bad_parameters() {
+        let (code, body) = get("/users?limit=1").await;
+        assert_eq!(code, StatusCode::OK);
+        assert_eq!(
+            body,
+            json!({"users": [{"id": "snake ü", "organization": null}], "next": null})
+        );
+        let (code, body) = get("/organizations").await;
+        assert_eq!(
+            (code, body),
+            (StatusCode::OK, json!({"organizations": [], "next": null}))
+        );
+        let (code, _) = get("/organizations/nope/users").await;
+        assert_eq!(code, StatusCode::NOT_FOUND);
+        for bad in [
+            "/users?limit=0",
+            "/users?limit=5000",
+            "/users?sort=name",
+            "/organizations?organization=x",
+        ] {
+            let (code, body) = get(bad).await;
+            assert_eq!(code, StatusCode::BAD_REQUEST, "{bad}: {body}");
+            assert!(body["message"].is_string(), "{bad}: {body}");
         }
     }
 
@@ -492,7 +700,7 @@ mod tests {
             ("/users/%ZZ".to_string(), StatusCode::BAD_REQUEST),
             ("/users/%C3".to_string(), StatusCode::BAD_REQUEST),
             ("/users/%00".to_string(), StatusCode::NOT_FOUND),
-            ("/users/".to_string(), StatusCode::NOT_FOUND),
+            ("/users//x".to_string(), StatusCode::NOT_FOUND),
             ("/users/a/b".to_string(), StatusCode::NOT_FOUND),
             (
                 "/organizations/%E2%9C%93".to_string(),
@@ -637,7 +845,10 @@ mod tests {
         let paths = doc["paths"].as_object().unwrap();
         for path in [
             "/users/{id}",
+            "/users",
             "/organizations/{key}",
+            "/organizations",
+            "/organizations/{key}/users",
             "/healthz",
             "/readyz",
             "/metrics",

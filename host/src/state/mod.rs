@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering};
 
 use logq_abi::{Entity, Kind, States, Update};
 
+use crate::broker::Positions;
 use crate::fold::Target;
 
 /// One stored entity: one buffer, nothing twice.
@@ -130,6 +131,27 @@ pub struct StateStore {
     /// Tombstones this store forgot (kept across [`StateStore::replace`], so the
     /// counter never goes back).
     expired: AtomicU64,
+    /// How far into the log the visible state is (see [`StateStore::position`]).
+    position: Published,
+}
+
+/// The published position, with a channel readers can wait on.
+#[derive(Debug)]
+struct Published(tokio::sync::watch::Sender<Positions>);
+
+impl Default for Published {
+    fn default() -> Self {
+        Self(tokio::sync::watch::channel(Positions::new()).0)
+    }
+}
+
+/// One page of a listing: answers in key order, and the cursor of the next page.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Page {
+    /// The answers (JSON objects), in key order.
+    pub items: Vec<String>,
+    /// The last key of this page when more follow (pass it as `after`).
+    pub next: Option<String>,
 }
 
 /// Which reducer rendered the visible answers.
@@ -205,6 +227,90 @@ impl StateStore {
         }
     }
 
+    /// Publishes how far into the log the visible state is: called by the one writer
+    /// after each batch is applied, so the published position never runs ahead of
+    /// what readers see (it may briefly lag it, which is safe for read-your-writes).
+    pub fn publish_position(&self, positions: &Positions) {
+        self.position.0.send_if_modified(|p| {
+            let changed = p != positions;
+            if changed {
+                p.clone_from(positions);
+            }
+            changed
+        });
+    }
+
+    /// The next offset to fold per partition: everything below is in the state. Read
+    /// it before reading an answer and the answer reflects at least this.
+    pub fn position(&self) -> Positions {
+        self.position.0.borrow().clone()
+    }
+
+    /// A receiver that wakes when the position moves.
+    pub fn watch_position(&self) -> tokio::sync::watch::Receiver<Positions> {
+        self.position.0.subscribe()
+    }
+
+    /// Visible users in id order after `after`, at most `limit`; with `organization`,
+    /// only those whose `organization_name` it is. One pass under the read lock
+    /// (O(users · log limit)); nothing is copied but the page.
+    pub fn list_users(
+        &self,
+        organization: Option<&str>,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Page {
+        let maps = self.read();
+        let keys = maps.users.iter().filter(|(k, e)| {
+            e.view.is_some()
+                && after.is_none_or(|a| k.as_ref() > a)
+                && organization.is_none_or(|o| e.join() == Some(o))
+        });
+        let (keys, next) = smallest(keys.map(|(k, _)| k.as_ref()), limit);
+        let items = keys.iter().filter_map(|k| maps.user_answer(k)).collect();
+        Page { items, next }
+    }
+
+    /// Organizations in key order after `after`, at most `limit`.
+    pub fn list_organizations(&self, after: Option<&str>, limit: usize) -> Page {
+        let maps = self.read();
+        let keys = maps
+            .organizations
+            .iter()
+            .filter(|(k, e)| e.view.is_some() && after.is_none_or(|a| k.as_ref() > a))
+            .map(|(k, _)| k.as_ref());
+        let (keys, next) = smallest(keys, limit);
+        let items = keys
+            .iter()
+            .filter_map(|k| maps.organizations.get(*k).and_then(Entry::view))
+            .map(str::to_owned)
+            .collect();
+        Page { items, next }
+    }
+
+    /// The users that join organization `key` (whose answer's `organization` is
+    /// it), as [`StateStore::list_users`]; `None` for an unknown organization.
+    pub fn members(&self, key: &str, after: Option<&str>, limit: usize) -> Option<Page> {
+        let name = {
+            let maps = self.read();
+            let name = maps.organizations.get(key)?.join()?.to_owned();
+            // Of two keys with one name, users join the smallest.
+            let joins = maps
+                .by_name
+                .get(name.as_str())
+                .and_then(|keys| keys.first())
+                .is_some_and(|k| k.as_ref() == key);
+            if !joins {
+                return Some(Page {
+                    items: Vec::new(),
+                    next: None,
+                });
+            }
+            name
+        };
+        Some(self.list_users(Some(&name), after, limit))
+    }
+
     /// From now on, entries written are tagged as rendered by reducer `id`.
     pub fn set_renderer(&self, id: u32) {
         self.renderer.store(id, Ordering::Relaxed);
@@ -266,18 +372,7 @@ impl StateStore {
 
     /// The answer for user `id`: its view joined with its organization's.
     pub fn user(&self, id: &str) -> Option<String> {
-        let maps = self.read();
-        let entry = maps.users.get(id)?;
-        let view = entry.view()?;
-        let org = entry
-            .join()
-            .and_then(|name| maps.by_name.get(name))
-            .and_then(|keys| keys.first())
-            .and_then(|key| maps.organizations.get(key))
-            .and_then(Entry::view);
-        // Copying a few hundred bytes under the read lock is cheaper than sharing
-        // pointers to them; the writer holds the lock only to swap a batch in.
-        Some(join_view(view, org))
+        self.read().user_answer(id)
     }
 
     /// The answer for organization `key`.
@@ -337,7 +432,44 @@ impl Target for StateStore {
     }
 }
 
+/// The `limit` smallest of `keys` in order, and the last of them when more follow.
+fn smallest<'k>(
+    keys: impl Iterator<Item = &'k str>,
+    limit: usize,
+) -> (Vec<&'k str>, Option<String>) {
+    // A max-heap of the limit + 1 smallest seen so far.
+    let mut heap = std::collections::BinaryHeap::with_capacity(limit.saturating_add(1).min(4096));
+    for k in keys {
+        if heap.len() <= limit {
+            heap.push(k);
+        } else if heap.peek().is_some_and(|top| k < *top) {
+            heap.pop();
+            heap.push(k);
+        }
+    }
+    let more = heap.len() > limit;
+    let mut page = heap.into_sorted_vec();
+    page.truncate(limit);
+    let next = more.then(|| page.last().map(|k| (*k).to_owned())).flatten();
+    (page, next)
+}
+
 impl Maps {
+    /// The answer for user `id`: its view joined with its organization's.
+    fn user_answer(&self, id: &str) -> Option<String> {
+        let entry = self.users.get(id)?;
+        let view = entry.view()?;
+        let org = entry
+            .join()
+            .and_then(|name| self.by_name.get(name))
+            .and_then(|keys| keys.first())
+            .and_then(|key| self.organizations.get(key))
+            .and_then(Entry::view);
+        // Copying a few hundred bytes under the read lock is cheaper than sharing
+        // pointers to them; the writer holds the lock only to swap a batch in.
+        Some(join_view(view, org))
+    }
+
     /// Keeps the tombstone index right as user `key`'s entry becomes `new`.
     fn track_tombstone(&mut self, key: &str, new: Option<&Entry>) {
         let old = self.users.get(key).and_then(Entry::tombstone);
@@ -694,6 +826,96 @@ mod tests {
             clock <= wall + CLOCK_AHEAD_MAX_MICROS && clock > wall,
             "{clock} vs {wall}"
         );
+    }
+
+    #[test]
+    fn listings_page_in_key_order_with_filters_and_members() {
+        let store = StateStore::new();
+        let user = |id: &str, org: &str| {
+            (
+                entity(Kind::User, id),
+                update(Some(&format!(r#"{{"id":"{id}"}}"#)), Some(org)),
+            )
+        };
+        let (keys, updates): (Vec<_>, Vec<_>) = [
+            user("c", "MGS"),
+            user("a", "MGS"),
+            user("e", "FOX"),
+            user("b", "MGS"),
+            user("d", "FOX"),
+        ]
+        .into_iter()
+        .chain([(entity(Kind::User, "gone"), update(None, Some("MGS")))])
+        .chain(["k2", "k1", "k3"].map(|k| {
+            let name = if k == "k3" { "FOX" } else { "MGS" };
+            (
+                entity(Kind::Organization, k),
+                update(
+                    Some(&format!(r#"{{"organization_key":"{k}"}}"#)),
+                    Some(name),
+                ),
+            )
+        }))
+        .unzip();
+        store.apply(&keys, updates);
+        let ids = |page: &Page| -> Vec<String> {
+            page.items
+                .iter()
+                .map(|i| {
+                    serde_json::from_str::<serde_json::Value>(i).unwrap()["id"]
+                        .as_str()
+                        .unwrap()
+                        .to_owned()
+                })
+                .collect()
+        };
+        let first = store.list_users(None, None, 2);
+        assert_eq!(
+            (ids(&first), first.next.as_deref()),
+            (vec!["a".into(), "b".into()], Some("b"))
+        );
+        let second = store.list_users(None, first.next.as_deref(), 2);
+        assert_eq!(ids(&second), ["c", "d"]);
+        let last = store.list_users(None, second.next.as_deref(), 2);
+        assert_eq!((ids(&last), last.next), (vec!["e".into()], None));
+        let mgs = store.list_users(Some("MGS"), None, 10);
+        assert_eq!(ids(&mgs), ["a", "b", "c"], "invisible users are not listed");
+        assert!(
+            mgs.items[0].contains(r#""organization":{"organization_key":"k1"}"#),
+            "{mgs:?}"
+        );
+        let orgs = store.list_organizations(Some("k1"), 10);
+        assert_eq!(orgs.items.len(), 2);
+        assert!(orgs.items[0].contains("k2"));
+        // Members: the smallest key of a name has them; another key of it has none.
+        assert_eq!(
+            ids(&store.members("k1", None, 10).unwrap()),
+            ["a", "b", "c"]
+        );
+        assert!(store.members("k2", None, 10).unwrap().items.is_empty());
+        assert_eq!(ids(&store.members("k3", Some("d"), 10).unwrap()), ["e"]);
+        assert_eq!(store.members("nope", None, 10), None);
+    }
+
+    #[test]
+    fn the_published_position_wakes_watchers_only_when_it_moves() {
+        use crate::broker::Partition;
+        let store = StateStore::new();
+        let mut rx = store.watch_position();
+        let p = Partition {
+            source: logq_abi::Source::Users,
+            id: 0,
+        };
+        let at: Positions = [(p, 7)].into_iter().collect();
+        store.publish_position(&at);
+        assert!(rx.has_changed().unwrap());
+        assert_eq!(*rx.borrow_and_update(), at);
+        store.publish_position(&at);
+        assert!(
+            !rx.has_changed().unwrap(),
+            "the same position again wakes no one"
+        );
+        assert_eq!(store.position(), at);
     }
 
     #[test]

@@ -1,0 +1,302 @@
+//! Reads with a position: every answer says how far into the log it is
+//! (`X-Logq-Position`), a read can require a position (`X-Logq-Min-Position` or
+//! `?min_position=`) and waits up to `--read-wait-max-ms` for it, answers carry an
+//! `ETag` (`If-None-Match` gives 304), and users and organizations can be listed in
+//! key order with cursor pagination.
+
+use std::time::Duration;
+
+use serde_json::json;
+use warp::http::{HeaderValue, StatusCode};
+use warp::reply::Response;
+
+use super::reply::{error, json_reply};
+use super::{Api, MAX_ID_BYTES, percent_decode};
+use crate::broker::position;
+use crate::broker::{Positions, Topics};
+use crate::state::{Page, StateStore};
+
+/// Header naming the position an answer reflects.
+pub const POSITION: &str = "x-logq-position";
+/// Header (or query parameter `min_position`) naming the position a read requires.
+pub const MIN_POSITION: &str = "x-logq-min-position";
+/// Default page size of a listing.
+pub const DEFAULT_LIMIT: usize = 100;
+/// Largest page size of a listing.
+pub const MAX_LIMIT: usize = 1000;
+
+/// How reads are answered.
+#[derive(Debug, Clone)]
+pub struct Reads {
+    /// The topics, for position tokens.
+    pub topics: Topics,
+    /// Longest a read waits for the position it requires.
+    pub wait_max: Duration,
+}
+
+/// What a request says about consistency.
+#[derive(Debug, Default)]
+pub struct Conditions {
+    /// `X-Logq-Min-Position`, as sent.
+    pub min_position: Option<String>,
+    /// `If-None-Match`, as sent.
+    pub if_none_match: Option<String>,
+}
+
+/// A read's outcome before headers: a JSON body for 200, or a finished response.
+pub type Found = Result<String, Response>;
+
+/// The query parameters of a request, decoded; unknown names are refused.
+pub struct Query(Vec<(String, String)>);
+
+impl Query {
+    /// Parses `raw` (`a=1&b=x%20y`), allowing only `allowed` names (and
+    /// `min_position`, which every read takes).
+    ///
+    /// # Errors
+    /// A 400 response naming what is wrong.
+    pub fn parse(raw: &str, allowed: &[&str]) -> Result<Self, Response> {
+        let mut out = Vec::new();
+        for pair in raw.split('&').filter(|p| !p.is_empty()) {
+            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+            let decode = |s: &str| percent_decode(&s.replace('+', " "));
+            let (Some(name), Some(value)) = (decode(name), decode(value)) else {
+                return Err(bad(format!(
+                    "query parameter {pair:?} is not valid percent-encoded UTF-8"
+                )));
+            };
+            if name != "min_position" && !allowed.contains(&name.as_str()) {
+                let mut names: Vec<&str> = allowed.to_vec();
+                names.push("min_position");
+                return Err(bad(format!(
+                    "unknown query parameter {name:?}; this route takes {}",
+                    names.join(", ")
+                )));
+            }
+            if out.iter().any(|(n, _)| *n == name) {
+                return Err(bad(format!("query parameter {name:?} is given twice")));
+            }
+            out.push((name, value));
+        }
+        Ok(Self(out))
+    }
+
+    /// The value of `name`, if given.
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// `limit`: 1 to [`MAX_LIMIT`], [`DEFAULT_LIMIT`] when absent.
+    ///
+    /// # Errors
+    /// A 400 response for anything else.
+    pub fn limit(&self) -> Result<usize, Response> {
+        match self.get("limit") {
+            None => Ok(DEFAULT_LIMIT),
+            Some(v) => match v.parse::<usize>() {
+                Ok(n) if (1..=MAX_LIMIT).contains(&n) => Ok(n),
+                _ => Err(bad(format!(
+                    "limit must be a whole number from 1 to {MAX_LIMIT}, got {v:?}"
+                ))),
+            },
+        }
+    }
+
+    /// `after`: the cursor (`next` of the previous page), at most an id long.
+    ///
+    /// # Errors
+    /// A 400 response for an over-long cursor.
+    pub fn after(&self) -> Result<Option<&str>, Response> {
+        match self.get("after") {
+            Some(a) if a.len() > MAX_ID_BYTES => Err(bad(format!(
+                "after is {} bytes; cursors are at most {MAX_ID_BYTES}",
+                a.len()
+            ))),
+            other => Ok(other),
+        }
+    }
+}
+
+fn bad(message: String) -> Response {
+    error(StatusCode::BAD_REQUEST, "bad_request", message)
+}
+
+/// Answers a read: waits for the required position (the header, else the query's
+/// `min_position`), reads the position, then the answer, and adds `X-Logq-Position`
+/// and, on 200, an `ETag` (304 when it matches `If-None-Match`).
+pub async fn answer(
+    api: &Api,
+    conditions: Conditions,
+    query: &Query,
+    read: impl FnOnce(&StateStore) -> Found,
+) -> Response {
+    let wanted = conditions
+        .min_position
+        .as_deref()
+        .or_else(|| query.get("min_position"));
+    if let Some(token) = wanted {
+        let wanted = match api.reads.topics.parse_token(token) {
+            Ok(w) => w,
+            Err(e) => return bad(e),
+        };
+        if let Err(behind) = reach(&api.store, &wanted, api.reads.wait_max).await {
+            return not_reached(api, &behind);
+        }
+    }
+    // The position first: the answer read after it reflects at least that much.
+    let at = api.store.position();
+    let mut response = match read(&api.store) {
+        Ok(body) => {
+            let tag = etag(&body);
+            if conditions
+                .if_none_match
+                .as_deref()
+                .is_some_and(|h| matches(h, &tag))
+            {
+                let mut r = Response::new(String::new().into());
+                *r.status_mut() = StatusCode::NOT_MODIFIED;
+                insert(&mut r, "etag", &tag);
+                r
+            } else {
+                let mut r = Response::new(body.into());
+                insert(&mut r, "content-type", "application/json");
+                insert(&mut r, "etag", &tag);
+                r
+            }
+        }
+        Err(r) => r,
+    };
+    insert(&mut response, POSITION, &api.reads.topics.token(&at));
+    response
+}
+
+/// Waits until the store's position has reached `wanted`, at most `max`; the
+/// partitions still behind when it gives up.
+async fn reach(store: &StateStore, wanted: &Positions, max: Duration) -> Result<(), Positions> {
+    let mut rx = store.watch_position();
+    let deadline = tokio::time::Instant::now() + max;
+    loop {
+        let behind = position::behind(&rx.borrow_and_update(), wanted);
+        if behind.is_empty() {
+            return Ok(());
+        }
+        match tokio::time::timeout_at(deadline, rx.changed()).await {
+            Ok(Ok(())) => {}
+            _ => return Err(behind),
+        }
+    }
+}
+
+fn not_reached(api: &Api, behind: &Positions) -> Response {
+    let topics = &api.reads.topics;
+    let mut r = json_reply(
+        StatusCode::SERVICE_UNAVAILABLE,
+        &json!({
+            "error": "position_not_reached",
+            "message": format!(
+                "the state did not reach the required position within {} ms; retry, or read without it",
+                api.reads.wait_max.as_millis()
+            ),
+            "behind": topics.named(behind),
+            "position": topics.token(&api.store.position()),
+        }),
+    );
+    insert(&mut r, "retry-after", "1");
+    r
+}
+
+/// A strong validator of `body`: FNV-1a 64, the same on every replica and run.
+pub fn etag(body: &str) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in body.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("\"{h:016x}\"")
+}
+
+/// Whether an `If-None-Match` value matches `tag` (`*`, or one of a list; a weak
+/// `W/` prefix compares equal, as RFC 9110 asks for this header).
+fn matches(header: &str, tag: &str) -> bool {
+    header
+        .split(',')
+        .map(str::trim)
+        .any(|t| t == "*" || t.trim_start_matches("W/") == tag)
+}
+
+fn insert(r: &mut Response, name: &'static str, value: &str) {
+    if let Ok(v) = HeaderValue::from_str(value) {
+        r.headers_mut().insert(name, v);
+    }
+}
+
+/// A page as `{"<name>": [...], "next": cursor or null}`.
+pub fn page_body(name: &str, page: &Page) -> String {
+    let mut out = String::with_capacity(32 + page.items.iter().map(|i| i.len() + 1).sum::<usize>());
+    out.push_str("{\"");
+    out.push_str(name);
+    out.push_str("\":[");
+    out.push_str(&page.items.join(","));
+    out.push_str("],\"next\":");
+    out.push_str(&json!(page.next).to_string());
+    out.push('}');
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn etags_are_stable_and_if_none_match_follows_rfc_9110() {
+        let tag = etag("{\"id\":\"a\"}");
+        assert_eq!(tag, etag("{\"id\":\"a\"}"));
+        assert_ne!(tag, etag("{\"id\":\"b\"}"));
+        assert!(matches(&tag, &tag));
+        assert!(matches(&format!("\"x\", W/{tag}"), &tag));
+        assert!(matches("*", &tag));
+        assert!(!matches("\"x\"", &tag));
+    }
+
+    #[test]
+    fn query_parameters_are_checked() {
+        let q = Query::parse("limit=5&after=a%20b+c", &["limit", "after"]).unwrap();
+        assert_eq!(q.limit().unwrap(), 5);
+        assert_eq!(q.after().unwrap(), Some("a b c"));
+        assert_eq!(
+            Query::parse("", &["limit"]).unwrap().limit().unwrap(),
+            DEFAULT_LIMIT
+        );
+        for (raw, status) in [
+            ("limit=0", 400),
+            ("limit=1001", 400),
+            ("limit=x", 400),
+            ("limit=-1", 400),
+        ] {
+            let q = Query::parse(raw, &["limit"]).unwrap();
+            assert_eq!(q.limit().unwrap_err().status().as_u16(), status, "{raw}");
+        }
+        assert!(Query::parse("colour=red", &["limit"]).is_err());
+        assert!(Query::parse("limit=1&limit=2", &["limit"]).is_err());
+        assert!(Query::parse("limit=%ff", &["limit"]).is_err());
+        assert!(Query::parse("min_position=users/0@1", &[]).is_ok());
+    }
+
+    #[test]
+    fn pages_are_json_with_a_cursor() {
+        let page = Page {
+            items: vec!["{\"id\":\"a\"}".into(), "{\"id\":\"b\"}".into()],
+            next: Some("b".into()),
+        };
+        let v: serde_json::Value = serde_json::from_str(&page_body("users", &page)).unwrap();
+        assert_eq!(v, json!({"users": [{"id": "a"}, {"id": "b"}], "next": "b"}));
+        let empty = Page {
+            items: vec![],
+            next: None,
+        };
+        assert_eq!(page_body("users", &empty), "{\"users\":[],\"next\":null}");
+    }
+}
