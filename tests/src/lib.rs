@@ -437,6 +437,12 @@ impl Host {
         });
     }
 
+    /// `GET path` with extra request headers.
+    pub fn get_with(&self, path: &str, headers: &[(&str, &str)]) -> Response {
+        request_with(self.addr, "GET", path, headers, b"")
+            .unwrap_or_else(|e| panic!("GET {path}: {e}"))
+    }
+
     /// One unlabelled gauge or counter (or a labelled one, `name{label="x"}`) from
     /// `/metrics`.
     pub fn metric(&self, name: &str) -> Option<f64> {
@@ -535,14 +541,31 @@ pub fn request(
     token: Option<&str>,
     body: &[u8],
 ) -> std::io::Result<Response> {
+    let auth = token.map(|t| format!("Bearer {t}"));
+    let headers: Vec<(&str, &str)> = auth.iter().map(|a| ("Authorization", a.as_str())).collect();
+    request_with(addr, method, path, &headers, body)
+}
+
+/// One HTTP/1.1 request with extra `headers`; the whole response.
+///
+/// # Errors
+/// Connection failures and unparseable responses.
+pub fn request_with(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> std::io::Result<Response> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
     s.set_read_timeout(Some(Duration::from_secs(60)))?;
-    let auth = token
-        .map(|t| format!("Authorization: Bearer {t}\r\n"))
-        .unwrap_or_default();
+    let extra: String = headers
+        .iter()
+        .map(|(n, v)| format!("{n}: {v}\r\n"))
+        .collect();
     write!(
         s,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{auth}Content-Length: {}\r\n\r\n",
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{extra}Content-Length: {}\r\n\r\n",
         body.len()
     )?;
     // A server may answer (413, 401) before it has read the whole body.
