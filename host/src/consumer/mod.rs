@@ -270,6 +270,8 @@ impl Consumer {
                 }
             }
             dlq.poll();
+            // Between two batches the state is exactly at `positions`.
+            self.store.serve_exports(&positions);
             store_safe_progress(&consumer, &dlq, &positions, &mut stored);
             if let Some(tx) = &snapshots
                 && changed

@@ -139,6 +139,9 @@ pub fn routes(api: Api) -> impl Filter<Extract = (Response,), Error = Infallible
                 page.await.unwrap_or_else(|r| r)
             },
         );
+    let export = warp::path!("export")
+        .and(with.clone())
+        .then(|api: Api| async move { reads::export(&api).await });
     let healthz =
         warp::path!("healthz").map(|| json_reply(StatusCode::OK, &json!({"status": "ok"})));
     let openapi = warp::path!("openapi.json").map(|| {
@@ -185,6 +188,8 @@ pub fn routes(api: Api) -> impl Filter<Extract = (Response,), Error = Infallible
             .or(organizations)
             .unify()
             .or(members)
+            .unify()
+            .or(export)
             .unify()
             .or(healthz)
             .unify()

@@ -6,6 +6,8 @@
 
 use std::time::Duration;
 
+use futures_util::StreamExt as _;
+
 use serde_json::json;
 use warp::http::{HeaderValue, StatusCode};
 use warp::reply::Response;
@@ -231,6 +233,59 @@ fn insert(r: &mut Response, name: &'static str, value: &str) {
     if let Ok(v) = HeaderValue::from_str(value) {
         r.headers_mut().insert(name, v);
     }
+}
+
+/// How long an export waits for the writer to begin it (one batch, normally).
+pub const EXPORT_START_MAX: Duration = Duration::from_secs(10);
+
+/// `GET /export`: every visible user and organization at one position, as NDJSON
+/// (`{"user": ...}` lines in id order, then `{"organization": ...}` lines in key
+/// order), then one `{"end": {"users": N, "organizations": M}}` line, streamed; the
+/// position is in `X-Logq-Position`. Without the `end` line the export is not whole:
+/// one cut short (a replay handed over while it ran) ends with an `{"error": ...}`
+/// line instead.
+pub async fn export(api: &Api) -> Response {
+    let Some(begun) = api.store.request_export() else {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too_many_exports",
+            format!(
+                "{} exports are running; retry when one has finished",
+                crate::state::export::MAX_EXPORTS
+            ),
+        );
+    };
+    let export = match tokio::time::timeout(EXPORT_START_MAX, begun).await {
+        Ok(Ok(export)) => export,
+        _ => {
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "export_not_started",
+                "the consumer loop did not begin the export (is the broker reachable?); retry"
+                    .into(),
+            );
+        }
+    };
+    let token = api.reads.topics.token(&export.position);
+    let chunks = futures_util::stream::unfold((export, false), |(mut export, failed)| async move {
+        if failed {
+            return None;
+        }
+        match export.next_chunk()? {
+            Ok(lines) => Some((Ok(bytes::Bytes::from(lines)), (export, false))),
+            Err(e) => {
+                tracing::warn!("export cut short: {e}");
+                let line = json!({"error": "export_cut_short", "message": e.to_string()});
+                Some((Ok(bytes::Bytes::from(format!("{line}\n"))), (export, true)))
+            }
+        }
+    });
+    let mut r = warp::reply::Reply::into_response(warp::reply::stream(
+        chunks.map(|c: Result<bytes::Bytes, std::io::Error>| c),
+    ));
+    insert(&mut r, "content-type", "application/x-ndjson");
+    insert(&mut r, POSITION, &token);
+    r
 }
 
 /// A page as `{"<name>": [...], "next": cursor or null}`.

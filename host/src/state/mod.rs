@@ -5,6 +5,7 @@
 //! The store hands out plain bytes; how they are framed for a reducer is the fold's
 //! business ([`logq_abi::prior`]).
 
+pub mod export;
 pub mod snapshot;
 
 use std::collections::{BTreeSet, HashMap};
@@ -92,6 +93,9 @@ struct Maps {
     /// Users kept but not visible (deleted, or never created) that carry a clock,
     /// oldest first: what expires.
     tombstones: BTreeSet<(i64, Box<str>)>,
+    /// Running exports: before a user that existed when one began changes, its old
+    /// entry is saved there (see [`export`]).
+    images: Vec<std::sync::Weak<export::Image>>,
 }
 
 /// Counts for `/metrics`.
@@ -133,6 +137,8 @@ pub struct StateStore {
     expired: AtomicU64,
     /// How far into the log the visible state is (see [`StateStore::position`]).
     position: Published,
+    /// Exports asked for, to be begun by the writer between two batches.
+    pending_exports: std::sync::Mutex<Vec<export::Pending>>,
 }
 
 /// The published position, with a channel readers can wait on.
@@ -203,6 +209,7 @@ impl StateStore {
             let new = Entry::new(update, by);
             let (gone, came) = match entity.kind {
                 Kind::User => {
+                    maps.preserve_for_exports(key);
                     maps.track_tombstone(key, new.as_ref());
                     let came = new.as_ref().and_then(Entry::answer_by);
                     let gone = match (new, maps.users.get_mut(key)) {
@@ -330,7 +337,12 @@ impl StateStore {
     pub fn replace(&self, other: StateStore) {
         self.set_renderer(other.renderer.load(Ordering::Relaxed));
         let new = other.maps.into_inner().unwrap_or_else(|p| p.into_inner());
-        *self.write() = new;
+        let mut maps = self.write();
+        // Running exports cannot finish at their position on another state.
+        for image in maps.images.drain(..).filter_map(|i| i.upgrade()) {
+            image.break_off();
+        }
+        *maps = new;
     }
 
     /// Every stored entity as (entity, update, whether reducer `current` rendered it):
@@ -455,6 +467,18 @@ fn smallest<'k>(
 }
 
 impl Maps {
+    /// Saves user `key`'s entry for every running export, before it changes.
+    fn preserve_for_exports(&mut self, key: &str) {
+        if self.images.is_empty() {
+            return;
+        }
+        let Some(old) = self.users.get(key) else {
+            return;
+        };
+        self.images
+            .retain(|i| i.upgrade().map(|image| image.preserve(key, old)).is_some());
+    }
+
     /// The answer for user `id`: its view joined with its organization's.
     fn user_answer(&self, id: &str) -> Option<String> {
         let entry = self.users.get(id)?;
@@ -496,6 +520,7 @@ impl Maps {
                 break;
             };
             // The index only holds current tombstones (see `track_tombstone`).
+            self.preserve_for_exports(&key);
             self.users.remove(&key);
             n += 1;
         }

@@ -1,0 +1,352 @@
+//! A consistent export: every visible user and organization at one position, streamed
+//! without stopping ingest and without copying the state.
+//!
+//! How it stays consistent: the export is begun by the one writer between two batches
+//! ([`StateStore::serve_exports`]), when the state is exactly at the loop's position.
+//! It then copies only the user *keys* (about 40 bytes a user) and the organizations'
+//! answers (few); user entries are read from the live store as the stream goes, in
+//! chunks under short read locks. The writer, before it changes or forgets a user
+//! that existed when the export began, saves the old entry into the export's image
+//! (once per user): what the stream reads for that user. So the cost of an export is
+//! the keys plus the users changed while it runs, never the whole state.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use crate::broker::Positions;
+
+use super::{Entry, StateStore, join_view};
+
+/// Most exports running at once (each costs the writer a little per change).
+pub const MAX_EXPORTS: usize = 4;
+/// Users rendered per read lock.
+const CHUNK: usize = 512;
+
+/// Old entries saved for a running export.
+#[derive(Debug, Default)]
+pub(super) struct Image {
+    saved: Mutex<HashMap<Box<str>, Entry>>,
+    /// The store was replaced (a replay handed over, a snapshot restored): the export
+    /// cannot finish at its position.
+    replaced: AtomicBool,
+}
+
+impl Image {
+    /// Keeps `old` as user `key`'s entry at the export's position, unless kept already.
+    pub(super) fn preserve(&self, key: &str, old: &Entry) {
+        let mut saved = self.saved.lock().unwrap_or_else(|p| p.into_inner());
+        if !saved.contains_key(key) {
+            saved.insert(key.into(), old.clone());
+        }
+    }
+
+    pub(super) fn break_off(&self) {
+        self.replaced.store(true, Ordering::Relaxed);
+    }
+}
+
+/// An export begun at one position.
+#[derive(Debug)]
+pub struct Export {
+    store: Arc<StateStore>,
+    /// The position it reflects.
+    pub position: Positions,
+    /// Every user key at the position, in order.
+    users: Vec<Box<str>>,
+    /// Organization answers at the position, by key, in order.
+    organizations: Vec<String>,
+    /// organization name -> the answer users of that name join, at the position.
+    joins: HashMap<Box<str>, String>,
+    image: Arc<Image>,
+    next: usize,
+    organizations_sent: bool,
+    users_sent: usize,
+    ended: bool,
+}
+
+/// Why an export stopped early.
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    /// The state was replaced under it.
+    #[error("the state was replaced while the export ran (a replay handed over); start it again")]
+    Replaced,
+}
+
+impl Export {
+    /// The next lines (NDJSON, one `{"user": ...}` or `{"organization": ...}` per
+    /// line, then one `{"end": {"users": N, "organizations": M}}`), or `None` when
+    /// everything was sent.
+    ///
+    /// # Errors
+    /// When the store was replaced while the export ran.
+    pub fn next_chunk(&mut self) -> Option<Result<String, ExportError>> {
+        if self.image.replaced.load(Ordering::Relaxed) {
+            return Some(Err(ExportError::Replaced));
+        }
+        if self.next < self.users.len() {
+            let end = (self.next + CHUNK).min(self.users.len());
+            let mut out = String::new();
+            let maps = self.store.read();
+            let saved = self.image.saved.lock().unwrap_or_else(|p| p.into_inner());
+            for key in &self.users[self.next..end] {
+                let entry = saved.get(key).or_else(|| maps.users.get(key));
+                let Some(view) = entry.and_then(Entry::view) else {
+                    continue;
+                };
+                let org = entry
+                    .and_then(Entry::join)
+                    .and_then(|name| self.joins.get(name))
+                    .map(String::as_str);
+                out.push_str("{\"user\":");
+                out.push_str(&join_view(view, org));
+                out.push_str("}\n");
+                self.users_sent += 1;
+            }
+            self.next = end;
+            return Some(Ok(out));
+        }
+        if !self.organizations_sent {
+            self.organizations_sent = true;
+            let mut out = String::new();
+            for o in &self.organizations {
+                out.push_str("{\"organization\":");
+                out.push_str(o);
+                out.push_str("}\n");
+            }
+            return Some(Ok(out));
+        }
+        if !self.ended {
+            self.ended = true;
+            return Some(Ok(format!(
+                "{{\"end\":{{\"users\":{},\"organizations\":{}}}}}\n",
+                self.users_sent,
+                self.organizations.len()
+            )));
+        }
+        None
+    }
+}
+
+/// An export asked for, waiting for the writer.
+pub(super) type Pending = tokio::sync::oneshot::Sender<Export>;
+
+impl StateStore {
+    /// Asks for an export; the one writer begins it between two batches. `None` when
+    /// [`MAX_EXPORTS`] are already running.
+    pub fn request_export(&self) -> Option<tokio::sync::oneshot::Receiver<Export>> {
+        let running = self
+            .read()
+            .images
+            .iter()
+            .filter(|i| i.strong_count() > 0)
+            .count();
+        let mut pending = self
+            .pending_exports
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if running + pending.len() >= MAX_EXPORTS {
+            return None;
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        pending.push(tx);
+        Some(rx)
+    }
+
+    /// Begins the exports asked for, at `position`: called by the one writer between
+    /// two batches, when the state is exactly there. Collects the user keys and the
+    /// organizations under one read lock (O(users), no state copied).
+    pub fn serve_exports(self: &Arc<Self>, position: &Positions) {
+        let waiting: Vec<Pending> = {
+            let mut pending = self
+                .pending_exports
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if pending.is_empty() {
+                return;
+            }
+            std::mem::take(&mut *pending)
+        };
+        for tx in waiting {
+            let image = Arc::new(Image::default());
+            let (mut users, organizations, joins) = {
+                let mut maps = self.write();
+                maps.images.retain(|i| i.strong_count() > 0);
+                maps.images.push(Arc::downgrade(&image));
+                let users: Vec<Box<str>> = maps.users.keys().cloned().collect();
+                let orgs: BTreeMap<&str, &str> = maps
+                    .organizations
+                    .iter()
+                    .filter_map(|(k, e)| Some((k.as_ref(), e.view()?)))
+                    .collect();
+                let joins = maps
+                    .by_name
+                    .iter()
+                    .filter_map(|(name, keys)| {
+                        let view = maps.organizations.get(keys.first()?)?.view()?;
+                        Some((name.clone(), view.to_owned()))
+                    })
+                    .collect();
+                (
+                    users,
+                    orgs.values().map(|v| (*v).to_owned()).collect(),
+                    joins,
+                )
+            };
+            users.sort_unstable();
+            let export = Export {
+                store: self.clone(),
+                position: position.clone(),
+                users,
+                organizations,
+                joins,
+                image,
+                next: 0,
+                organizations_sent: false,
+                users_sent: 0,
+                ended: false,
+            };
+            // A client that went away meanwhile: its export is dropped here.
+            let _ = tx.send(export);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::test_update;
+    use logq_abi::{Entity, Kind};
+
+    fn user(id: &str, name: &str) -> (Entity, logq_abi::Update) {
+        (
+            Entity {
+                kind: Kind::User,
+                key: id.into(),
+            },
+            test_update(
+                Some(&format!(r#"{{"id":"{id}","v":"{name}"}}"#)),
+                Some("MGS"),
+            ),
+        )
+    }
+
+    fn apply(store: &StateStore, items: Vec<(Entity, logq_abi::Update)>) {
+        let (keys, updates): (Vec<_>, Vec<_>) = items.into_iter().unzip();
+        store.apply(&keys, updates);
+    }
+
+    fn drain(mut export: Export) -> Result<String, ExportError> {
+        let mut out = String::new();
+        while let Some(chunk) = export.next_chunk() {
+            out.push_str(&chunk?);
+        }
+        Ok(out)
+    }
+
+    fn begin(store: &Arc<StateStore>) -> Export {
+        let mut rx = store.request_export().expect("room for an export");
+        store.serve_exports(&Positions::new());
+        rx.try_recv().expect("begun by serve_exports")
+    }
+
+    #[test]
+    fn an_export_shows_the_state_it_began_at_whatever_changes_meanwhile() {
+        let store = Arc::new(StateStore::new());
+        let mut users: Vec<_> = (0..1500)
+            .map(|i| user(&format!("u{i:04}"), "old"))
+            .collect();
+        users.push((
+            Entity {
+                kind: Kind::Organization,
+                key: "k".into(),
+            },
+            test_update(
+                Some(r#"{"organization_key":"k","tier":"old"}"#),
+                Some("MGS"),
+            ),
+        ));
+        apply(&store, users);
+        let export = begin(&store);
+        // Meanwhile: updates (some twice), a deletion, a new user, a new tier.
+        apply(
+            &store,
+            (0..1500)
+                .step_by(7)
+                .map(|i| user(&format!("u{i:04}"), "new"))
+                .collect(),
+        );
+        apply(&store, vec![user("u0000", "newer"), user("zzz", "new")]);
+        apply(
+            &store,
+            vec![(
+                Entity {
+                    kind: Kind::User,
+                    key: "u0001".into(),
+                },
+                logq_abi::Update {
+                    state: None,
+                    view: None,
+                    join: None,
+                    clock: None,
+                },
+            )],
+        );
+        apply(
+            &store,
+            vec![(
+                Entity {
+                    kind: Kind::Organization,
+                    key: "k".into(),
+                },
+                test_update(
+                    Some(r#"{"organization_key":"k","tier":"new"}"#),
+                    Some("MGS"),
+                ),
+            )],
+        );
+        let text = drain(export).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines.len(),
+            1500 + 1 + 1,
+            "users, the organization, the end line"
+        );
+        assert!(
+            lines[0].contains(r#""id":"u0000","v":"old""#),
+            "{}",
+            lines[0]
+        );
+        assert!(
+            lines[1].contains("u0001"),
+            "a user deleted meanwhile is still there"
+        );
+        assert!(
+            text.lines()
+                .all(|l| !l.contains("\"new") && !l.contains("zzz")),
+            "nothing from after"
+        );
+        assert!(
+            lines[0].contains(r#""tier":"old""#),
+            "joined with the organization as it was"
+        );
+        assert_eq!(lines[1501], r#"{"end":{"users":1500,"organizations":1}}"#);
+        // The saved entries are only those changed: the export did not copy the state.
+        assert!(store.read().images.is_empty() || store.read().images[0].strong_count() == 0);
+    }
+
+    #[test]
+    fn exports_are_bounded_and_cut_short_by_a_replaced_state() {
+        let store = Arc::new(StateStore::new());
+        apply(&store, vec![user("a", "x")]);
+        let export = begin(&store);
+        store.replace(StateStore::new());
+        let e = drain(export).unwrap_err();
+        assert!(e.to_string().contains("replaced"), "{e}");
+        let running: Vec<_> = (0..MAX_EXPORTS)
+            .map(|_| store.request_export().unwrap())
+            .collect();
+        assert!(store.request_export().is_none(), "at most {MAX_EXPORTS}");
+        drop(running);
+    }
+}
