@@ -582,15 +582,38 @@ pub fn request_with(
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|c| c.parse().ok())
         .ok_or_else(|| std::io::Error::other(format!("bad status line: {head:?}")))?;
-    let headers = lines
+    let headers: Vec<(String, String)> = lines
         .filter_map(|l| l.split_once(':'))
         .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
         .collect();
+    let chunked = headers
+        .iter()
+        .any(|(n, v)| n == "transfer-encoding" && v.eq_ignore_ascii_case("chunked"));
+    let body = if chunked {
+        dechunk(body)
+            .ok_or_else(|| std::io::Error::other(format!("broken chunked body: {body:?}")))?
+    } else {
+        body.to_string()
+    };
     Ok(Response {
         status,
         headers,
-        body: body.to_string(),
+        body,
     })
+}
+
+/// The payload of a `Transfer-Encoding: chunked` body; `None` when it is cut short.
+fn dechunk(mut rest: &str) -> Option<String> {
+    let mut out = String::new();
+    loop {
+        let (size, tail) = rest.split_once("\r\n")?;
+        let size = usize::from_str_radix(size.split(';').next()?.trim(), 16).ok()?;
+        if size == 0 {
+            return Some(out);
+        }
+        out.push_str(tail.get(..size)?);
+        rest = tail.get(size..)?.strip_prefix("\r\n")?;
+    }
 }
 
 /// Polls `check` until it returns `Some`, or panics after `within` with `what`.

@@ -649,3 +649,101 @@ fn listings_paged_to_the_end_equal_the_oracle() {
         assert!(r.json()["message"].is_string());
     }
 }
+
+/// The records of `topic` below `position` (a token), in log order per partition.
+fn values_below(broker: &Broker, topic: &str, total: usize, position: &str) -> Vec<String> {
+    let limits: std::collections::BTreeMap<i32, i64> = position
+        .split(',')
+        .filter_map(|e| {
+            let (place, next) = e.rsplit_once('@')?;
+            let (t, p) = place.rsplit_once('/')?;
+            if t != topic {
+                return None;
+            }
+            Some((p.parse().ok()?, next.parse().ok()?))
+        })
+        .collect();
+    let mut records = read_topic(broker, topic, total, Duration::from_secs(30));
+    records.sort_by_key(|r| (r.partition, r.offset));
+    records
+        .into_iter()
+        .filter(|r| {
+            limits
+                .get(&r.partition)
+                .is_some_and(|next| r.offset < *next)
+        })
+        .map(|r| String::from_utf8(r.value).expect("UTF-8"))
+        .collect()
+}
+
+/// An export taken while events stream in equals the oracle's state at the export's
+/// position exactly (users joined with their organizations), and says it is whole.
+#[test]
+fn an_export_taken_while_events_stream_in_equals_the_oracle_at_its_position() {
+    let broker = Broker::start();
+    broker.create_default_topics();
+    let (users, orgs) = history(0xe4_9047, 1_500, 12_000);
+    let (first, rest) = users.split_at(4_000);
+    produce(&broker, "users", &[], first.join("\n").as_bytes());
+    produce(&broker, "organizations", &[], orgs.join("\n").as_bytes());
+    let host = Host::start(&broker, &[]);
+    host.wait_ready(READY);
+    let streaming = {
+        let bootstrap = broker.bootstrap.clone();
+        let chunks: Vec<String> = rest.chunks(400).map(|c| c.join("\n")).collect();
+        std::thread::spawn(move || {
+            let b = Broker::attach(&bootstrap);
+            for c in chunks {
+                produce(&b, "users", &[], c.as_bytes());
+            }
+        })
+    };
+    eventually(Duration::from_secs(60), "the stream to be flowing", || {
+        (host.metric("logq_records_consumed_total{topic=\"users\"}")?
+            > (first.len() + 1_000) as f64)
+            .then_some(())
+    });
+    let export = host.get("/export");
+    assert_eq!(export.status, 200, "{}", export.body);
+    assert_eq!(export.header("content-type"), Some("application/x-ndjson"));
+    let position = export
+        .header("x-logq-position")
+        .expect("the export's position")
+        .to_owned();
+    streaming.join().expect("the stream was produced");
+
+    let lines: Vec<serde_json::Value> = export
+        .body
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("each line is JSON"))
+        .collect();
+    let (end, rows) = lines.split_last().expect("lines");
+    let got: std::collections::BTreeMap<String, serde_json::Value> = rows
+        .iter()
+        .filter_map(|l| l.get("user"))
+        .map(|u| (u["id"].as_str().unwrap().to_owned(), u.clone()))
+        .collect();
+    let organizations = rows
+        .iter()
+        .filter(|l| l.get("organization").is_some())
+        .count();
+    assert_eq!(
+        end["end"]["users"],
+        got.len(),
+        "the end line counts the users"
+    );
+    assert_eq!(end["end"]["organizations"], organizations);
+    let users_then = values_below(&broker, "users", users.len(), &position);
+    let orgs_then = values_below(&broker, "organizations", orgs.len(), &position);
+    assert!(
+        users_then.len() > first.len() && users_then.len() < users.len(),
+        "taken mid-stream: {} of {} user records below {position}",
+        users_then.len(),
+        users.len()
+    );
+    assert_eq!(
+        got,
+        expected_answers(&users_then, &orgs_then),
+        "at {position}"
+    );
+}
