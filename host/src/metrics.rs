@@ -264,6 +264,18 @@ impl Metrics {
             "Tombstones forgotten after --tombstone-retention of event time.",
             sizes.tombstones_expired.to_string(),
         );
+        single(
+            "logq_subscribers",
+            "gauge",
+            "Live-change subscribers (/changes, /users/{id}/watch) connected.",
+            sizes.subscribers.to_string(),
+        );
+        single(
+            "logq_subscribers_dropped_total",
+            "counter",
+            "Live-change subscribers dropped as too slow.",
+            sizes.subscribers_dropped.to_string(),
+        );
         if let Some(clock) = sizes.clock {
             single(
                 "logq_event_time_seconds",
@@ -342,7 +354,10 @@ mod tests {
             tombstones: 1,
             tombstones_expired: 9,
             clock: Some(1_600_000_000_500_000),
+            subscribers: 2,
+            subscribers_dropped: 1,
         });
+        assert!(text.contains("logq_subscribers 2\n"), "{text}");
         assert!(text.contains("logq_tombstones 1\n"), "{text}");
         assert!(text.contains("logq_tombstones_expired_total 9\n"), "{text}");
         assert!(

@@ -5,6 +5,7 @@
 //! The store hands out plain bytes; how they are framed for a reducer is the fold's
 //! business ([`logq_abi::prior`]).
 
+pub mod changes;
 pub mod export;
 pub mod snapshot;
 
@@ -96,6 +97,9 @@ struct Maps {
     /// Running exports: before a user that existed when one began changes, its old
     /// entry is saved there (see [`export`]).
     images: Vec<std::sync::Weak<export::Image>>,
+    /// Entities touched since the last published position (only while someone
+    /// subscribes to changes, see [`changes`]).
+    touched: Vec<(Kind, Box<str>)>,
 }
 
 /// Counts for `/metrics`.
@@ -116,6 +120,10 @@ pub struct Sizes {
     pub tombstones_expired: u64,
     /// The event-time clock (µs since the Unix epoch), once anything carried one.
     pub clock: Option<i64>,
+    /// Live-change subscribers connected now.
+    pub subscribers: usize,
+    /// Subscribers dropped as too slow, since start.
+    pub subscribers_dropped: u64,
 }
 
 /// All state the host owns, shared by the consumer loop (its one writer) and HTTP
@@ -139,6 +147,8 @@ pub struct StateStore {
     position: Published,
     /// Exports asked for, to be begun by the writer between two batches.
     pending_exports: std::sync::Mutex<Vec<export::Pending>>,
+    /// Live changes for subscribers.
+    feed: changes::Feed,
 }
 
 /// The published position, with a channel readers can wait on.
@@ -200,9 +210,13 @@ impl StateStore {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX));
         let cap = wall.saturating_add(CLOCK_AHEAD_MAX_MICROS);
+        let recording = self.feed.enabled.load(Ordering::Relaxed);
         let mut maps = self.write();
         for (entity, update) in entities.iter().zip(updates) {
             let key = entity.key.as_str();
+            if recording {
+                maps.touched.push((entity.kind, key.into()));
+            }
             if let Some(c) = update.clock {
                 maps.clock = maps.clock.max(Some(c.min(cap)));
             }
@@ -238,6 +252,9 @@ impl StateStore {
     /// after each batch is applied, so the published position never runs ahead of
     /// what readers see (it may briefly lag it, which is safe for read-your-writes).
     pub fn publish_position(&self, positions: &Positions) {
+        if self.feed.enabled.load(Ordering::Relaxed) {
+            self.publish_changes(positions);
+        }
         self.position.0.send_if_modified(|p| {
             let changed = p != positions;
             if changed {
@@ -343,6 +360,8 @@ impl StateStore {
             image.break_off();
         }
         *maps = new;
+        drop(maps);
+        self.feed.replaced();
     }
 
     /// Every stored entity as (entity, update, whether reducer `current` rendered it):
@@ -398,6 +417,8 @@ impl StateStore {
 
     /// How much is stored.
     pub fn sizes(&self) -> Sizes {
+        // Before the maps' lock: `subscribe` takes the feed's lock, then the maps'.
+        let (subscribers, subscribers_dropped) = self.subscribers();
         let maps = self.read();
         // One pass over the users for both the visible count and the bytes.
         let (users_visible, user_bytes) = maps.users.iter().fold((0, 0), |(n, bytes), (k, e)| {
@@ -414,6 +435,8 @@ impl StateStore {
             tombstones: maps.tombstones.len(),
             tombstones_expired: self.expired.load(Ordering::Relaxed),
             clock: maps.clock,
+            subscribers,
+            subscribers_dropped,
         }
     }
 
