@@ -887,3 +887,136 @@ pub fn history(seed: u64, users: u64, events: usize) -> (Vec<String>, Vec<String
         .collect();
     (user_events, orgs)
 }
+
+/// One Server-Sent Event.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SseEvent {
+    /// `event:` (empty for the default `message`).
+    pub event: String,
+    /// `id:`.
+    pub id: Option<String>,
+    /// `data:` lines, joined with newlines.
+    pub data: String,
+}
+
+impl SseEvent {
+    /// The data as JSON.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.data)
+            .unwrap_or_else(|e| panic!("event data is not JSON ({e}): {self:?}"))
+    }
+}
+
+/// A client of a Server-Sent Events stream over plain HTTP/1.1 (chunked).
+pub struct SseClient {
+    stream: TcpStream,
+    /// Status of the response.
+    pub status: u16,
+    /// Bytes received and not yet de-chunked.
+    raw: Vec<u8>,
+    /// De-chunked text not yet parsed into events.
+    text: String,
+}
+
+impl SseClient {
+    /// Opens `path` on `addr` with extra request headers; reads the response head.
+    pub fn open(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Self {
+        let mut stream =
+            TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect");
+        let extra: String = headers
+            .iter()
+            .map(|(n, v)| format!("{n}: {v}\r\n"))
+            .collect();
+        write!(
+            stream,
+            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\n{extra}\r\n"
+        )
+        .expect("request");
+        let mut client = Self {
+            stream,
+            status: 0,
+            raw: Vec::new(),
+            text: String::new(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(end) = client.raw.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&client.raw[..end]).into_owned();
+                client.status = head
+                    .split_whitespace()
+                    .nth(1)
+                    .and_then(|c| c.parse().ok())
+                    .unwrap_or(0);
+                client.raw.drain(..end + 4);
+                return client;
+            }
+            assert!(Instant::now() < deadline, "no response head from {path}");
+            client.fill(Duration::from_secs(1));
+        }
+    }
+
+    fn fill(&mut self, wait: Duration) -> usize {
+        self.stream.set_read_timeout(Some(wait)).expect("timeout");
+        let mut buf = [0u8; 65536];
+        match self.stream.read(&mut buf) {
+            Ok(n) => {
+                self.raw.extend_from_slice(&buf[..n]);
+                n
+            }
+            Err(_) => 0,
+        }
+    }
+
+    /// Moves whole chunks from `raw` to `text`.
+    fn dechunk(&mut self) {
+        loop {
+            let Some(line_end) = self.raw.windows(2).position(|w| w == b"\r\n") else {
+                return;
+            };
+            let size = std::str::from_utf8(&self.raw[..line_end])
+                .ok()
+                .and_then(|s| {
+                    usize::from_str_radix(s.split(';').next().unwrap_or("").trim(), 16).ok()
+                })
+                .expect("a chunk size");
+            if self.raw.len() < line_end + 2 + size + 2 {
+                return;
+            }
+            let chunk = self.raw[line_end + 2..line_end + 2 + size].to_vec();
+            self.raw.drain(..line_end + 2 + size + 2);
+            self.text.push_str(&String::from_utf8_lossy(&chunk));
+        }
+    }
+
+    /// The next event (keep-alive comments skipped), waiting up to `within`.
+    pub fn next(&mut self, within: Duration) -> Option<SseEvent> {
+        let deadline = Instant::now() + within;
+        loop {
+            self.dechunk();
+            while let Some(end) = self.text.find("\n\n") {
+                let block: String = self.text.drain(..end + 2).collect();
+                let mut e = SseEvent::default();
+                let mut data = Vec::new();
+                for line in block.lines() {
+                    if let Some(v) = line.strip_prefix("event:") {
+                        e.event = v.trim().to_owned();
+                    } else if let Some(v) = line.strip_prefix("id:") {
+                        e.id = Some(v.trim().to_owned());
+                    } else if let Some(v) = line.strip_prefix("data:") {
+                        data.push(v.strip_prefix(' ').unwrap_or(v).to_owned());
+                    }
+                }
+                if e.event.is_empty() && e.id.is_none() && data.is_empty() {
+                    continue; // a comment (keep-alive)
+                }
+                e.data = data.join("\n");
+                return Some(e);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            self.fill(left.min(Duration::from_millis(200)));
+        }
+    }
+}

@@ -5,8 +5,8 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use logq_e2e::{
-    Broker, Host, eventually, expected_answers, free_port, history, produce, produce_raw,
-    read_topic, root,
+    Broker, Host, SseClient, eventually, expected_answers, free_port, history, produce,
+    produce_raw, read_topic, root,
 };
 
 const READY: Duration = Duration::from_secs(120);
@@ -746,4 +746,185 @@ fn an_export_taken_while_events_stream_in_equals_the_oracle_at_its_position() {
         expected_answers(&users_then, &orgs_then),
         "at {position}"
     );
+}
+
+fn user_event(id: &str, kind: &str, username: &str, second: u32) -> String {
+    serde_json::json!({"id": id, "event_type": kind, "username": username,
+        "received_at": format!("2021-01-01 00:00:{second:02}")})
+    .to_string()
+}
+
+/// A watcher sees the current answer, then every change of its user in order of
+/// position (a deletion included), each with its position as the event id; after a
+/// disconnect, `Last-Event-ID` resumes with exactly what it missed; from outside the
+/// window it is told so.
+#[test]
+fn a_watcher_sees_every_change_in_order_and_resumes_after_a_disconnect() {
+    let broker = Broker::start();
+    broker.create_default_topics();
+    produce(
+        &broker,
+        "users",
+        &[],
+        user_event("w", "User Created", "v0", 0).as_bytes(),
+    );
+    let host = Host::start(&broker, &[]);
+    host.wait_ready(READY);
+    let mut watch = SseClient::open(host.addr, "/users/w/watch", &[]);
+    assert_eq!(watch.status, 200);
+    let first = watch
+        .next(Duration::from_secs(10))
+        .expect("the current answer");
+    assert_eq!(
+        (first.event.as_str(), first.json()["username"].clone()),
+        ("user", "v0".into())
+    );
+    let mut last_id = String::new();
+    for n in 1..=6 {
+        produce(
+            &broker,
+            "users",
+            &[],
+            user_event("w", "User Updated", &format!("v{n}"), n).as_bytes(),
+        );
+        // Another user's change is not this watcher's business.
+        produce(
+            &broker,
+            "users",
+            &[],
+            user_event("other", "User Created", "x", n).as_bytes(),
+        );
+        let e = watch.next(Duration::from_secs(10)).expect("the change");
+        assert_eq!(
+            (e.event.as_str(), e.json()["username"].clone()),
+            ("user", format!("v{n}").into())
+        );
+        let id = e.id.expect("an id");
+        assert!(id.starts_with("users/"), "the position is the id: {id}");
+        last_id = id;
+    }
+    produce(
+        &broker,
+        "users",
+        &[],
+        user_event("w", "User Deleted", "", 7).as_bytes(),
+    );
+    let gone = watch.next(Duration::from_secs(10)).expect("the deletion");
+    assert_eq!(gone.event, "deleted");
+    assert_eq!(gone.json()["id"], "w");
+    drop(watch);
+
+    // Missed while disconnected: re-created, then updated twice.
+    for (n, kind) in [
+        (8, "User Created"),
+        (9, "User Updated"),
+        (10, "User Updated"),
+    ] {
+        produce(
+            &broker,
+            "users",
+            &[],
+            user_event("w", kind, &format!("v{n}"), n).as_bytes(),
+        );
+    }
+    eventually(
+        Duration::from_secs(10),
+        "the missed changes to be folded",
+        || (host.get("/users/w").json()["username"] == "v10").then_some(()),
+    );
+    let mut resumed = SseClient::open(host.addr, "/users/w/watch", &[("Last-Event-ID", &last_id)]);
+    let mut seen = Vec::new();
+    while let Some(e) = resumed.next(Duration::from_secs(2)) {
+        seen.push((
+            e.event.clone(),
+            e.json()["username"].as_str().unwrap_or("").to_owned(),
+        ));
+    }
+    let want: Vec<(String, String)> = [
+        ("deleted", ""),
+        ("user", "v8"),
+        ("user", "v9"),
+        ("user", "v10"),
+    ]
+    .iter()
+    .map(|(e, u)| ((*e).to_owned(), (*u).to_owned()))
+    .collect();
+    // Each produce above was its own batch unless the host folded two at once: then
+    // the later state stands for both, never an earlier one after a later one.
+    assert_eq!(seen.last(), want.last(), "{seen:?}");
+    assert_eq!(seen.first(), want.first(), "{seen:?}");
+    let order: Vec<&str> = seen.iter().map(|(_, u)| u.as_str()).collect();
+    let mut sorted = order.clone();
+    sorted.sort_by_key(|u| u.trim_start_matches('v').parse::<u32>().unwrap_or(0));
+    assert_eq!(order, sorted, "in order of position");
+
+    let mut outside = SseClient::open(
+        host.addr,
+        "/users/w/watch",
+        &[("Last-Event-ID", "users/0@0")],
+    );
+    let reset = outside
+        .next(Duration::from_secs(5))
+        .expect("told it missed changes");
+    assert_eq!(reset.event, "reset");
+    assert!(
+        reset.json()["reason"]
+            .as_str()
+            .unwrap()
+            .contains("older than the changes kept")
+    );
+    let now = outside
+        .next(Duration::from_secs(5))
+        .expect("then the current answer");
+    assert_eq!(now.json()["username"], "v10");
+    let bad = host.get_with("/changes", &[("Last-Event-ID", "not a position")]);
+    assert_eq!(bad.status, 400);
+}
+
+/// `/changes` streams every change; a subscriber that does not read is dropped with a
+/// reason once its queue is full, while ingest keeps going.
+#[test]
+fn a_slow_change_subscriber_is_dropped_and_ingest_keeps_its_pace() {
+    let broker = Broker::start();
+    broker.create_default_topics();
+    // Small batches, so the events pile up in many of them.
+    let host = Host::start(&broker, &["--batch-max-records", "10"]);
+    host.wait_ready(READY);
+    let mut reader = SseClient::open(host.addr, "/changes", &[]);
+    let mut slow = SseClient::open(host.addr, "/changes", &[]);
+    assert_eq!((reader.status, slow.status), (200, 200));
+    let events: Vec<String> = (0..20_000)
+        .map(|i| {
+            serde_json::json!({"id": format!("c{i}"), "event_type": "User Created",
+                "username": "x".repeat(300), "received_at": "2021-01-01 00:00:00"})
+            .to_string()
+        })
+        .collect();
+    let start = Instant::now();
+    produce(&broker, "users", &[], events.join("\n").as_bytes());
+    // The reader keeps up and sees changes as they come.
+    let mut changes = 0;
+    while changes < events.len() {
+        let e = reader
+            .next(Duration::from_secs(30))
+            .expect("changes keep coming");
+        assert_eq!(e.event, "change", "{e:?}");
+        changes += 1;
+    }
+    host.wait_consumed("users", events.len(), Duration::from_secs(60));
+    let took = start.elapsed();
+    assert_eq!(
+        host.metric("logq_subscribers_dropped_total"),
+        Some(1.0),
+        "the slow one only"
+    );
+    // The slow one finds, after what was queued for it, why it was dropped.
+    let mut last = None;
+    while let Some(e) = slow.next(Duration::from_secs(3)) {
+        last = Some(e);
+    }
+    let last = last.expect("events");
+    assert_eq!(last.event, "dropped", "{last:?}");
+    assert!(last.json()["reason"].as_str().unwrap().contains("too slow"));
+    println!("20,000 changes to one reader while one slow subscriber was dropped: {took:?}");
 }

@@ -8,6 +8,7 @@
 //!   OpenAPI), percent-decoding, and the error mapping.
 
 pub mod admin;
+pub mod live;
 pub mod reads;
 pub mod reply;
 pub mod server;
@@ -139,6 +140,19 @@ pub fn routes(api: Api) -> impl Filter<Extract = (Response,), Error = Infallible
                 page.await.unwrap_or_else(|r| r)
             },
         );
+    let changes = warp::path!("changes")
+        .and(with.clone())
+        .and(warp::sse::last_event_id::<String>())
+        .map(|api: Api, last: Option<String>| live::changes(&api, last.as_deref()));
+    let watch = warp::path!("users" / String / "watch")
+        .and(with.clone())
+        .and(warp::sse::last_event_id::<String>())
+        .map(
+            |raw: String, api: Api, last: Option<String>| match decoded("user", &raw) {
+                Ok(id) => live::watch(&api, &id, last.as_deref()),
+                Err(r) => r,
+            },
+        );
     let export = warp::path!("export")
         .and(with.clone())
         .then(|api: Api| async move { reads::export(&api).await });
@@ -190,6 +204,10 @@ pub fn routes(api: Api) -> impl Filter<Extract = (Response,), Error = Infallible
             .or(members)
             .unify()
             .or(export)
+            .unify()
+            .or(changes)
+            .unify()
+            .or(watch)
             .unify()
             .or(healthz)
             .unify()
