@@ -7,6 +7,7 @@ mod fold;
 mod history;
 mod reads;
 mod report;
+mod live;
 mod soak;
 
 use std::path::PathBuf;
@@ -323,6 +324,61 @@ fn run(args: &Args, work: &std::path::Path) -> anyhow::Result<()> {
     say(format!(
         "  logq {:.0} req/s idle, {:.0} during ingest; nginx {:.0}",
         idle.rps, busy.rps, peer.rps
+    ));
+
+    // 6. Reads with a position, the export, live changes.
+    say("reads with positions, export, live changes");
+    let ids: Vec<String> = expected.keys().step_by(step).cloned().collect();
+    let more = history::generate(args.seed + 2, args.events / 10, args.users);
+    let l = live::run(&host.host, &loaded.broker.bootstrap, &ids, &more)?;
+    rows.push(Row {
+        figure: "6a. GET right after a produce, with its position (ms)".into(),
+        ours: format!(
+            "p50 {:.2}, p99 {:.2} ({} reads, each saw its write)",
+            l.bounded_ms.0, l.bounded_ms.1, l.reads
+        ),
+        peer: format!(
+            "the same GET without a position: p50 {:.2}, p99 {:.2}",
+            l.plain_ms.0, l.plain_ms.1
+        ),
+        ratio: l.bounded_ms.1 / l.plain_ms.1.max(1e-9),
+        target: "reported (added latency = the wait for the fold)".into(),
+        pass: None,
+    });
+    rows.push(Row {
+        figure: "6b. GET /export while events stream in (users/s)".into(),
+        ours: format!(
+            "{} users/s ({} users); ingest meanwhile {} events/s",
+            report::format_value(l.export_users_per_s),
+            l.exported,
+            report::format_value(l.ingest_during_export.0)
+        ),
+        peer: format!(
+            "ingest in the second after: {} events/s",
+            report::format_value(l.ingest_during_export.1)
+        ),
+        ratio: l.ingest_during_export.0 / l.ingest_during_export.1.max(1e-9),
+        target: "reported (ingest not held by the export)".into(),
+        pass: None,
+    });
+    rows.push(Row {
+        figure: format!("6c. Changes to {} SSE subscribers (changes/s)", l.watchers),
+        ours: format!(
+            "{} changes/s delivered in all, {} subscribers dropped",
+            report::format_value(l.changes_per_s),
+            l.dropped
+        ),
+        peer: format!(
+            "ingest meanwhile {} events/s",
+            report::format_value(l.ingest_with_watchers)
+        ),
+        ratio: l.changes_per_s / (l.ingest_with_watchers * l.watchers as f64).max(1e-9),
+        target: "reported".into(),
+        pass: None,
+    });
+    say(format!(
+        "  bounded read p50 {:.2} ms, export {:.0} users/s, {:.0} changes/s to {} subscribers",
+        l.bounded_ms.0, l.export_users_per_s, l.changes_per_s, l.watchers
     ));
 
     // 5. Start-up: cold (full replay) and from the snapshot written at shutdown.
