@@ -5,9 +5,9 @@
 mod broker;
 mod fold;
 mod history;
+mod live;
 mod reads;
 mod report;
-mod live;
 mod soak;
 
 use std::path::PathBuf;

@@ -24,8 +24,11 @@ use crate::state::changes::{ChangeBatch, Filter, Subscription};
 /// Keep-alive comments on an idle stream, so proxies keep it open.
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
 
+/// Where a resumed stream starts: the batch's position and the change within it.
+type ResumePoint = (Positions, Option<usize>);
+
 /// A parsed `Last-Event-ID`: the batch's position, and the change within it.
-fn resume_point(topics: &Topics, id: &str) -> Result<(Positions, Option<usize>), String> {
+fn resume_point(topics: &Topics, id: &str) -> Result<ResumePoint, String> {
     let (token, index) =
         match id.rsplit_once('#') {
             Some((t, i)) => (
@@ -87,7 +90,7 @@ fn subscribe(
     api: &Api,
     filter: Filter,
     last_event_id: Option<&str>,
-) -> Result<(Subscription, Option<(Positions, Option<usize>)>), Response> {
+) -> Result<(Subscription, Option<ResumePoint>), super::reads::Failure> {
     let resume = match last_event_id {
         Some(id) => Some(
             resume_point(&api.reads.topics, id)
@@ -98,7 +101,13 @@ fn subscribe(
     let sub = api
         .store
         .subscribe(filter, resume.as_ref().map(|r| &r.0))
-        .map_err(|e| error(StatusCode::SERVICE_UNAVAILABLE, "too_many_subscribers", e))?;
+        .map_err(|e| {
+            Box::new(error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "too_many_subscribers",
+                e,
+            ))
+        })?;
     Ok((sub, resume))
 }
 
@@ -146,7 +155,7 @@ where
 pub fn changes(api: &Api, last_event_id: Option<&str>) -> Response {
     let (sub, resume) = match subscribe(api, Filter::All, last_event_id) {
         Ok(s) => s,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let topics = api.reads.topics.clone();
     let mut first = VecDeque::new();
@@ -215,7 +224,7 @@ fn user_in(api: &Api, w: &Watched, batch: &ChangeBatch) -> Option<Option<String>
 pub fn watch(api: &Api, id: &str, last_event_id: Option<&str>) -> Response {
     let (sub, resume) = match subscribe(api, Filter::User(id.into()), last_event_id) {
         Ok(s) => s,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let topics = api.reads.topics.clone();
     let mut w = Watched {

@@ -67,7 +67,7 @@ pub fn routes(api: Api) -> impl Filter<Extract = (Response,), Error = Infallible
         |id: String, api: Api, c: reads::Conditions, raw: String| async move {
             let q = match reads::Query::parse(&raw, &[]) {
                 Ok(q) => q,
-                Err(r) => return r,
+                Err(r) => return *r,
             };
             reads::answer(&api, c, &q, |s| lookup("user", &id, |id| s.user(id))).await
         },
@@ -78,7 +78,7 @@ pub fn routes(api: Api) -> impl Filter<Extract = (Response,), Error = Infallible
             |key: String, api: Api, c: reads::Conditions, raw: String| async move {
                 let q = match reads::Query::parse(&raw, &[]) {
                     Ok(q) => q,
-                    Err(r) => return r,
+                    Err(r) => return *r,
                 };
                 reads::answer(&api, c, &q, |s| {
                     lookup("organization", &key, |key| s.organization(key))
@@ -92,7 +92,7 @@ pub fn routes(api: Api) -> impl Filter<Extract = (Response,), Error = Infallible
                 let q = reads::Query::parse(&raw, &["organization", "limit", "after"])?;
                 let (limit, after) = (q.limit()?, q.after()?.map(str::to_owned));
                 let org = q.get("organization").map(str::to_owned);
-                Ok::<_, Response>(
+                Ok::<_, reads::Failure>(
                     reads::answer(&api, c, &q, |s| {
                         let page = s.list_users(org.as_deref(), after.as_deref(), limit);
                         Ok(reads::page_body("users", &page))
@@ -100,7 +100,7 @@ pub fn routes(api: Api) -> impl Filter<Extract = (Response,), Error = Infallible
                     .await,
                 )
             };
-            page.await.unwrap_or_else(|r| r)
+            page.await.unwrap_or_else(|r| *r)
         },
     );
     let organizations = warp::path!("organizations").and(read.clone()).then(
@@ -108,7 +108,7 @@ pub fn routes(api: Api) -> impl Filter<Extract = (Response,), Error = Infallible
             let page = async {
                 let q = reads::Query::parse(&raw, &["limit", "after"])?;
                 let (limit, after) = (q.limit()?, q.after()?.map(str::to_owned));
-                Ok::<_, Response>(
+                Ok::<_, reads::Failure>(
                     reads::answer(&api, c, &q, |s| {
                         let page = s.list_organizations(after.as_deref(), limit);
                         Ok(reads::page_body("organizations", &page))
@@ -116,7 +116,7 @@ pub fn routes(api: Api) -> impl Filter<Extract = (Response,), Error = Infallible
                     .await,
                 )
             };
-            page.await.unwrap_or_else(|r| r)
+            page.await.unwrap_or_else(|r| *r)
         },
     );
     let members = warp::path!("organizations" / String / "users")
@@ -126,18 +126,18 @@ pub fn routes(api: Api) -> impl Filter<Extract = (Response,), Error = Infallible
                 let page = async {
                     let q = reads::Query::parse(&raw, &["limit", "after"])?;
                     let (limit, after) = (q.limit()?, q.after()?.map(str::to_owned));
-                    Ok::<_, Response>(
+                    Ok::<_, reads::Failure>(
                         reads::answer(&api, c, &q, |s| {
                             let key = decoded("organization", &key)?;
                             match s.members(&key, after.as_deref(), limit) {
                                 Some(page) => Ok(reads::page_body("users", &page)),
-                                None => Err(not_found("organization", &key)),
+                                None => Err(Box::new(not_found("organization", &key))),
                             }
                         })
                         .await,
                     )
                 };
-                page.await.unwrap_or_else(|r| r)
+                page.await.unwrap_or_else(|r| *r)
             },
         );
     let changes = warp::path!("changes")
@@ -150,7 +150,7 @@ pub fn routes(api: Api) -> impl Filter<Extract = (Response,), Error = Infallible
         .map(
             |raw: String, api: Api, last: Option<String>| match decoded("user", &raw) {
                 Ok(id) => live::watch(&api, &id, last.as_deref()),
-                Err(r) => r,
+                Err(r) => *r,
             },
         );
     let export = warp::path!("export")
@@ -251,7 +251,7 @@ fn allowed_methods(path: &str) -> &'static str {
 /// Looks up one entity by the raw path segment: its answer, or the error response.
 fn lookup(what: &str, raw: &str, find: impl FnOnce(&str) -> Option<String>) -> reads::Found {
     let id = decoded(what, raw)?;
-    find(&id).ok_or_else(|| not_found(what, &id))
+    find(&id).ok_or_else(|| Box::new(not_found(what, &id)))
 }
 
 fn not_found(what: &str, id: &str) -> Response {
@@ -263,23 +263,23 @@ fn not_found(what: &str, id: &str) -> Response {
 }
 
 /// A path segment, percent-decoded and checked for length.
-fn decoded(what: &str, raw: &str) -> Result<String, Response> {
+fn decoded(what: &str, raw: &str) -> Result<String, reads::Failure> {
     let Some(id) = percent_decode(raw) else {
-        return Err(error(
+        return Err(Box::new(error(
             StatusCode::BAD_REQUEST,
             "bad_request",
             format!("the {what} id is not valid percent-encoded UTF-8"),
-        ));
+        )));
     };
     if id.len() > MAX_ID_BYTES {
-        return Err(error(
+        return Err(Box::new(error(
             StatusCode::BAD_REQUEST,
             "bad_request",
             format!(
                 "the {what} id is {} bytes; ids are at most {MAX_ID_BYTES}",
                 id.len()
             ),
-        ));
+        )));
     }
     Ok(id)
 }

@@ -45,8 +45,12 @@ pub struct Conditions {
     pub if_none_match: Option<String>,
 }
 
+/// A finished response that ends a request early (boxed: a response is large, and
+/// this travels in `Result`s).
+pub type Failure = Box<Response>;
+
 /// A read's outcome before headers: a JSON body for 200, or a finished response.
-pub type Found = Result<String, Response>;
+pub type Found = Result<String, Failure>;
 
 /// The query parameters of a request, decoded; unknown names are refused.
 pub struct Query(Vec<(String, String)>);
@@ -57,7 +61,7 @@ impl Query {
     ///
     /// # Errors
     /// A 400 response naming what is wrong.
-    pub fn parse(raw: &str, allowed: &[&str]) -> Result<Self, Response> {
+    pub fn parse(raw: &str, allowed: &[&str]) -> Result<Self, Failure> {
         let mut out = Vec::new();
         for pair in raw.split('&').filter(|p| !p.is_empty()) {
             let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
@@ -95,7 +99,7 @@ impl Query {
     ///
     /// # Errors
     /// A 400 response for anything else.
-    pub fn limit(&self) -> Result<usize, Response> {
+    pub fn limit(&self) -> Result<usize, Failure> {
         match self.get("limit") {
             None => Ok(DEFAULT_LIMIT),
             Some(v) => match v.parse::<usize>() {
@@ -111,7 +115,7 @@ impl Query {
     ///
     /// # Errors
     /// A 400 response for an over-long cursor.
-    pub fn after(&self) -> Result<Option<&str>, Response> {
+    pub fn after(&self) -> Result<Option<&str>, Failure> {
         match self.get("after") {
             Some(a) if a.len() > MAX_ID_BYTES => Err(bad(format!(
                 "after is {} bytes; cursors are at most {MAX_ID_BYTES}",
@@ -122,8 +126,8 @@ impl Query {
     }
 }
 
-fn bad(message: String) -> Response {
-    error(StatusCode::BAD_REQUEST, "bad_request", message)
+fn bad(message: String) -> Failure {
+    Box::new(error(StatusCode::BAD_REQUEST, "bad_request", message))
 }
 
 /// Answers a read: waits for the required position (the header, else the query's
@@ -142,7 +146,7 @@ pub async fn answer(
     if let Some(token) = wanted {
         let wanted = match api.reads.topics.parse_token(token) {
             Ok(w) => w,
-            Err(e) => return bad(e),
+            Err(e) => return *bad(e),
         };
         if let Err(behind) = reach(&api.store, &wanted, api.reads.wait_max).await {
             return not_reached(api, &behind);
@@ -169,7 +173,7 @@ pub async fn answer(
                 r
             }
         }
-        Err(r) => r,
+        Err(r) => *r,
     };
     insert(&mut response, POSITION, &api.reads.topics.token(&at));
     response
