@@ -8,13 +8,13 @@
 //!   OpenAPI), percent-decoding, and the error mapping.
 
 pub mod admin;
+pub mod api;
 pub mod live;
 pub mod reads;
 pub mod reply;
 pub mod server;
 
 use std::convert::Infallible;
-use std::sync::Arc;
 
 use serde_json::json;
 use warp::Filter;
@@ -22,32 +22,15 @@ use warp::http::StatusCode;
 use warp::reply::Response;
 
 pub use admin::{Admin, SwapControl};
-pub use reads::Reads;
+pub use api::{Api, MAX_ID_BYTES, Reads};
+
+use api::decoded;
 pub use server::{ServerLimits, serve};
 
 use reply::{error, json_reply, recover};
 
-use crate::metrics::Metrics;
-use crate::state::StateStore;
-
 /// The OpenAPI document of this API, served at `/openapi.json`.
 pub const OPENAPI: &str = include_str!("openapi.json");
-
-/// Ids and keys longer than this are refused with 400 before any lookup.
-pub const MAX_ID_BYTES: usize = 1024;
-
-/// What the handlers read.
-#[derive(Clone)]
-pub struct Api {
-    /// The folded state.
-    pub store: Arc<StateStore>,
-    /// Counters and readiness.
-    pub metrics: Arc<Metrics>,
-    /// The admin side: reducers and who may change them.
-    pub admin: Arc<Admin>,
-    /// Positions and waiting for them.
-    pub reads: Reads,
-}
 
 /// Every route of the service, errors included: the filter never rejects.
 pub fn routes(api: Api) -> impl Filter<Extract = (Response,), Error = Infallible> + Clone {
@@ -194,20 +177,22 @@ pub fn routes(api: Api) -> impl Filter<Extract = (Response,), Error = Infallible
         );
         r
     });
+    // Boxed in two groups: one chain of this many filters overflows the compiler's
+    // recursion limit in release builds.
+    let entities = user
+        .or(organization)
+        .unify()
+        .or(users)
+        .unify()
+        .or(organizations)
+        .unify()
+        .or(members)
+        .unify()
+        .boxed();
+    let streams = export.or(changes).unify().or(watch).unify().boxed();
     let public = warp::get().and(
-        user.or(organization)
-            .unify()
-            .or(users)
-            .unify()
-            .or(organizations)
-            .unify()
-            .or(members)
-            .unify()
-            .or(export)
-            .unify()
-            .or(changes)
-            .unify()
-            .or(watch)
+        entities
+            .or(streams)
             .unify()
             .or(healthz)
             .unify()
@@ -262,49 +247,13 @@ fn not_found(what: &str, id: &str) -> Response {
     )
 }
 
-/// A path segment, percent-decoded and checked for length.
-fn decoded(what: &str, raw: &str) -> Result<String, reads::Failure> {
-    let Some(id) = percent_decode(raw) else {
-        return Err(Box::new(error(
-            StatusCode::BAD_REQUEST,
-            "bad_request",
-            format!("the {what} id is not valid percent-encoded UTF-8"),
-        )));
-    };
-    if id.len() > MAX_ID_BYTES {
-        return Err(Box::new(error(
-            StatusCode::BAD_REQUEST,
-            "bad_request",
-            format!(
-                "the {what} id is {} bytes; ids are at most {MAX_ID_BYTES}",
-                id.len()
-            ),
-        )));
-    }
-    Ok(id)
-}
-
-/// Decodes `%XX` escapes; `None` for a broken escape or bytes that are not UTF-8.
-fn percent_decode(raw: &str) -> Option<String> {
-    let bytes = raw.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).ok()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
+
+    use crate::metrics::Metrics;
+    use crate::state::StateStore;
     use std::time::Duration;
 
     use logq_abi::{Entity, Kind};

@@ -12,10 +12,10 @@ use serde_json::json;
 use warp::http::{HeaderValue, StatusCode};
 use warp::reply::Response;
 
+use super::api::{Api, MAX_ID_BYTES, percent_decode};
 use super::reply::{error, json_reply};
-use super::{Api, MAX_ID_BYTES, percent_decode};
+use crate::broker::Positions;
 use crate::broker::position;
-use crate::broker::{Positions, Topics};
 use crate::state::{Page, StateStore};
 
 /// Header naming the position an answer reflects.
@@ -27,15 +27,6 @@ pub const DEFAULT_LIMIT: usize = 100;
 /// Largest page size of a listing.
 pub const MAX_LIMIT: usize = 1000;
 
-/// How reads are answered.
-#[derive(Debug, Clone)]
-pub struct Reads {
-    /// The topics, for position tokens.
-    pub topics: Topics,
-    /// Longest a read waits for the position it requires.
-    pub wait_max: Duration,
-}
-
 /// What a request says about consistency.
 #[derive(Debug, Default)]
 pub struct Conditions {
@@ -45,9 +36,7 @@ pub struct Conditions {
     pub if_none_match: Option<String>,
 }
 
-/// A finished response that ends a request early (boxed: a response is large, and
-/// this travels in `Result`s).
-pub type Failure = Box<Response>;
+pub use super::api::Failure;
 
 /// A read's outcome before headers: a JSON body for 200, or a finished response.
 pub type Found = Result<String, Failure>;

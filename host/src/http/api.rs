@@ -1,0 +1,82 @@
+//! What the handlers share: the handle on the service ([`Api`]) and id decoding. A leaf
+//! of `http/`, so the route modules import it and not each other.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use warp::http::StatusCode;
+
+use super::admin::Admin;
+use super::reply::error;
+use crate::broker::Topics;
+use crate::metrics::Metrics;
+use crate::state::StateStore;
+
+/// A finished response that ends a request early (boxed: a response is large, and
+/// this travels in `Result`s).
+pub type Failure = Box<warp::reply::Response>;
+
+/// Ids and keys longer than this are refused with 400 before any lookup.
+pub const MAX_ID_BYTES: usize = 1024;
+
+/// What the handlers read.
+#[derive(Clone)]
+pub struct Api {
+    /// The folded state.
+    pub store: Arc<StateStore>,
+    /// Counters and readiness.
+    pub metrics: Arc<Metrics>,
+    /// The admin side: reducers and who may change them.
+    pub admin: Arc<Admin>,
+    /// Positions and waiting for them.
+    pub reads: Reads,
+}
+
+/// How reads are answered.
+#[derive(Debug, Clone)]
+pub struct Reads {
+    /// The topics, for position tokens.
+    pub topics: Topics,
+    /// Longest a read waits for the position it requires.
+    pub wait_max: Duration,
+}
+
+/// A path segment, percent-decoded and checked for length.
+pub fn decoded(what: &str, raw: &str) -> Result<String, Failure> {
+    let Some(id) = percent_decode(raw) else {
+        return Err(Box::new(error(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            format!("the {what} id is not valid percent-encoded UTF-8"),
+        )));
+    };
+    if id.len() > MAX_ID_BYTES {
+        return Err(Box::new(error(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            format!(
+                "the {what} id is {} bytes; ids are at most {MAX_ID_BYTES}",
+                id.len()
+            ),
+        )));
+    }
+    Ok(id)
+}
+
+/// Decodes `%XX` escapes; `None` for a broken escape or bytes that are not UTF-8.
+pub fn percent_decode(raw: &str) -> Option<String> {
+    let bytes = raw.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
