@@ -154,8 +154,9 @@ impl StateStore {
     }
 
     /// Begins the exports asked for, at `position`: called by the one writer between
-    /// two batches, when the state is exactly there. Collects the user keys and the
-    /// organizations under one read lock (O(users), no state copied).
+    /// two batches, when the state is exactly there (and, being the writer's thread,
+    /// nothing changes it meanwhile). Collects the user keys and the organizations
+    /// under a read lock, so GETs go on (O(users), no state copied).
     pub fn serve_exports(self: &Arc<Self>, position: &Positions) {
         let waiting: Vec<Pending> = {
             let mut pending = self
@@ -169,10 +170,14 @@ impl StateStore {
         };
         for tx in waiting {
             let image = Arc::new(Image::default());
-            let (mut users, organizations, joins) = {
+            {
                 let mut maps = self.write();
                 maps.images.retain(|i| i.strong_count() > 0);
                 maps.images.push(Arc::downgrade(&image));
+            }
+            // Readers go on meanwhile; nothing writes (this is the writer's thread).
+            let (mut users, organizations, joins) = {
+                let maps = self.read();
                 let users: Vec<Box<str>> = maps.users.keys().cloned().collect();
                 let orgs: BTreeMap<&str, &str> = maps
                     .organizations
