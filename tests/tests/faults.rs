@@ -513,21 +513,7 @@ fn sigkill_at_seeded_points_of_catch_up_with_a_state_dir_ends_exact_with_bounded
     broker.create_default_topics();
     let (users, orgs) = history(0xdead, 2_000, 40_000);
     // About 20 bad records among the good ones.
-    let mut lines = Vec::new();
-    for (i, u) in users.iter().enumerate() {
-        lines.push(u.clone());
-        if i % 2_000 == 0 {
-            lines.push(format!("bad record {i}"));
-        }
-    }
-    let bad = lines.len() - users.len();
-    produce(&broker, "organizations", &[], orgs.join("\n").as_bytes());
-    produce(
-        &broker,
-        "users",
-        &["--raw-lines"],
-        lines.join("\n").as_bytes(),
-    );
+    let bad = produce_with_bad_records(&broker, &users, &orgs, 2_000);
     let dir = std::env::temp_dir().join(format!("logq-kill-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let args = [
@@ -569,13 +555,7 @@ fn sigkill_at_seeded_points_of_catch_up_with_a_state_dir_ends_exact_with_bounded
         bad * (1 + kills.len()) + 1,
         Duration::from_secs(5),
     );
-    let mut copies: std::collections::BTreeMap<(String, String), usize> = Default::default();
-    for r in &dead {
-        let header = |name: &str| r.header(name).unwrap_or_default().to_owned();
-        *copies
-            .entry((header("logq.partition"), header("logq.offset")))
-            .or_default() += 1;
-    }
+    let copies = copies_per_record(&dead);
     assert_eq!(
         copies.len(),
         bad,
@@ -591,6 +571,45 @@ fn sigkill_at_seeded_points_of_catch_up_with_a_state_dir_ends_exact_with_bounded
     );
     assert!(host.terminate().success());
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Produces the organizations, then `users` as raw lines with a bad record before
+/// every `every`-th one; returns how many bad records.
+fn produce_with_bad_records(
+    broker: &Broker,
+    users: &[String],
+    orgs: &[String],
+    every: usize,
+) -> usize {
+    let mut lines = Vec::new();
+    for (i, u) in users.iter().enumerate() {
+        lines.push(u.clone());
+        if i % every == 0 {
+            lines.push(format!("bad record {i}"));
+        }
+    }
+    produce(broker, "organizations", &[], orgs.join("\n").as_bytes());
+    produce(
+        broker,
+        "users",
+        &["--raw-lines"],
+        lines.join("\n").as_bytes(),
+    );
+    lines.len() - users.len()
+}
+
+/// Dead letters per source record (`logq.partition`, `logq.offset`): how many copies.
+fn copies_per_record(
+    dead: &[logq_e2e::ReadRecord],
+) -> std::collections::BTreeMap<(String, String), usize> {
+    let mut copies = std::collections::BTreeMap::new();
+    for r in dead {
+        let header = |name: &str| r.header(name).unwrap_or_default().to_owned();
+        *copies
+            .entry((header("logq.partition"), header("logq.offset")))
+            .or_default() += 1;
+    }
+    copies
 }
 
 /// Half-written snapshots in `dir`.
@@ -616,21 +635,7 @@ fn sigkill_during_snapshot_writes_restarts_exact_from_a_complete_snapshot() {
     broker.create_default_topics();
     let (users, orgs) = history(0x5a5a, 20_000, 60_000);
     let (first, rest) = users.split_at(40_000);
-    let mut lines = Vec::new();
-    for (i, u) in first.iter().enumerate() {
-        lines.push(u.clone());
-        if i % 4_000 == 0 {
-            lines.push(format!("bad record {i}"));
-        }
-    }
-    let bad = lines.len() - first.len();
-    produce(&broker, "organizations", &[], orgs.join("\n").as_bytes());
-    produce(
-        &broker,
-        "users",
-        &["--raw-lines"],
-        lines.join("\n").as_bytes(),
-    );
+    let bad = produce_with_bad_records(&broker, first, &orgs, 4_000);
     let streaming = {
         let bootstrap = broker.bootstrap.clone();
         let chunks: Vec<String> = rest.chunks(500).map(|c| c.join("\n")).collect();
@@ -689,13 +694,7 @@ fn sigkill_during_snapshot_writes_restarts_exact_from_a_complete_snapshot() {
         bad * (1 + kills) + 1,
         Duration::from_secs(5),
     );
-    let mut copies: std::collections::BTreeMap<(String, String), usize> = Default::default();
-    for r in &dead {
-        let header = |name: &str| r.header(name).unwrap_or_default().to_owned();
-        *copies
-            .entry((header("logq.partition"), header("logq.offset")))
-            .or_default() += 1;
-    }
+    let copies = copies_per_record(&dead);
     assert_eq!(copies.len(), bad, "every bad record: {copies:?}");
     assert!(copies.values().all(|n| *n <= 1 + kills), "{copies:?}");
     println!(

@@ -34,10 +34,27 @@ fn seed_samples_are_served_joined_and_identical_after_restart() {
         b"",
     );
     let users = events_of(&sample("users.json"));
+    let mut lines = out.lines();
     assert_eq!(
-        out.trim(),
-        format!("produced {} records to users", users.len())
+        lines.next(),
+        Some(format!("produced {} records to users", users.len()).as_str())
     );
+    // The position the records reached, next offsets summing to the records sent.
+    let position = lines
+        .next()
+        .and_then(|l| l.strip_prefix("position "))
+        .expect(&out);
+    let sent: i64 = position
+        .split(',')
+        .map(|e| {
+            e.rsplit_once('@')
+                .expect(position)
+                .1
+                .parse::<i64>()
+                .expect(position)
+        })
+        .sum();
+    assert_eq!(sent, users.len() as i64, "{position}");
     // Organizations arrive after the users, through stdin: the join must not care.
     let out = produce(
         &broker,
