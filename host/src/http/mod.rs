@@ -373,6 +373,13 @@ mod tests {
         assert_eq!(code, StatusCode::BAD_REQUEST, "{body}");
         let (code, body) = get("/users/x?min_position=payments/0@1").await;
         assert_eq!(code, StatusCode::BAD_REQUEST, "{body}");
+        // A malformed query token is refused even when the header is good.
+        let r = warp::test::request()
+            .path("/users/snake%20%C3%BC?min_position=%C3%A1")
+            .header(reads::MIN_POSITION, "users/0@1")
+            .reply(&routes(api.clone()))
+            .await;
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST);
     }
 
     #[tokio::test]

@@ -128,18 +128,24 @@ pub async fn answer(
     query: &Query,
     read: impl FnOnce(&StateStore) -> Found,
 ) -> Response {
-    let wanted = conditions
-        .min_position
-        .as_deref()
-        .or_else(|| query.get("min_position"));
-    if let Some(token) = wanted {
-        let wanted = match api.reads.topics.parse_token(token) {
-            Ok(w) => w,
+    // Both are checked (a malformed one is refused, never ignored); the header wins.
+    let mut wanted = None;
+    for token in [
+        query.get("min_position"),
+        conditions.min_position.as_deref(),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        match api.reads.topics.parse_token(token) {
+            Ok(w) => wanted = Some(w),
             Err(e) => return *bad(e),
-        };
-        if let Err(behind) = reach(&api.store, &wanted, api.reads.wait_max).await {
-            return not_reached(api, &behind);
         }
+    }
+    if let Some(wanted) = wanted
+        && let Err(behind) = reach(&api.store, &wanted, api.reads.wait_max).await
+    {
+        return not_reached(api, &behind);
     }
     // The position first: the answer read after it reflects at least that much.
     let at = api.store.position();
