@@ -107,7 +107,7 @@ pub fn run(
                 if let Ok(r) = broker::rss(pid) {
                     rss.push((t, r));
                 }
-                if let Some(n) = metric_at(addr, "logq_users_stored") {
+                if let Some(n) = logq_e2e::metric_at(addr, "logq_users_stored") {
                     stored.push((t, n as u64));
                 }
                 std::thread::sleep(Duration::from_secs(1));
@@ -159,14 +159,6 @@ pub fn churn(round: u64) -> Vec<String> {
             ]
         })
         .collect()
-}
-
-fn metric_at(addr: std::net::SocketAddr, name: &str) -> Option<f64> {
-    logq_e2e::get(addr, "/metrics")
-        .ok()?
-        .body
-        .lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
 /// How much the users stored grew from the first sample after `warmup` to the

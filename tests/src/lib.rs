@@ -446,10 +446,7 @@ impl Host {
     /// One unlabelled gauge or counter (or a labelled one, `name{label="x"}`) from
     /// `/metrics`.
     pub fn metric(&self, name: &str) -> Option<f64> {
-        self.get("/metrics")
-            .body
-            .lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        metric_at(self.addr, name)
     }
 
     /// Kills the process with SIGKILL (no chance to clean up) and waits for it.
@@ -886,6 +883,16 @@ pub fn history(seed: u64, users: u64, events: usize) -> (Vec<String>, Vec<String
         })
         .collect();
     (user_events, orgs)
+}
+
+/// One unlabelled gauge or counter (or a labelled one, `name{label="x"}`) from the
+/// `/metrics` of the host at `addr`; `None` when it cannot be read or is missing.
+pub fn metric_at(addr: SocketAddr, name: &str) -> Option<f64> {
+    get(addr, "/metrics")
+        .ok()?
+        .body
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
 /// One Server-Sent Event.

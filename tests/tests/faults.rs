@@ -259,13 +259,8 @@ fn snapshots_in(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
 }
 
 fn consumed(host: &Host, topic: &str) -> usize {
-    let needle = format!("logq_records_consumed_total{{topic=\"{topic}\"}} ");
-    let metrics = host.get("/metrics").body;
-    let line = metrics
-        .lines()
-        .find(|l| l.starts_with(&needle))
-        .expect("counter");
-    line[needle.len()..].parse().expect("a number")
+    let name = format!("logq_records_consumed_total{{topic=\"{topic}\"}}");
+    host.metric(&name).expect("counter") as usize
 }
 
 #[test]
@@ -345,12 +340,8 @@ fn snapshots_make_restarts_exact_and_bad_snapshots_are_skipped() {
 
 /// The value of a metric line `name{topic="users"}` in `/metrics`.
 fn users_metric(host: &Host, name: &str) -> u64 {
-    let body = host.get("/metrics").body;
-    let prefix = format!("{name}{{topic=\"users\"}} ");
-    body.lines()
-        .find_map(|l| l.strip_prefix(&prefix))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("{name} in {body}"))
+    host.metric(&format!("{name}{{topic=\"users\"}}"))
+        .unwrap_or_else(|| panic!("{name} in {}", host.get("/metrics").body)) as u64
 }
 
 #[test]

@@ -76,14 +76,10 @@ impl TopicConsumer {
         &self,
         timeout: Duration,
     ) -> Result<BTreeMap<Partition, Watermarks>, KafkaError> {
-        let mut targets = BTreeMap::new();
-        for source in logq_abi::Source::ALL {
-            for id in self.partitions(self.topics.name(source), timeout)? {
-                let p = Partition { source, id };
-                targets.insert(p, self.watermarks(p, timeout)?);
-            }
-        }
-        Ok(targets)
+        self.all_partitions(timeout)?
+            .into_iter()
+            .map(|p| Ok((p, self.watermarks(p, timeout)?)))
+            .collect()
     }
 
     /// Partition ids of `topic`.
@@ -141,13 +137,17 @@ impl TopicConsumer {
         known: &std::collections::BTreeSet<Partition>,
         timeout: Duration,
     ) -> Result<Vec<Partition>, KafkaError> {
+        let mut all = self.all_partitions(timeout)?;
+        all.retain(|p| !known.contains(p));
+        Ok(all)
+    }
+
+    /// Every partition of both topics, users first.
+    fn all_partitions(&self, timeout: Duration) -> Result<Vec<Partition>, KafkaError> {
         let mut out = Vec::new();
         for source in logq_abi::Source::ALL {
             for id in self.partitions(self.topics.name(source), timeout)? {
-                let p = Partition { source, id };
-                if !known.contains(&p) {
-                    out.push(p);
-                }
+                out.push(Partition { source, id });
             }
         }
         Ok(out)

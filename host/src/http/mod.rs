@@ -48,22 +48,14 @@ pub fn routes(api: Api) -> impl Filter<Extract = (Response,), Error = Infallible
     let read = with.clone().and(conditions).and(query);
     let user = warp::path!("users" / String).and(read.clone()).then(
         |id: String, api: Api, c: reads::Conditions, raw: String| async move {
-            let q = match reads::Query::parse(&raw, &[]) {
-                Ok(q) => q,
-                Err(r) => return *r,
-            };
-            reads::answer(&api, c, &q, |s| lookup("user", &id, |id| s.user(id))).await
+            reads::point(&api, c, &raw, |s| lookup("user", &id, |id| s.user(id))).await
         },
     );
     let organization = warp::path!("organizations" / String)
         .and(read.clone())
         .then(
             |key: String, api: Api, c: reads::Conditions, raw: String| async move {
-                let q = match reads::Query::parse(&raw, &[]) {
-                    Ok(q) => q,
-                    Err(r) => return *r,
-                };
-                reads::answer(&api, c, &q, |s| {
+                reads::point(&api, c, &raw, |s| {
                     lookup("organization", &key, |key| s.organization(key))
                 })
                 .await
@@ -71,56 +63,34 @@ pub fn routes(api: Api) -> impl Filter<Extract = (Response,), Error = Infallible
         );
     let users = warp::path!("users").and(read.clone()).then(
         |api: Api, c: reads::Conditions, raw: String| async move {
-            let page = async {
-                let q = reads::Query::parse(&raw, &["organization", "limit", "after"])?;
-                let (limit, after) = (q.limit()?, q.after()?.map(str::to_owned));
-                let org = q.get("organization").map(str::to_owned);
-                Ok::<_, reads::Failure>(
-                    reads::answer(&api, c, &q, |s| {
-                        let page = s.list_users(org.as_deref(), after.as_deref(), limit);
-                        Ok(reads::page_body("users", &page))
-                    })
-                    .await,
-                )
-            };
-            page.await.unwrap_or_else(|r| *r)
+            reads::listing(&api, c, &raw, &["organization"], |s, q, page| {
+                let users = s.list_users(q.get("organization"), page.after, page.limit);
+                Ok(reads::page_body("users", &users))
+            })
+            .await
         },
     );
     let organizations = warp::path!("organizations").and(read.clone()).then(
         |api: Api, c: reads::Conditions, raw: String| async move {
-            let page = async {
-                let q = reads::Query::parse(&raw, &["limit", "after"])?;
-                let (limit, after) = (q.limit()?, q.after()?.map(str::to_owned));
-                Ok::<_, reads::Failure>(
-                    reads::answer(&api, c, &q, |s| {
-                        let page = s.list_organizations(after.as_deref(), limit);
-                        Ok(reads::page_body("organizations", &page))
-                    })
-                    .await,
-                )
-            };
-            page.await.unwrap_or_else(|r| *r)
+            reads::listing(&api, c, &raw, &[], |s, _, page| {
+                let orgs = s.list_organizations(page.after, page.limit);
+                Ok(reads::page_body("organizations", &orgs))
+            })
+            .await
         },
     );
     let members = warp::path!("organizations" / String / "users")
         .and(read)
         .then(
             |key: String, api: Api, c: reads::Conditions, raw: String| async move {
-                let page = async {
-                    let q = reads::Query::parse(&raw, &["limit", "after"])?;
-                    let (limit, after) = (q.limit()?, q.after()?.map(str::to_owned));
-                    Ok::<_, reads::Failure>(
-                        reads::answer(&api, c, &q, |s| {
-                            let key = decoded("organization", &key)?;
-                            match s.members(&key, after.as_deref(), limit) {
-                                Some(page) => Ok(reads::page_body("users", &page)),
-                                None => Err(Box::new(not_found("organization", &key))),
-                            }
-                        })
-                        .await,
-                    )
-                };
-                page.await.unwrap_or_else(|r| *r)
+                reads::listing(&api, c, &raw, &[], |s, _, page| {
+                    let key = decoded("organization", &key)?;
+                    match s.members(&key, page.after, page.limit) {
+                        Some(users) => Ok(reads::page_body("users", &users)),
+                        None => Err(Box::new(not_found("organization", &key))),
+                    }
+                })
+                .await
             },
         );
     let changes = warp::path!("changes")

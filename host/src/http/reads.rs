@@ -119,6 +119,50 @@ fn bad(message: String) -> Failure {
     Box::new(error(StatusCode::BAD_REQUEST, "bad_request", message))
 }
 
+/// Where a listing page starts and how long it is.
+#[derive(Debug, Clone, Copy)]
+pub struct PageSpec<'q> {
+    /// `limit`.
+    pub limit: usize,
+    /// `after`.
+    pub after: Option<&'q str>,
+}
+
+/// A read of one entity: no query parameters but `min_position`.
+pub async fn point(
+    api: &Api,
+    conditions: Conditions,
+    raw_query: &str,
+    read: impl FnOnce(&StateStore) -> Found,
+) -> Response {
+    match Query::parse(raw_query, &[]) {
+        Ok(q) => answer(api, conditions, &q, read).await,
+        Err(r) => *r,
+    }
+}
+
+/// A listing: `limit`, `after` and the route's `extra` parameters, each checked
+/// before anything is read.
+pub async fn listing(
+    api: &Api,
+    conditions: Conditions,
+    raw_query: &str,
+    extra: &[&str],
+    list: impl FnOnce(&StateStore, &Query, PageSpec<'_>) -> Found,
+) -> Response {
+    let mut allowed = vec!["limit", "after"];
+    allowed.extend_from_slice(extra);
+    let q = match Query::parse(raw_query, &allowed) {
+        Ok(q) => q,
+        Err(r) => return *r,
+    };
+    let page = match (q.limit(), q.after()) {
+        (Ok(limit), Ok(after)) => PageSpec { limit, after },
+        (Err(r), _) | (_, Err(r)) => return *r,
+    };
+    answer(api, conditions, &q, |s| list(s, &q, page)).await
+}
+
 /// Answers a read: waits for the required position (the header, else the query's
 /// `min_position`), reads the position, then the answer, and adds `X-Logq-Position`
 /// and, on 200, an `ETag` (304 when it matches `If-None-Match`).
