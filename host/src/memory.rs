@@ -16,3 +16,26 @@ pub fn trim() {
         tracing::debug!("malloc_trim released memory: {}", released != 0);
     }
 }
+
+/// The process's resident memory (RSS) in bytes, from `/proc/self/statm`; `None`
+/// where there is no such file.
+pub fn resident_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    Some(pages * page_size())
+}
+
+fn page_size() -> u64 {
+    #[cfg(unix)]
+    {
+        // SAFETY: sysconf reads a constant of the running system; no pointers.
+        #[allow(unsafe_code)]
+        let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+        if let Ok(size) = u64::try_from(size)
+            && size > 0
+        {
+            return size;
+        }
+    }
+    4096
+}

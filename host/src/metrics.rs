@@ -1,20 +1,161 @@
 //! Counters for `/metrics` (Prometheus text format) and the readiness the consumer
 //! loop reports. Plain atomics: the hot path only adds.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::fmt::Write as _;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
+
+use serde::Serialize;
 
 use logq_abi::Source;
 
 use crate::state::Sizes;
 
 /// Upper bounds of the reducer call-time histogram, in seconds.
-const BUCKETS: [f64; 10] = [
+const CALL_BUCKETS: &[f64] = &[
     0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.1, 1.0,
 ];
+
+/// Upper bounds of the read-time histogram, in seconds: reads are answered from
+/// memory, so the interesting part is below a millisecond.
+const READ_BUCKETS: &[f64] = &[
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002, 0.005, 0.01, 0.025, 0.1, 1.0,
+];
+
+/// How many recent dead letters each topic keeps for the status page.
+const RECENT_DEAD_LETTERS: usize = 10;
+
+/// A cumulative histogram of durations (Prometheus style: each bucket counts the
+/// observations at or below its bound).
+#[derive(Debug)]
+pub struct Histogram {
+    bounds: &'static [f64],
+    buckets: Vec<AtomicU64>,
+    count: AtomicU64,
+    micros: AtomicU64,
+}
+
+/// A histogram's counts at one moment (cumulative, like the exposition).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct HistogramCounts {
+    /// (upper bound in seconds, observations at or below it).
+    pub buckets: Vec<(f64, u64)>,
+    /// Every observation.
+    pub count: u64,
+    /// Their sum, in seconds.
+    pub sum: f64,
+}
+
+impl Histogram {
+    fn new(bounds: &'static [f64]) -> Self {
+        Self {
+            bounds,
+            buckets: bounds.iter().map(|_| AtomicU64::new(0)).collect(),
+            count: AtomicU64::new(0),
+            micros: AtomicU64::new(0),
+        }
+    }
+
+    /// Records one observation.
+    pub fn observe(&self, elapsed: Duration) {
+        let secs = elapsed.as_secs_f64();
+        // The first bucket that holds it; the exposition sums upwards.
+        if let Some(i) = self.bounds.iter().position(|b| secs <= *b) {
+            self.buckets[i].fetch_add(1, Relaxed);
+        }
+        self.count.fetch_add(1, Relaxed);
+        self.micros.fetch_add(
+            u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),
+            Relaxed,
+        );
+    }
+
+    /// The counts now, cumulative.
+    pub fn counts(&self) -> HistogramCounts {
+        let mut below = 0;
+        let buckets = self
+            .bounds
+            .iter()
+            .zip(&self.buckets)
+            .map(|(bound, n)| {
+                below += n.load(Relaxed);
+                (*bound, below)
+            })
+            .collect();
+        HistogramCounts {
+            buckets,
+            count: self.count.load(Relaxed),
+            sum: self.micros.load(Relaxed) as f64 / 1e6,
+        }
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        let counts = self.counts();
+        for (bound, n) in &counts.buckets {
+            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {n}");
+        }
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", counts.count);
+        let _ = writeln!(out, "{name}_sum {}", counts.sum);
+        let _ = writeln!(out, "{name}_count {}", counts.count);
+    }
+}
+
+impl HistogramCounts {
+    /// The observations between `earlier` and these counts.
+    #[must_use]
+    pub fn since(&self, earlier: &Self) -> Self {
+        Self {
+            buckets: self
+                .buckets
+                .iter()
+                .zip(earlier.buckets.iter().map(|(_, n)| *n).chain(std::iter::repeat(0)))
+                .map(|((bound, n), before)| (*bound, n.saturating_sub(before)))
+                .collect(),
+            count: self.count.saturating_sub(earlier.count),
+            sum: (self.sum - earlier.sum).max(0.0),
+        }
+    }
+
+    /// The `q` quantile (0..=1) in seconds, interpolated linearly inside its bucket;
+    /// `None` without observations. Beyond the last bound it is that bound.
+    pub fn quantile(&self, q: f64) -> Option<f64> {
+        if self.count == 0 {
+            return None;
+        }
+        let rank = q.clamp(0.0, 1.0) * self.count as f64;
+        let mut lower = (0.0, 0u64);
+        for (bound, n) in &self.buckets {
+            if *n as f64 >= rank {
+                let (low, below) = lower;
+                let inside = (n - below) as f64;
+                let share = if inside == 0.0 {
+                    1.0
+                } else {
+                    (rank - below as f64) / inside
+                };
+                return Some(low + (bound - low) * share);
+            }
+            lower = (*bound, *n);
+        }
+        Some(lower.0)
+    }
+}
+
+/// A record that went to a dead-letter topic, as the status page lists it.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct RecentDeadLetter {
+    /// When it was sent (RFC 3339).
+    pub at: String,
+    /// Where it came from.
+    pub partition: i32,
+    /// Its offset there.
+    pub offset: i64,
+    /// Why it was refused.
+    pub reason: String,
+}
 
 /// Counters of one consumed topic.
 #[derive(Debug, Default)]
@@ -30,6 +171,40 @@ pub struct TopicCounters {
     pub dead_letters_known: AtomicU64,
     /// Compaction tombstones (null values), skipped.
     pub tombstones: AtomicU64,
+    /// The latest dead letters, newest last.
+    recent: Mutex<VecDeque<RecentDeadLetter>>,
+}
+
+impl TopicCounters {
+    /// Remembers a dead letter for the status page (the newest few are kept).
+    pub fn note_dead_letter(&self, partition: i32, offset: i64, reason: &str) {
+        /// Longest reason kept, in bytes.
+        const MAX_REASON: usize = 500;
+        let mut reason = reason.to_owned();
+        if reason.len() > MAX_REASON {
+            let mut cut = MAX_REASON;
+            while !reason.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            reason.truncate(cut);
+            reason.push('…');
+        }
+        let mut recent = lock(&self.recent);
+        if recent.len() == RECENT_DEAD_LETTERS {
+            recent.pop_front();
+        }
+        recent.push_back(RecentDeadLetter {
+            at: humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+            partition,
+            offset,
+            reason,
+        });
+    }
+
+    /// The latest dead letters, newest first.
+    pub fn recent_dead_letters(&self) -> Vec<RecentDeadLetter> {
+        lock(&self.recent).iter().rev().cloned().collect()
+    }
 }
 
 /// Everything `/metrics` shows, and readiness.
@@ -43,9 +218,8 @@ pub struct Metrics {
     /// Why dead letters cannot be delivered right now, if they cannot.
     dlq_trouble: Mutex<Option<String>>,
     reducer_failures: AtomicU64,
-    call_buckets: [AtomicU64; BUCKETS.len()],
-    call_count: AtomicU64,
-    call_micros: AtomicU64,
+    calls: Histogram,
+    reads: Histogram,
     lag: Mutex<BTreeMap<(String, i32), i64>>,
     ready: AtomicBool,
     status: Mutex<String>,
@@ -62,9 +236,8 @@ impl Metrics {
             snapshot_failures: AtomicU64::new(0),
             dlq_trouble: Mutex::new(None),
             reducer_failures: AtomicU64::new(0),
-            call_buckets: Default::default(),
-            call_count: AtomicU64::new(0),
-            call_micros: AtomicU64::new(0),
+            calls: Histogram::new(CALL_BUCKETS),
+            reads: Histogram::new(READ_BUCKETS),
             lag: Mutex::new(BTreeMap::new()),
             ready: AtomicBool::new(false),
             status: Mutex::new("starting".into()),
@@ -109,17 +282,28 @@ impl Metrics {
 
     /// Records the duration of one folded batch.
     pub fn reducer_call(&self, elapsed: Duration) {
-        let secs = elapsed.as_secs_f64();
-        for (bucket, bound) in self.call_buckets.iter().zip(BUCKETS) {
-            if secs <= bound {
-                bucket.fetch_add(1, Relaxed);
-            }
-        }
-        self.call_count.fetch_add(1, Relaxed);
-        self.call_micros.fetch_add(
-            u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX),
-            Relaxed,
-        );
+        self.calls.observe(elapsed);
+    }
+
+    /// Records the time to answer one read (`GET` of a user, an organization or a
+    /// listing).
+    pub fn read_answered(&self, elapsed: Duration) {
+        self.reads.observe(elapsed);
+    }
+
+    /// The read-time histogram now.
+    pub fn reads(&self) -> HistogramCounts {
+        self.reads.counts()
+    }
+
+    /// Every consumed topic's name and counters, users first.
+    pub fn topics(&self) -> impl Iterator<Item = (&str, &TopicCounters)> {
+        self.topics.iter().map(|(name, c)| (name.as_str(), c))
+    }
+
+    /// The lag of every partition, by (topic, partition).
+    pub fn lags(&self) -> BTreeMap<(String, i32), i64> {
+        lock(&self.lag).clone()
     }
 
     /// Sets the consumer lag of one partition.
@@ -285,26 +469,24 @@ impl Metrics {
             );
         }
 
-        let name = "logq_reducer_call_seconds";
-        let _ = writeln!(
-            out,
-            "# HELP {name} Time to fold one batch in the reducer.\n# TYPE {name} histogram"
-        );
-        for (bucket, bound) in self.call_buckets.iter().zip(BUCKETS) {
-            let _ = writeln!(
-                out,
-                "{name}_bucket{{le=\"{bound}\"}} {}",
-                bucket.load(Relaxed)
+        if let Some(rss) = crate::memory::resident_bytes() {
+            single(
+                "process_resident_memory_bytes",
+                "gauge",
+                "Resident memory of the process (RSS), in bytes.",
+                rss.to_string(),
             );
         }
-        let count = self.call_count.load(Relaxed);
-        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
-        let _ = writeln!(
-            out,
-            "{name}_sum {}",
-            self.call_micros.load(Relaxed) as f64 / 1e6
+        self.calls.render(
+            &mut out,
+            "logq_reducer_call_seconds",
+            "Time to fold one batch in the reducer.",
         );
-        let _ = writeln!(out, "{name}_count {count}");
+        self.reads.render(
+            &mut out,
+            "logq_read_seconds",
+            "Time to answer one read (GET of a user, an organization or a listing), until the response head.",
+        );
 
         let name = "logq_consumer_lag";
         let _ = writeln!(

@@ -83,6 +83,7 @@ pub async fn run(
         token: config.admin_token.clone(),
         max_body_bytes: config.admin_max_body_bytes,
     };
+    let status_topics = config.topics().map(|t| config.dlq_topic(t));
     let consumer = Consumer::new(
         config,
         registry.clone(),
@@ -102,12 +103,16 @@ pub async fn run(
         .context("spawning the consumer thread")?;
 
     let (http_stop_tx, http_stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let routes = http::routes(http::Api {
+    let api = http::Api {
         store,
         metrics,
         admin: Arc::new(admin),
         reads,
-    });
+        status: Arc::new(http::StatusFeed::new(status_topics)),
+    };
+    let status = api.status.clone();
+    let sampler = tokio::spawn(http::status::run(api.clone()));
+    let routes = http::routes(api);
     let server = tokio::spawn(http::serve(
         listener,
         routes,
@@ -125,6 +130,8 @@ pub async fn run(
     // The consumer thread finishes the batch it is folding, then leaves.
     stop.store(true, Ordering::Relaxed);
     registry.cancel_replay();
+    sampler.abort();
+    status.close();
     let _ = http_stop_tx.send(());
     if tokio::time::timeout(HTTP_DRAIN + Duration::from_secs(1), server)
         .await

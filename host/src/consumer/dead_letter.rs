@@ -116,6 +116,7 @@ impl DeadLetters {
             d.reason
         );
         counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
+        counters.note_dead_letter(record.partition, record.offset, &d.reason);
         let headers = [
             ("logq.reason", d.reason.clone()),
             ("logq.topic", topic),

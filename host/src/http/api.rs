@@ -8,6 +8,7 @@ use warp::http::StatusCode;
 
 use super::admin::Admin;
 use super::reply::error;
+use super::status::StatusFeed;
 use crate::broker::Topics;
 use crate::metrics::Metrics;
 use crate::state::StateStore;
@@ -30,6 +31,8 @@ pub struct Api {
     pub admin: Arc<Admin>,
     /// Positions and waiting for them.
     pub reads: Reads,
+    /// The status page's samples.
+    pub status: Arc<StatusFeed>,
 }
 
 /// How reads are answered.

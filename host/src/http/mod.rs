@@ -4,6 +4,7 @@
 //!
 //! - [`server`]: the connection loop and its limits;
 //! - [`admin`]: the admin endpoints, against a [`SwapControl`] handle;
+//! - [`status`]: the status page and its live samples;
 //! - here: the read routes (users, organizations, health, readiness, metrics,
 //!   OpenAPI), percent-decoding, and the error mapping.
 
@@ -13,6 +14,7 @@ pub mod live;
 pub mod reads;
 pub mod reply;
 pub mod server;
+pub mod status;
 
 use std::convert::Infallible;
 
@@ -26,6 +28,7 @@ pub use api::{Api, MAX_ID_BYTES, Reads};
 
 use api::decoded;
 pub use server::{ServerLimits, serve};
+pub use status::StatusFeed;
 
 use reply::{error, json_reply, recover};
 
@@ -119,6 +122,15 @@ pub fn routes(api: Api) -> impl Filter<Extract = (Response,), Error = Infallible
         );
         r
     });
+    let page = warp::path::full().and_then(|path: warp::path::FullPath| async move {
+        status::asset(path.as_str()).ok_or_else(warp::reject::not_found)
+    });
+    let status = warp::path!("status")
+        .and(with.clone())
+        .map(|api: Api| status::current(&api));
+    let status_stream = warp::path!("status" / "stream")
+        .and(with.clone())
+        .map(|api: Api| status::stream(&api));
     let readyz = warp::path!("readyz").and(with.clone()).map(|api: Api| {
         let at = api.store.position();
         let (ready, status) = api.metrics.readiness();
@@ -160,6 +172,12 @@ pub fn routes(api: Api) -> impl Filter<Extract = (Response,), Error = Infallible
         .unify()
         .boxed();
     let streams = export.or(changes).unify().or(watch).unify().boxed();
+    let operators = page
+        .or(status)
+        .unify()
+        .or(status_stream)
+        .unify()
+        .boxed();
     let public = warp::get().and(
         entities
             .or(streams)
@@ -171,8 +189,18 @@ pub fn routes(api: Api) -> impl Filter<Extract = (Response,), Error = Infallible
             .or(readyz)
             .unify()
             .or(metrics)
+            .unify()
+            .or(operators)
             .unify(),
     );
+    let timing = {
+        let metrics = api.metrics.clone();
+        warp::log::custom(move |info| {
+            if is_read(info.method(), info.path()) {
+                metrics.read_answered(info.elapsed());
+            }
+        })
+    };
     warp::path::full()
         // Reads first: they are nearly all the traffic.
         .and(public.or(admin).unify().recover(recover).unify())
@@ -191,6 +219,16 @@ pub fn routes(api: Api) -> impl Filter<Extract = (Response,), Error = Infallible
                 .insert("allow", warp::http::HeaderValue::from_static(allow));
             r
         })
+        .with(timing)
+        .map(warp::Reply::into_response)
+}
+
+/// Whether a request is a read the status page times: a GET of a user, an
+/// organization or a listing (not the live streams).
+fn is_read(method: &warp::http::Method, path: &str) -> bool {
+    method == warp::http::Method::GET
+        && (path.starts_with("/users") || path.starts_with("/organizations"))
+        && !path.ends_with("/watch")
 }
 
 /// The methods a path allows (for the `Allow` header of a 405).
@@ -243,6 +281,7 @@ mod tests {
             store,
             metrics: Arc::new(Metrics::new(["users", "organizations"])),
             admin: Arc::new(admin(None, Fake::default())),
+            status: Arc::new(StatusFeed::new(["users-dlq".into(), "organizations-dlq".into()])),
             reads: Reads {
                 topics: crate::broker::Topics {
                     users: "users".into(),

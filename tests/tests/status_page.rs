@@ -1,0 +1,340 @@
+//! The status page (`GET /`) in a real browser: headless Debian Chromium driven over
+//! WebDriver (chromedriver), against the real host and a real broker.
+//!
+//! What a user of the page would check: its numbers are the host's (`/metrics`,
+//! `/admin/reducer`, the dead-letter topic), its charts move when events arrive, a
+//! wrong token is refused, and a swap and a rollback done by clicking take effect
+//! for readers. Screenshots go to `target/screenshots/`.
+
+use std::time::{Duration, Instant};
+
+use logq_e2e::webdriver::{Browser, ENTER, absolute};
+use logq_e2e::{
+    Broker, Host, component, eventually, expected_answers, history, masked, produce, produce_raw,
+    read_topic,
+};
+use serde_json::Value;
+
+const TOKEN: &str = "status-page-token";
+const WITHIN: Duration = Duration::from_secs(60);
+/// The page gets a sample a second; a few seconds cover a busy machine.
+const SOON: Duration = Duration::from_secs(15);
+
+fn metric(host: &Host, name: &str) -> f64 {
+    host.metric(name)
+        .unwrap_or_else(|| panic!("{name} missing from /metrics"))
+}
+
+/// Waits until the page shows `value` in output `#id` (its exact `data-value`).
+fn page_shows(page: &Browser, id: &str, value: f64) {
+    page.wait_attribute(&format!("#{id}"), "data-value", SOON, |v| {
+        v.parse::<f64>().is_ok_and(|v| v == value)
+    });
+}
+
+/// The latest value the page drew for series `name` of chart `chart`.
+fn drawn(page: &Browser, chart: &str, name: &str) -> Option<f64> {
+    page.try_find(&format!("#{chart} polyline[data-series='{name}']"))?
+        .attribute("data-last")?
+        .parse()
+        .ok()
+}
+
+/// Clicks `button`, then the confirmation dialog's `answer` (`#confirm-yes` or
+/// `#confirm-no`).
+fn click_and_answer(page: &Browser, button: &str, answer: &str) {
+    page.find(button).click();
+    eventually(SOON, "the confirmation dialog", || {
+        (page.execute("return document.getElementById('confirm').open", &[]) == Value::Bool(true))
+            .then_some(())
+    });
+    page.find(answer).click();
+}
+
+/// Waits until the page shows the host's answer to an action: its status code and
+/// text.
+fn host_answer(page: &Browser, status: u16) -> String {
+    page.wait_attribute("#result", "data-status", WITHIN, |v| {
+        v == status.to_string()
+    });
+    page.find("#result").text()
+}
+
+fn describe(host: &Host) -> Value {
+    let r = host.admin("GET", "/admin/reducer", Some(TOKEN), b"");
+    assert_eq!(r.status, 200, "{}", r.body);
+    r.json()
+}
+
+/// Waits until swap `id` is the active one, with all answers re-rendered by it.
+fn wait_active(host: &Host, sha: &str) -> Value {
+    eventually(WITHIN, &format!("{sha} active"), || {
+        let d = describe(host);
+        (d["active"]["sha256"] == sha
+            && d["replay"]["phase"].as_str().is_none_or(|p| p != "replaying")
+            && d["active"]["answers"]["share_by_active"] == 1.0)
+            .then_some(d)
+    })
+}
+
+#[test]
+fn the_status_page_shows_the_hosts_numbers_moves_live_and_swaps_and_rolls_back_by_clicks() {
+    let broker = Broker::start();
+    broker.create_default_topics();
+    let (mut users, orgs) = history(0x57a7, 200, 1_500);
+    produce(&broker, "users", &[], users.join("\n").as_bytes());
+    produce(&broker, "organizations", &[], orgs.join("\n").as_bytes());
+    // Three records no reducer can fold: they become dead letters with a reason.
+    produce_raw(
+        &broker,
+        "users",
+        &[
+            (Some(b"bad-1"), Some(b"not json")),
+            (Some(b"bad-2"), Some(br#"{"event_type": "User Created"}"#)),
+            (Some(b"bad-3"), Some(b"[1, 2")),
+        ],
+    );
+    let host = Host::start(&broker, &["--admin-token", TOKEN]);
+    host.wait_ready(WITHIN);
+    host.wait_consumed("users", users.len() + 3, WITHIN);
+    let letters = read_topic(&broker, "users.dlq", 3, WITHIN);
+    assert_eq!(letters.len(), 3, "three dead letters in the topic");
+
+    let page = Browser::start(1280, 2200);
+    let url = format!("http://{}/", host.addr);
+    page.goto(&url);
+    page.wait_attribute("#connection", "data-state", SOON, |s| s == "live");
+    page.wait_attribute("#ready", "data-ready", SOON, |s| s == "true");
+
+    // 1. The numbers are the host's own: /metrics, /admin/reducer, the DLQ topic.
+    for (id, name) in [
+        ("users", "logq_users"),
+        ("organizations", "logq_organizations"),
+        ("tombstones", "logq_tombstones"),
+    ] {
+        page_shows(&page, id, metric(&host, name));
+    }
+    assert!(
+        metric(&host, "logq_users") > 50.0,
+        "the history leaves users to show"
+    );
+    page_shows(
+        &page,
+        "dead-letters-total",
+        metric(&host, "logq_records_dead_lettered_total{topic=\"users\"}")
+            + metric(
+                &host,
+                "logq_records_dead_lettered_total{topic=\"organizations\"}",
+            ),
+    );
+    let users_box = "#dead-letters .dlq[data-topic='users']";
+    page.wait_attribute(&format!("{users_box} .count"), "data-value", SOON, |v| {
+        v == "3"
+    });
+    let mut shown: Vec<String> = page
+        .find_all(&format!("{users_box} .reason .why"))
+        .iter()
+        .map(logq_e2e::webdriver::Element::text)
+        .collect();
+    let mut sent: Vec<String> = letters
+        .iter()
+        .map(|l| l.header("logq.reason").expect("a reason header").to_owned())
+        .collect();
+    shown.sort();
+    sent.sort();
+    assert_eq!(shown, sent, "the page lists the reasons the DLQ records carry");
+    // Every partition's lag, row by row, and their sum.
+    let lags: Vec<(String, f64)> = host
+        .get("/metrics")
+        .body
+        .lines()
+        .filter_map(|l| l.strip_prefix("logq_consumer_lag{topic=\""))
+        .map(|l| {
+            let (topic, rest) = l.split_once("\",partition=\"").unwrap();
+            let (partition, value) = rest.split_once("\"} ").unwrap();
+            (format!("{topic}/{partition}"), value.parse().unwrap())
+        })
+        .collect();
+    assert!(lags.len() >= 2, "both topics' partitions: {lags:?}");
+    for (partition, lag) in &lags {
+        page.wait_attribute(
+            &format!("#partitions tr[data-partition='{partition}'] .lag"),
+            "data-value",
+            SOON,
+            |v| v.parse::<f64>().is_ok_and(|v| v == *lag),
+        );
+    }
+    assert_eq!(
+        page.find_all("#partitions tr[data-partition]").len(),
+        lags.len(),
+        "one row per partition"
+    );
+    page_shows(&page, "lag-total", lags.iter().map(|(_, l)| l).sum());
+    let d = describe(&host);
+    let startup_sha = d["active"]["sha256"].as_str().unwrap().to_owned();
+    page.wait_text("#active-sha", SOON, |t| t == startup_sha);
+    assert_eq!(page.find("#active-origin").text(), d["active"]["origin"]);
+    assert_eq!(page.find("#active-loaded").text(), d["active"]["loaded_at"]);
+    let rss_page: f64 = page.find("#rss").attribute("data-value").unwrap().parse().unwrap();
+    let rss_metric = metric(&host, "process_resident_memory_bytes");
+    assert!(
+        (rss_page - rss_metric).abs() / rss_metric < 0.25,
+        "RSS on the page {rss_page} vs /metrics {rss_metric}"
+    );
+    page.screenshot("status-1280");
+
+    // 2. The charts move: idle first, then events and reads arrive.
+    eventually(SOON, "an idle ingest chart", || {
+        (drawn(&page, "chart-ingest", "events") == Some(0.0)).then_some(())
+    });
+    let more: Vec<String> = (0..3_000)
+        .map(|i| {
+            serde_json::json!({"id": format!("live-{i}"), "event_type": "User Created",
+                "user_email": format!("live{i}@example.com"), "received_at": "2029-06-01 00:00:00"})
+            .to_string()
+        })
+        .collect();
+    produce(&broker, "users", &[], more.join("\n").as_bytes());
+    users.extend(more);
+    eventually(SOON, "the ingest chart to rise", || {
+        drawn(&page, "chart-ingest", "events")
+            .filter(|v| *v > 0.0)
+            .map(|_| ())
+    });
+    host.wait_consumed("users", users.len() + 3, WITHIN);
+    page_shows(&page, "users", metric(&host, "logq_users"));
+    let reads_before = drawn(&page, "chart-reads", "reads");
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(3) {
+        assert_eq!(host.get("/users/live-1").status, 200);
+    }
+    eventually(SOON, "the reads chart to rise", || {
+        drawn(&page, "chart-reads", "reads")
+            .filter(|v| *v > 0.0)
+            .map(|_| ())
+    });
+    assert_eq!(reads_before, Some(0.0), "nothing read before the loop");
+    let p99: f64 = page
+        .wait_attribute("#read-p99", "data-value", SOON, |v| !v.is_empty())
+        .parse()
+        .unwrap();
+    assert!(p99 > 0.0 && p99 < 1_000.0, "read p99 {p99} ms");
+
+    // 3. Read-only until a token is accepted; a wrong one is refused on the page.
+    assert!(page.find("#admin-note").text().contains("Read-only"));
+    assert!(!page.find("#swap").enabled(), "no action without a token");
+    page.find("#token").send_keys("not-the-token");
+    page.find("#token-use").click();
+    let refused = host_answer(&page, 401);
+    assert!(refused.contains("unauthorized"), "{refused}");
+    assert!(
+        page.find("#token-state").text().contains("refused"),
+        "{}",
+        page.find("#token-state").text()
+    );
+    assert!(!page.find("#rollback").enabled(), "still read-only");
+    page.find("#token").clear();
+    // Enter in the field submits it: the form works from the keyboard.
+    page.find("#token").send_keys(&format!("{TOKEN}{ENTER}"));
+    host_answer(&page, 200);
+    page.wait_text("#token-state", SOON, |t| t.contains("accepted"));
+    assert!(page.find("#swap").enabled(), "actions enabled with the token");
+    assert_eq!(
+        page.find("#token").attribute("value").unwrap_or_default(),
+        "",
+        "the field does not keep the token"
+    );
+    let stored = page.execute(
+        "return JSON.stringify([Object.assign({}, localStorage), Object.assign({}, sessionStorage), document.cookie])",
+        &[],
+    );
+    assert!(
+        !stored.as_str().unwrap_or_default().contains(TOKEN),
+        "the token is in page memory only: {stored}"
+    );
+
+    // 4. Refusals are shown as the host gave them.
+    let junk = std::env::temp_dir().join(format!("logq-not-wasm-{}.wasm", std::process::id()));
+    std::fs::write(&junk, b"definitely not a component").unwrap();
+    page.find("#reducer-file").send_keys(&absolute(&junk));
+    click_and_answer(&page, "#swap", "#confirm-yes");
+    let answer = host_answer(&page, 400);
+    assert!(answer.contains("not_wasm"), "{answer}");
+    click_and_answer(&page, "#cancel-replay", "#confirm-yes");
+    let answer = host_answer(&page, 404);
+    assert!(answer.contains("no replay is running"), "{answer}");
+
+    // 5. A replay swap by clicks: GET shows masked e-mails once it is active.
+    let history_before = describe(&host)["history"].as_array().unwrap().len();
+    let mask = component("mask-emails-reducer.wasm");
+    page.find("#reducer-file").send_keys(&absolute(&mask));
+    page.find("input[name='mode'][value='replay']").click();
+    // Cancelling the confirmation sends nothing.
+    click_and_answer(&page, "#swap", "#confirm-no");
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        describe(&host)["history"].as_array().unwrap().len(),
+        history_before,
+        "a cancelled confirmation changes nothing"
+    );
+    click_and_answer(&page, "#swap", "#confirm-yes");
+    let answer = host_answer(&page, 202);
+    let mask_sha = serde_json::from_str::<Value>(answer.split_once('\n').unwrap().1).unwrap()
+        ["swap"]["sha256"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_ne!(mask_sha, startup_sha);
+    wait_active(&host, &mask_sha);
+    page.wait_text("#active-sha", SOON, |t| t == mask_sha);
+    page.wait_text("#previous-sha", SOON, |t| t == startup_sha);
+    let expected = expected_answers(&users, &orgs);
+    for (id, want) in expected.iter().take(50) {
+        assert_eq!(host.get(&format!("/users/{id}")).json(), masked(want.clone()), "{id}");
+    }
+    page.screenshot("status-after-swap");
+
+    // 6. A rollback by clicks: GET shows the original answers again.
+    click_and_answer(&page, "#rollback", "#confirm-yes");
+    host_answer(&page, 202);
+    wait_active(&host, &startup_sha);
+    page.wait_text("#active-sha", SOON, |t| t == startup_sha);
+    for (id, want) in expected.iter().take(50) {
+        assert_eq!(&host.get(&format!("/users/{id}")).json(), want, "{id}");
+    }
+    let rows = page.find_all("#history tr[data-swap-id]");
+    assert_eq!(
+        rows.len(),
+        describe(&host)["history"].as_array().unwrap().len(),
+        "one history row per swap the host records"
+    );
+
+    // 7. A phone's width: everything fits without sideways scrolling (tables that
+    // cannot scroll inside their own box).
+    drop(page);
+    let phone = Browser::start_phone(390, 844);
+    phone.goto(&url);
+    phone.wait_attribute("#ready", "data-ready", SOON, |s| s == "true");
+    phone.wait_text("#active-sha", SOON, |t| t == startup_sha);
+    let overflow = phone.execute(
+        "return [document.documentElement.clientWidth, document.documentElement.scrollWidth]",
+        &[],
+    );
+    assert_eq!(overflow, serde_json::json!([390, 390]), "no horizontal overflow at 390 px");
+    phone.screenshot("status-phone");
+}
+
+#[test]
+fn without_an_admin_token_the_page_is_read_only_and_says_why() {
+    let broker = Broker::start();
+    broker.create_default_topics();
+    let host = Host::start(&broker, &[]);
+    host.wait_ready(WITHIN);
+    let page = Browser::start(1280, 900);
+    page.goto(&format!("http://{}/", host.addr));
+    page.wait_text("#admin-note", SOON, |t| {
+        t.contains("started without --admin-token")
+    });
+    assert!(!page.find("#token").enabled(), "no token to enter");
+    assert!(!page.find("#rollback").enabled(), "no action");
+}
