@@ -44,8 +44,9 @@ fi
 case "$what" in all|bench) ;; *) log "unknown target $what (build, all, bench)"; exit 1 ;; esac
 
 # Testing: compose-file validation and a real Kafka-compatible broker (sqlite3 edits
-# its catalogue to add a partition while it runs: it has no CreatePartitions API).
-apt_install docker-compose sqlite3
+# its catalogue to add a partition while it runs: it has no CreatePartitions API);
+# Debian's Chromium and ChromeDriver for the status page's browser tests.
+apt_install docker-compose sqlite3 chromium chromium-driver
 
 NISSHI_VERSION=0.8.1
 if "${NISSHI:-nisshi}" --version 2>/dev/null | grep -q "$NISSHI_VERSION" \

@@ -111,7 +111,13 @@ impl HistogramCounts {
             buckets: self
                 .buckets
                 .iter()
-                .zip(earlier.buckets.iter().map(|(_, n)| *n).chain(std::iter::repeat(0)))
+                .zip(
+                    earlier
+                        .buckets
+                        .iter()
+                        .map(|(_, n)| *n)
+                        .chain(std::iter::repeat(0)),
+                )
                 .map(|((bound, n), before)| (*bound, n.saturating_sub(before)))
                 .collect(),
             count: self.count.saturating_sub(earlier.count),
@@ -573,5 +579,95 @@ mod tests {
         assert!(text.contains("logq_users 3\n"), "{text}");
         assert!(text.contains("logq_user_state_bytes 1234\n"), "{text}");
         assert_eq!(m.total_lag(), 7);
+    }
+
+    #[test]
+    fn histogram_quantiles_interpolate_inside_buckets_and_deltas_subtract() {
+        let h = Histogram::new(READ_BUCKETS);
+        assert_eq!(
+            h.counts().quantile(0.5),
+            None,
+            "no observations, no quantile"
+        );
+        for _ in 0..90 {
+            h.observe(Duration::from_micros(80)); // (50 µs, 100 µs]
+        }
+        for _ in 0..10 {
+            h.observe(Duration::from_micros(1_500)); // (1 ms, 2 ms]
+        }
+        let all = h.counts();
+        assert_eq!(all.count, 100);
+        let p50 = all.quantile(0.5).unwrap();
+        assert!(
+            (p50 - (0.000_05 + 0.000_05 * 50.0 / 90.0)).abs() < 1e-9,
+            "{p50}"
+        );
+        let p99 = all.quantile(0.99).unwrap();
+        assert!((p99 - (0.001 + 0.001 * 9.0 / 10.0)).abs() < 1e-9, "{p99}");
+        let before = h.counts();
+        h.observe(Duration::from_secs(5)); // beyond the last bound
+        let recent = h.counts().since(&before);
+        assert_eq!(recent.count, 1);
+        assert_eq!(recent.buckets.iter().map(|(_, n)| n).sum::<u64>(), 0);
+        assert_eq!(recent.quantile(0.99), Some(1.0), "capped at the last bound");
+        assert!((recent.sum - 5.0).abs() < 1e-6, "{}", recent.sum);
+    }
+
+    #[test]
+    fn render_shows_the_read_histogram_and_resident_memory() {
+        let m = Metrics::new(["users", "orgs"]);
+        m.read_answered(Duration::from_micros(70));
+        m.read_answered(Duration::from_micros(300));
+        let text = m.render(Sizes {
+            users_visible: 0,
+            users_stored: 0,
+            organizations: 0,
+            user_bytes: 0,
+            tombstones: 0,
+            tombstones_expired: 0,
+            clock: None,
+            subscribers: 0,
+            subscribers_dropped: 0,
+        });
+        assert!(
+            text.contains("logq_read_seconds_bucket{le=\"0.00005\"} 0\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("logq_read_seconds_bucket{le=\"0.0001\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("logq_read_seconds_bucket{le=\"0.0005\"} 2\n"),
+            "{text}"
+        );
+        assert!(text.contains("logq_read_seconds_count 2\n"), "{text}");
+        let rss = metric_value(&text, "process_resident_memory_bytes");
+        assert!(
+            rss > 1_000_000.0,
+            "a running test process holds more than 1 MB: {rss}"
+        );
+    }
+
+    fn metric_value(text: &str, name: &str) -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing: {text}"))
+    }
+
+    #[test]
+    fn recent_dead_letters_keep_the_newest_few_with_reasons_cut_short() {
+        let c = TopicCounters::default();
+        for offset in 0..15 {
+            c.note_dead_letter(2, offset, &format!("reason {offset}"));
+        }
+        c.note_dead_letter(1, 99, &"é".repeat(400));
+        let recent = c.recent_dead_letters();
+        assert_eq!(recent.len(), RECENT_DEAD_LETTERS);
+        assert_eq!(recent[0].offset, 99, "newest first");
+        assert_eq!(recent[1].reason, "reason 14");
+        assert_eq!(recent.last().unwrap().offset, 6, "the oldest kept");
+        assert!(recent[0].reason.ends_with('…'));
+        assert!(recent[0].reason.len() <= 500 + '…'.len_utf8());
     }
 }

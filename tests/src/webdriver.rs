@@ -199,6 +199,33 @@ impl Browser {
         )
     }
 
+    /// Attribute `name` of the first element `css` selects, read in one step (the
+    /// page redraws live, so a found element can be replaced before a second
+    /// command reaches it).
+    pub fn attribute(&self, css: &str, name: &str) -> Option<String> {
+        let v = self.execute(
+            "const e = document.querySelector(arguments[0]); \
+             return e ? e.getAttribute(arguments[1]) : null",
+            &[css.into(), name.into()],
+        );
+        v.as_str().map(str::to_owned)
+    }
+
+    /// The rendered text of every element `css` selects, read in one step.
+    pub fn texts(&self, css: &str) -> Vec<String> {
+        let v = self.execute(
+            "return Array.from(document.querySelectorAll(arguments[0]), e => e.innerText)",
+            &[css.into()],
+        );
+        v.as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|t| t.as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// Polls `css`'s attribute `name` until `check` accepts it; returns it.
     pub fn wait_attribute(
         &self,
@@ -208,7 +235,7 @@ impl Browser {
         check: impl Fn(&str) -> bool,
     ) -> String {
         eventually(within, &format!("{css} [{name}] as expected"), || {
-            let v = self.try_find(css)?.attribute(name)?;
+            let v = self.attribute(css, name)?;
             check(&v).then_some(v)
         })
     }
@@ -216,7 +243,7 @@ impl Browser {
     /// Polls `css`'s text until `check` accepts it; returns it.
     pub fn wait_text(&self, css: &str, within: Duration, check: impl Fn(&str) -> bool) -> String {
         eventually(within, &format!("the text of {css} as expected"), || {
-            let v = self.try_find(css)?.text();
+            let v = self.texts(css).into_iter().next()?;
             check(&v).then_some(v)
         })
     }

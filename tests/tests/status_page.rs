@@ -34,10 +34,12 @@ fn page_shows(page: &Browser, id: &str, value: f64) {
 
 /// The latest value the page drew for series `name` of chart `chart`.
 fn drawn(page: &Browser, chart: &str, name: &str) -> Option<f64> {
-    page.try_find(&format!("#{chart} polyline[data-series='{name}']"))?
-        .attribute("data-last")?
-        .parse()
-        .ok()
+    page.attribute(
+        &format!("#{chart} polyline[data-series='{name}']"),
+        "data-last",
+    )?
+    .parse()
+    .ok()
 }
 
 /// Clicks `button`, then the confirmation dialog's `answer` (`#confirm-yes` or
@@ -71,7 +73,9 @@ fn wait_active(host: &Host, sha: &str) -> Value {
     eventually(WITHIN, &format!("{sha} active"), || {
         let d = describe(host);
         (d["active"]["sha256"] == sha
-            && d["replay"]["phase"].as_str().is_none_or(|p| p != "replaying")
+            && d["replay"]["phase"]
+                .as_str()
+                .is_none_or(|p| p != "replaying")
             && d["active"]["answers"]["share_by_active"] == 1.0)
             .then_some(d)
     })
@@ -131,18 +135,17 @@ fn the_status_page_shows_the_hosts_numbers_moves_live_and_swaps_and_rolls_back_b
     page.wait_attribute(&format!("{users_box} .count"), "data-value", SOON, |v| {
         v == "3"
     });
-    let mut shown: Vec<String> = page
-        .find_all(&format!("{users_box} .reason .why"))
-        .iter()
-        .map(logq_e2e::webdriver::Element::text)
-        .collect();
+    let mut shown = page.texts(&format!("{users_box} .reason .why"));
     let mut sent: Vec<String> = letters
         .iter()
         .map(|l| l.header("logq.reason").expect("a reason header").to_owned())
         .collect();
     shown.sort();
     sent.sort();
-    assert_eq!(shown, sent, "the page lists the reasons the DLQ records carry");
+    assert_eq!(
+        shown, sent,
+        "the page lists the reasons the DLQ records carry"
+    );
     // Every partition's lag, row by row, and their sum.
     let lags: Vec<(String, f64)> = host
         .get("/metrics")
@@ -173,15 +176,24 @@ fn the_status_page_shows_the_hosts_numbers_moves_live_and_swaps_and_rolls_back_b
     let d = describe(&host);
     let startup_sha = d["active"]["sha256"].as_str().unwrap().to_owned();
     page.wait_text("#active-sha", SOON, |t| t == startup_sha);
-    assert_eq!(page.find("#active-origin").text(), d["active"]["origin"]);
-    assert_eq!(page.find("#active-loaded").text(), d["active"]["loaded_at"]);
-    let rss_page: f64 = page.find("#rss").attribute("data-value").unwrap().parse().unwrap();
+    assert_eq!(
+        page.texts("#active-origin"),
+        [d["active"]["origin"].as_str().unwrap()]
+    );
+    assert_eq!(
+        page.texts("#active-loaded"),
+        [d["active"]["loaded_at"].as_str().unwrap()]
+    );
+    let rss_page: f64 = page
+        .attribute("#rss", "data-value")
+        .unwrap()
+        .parse()
+        .unwrap();
     let rss_metric = metric(&host, "process_resident_memory_bytes");
     assert!(
         (rss_page - rss_metric).abs() / rss_metric < 0.25,
         "RSS on the page {rss_page} vs /metrics {rss_metric}"
     );
-    page.screenshot("status-1280");
 
     // 2. The charts move: idle first, then events and reads arrive.
     eventually(SOON, "an idle ingest chart", || {
@@ -219,6 +231,7 @@ fn the_status_page_shows_the_hosts_numbers_moves_live_and_swaps_and_rolls_back_b
         .parse()
         .unwrap();
     assert!(p99 > 0.0 && p99 < 1_000.0, "read p99 {p99} ms");
+    page.screenshot("status-1280");
 
     // 3. Read-only until a token is accepted; a wrong one is refused on the page.
     assert!(page.find("#admin-note").text().contains("Read-only"));
@@ -238,7 +251,10 @@ fn the_status_page_shows_the_hosts_numbers_moves_live_and_swaps_and_rolls_back_b
     page.find("#token").send_keys(&format!("{TOKEN}{ENTER}"));
     host_answer(&page, 200);
     page.wait_text("#token-state", SOON, |t| t.contains("accepted"));
-    assert!(page.find("#swap").enabled(), "actions enabled with the token");
+    assert!(
+        page.find("#swap").enabled(),
+        "actions enabled with the token"
+    );
     assert_eq!(
         page.find("#token").attribute("value").unwrap_or_default(),
         "",
@@ -290,9 +306,26 @@ fn the_status_page_shows_the_hosts_numbers_moves_live_and_swaps_and_rolls_back_b
     page.wait_text("#previous-sha", SOON, |t| t == startup_sha);
     let expected = expected_answers(&users, &orgs);
     for (id, want) in expected.iter().take(50) {
-        assert_eq!(host.get(&format!("/users/{id}")).json(), masked(want.clone()), "{id}");
+        assert_eq!(
+            host.get(&format!("/users/{id}")).json(),
+            masked(want.clone()),
+            "{id}"
+        );
     }
     page.screenshot("status-after-swap");
+    // A finished replay's time and rate stop where it ended.
+    let ran = describe(&host)["replay"]["elapsed_seconds"]
+        .as_f64()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1_200));
+    assert_eq!(
+        describe(&host)["replay"]["elapsed_seconds"].as_f64(),
+        Some(ran),
+        "a done replay's clock stopped"
+    );
+    page.wait_text("#replay-text", SOON, |t| {
+        t.contains("done") && t.contains(&format!("{ran:.1} s"))
+    });
 
     // 6. A rollback by clicks: GET shows the original answers again.
     click_and_answer(&page, "#rollback", "#confirm-yes");
@@ -320,7 +353,11 @@ fn the_status_page_shows_the_hosts_numbers_moves_live_and_swaps_and_rolls_back_b
         "return [document.documentElement.clientWidth, document.documentElement.scrollWidth]",
         &[],
     );
-    assert_eq!(overflow, serde_json::json!([390, 390]), "no horizontal overflow at 390 px");
+    assert_eq!(
+        overflow,
+        serde_json::json!([390, 390]),
+        "no horizontal overflow at 390 px"
+    );
     phone.screenshot("status-phone");
 }
 

@@ -172,12 +172,7 @@ pub fn routes(api: Api) -> impl Filter<Extract = (Response,), Error = Infallible
         .unify()
         .boxed();
     let streams = export.or(changes).unify().or(watch).unify().boxed();
-    let operators = page
-        .or(status)
-        .unify()
-        .or(status_stream)
-        .unify()
-        .boxed();
+    let operators = page.or(status).unify().or(status_stream).unify().boxed();
     let public = warp::get().and(
         entities
             .or(streams)
@@ -281,7 +276,10 @@ mod tests {
             store,
             metrics: Arc::new(Metrics::new(["users", "organizations"])),
             admin: Arc::new(admin(None, Fake::default())),
-            status: Arc::new(StatusFeed::new(["users-dlq".into(), "organizations-dlq".into()])),
+            status: Arc::new(StatusFeed::new([
+                "users-dlq".into(),
+                "organizations-dlq".into(),
+            ])),
             reads: Reads {
                 topics: crate::broker::Topics {
                     users: "users".into(),
@@ -847,8 +845,157 @@ mod tests {
             "/admin/reducer",
             "/admin/reducer/rollback",
             "/admin/reducer/replay",
+            "/",
+            "/status",
+            "/status/stream",
         ] {
             assert!(paths.contains_key(path), "{path} is not documented");
         }
+    }
+
+    #[tokio::test]
+    async fn the_status_page_is_served_from_the_binary_under_a_strict_policy() {
+        let api = api();
+        for (path, kind, needle) in [
+            (
+                "/",
+                "text/html; charset=utf-8",
+                "<script src=\"/ui/status.js\"",
+            ),
+            (
+                "/ui/status.js",
+                "text/javascript; charset=utf-8",
+                "new EventSource(\"/status/stream\")",
+            ),
+            ("/ui/status.css", "text/css; charset=utf-8", ".chart"),
+        ] {
+            let r = warp::test::request()
+                .path(path)
+                .reply(&routes(api.clone()))
+                .await;
+            assert_eq!(r.status(), 200, "{path}");
+            assert_eq!(r.headers()["content-type"], kind, "{path}");
+            let csp = r.headers()["content-security-policy"].to_str().unwrap();
+            assert!(
+                csp.contains("script-src 'self'") && csp.contains("default-src 'none'"),
+                "{csp}"
+            );
+            assert_eq!(r.headers()["x-content-type-options"], "nosniff");
+            let body = std::str::from_utf8(r.body()).unwrap();
+            assert!(body.contains(needle), "{path} lacks {needle}");
+            // Nothing from elsewhere: the only address is the SVG namespace.
+            assert_eq!(
+                body.replace("http://www.w3.org/2000/svg", "")
+                    .matches("://")
+                    .count(),
+                0,
+                "{path} refers to another site"
+            );
+        }
+        let page = warp::test::request()
+            .path("/")
+            .reply(&routes(api.clone()))
+            .await;
+        let page = std::str::from_utf8(page.body()).unwrap();
+        assert!(
+            !page.contains("<script>") && !page.contains(" style="),
+            "nothing inline: the policy forbids it"
+        );
+        let missing = warp::test::request()
+            .path("/ui/other.js")
+            .reply(&routes(api))
+            .await;
+        assert_eq!(missing.status(), 404);
+    }
+
+    #[tokio::test]
+    async fn status_counts_reads_but_not_the_rest_and_shows_the_store() {
+        let api = api();
+        for path in [
+            "/users/snake%20%C3%BC",
+            "/users/nobody",
+            "/users?limit=5",
+            "/organizations",
+        ] {
+            warp::test::request()
+                .path(path)
+                .reply(&routes(api.clone()))
+                .await;
+        }
+        for path in ["/metrics", "/healthz", "/status", "/"] {
+            warp::test::request()
+                .path(path)
+                .reply(&routes(api.clone()))
+                .await;
+        }
+        assert_eq!(
+            api.metrics.reads().count,
+            4,
+            "the four reads only, a 404 included"
+        );
+        let r = warp::test::request()
+            .path("/status")
+            .reply(&routes(api.clone()))
+            .await;
+        assert_eq!(r.status(), 200);
+        let s: serde_json::Value = serde_json::from_slice(r.body()).unwrap();
+        assert_eq!(s["state"]["users"], 1);
+        assert_eq!(s["reads"]["total"], 4);
+        assert_eq!(s["ingest"]["topics"][0]["topic"], "users");
+        assert_eq!(s["ingest"]["topics"][0]["dead_letter_topic"], "users-dlq");
+        assert_eq!(s["admin"]["enabled"], false);
+        assert!(
+            s["ingest"]["events_per_second"].is_null(),
+            "no rate without an earlier sample"
+        );
+        assert!(s["reducer"]["active"].is_object(), "{s}");
+    }
+
+    #[tokio::test]
+    async fn the_status_stream_sends_the_recent_points_then_each_sample() {
+        let api = api();
+        let sampler = tokio::spawn(status::run(api.clone()));
+        // Two samples, so the second carries rates.
+        tokio::time::sleep(status::INTERVAL * 2 + Duration::from_millis(300)).await;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let limits = ServerLimits {
+            max_connections: 4,
+            header_timeout: Duration::from_secs(1),
+            max_header_bytes: 8192,
+        };
+        let server = tokio::spawn(serve(
+            listener,
+            routes(api.clone()),
+            limits,
+            std::future::pending(),
+            Duration::from_secs(1),
+        ));
+        let text = exchange(
+            addr,
+            b"GET /status/stream HTTP/1.1\r\nHost: x\r\n\r\n",
+            status::INTERVAL * 2,
+        )
+        .await;
+        sampler.abort();
+        server.abort();
+        let points = text
+            .split("event:points\ndata:")
+            .nth(1)
+            .and_then(|t| t.lines().next())
+            .unwrap_or_else(|| panic!("no points event: {text}"));
+        let points: serde_json::Value = serde_json::from_str(points).unwrap();
+        assert!(points.as_array().unwrap().len() >= 2, "{points}");
+        assert_eq!(points[1]["events_per_second"], 0.0, "{points}");
+        assert!(
+            text.contains("event:sample\ndata:{"),
+            "a live sample follows: {text}"
+        );
+        api.status.close();
+        let closed = warp::test::request()
+            .path("/status/stream")
+            .reply(&routes(api))
+            .await;
+        assert_eq!(closed.status(), 503, "no new stream once closed");
     }
 }

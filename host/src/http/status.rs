@@ -121,7 +121,8 @@ fn sample(api: &Api, before: Option<&Totals>) -> (Value, Totals) {
         .topics()
         .zip(&api.status.dead_letter_topics)
         .map(|((topic, c), dlq)| {
-            let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+            let load =
+                |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
             consumed += load(&c.consumed);
             applied += load(&c.applied);
             json!({
@@ -161,7 +162,9 @@ fn sample(api: &Api, before: Option<&Totals>) -> (Value, Totals) {
     let lags = metrics.lags();
     let partitions: Vec<Value> = lags
         .iter()
-        .map(|((topic, partition), lag)| json!({"topic": topic, "partition": partition, "lag": lag}))
+        .map(
+            |((topic, partition), lag)| json!({"topic": topic, "partition": partition, "lag": lag}),
+        )
         .collect();
     let lag_total: i64 = lags.values().sum();
     let (ready, status) = metrics.readiness();
@@ -236,7 +239,10 @@ pub fn current(api: &Api) -> Response {
 /// `GET /status/stream`: a `points` event with the recent chart points, then a
 /// `sample` event each second.
 pub fn stream(api: &Api) -> Response {
-    let Some(rx) = lock(&api.status.tx).as_ref().map(broadcast::Sender::subscribe) else {
+    let Some(rx) = lock(&api.status.tx)
+        .as_ref()
+        .map(broadcast::Sender::subscribe)
+    else {
         return super::reply::error(
             StatusCode::SERVICE_UNAVAILABLE,
             "stopping",
@@ -293,7 +299,8 @@ pub fn asset(path: &str) -> Option<Response> {
 }
 
 fn set(r: &mut Response, name: &'static str, value: &'static str) {
-    r.headers_mut().insert(name, HeaderValue::from_static(value));
+    r.headers_mut()
+        .insert(name, HeaderValue::from_static(value));
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -126,6 +126,8 @@ pub struct Replay {
     events: AtomicU64,
     progress: Mutex<Progress>,
     started: Instant,
+    /// How long it ran, once it has ended: its time and rate stop there.
+    ended: std::sync::OnceLock<std::time::Duration>,
     history: Arc<History>,
     pause: Option<PauseHook>,
 }
@@ -172,6 +174,7 @@ impl Replay {
                 handover_offsets: None,
             }),
             started: Instant::now(),
+            ended: std::sync::OnceLock::new(),
             history,
             pause,
         });
@@ -226,6 +229,7 @@ impl Replay {
             }
             *current = phase;
             self.stop.store(true, Ordering::Relaxed);
+            let _ = self.ended.set(self.started.elapsed());
         }
         let outcome = match phase {
             Phase::Cancelled => Outcome::Cancelled,
@@ -249,7 +253,12 @@ impl Replay {
     pub fn progress(&self) -> Progress {
         let mut p = lock(&self.progress).clone();
         p.phase = self.phase();
-        p.elapsed_seconds = self.started.elapsed().as_secs_f64();
+        p.elapsed_seconds = self
+            .ended
+            .get()
+            .copied()
+            .unwrap_or_else(|| self.started.elapsed())
+            .as_secs_f64();
         p.events_folded = self.events.load(Ordering::Relaxed);
         p.events_per_second = p.events_folded as f64 / p.elapsed_seconds.max(1e-9);
         p
@@ -342,6 +351,7 @@ impl Tail {
                 } else {
                     flip(shadow, active);
                     *phase = Phase::Done;
+                    let _ = replay.ended.set(replay.started.elapsed());
                     drop(phase);
                     replay.update(|p| p.handover_offsets = Some(offsets.clone()));
                     replay.history.update(replay.swap, |r| {

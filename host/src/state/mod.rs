@@ -36,6 +36,12 @@ struct Entry {
 }
 
 impl Entry {
+    /// Whether user `key` with this entry is visible, and its bytes (key and state),
+    /// as [`Sizes`] counts them.
+    fn weight(&self, key: &str) -> (bool, usize) {
+        (self.view.is_some(), key.len() + self.state.len())
+    }
+
     fn new(update: Update, by: u32) -> Option<Self> {
         Some(Self {
             state: update.state?.into_boxed_slice(),
@@ -100,6 +106,11 @@ struct Maps {
     /// Entities touched since the last published position (only while someone
     /// subscribes to changes, see [`changes`]).
     touched: Vec<(Kind, Box<str>)>,
+    /// Visible users, and the bytes of user keys and states: kept as the users
+    /// change, so [`StateStore::sizes`] (the status page asks every second) does not
+    /// walk a million users under the lock the writer needs.
+    users_visible: usize,
+    user_bytes: usize,
 }
 
 /// Counts for `/metrics`.
@@ -226,6 +237,9 @@ impl StateStore {
                     maps.preserve_for_exports(key);
                     maps.track_tombstone(key, new.as_ref());
                     let came = new.as_ref().and_then(Entry::answer_by);
+                    let before = maps.users.get(key).map(|e| e.weight(key));
+                    let after = new.as_ref().map(|e| e.weight(key));
+                    maps.reweigh(before, after);
                     let gone = match (new, maps.users.get_mut(key)) {
                         // Most updates replace an entry: keep its key, allocate nothing.
                         (Some(entry), Some(old)) => std::mem::replace(old, entry).answer_by(),
@@ -420,18 +434,11 @@ impl StateStore {
         // Before the maps' lock: `subscribe` takes the feed's lock, then the maps'.
         let (subscribers, subscribers_dropped) = self.subscribers();
         let maps = self.read();
-        // One pass over the users for both the visible count and the bytes.
-        let (users_visible, user_bytes) = maps.users.iter().fold((0, 0), |(n, bytes), (k, e)| {
-            (
-                n + usize::from(e.view.is_some()),
-                bytes + k.len() + e.state.len(),
-            )
-        });
         Sizes {
-            users_visible,
+            users_visible: maps.users_visible,
             users_stored: maps.users.len(),
             organizations: maps.organizations.len(),
-            user_bytes,
+            user_bytes: maps.user_bytes,
             tombstones: maps.tombstones.len(),
             tombstones_expired: self.expired.load(Ordering::Relaxed),
             clock: maps.clock,
@@ -490,6 +497,19 @@ fn smallest<'k>(
 }
 
 impl Maps {
+    /// Counts a user entry of weight `before` (if there was one) replaced by one of
+    /// weight `after` (if there is one).
+    fn reweigh(&mut self, before: Option<(bool, usize)>, after: Option<(bool, usize)>) {
+        if let Some((visible, bytes)) = before {
+            self.users_visible -= usize::from(visible);
+            self.user_bytes -= bytes;
+        }
+        if let Some((visible, bytes)) = after {
+            self.users_visible += usize::from(visible);
+            self.user_bytes += bytes;
+        }
+    }
+
     /// Saves user `key`'s entry for every running export, before it changes.
     fn preserve_for_exports(&mut self, key: &str) {
         if self.images.is_empty() {
@@ -544,7 +564,8 @@ impl Maps {
             };
             // The index only holds current tombstones (see `track_tombstone`).
             self.preserve_for_exports(&key);
-            self.users.remove(&key);
+            let gone = self.users.remove(&key).map(|e| e.weight(&key));
+            self.reweigh(gone, None);
             n += 1;
         }
         n
@@ -850,6 +871,50 @@ mod tests {
         store.apply(&users(&["alive"]), vec![at(Some("{}"), T0 + 90 * HOUR)]);
         assert!(store.user("back").is_some());
         assert_eq!(store.sizes().tombstones, 0);
+    }
+
+    /// The visible users and user bytes counted the slow way, by walking them.
+    fn recount(store: &StateStore) -> (usize, usize) {
+        let maps = store.read();
+        maps.users.iter().fold((0, 0), |(n, bytes), (k, e)| {
+            (
+                n + usize::from(e.view.is_some()),
+                bytes + k.len() + e.state.len(),
+            )
+        })
+    }
+
+    #[test]
+    fn kept_counts_equal_a_recount_through_creates_updates_deletes_and_expiry() {
+        let store = StateStore::new();
+        store.set_retention(HOUR);
+        let mut seed = 0x5eed_u64;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for step in 0..2_000_i64 {
+            let key = format!("u{}", next() % 50);
+            let body = "x".repeat(usize::try_from(next() % 40).unwrap());
+            let update = match next() % 4 {
+                0 => at(None, T0 + step * 60_000_000),
+                1 => update(None, None),
+                _ => at(
+                    Some(&format!("{{\"b\":\"{body}\"}}")),
+                    T0 + step * 60_000_000,
+                ),
+            };
+            store.apply(&[entity(Kind::User, &key)], vec![update]);
+            let sizes = store.sizes();
+            assert_eq!(
+                (sizes.users_visible, sizes.user_bytes),
+                recount(&store),
+                "step {step}"
+            );
+        }
+        assert!(store.sizes().tombstones_expired > 0, "expiry was exercised");
     }
 
     #[test]

@@ -52,7 +52,7 @@ function chart(id, series, unit, digits = 0) {
   const svg = $(id);
   const w = 400;
   const h = 160;
-  const top = 14;
+  const top = 4;
   let max = 0;
   for (const s of series) for (const v of s.values) if (v !== null && v > max) max = v;
   const scale = max > 0 ? max : 1;
@@ -66,12 +66,8 @@ function chart(id, series, unit, digits = 0) {
     line.setAttribute("class", "grid");
     svg.append(line);
   }
-  const label = document.createElementNS(SVG, "text");
-  label.setAttribute("x", "4");
-  label.setAttribute("y", "11");
-  label.setAttribute("class", "scale");
-  label.textContent = `max ${fmt(max, digits)} ${unit}`;
-  svg.append(label);
+  // The scale is text outside the SVG, which stretches to its box.
+  $(id.replace("chart-", "axis-")).textContent = `0 to ${fmt(max, digits)} ${unit}`;
   const legend = $(id.replace("chart-", "legend-"));
   legend.replaceChildren();
   const summary = [];
@@ -107,9 +103,11 @@ function chart(id, series, unit, digits = 0) {
 
 function drawCharts() {
   const col = (key) => points.map((p) => (p[key] === undefined ? null : p[key]));
+  // Records first, so the events line (the same when each record is one event)
+  // is drawn on top.
   chart("chart-ingest", [
-    { name: "events", values: col("events_per_second") },
     { name: "records", values: col("records_per_second") },
+    { name: "events", values: col("events_per_second") },
   ], "/s");
   const partitions = new Set();
   for (const p of points) for (const k of Object.keys(p.lag || {})) partitions.add(k);
