@@ -45,6 +45,44 @@ pub enum ReducerCommand {
         #[command(flatten)]
         cache: CacheConfig,
     },
+    /// Writes a reducer project from a template that builds as it is.
+    New {
+        /// The project's name (and folder): lower-case letters, digits, '-', '_'.
+        name: String,
+        /// What to write it in.
+        #[arg(long, value_enum, default_value = "rust")]
+        lang: Lang,
+        /// Where to create the project folder.
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+        /// The `sdk/` folder of a logq checkout, for a Rust project (default: the
+        /// checkout this binary was built from).
+        #[arg(long)]
+        sdk: Option<PathBuf>,
+    },
+    /// Builds the project in DIR into `DIR/reducer.wasm` (Rust: cargo for wasm32 and
+    /// component encoding; JavaScript: npm and ComponentizeJS), then runs the checks
+    /// of `reducer check` and prints the verdict; exits 1 when it would be refused.
+    Build {
+        /// The project folder.
+        #[arg(default_value = ".")]
+        dir: PathBuf,
+        /// Limits the canary runs under.
+        #[command(flatten)]
+        limits: LimitsConfig,
+        /// Where compiled reducers are cached.
+        #[command(flatten)]
+        cache: CacheConfig,
+    },
+}
+
+/// What a reducer project is written in (`logq reducer new --lang`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Lang {
+    /// Rust, with `logq-reducer-sdk`.
+    Rust,
+    /// JavaScript, with `logq.js` and ComponentizeJS.
+    Js,
 }
 
 /// How to reach the broker. Shared by every subcommand that talks to Kafka.
@@ -108,8 +146,9 @@ pub struct RunConfig {
     /// Bearer token for the admin endpoints (`/admin/...`). Without it they answer 403.
     #[arg(long, env = "LOGQ_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
-    /// Largest reducer upload `PUT /admin/reducer` accepts, in bytes.
-    #[arg(long, env = "LOGQ_ADMIN_MAX_BODY_BYTES", default_value_t = 8 << 20)]
+    /// Largest reducer upload `PUT /admin/reducer` accepts, in bytes. 32 MiB: a
+    /// JavaScript reducer carries its engine (about 12 MB).
+    #[arg(long, env = "LOGQ_ADMIN_MAX_BODY_BYTES", default_value_t = 32 << 20)]
     pub admin_max_body_bytes: u64,
     /// Most HTTP connections open at once; more are answered 503 and closed.
     #[arg(long, env = "LOGQ_HTTP_MAX_CONNECTIONS", default_value_t = 1024)]

@@ -43,11 +43,39 @@ async fn main() -> anyhow::Result<()> {
                 logq::reducers::canary::check(&bytes, (&limits).into(), cache.dir())
             })
             .await?;
-            println!("{}", serde_json::to_string_pretty(&verdict)?);
-            if !verdict.ok {
-                std::process::exit(1);
-            }
+            verdict_out(&verdict)
+        }
+        Command::Reducer(ReducerCommand::New {
+            name,
+            lang,
+            dir,
+            sdk,
+        }) => {
+            let made = logq::cli::reducer::new(&name, lang, &dir, sdk.as_deref())?;
+            println!("wrote {}", made.display());
+            println!("next: edit it, then `logq reducer build {}`", made.display());
             Ok(())
         }
+        Command::Reducer(ReducerCommand::Build { dir, limits, cache }) => {
+            let built = tokio::task::spawn_blocking(move || {
+                logq::cli::reducer::build(&dir, (&limits).into(), cache.dir())
+            })
+            .await??;
+            eprintln!(
+                "built {} in {:.1} s",
+                built.component.display(),
+                built.build_seconds
+            );
+            verdict_out(&built.verdict)
+        }
     }
+}
+
+/// Prints a hot-swap verdict as JSON; exits 1 when the reducer would be refused.
+fn verdict_out(verdict: &logq::reducers::canary::Verdict) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(verdict)?);
+    if !verdict.ok {
+        std::process::exit(1);
+    }
+    Ok(())
 }

@@ -184,7 +184,7 @@ fn bad_candidates_are_refused_and_the_running_reducer_keeps_serving() {
             .status,
         401
     );
-    let big = vec![0u8; 9 << 20];
+    let big = vec![0u8; 33 << 20];
     assert_eq!(
         host.admin("PUT", "/admin/reducer", Some(TOKEN), &big)
             .status,
