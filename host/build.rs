@@ -1,4 +1,5 @@
-//! Builds the default reducer (`reducer/`) for `wasm32-unknown-unknown` and wraps the
+//! Builds the default reducer (`reducer/`) and the proof reducer (`examples/mask-emails`,
+//! written with the SDK) for `wasm32-unknown-unknown` and wraps each
 //! core module as a component, so the `logq` binary embeds it and every test runs
 //! against the reducer's current source: there is no separate artifact to forget.
 
@@ -19,17 +20,21 @@ fn main() {
         "abi/Cargo.toml",
         "reducer/src",
         "reducer/Cargo.toml",
+        "sdk/src",
+        "sdk/Cargo.toml",
+        "examples/mask-emails",
         "wit",
         "Cargo.lock",
     ] {
         println!("cargo:rerun-if-changed={}", root.join(watched).display());
     }
     let components = components_dir(&root);
-    let default = build_component(&root, &[], &components.join("reducer.wasm"));
+    let default = build_component(&root, "logq-reducer", &[], &components.join("reducer.wasm"));
     println!("cargo:rustc-env=LOGQ_REDUCER_WASM={}", default.display());
     // The test fixture: the same fold plus deliberate traps, loops and memory bombs.
     let hostile = build_component(
         &root,
+        "logq-reducer",
         &["--features", "test-triggers"],
         &components.join("test-triggers-reducer.wasm"),
     );
@@ -37,10 +42,12 @@ fn main() {
         "cargo:rustc-env=LOGQ_TEST_TRIGGERS_REDUCER_WASM={}",
         hostile.display()
     );
-    // The proof reducer for hot swaps: the same fold, e-mail addresses masked.
+    // The proof reducer for hot swaps: examples/mask-emails, written with the SDK (the
+    // default rules, e-mail addresses masked).
     let mask = build_component(
         &root,
-        &["--features", "mask-emails"],
+        "mask-emails",
+        &[],
         &components.join("mask-emails-reducer.wasm"),
     );
     println!(
@@ -67,7 +74,7 @@ fn wasm_target_dir(root: &Path) -> PathBuf {
 /// Builds `reducer/` for wasm32 (with `features`) in its own target directory (a
 /// nested cargo in the outer build's target directory would wait forever on the lock
 /// the outer build holds), then encodes the core module as a component at `out`.
-fn build_component(root: &Path, features: &[&str], out: &Path) -> PathBuf {
+fn build_component(root: &Path, package: &str, features: &[&str], out: &Path) -> PathBuf {
     let target_dir = wasm_target_dir(root);
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(cargo);
@@ -78,7 +85,7 @@ fn build_component(root: &Path, features: &[&str], out: &Path) -> PathBuf {
             "--release",
             "--lib",
             "-p",
-            "logq-reducer",
+            package,
         ])
         .args(features)
         .args(["--target", WASM_TARGET, "--target-dir"])
@@ -100,13 +107,13 @@ fn build_component(root: &Path, features: &[&str], out: &Path) -> PathBuf {
     let status = cmd.status().expect("could not run cargo for the reducer");
     assert!(
         status.success(),
-        "building the reducer {features:?} for {WASM_TARGET} failed ({status}). If the target is \
+        "building {package} {features:?} for {WASM_TARGET} failed ({status}). If the target is \
          missing, install it with `rustup target add {WASM_TARGET}` (or run ./scripts/setup.sh)."
     );
     let module_path = target_dir
         .join(WASM_TARGET)
         .join("release")
-        .join("logq_reducer.wasm");
+        .join(format!("{}.wasm", package.replace('-', "_")));
     let module = std::fs::read(&module_path)
         .unwrap_or_else(|e| panic!("reading {}: {e}", module_path.display()));
     let component = wit_component::ComponentEncoder::default()

@@ -168,9 +168,6 @@ impl<'a> UserState<'a> {
                 body.push_str(name);
                 body.push_str("\":");
                 match field {
-                    Some(f) if cfg!(feature = "mask-emails") && *name == "user_email" => {
-                        push_json_str(&mut body, &mask_email(&f.value));
-                    }
                     Some(f) => *span = Some(push_json_str(&mut body, &f.value)),
                     None => body.push_str("null"),
                 }
@@ -379,18 +376,6 @@ impl<'a> OrgState<'a> {
 
 fn order_key<'b>(o: &'b Org<'_>) -> (Stamp, &'b str, Option<&'b str>, Micros) {
     (o.version, &o.name, o.tier.as_deref(), o.created_at)
-}
-
-/// `snake@outerheaven.com` -> `s***@outerheaven.com`: the proof reducer's visible
-/// difference (feature `mask-emails`).
-pub fn mask_email(email: &str) -> String {
-    match email.split_once('@') {
-        Some((local, domain)) => {
-            let first: String = local.chars().take(1).collect();
-            format!("{first}***@{domain}")
-        }
-        None => "***".to_string(),
-    }
 }
 
 fn raise<T: Ord + Copy>(slot: &mut Option<T>, at: T) {

@@ -3,7 +3,8 @@
 //!
 //! Each state holds the default rules' own state unchanged, followed by the tweaked
 //! answer: the rules fold exactly as they do alone, and the answer costs its bytes
-//! once more per entity.
+//! once more per entity. States of the default reducer itself are read as they are,
+//! so a forward swap from it keeps the state; back to it takes a replay.
 
 use logq_abi::{Kind, Plan, Record, Update};
 
@@ -46,10 +47,15 @@ impl<T: Tweak> Folder for Defaults<T> {
     }
 
     fn fold(&self, prior: &[Option<&[u8]>]) -> Result<Vec<Update>, String> {
-        // The default rules see their own states, as if they ran alone.
+        // The default rules see their own states, as if they ran alone. A state
+        // without the tag is theirs already: a forward swap from the default reducer
+        // to a tweak keeps every state.
         let inner_prior = prior
             .iter()
-            .map(|p| p.map(|bytes| parts(TAG, bytes, 2).map(|p| p[0])).transpose())
+            .map(|p| match p {
+                Some(bytes) if bytes.starts_with(TAG) => parts(TAG, bytes, 2).map(|p| Some(p[0])),
+                other => Ok(*other),
+            })
             .collect::<Result<Vec<_>, String>>()?;
         let updates = self.inner.fold(&inner_prior)?;
         self.plan()

@@ -16,11 +16,15 @@ impl Tweak for MaskEmails {
     }
 }
 
-/// `snake@outerheaven.com` -> `s***@outerheaven.com`; without an `@`, `***`.
+/// `snake@outerheaven.com` -> `s***@outerheaven.com` (the local part's first letter
+/// and the domain); without an `@`, `***`.
 pub fn mask(email: &str) -> String {
-    match (email.chars().next(), email.split_once('@')) {
-        (Some(first), Some((_, domain))) => format!("{first}***@{domain}"),
-        _ => "***".to_owned(),
+    match email.split_once('@') {
+        Some((local, domain)) => {
+            let first: String = local.chars().take(1).collect();
+            format!("{first}***@{domain}")
+        }
+        None => "***".to_owned(),
     }
 }
 
@@ -49,5 +53,6 @@ mod tests {
         assert_eq!(answer["username"], "Snake");
         assert_eq!(mask("ü@x"), "ü***@x");
         assert_eq!(mask("no-at-sign"), "***");
+        assert_eq!(mask("@x"), "***@x");
     }
 }
