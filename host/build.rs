@@ -79,14 +79,7 @@ fn build_component(root: &Path, package: &str, features: &[&str], out: &Path) ->
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(cargo);
     cmd.current_dir(root)
-        .args([
-            "build",
-            "--locked",
-            "--release",
-            "--lib",
-            "-p",
-            package,
-        ])
+        .args(["build", "--locked", "--release", "--lib", "-p", package])
         .args(features)
         .args(["--target", WASM_TARGET, "--target-dir"])
         .arg(&target_dir);

@@ -67,6 +67,9 @@ pub enum ReducerCommand {
         /// The project folder.
         #[arg(default_value = ".")]
         dir: PathBuf,
+        /// Where to write the component (default: `DIR/reducer.wasm`).
+        #[arg(long)]
+        out: Option<PathBuf>,
         /// Limits the canary runs under.
         #[command(flatten)]
         limits: LimitsConfig,

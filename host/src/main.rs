@@ -53,12 +53,20 @@ async fn main() -> anyhow::Result<()> {
         }) => {
             let made = logq::cli::reducer::new(&name, lang, &dir, sdk.as_deref())?;
             println!("wrote {}", made.display());
-            println!("next: edit it, then `logq reducer build {}`", made.display());
+            println!(
+                "next: edit it, then `logq reducer build {}`",
+                made.display()
+            );
             Ok(())
         }
-        Command::Reducer(ReducerCommand::Build { dir, limits, cache }) => {
+        Command::Reducer(ReducerCommand::Build {
+            dir,
+            out,
+            limits,
+            cache,
+        }) => {
             let built = tokio::task::spawn_blocking(move || {
-                logq::cli::reducer::build(&dir, (&limits).into(), cache.dir())
+                logq::cli::reducer::build(&dir, out.as_deref(), (&limits).into(), cache.dir())
             })
             .await??;
             eprintln!(

@@ -63,8 +63,11 @@ pub trait Reducer: Default + 'static {
     /// # Errors
     /// Why the event cannot be applied. The batch fails; the host folds its records
     /// one by one and dead-letters the failing one with this reason.
-    fn apply(&self, state: Option<Self::State>, event: &Event)
-    -> Result<Option<Self::State>, String>;
+    fn apply(
+        &self,
+        state: Option<Self::State>,
+        event: &Event,
+    ) -> Result<Option<Self::State>, String>;
 
     /// What `GET` answers for the entity, or `None` for a 404 (never created,
     /// deleted). A user's answer gets its organization's answer joined in as

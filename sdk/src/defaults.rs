@@ -89,10 +89,7 @@ impl<T: Tweak> Defaults<T> {
         let shift = starts[0];
         Ok(Update {
             view: answer.as_ref().map(|a| range(starts[1], a.len())),
-            join: update
-                .join
-                .as_ref()
-                .map(|j| j.start + shift..j.end + shift),
+            join: update.join.as_ref().map(|j| j.start + shift..j.end + shift),
             clock: update.clock,
             state: Some(bytes),
         })

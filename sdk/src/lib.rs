@@ -95,7 +95,7 @@ macro_rules! __export_folder {
             impl $crate::guest::exports::logq::reducer::fold::Guest for LogqReducerComponent {
                 type Batch = $crate::guest::Resource<$folder>;
             }
-            $crate::guest::export!(LogqReducerComponent with_types_in $crate::guest);
+    $crate::guest::export!(LogqReducerComponent with_types_in $crate::guest);
         };
     };
 }

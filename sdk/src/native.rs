@@ -22,7 +22,9 @@ impl<F: Folder> Fold for Native<F> {
     fn fold(&self, records: &[Record<'_>], states: &dyn States) -> Result<Folded, String> {
         let batch = F::new(records);
         let mut owned: Vec<Option<Vec<u8>>> = Vec::with_capacity(batch.plan().entities.len());
-        states.states(&batch.plan().entities, &mut |s| owned.push(s.map(<[u8]>::to_vec)));
+        states.states(&batch.plan().entities, &mut |s| {
+            owned.push(s.map(<[u8]>::to_vec))
+        });
         let prior: Vec<Option<&[u8]>> = owned.iter().map(Option::as_deref).collect();
         let updates = batch.fold(&prior)?;
         Ok(Folded {

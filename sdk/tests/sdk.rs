@@ -24,7 +24,11 @@ impl Reducer for Counter {
         })
     }
 
-    fn apply(&self, state: Option<(u32, String)>, event: &Event) -> Result<Option<(u32, String)>, String> {
+    fn apply(
+        &self,
+        state: Option<(u32, String)>,
+        event: &Event,
+    ) -> Result<Option<(u32, String)>, String> {
         match event.event_type() {
             Some("forget") => Ok(None),
             Some("boom") => Err("boom is not an event".into()),
@@ -80,38 +84,58 @@ fn a_custom_reducer_gets_decoded_events_and_its_state_back() {
         .collect();
     assert_eq!(reasons.len(), 4, "{reasons:?}");
     assert!(reasons[0].2.starts_with("invalid JSON"), "{reasons:?}");
-    assert_eq!((reasons[1].0, reasons[1].1, reasons[1].2), (2, Some(1), "missing field `id`"));
+    assert_eq!(
+        (reasons[1].0, reasons[1].1, reasons[1].2),
+        (2, Some(1), "missing field `id`")
+    );
     assert_eq!((reasons[2].1, reasons[2].2), (Some(2), "not a JSON object"));
     assert_eq!(reasons[3].2, "not a JSON object or an array of them");
     let a = model.get(Kind::User, "a").unwrap();
     assert_eq!(a.view(), Some(r#"{"events":2}"#));
     assert_eq!(a.join(), Some(""), "the last event's org");
     assert_eq!(a.clock, Some(2));
-    assert_eq!(model.get(Kind::User, "b").unwrap().view(), None, "one event: no answer");
+    assert_eq!(
+        model.get(Kind::User, "b").unwrap().view(),
+        None,
+        "one event: no answer"
+    );
 
     // The next batch starts from the stored state.
-    model.apply(&fold, &users(&[r#"{"id":"b","org":"MGS"}"#])).unwrap();
+    model
+        .apply(&fold, &users(&[r#"{"id":"b","org":"MGS"}"#]))
+        .unwrap();
     let b = model.get(Kind::User, "b").unwrap();
     assert_eq!((b.view(), b.join()), (Some(r#"{"events":2}"#), Some("MGS")));
     // Forgetting drops the entity; a failing event fails the whole batch.
-    model.apply(&fold, &users(&[r#"{"id":"a","event_type":"forget"}"#])).unwrap();
+    model
+        .apply(&fold, &users(&[r#"{"id":"a","event_type":"forget"}"#]))
+        .unwrap();
     assert!(model.get(Kind::User, "a").is_none());
     let err = model
         .apply(&fold, &users(&[r#"{"id":"b","event_type":"boom"}"#]))
         .unwrap_err();
-    assert!(err.contains("boom is not an event") && err.contains("\"b\""), "{err}");
+    assert!(
+        err.contains("boom is not an event") && err.contains("\"b\""),
+        "{err}"
+    );
 }
 
 #[test]
 fn a_state_written_by_another_reducer_is_refused_with_a_reason() {
     let mut model = Model::new();
-    let record = users(&[r#"{"id":"a","event_type":"User Created","received_at":"2021-01-01 00:00:00"}"#]);
+    let record =
+        users(&[r#"{"id":"a","event_type":"User Created","received_at":"2021-01-01 00:00:00"}"#]);
     model.apply(&logq_reducer::Native, &record).unwrap();
-    let err = model.apply(&Native::<Custom<Counter>>::default(), &record).unwrap_err();
+    let err = model
+        .apply(&Native::<Custom<Counter>>::default(), &record)
+        .unwrap_err();
     assert!(err.contains("mode=replay"), "{err}");
     // The default rules behind a tweak read the default reducer's states as they are.
-    model.apply(&Native::<Defaults<Shout>>::default(), &record).unwrap();
-    let view: Value = serde_json::from_str(model.get(Kind::User, "a").unwrap().view().unwrap()).unwrap();
+    model
+        .apply(&Native::<Defaults<Shout>>::default(), &record)
+        .unwrap();
+    let view: Value =
+        serde_json::from_str(model.get(Kind::User, "a").unwrap().view().unwrap()).unwrap();
     assert_eq!(view["shout"], "A!");
 }
 
@@ -135,15 +159,23 @@ fn a_tweak_changes_the_answer_and_keeps_the_join_and_clock() {
     let mut plain = Model::new();
     plain.apply(&logq_reducer::Native, &record).unwrap();
     let mut tweaked = Model::new();
-    tweaked.apply(&Native::<Defaults<Shout>>::default(), &record).unwrap();
-    let (p, t) = (plain.get(Kind::User, "a").unwrap(), tweaked.get(Kind::User, "a").unwrap());
+    tweaked
+        .apply(&Native::<Defaults<Shout>>::default(), &record)
+        .unwrap();
+    let (p, t) = (
+        plain.get(Kind::User, "a").unwrap(),
+        tweaked.get(Kind::User, "a").unwrap(),
+    );
     let mut want: serde_json::Map<String, Value> = serde_json::from_str(p.view().unwrap()).unwrap();
     want.remove("user_type");
     want.insert("shout".into(), json!("A!"));
     let got: serde_json::Map<String, Value> = serde_json::from_str(t.view().unwrap()).unwrap();
     assert_eq!(got, want);
     assert_eq!((t.join(), t.clock), (p.join(), p.clock));
-    assert!(t.view().unwrap().ends_with(r#","shout":"A!"}"#), "members keep their order");
+    assert!(
+        t.view().unwrap().ends_with(r#","shout":"A!"}"#),
+        "members keep their order"
+    );
 }
 
 /// An empty tweak: the default rules as they are.
@@ -155,7 +187,12 @@ impl Tweak for Nothing {}
 fn event() -> impl Strategy<Value = (bool, String)> {
     let user = (
         0..6u8,
-        prop::sample::select(vec!["User Created", "User Updated", "User Deleted", "User Exploded"]),
+        prop::sample::select(vec![
+            "User Created",
+            "User Updated",
+            "User Deleted",
+            "User Exploded",
+        ]),
         prop::option::of(prop::sample::select(vec!["Snake", "Ötacon", "\"Q\"", ""])),
         prop::option::of(prop::sample::select(vec!["a@b.c", "x@y"])),
         prop::option::of(prop::sample::select(vec!["FOX", "MGS"])),
@@ -164,18 +201,23 @@ fn event() -> impl Strategy<Value = (bool, String)> {
         .prop_map(|(id, kind, name, email, org, t)| {
             let mut e = json!({"id": format!("u{id}"), "event_type": kind,
                 "received_at": format!("2021-01-01 00:00:{:02}", t % 60)});
-            for (k, v) in [("username", name), ("user_email", email), ("organization_name", org)] {
+            for (k, v) in [
+                ("username", name),
+                ("user_email", email),
+                ("organization_name", org),
+            ] {
                 if let Some(v) = v {
                     e[k] = json!(v);
                 }
             }
             (false, e.to_string())
         });
-    let org = (0..3u8, prop::sample::select(vec!["FOX", "MGS"]), 0..40u32).prop_map(|(k, name, t)| {
-        let e = json!({"organization_key": format!("o{k}"), "organization_name": name,
+    let org =
+        (0..3u8, prop::sample::select(vec!["FOX", "MGS"]), 0..40u32).prop_map(|(k, name, t)| {
+            let e = json!({"organization_key": format!("o{k}"), "organization_name": name,
             "organization_tier": "Small", "created_at": format!("2020-01-01 00:00:{:02}", t % 60)});
-        (true, e.to_string())
-    });
+            (true, e.to_string())
+        });
     prop_oneof![4 => user, 1 => org, 1 => Just((false, "{broken".to_owned()))]
 }
 

@@ -26,7 +26,11 @@ impl Tweak for DisplayName {
 pub fn display_name(username: Option<&str>, email: Option<&str>, id: &str) -> String {
     username
         .filter(|u| !u.is_empty())
-        .or_else(|| email.and_then(|e| e.split_once('@')).map(|(local, _)| local))
+        .or_else(|| {
+            email
+                .and_then(|e| e.split_once('@'))
+                .map(|(local, _)| local)
+        })
         .unwrap_or(id)
         .to_owned()
 }
@@ -54,12 +58,18 @@ mod tests {
             &[br#"{"id":"1","event_type":"User Created","username":"Snake","user_type":"Admin","received_at":"2021-01-01 00:00:00"}"#],
             "1",
         );
-        assert_eq!((a["display_name"].as_str(), a["is_admin"].as_bool()), (Some("Snake"), Some(true)));
+        assert_eq!(
+            (a["display_name"].as_str(), a["is_admin"].as_bool()),
+            (Some("Snake"), Some(true))
+        );
         let b = answer(
             &[br#"{"id":"2","event_type":"User Created","user_email":"otacon@philanthropy.org","received_at":"2021-01-01 00:00:00"}"#],
             "2",
         );
-        assert_eq!((b["display_name"].as_str(), b["is_admin"].as_bool()), (Some("otacon"), Some(false)));
+        assert_eq!(
+            (b["display_name"].as_str(), b["is_admin"].as_bool()),
+            (Some("otacon"), Some(false))
+        );
         assert_eq!(display_name(None, None, "3"), "3");
         assert_eq!(display_name(Some(""), Some("x@y"), "3"), "x");
     }

@@ -46,9 +46,10 @@ mod tests {
                 &Record::sequence([(Source::Users, &created[..])]),
             )
             .unwrap();
-        let answer: logq_reducer_sdk::Value =
-            logq_reducer_sdk::serde_json::from_str(model.get(Kind::User, "1").unwrap().view().unwrap())
-                .unwrap();
+        let answer: logq_reducer_sdk::Value = logq_reducer_sdk::serde_json::from_str(
+            model.get(Kind::User, "1").unwrap().view().unwrap(),
+        )
+        .unwrap();
         assert_eq!(answer["user_email"], "s***@outerheaven.com");
         assert_eq!(answer["username"], "Snake");
         assert_eq!(mask("ü@x"), "ü***@x");

@@ -53,11 +53,16 @@ pub fn new(name: &str, lang: Lang, parent: &Path, sdk: Option<&Path>) -> anyhow:
     if dir.exists() {
         bail!("{} exists already", dir.display());
     }
-    let fill = |template: &str, sdk: &str| template.replace("{{name}}", name).replace("{{sdk}}", sdk);
+    let fill =
+        |template: &str, sdk: &str| template.replace("{{name}}", name).replace("{{sdk}}", sdk);
     let files: Vec<(&str, String)> = match lang {
         Lang::Rust => {
             let sdk = sdk_path(sdk)?;
-            let sdk = sdk.display().to_string().replace('\\', "\\\\").replace('"', "\\\"");
+            let sdk = sdk
+                .display()
+                .to_string()
+                .replace('\\', "\\\\")
+                .replace('"', "\\\"");
             vec![
                 ("Cargo.toml", fill(RUST_CARGO, &sdk)),
                 ("src/lib.rs", fill(RUST_LIB, &sdk)),
@@ -111,17 +116,23 @@ pub struct Built {
     pub verdict: Verdict,
 }
 
-/// Builds the project in `dir` into `dir/reducer.wasm`, then checks it as a hot swap
-/// would, under `limits`.
+/// Builds the project in `dir` into `out` (default `dir/reducer.wasm`), then checks
+/// it as a hot swap would, under `limits`.
 ///
 /// # Errors
 /// No project there, a toolchain that is missing or fails, or I/O.
-pub fn build(dir: &Path, limits: Limits, cache: Option<PathBuf>) -> anyhow::Result<Built> {
+pub fn build(
+    dir: &Path,
+    out: Option<&Path>,
+    limits: Limits,
+    cache: Option<PathBuf>,
+) -> anyhow::Result<Built> {
     let start = Instant::now();
-    let component = dir.join("reducer.wasm");
+    let component = out.map_or_else(|| dir.join("reducer.wasm"), Path::to_path_buf);
     if dir.join("Cargo.toml").exists() {
         let module = cargo_build(dir)?;
-        let bytes = std::fs::read(&module).with_context(|| format!("reading {}", module.display()))?;
+        let bytes =
+            std::fs::read(&module).with_context(|| format!("reading {}", module.display()))?;
         let encoded = wit_component::ComponentEncoder::default()
             .module(&bytes)
             .and_then(|encoder| encoder.validate(true).encode())
@@ -129,10 +140,34 @@ pub fn build(dir: &Path, limits: Limits, cache: Option<PathBuf>) -> anyhow::Resu
         std::fs::write(&component, encoded)
             .with_context(|| format!("writing {}", component.display()))?;
     } else if dir.join("package.json").exists() {
-        if !dir.join("node_modules/@bytecodealliance/componentize-js").exists() {
+        // The framing and the world come with the binary: written when missing, so
+        // a project can hold only its rules (see examples/lowercase-emails-js).
+        for (path, text) in [
+            ("logq.js", JS_HELPER),
+            ("build.mjs", JS_BUILD),
+            ("wit/reducer.wit", WIT),
+        ] {
+            let path = dir.join(path);
+            if !path.exists() {
+                if let Some(folder) = path.parent() {
+                    std::fs::create_dir_all(folder)?;
+                }
+                std::fs::write(&path, text)
+                    .with_context(|| format!("writing {}", path.display()))?;
+            }
+        }
+        if !dir
+            .join("node_modules/@bytecodealliance/componentize-js")
+            .exists()
+        {
             run(dir, "npm", &["install", "--no-audit", "--no-fund"])?;
         }
         run(dir, "node", &["build.mjs"])?;
+        let written = dir.join("reducer.wasm");
+        if written != component {
+            std::fs::copy(&written, &component)
+                .with_context(|| format!("copying to {}", component.display()))?;
+        }
     } else {
         bail!(
             "{} holds no reducer project (no Cargo.toml or package.json); start one with `logq reducer new NAME`",
@@ -195,7 +230,11 @@ fn run(dir: &Path, program: &str, args: &[&str]) -> anyhow::Result<()> {
         .status()
         .with_context(|| format!("running {program} (is it installed?)"))?;
     if !status.success() {
-        bail!("`{program} {}` failed in {} ({status})", args.join(" "), dir.display());
+        bail!(
+            "`{program} {}` failed in {} ({status})",
+            args.join(" "),
+            dir.display()
+        );
     }
     Ok(())
 }

@@ -6,9 +6,10 @@
 // rules.apply(state, event, where) -> the new state (any JSON value), or null to
 //                                forget the entity; throw to refuse (the host folds
 //                                the batch record by record and dead-letters this one)
-// rules.answer(state)         -> the object GET answers, or null for a 404
-// rules.join(state)           -> for a user: the organization_name it joins; for an
+// rules.answer(state, entity) -> the object GET answers, or null for a 404
+// rules.join(state, entity)   -> for a user: the organization_name it joins; for an
 //                                organization: its own (or null)
+// `entity` is { kind: "user" | "organization", key }.
 // `where` is { source: "users" | "organizations", partition, offset, index }.
 //
 // A state crosses the boundary as: u32 length + the state's JSON, the answer's JSON,
@@ -85,11 +86,11 @@ class Writer {
   }
 }
 
-function encodeState(rules, state) {
+function encodeState(rules, state, entity) {
   const json = encoder.encode(JSON.stringify(state));
-  const answer = rules.answer(state);
+  const answer = rules.answer(state, entity);
   const view = answer === null || answer === undefined ? null : encoder.encode(JSON.stringify(answer));
-  const joinKey = rules.join ? rules.join(state) : null;
+  const joinKey = rules.join ? rules.join(state, entity) : null;
   const join = joinKey === null || joinKey === undefined ? null : encoder.encode(String(joinKey));
   const w = new Writer();
   w.frame(json);
@@ -175,12 +176,13 @@ export function reducer(rules) {
         states[at] = rules.apply(states[at], event, where);
       }
       const w = new Writer();
-      for (const state of states) {
+      states.forEach((state, at) => {
         if (state === null || state === undefined) {
           w.u8(0); // forget it
-          continue;
+          return;
         }
-        const s = encodeState(rules, state);
+        const { kind, key } = this.entities[at];
+        const s = encodeState(rules, state, { kind: KINDS[kind], key });
         w.u8(1 | (s.view ? 2 : 0) | (s.join ? 4 : 0));
         w.frame(s.bytes);
         for (const range of [s.view, s.join]) {
@@ -189,7 +191,7 @@ export function reducer(rules) {
             w.u32(range[1]);
           }
         }
-      }
+      });
       return w.finish();
     }
   }

@@ -34,7 +34,7 @@ export const fold = reducer({
   },
 
   // What GET answers: change it here.
-  answer(state) {
+  answer(state, entity) {
     if (state.deleted) return null;
     const { received_at, ...answer } = state.members;
     return answer;
