@@ -47,6 +47,9 @@ case "$what" in all|bench) ;; *) log "unknown target $what (build, all, bench)";
 # its catalogue to add a partition while it runs: it has no CreatePartitions API);
 # Debian's Chromium and ChromeDriver for the status page's browser tests.
 apt_install docker-compose sqlite3 chromium chromium-driver
+# JavaScript reducers (`logq reducer build` of a JS project, and its tests) run npm
+# and Node.js; these machines have them, Debian's packages stand in elsewhere.
+if ! have node || ! have npm; then apt_install nodejs npm; fi
 
 NISSHI_VERSION=0.8.1
 if "${NISSHI:-nisshi}" --version 2>/dev/null | grep -q "$NISSHI_VERSION" \

@@ -5,6 +5,7 @@
 mod broker;
 mod fold;
 mod history;
+mod kit;
 mod live;
 mod reads;
 mod report;
@@ -47,6 +48,13 @@ struct Args {
     /// without expiry: the soak then fails on users stored).
     #[arg(long, default_value = "1h")]
     soak_retention: String,
+    /// A reducer written with the kit, for figure 1b: `NAME=PATH[@BUILD_SECONDS]`
+    /// (repeatable; bench/run.sh builds the examples and passes them).
+    #[arg(long)]
+    kit: Vec<kit::Candidate>,
+    /// Records folded by each reducer of figure 1b (the JavaScript one is slow).
+    #[arg(long, default_value_t = 50_000)]
+    kit_records: usize,
     /// Only the fold engine (figure 1), printed; for profiling it.
     #[arg(long)]
     fold_only: bool,
@@ -162,6 +170,47 @@ fn run(args: &Args, work: &std::path::Path) -> anyhow::Result<()> {
         pass: Some(f.wasm >= 1e6 && slowdown <= 1.25),
     });
     say(format!("  native {:.0}/s, wasm {:.0}/s", f.native, f.wasm));
+    if !args.kit.is_empty() {
+        say("fold engine: reducers written with the kit");
+        let measured = kit::run(&history, &args.kit, args.batch, args.kit_records, args.runs)?;
+        let default = measured[0].events_per_second;
+        for m in &measured {
+            say(format!(
+                "  {}: {:.0} events/s, {} bytes, compile {:.0} ms, build {}",
+                m.name,
+                m.events_per_second,
+                m.size,
+                m.compile_ms,
+                m.build_seconds
+                    .map_or_else(|| "-".to_owned(), |s| format!("{s:.1} s"))
+            ));
+        }
+        for m in &measured[1..] {
+            rows.push(Row {
+                figure: format!(
+                    "1b. Fold engine, a reducer written with the kit: {} (events/s, one core, first {} records)",
+                    m.name, args.kit_records
+                ),
+                ours: format!(
+                    "{}; component {:.1} MB, compile {:.0} ms, build {}",
+                    report::format_value(m.events_per_second),
+                    m.size as f64 / 1e6,
+                    m.compile_ms,
+                    m.build_seconds
+                        .map_or_else(|| "-".to_owned(), |s| format!("{s:.0} s"))
+                ),
+                peer: format!(
+                    "default reducer {}; {:.2} MB, compile {:.0} ms",
+                    report::format_value(default),
+                    measured[0].size as f64 / 1e6,
+                    measured[0].compile_ms
+                ),
+                ratio: m.events_per_second / default,
+                target: "reported (no target)".into(),
+                pass: None,
+            });
+        }
+    }
     if args.fold_only {
         return Ok(());
     }

@@ -8,7 +8,7 @@ use warp::http::StatusCode;
 
 use super::admin::Admin;
 use super::reply::error;
-use super::status::StatusFeed;
+use super::samples::StatusFeed;
 use crate::broker::Topics;
 use crate::metrics::Metrics;
 use crate::state::StateStore;

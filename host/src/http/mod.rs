@@ -13,6 +13,7 @@ pub mod api;
 pub mod live;
 pub mod reads;
 pub mod reply;
+pub mod samples;
 pub mod server;
 pub mod status;
 
@@ -27,8 +28,8 @@ pub use admin::{Admin, SwapControl};
 pub use api::{Api, MAX_ID_BYTES, Reads};
 
 use api::decoded;
+pub use samples::StatusFeed;
 pub use server::{ServerLimits, serve};
-pub use status::StatusFeed;
 
 use reply::{error, json_reply, recover};
 

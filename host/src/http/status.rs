@@ -6,9 +6,7 @@
 //! them into rates, and hands the sample to every open page: a page costs the host a
 //! broadcast receiver, not a computation.
 
-use std::collections::VecDeque;
 use std::convert::Infallible;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -17,14 +15,12 @@ use warp::http::{HeaderValue, StatusCode};
 use warp::reply::Response;
 use warp::sse::Event;
 
-use super::Api;
+use super::api::Api;
+pub use super::samples::StatusFeed;
 use crate::metrics::HistogramCounts;
 
 /// Time between two samples.
 pub const INTERVAL: Duration = Duration::from_secs(1);
-
-/// Chart points kept for a page that opens: five minutes.
-const KEEP_POINTS: usize = 300;
 
 /// The page, its script and its style (no build step, no external resources).
 const PAGE: &str = include_str!("ui/index.html");
@@ -36,50 +32,6 @@ const STYLE: &str = include_str!("ui/status.css");
 const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; \
     connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; \
     frame-ancestors 'none'";
-
-/// The samples the page shows: the latest whole one, and the recent chart points.
-pub struct StatusFeed {
-    /// The dead-letter topic of each consumed topic, users first.
-    dead_letter_topics: [String; 2],
-    latest: Mutex<Option<Arc<str>>>,
-    points: Mutex<VecDeque<Value>>,
-    /// `None` once closed: the open streams end.
-    tx: Mutex<Option<broadcast::Sender<Arc<str>>>>,
-}
-
-impl StatusFeed {
-    /// A feed for a host whose dead-letter topics are `dead_letter_topics` (users
-    /// first).
-    pub fn new(dead_letter_topics: [String; 2]) -> Self {
-        Self {
-            dead_letter_topics,
-            latest: Mutex::new(None),
-            points: Mutex::new(VecDeque::with_capacity(KEEP_POINTS)),
-            tx: Mutex::new(Some(broadcast::channel(16).0)),
-        }
-    }
-
-    /// Ends every open stream (at shutdown, so open pages do not hold the drain).
-    pub fn close(&self) {
-        lock(&self.tx).take();
-    }
-
-    fn publish(&self, sample: &Value) {
-        let text: Arc<str> = sample.to_string().into();
-        *lock(&self.latest) = Some(text.clone());
-        {
-            let mut points = lock(&self.points);
-            if points.len() == KEEP_POINTS {
-                points.pop_front();
-            }
-            points.push_back(sample["point"].clone());
-        }
-        if let Some(tx) = lock(&self.tx).as_ref() {
-            // No receiver is fine: nobody has the page open.
-            let _ = tx.send(text);
-        }
-    }
-}
 
 /// The counters one sample turns into rates with the next.
 #[derive(Clone)]
@@ -119,7 +71,7 @@ fn sample(api: &Api, before: Option<&Totals>) -> (Value, Totals) {
     let mut applied = 0;
     let topics: Vec<Value> = metrics
         .topics()
-        .zip(&api.status.dead_letter_topics)
+        .zip(api.status.dead_letter_topics())
         .map(|((topic, c), dlq)| {
             let load =
                 |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
@@ -227,8 +179,9 @@ fn round(x: f64, places: i32) -> f64 {
 
 /// `GET /status`: the latest sample (taken now if the sampler has none yet).
 pub fn current(api: &Api) -> Response {
-    let text = lock(&api.status.latest)
-        .clone()
+    let text = api
+        .status
+        .latest()
         .unwrap_or_else(|| sample(api, None).0.to_string().into());
     let mut r = Response::new(text.to_string().into());
     set(&mut r, "content-type", "application/json");
@@ -239,17 +192,14 @@ pub fn current(api: &Api) -> Response {
 /// `GET /status/stream`: a `points` event with the recent chart points, then a
 /// `sample` event each second.
 pub fn stream(api: &Api) -> Response {
-    let Some(rx) = lock(&api.status.tx)
-        .as_ref()
-        .map(broadcast::Sender::subscribe)
-    else {
+    let Some(rx) = api.status.subscribe() else {
         return super::reply::error(
             StatusCode::SERVICE_UNAVAILABLE,
             "stopping",
             "the host is shutting down".into(),
         );
     };
-    let points: Vec<Value> = lock(&api.status.points).iter().cloned().collect();
+    let points = api.status.points();
     let first = Event::default()
         .event("points")
         .data(Value::Array(points).to_string());
@@ -301,8 +251,4 @@ pub fn asset(path: &str) -> Option<Response> {
 fn set(r: &mut Response, name: &'static str, value: &'static str) {
     r.headers_mut()
         .insert(name, HeaderValue::from_static(value));
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
