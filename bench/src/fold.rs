@@ -19,20 +19,28 @@ pub struct FoldResult {
     pub wasm: f64,
 }
 
-/// Batches of `batch` records, as the host forms them.
-pub fn run(history: &History, batch: usize, runs: usize) -> anyhow::Result<FoldResult> {
-    let records = Record::sequence(
+/// The history as the records a host reads: organizations first, then users.
+pub fn records(history: &History) -> Vec<Record<'_>> {
+    Record::sequence(
         history
             .organizations
             .iter()
             .map(|v| (Source::Organizations, v.as_bytes()))
             .chain(history.users.iter().map(|v| (Source::Users, v.as_bytes()))),
-    );
-    let limits = Limits {
-        memory_bytes: 256 << 20,
-        time: std::time::Duration::from_secs(10),
-    };
-    let reducer = Runtime::new(limits, None)?.load(DEFAULT_REDUCER)?;
+    )
+}
+
+/// The limits the fold figures run under: the host's memory cap, a time budget no
+/// batch of the benchmark comes near.
+pub const LIMITS: Limits = Limits {
+    memory_bytes: 256 << 20,
+    time: std::time::Duration::from_secs(10),
+};
+
+/// Batches of `batch` records, as the host forms them.
+pub fn run(history: &History, batch: usize, runs: usize) -> anyhow::Result<FoldResult> {
+    let records = records(history);
+    let reducer = Runtime::new(LIMITS, None)?.load(DEFAULT_REDUCER)?;
     let n = records.len() as f64;
     let (mut native, mut wasm) = (0f64, 0f64);
     let (mut native_model, mut wasm_model) = (Model::new(), Model::new());

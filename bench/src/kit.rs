@@ -6,9 +6,8 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use logq::fold::{DEFAULT_REDUCER, Limits, Runtime};
+use logq::fold::{DEFAULT_REDUCER, Runtime};
 use logq_abi::driver::Model;
-use logq_abi::{Record, Source};
 
 use crate::history::History;
 
@@ -64,19 +63,9 @@ pub fn run(
     records: usize,
     runs: usize,
 ) -> anyhow::Result<Vec<Measured>> {
-    let all = Record::sequence(
-        history
-            .organizations
-            .iter()
-            .map(|v| (Source::Organizations, v.as_bytes()))
-            .chain(history.users.iter().map(|v| (Source::Users, v.as_bytes()))),
-    );
+    let all = crate::fold::records(history);
     let records = &all[..records.min(all.len())];
-    let limits = Limits {
-        memory_bytes: 256 << 20,
-        time: std::time::Duration::from_secs(10),
-    };
-    let runtime = Runtime::new(limits, None)?;
+    let runtime = Runtime::new(crate::fold::LIMITS, None)?;
     let mut out = Vec::new();
     let default = Candidate {
         name: "default reducer (hand-tuned Rust)".into(),

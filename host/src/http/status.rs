@@ -96,21 +96,22 @@ fn sample(api: &Api, before: Option<&Totals>) -> (Value, Totals) {
         applied,
         reads: reads.clone(),
     };
-    let (seconds, recent_reads, rate) = match before {
+    // Rates and quantiles since the previous sample; none in the first.
+    let (records_per_second, events_per_second, reads_per_second, recent_reads) = match before {
         Some(b) => {
             let seconds = now.duration_since(b.at).as_secs_f64().max(1e-3);
-            let recent = reads.since(&b.reads);
-            let rate = |now: u64, then: u64| now.saturating_sub(then) as f64 / seconds;
+            let rate =
+                |now: u64, then: u64| Some(round(now.saturating_sub(then) as f64 / seconds, 1));
             (
-                seconds,
-                recent,
-                Some((rate(consumed, b.consumed), rate(applied, b.applied))),
+                rate(consumed, b.consumed),
+                rate(applied, b.applied),
+                rate(reads.count, b.reads.count),
+                reads.since(&b.reads),
             )
         }
-        None => (0.0, HistogramCounts::default(), None),
+        None => (None, None, None, HistogramCounts::default()),
     };
-    let millis = |q: f64| recent_reads.quantile(q).map(|s| round(s * 1e3, 3));
-    let reads_per_second = (seconds > 0.0).then(|| round(recent_reads.count as f64 / seconds, 1));
+    let [p50, p99] = [0.5, 0.99].map(|q| recent_reads.quantile(q).map(|s| round(s * 1e3, 3)));
     let lags = metrics.lags();
     let partitions: Vec<Value> = lags
         .iter()
@@ -124,18 +125,14 @@ fn sample(api: &Api, before: Option<&Totals>) -> (Value, Totals) {
     let wall_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-    let (records_per_second, events_per_second) = match rate {
-        Some((r, e)) => (Some(round(r, 1)), Some(round(e, 1))),
-        None => (None, None),
-    };
     let point = json!({
         "at_ms": wall_ms,
         "records_per_second": records_per_second,
         "events_per_second": events_per_second,
         "lag": lags.iter().map(|((t, p), lag)| (format!("{t}/{p}"), json!(lag))).collect::<serde_json::Map<_, _>>(),
         "reads_per_second": reads_per_second,
-        "read_p50_ms": millis(0.5),
-        "read_p99_ms": millis(0.99),
+        "read_p50_ms": p50,
+        "read_p99_ms": p99,
         "resident_bytes": rss,
         "users": sizes.users_visible,
     });
@@ -162,8 +159,8 @@ fn sample(api: &Api, before: Option<&Totals>) -> (Value, Totals) {
         "reads": {
             "total": reads.count,
             "per_second": reads_per_second,
-            "p50_ms": millis(0.5),
-            "p99_ms": millis(0.99),
+            "p50_ms": p50,
+            "p99_ms": p99,
         },
         "reducer": api.admin.control.describe(),
         "admin": {"enabled": api.admin.token.is_some()},
