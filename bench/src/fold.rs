@@ -11,12 +11,12 @@ use logq_abi::{Fold, Record, Source};
 
 use crate::history::History;
 
-/// Events/s of each engine (best of the runs).
+/// Events/s of each engine, every run (the two engines alternate).
 pub struct FoldResult {
     /// The reducer crate called directly.
-    pub native: f64,
+    pub native: Vec<f64>,
     /// The component through `logq::fold` (fresh instance per batch).
-    pub wasm: f64,
+    pub wasm: Vec<f64>,
 }
 
 /// The history as the records a host reads: organizations first, then users.
@@ -42,14 +42,14 @@ pub fn run(history: &History, batch: usize, runs: usize) -> anyhow::Result<FoldR
     let records = records(history);
     let reducer = Runtime::new(LIMITS, None)?.load(DEFAULT_REDUCER)?;
     let n = records.len() as f64;
-    let (mut native, mut wasm) = (0f64, 0f64);
+    let (mut native, mut wasm) = (Vec::new(), Vec::new());
     let (mut native_model, mut wasm_model) = (Model::new(), Model::new());
     for _ in 0..runs {
         let (secs, model) = fold_all(&logq_reducer::Native, &records, batch)?;
-        native = native.max(n / secs);
+        native.push(n / secs);
         native_model = model;
         let (secs, model) = fold_all(&reducer, &records, batch)?;
-        wasm = wasm.max(n / secs);
+        wasm.push(n / secs);
         wasm_model = model;
     }
     anyhow::ensure!(
@@ -75,4 +75,63 @@ fn fold_all<F: Fold>(
             .map_err(|e| anyhow::anyhow!("fold: {e}"))?;
     }
     Ok((start.elapsed().as_secs_f64(), model))
+}
+
+/// Events/s of the host's own fold path (lanes, the store, its one apply a batch)
+/// with 1 and 2 lanes, the two alternating.
+pub struct LanesResult {
+    /// Events/s of every run with 1 lane, then with 2.
+    pub runs: [Vec<f64>; 2],
+}
+
+/// The record key a producer gives each event (`logq produce` keys by `id`, else
+/// `organization_key`).
+fn key(value: &str) -> &str {
+    for field in ["\"id\":\"", "\"organization_key\":\""] {
+        if let Some(at) = value.find(field) {
+            let rest = &value[at + field.len()..];
+            return &rest[..rest.find('"').unwrap_or(rest.len())];
+        }
+    }
+    ""
+}
+
+/// Folds the history through `logq::fold::fold_in_lanes` into a `StateStore`, in
+/// batches of `batch`, `runs` times with 1 and 2 lanes alternately; checks that both
+/// keep the same state.
+pub fn lanes(history: &History, batch: usize, runs: usize) -> anyhow::Result<LanesResult> {
+    let records = records(history);
+    let routes: Vec<u64> = history
+        .organizations
+        .iter()
+        .chain(&history.users)
+        .map(|v| logq::fold::lanes::route(key(v).as_bytes()))
+        .collect();
+    let reducer = Runtime::new(LIMITS, None)?.load(DEFAULT_REDUCER)?;
+    let n = records.len() as f64;
+    let mut out = LanesResult {
+        runs: [Vec::new(), Vec::new()],
+    };
+    let mut states: [Vec<_>; 2] = [Vec::new(), Vec::new()];
+    for _ in 0..runs.max(1) {
+        for (i, lanes) in [1, 2].into_iter().enumerate() {
+            let store = logq::state::StateStore::new();
+            let start = Instant::now();
+            for (chunk, routes) in records.chunks(batch).zip(routes.chunks(batch)) {
+                let (folding, _) =
+                    logq::fold::fold_in_lanes(&reducer, &store, chunk, routes, lanes);
+                anyhow::ensure!(folding.dead.is_empty(), "{:?}", folding.dead.first());
+            }
+            out.runs[i].push(n / start.elapsed().as_secs_f64());
+            states[i] = store.dump(0);
+            states[i].sort_by(|a, b| a.0.cmp(&b.0));
+        }
+    }
+    anyhow::ensure!(
+        states[0] == states[1],
+        "1 and 2 lanes kept different states ({} and {} entities)",
+        states[0].len(),
+        states[1].len()
+    );
+    Ok(out)
 }

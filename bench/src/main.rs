@@ -17,7 +17,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::Parser;
 
-use report::Row;
+use report::{Row, Spread};
 
 /// The benchmark suite (see README, "Benchmarks").
 #[derive(Parser)]
@@ -34,9 +34,13 @@ struct Args {
     /// Records per reducer call in the fold-engine figure (the host's default).
     #[arg(long, default_value_t = 2000)]
     batch: usize,
-    /// Repetitions of the fold engine and the raw consumer (the best counts).
+    /// Repetitions of every figure measured more than once (both sides alternate;
+    /// the median is reported, with the range).
     #[arg(long, default_value_t = 3)]
     runs: usize,
+    /// Records per batch of the lanes figure (the host's `--batch-max-records`).
+    #[arg(long, default_value_t = 2000)]
+    lanes_batch: usize,
     /// Seconds of each wrk run.
     #[arg(long, default_value_t = 10)]
     wrk_secs: u64,
@@ -160,16 +164,32 @@ fn run(args: &Args, work: &std::path::Path) -> anyhow::Result<()> {
     // 1. Fold engine.
     say("fold engine: native vs wasm");
     let f = fold::run(&history, args.batch, args.runs)?;
-    let slowdown = f.native / f.wasm;
+    let (native, wasm) = (Spread::of(&f.native), Spread::of(&f.wasm));
+    let slowdown = native.median / wasm.median;
     rows.push(Row {
         figure: "1. Fold engine, no broker (events/s, one core)".into(),
-        ours: format!("wasm {}", report::format_value(f.wasm)),
-        peer: format!("same fold native {}", report::format_value(f.native)),
-        ratio: f.wasm / f.native,
-        target: "wasm >= 1M/s and within 1.25x of native (ratio >= 0.80)".into(),
-        pass: Some(f.wasm >= 1e6 && slowdown <= 1.25),
+        ours: format!("wasm {}", wasm.show()),
+        peer: format!("same fold native {}", native.show()),
+        ratio: wasm.median / native.median,
+        target: "wasm >= 500k/s and within 1.25x of native (ratio >= 0.80)".into(),
+        pass: Some(wasm.median >= 5e5 && slowdown <= 1.25),
     });
-    say(format!("  native {:.0}/s, wasm {:.0}/s", f.native, f.wasm));
+    say(format!("  native {}, wasm {}", native.show(), wasm.show()));
+    say(format!("fold in lanes: 1 vs 2, batches of {}", args.lanes_batch));
+    let l = fold::lanes(&history, args.lanes_batch, args.runs)?;
+    let (one, two) = (Spread::of(&l.runs[0]), Spread::of(&l.runs[1]));
+    rows.push(Row {
+        figure: format!(
+            "1c. The host's fold path (lanes, store, one apply a batch of {}), no broker (events/s)",
+            args.lanes_batch
+        ),
+        ours: format!("2 lanes {}", two.show()),
+        peer: format!("1 lane {}", one.show()),
+        ratio: two.median / one.median,
+        target: ">= 1.7".into(),
+        pass: Some(two.median / one.median >= 1.7),
+    });
+    say(format!("  1 lane {}, 2 lanes {}", one.show(), two.show()));
     if !args.kit.is_empty() {
         say("fold engine: reducers written with the kit");
         let measured = kit::run(&history, &args.kit, args.batch, args.kit_records, args.runs)?;
@@ -465,7 +485,7 @@ fn run(args: &Args, work: &std::path::Path) -> anyhow::Result<()> {
         &out.join("fold.png"),
         "1. Fold engine, events/s on one core",
         "events/s",
-        &[("native".into(), f.native), ("wasm".into(), f.wasm)],
+        &[("native".into(), native.median), ("wasm".into(), wasm.median)],
     )?;
     report::bars(
         &out.join("catch-up.png"),
@@ -508,7 +528,7 @@ fn run(args: &Args, work: &std::path::Path) -> anyhow::Result<()> {
         ],
     )?;
     let ratio_rows: Vec<(String, f64, Option<f64>)> = vec![
-        ("1. wasm / native fold".into(), f.wasm / f.native, Some(0.8)),
+        ("1. wasm / native fold".into(), wasm.median / native.median, Some(0.8)),
         (
             "2. catch-up / raw consumer".into(),
             rate(catch_up) / rate(raw),

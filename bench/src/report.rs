@@ -234,3 +234,49 @@ pub fn format_value(v: f64) -> String {
         format!("{v:.2}")
     }
 }
+
+/// Repeated measurements of one figure: their median and range.
+#[derive(Debug, Clone, Copy)]
+pub struct Spread {
+    /// The median.
+    pub median: f64,
+    /// The smallest.
+    pub min: f64,
+    /// The largest.
+    pub max: f64,
+    /// How many.
+    pub n: usize,
+}
+
+impl Spread {
+    /// Of `values` (at least one).
+    pub fn of(values: &[f64]) -> Self {
+        let mut v = values.to_vec();
+        v.sort_by(f64::total_cmp);
+        let n = v.len();
+        let median = if n == 0 {
+            f64::NAN
+        } else if n % 2 == 1 {
+            v[n / 2]
+        } else {
+            (v[n / 2 - 1] + v[n / 2]) / 2.0
+        };
+        Self {
+            median,
+            min: v.first().copied().unwrap_or(f64::NAN),
+            max: v.last().copied().unwrap_or(f64::NAN),
+            n,
+        }
+    }
+
+    /// `median [min-max] of n`, values with [`format_value`].
+    pub fn show(&self) -> String {
+        format!(
+            "{} [{}-{}, n={}]",
+            format_value(self.median),
+            format_value(self.min),
+            format_value(self.max),
+            self.n
+        )
+    }
+}

@@ -146,6 +146,11 @@ pub struct RunConfig {
     /// alone).
     #[arg(long, env = "LOGQ_BATCH_MAX_BYTES", default_value_t = 16 << 20)]
     pub batch_max_bytes: usize,
+    /// Reducer instances folding one batch at once, each on its own thread (records
+    /// go to a lane by a hash of their key). Default: the cores available. The state
+    /// is the same whatever the number.
+    #[arg(long, env = "LOGQ_FOLD_LANES", value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub fold_lanes: Option<u16>,
     /// Bearer token for the admin endpoints (`/admin/...`). Without it they answer 403.
     #[arg(long, env = "LOGQ_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
@@ -186,6 +191,16 @@ pub struct RunConfig {
     /// the newest event time folded, not the wall clock.
     #[arg(long, env = "LOGQ_TOMBSTONE_RETENTION", default_value = "7d", value_parser = parse_retention)]
     pub tombstone_retention: Retention,
+}
+
+impl RunConfig {
+    /// `--fold-lanes`, or the cores available.
+    pub fn lanes(&self) -> usize {
+        self.fold_lanes.map_or_else(
+            || std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
+            usize::from,
+        )
+    }
 }
 
 /// A tombstone retention in event time: `never`, or a duration.

@@ -224,6 +224,7 @@ pub struct Metrics {
     /// Why dead letters cannot be delivered right now, if they cannot.
     dlq_trouble: Mutex<Option<String>>,
     reducer_failures: AtomicU64,
+    lanes_refolded: AtomicU64,
     calls: Histogram,
     reads: Histogram,
     lag: Mutex<BTreeMap<(String, i32), i64>>,
@@ -242,6 +243,7 @@ impl Metrics {
             snapshot_failures: AtomicU64::new(0),
             dlq_trouble: Mutex::new(None),
             reducer_failures: AtomicU64::new(0),
+            lanes_refolded: AtomicU64::new(0),
             calls: Histogram::new(CALL_BUCKETS),
             reads: Histogram::new(READ_BUCKETS),
             lag: Mutex::new(BTreeMap::new()),
@@ -284,6 +286,12 @@ impl Metrics {
     /// A reducer call failed as a whole (trap, limit, refusal).
     pub fn reducer_failed(&self) {
         self.reducer_failures.fetch_add(1, Relaxed);
+    }
+
+    /// Fold lanes folded again because they touched an entity an earlier lane of the
+    /// same batch touched (records not keyed by their entity).
+    pub fn lanes_refolded(&self, n: u64) {
+        self.lanes_refolded.fetch_add(n, Relaxed);
     }
 
     /// Records the duration of one folded batch.
@@ -411,6 +419,12 @@ impl Metrics {
             "counter",
             "Reducer calls that trapped, hit a limit or refused a batch.",
             self.reducer_failures.load(Relaxed).to_string(),
+        );
+        single(
+            "logq_fold_lanes_refolded_total",
+            "counter",
+            "Fold lanes folded again because an earlier lane of the batch touched one of their entities (records not keyed by their entity).",
+            self.lanes_refolded.load(Relaxed).to_string(),
         );
         single(
             "logq_ready",

@@ -4,7 +4,8 @@
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use logq::fold::{DEFAULT_REDUCER, Limits, Reducer, ReducerError, Runtime};
+use logq::fold::{DEFAULT_REDUCER, Folding, Limits, Reducer, ReducerError, Runtime, fold_in_lanes};
+use logq::state::StateStore;
 use logq_abi::driver::{Model, NoPrior};
 use logq_abi::{OwnedRecord, Record, Source};
 use logq_reducer::Native;
@@ -125,6 +126,101 @@ fn input() -> impl Strategy<Value = OwnedRecord> {
         1 => proptest::collection::vec(any::<u8>(), 0..40)
             .prop_map(|value| record(Source::Users, value)),
     ]
+}
+
+/// Folds the batches into a fresh store in `lanes` lanes; returns the kept state
+/// (sorted), what each batch's folding said, and how many lanes were folded again.
+fn fold_in(
+    lanes: usize,
+    batches: &[Vec<(OwnedRecord, u64)>],
+) -> (Vec<(logq_abi::Entity, logq_abi::Update, bool)>, Vec<Folding>, usize) {
+    let store = StateStore::new();
+    let (mut foldings, mut refolded) = (Vec::new(), 0);
+    for batch in batches {
+        let records: Vec<Record<'_>> = batch.iter().map(|(r, _)| r.as_record()).collect();
+        let routes: Vec<u64> = batch.iter().map(|(_, route)| *route).collect();
+        let (folding, again) = fold_in_lanes(reducer(), &store, &records, &routes, lanes);
+        foldings.push(folding);
+        refolded += again;
+    }
+    let mut state = store.dump(0);
+    state.sort_by(|a, b| a.0.cmp(&b.0));
+    (state, foldings, refolded)
+}
+
+/// Everything observable of a folding but its time.
+fn outcome(f: &[Folding]) -> Vec<(Vec<u64>, Vec<logq::fold::DeadLetter>, u64)> {
+    f.iter()
+        .map(|f| (f.accepted.clone(), f.dead.clone(), f.failures))
+        .collect()
+}
+
+/// Numbers the records of each batch by their offset, as a partition would.
+fn numbered(batches: Vec<Vec<(OwnedRecord, u64)>>) -> Vec<Vec<(OwnedRecord, u64)>> {
+    let mut offset = 0;
+    batches
+        .into_iter()
+        .map(|b| {
+            b.into_iter()
+                .map(|(r, route)| {
+                    offset += 1;
+                    (OwnedRecord { offset, ..r }, route)
+                })
+                .collect()
+        })
+        .collect()
+}
+
+#[test]
+fn records_keyed_by_their_entity_fold_in_lanes_without_refolding_to_the_same_state() {
+    // 3,000 users' events, some deleted, keyed (routed) by the user's id, as a
+    // producer keys them; three batches of 2,000 with every user in several.
+    let batches: Vec<Vec<(OwnedRecord, u64)>> = (0..3)
+        .map(|b| {
+            (0..2000u64)
+                .map(|i| {
+                    let id = (i * 7 + b * 13) % 3000;
+                    let kind = if (i + b) % 11 == 0 { "User Deleted" } else { "User Updated" };
+                    let value = format!(
+                        r#"{{"id":"u{id}","event_type":"{kind}","received_at":"2021-03-04 05:06:{:02}.{:06}","username":"n{i}","organization_name":"N{}"}}"#,
+                        (i + b) % 60,
+                        i * 3 + b,
+                        id % 5
+                    );
+                    (record(Source::Users, value.into_bytes()), id.wrapping_mul(0x9e37_79b9_7f4a_7c15))
+                })
+                .collect()
+        })
+        .collect();
+    let batches = numbered(batches);
+    let (one, one_folding, _) = fold_in(1, &batches);
+    let (four, four_folding, refolded) = fold_in(4, &batches);
+    assert!(one.len() > 2000, "the history keeps {} entities", one.len());
+    assert_eq!(refolded, 0, "keyed records never share an entity across lanes");
+    assert_eq!(outcome(&four_folding), outcome(&one_folding));
+    assert!(four == one, "4 lanes kept another state than 1 lane");
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(12))]
+
+    /// Any routing (here random, so lanes share entities all the time) gives the
+    /// state and the dead letters of one lane, byte for byte.
+    #[test]
+    fn any_routing_folds_in_lanes_to_the_state_of_one_lane(
+        batches in proptest::collection::vec(
+            proptest::collection::vec((input(), 0u64..16), 0..1500), 1..4)
+    ) {
+        let batches = numbered(batches);
+        let (one, one_folding, _) = fold_in(1, &batches);
+        let (four, four_folding, refolded) = fold_in(4, &batches);
+        if batches.iter().any(|b| b.len() >= 2 * logq::fold::lanes::MIN_RECORDS_PER_LANE) {
+            // Five users and three organizations over hundreds of records a lane.
+            prop_assert!(refolded > 0, "lanes that shared entities were not folded again");
+        }
+        prop_assert_eq!(outcome(&four_folding), outcome(&one_folding));
+        prop_assert!(four == one, "4 lanes kept another state than 1 lane");
+    }
 }
 
 proptest! {

@@ -29,7 +29,7 @@ use logq_abi::Source;
 use crate::broker::consumer::{POLL_WAIT, REQUEST_TIMEOUT, TopicConsumer, Watermarks};
 use crate::broker::{KafkaError, Partition, Positions, Record, Topics};
 use crate::config::RunConfig;
-use crate::fold::fold_into;
+use crate::fold::fold_in_lanes;
 use crate::metrics::Metrics;
 use crate::reducers::{Active, Command, Registry, Switched};
 use crate::state::StateStore;
@@ -57,6 +57,15 @@ fn safe(dlq: &DeadLetters, positions: &Positions) -> Positions {
         .iter()
         .map(|(&p, &next)| (p, dlq.safe(p, next)))
         .collect()
+}
+
+/// How often the tail of a batch is kept for the canary of the next candidate.
+const REMEMBER_EVERY: Duration = Duration::from_secs(1);
+
+/// Which fold lane a record goes to: a hash of its key (the entity's key when the
+/// producer keys by it), else of its partition.
+fn route(r: &Record<'_>) -> u64 {
+    crate::fold::lanes::route(r.key.unwrap_or(&r.partition.to_le_bytes()))
 }
 
 /// Stores (for the next commit) every partition's safe progress that moved. Runs
@@ -125,6 +134,9 @@ pub struct Consumer {
     stop: Arc<AtomicBool>,
     commands: Receiver<Command>,
     slots: Slots,
+    lanes: usize,
+    /// When the canary last got a batch's tail.
+    remembered: std::cell::Cell<Option<Instant>>,
 }
 
 impl Consumer {
@@ -146,6 +158,8 @@ impl Consumer {
                 current,
                 previous: None,
             },
+            lanes: config.lanes(),
+            remembered: std::cell::Cell::new(None),
             config,
             topics,
             registry,
@@ -411,7 +425,8 @@ impl Consumer {
     ) -> HashMap<Partition, (i64, u64)> {
         let mut progress: HashMap<Partition, (i64, u64)> = HashMap::new();
         let (mut consumed, mut tombstones) = ([0u64; 2], [0u64; 2]);
-        let (mut kept, mut batch) = (
+        let (mut kept, mut batch, mut routes) = (
+            Vec::with_capacity(records.len()),
             Vec::with_capacity(records.len()),
             Vec::with_capacity(records.len()),
         );
@@ -431,6 +446,7 @@ impl Consumer {
             slot.0 = slot.0.max(r.offset + 1);
             match self.topics.record(r) {
                 Some(record) => {
+                    routes.push(route(r));
                     kept.push(r);
                     batch.push(record);
                 }
@@ -438,7 +454,16 @@ impl Consumer {
                 None => tombstones[side] += 1,
             }
         }
-        let folding = fold_into(&self.slots.current.reducer, &*self.store, &batch);
+        let (folding, refolded) = fold_in_lanes(
+            &self.slots.current.reducer,
+            &*self.store,
+            &batch,
+            &routes,
+            self.lanes,
+        );
+        if refolded > 0 {
+            self.metrics.lanes_refolded(refolded as u64);
+        }
         if folding.elapsed > Duration::ZERO {
             self.metrics.reducer_call(folding.elapsed);
         }
@@ -471,7 +496,12 @@ impl Consumer {
                 folding.accepted[d.input],
             );
         }
-        self.registry.remember(&batch);
+        // The canary wants recent records, not every batch's: copying them is kept
+        // off most batches.
+        if self.remembered.get().is_none_or(|at| at.elapsed() >= REMEMBER_EVERY) {
+            self.registry.remember(&batch);
+            self.remembered.set(Some(Instant::now()));
+        }
         progress
     }
 }

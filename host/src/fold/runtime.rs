@@ -13,7 +13,10 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use wasmtime::component::{Component, Linker, ResourceAny};
-use wasmtime::{Config, Engine, ResourceLimiter, Store, Trap};
+use wasmtime::{
+    Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, ResourceLimiter, Store,
+    Trap,
+};
 
 mod bindings {
     wasmtime::component::bindgen!({
@@ -142,6 +145,35 @@ impl Drop for Ticker {
     }
 }
 
+/// Instances of one engine that can exist at once: every fold lane (at most 64), a
+/// replay, a canary, with room to spare. More would fail to instantiate.
+const POOL_INSTANCES: u32 = 128;
+
+/// Each batch gets a fresh instance, so where its memory comes from matters: from a
+/// pool of slots that stay mapped, and are reset by `memset` up to this many bytes
+/// (no page faults when the slot is used again; beyond it, `madvise`).
+const KEEP_RESIDENT: usize = 32 << 20;
+
+/// The pooling allocator's settings: room for the largest reducers the kit builds (a
+/// JavaScript one carries an engine with many functions and core instances), memory
+/// capped by the reducer limit.
+fn pool(limits: Limits) -> PoolingAllocationConfig {
+    let mut pool = PoolingAllocationConfig::default();
+    pool.total_component_instances(POOL_INSTANCES)
+        .total_core_instances(4 * POOL_INSTANCES)
+        .total_memories(POOL_INSTANCES)
+        .total_tables(4 * POOL_INSTANCES)
+        .max_core_instances_per_component(64)
+        .max_memories_per_component(8)
+        .max_tables_per_component(16)
+        .table_elements(100_000)
+        .max_core_instance_size(4 << 20)
+        .max_memory_size(limits.memory_bytes)
+        .linear_memory_keep_resident(KEEP_RESIDENT.min(limits.memory_bytes))
+        .table_keep_resident(1 << 20);
+    pool
+}
+
 /// The major version of `logq:reducer/fold` this host speaks.
 pub const WORLD_MAJOR: u64 = 3;
 const FOLD_EXPORT: &str = "logq:reducer/fold@";
@@ -189,6 +221,7 @@ impl Runtime {
         let mut config = Config::new();
         config.epoch_interruption(true);
         config.wasm_component_model(true);
+        config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool(limits)));
         let engine = Engine::new(&config).map_err(|e| ReducerError::Invalid(format!("{e:#}")))?;
         let ticker = Arc::new(Ticker::start(engine.clone()));
         Ok(Self {
