@@ -139,11 +139,13 @@ pub struct RunConfig {
     /// Limits of every reducer call.
     #[command(flatten)]
     pub limits: LimitsConfig,
-    /// Most records folded in one reducer call.
-    #[arg(long, env = "LOGQ_BATCH_MAX_RECORDS", default_value_t = 2000)]
+    /// Most records in one batch. Batches are sized to take an eighth of the reducer's
+    /// time limit at the speed it folded the last one, within this bound; while
+    /// following the topics live they hold what has arrived.
+    #[arg(long, env = "LOGQ_BATCH_MAX_RECORDS", default_value_t = 65_536)]
     pub batch_max_records: usize,
-    /// Most record bytes folded in one reducer call (a larger single record still goes
-    /// alone).
+    /// Most record bytes in one batch (a larger single record still goes alone); no
+    /// more than a sixteenth of the reducer's memory limit either.
     #[arg(long, env = "LOGQ_BATCH_MAX_BYTES", default_value_t = 16 << 20)]
     pub batch_max_bytes: usize,
     /// Reducer instances folding one batch at once, each on its own thread (records
@@ -194,6 +196,17 @@ pub struct RunConfig {
 }
 
 impl RunConfig {
+    /// The bound on a batch's record bytes: `--batch-max-bytes`, and no more than a
+    /// sixteenth of the reducer's memory limit (a batch's bytes are held by the
+    /// reducer several times over: framed, decoded, with the prior and new states of
+    /// its entities). 16 MiB under the default 256 MiB.
+    pub fn batch_bytes(&self) -> usize {
+        let share = self.limits.reducer_memory_mib.saturating_mul(1 << 20) / 16;
+        self.batch_max_bytes
+            .min(usize::try_from(share).unwrap_or(usize::MAX))
+            .max(1)
+    }
+
     /// `--fold-lanes`, or the cores available.
     pub fn lanes(&self) -> usize {
         self.fold_lanes.map_or_else(
@@ -357,6 +370,25 @@ mod tests {
         assert_eq!(parse_retention("never").unwrap().micros(), 0);
         assert!(parse_retention("0s").unwrap_err().contains("never"));
         assert!(parse_retention("soon").unwrap_err().contains("7d"));
+    }
+
+    fn run(args: &[&str]) -> RunConfig {
+        let cli = Cli::try_parse_from(["logq", "run"].iter().chain(args)).unwrap();
+        let Command::Run(run) = cli.command else {
+            panic!("not run")
+        };
+        *run
+    }
+
+    #[test]
+    fn batch_bytes_are_bounded_by_the_memory_limit_and_lanes_by_the_range() {
+        assert_eq!(run(&[]).batch_bytes(), 16 << 20);
+        assert_eq!(run(&["--reducer-memory-mib", "64"]).batch_bytes(), 4 << 20);
+        assert_eq!(run(&["--batch-max-bytes", "1000"]).batch_bytes(), 1000);
+        assert_eq!(run(&["--fold-lanes", "3"]).lanes(), 3);
+        assert!(run(&[]).lanes() >= 1);
+        assert!(Cli::try_parse_from(["logq", "run", "--fold-lanes", "0"]).is_err());
+        assert!(Cli::try_parse_from(["logq", "run", "--fold-lanes", "65"]).is_err());
     }
 
     #[test]

@@ -56,7 +56,8 @@ pub async fn run(
             group_id: config.group_id.clone(),
             topics,
             batch_max_records: config.batch_max_records,
-            batch_max_bytes: config.batch_max_bytes,
+            batch_max_bytes: config.batch_bytes(),
+            time_limit: std::time::Duration::from_millis(config.limits.reducer_time_limit_ms),
             tombstone_retention_micros: config.tombstone_retention.micros(),
         },
     ));

@@ -139,9 +139,9 @@ fn fold_in(
     for batch in batches {
         let records: Vec<Record<'_>> = batch.iter().map(|(r, _)| r.as_record()).collect();
         let routes: Vec<u64> = batch.iter().map(|(_, route)| *route).collect();
-        let (folding, again) = fold_in_lanes(reducer(), &store, &records, &routes, lanes);
+        let (folding, used) = fold_in_lanes(reducer(), &store, &records, &routes, lanes);
         foldings.push(folding);
-        refolded += again;
+        refolded += used.refolded;
     }
     let mut state = store.dump(0);
     state.sort_by(|a, b| a.0.cmp(&b.0));

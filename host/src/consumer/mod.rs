@@ -29,7 +29,7 @@ use logq_abi::Source;
 use crate::broker::consumer::{POLL_WAIT, REQUEST_TIMEOUT, TopicConsumer, Watermarks};
 use crate::broker::{KafkaError, Partition, Positions, Record, Topics};
 use crate::config::RunConfig;
-use crate::fold::fold_in_lanes;
+use crate::fold::{BatchSize, fold_in_lanes};
 use crate::metrics::Metrics;
 use crate::reducers::{Active, Command, Registry, Switched};
 use crate::state::StateStore;
@@ -58,6 +58,9 @@ fn safe(dlq: &DeadLetters, positions: &Positions) -> Positions {
         .map(|(&p, &next)| (p, dlq.safe(p, next)))
         .collect()
 }
+
+/// The bound on the first batch's records, before the reducer's speed is known.
+const FIRST_BATCH_RECORDS: usize = 2000;
 
 /// How often the tail of a batch is kept for the canary of the next candidate.
 const REMEMBER_EVERY: Duration = Duration::from_secs(1);
@@ -135,6 +138,10 @@ pub struct Consumer {
     commands: Receiver<Command>,
     slots: Slots,
     lanes: usize,
+    /// Most record bytes one poll may take.
+    batch_bytes: usize,
+    /// How many records the next poll may take.
+    batch_size: std::cell::RefCell<BatchSize>,
     /// When the canary last got a batch's tail.
     remembered: std::cell::Cell<Option<Instant>>,
 }
@@ -159,6 +166,12 @@ impl Consumer {
                 previous: None,
             },
             lanes: config.lanes(),
+            batch_bytes: config.batch_bytes(),
+            batch_size: std::cell::RefCell::new(BatchSize::new(
+                FIRST_BATCH_RECORDS,
+                config.batch_max_records,
+                Duration::from_millis(config.limits.reducer_time_limit_ms),
+            )),
             remembered: std::cell::Cell::new(None),
             config,
             topics,
@@ -256,9 +269,10 @@ impl Consumer {
 
         while !self.stop.load(Ordering::Relaxed) {
             self.serve_commands(&positions);
+            let max_records = self.batch_size.borrow().get();
             let polled = consumer.poll_batch(
-                self.config.batch_max_records,
-                self.config.batch_max_bytes,
+                max_records,
+                self.batch_bytes,
                 POLL_WAIT,
                 |records| self.process(records, &mut dlq),
             );
@@ -454,16 +468,19 @@ impl Consumer {
                 None => tombstones[side] += 1,
             }
         }
-        let (folding, refolded) = fold_in_lanes(
+        let (folding, lanes) = fold_in_lanes(
             &self.slots.current.reducer,
             &*self.store,
             &batch,
             &routes,
             self.lanes,
         );
-        if refolded > 0 {
-            self.metrics.lanes_refolded(refolded as u64);
+        if lanes.refolded > 0 {
+            self.metrics.lanes_refolded(lanes.refolded as u64);
         }
+        self.batch_size
+            .borrow_mut()
+            .folded(records.len(), lanes.used, folding.elapsed);
         if folding.elapsed > Duration::ZERO {
             self.metrics.reducer_call(folding.elapsed);
         }

@@ -13,7 +13,7 @@ use super::runtime::Reducer;
 pub trait Target: States {
     /// Stores the updates of one batch (one per entity, same order), atomically for
     /// readers.
-    fn apply(&self, entities: &[Entity], updates: Vec<Update>);
+    fn apply(&self, entities: Vec<Entity>, updates: Vec<Update>);
 }
 
 /// A record the reducer would not fold, and why.
@@ -64,7 +64,7 @@ fn fold_range(
     match reducer.fold(records, target) {
         Ok(folded) => {
             out.elapsed += start.elapsed();
-            target.apply(&folded.plan.entities, folded.updates);
+            target.apply(folded.plan.entities, folded.updates);
             for (i, n) in folded.plan.accepted.iter().enumerate() {
                 out.accepted[base + i] = u64::from(*n);
             }

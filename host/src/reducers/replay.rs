@@ -25,7 +25,7 @@ use super::history::{History, Outcome};
 use crate::broker::consumer::{POLL_WAIT, REQUEST_TIMEOUT, TopicConsumer};
 use crate::broker::{Partition, Positions, Topics};
 use crate::config::KafkaConfig;
-use crate::fold::fold_into;
+use crate::fold::{BatchSize, fold_into};
 use crate::state::StateStore;
 
 /// Where a replay stands.
@@ -72,6 +72,9 @@ pub enum Step {
 /// A test's hook, called at each [`Step`].
 pub type PauseHook = Arc<dyn Fn(Step) + Send + Sync>;
 
+/// The bound on a replay's first batch, before the reducer's speed is known.
+const REPLAY_FIRST_BATCH_RECORDS: usize = 2000;
+
 /// What a replay needs from the service's configuration.
 #[derive(Debug, Clone)]
 pub struct Setup {
@@ -81,10 +84,12 @@ pub struct Setup {
     pub group_id: String,
     /// The topics.
     pub topics: Topics,
-    /// Most records in one fold.
+    /// Most records in one fold (the batches are sized by [`BatchSize`] within it).
     pub batch_max_records: usize,
     /// Most value bytes in one fold.
     pub batch_max_bytes: usize,
+    /// The reducer's time limit, which sizes the batches.
+    pub time_limit: Duration,
     /// Tombstone retention in event time, µs (0: never), as the live store has it.
     pub tombstone_retention_micros: i64,
 }
@@ -382,17 +387,24 @@ impl Tail {
                 .sum()
         };
         let mut last_error = Instant::now();
+        let mut size = BatchSize::new(
+            REPLAY_FIRST_BATCH_RECORDS,
+            self.setup.batch_max_records,
+            self.setup.time_limit,
+        );
         while behind(positions) > 0 {
             if replay.stopped() {
                 return Ok(false);
             }
             let polled = self.consumer.poll_batch(
-                self.setup.batch_max_records,
+                size.get(),
                 self.setup.batch_max_bytes,
                 POLL_WAIT,
                 |records| {
                     let batch = self.setup.topics.records(records);
+                    // One lane: the other cores keep serving live ingest and reads.
                     let folding = fold_into(&self.active.reducer, &self.shadow, &batch);
+                    size.folded(records.len(), 1, folding.elapsed);
                     for r in &batch {
                         let p = Partition {
                             source: r.source,

@@ -469,8 +469,8 @@ impl States for StateStore {
 }
 
 impl Target for StateStore {
-    fn apply(&self, entities: &[Entity], updates: Vec<Update>) {
-        StateStore::apply(self, entities, updates);
+    fn apply(&self, entities: Vec<Entity>, updates: Vec<Update>) {
+        StateStore::apply(self, &entities, updates);
     }
 }
 
