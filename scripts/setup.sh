@@ -71,7 +71,13 @@ fi
 [ "$what" = all ] && exit 0
 
 # Benchmarks and soaks (`scripts/setup.sh bench`): the peers (nginx), the load
-# generator (wrk) and a font for the charts.
+# generators (wrk for throughput, oha for open-loop latency) and a font for the
+# charts.
+OHA_VERSION=1.16.0
 if [ "$what" = bench ]; then
   apt_install wrk nginx-light fonts-dejavu-core
+  if [ "$(oha --version 2>/dev/null)" != "oha $OHA_VERSION" ]; then
+    log "building oha $OHA_VERSION from crates.io (about 5 minutes, once per machine)"
+    cargo install oha --version "=$OHA_VERSION" --locked
+  fi
 fi

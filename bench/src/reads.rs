@@ -1,5 +1,10 @@
-//! Figure 3, reads: `GET /users/{id}` over random existing ids with wrk, vs. nginx
-//! serving a static JSON file of the same size to the same requests.
+//! Figure 3, reads: `GET /users/{id}` over ids drawn uniformly from all live users,
+//! vs. nginx serving each user's answer as a static file (configured as its
+//! documentation recommends for small static files) to the same requests.
+//!
+//! - throughput: wrk's closed loop, both sides;
+//! - latency below saturation: oha's open loop at a fixed rate, half of each side's
+//!   measured maximum, with coordinated-omission correction.
 
 use std::net::TcpStream;
 use std::path::Path;
@@ -28,7 +33,7 @@ pub const WRK_THREADS: u32 = 2;
 /// See [`WRK_THREADS`].
 pub const WRK_CONNECTIONS: u32 = 32;
 
-/// Writes a wrk script that requests `paths` in random order.
+/// Writes a wrk script that requests `paths` in random order (uniformly).
 pub fn script(dir: &Path, paths: &[String]) -> anyhow::Result<std::path::PathBuf> {
     let mut lua = String::from("local paths = {\n");
     for p in paths {
@@ -103,7 +108,7 @@ fn duration_ms(v: &str) -> Option<f64> {
     })
 }
 
-/// nginx serving `answer` for every `/users/...` path, as a child process.
+/// nginx serving a file per user under `/users/`, as a child process.
 pub struct Nginx {
     child: Child,
     /// Its port.
@@ -111,18 +116,28 @@ pub struct Nginx {
 }
 
 impl Nginx {
-    /// Starts nginx (Debian's package) in `dir` with two workers.
-    pub fn start(dir: &Path, answer: &[u8]) -> anyhow::Result<Self> {
+    /// Starts nginx (Debian's package) in `dir` with a worker per core, serving
+    /// `answers` (id, JSON) as `/users/{id}`. Tuned as nginx's documentation advises
+    /// for small static files: `sendfile`, `tcp_nopush`, `open_file_cache` large enough
+    /// for every file, and a high `keepalive_requests`.
+    pub fn start(dir: &Path, answers: &[(String, Vec<u8>)]) -> anyhow::Result<Self> {
         let dir = dir.join("nginx");
         std::fs::create_dir_all(dir.join("logs"))?;
-        std::fs::write(dir.join("answer.json"), answer)?;
+        std::fs::create_dir_all(dir.join("users"))?;
+        for (id, answer) in answers {
+            std::fs::write(dir.join("users").join(id), answer)?;
+        }
         let port = logq_e2e::free_port();
         let conf = format!(
-            "worker_processes 2;\nuser root;\npid {d}/nginx.pid;\nerror_log {d}/logs/error.log;\ndaemon off;\n\
+            "worker_processes auto;\nuser root;\npid {d}/nginx.pid;\nerror_log {d}/logs/error.log;\ndaemon off;\n\
              events {{ worker_connections 4096; }}\n\
-             http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
-             \x20 server {{\n    listen 127.0.0.1:{port};\n    location /users/ {{ default_type application/json; root {d}; try_files /answer.json =404; }}\n  }}\n}}\n",
-            d = dir.display()
+             http {{\n  access_log off;\n  sendfile on;\n  tcp_nopush on;\n  tcp_nodelay on;\n\
+             \x20 keepalive_requests 1000000;\n  keepalive_timeout 65;\n\
+             \x20 open_file_cache max={cache} inactive=300s;\n  open_file_cache_valid 300s;\n  open_file_cache_min_uses 1;\n  open_file_cache_errors on;\n\
+             \x20 client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
+             \x20 server {{\n    listen 127.0.0.1:{port};\n    root {d};\n    location /users/ {{ default_type application/json; }}\n  }}\n}}\n",
+            d = dir.display(),
+            cache = answers.len() * 2 + 1000,
         );
         std::fs::write(dir.join("nginx.conf"), conf)?;
         let nginx = ["/usr/sbin/nginx", "nginx"]
@@ -186,4 +201,73 @@ mod tests {
         assert!((load.p50_ms - 0.21).abs() < 1e-9);
         assert!((load.p99_ms - 2.5).abs() < 1e-9);
     }
+}
+
+/// What one open-loop run measured.
+#[derive(Debug, Clone, Copy)]
+pub struct Latency {
+    /// The rate asked for, requests/s.
+    pub rate: f64,
+    /// The rate achieved.
+    pub achieved: f64,
+    /// Latency percentiles in ms, from when each request was due (coordinated
+    /// omission corrected): p50, p99, p99.9.
+    pub ms: [f64; 3],
+    /// Answers other than 200, plus failed requests.
+    pub errors: u64,
+}
+
+/// Connections oha keeps: enough that a fixed rate never waits for a free one.
+pub const OHA_CONNECTIONS: u32 = 32;
+
+/// oha at a fixed `rate` for `secs`, each request to a URL drawn uniformly from
+/// `urls` (a file, one URL a line), latency counted from when each request was due.
+pub fn oha(urls: &Path, rate: f64, secs: u64) -> anyhow::Result<Latency> {
+    let out = Command::new("oha")
+        .args([
+            "--no-tui",
+            "--output-format",
+            "json",
+            "--latency-correction",
+            "-z",
+            &format!("{secs}s"),
+            "-q",
+            &format!("{rate:.0}"),
+            "-c",
+            &OHA_CONNECTIONS.to_string(),
+            "--urls-from-file",
+        ])
+        .arg(urls)
+        .output()
+        .context("running oha (scripts/setup.sh bench installs it)")?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    anyhow::ensure!(
+        out.status.success(),
+        "oha failed: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    parse_oha(&text, rate).with_context(|| format!("reading oha's report:\n{text}"))
+}
+
+fn parse_oha(text: &str, rate: f64) -> Option<Latency> {
+    let v: serde_json::Value = serde_json::from_str(text).ok()?;
+    let pct = |p: &str| Some(v["latencyPercentiles"][p].as_f64()? * 1000.0);
+    let statuses = v["statusCodeDistribution"].as_object()?;
+    let ok = statuses
+        .get("200")
+        .and_then(serde_json::Value::as_u64)
+        .unwrap_or(0);
+    let all: u64 = statuses
+        .values()
+        .filter_map(serde_json::Value::as_u64)
+        .sum();
+    let failed: u64 = v["errorDistribution"].as_object().map_or(0, |e| {
+        e.values().filter_map(serde_json::Value::as_u64).sum()
+    });
+    Some(Latency {
+        rate,
+        achieved: v["summary"]["requestsPerSec"].as_f64()?,
+        ms: [pct("p50")?, pct("p99")?, pct("p99.9")?],
+        errors: all - ok + failed,
+    })
 }

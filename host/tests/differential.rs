@@ -133,7 +133,11 @@ fn input() -> impl Strategy<Value = OwnedRecord> {
 fn fold_in(
     lanes: usize,
     batches: &[Vec<(OwnedRecord, u64)>],
-) -> (Vec<(logq_abi::Entity, logq_abi::Update, bool)>, Vec<Folding>, usize) {
+) -> (
+    Vec<(logq_abi::Entity, logq_abi::Update, bool)>,
+    Vec<Folding>,
+    usize,
+) {
     let store = StateStore::new();
     let (mut foldings, mut refolded) = (Vec::new(), 0);
     for batch in batches {
@@ -196,7 +200,10 @@ fn records_keyed_by_their_entity_fold_in_lanes_without_refolding_to_the_same_sta
     let (one, one_folding, _) = fold_in(1, &batches);
     let (four, four_folding, refolded) = fold_in(4, &batches);
     assert!(one.len() > 2000, "the history keeps {} entities", one.len());
-    assert_eq!(refolded, 0, "keyed records never share an entity across lanes");
+    assert_eq!(
+        refolded, 0,
+        "keyed records never share an entity across lanes"
+    );
     assert_eq!(outcome(&four_folding), outcome(&one_folding));
     assert!(four == one, "4 lanes kept another state than 1 lane");
 }

@@ -270,12 +270,9 @@ impl Consumer {
         while !self.stop.load(Ordering::Relaxed) {
             self.serve_commands(&positions);
             let max_records = self.batch_size.borrow().get();
-            let polled = consumer.poll_batch(
-                max_records,
-                self.batch_bytes,
-                POLL_WAIT,
-                |records| self.process(records, &mut dlq),
-            );
+            let polled = consumer.poll_batch(max_records, self.batch_bytes, POLL_WAIT, |records| {
+                self.process(records, &mut dlq)
+            });
             match polled {
                 Ok(Some(progress)) => {
                     changed = true;
@@ -515,7 +512,11 @@ impl Consumer {
         }
         // The canary wants recent records, not every batch's: copying them is kept
         // off most batches.
-        if self.remembered.get().is_none_or(|at| at.elapsed() >= REMEMBER_EVERY) {
+        if self
+            .remembered
+            .get()
+            .is_none_or(|at| at.elapsed() >= REMEMBER_EVERY)
+        {
             self.registry.remember(&batch);
             self.remembered.set(Some(Instant::now()));
         }

@@ -247,7 +247,10 @@ pub fn fold_in_lanes<T: Target + Sync>(
             let mut overlay = lane.overlay;
             merged.index_all();
             overlay.index_all();
-            let shares = overlay.entities.iter().any(|e| merged.index.contains_key(e));
+            let shares = overlay
+                .entities
+                .iter()
+                .any(|e| merged.index.contains_key(e));
             if shares {
                 // Fold again over what the lanes before it made of their entities.
                 refolded += 1;

@@ -18,7 +18,7 @@ pub mod sizing;
 
 pub use batch::{DeadLetter, Folding, Target, fold_into};
 pub use lanes::fold_in_lanes;
-pub use sizing::BatchSize;
 pub use runtime::{
     DEFAULT_REDUCER, Limits, Reducer, ReducerError, ReducerMeta, Runtime, sha256_hex,
 };
+pub use sizing::BatchSize;

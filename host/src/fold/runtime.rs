@@ -151,8 +151,10 @@ const POOL_INSTANCES: u32 = 128;
 
 /// Each batch gets a fresh instance, so where its memory comes from matters: from a
 /// pool of slots that stay mapped, and are reset by `memset` up to this many bytes
-/// (no page faults when the slot is used again; beyond it, `madvise`).
-const KEEP_RESIDENT: usize = 32 << 20;
+/// (no page faults when the slot is used again; beyond it, `madvise`). Slots are
+/// reused most-recently-used first, so about one slot per lane stays resident: this
+/// much RSS each.
+const KEEP_RESIDENT: usize = 8 << 20;
 
 /// The pooling allocator's settings: room for the largest reducers the kit builds (a
 /// JavaScript one carries an engine with many functions and core instances), memory
@@ -170,6 +172,7 @@ fn pool(limits: Limits) -> PoolingAllocationConfig {
         .max_core_instance_size(4 << 20)
         .max_memory_size(limits.memory_bytes)
         .linear_memory_keep_resident(KEEP_RESIDENT.min(limits.memory_bytes))
+        .max_unused_warm_slots(0)
         .table_keep_resident(1 << 20);
     pool
 }
