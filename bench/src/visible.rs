@@ -94,7 +94,7 @@ pub fn run(
     while sent < total {
         let due = ((start.elapsed().as_secs_f64() * rate) as u64).min(total);
         while sent < due {
-            let probe = sent % PROBE_EVERY == 0;
+            let probe = sent.is_multiple_of(PROBE_EVERY);
             let id = if probe {
                 &probe_ids[(sent / PROBE_EVERY) as usize % probe_ids.len()]
             } else {

@@ -155,6 +155,7 @@ fn start() -> Service {
                 },
                 batch_max_records: 2000,
                 batch_max_bytes: 1 << 20,
+                time_limit: Duration::from_secs(2),
                 tombstone_retention_micros: 0,
             },
         )
