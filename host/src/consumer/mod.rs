@@ -62,9 +62,6 @@ fn safe(dlq: &DeadLetters, positions: &Positions) -> Positions {
 /// The bound on the first batch's records, before the reducer's speed is known.
 const FIRST_BATCH_RECORDS: usize = 2000;
 
-/// How often the tail of a batch is kept for the canary of the next candidate.
-const REMEMBER_EVERY: Duration = Duration::from_secs(1);
-
 /// Which fold lane a record goes to: a hash of its key (the entity's key when the
 /// producer keys by it), else of its partition.
 fn route(r: &Record<'_>) -> u64 {
@@ -142,8 +139,6 @@ pub struct Consumer {
     batch_bytes: usize,
     /// How many records the next poll may take.
     batch_size: std::cell::RefCell<BatchSize>,
-    /// When the canary last got a batch's tail.
-    remembered: std::cell::Cell<Option<Instant>>,
 }
 
 impl Consumer {
@@ -172,7 +167,6 @@ impl Consumer {
                 config.batch_max_records,
                 Duration::from_millis(config.limits.reducer_time_limit_ms),
             )),
-            remembered: std::cell::Cell::new(None),
             config,
             topics,
             registry,
@@ -510,16 +504,9 @@ impl Consumer {
                 folding.accepted[d.input],
             );
         }
-        // The canary wants recent records, not every batch's: copying them is kept
-        // off most batches.
-        if self
-            .remembered
-            .get()
-            .is_none_or(|at| at.elapsed() >= REMEMBER_EVERY)
-        {
-            self.registry.remember(&batch);
-            self.remembered.set(Some(Instant::now()));
-        }
+        // The canary of the next candidate folds the newest records, so every batch
+        // leaves its tail (at most 256 records: a small share of a catch-up batch).
+        self.registry.remember(&batch);
         progress
     }
 }
