@@ -40,7 +40,7 @@ struct Args {
     #[arg(long, default_value_t = 3)]
     runs: usize,
     /// Records per batch of the lanes figure (the host's `--batch-max-records`).
-    #[arg(long, default_value_t = 2000)]
+    #[arg(long, default_value_t = 16_384)]
     lanes_batch: usize,
     /// Seconds of each wrk run.
     #[arg(long, default_value_t = 10)]
@@ -72,6 +72,9 @@ struct Args {
     /// Only the fold engine and the catch-up (figures 1 and 2), printed.
     #[arg(long)]
     catch_up_only: bool,
+    /// Only figure 7 (produce -> visible) after figures 1 and 2, printed.
+    #[arg(long)]
+    visible_only: bool,
     /// Where the report and charts go.
     #[arg(long, default_value = "bench/results/latest")]
     out: PathBuf,
@@ -297,6 +300,29 @@ fn run(args: &Args, work: &std::path::Path) -> anyhow::Result<()> {
     if args.catch_up_only {
         return Ok(());
     }
+    if args.visible_only {
+        let host = broker::start_host(
+            &loaded,
+            "bench-visible",
+            &["--compile-cache-dir", &cache_arg],
+        );
+        let ids: Vec<String> = export_answers(&host.host)?
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
+        let v = visible::run(
+            &host.host,
+            &loaded.broker.bootstrap,
+            &ids,
+            args.visible_rate,
+            args.wrk_secs,
+        )?;
+        say(format!(
+            "  produce -> visible at {:.0}/s: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms over {} probes",
+            v.sent_rate, v.ms[0], v.ms[1], v.ms[2], v.probes
+        ));
+        return Ok(());
+    }
     // The host the other figures use: default lanes, with a state directory.
     let host = broker::start_host(
         &loaded,
@@ -398,6 +424,13 @@ fn run(args: &Args, work: &std::path::Path) -> anyhow::Result<()> {
         std::fs::write(&urls, url_list(nginx.port))?;
         nginx_lat.push(reads::oha(&urls, peer.median / 2.0, args.wrk_secs)?);
     }
+    let problems = nginx.problems();
+    anyhow::ensure!(
+        problems.is_empty(),
+        "nginx logged {} problems, the first: {}",
+        problems.len(),
+        problems[0]
+    );
     drop(nginx);
     let quantile = |runs: &[reads::Latency], i: usize| {
         Spread::of(&runs.iter().map(|l| l.ms[i]).collect::<Vec<_>>())

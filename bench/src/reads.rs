@@ -39,8 +39,13 @@ pub fn script(dir: &Path, paths: &[String]) -> anyhow::Result<std::path::PathBuf
     for p in paths {
         lua.push_str(&format!("  {p:?},\n"));
     }
+    // Requests are formatted once per thread, not once per request: with every live
+    // user's path in the table, formatting each request was the load generator's
+    // own limit.
     lua.push_str(
-        "}\nmath.randomseed(42)\nrequest = function()\n  return wrk.format(\"GET\", paths[math.random(#paths)])\nend\n",
+        "}\nlocal requests = {}\nmath.randomseed(42)\n\
+         init = function(args)\n  for i, p in ipairs(paths) do requests[i] = wrk.format(\"GET\", p) end\nend\n\
+         request = function()\n  return requests[math.random(#requests)]\nend\n",
     );
     let path = dir.join("random-users.lua");
     std::fs::write(&path, lua)?;
@@ -111,6 +116,7 @@ fn duration_ms(v: &str) -> Option<f64> {
 /// nginx serving a file per user under `/users/`, as a child process.
 pub struct Nginx {
     child: Child,
+    dir: std::path::PathBuf,
     /// Its port.
     pub port: u16,
 }
@@ -118,8 +124,9 @@ pub struct Nginx {
 impl Nginx {
     /// Starts nginx (Debian's package) in `dir` with a worker per core, serving
     /// `answers` (id, JSON) as `/users/{id}`. Tuned as nginx's documentation advises
-    /// for small static files: `sendfile`, `tcp_nopush`, `open_file_cache` large enough
-    /// for every file, and a high `keepalive_requests`.
+    /// for small static files: `sendfile`, `tcp_nopush`, `open_file_cache` for every
+    /// file, or as many as the open-files hard limit allows, and a high
+    /// `keepalive_requests`. Its error log is checked after the runs.
     pub fn start(dir: &Path, answers: &[(String, Vec<u8>)]) -> anyhow::Result<Self> {
         let dir = dir.join("nginx");
         std::fs::create_dir_all(dir.join("logs"))?;
@@ -128,8 +135,9 @@ impl Nginx {
             std::fs::write(dir.join("users").join(id), answer)?;
         }
         let port = logq_e2e::free_port();
+        let fds = open_files_hard_limit().unwrap_or(1024);
         let conf = format!(
-            "worker_processes auto;\nuser root;\npid {d}/nginx.pid;\nerror_log {d}/logs/error.log;\ndaemon off;\n\
+            "worker_processes auto;\nworker_rlimit_nofile {fds};\nuser root;\npid {d}/nginx.pid;\nerror_log {d}/logs/error.log;\ndaemon off;\n\
              events {{ worker_connections 4096; }}\n\
              http {{\n  access_log off;\n  sendfile on;\n  tcp_nopush on;\n  tcp_nodelay on;\n\
              \x20 keepalive_requests 1000000;\n  keepalive_timeout 65;\n\
@@ -137,7 +145,13 @@ impl Nginx {
              \x20 client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
              \x20 server {{\n    listen 127.0.0.1:{port};\n    root {d};\n    location /users/ {{ default_type application/json; }}\n  }}\n}}\n",
             d = dir.display(),
-            cache = answers.len() * 2 + 1000,
+            // Every cached file holds a descriptor, and connections need theirs: as
+            // many files as this process's hard limit allows, less room for 4,096
+            // connections.
+            cache = (answers.len() + 1000)
+                .min(fds.saturating_sub(5000))
+                .max(1000),
+            fds = fds,
         );
         std::fs::write(dir.join("nginx.conf"), conf)?;
         let nginx = ["/usr/sbin/nginx", "nginx"]
@@ -162,8 +176,35 @@ impl Nginx {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
-        Ok(Self { child, port })
+        Ok(Self { child, dir, port })
     }
+
+    /// The problems nginx logged (`[error]` and worse): a peer that logged any was
+    /// not at its best, and the comparison does not count.
+    pub fn problems(&self) -> Vec<String> {
+        std::fs::read_to_string(self.dir.join("logs/error.log"))
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| {
+                ["[error]", "[crit]", "[alert]", "[emerg]"]
+                    .iter()
+                    .any(|w| l.contains(w))
+            })
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+/// The hard limit on open files of this process (what nginx may raise its own to).
+fn open_files_hard_limit() -> Option<usize> {
+    std::fs::read_to_string("/proc/self/limits")
+        .ok()?
+        .lines()
+        .find(|l| l.starts_with("Max open files"))?
+        .split_whitespace()
+        .nth(4)?
+        .parse()
+        .ok()
 }
 
 impl Drop for Nginx {

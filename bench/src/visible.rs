@@ -9,7 +9,6 @@
 //! spaced by `POLL_GAP`, which bounds the resolution.
 
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rdkafka::config::ClientConfig;
@@ -52,41 +51,70 @@ pub fn run(
     secs: u64,
 ) -> anyhow::Result<Visible> {
     anyhow::ensure!(ids.len() > 1000, "need more than 1,000 users");
+    // Whatever was produced before must be folded first, or the probes measure that
+    // backlog: wait until the host's consumed count has stood still for a second.
+    let consumed = || host.metric("logq_records_consumed_total{topic=\"users\"}");
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let mut last = consumed();
+    loop {
+        std::thread::sleep(Duration::from_secs(1));
+        let now = consumed();
+        if now == last {
+            break;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "the host never caught up");
+        last = now;
+    }
     let (probe_ids, others) = ids.split_at(500);
     let producer: BaseProducer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
-        .set("linger.ms", "1")
+        .set("linger.ms", "5")
         .create()?;
-    let (tx, rx) = mpsc::channel::<(String, String, Instant)>();
-    let rx = Arc::new(Mutex::new(rx));
+    // Each watcher keeps its share of the probes in flight and polls every one of
+    // them in turn, so a slow probe never holds up the next.
+    let channels: Vec<_> = (0..WATCHERS)
+        .map(|_| mpsc::channel::<(String, String, Instant)>())
+        .collect();
     let addr = host.addr;
-    let watchers: Vec<_> = (0..WATCHERS)
-        .map(|_| {
-            let rx = rx.clone();
-            std::thread::spawn(move || -> anyhow::Result<Vec<f64>> {
-                let mut seen = Vec::new();
+    let mut senders = Vec::new();
+    let mut watchers = Vec::new();
+    for (tx, rx) in channels {
+        senders.push(tx);
+        watchers.push(std::thread::spawn(move || -> anyhow::Result<Vec<f64>> {
+            let mut seen = Vec::new();
+            let mut pending: Vec<(String, String, Instant)> = Vec::new();
+            let mut open = true;
+            while open || !pending.is_empty() {
                 loop {
-                    let next = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
-                    let Ok((id, marker, sent)) = next else {
-                        return Ok(seen);
-                    };
-                    let path = format!("/users/{id}");
-                    loop {
-                        let r = logq_e2e::get(addr, &path)?;
-                        if r.body.contains(&marker) {
-                            seen.push(sent.elapsed().as_secs_f64() * 1e3);
+                    match rx.try_recv() {
+                        Ok(p) => pending.push((format!("/users/{}", p.0), p.1, p.2)),
+                        Err(mpsc::TryRecvError::Empty) => break,
+                        Err(mpsc::TryRecvError::Disconnected) => {
+                            open = false;
                             break;
                         }
-                        anyhow::ensure!(
-                            sent.elapsed() < GIVE_UP,
-                            "probe {marker} of {id} not visible after {GIVE_UP:?}"
-                        );
-                        std::thread::sleep(POLL_GAP);
                     }
                 }
-            })
-        })
-        .collect();
+                let mut i = 0;
+                while i < pending.len() {
+                    let (path, marker, sent) = &pending[i];
+                    let r = logq_e2e::get(addr, path)?;
+                    if r.body.contains(marker.as_str()) {
+                        seen.push(sent.elapsed().as_secs_f64() * 1e3);
+                        pending.swap_remove(i);
+                    } else {
+                        anyhow::ensure!(
+                            sent.elapsed() < GIVE_UP,
+                            "probe {marker} at {path} not visible after {GIVE_UP:?}"
+                        );
+                        i += 1;
+                    }
+                }
+                std::thread::sleep(POLL_GAP);
+            }
+            Ok(seen)
+        }));
+    }
     let start = Instant::now();
     let total = (rate * secs as f64) as u64;
     let mut sent = 0u64;
@@ -110,7 +138,8 @@ pub fn run(
                 .send(BaseRecord::to("users").key(id.as_str()).payload(&value))
                 .map_err(|(e, _)| e)?;
             if probe {
-                tx.send((id.clone(), format!("\"{name}\""), at))?;
+                let watcher = (sent / PROBE_EVERY) as usize % WATCHERS;
+                senders[watcher].send((id.clone(), format!("\"{name}\""), at))?;
             }
             sent += 1;
         }
@@ -119,7 +148,7 @@ pub fn run(
     }
     let sent_rate = sent as f64 / start.elapsed().as_secs_f64();
     producer.flush(Duration::from_secs(30))?;
-    drop(tx);
+    drop(senders);
     let mut ms = Vec::new();
     for w in watchers {
         ms.extend(

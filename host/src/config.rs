@@ -142,7 +142,7 @@ pub struct RunConfig {
     /// Most records in one batch. Batches are sized to take an eighth of the reducer's
     /// time limit at the speed it folded the last one, within this bound; while
     /// following the topics live they hold what has arrived.
-    #[arg(long, env = "LOGQ_BATCH_MAX_RECORDS", default_value_t = 65_536)]
+    #[arg(long, env = "LOGQ_BATCH_MAX_RECORDS", default_value_t = 16_384)]
     pub batch_max_records: usize,
     /// Most record bytes in one batch (a larger single record still goes alone); no
     /// more than a sixteenth of the reducer's memory limit either.

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use rdkafka::Message;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::message::BorrowedMessage;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 
 use super::{KafkaError, Partition, Record, Topics, client_config};
@@ -15,6 +16,31 @@ use crate::config::KafkaConfig;
 /// apply it: an idle loop answers within this (about 50 wake-ups a second when idle,
 /// which cost nothing measurable).
 pub const POLL_WAIT: Duration = Duration::from_millis(20);
+/// Records polled, still in librdkafka's buffers (no copy is made until they are
+/// framed for the reducer).
+pub struct Polled<'c>(Vec<BorrowedMessage<'c>>);
+
+impl Polled<'_> {
+    /// Whether nothing arrived.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The records, borrowed.
+    pub fn records(&self) -> Vec<Record<'_>> {
+        self.0
+            .iter()
+            .map(|m| Record {
+                topic: m.topic(),
+                partition: m.partition(),
+                offset: m.offset(),
+                key: m.key(),
+                value: m.payload(),
+            })
+            .collect()
+    }
+}
+
 /// Longest wait for one metadata or watermark request.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -173,21 +199,20 @@ impl TopicConsumer {
     }
 
     /// Waits up to `wait` for a record, then takes what else is ready without waiting,
-    /// up to `max_records` records or `max_bytes` of values, and hands the batch to `f`.
-    /// `Ok(None)` when nothing arrived.
+    /// up to `max_records` records or `max_bytes` of values. The records stay in
+    /// librdkafka's buffers until the [`Polled`] is dropped; empty when nothing arrived.
     ///
     /// # Errors
     /// A client or broker error reported instead of the first record. Errors after the
     /// first record end the batch early and are reported by the next call.
-    pub fn poll_batch<R>(
+    pub fn poll(
         &self,
         max_records: usize,
         max_bytes: usize,
         wait: Duration,
-        f: impl FnOnce(&[Record<'_>]) -> R,
-    ) -> Result<Option<R>, KafkaError> {
+    ) -> Result<Polled<'_>, KafkaError> {
         let first = match self.consumer.poll(wait) {
-            None => return Ok(None),
+            None => return Ok(Polled(Vec::new())),
             Some(Err(e)) => return Err(e.into()),
             Some(Ok(m)) => m,
         };
@@ -206,17 +231,26 @@ impl TopicConsumer {
                 None => break,
             }
         }
-        let records: Vec<Record<'_>> = messages
-            .iter()
-            .map(|m| Record {
-                topic: m.topic(),
-                partition: m.partition(),
-                offset: m.offset(),
-                key: m.key(),
-                value: m.payload(),
-            })
-            .collect();
-        Ok(Some(f(&records)))
+        Ok(Polled(messages))
+    }
+
+    /// [`TopicConsumer::poll`], with the batch handed to `f`; `Ok(None)` when nothing
+    /// arrived.
+    ///
+    /// # Errors
+    /// As [`TopicConsumer::poll`].
+    pub fn poll_batch<R>(
+        &self,
+        max_records: usize,
+        max_bytes: usize,
+        wait: Duration,
+        f: impl FnOnce(&[Record<'_>]) -> R,
+    ) -> Result<Option<R>, KafkaError> {
+        let polled = self.poll(max_records, max_bytes, wait)?;
+        if polled.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(f(&polled.records())))
     }
 
     /// The offsets this consumer group committed for `partitions` (the next offset to

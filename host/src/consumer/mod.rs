@@ -5,6 +5,11 @@
 //! [`Command`]s and are applied between two batches, in the order they arrive;
 //! nothing calls into the loop.
 //!
+//! Stages: a large batch is folded on other threads (in lanes, see
+//! [`crate::fold::lanes`]) while this one polls the next, so taking records out of
+//! librdkafka overlaps folding; the records stay in librdkafka's buffers until they
+//! are framed for the reducer. The state still moves one whole batch at a time.
+//!
 //! Ordering assumption: none. The reducer's fold gives the same state whatever order
 //! events arrive in and however often, so partitions are interleaved freely and a
 //! record applied twice (after a retry, or at a replay handover) changes nothing.
@@ -26,9 +31,10 @@ use std::time::{Duration, Instant};
 
 use logq_abi::Source;
 
-use crate::broker::consumer::{POLL_WAIT, REQUEST_TIMEOUT, TopicConsumer, Watermarks};
+use crate::broker::consumer::{POLL_WAIT, Polled, REQUEST_TIMEOUT, TopicConsumer, Watermarks};
 use crate::broker::{KafkaError, Partition, Positions, Record, Topics};
 use crate::config::RunConfig;
+use crate::fold::lanes::MIN_RECORDS_PER_LANE;
 use crate::fold::{BatchSize, fold_in_lanes};
 use crate::metrics::Metrics;
 use crate::reducers::{Active, Command, Registry, Switched};
@@ -261,11 +267,22 @@ impl Consumer {
             self.stop.clone(),
         );
 
+        // The batch polled while the one before it was being folded.
+        let mut ahead: Option<Result<Polled<'_>, KafkaError>> = None;
         while !self.stop.load(Ordering::Relaxed) {
             self.serve_commands(&positions);
             let max_records = self.batch_size.borrow().get();
-            let polled = consumer.poll_batch(max_records, self.batch_bytes, POLL_WAIT, |records| {
-                self.process(records, &mut dlq)
+            let polled = ahead
+                .take()
+                .unwrap_or_else(|| consumer.poll(max_records, self.batch_bytes, POLL_WAIT));
+            let polled = polled.map(|batch| {
+                (!batch.is_empty()).then(|| {
+                    let (progress, next) = self.process(&batch.records(), &mut dlq, || {
+                        consumer.poll(max_records, self.batch_bytes, Duration::ZERO)
+                    });
+                    ahead = next;
+                    progress
+                })
             });
             match polled {
                 Ok(Some(progress)) => {
@@ -422,12 +439,15 @@ impl Consumer {
     }
 
     /// Folds one batch, dead-letters what was refused; returns, per partition touched,
-    /// the next offset and the number of events applied.
-    fn process(
+    /// the next offset and the number of events applied. A batch large enough to share
+    /// among lanes is folded on other threads while this one runs `meanwhile` (polls
+    /// the next batch), whose result comes back too; a small one is folded here.
+    fn process<N>(
         &self,
         records: &[Record<'_>],
         dlq: &mut DeadLetters,
-    ) -> HashMap<Partition, (i64, u64)> {
+        meanwhile: impl FnOnce() -> N,
+    ) -> (HashMap<Partition, (i64, u64)>, Option<N>) {
         let mut progress: HashMap<Partition, (i64, u64)> = HashMap::new();
         let (mut consumed, mut tombstones) = ([0u64; 2], [0u64; 2]);
         let (mut kept, mut batch, mut routes) = (
@@ -459,13 +479,19 @@ impl Consumer {
                 None => tombstones[side] += 1,
             }
         }
-        let (folding, lanes) = fold_in_lanes(
-            &self.slots.current.reducer,
-            &*self.store,
-            &batch,
-            &routes,
-            self.lanes,
-        );
+        let (reducer, store, lanes) = (&self.slots.current.reducer, &*self.store, self.lanes);
+        let ((folding, lanes), next) = if batch.len() >= MIN_RECORDS_PER_LANE {
+            std::thread::scope(|s| {
+                let fold = s.spawn(|| fold_in_lanes(reducer, store, &batch, &routes, lanes));
+                let next = meanwhile();
+                let folded = fold
+                    .join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+                (folded, Some(next))
+            })
+        } else {
+            (fold_in_lanes(reducer, store, &batch, &routes, lanes), None)
+        };
         if lanes.refolded > 0 {
             self.metrics.lanes_refolded(lanes.refolded as u64);
         }
@@ -507,6 +533,6 @@ impl Consumer {
         // The canary of the next candidate folds the newest records, so every batch
         // leaves its tail (at most 256 records: a small share of a catch-up batch).
         self.registry.remember(&batch);
-        progress
+        (progress, next)
     }
 }
