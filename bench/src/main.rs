@@ -310,13 +310,7 @@ fn run(args: &Args, work: &std::path::Path) -> anyhow::Result<()> {
             .into_iter()
             .map(|(id, _)| id)
             .collect();
-        let v = visible::run(
-            &host.host,
-            &loaded.broker.bootstrap,
-            &ids,
-            args.visible_rate,
-            args.wrk_secs,
-        )?;
+        let v = figure7(args, &host.host, &loaded, &ids)?;
         say(format!(
             "  produce -> visible at {:.0}/s: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms over {} probes",
             v.sent_rate, v.ms[0], v.ms[1], v.ms[2], v.probes
@@ -497,13 +491,7 @@ fn run(args: &Args, work: &std::path::Path) -> anyhow::Result<()> {
         args.visible_rate
     ));
     let ids: Vec<String> = answers.iter().map(|(id, _)| id.clone()).collect();
-    let v = visible::run(
-        &host.host,
-        &loaded.broker.bootstrap,
-        &ids,
-        args.visible_rate,
-        args.wrk_secs,
-    )?;
+    let v = figure7(args, &host.host, &loaded, &ids)?;
     rows.push(Row {
         figure: format!(
             "7. Produce -> visible under {} events/s: send to the first GET showing it (p99 ms)",
@@ -862,4 +850,20 @@ fn export_answers(host: &logq_e2e::Host) -> anyhow::Result<Vec<(String, Vec<u8>)
     }
     anyhow::ensure!(ended, "the export did not end whole");
     Ok(out)
+}
+
+/// Figure 7 against `host`, with the suite's rate and duration.
+fn figure7(
+    args: &Args,
+    host: &logq_e2e::Host,
+    loaded: &broker::Loaded,
+    ids: &[String],
+) -> anyhow::Result<visible::Visible> {
+    visible::run(
+        host,
+        &loaded.broker.bootstrap,
+        ids,
+        args.visible_rate,
+        args.wrk_secs,
+    )
 }

@@ -65,9 +65,6 @@ fn safe(dlq: &DeadLetters, positions: &Positions) -> Positions {
         .collect()
 }
 
-/// The bound on the first batch's records, before the reducer's speed is known.
-const FIRST_BATCH_RECORDS: usize = 2000;
-
 /// Which fold lane a record goes to: a hash of its key (the entity's key when the
 /// producer keys by it), else of its partition.
 fn route(r: &Record<'_>) -> u64 {
@@ -141,8 +138,6 @@ pub struct Consumer {
     commands: Receiver<Command>,
     slots: Slots,
     lanes: usize,
-    /// Most record bytes one poll may take.
-    batch_bytes: usize,
     /// How many records the next poll may take.
     batch_size: std::cell::RefCell<BatchSize>,
 }
@@ -167,9 +162,8 @@ impl Consumer {
                 previous: None,
             },
             lanes: config.lanes(),
-            batch_bytes: config.batch_bytes(),
             batch_size: std::cell::RefCell::new(BatchSize::new(
-                FIRST_BATCH_RECORDS,
+                crate::fold::sizing::FIRST_RECORDS,
                 config.batch_max_records,
                 Duration::from_millis(config.limits.reducer_time_limit_ms),
             )),
@@ -271,14 +265,15 @@ impl Consumer {
         let mut ahead: Option<Result<Polled<'_>, KafkaError>> = None;
         while !self.stop.load(Ordering::Relaxed) {
             self.serve_commands(&positions);
-            let max_records = self.batch_size.borrow().get();
+            let (max_records, max_bytes) =
+                (self.batch_size.borrow().get(), self.config.batch_bytes());
             let polled = ahead
                 .take()
-                .unwrap_or_else(|| consumer.poll(max_records, self.batch_bytes, POLL_WAIT));
+                .unwrap_or_else(|| consumer.poll(max_records, max_bytes, POLL_WAIT));
             let polled = polled.map(|batch| {
                 (!batch.is_empty()).then(|| {
                     let (progress, next) = self.process(&batch.records(), &mut dlq, || {
-                        consumer.poll(max_records, self.batch_bytes, Duration::ZERO)
+                        consumer.poll(max_records, max_bytes, Duration::ZERO)
                     });
                     ahead = next;
                     progress

@@ -14,6 +14,10 @@ use std::time::Duration;
 /// Share of the time limit one call is sized to take.
 const SHARE_OF_TIME_LIMIT: u32 = 8;
 
+/// The bound on a first batch, before the reducer's speed is known (the live loop's
+/// and a replay's alike).
+pub const FIRST_RECORDS: usize = 2000;
+
 /// The smallest bound it goes down to.
 pub const MIN_RECORDS: usize = 256;
 

@@ -72,9 +72,6 @@ pub enum Step {
 /// A test's hook, called at each [`Step`].
 pub type PauseHook = Arc<dyn Fn(Step) + Send + Sync>;
 
-/// The bound on a replay's first batch, before the reducer's speed is known.
-const REPLAY_FIRST_BATCH_RECORDS: usize = 2000;
-
 /// What a replay needs from the service's configuration.
 #[derive(Debug, Clone)]
 pub struct Setup {
@@ -388,7 +385,7 @@ impl Tail {
         };
         let mut last_error = Instant::now();
         let mut size = BatchSize::new(
-            REPLAY_FIRST_BATCH_RECORDS,
+            crate::fold::sizing::FIRST_RECORDS,
             self.setup.batch_max_records,
             self.setup.time_limit,
         );
