@@ -82,6 +82,8 @@ fn fold_all<F: Fold>(
 pub struct LanesResult {
     /// Events/s of every run with 1 lane, then with 2.
     pub runs: [Vec<f64>; 2],
+    /// Cores the fold took in each of those runs (this process's CPU / wall time).
+    pub cores: [Vec<f64>; 2],
 }
 
 /// The record key a producer gives each event (`logq produce` keys by `id`, else
@@ -111,18 +113,22 @@ pub fn lanes(history: &History, batch: usize, runs: usize) -> anyhow::Result<Lan
     let n = records.len() as f64;
     let mut out = LanesResult {
         runs: [Vec::new(), Vec::new()],
+        cores: [Vec::new(), Vec::new()],
     };
     let mut states: [Vec<_>; 2] = [Vec::new(), Vec::new()];
     for _ in 0..runs.max(1) {
         for (i, lanes) in [1, 2].into_iter().enumerate() {
             let store = logq::state::StateStore::new();
+            let cpu_before = crate::cpu::own_seconds()?;
             let start = Instant::now();
             for (chunk, routes) in records.chunks(batch).zip(routes.chunks(batch)) {
                 let (folding, _) =
                     logq::fold::fold_in_lanes(&reducer, &store, chunk, routes, lanes);
                 anyhow::ensure!(folding.dead.is_empty(), "{:?}", folding.dead.first());
             }
-            out.runs[i].push(n / start.elapsed().as_secs_f64());
+            let took = start.elapsed().as_secs_f64();
+            out.runs[i].push(n / took);
+            out.cores[i].push((crate::cpu::own_seconds()? - cpu_before) / took);
             states[i] = store.dump(0);
             states[i].sort_by(|a, b| a.0.cmp(&b.0));
         }

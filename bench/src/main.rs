@@ -3,6 +3,7 @@
 //! `bench/run.sh`, which installs the peers and builds the release binary first.
 
 mod broker;
+mod cpu;
 mod fold;
 mod history;
 mod kit;
@@ -199,13 +200,27 @@ fn run(args: &Args, work: &std::path::Path) -> anyhow::Result<()> {
             "1c. The host's fold path (lanes, store, one apply a batch of {}), no broker (events/s)",
             args.lanes_batch
         ),
-        ours: format!("2 lanes {}", two.show()),
-        peer: format!("1 lane {}", one.show()),
+        ours: format!(
+            "2 lanes {}, {:.2} cores busy",
+            two.show(),
+            Spread::of(&l.cores[1]).median
+        ),
+        peer: format!(
+            "1 lane {}, {:.2} cores busy",
+            one.show(),
+            Spread::of(&l.cores[0]).median
+        ),
         ratio: two.median / one.median,
         target: ">= 1.7".into(),
         pass: Some(two.median / one.median >= 1.7),
     });
-    say(format!("  1 lane {}, 2 lanes {}", one.show(), two.show()));
+    say(format!(
+        "  1 lane {} on {:.2} cores, 2 lanes {} on {:.2} cores",
+        one.show(),
+        Spread::of(&l.cores[0]).median,
+        two.show(),
+        Spread::of(&l.cores[1]).median
+    ));
     if !args.kit.is_empty() {
         say("fold engine: reducers written with the kit");
         let measured = kit::run(&history, &args.kit, args.batch, args.kit_records, args.runs)?;
@@ -265,15 +280,27 @@ fn run(args: &Args, work: &std::path::Path) -> anyhow::Result<()> {
     // Then the plain consumer, logq with 1 lane and logq with 2, in turn, each run.
     let rate = |d: Duration| loaded.records as f64 / d.as_secs_f64();
     let (mut raw_runs, mut lane_runs) = (Vec::new(), [Vec::new(), Vec::new()]);
+    // Cores each side took, and the broker beside it: [plain, 1 lane, 2 lanes].
+    let (mut consumer_cores, mut broker_cores) =
+        ([(); 3].map(|()| Vec::new()), [(); 3].map(|()| Vec::new()));
+    let broker_pid = loaded.broker.pid().context("the broker is not running")?;
     for run in 0..args.runs.max(1) {
-        raw_runs.push(rate(broker::raw_consumer(&loaded)?.0));
+        let (broker_before, own_before) = (cpu::seconds(broker_pid)?, cpu::own_seconds()?);
+        let took = broker::raw_consumer(&loaded)?.0;
+        raw_runs.push(rate(took));
+        consumer_cores[0].push((cpu::own_seconds()? - own_before) / took.as_secs_f64());
+        broker_cores[0].push((cpu::seconds(broker_pid)? - broker_before) / took.as_secs_f64());
         for (i, lanes) in ["1", "2"].into_iter().enumerate() {
+            let broker_before = cpu::seconds(broker_pid)?;
             let host = broker::start_host(
                 &loaded,
                 &format!("bench-lanes-{lanes}-{run}"),
                 &["--compile-cache-dir", &cache_arg, "--fold-lanes", lanes],
             );
+            let took = host.ready_after.as_secs_f64();
             lane_runs[i].push(rate(host.ready_after));
+            consumer_cores[i + 1].push(cpu::seconds(host.host.pid())? / took);
+            broker_cores[i + 1].push((cpu::seconds(broker_pid)? - broker_before) / took);
         }
     }
     let raw = Spread::of(&raw_runs);
@@ -283,6 +310,16 @@ fn run(args: &Args, work: &std::path::Path) -> anyhow::Result<()> {
         raw.show(),
         caught[0].show(),
         caught[1].show()
+    ));
+    let cores = |v: &[Vec<f64>; 3], i: usize| Spread::of(&v[i]).median;
+    say(format!(
+        "  cores: plain consumer {:.2} + broker {:.2}; logq 1 lane {:.2} + broker {:.2}; 2 lanes {:.2} + broker {:.2}",
+        cores(&consumer_cores, 0),
+        cores(&broker_cores, 0),
+        cores(&consumer_cores, 1),
+        cores(&broker_cores, 1),
+        cores(&consumer_cores, 2),
+        cores(&broker_cores, 2),
     ));
     for (i, spread) in caught.iter().enumerate() {
         rows.push(Row {
@@ -297,6 +334,26 @@ fn run(args: &Args, work: &std::path::Path) -> anyhow::Result<()> {
             pass: Some(spread.median / raw.median >= 0.5),
         });
     }
+    rows.push(Row {
+        figure: "2. CPU during the catch-up: cores the consumer took + cores the broker took \
+                 (user + system time / wall time, medians; no load generator runs then)"
+            .into(),
+        ours: format!(
+            "logq 1 lane {:.2} + {:.2}; 2 lanes {:.2} + {:.2}",
+            cores(&consumer_cores, 1),
+            cores(&broker_cores, 1),
+            cores(&consumer_cores, 2),
+            cores(&broker_cores, 2)
+        ),
+        peer: format!(
+            "plain rdkafka consumer {:.2} + {:.2}",
+            cores(&consumer_cores, 0),
+            cores(&broker_cores, 0)
+        ),
+        ratio: cores(&consumer_cores, 2) / cores(&consumer_cores, 0),
+        target: "reported (no target)".into(),
+        pass: None,
+    });
     if args.catch_up_only {
         return Ok(());
     }
@@ -385,13 +442,20 @@ fn run(args: &Args, work: &std::path::Path) -> anyhow::Result<()> {
     let (idle, peer) = (rps(&ours_runs), rps(&nginx_runs));
     let errors: u64 = ours_runs.iter().map(|l| l.errors).sum();
     let requests: u64 = ours_runs.iter().map(|l| l.requests).sum();
+    let wrk_cores =
+        |l: &[reads::Load]| Spread::of(&l.iter().map(|l| l.generator_cores).collect::<Vec<_>>());
     rows.push(Row {
         figure: "3. GET /users/{id}, uniform over all live users, closed loop (requests/s)".into(),
-        ours: format!("{} req/s, {errors} errors of {requests}", idle.show()),
+        ours: format!(
+            "{} req/s, {errors} errors of {requests}; wrk took {:.2} cores",
+            idle.show(),
+            wrk_cores(&ours_runs).median
+        ),
         peer: format!(
-            "nginx, a file per user, tuned: {} req/s, {} errors",
+            "nginx, a file per user, tuned: {} req/s, {} errors; wrk took {:.2} cores",
             peer.show(),
-            nginx_runs.iter().map(|l| l.errors).sum::<u64>()
+            nginx_runs.iter().map(|l| l.errors).sum::<u64>(),
+            wrk_cores(&nginx_runs).median
         ),
         ratio: idle.median / peer.median,
         target: ">= 0.8, 0 errors".into(),
@@ -433,7 +497,7 @@ fn run(args: &Args, work: &std::path::Path) -> anyhow::Result<()> {
     let lat_errors: u64 = ours_lat.iter().map(|l| l.errors).sum();
     let show_ms = |runs: &[reads::Latency]| {
         format!(
-            "at {} req/s (achieved {}): p50 {:.2}, p99 {:.2} [{:.2}-{:.2}], p99.9 {:.2} ms",
+            "at {} req/s (achieved {}): p50 {:.2}, p99 {:.2} [{:.2}-{:.2}], p99.9 {:.2} ms; oha took {:.2} cores",
             report::format_value(runs[0].rate),
             report::format_value(runs[0].achieved),
             quantile(runs, 0).median,
@@ -441,6 +505,7 @@ fn run(args: &Args, work: &std::path::Path) -> anyhow::Result<()> {
             quantile(runs, 1).min,
             quantile(runs, 1).max,
             quantile(runs, 2).median,
+            Spread::of(&runs.iter().map(|l| l.generator_cores).collect::<Vec<_>>()).median,
         )
     };
     rows.push(Row {

@@ -26,6 +26,8 @@ pub struct Load {
     pub requests: u64,
     /// Non-2xx answers plus socket errors.
     pub errors: u64,
+    /// Cores wrk itself took (its CPU seconds / the run's seconds).
+    pub generator_cores: f64,
 }
 
 /// wrk's connections and threads: two threads on a two-core machine, 32 connections.
@@ -54,6 +56,7 @@ pub fn script(dir: &Path, paths: &[String]) -> anyhow::Result<std::path::PathBuf
 
 /// Runs wrk against `port` for `secs`.
 pub fn wrk(port: u16, script: &Path, secs: u64) -> anyhow::Result<Load> {
+    let before = crate::cpu::children_seconds()?;
     let out = Command::new("wrk")
         .args([
             &format!("-t{WRK_THREADS}"),
@@ -68,7 +71,9 @@ pub fn wrk(port: u16, script: &Path, secs: u64) -> anyhow::Result<Load> {
         .context("running wrk (apt-get install wrk; scripts/setup.sh bench does)")?;
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     anyhow::ensure!(out.status.success(), "wrk failed: {text}");
-    parse_wrk(&text).with_context(|| format!("reading wrk's report:\n{text}"))
+    let mut load = parse_wrk(&text).with_context(|| format!("reading wrk's report:\n{text}"))?;
+    load.generator_cores = (crate::cpu::children_seconds()? - before) / secs as f64;
+    Ok(load)
 }
 
 fn parse_wrk(text: &str) -> Option<Load> {
@@ -98,6 +103,7 @@ fn parse_wrk(text: &str) -> Option<Load> {
         p99_ms: latency("99%")?,
         requests,
         errors,
+        generator_cores: 0.0,
     })
 }
 
@@ -256,6 +262,8 @@ pub struct Latency {
     pub ms: [f64; 3],
     /// Answers other than 200, plus failed requests.
     pub errors: u64,
+    /// Cores oha itself took (its CPU seconds / the run's seconds).
+    pub generator_cores: f64,
 }
 
 /// Connections oha keeps: enough that a fixed rate never waits for a free one.
@@ -264,6 +272,7 @@ pub const OHA_CONNECTIONS: u32 = 32;
 /// oha at a fixed `rate` for `secs`, each request to a URL drawn uniformly from
 /// `urls` (a file, one URL a line), latency counted from when each request was due.
 pub fn oha(urls: &Path, rate: f64, secs: u64) -> anyhow::Result<Latency> {
+    let before = crate::cpu::children_seconds()?;
     let out = Command::new("oha")
         .args([
             "--no-tui",
@@ -287,7 +296,10 @@ pub fn oha(urls: &Path, rate: f64, secs: u64) -> anyhow::Result<Latency> {
         "oha failed: {text}{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    parse_oha(&text, rate).with_context(|| format!("reading oha's report:\n{text}"))
+    let mut latency =
+        parse_oha(&text, rate).with_context(|| format!("reading oha's report:\n{text}"))?;
+    latency.generator_cores = (crate::cpu::children_seconds()? - before) / secs as f64;
+    Ok(latency)
 }
 
 fn parse_oha(text: &str, rate: f64) -> Option<Latency> {
@@ -310,5 +322,6 @@ fn parse_oha(text: &str, rate: f64) -> Option<Latency> {
         achieved: v["summary"]["requestsPerSec"].as_f64()?,
         ms: [pct("p50")?, pct("p99")?, pct("p99.9")?],
         errors: all - ok + failed,
+        generator_cores: 0.0,
     })
 }

@@ -34,6 +34,21 @@ impl Arena {
         }
     }
 
+    /// Bytes kept so far: a mark for [`Arena::truncate`].
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether nothing is kept.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Forgets what was kept after `mark` (a [`Arena::len`]).
+    pub fn truncate(&mut self, mark: usize) {
+        self.0.truncate(mark);
+    }
+
     /// The string behind `span`.
     pub fn get(&self, span: Span) -> &str {
         // Spans are only made by `push`, on char boundaries of this buffer.
@@ -122,6 +137,7 @@ pub struct Refusal {
 /// The members of a user event this reducer reads.
 #[derive(Default)]
 struct RawUser<'a> {
+    seen: u16,
     id: Option<Cow<'a, str>>,
     event_type: Option<Cow<'a, str>>,
     received_at: Option<Cow<'a, str>>,
@@ -131,6 +147,7 @@ struct RawUser<'a> {
 /// The members of an organization event this reducer reads.
 #[derive(Default)]
 struct RawOrg<'a> {
+    seen: u16,
     organization_key: Option<Cow<'a, str>>,
     organization_name: Option<Cow<'a, str>>,
     organization_tier: Option<Cow<'a, str>>,
@@ -139,8 +156,53 @@ struct RawOrg<'a> {
     received_at: Option<Cow<'a, str>>,
 }
 
-/// Stores one member read by [`json::object`]: strings and null only, each at most
-/// once (a repeated member would make the event ambiguous).
+/// The members of one kind of event, read one by one by [`json`], then made an event.
+trait Raw<'a>: Default {
+    /// Keeps a member this reducer reads; ignores the others.
+    fn member(&mut self, name: &str, value: Value<'a>) -> Result<(), String>;
+    /// The event, once every member is read.
+    fn event(self, pos: Pos, arena: &mut Arena) -> Result<Event, String>;
+}
+
+impl<'a> Raw<'a> for RawUser<'a> {
+    fn member(&mut self, name: &str, value: Value<'a>) -> Result<(), String> {
+        let (bit, slot) = match name {
+            "id" => (1, &mut self.id),
+            "event_type" => (2, &mut self.event_type),
+            "received_at" => (4, &mut self.received_at),
+            "username" => (8, &mut self.fields[0]),
+            "user_email" => (16, &mut self.fields[1]),
+            "user_type" => (32, &mut self.fields[2]),
+            "organization_name" => (64, &mut self.fields[3]),
+            _ => return Ok(()),
+        };
+        member(&mut self.seen, bit, name, slot, value)
+    }
+    fn event(self, pos: Pos, arena: &mut Arena) -> Result<Event, String> {
+        user_event(self, pos, arena).map(Event::User)
+    }
+}
+
+impl<'a> Raw<'a> for RawOrg<'a> {
+    fn member(&mut self, name: &str, value: Value<'a>) -> Result<(), String> {
+        let (bit, slot) = match name {
+            "organization_key" => (1, &mut self.organization_key),
+            "organization_name" => (2, &mut self.organization_name),
+            "organization_tier" => (4, &mut self.organization_tier),
+            "created_at" => (8, &mut self.created_at),
+            "updated_at" => (16, &mut self.updated_at),
+            "received_at" => (32, &mut self.received_at),
+            _ => return Ok(()),
+        };
+        member(&mut self.seen, bit, name, slot, value)
+    }
+    fn event(self, pos: Pos, arena: &mut Arena) -> Result<Event, String> {
+        org_event(self, pos, arena).map(Event::Org)
+    }
+}
+
+/// Stores one member read by [`json`]: strings and null only, each at most once (a
+/// repeated member would make the event ambiguous).
 fn member<'a>(
     seen: &mut u16,
     bit: u16,
@@ -194,71 +256,68 @@ pub fn decode(
             return;
         }
     };
-    if first == b'[' {
-        match json::array_items(text) {
-            Ok(items) if items.is_empty() => {
-                refused.push(whole("the record is an empty JSON array: no events".into()));
-            }
-            Ok(items) => {
-                for (i, item) in items.into_iter().enumerate() {
-                    let index = u32::try_from(i).unwrap_or(u32::MAX);
-                    let pos = Pos { item: index, ..pos };
-                    match decode_one(source, pos, item, arena) {
-                        Ok(event) => out.push(event),
-                        Err(reason) => refused.push(Refusal {
-                            event: Some(index),
-                            reason: format!("event {index}: {reason}"),
-                        }),
-                    }
-                }
-            }
-            Err(e) => refused.push(whole(format!("invalid JSON array: {e}"))),
-        }
-    } else {
-        match decode_one(source, Pos { item: 0, ..pos }, text, arena) {
-            Ok(event) => out.push(event),
-            Err(reason) => refused.push(whole(reason)),
-        }
-    }
+    let read = match source {
+        Source::Users => read::<RawUser<'_>>,
+        Source::Organizations => read::<RawOrg<'_>>,
+    };
+    read(first == b'[', text, pos, arena, out, refused);
 }
 
-fn decode_one(source: Source, pos: Pos, json: &str, arena: &mut Arena) -> Result<Event, String> {
-    let mut seen = 0u16;
-    match source {
-        Source::Users => {
-            let mut raw = RawUser::default();
-            json::object(json, |name, value| {
-                let (bit, slot) = match name {
-                    "id" => (1, &mut raw.id),
-                    "event_type" => (2, &mut raw.event_type),
-                    "received_at" => (4, &mut raw.received_at),
-                    "username" => (8, &mut raw.fields[0]),
-                    "user_email" => (16, &mut raw.fields[1]),
-                    "user_type" => (32, &mut raw.fields[2]),
-                    "organization_name" => (64, &mut raw.fields[3]),
-                    _ => return Ok(()),
-                };
-                member(&mut seen, bit, name, slot, value)
-            })?;
-            user_event(raw, pos, arena).map(Event::User)
+/// [`decode`] once the record is known to be UTF-8, for one kind of event.
+fn read<'a, R: Raw<'a>>(
+    array: bool,
+    text: &'a str,
+    pos: Pos,
+    arena: &mut Arena,
+    out: &mut Vec<Event>,
+    refused: &mut Vec<Refusal>,
+) {
+    if !array {
+        let mut raw = R::default();
+        let event = json::object(text, |name, value| raw.member(name, value))
+            .and_then(|()| raw.event(Pos { item: 0, ..pos }, arena));
+        match event {
+            Ok(event) => out.push(event),
+            Err(reason) => refused.push(Refusal {
+                event: None,
+                reason,
+            }),
         }
-        Source::Organizations => {
-            let mut raw = RawOrg::default();
-            json::object(json, |name, value| {
-                let (bit, slot) = match name {
-                    "organization_key" => (1, &mut raw.organization_key),
-                    "organization_name" => (2, &mut raw.organization_name),
-                    "organization_tier" => (4, &mut raw.organization_tier),
-                    "created_at" => (8, &mut raw.created_at),
-                    "updated_at" => (16, &mut raw.updated_at),
-                    "received_at" => (32, &mut raw.received_at),
-                    _ => return Ok(()),
-                };
-                member(&mut seen, bit, name, slot, value)
-            })?;
-            org_event(raw, pos, arena).map(Event::Org)
-        }
+        return;
     }
+    // What an array that turns out not to be JSON takes back.
+    let marks = (out.len(), refused.len(), arena.len());
+    let mut elements = |out: &mut Vec<Event>, refused: &mut Vec<Refusal>| -> Result<u32, String> {
+        let mut items = json::Objects::new(text)?;
+        let mut index = 0u32;
+        loop {
+            let mut raw = R::default();
+            let Some(read) = items.next_object(|name, value| raw.member(name, value))? else {
+                return Ok(index);
+            };
+            let pos = Pos { item: index, ..pos };
+            match read.and_then(|()| raw.event(pos, arena)) {
+                Ok(event) => out.push(event),
+                Err(reason) => refused.push(Refusal {
+                    event: Some(index),
+                    reason: format!("event {index}: {reason}"),
+                }),
+            }
+            index = index.saturating_add(1);
+        }
+    };
+    let whole = match elements(out, refused) {
+        Ok(0) => "the record is an empty JSON array: no events".to_string(),
+        Ok(_) => return,
+        Err(e) => format!("invalid JSON array: {e}"),
+    };
+    out.truncate(marks.0);
+    refused.truncate(marks.1);
+    arena.truncate(marks.2);
+    refused.push(Refusal {
+        event: None,
+        reason: whole,
+    });
 }
 
 fn required_key<'a>(name: &str, value: &'a Option<Cow<'_, str>>) -> Result<&'a str, String> {
@@ -465,6 +524,30 @@ mod tests {
                 refused[0].reason
             );
         }
+    }
+
+    #[test]
+    fn an_array_that_is_not_json_takes_back_its_good_elements() {
+        let good = r#"{"id":"a","event_type":"User Deleted","received_at":"2020-01-01 00:00:00"}"#;
+        let mut arena = Arena::default();
+        for broken in [
+            format!("[{good},{good},{{\"id\":"),
+            format!("[{good},{{\"x\":1}},42] trailing"),
+            format!("[{good} {good}]"),
+        ] {
+            let (events, refused) = run_in(&mut arena, Source::Users, &broken);
+            assert!(events.is_empty(), "{broken}: {events:?}");
+            assert_eq!(refused.len(), 1, "{broken}: {refused:?}");
+            assert_eq!(refused[0].event, None);
+            assert!(
+                refused[0].reason.starts_with("invalid JSON array: "),
+                "{refused:?}"
+            );
+            assert!(arena.is_empty(), "{broken}: the arena kept its strings");
+        }
+        let (events, _) = run_in(&mut arena, Source::Users, &format!("[{good},{good}]"));
+        assert_eq!(events.len(), 2);
+        assert!(!arena.is_empty());
     }
 
     #[test]

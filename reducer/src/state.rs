@@ -427,7 +427,7 @@ fn push_json_str(out: &mut String, s: &str) -> Span {
     out.push('"');
     let start = out.len();
     // Most strings need no escaping: copy them whole.
-    let escaped = s.bytes().any(|b| b < 0x20 || b == b'"' || b == b'\\');
+    let escaped = json::plain_run(s.as_bytes(), 0) < s.len();
     if !escaped {
         out.push_str(s);
     } else {
