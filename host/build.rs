@@ -94,14 +94,9 @@ fn build_component(root: &Path, package: &str, features: &[&str], out: &Path) ->
     ] {
         cmd.env_remove(var);
     }
-    // The reducer is small and hot: whole-program optimization is worth its seconds,
-    // and wasm SIMD (which wasmtime runs) scans JSON strings 16 bytes a step.
-    cmd.env(
-        "CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUSTFLAGS",
-        "-Ctarget-feature=+simd128",
-    )
-    .env("CARGO_PROFILE_RELEASE_LTO", "fat")
-    .env("CARGO_PROFILE_RELEASE_CODEGEN_UNITS", "1");
+    // The reducer is small and hot: whole-program optimization is worth its seconds.
+    cmd.env("CARGO_PROFILE_RELEASE_LTO", "fat")
+        .env("CARGO_PROFILE_RELEASE_CODEGEN_UNITS", "1");
     let status = cmd.status().expect("could not run cargo for the reducer");
     assert!(
         status.success(),

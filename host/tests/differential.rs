@@ -76,6 +76,14 @@ fn user_value() -> impl Strategy<Value = Vec<u8>> {
             Just(format!(r#","{name}":null"#)),
             Just(format!(r#","{name}":42"#)),
             Just(format!(r#","{name}":"é\"\\\u2028""#)),
+            // Long enough for the guest's 16-byte SIMD steps, with an escape or a raw
+            // control character (invalid JSON: the reason names its byte) anywhere.
+            (
+                "[a-zA-Z0-9 ]{0,40}",
+                "[a-z]{0,40}",
+                prop_oneof![Just("\\n"), Just("\u{1}"), Just("")]
+            )
+                .prop_map(move |(a, b, mid)| format!(r#","{name}":"{a}{mid}{b}""#)),
         ])
         .prop_map(|f| f.unwrap_or_default())
     };

@@ -157,44 +157,25 @@ fn array_items(text: &str) -> Result<Vec<&str>, String> {
 
 /// The end of the run of string bytes from `at` that need no attention: the position
 /// of the first `"`, `\\` or control character (or the end). Sixteen bytes per step
-/// with wasm `simd128` (how the component is built), then eight per step in a `u64`.
+/// with wasm SIMD in a wasm32 build, then eight per step in a `u64`.
 pub(crate) fn plain_run(b: &[u8], at: usize) -> usize {
-    #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+    #[cfg(target_arch = "wasm32")]
     let at = plain_run_simd128(b, at);
     plain_run_swar(b, at)
 }
 
 /// [`plain_run`] over whole 16-byte chunks: returns the position of the first special
-/// byte, or where the last whole chunk ends.
-#[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+/// byte, or where the last whole chunk ends. Only this function uses `simd128` (which
+/// wasmtime runs): built for the whole crate, LLVM's other vectorizing did not pay.
+#[cfg(target_arch = "wasm32")]
+#[target_feature(enable = "simd128")]
 fn plain_run_simd128(b: &[u8], mut at: usize) -> usize {
-    use core::arch::wasm32::{u8x16, u8x16_bitmask, u8x16_eq, u8x16_lt, u8x16_splat, v128_or};
+    use core::arch::wasm32::{u8x16_bitmask, u8x16_eq, u8x16_lt, u8x16_splat, u64x2, v128_or};
     let (quote, backslash, space) = (u8x16_splat(b'"'), u8x16_splat(b'\\'), u8x16_splat(0x20));
-    while let Some(
-        &[
-            c0,
-            c1,
-            c2,
-            c3,
-            c4,
-            c5,
-            c6,
-            c7,
-            c8,
-            c9,
-            c10,
-            c11,
-            c12,
-            c13,
-            c14,
-            c15,
-        ],
-    ) = b.get(at..at + 16)
-    {
+    let word = |w: &[u8]| u64::from_le_bytes(w.try_into().unwrap_or_default());
+    while let Some(chunk) = b.get(at..at + 16) {
         // One unaligned `v128.load` once optimized (checked in the module's text).
-        let v = u8x16(
-            c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15,
-        );
+        let v = u64x2(word(&chunk[..8]), word(&chunk[8..]));
         let hits = v128_or(
             v128_or(u8x16_eq(v, quote), u8x16_eq(v, backslash)),
             u8x16_lt(v, space),

@@ -184,30 +184,17 @@ pub fn build(
     })
 }
 
-/// Where cargo reads the flags of wasm32 builds.
-const WASM_RUSTFLAGS_VAR: &str = "CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUSTFLAGS";
-/// The flags `logq reducer build` gives Rust reducers (`host/build.rs` gives the
-/// default reducer the same).
-const WASM_RUSTFLAGS: &str = "-Ctarget-feature=+simd128";
-
 /// `cargo build` of the library for wasm32; the module it wrote.
 fn cargo_build(dir: &Path) -> anyhow::Result<PathBuf> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut cmd = Command::new(cargo);
-    cmd.current_dir(dir)
+    let out = Command::new(cargo)
+        .current_dir(dir)
         .args(["build", "--release", "--lib", "--target", WASM_TARGET])
         .args(["--message-format", "json-render-diagnostics"])
         .env_remove("CARGO_BUILD_TARGET")
-        .stderr(std::process::Stdio::inherit());
-    // wasm SIMD, which the host runs, for the SDK's JSON scanner; flags the user set
-    // in the environment win.
-    if ["RUSTFLAGS", "CARGO_ENCODED_RUSTFLAGS", WASM_RUSTFLAGS_VAR]
-        .iter()
-        .all(|var| std::env::var_os(var).is_none())
-    {
-        cmd.env(WASM_RUSTFLAGS_VAR, WASM_RUSTFLAGS);
-    }
-    let out = cmd.output().context("running cargo (is Rust installed?)")?;
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("running cargo (is Rust installed?)")?;
     if !out.status.success() {
         bail!(
             "cargo build failed in {} (if the target is missing: rustup target add {WASM_TARGET})",

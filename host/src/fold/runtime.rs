@@ -225,6 +225,10 @@ impl Runtime {
         config.epoch_interruption(true);
         config.wasm_component_model(true);
         config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool(limits)));
+        // For `perf record`: /tmp/perf-<pid>.map names the reducer's functions.
+        if std::env::var_os("LOGQ_PERF_MAP").is_some() {
+            config.profiler(wasmtime::ProfilingStrategy::PerfMap);
+        }
         let engine = Engine::new(&config).map_err(|e| ReducerError::Invalid(format!("{e:#}")))?;
         let ticker = Arc::new(Ticker::start(engine.clone()));
         Ok(Self {
