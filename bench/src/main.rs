@@ -511,7 +511,15 @@ fn run(args: &Args, work: &std::path::Path) -> anyhow::Result<()> {
     rows.push(Row {
         figure: "3. GET /users/{id} latency at half of the maximum, open loop, corrected (p99 ms)"
             .into(),
-        ours: format!("{}, {lat_errors} errors", show_ms(&ours_lat)),
+        ours: format!(
+            "{}, {lat_errors} errors{}",
+            show_ms(&ours_lat),
+            ours_lat
+                .iter()
+                .filter(|l| !l.what.is_empty())
+                .map(|l| format!(" ({})", l.what))
+                .collect::<String>()
+        ),
         peer: format!("nginx {}", show_ms(&nginx_lat)),
         ratio: ours_p99.median / nginx_p99.median,
         target: "p99 <= 1 ms and <= 1.5x nginx's (lower is better)".into(),

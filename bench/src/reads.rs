@@ -236,6 +236,27 @@ mod tests {
     use super::*;
 
     #[test]
+    fn reads_an_oha_report_and_names_its_errors() {
+        let text = r#"{"summary":{"requestsPerSec":999.5},
+            "latencyPercentiles":{"p50":0.0005,"p99":0.002,"p99.9":0.01},
+            "statusCodeDistribution":{"200":990,"404":3},
+            "errorDistribution":{"connection closed before message completed":7,
+                "aborted due to deadline":2}}"#;
+        let l = parse_oha(text, 1000.0).unwrap();
+        assert_eq!(l.errors, 10);
+        assert_eq!(l.ms, [0.5, 2.0, 10.0]);
+        assert_eq!(
+            l.what,
+            "3 x status 404; 7 x connection closed before message completed"
+        );
+        let clean = text
+            .replace(r#","404":3"#, "")
+            .replace(r#""connection closed before message completed":7,"#, "");
+        let l = parse_oha(&clean, 1000.0).unwrap();
+        assert_eq!((l.errors, l.what.as_str()), (0, ""));
+    }
+
+    #[test]
     fn reads_a_wrk_report() {
         let text = "Running 10s test @ http://127.0.0.1:1\n  2 threads and 32 connections\n\
             \x20 Latency Distribution\n     50%  210.00us\n     75%  300.00us\n     90%    1.10ms\n     99%    2.50ms\n\
@@ -251,7 +272,7 @@ mod tests {
 }
 
 /// What one open-loop run measured.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Latency {
     /// The rate asked for, requests/s.
     pub rate: f64,
@@ -264,6 +285,8 @@ pub struct Latency {
     pub errors: u64,
     /// Cores oha itself took (its CPU seconds / the run's seconds).
     pub generator_cores: f64,
+    /// What the errors were (statuses, oha's error kinds), empty without errors.
+    pub what: String,
 }
 
 /// Connections oha keeps: enough that a fixed rate never waits for a free one.
@@ -314,14 +337,29 @@ fn parse_oha(text: &str, rate: f64) -> Option<Latency> {
         .values()
         .filter_map(serde_json::Value::as_u64)
         .sum();
-    let failed: u64 = v["errorDistribution"].as_object().map_or(0, |e| {
-        e.values().filter_map(serde_json::Value::as_u64).sum()
-    });
+    // Requests still in flight when the run's time is up are cut off by oha itself
+    // ("aborted due to deadline"): not the server's errors.
+    let errors: Vec<(&String, u64)> = v["errorDistribution"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter(|(kind, _)| !kind.contains("aborted due to deadline"))
+        .filter_map(|(kind, n)| Some((kind, n.as_u64()?)))
+        .collect();
+    let failed: u64 = errors.iter().map(|(_, n)| n).sum();
+    // What the errors were: statuses other than 200, then oha's error kinds.
+    let what: Vec<String> = statuses
+        .iter()
+        .filter(|(status, _)| *status != "200")
+        .map(|(status, n)| format!("{n} x status {status}"))
+        .chain(errors.iter().map(|(kind, n)| format!("{n} x {kind}")))
+        .collect();
     Some(Latency {
         rate,
         achieved: v["summary"]["requestsPerSec"].as_f64()?,
         ms: [pct("p50")?, pct("p99")?, pct("p99.9")?],
         errors: all - ok + failed,
         generator_cores: 0.0,
+        what: what.join("; "),
     })
 }
