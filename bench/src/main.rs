@@ -195,6 +195,10 @@ fn run(args: &Args, work: &std::path::Path) -> anyhow::Result<()> {
     ));
     let l = fold::lanes(&history, args.lanes_batch, args.runs)?;
     let (one, two) = (Spread::of(&l.runs[0]), Spread::of(&l.runs[1]));
+    let cores = [
+        Spread::of(&l.cores[0]).median,
+        Spread::of(&l.cores[1]).median,
+    ];
     rows.push(Row {
         figure: format!(
             "1c. The host's fold path (lanes, store, one apply a batch of {}), no broker (events/s)",
@@ -203,12 +207,12 @@ fn run(args: &Args, work: &std::path::Path) -> anyhow::Result<()> {
         ours: format!(
             "2 lanes {}, {:.2} cores busy",
             two.show(),
-            Spread::of(&l.cores[1]).median
+            cores[1]
         ),
         peer: format!(
             "1 lane {}, {:.2} cores busy",
             one.show(),
-            Spread::of(&l.cores[0]).median
+            cores[0]
         ),
         ratio: two.median / one.median,
         target: ">= 1.7".into(),
@@ -217,9 +221,9 @@ fn run(args: &Args, work: &std::path::Path) -> anyhow::Result<()> {
     say(format!(
         "  1 lane {} on {:.2} cores, 2 lanes {} on {:.2} cores",
         one.show(),
-        Spread::of(&l.cores[0]).median,
+        cores[0],
         two.show(),
-        Spread::of(&l.cores[1]).median
+        cores[1]
     ));
     if !args.kit.is_empty() {
         say("fold engine: reducers written with the kit");
@@ -438,12 +442,11 @@ fn run(args: &Args, work: &std::path::Path) -> anyhow::Result<()> {
         ours_runs.push(reads::wrk(port, &script, args.wrk_secs)?);
         nginx_runs.push(reads::wrk(nginx.port, &script, args.wrk_secs)?);
     }
-    let rps = |l: &[reads::Load]| Spread::of(&l.iter().map(|l| l.rps).collect::<Vec<_>>());
+    let rps = |l: &[reads::Load]| Spread::by(l, |l| l.rps);
     let (idle, peer) = (rps(&ours_runs), rps(&nginx_runs));
     let errors: u64 = ours_runs.iter().map(|l| l.errors).sum();
     let requests: u64 = ours_runs.iter().map(|l| l.requests).sum();
-    let wrk_cores =
-        |l: &[reads::Load]| Spread::of(&l.iter().map(|l| l.generator_cores).collect::<Vec<_>>());
+    let wrk_cores = |l: &[reads::Load]| Spread::by(l, |l| l.generator_cores);
     rows.push(Row {
         figure: "3. GET /users/{id}, uniform over all live users, closed loop (requests/s)".into(),
         ours: format!(
@@ -490,9 +493,7 @@ fn run(args: &Args, work: &std::path::Path) -> anyhow::Result<()> {
         problems[0]
     );
     drop(nginx);
-    let quantile = |runs: &[reads::Latency], i: usize| {
-        Spread::of(&runs.iter().map(|l| l.ms[i]).collect::<Vec<_>>())
-    };
+    let quantile = |runs: &[reads::Latency], i: usize| Spread::by(runs, |l| l.ms[i]);
     let (ours_p99, nginx_p99) = (quantile(&ours_lat, 1), quantile(&nginx_lat, 1));
     let lat_errors: u64 = ours_lat.iter().map(|l| l.errors).sum();
     let show_ms = |runs: &[reads::Latency]| {
@@ -505,7 +506,7 @@ fn run(args: &Args, work: &std::path::Path) -> anyhow::Result<()> {
             quantile(runs, 1).min,
             quantile(runs, 1).max,
             quantile(runs, 2).median,
-            Spread::of(&runs.iter().map(|l| l.generator_cores).collect::<Vec<_>>()).median,
+            Spread::by(runs, |l| l.generator_cores).median,
         )
     };
     rows.push(Row {

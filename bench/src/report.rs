@@ -269,6 +269,11 @@ impl Spread {
         }
     }
 
+    /// Of one number of each of `runs`.
+    pub fn by<T>(runs: &[T], value: impl Fn(&T) -> f64) -> Self {
+        Self::of(&runs.iter().map(value).collect::<Vec<_>>())
+    }
+
     /// `median [min-max] of n`, values with [`format_value`].
     pub fn show(&self) -> String {
         format!(
