@@ -11,6 +11,7 @@
 //! | 1 | [`broker`] | the only rdkafka user: records in, dead letters out |
 //! | 2 | [`fold`] | the only wasmtime user: records -> entity updates |
 //! | 3 | [`state`] | the store, the join, snapshots |
+//! | 3 | [`step`] | one batch: poll -> fold -> apply -> advance, for the live loop and replays |
 //! | 4 | [`metrics`] | counters and readiness |
 //! | 5 | [`reducers`] | which reducer is active; swaps, replays, the watcher (commands only) |
 //! | 6 | [`consumer`] | the loop: the one writer of the store and the active reducer |
@@ -29,5 +30,6 @@ pub mod metrics;
 pub mod reducers;
 pub mod service;
 pub mod state;
+pub mod step;
 
 pub use service::{run, shutdown_signal};

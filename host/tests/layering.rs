@@ -15,12 +15,13 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 /// Lowest first: a module may import those of lower layers and its own.
-const LAYERS: [(&str, u8); 11] = [
+const LAYERS: [(&str, u8); 12] = [
     ("config", 0),
     ("memory", 0),
     ("broker", 1),
     ("fold", 2),
     ("state", 3),
+    ("step", 3),
     ("metrics", 4),
     ("reducers", 5),
     ("consumer", 6),

@@ -234,25 +234,6 @@ impl TopicConsumer {
         Ok(Polled(messages))
     }
 
-    /// [`TopicConsumer::poll`], with the batch handed to `f`; `Ok(None)` when nothing
-    /// arrived.
-    ///
-    /// # Errors
-    /// As [`TopicConsumer::poll`].
-    pub fn poll_batch<R>(
-        &self,
-        max_records: usize,
-        max_bytes: usize,
-        wait: Duration,
-        f: impl FnOnce(&[Record<'_>]) -> R,
-    ) -> Result<Option<R>, KafkaError> {
-        let polled = self.poll(max_records, max_bytes, wait)?;
-        if polled.is_empty() {
-            return Ok(None);
-        }
-        Ok(Some(f(&polled.records())))
-    }
-
     /// The offsets this consumer group committed for `partitions` (the next offset to
     /// read); partitions without a commit are left out.
     ///

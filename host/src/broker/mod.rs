@@ -103,11 +103,6 @@ impl Topics {
             value: r.value?,
         })
     }
-
-    /// [`Topics::record`] of every record of a batch.
-    pub fn records<'a>(&self, records: &[Record<'a>]) -> Vec<logq_abi::Record<'a>> {
-        records.iter().filter_map(|r| self.record(r)).collect()
-    }
 }
 
 impl fmt::Display for Partition {
@@ -123,8 +118,22 @@ pub enum KafkaError {
     #[error("kafka client configuration: {0}")]
     Config(String),
     /// A topic does not exist on the broker.
-    #[error("topic {0:?} does not exist (create it, e.g. `rpk topic create {0}`)")]
+    #[error(
+        "topic {0:?} does not exist on the broker: create it with your broker's tool (e.g. `rpk topic create {0}`, or `nisshi topic create {0}`; see the README's \"Against a local broker\")"
+    )]
     MissingTopic(String),
+    /// No broker answered at the bootstrap address.
+    #[error(
+        "no Kafka broker answered at {brokers} within {waited:?} ({error}): is one running there? `logq dev` starts one at 127.0.0.1:9092; pass --brokers HOST:PORT (or LOGQ_BROKERS) for another"
+    )]
+    Unreachable {
+        /// The bootstrap servers tried.
+        brokers: String,
+        /// How long it waited.
+        waited: std::time::Duration,
+        /// librdkafka's words.
+        error: String,
+    },
     /// Anything else the broker or client reported.
     #[error("kafka: {0}")]
     Broker(String),

@@ -5,7 +5,8 @@
 //! [`Command`]s and are applied between two batches, in the order they arrive;
 //! nothing calls into the loop.
 //!
-//! Stages: a large batch is folded on other threads (in lanes, see
+//! Each batch is one [`Stepper::step`] (poll -> fold -> apply -> advance), the same
+//! code a replay steps with: a large batch is folded on other threads (in lanes, see
 //! [`crate::fold::lanes`]) while this one polls the next, so taking records out of
 //! librdkafka overlaps folding; the records stay in librdkafka's buffers until they
 //! are framed for the reducer. The state still moves one whole batch at a time.
@@ -23,7 +24,7 @@ pub mod progress;
 pub mod snapshots;
 mod watch;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Receiver;
@@ -31,15 +32,15 @@ use std::time::{Duration, Instant};
 
 use logq_abi::Source;
 
-use crate::broker::consumer::{POLL_WAIT, Polled, REQUEST_TIMEOUT, TopicConsumer, Watermarks};
+use crate::broker::consumer::{POLL_WAIT, REQUEST_TIMEOUT, TopicConsumer, Watermarks};
 use crate::broker::{KafkaError, Partition, Positions, Record, Topics};
 use crate::config::RunConfig;
-use crate::fold::lanes::MIN_RECORDS_PER_LANE;
-use crate::fold::{BatchSize, fold_in_lanes};
+use crate::fold::{BatchSize, DeadLetter};
 use crate::metrics::Metrics;
 use crate::reducers::{Active, Command, Registry, Switched};
 use crate::state::StateStore;
 use crate::state::snapshot::Snapshot;
+use crate::step::{Ahead, Observer, Step, Stepper};
 use dead_letter::DeadLetters;
 use progress::CatchUp;
 use snapshots::SnapshotWriter;
@@ -65,14 +66,25 @@ fn safe(dlq: &DeadLetters, positions: &Positions) -> Positions {
         .collect()
 }
 
-/// Which fold lane a record goes to: a hash of its key (the entity's key when the
-/// producer keys by it), else of its partition.
-fn route(r: &Record<'_>) -> u64 {
-    crate::fold::lanes::route(r.key.unwrap_or(&r.partition.to_le_bytes()))
+/// What the live loop does with a step's refusals and records: dead-letters the
+/// refused ones, and leaves the batch's tail for the next candidate's canary.
+struct Live<'a> {
+    dlq: &'a mut DeadLetters,
+    registry: &'a Registry,
 }
 
-/// Stores (for the next commit) every partition's safe progress that moved. Runs
-/// every loop iteration, so it allocates nothing.
+impl Observer for Live<'_> {
+    fn refused(&mut self, source: Source, record: &Record<'_>, why: &DeadLetter, applied: u64) {
+        self.dlq.send(source, record, why, applied);
+    }
+
+    fn folded(&mut self, batch: &[logq_abi::Record<'_>]) {
+        // The canary of the next candidate folds the newest records, so every batch
+        // leaves its tail (at most 256 records: a small share of a catch-up batch).
+        self.registry.remember(batch);
+    }
+}
+
 /// Starts reading partitions the watcher found, from their beginning.
 fn follow_new_partitions(
     consumer: &TopicConsumer,
@@ -94,6 +106,8 @@ fn follow_new_partitions(
     }
 }
 
+/// Stores (for the next commit) every partition's safe progress that moved. Runs
+/// every loop iteration, so it allocates nothing.
 fn store_safe_progress(
     consumer: &TopicConsumer,
     dlq: &DeadLetters,
@@ -137,9 +151,6 @@ pub struct Consumer {
     stop: Arc<AtomicBool>,
     commands: Receiver<Command>,
     slots: Slots,
-    lanes: usize,
-    /// How many records the next poll may take.
-    batch_size: std::cell::RefCell<BatchSize>,
 }
 
 impl Consumer {
@@ -161,12 +172,6 @@ impl Consumer {
                 current,
                 previous: None,
             },
-            lanes: config.lanes(),
-            batch_size: std::cell::RefCell::new(BatchSize::new(
-                crate::fold::sizing::FIRST_RECORDS,
-                config.batch_max_records,
-                Duration::from_millis(config.limits.reducer_time_limit_ms),
-            )),
             config,
             topics,
             registry,
@@ -261,34 +266,33 @@ impl Consumer {
             self.stop.clone(),
         );
 
-        // The batch polled while the one before it was being folded.
-        let mut ahead: Option<Result<Polled<'_>, KafkaError>> = None;
+        let mut stepper = Stepper::new(
+            &consumer,
+            BatchSize::new(
+                crate::fold::sizing::FIRST_RECORDS,
+                self.config.batch_max_records,
+                Duration::from_millis(self.config.limits.reducer_time_limit_ms),
+            ),
+            self.config.batch_bytes(),
+            self.config.lanes(),
+            Ahead::Poll,
+        );
         while !self.stop.load(Ordering::Relaxed) {
             self.serve_commands(&positions);
-            let (max_records, max_bytes) =
-                (self.batch_size.borrow().get(), self.config.batch_bytes());
-            let polled = ahead
-                .take()
-                .unwrap_or_else(|| consumer.poll(max_records, max_bytes, POLL_WAIT));
-            let polled = polled.map(|batch| {
-                (!batch.is_empty()).then(|| {
-                    let (progress, next) = self.process(&batch.records(), &mut dlq, || {
-                        consumer.poll(max_records, max_bytes, Duration::ZERO)
-                    });
-                    ahead = next;
-                    progress
-                })
-            });
-            match polled {
-                Ok(Some(progress)) => {
+            let mut live = Live {
+                dlq: &mut dlq,
+                registry: &self.registry,
+            };
+            let reducer = &self.slots.current.reducer;
+            match stepper.step(reducer, &*self.store, POLL_WAIT, &mut live) {
+                Ok(Some(step)) => {
                     changed = true;
-                    let mut applied = 0;
-                    for (&p, &(next, n)) in &progress {
-                        applied += n;
-                        positions.insert(p, next);
-                        catch_up.advanced(p, next);
+                    self.count(&step);
+                    step.advance(&mut positions);
+                    for (&p, a) in &step.advanced {
+                        catch_up.advanced(p, a.next);
                     }
-                    catch_up.applied(applied);
+                    catch_up.applied(step.applied());
                     self.store.publish_position(&positions);
                 }
                 Ok(None) => {}
@@ -380,11 +384,16 @@ impl Consumer {
             Command::Handover(tail) => {
                 let (store, slots, registry) = (&self.store, &mut self.slots, &self.registry);
                 // Both flips are atomic for readers; no batch runs in between.
-                tail.finish(positions, |shadow, active| {
+                let flipped = tail.finish(positions, |shadow, active| {
                     store.replace(shadow);
                     slots.install(active);
                     registry.publish(&slots.current, slots.previous.as_ref());
                 });
+                if flipped {
+                    // The old state was just freed, a whole state's worth: give it
+                    // back now, or every swap would leave the process larger.
+                    crate::memory::trim();
+                }
             }
         }
     }
@@ -433,101 +442,30 @@ impl Consumer {
         }
     }
 
-    /// Folds one batch, dead-letters what was refused; returns, per partition touched,
-    /// the next offset and the number of events applied. A batch large enough to share
-    /// among lanes is folded on other threads while this one runs `meanwhile` (polls
-    /// the next batch), whose result comes back too; a small one is folded here.
-    fn process<N>(
-        &self,
-        records: &[Record<'_>],
-        dlq: &mut DeadLetters,
-        meanwhile: impl FnOnce() -> N,
-    ) -> (HashMap<Partition, (i64, u64)>, Option<N>) {
-        let mut progress: HashMap<Partition, (i64, u64)> = HashMap::new();
-        let (mut consumed, mut tombstones) = ([0u64; 2], [0u64; 2]);
-        let (mut kept, mut batch, mut routes) = (
-            Vec::with_capacity(records.len()),
-            Vec::with_capacity(records.len()),
-            Vec::with_capacity(records.len()),
-        );
-        for r in records {
-            let Some(source) = self.topics.source_of(r.topic) else {
-                continue;
-            };
-            let side = usize::from(source == Source::Organizations);
-            consumed[side] += 1;
-            // Every record moves its partition on, tombstones too.
-            let slot = progress
-                .entry(Partition {
-                    source,
-                    id: r.partition,
-                })
-                .or_insert((0, 0));
-            slot.0 = slot.0.max(r.offset + 1);
-            match self.topics.record(r) {
-                Some(record) => {
-                    routes.push(route(r));
-                    kept.push(r);
-                    batch.push(record);
-                }
-                // A compaction tombstone: nothing to fold, nothing wrong.
-                None => tombstones[side] += 1,
-            }
-        }
-        let (reducer, store, lanes) = (&self.slots.current.reducer, &*self.store, self.lanes);
-        let ((folding, lanes), next) = if batch.len() >= MIN_RECORDS_PER_LANE {
-            std::thread::scope(|s| {
-                let fold = s.spawn(|| fold_in_lanes(reducer, store, &batch, &routes, lanes));
-                let next = meanwhile();
-                let folded = fold
-                    .join()
-                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
-                (folded, Some(next))
-            })
-        } else {
-            (fold_in_lanes(reducer, store, &batch, &routes, lanes), None)
-        };
-        if lanes.refolded > 0 {
+    /// Counts what a step did in the metrics.
+    fn count(&self, step: &Step) {
+        if let Some(lanes) = step.lanes
+            && lanes.refolded > 0
+        {
             self.metrics.lanes_refolded(lanes.refolded as u64);
         }
-        self.batch_size
-            .borrow_mut()
-            .folded(records.len(), lanes.used, folding.elapsed);
-        if folding.elapsed > Duration::ZERO {
-            self.metrics.reducer_call(folding.elapsed);
+        if step.elapsed > Duration::ZERO {
+            self.metrics.reducer_call(step.elapsed);
         }
-        for _ in 0..folding.failures {
+        for _ in 0..step.failures {
             self.metrics.reducer_failed();
         }
-        let mut applied = [0u64; 2];
-        for (r, accepted) in batch.iter().zip(&folding.accepted) {
-            applied[usize::from(r.source == Source::Organizations)] += accepted;
-            if let Some(p) = progress.get_mut(&Partition {
-                source: r.source,
-                id: r.partition,
-            }) {
-                p.1 += accepted;
-            }
-        }
-        for (i, source) in Source::ALL.into_iter().enumerate() {
-            let counters = self.metrics.topic(source);
-            counters.consumed.fetch_add(consumed[i], Ordering::Relaxed);
-            counters.applied.fetch_add(applied[i], Ordering::Relaxed);
+        for source in Source::ALL {
+            let (counters, counts) = (self.metrics.topic(source), step.counts.get(source));
+            counters
+                .consumed
+                .fetch_add(counts.consumed, Ordering::Relaxed);
+            counters
+                .applied
+                .fetch_add(counts.applied, Ordering::Relaxed);
             counters
                 .tombstones
-                .fetch_add(tombstones[i], Ordering::Relaxed);
+                .fetch_add(counts.tombstones, Ordering::Relaxed);
         }
-        for d in &folding.dead {
-            dlq.send(
-                batch[d.input].source,
-                kept[d.input],
-                d,
-                folding.accepted[d.input],
-            );
-        }
-        // The canary of the next candidate folds the newest records, so every batch
-        // leaves its tail (at most 256 records: a small share of a catch-up batch).
-        self.registry.remember(&batch);
-        (progress, next)
     }
 }

@@ -25,8 +25,9 @@ use super::history::{History, Outcome};
 use crate::broker::consumer::{POLL_WAIT, REQUEST_TIMEOUT, TopicConsumer};
 use crate::broker::{Partition, Positions, Topics};
 use crate::config::KafkaConfig;
-use crate::fold::{BatchSize, fold_into};
+use crate::fold::BatchSize;
 use crate::state::StateStore;
+use crate::step::{Ahead, Counting, Stepper};
 
 /// Where a replay stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -356,8 +357,7 @@ impl Tail {
                     let _ = replay.ended.set(replay.started.elapsed());
                     drop(phase);
                     replay.update(|p| p.handover_offsets = Some(offsets.clone()));
-                    replay.history.update(replay.swap, |r| {
-                        r.outcome = Outcome::Active;
+                    replay.history.activated(replay.swap, |r| {
                         r.switch_offsets = Some(offsets);
                     });
                     tracing::info!("replay of swap #{} handed over", replay.swap);
@@ -374,8 +374,10 @@ impl Tail {
         flipped
     }
 
-    /// Folds records into the shadow until every partition reaches `goal`.
-    /// `Ok(false)` when the replay was stopped.
+    /// Folds records into the shadow until every partition reaches `goal`, stepping
+    /// as the live loop does ([`Stepper`]): every record moves its partition on,
+    /// compaction tombstones and refused records too. `Ok(false)` when the replay
+    /// was stopped.
     fn read_until(&self, positions: &mut Positions, goal: &Positions) -> Result<bool, String> {
         let replay = &self.replay;
         let behind = |positions: &Positions| -> i64 {
@@ -384,46 +386,31 @@ impl Tail {
                 .sum()
         };
         let mut last_error = Instant::now();
-        let mut size = BatchSize::new(
-            crate::fold::sizing::FIRST_RECORDS,
-            self.setup.batch_max_records,
-            self.setup.time_limit,
+        // One lane: the other cores keep serving live ingest and reads. Nothing is
+        // polled ahead: the handover goes on from here with another stepper.
+        let mut stepper = Stepper::new(
+            &self.consumer,
+            BatchSize::new(
+                crate::fold::sizing::FIRST_RECORDS,
+                self.setup.batch_max_records,
+                self.setup.time_limit,
+            ),
+            self.setup.batch_max_bytes,
+            1,
+            Ahead::Never,
         );
         while behind(positions) > 0 {
             if replay.stopped() {
                 return Ok(false);
             }
-            let polled = self.consumer.poll_batch(
-                size.get(),
-                self.setup.batch_max_bytes,
-                POLL_WAIT,
-                |records| {
-                    let batch = self.setup.topics.records(records);
-                    // One lane: the other cores keep serving live ingest and reads.
-                    let folding = fold_into(&self.active.reducer, &self.shadow, &batch);
-                    size.folded(records.len(), 1, folding.elapsed);
-                    for r in &batch {
-                        let p = Partition {
-                            source: r.source,
-                            id: r.partition,
-                        };
-                        let next = positions.entry(p).or_insert(0);
-                        *next = (*next).max(r.offset + 1);
-                    }
-                    (
-                        records.len() as u64,
-                        folding.accepted.iter().sum::<u64>(),
-                        folding.dead.len() as u64,
-                    )
-                },
-            );
-            match polled {
-                Ok(Some((read, folded, refused))) => {
-                    replay.events.fetch_add(folded, Ordering::Relaxed);
+            match stepper.step(&self.active.reducer, &self.shadow, POLL_WAIT, &mut Counting) {
+                Ok(Some(step)) => {
+                    step.advance(positions);
+                    replay.events.fetch_add(step.applied(), Ordering::Relaxed);
                     let lag = behind(positions);
                     replay.update(|p| {
-                        p.records_read += read;
-                        p.records_refused += refused;
+                        p.records_read += step.records as u64;
+                        p.records_refused += step.refused();
                         p.lag = lag;
                     });
                 }

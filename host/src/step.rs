@@ -1,0 +1,292 @@
+//! One step of the data path, for every loop that folds the log: poll a batch ->
+//! fold it -> apply it to a target -> say how far each partition has advanced.
+//!
+//! The consumer loop (following the topics into the live store) and a replay
+//! (rebuilding a shadow store with a new reducer, and its handover tail) both step
+//! with a [`Stepper`]; neither polls, folds or advances positions in a way of its
+//! own. Before they shared it the two had drifted apart: the live loop moved a
+//! partition past a compaction tombstone (a record with a null value) while the
+//! replay dropped tombstones before advancing, so a replay over a log ending in
+//! tombstones never reached its goal. Here every record moves its partition on,
+//! whatever becomes of it: folded, refused (the caller dead-letters it), or skipped
+//! as a tombstone.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use logq_abi::Source;
+
+use crate::broker::consumer::{Polled, TopicConsumer};
+use crate::broker::{KafkaError, Partition, Positions, Record, Topics};
+use crate::fold::lanes::{LaneUse, MIN_RECORDS_PER_LANE};
+use crate::fold::{BatchSize, DeadLetter, Reducer, Target, fold_in_lanes};
+
+/// One value per stream.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PerSource<T> {
+    /// For the user events topic.
+    pub users: T,
+    /// For the organization events topic.
+    pub organizations: T,
+}
+
+impl<T> PerSource<T> {
+    /// The value of `source`.
+    pub fn get(&self, source: Source) -> &T {
+        match source {
+            Source::Users => &self.users,
+            Source::Organizations => &self.organizations,
+        }
+    }
+
+    /// The value of `source`, to change.
+    pub fn get_mut(&mut self, source: Source) -> &mut T {
+        match source {
+            Source::Users => &mut self.users,
+            Source::Organizations => &mut self.organizations,
+        }
+    }
+}
+
+/// What one step did to the records of one stream.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counts {
+    /// Records read.
+    pub consumed: u64,
+    /// Events the reducer applied.
+    pub applied: u64,
+    /// Compaction tombstones skipped (null values: nothing to fold, nothing wrong).
+    pub tombstones: u64,
+    /// Records wholly or partly refused.
+    pub refused: u64,
+}
+
+/// How far one step moved one partition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Advance {
+    /// The next offset to read: one past the last record of the step, folded or not.
+    pub next: i64,
+    /// Events applied from it.
+    pub applied: u64,
+}
+
+/// What one step did.
+#[derive(Debug, Default)]
+pub struct Step {
+    /// Every partition the batch read from, with how far it moved.
+    pub advanced: BTreeMap<Partition, Advance>,
+    /// Per stream.
+    pub counts: PerSource<Counts>,
+    /// Records in the batch.
+    pub records: usize,
+    /// Reducer calls that failed as a whole (the batch was split around them).
+    pub failures: u64,
+    /// Time spent in successful reducer calls.
+    pub elapsed: Duration,
+    /// How the batch was shared among lanes (`None` when nothing was folded).
+    pub lanes: Option<LaneUse>,
+}
+
+impl Step {
+    /// Moves `positions` on by this step. A partition never moves back.
+    pub fn advance(&self, positions: &mut Positions) {
+        for (p, a) in &self.advanced {
+            let at = positions.entry(*p).or_insert(a.next);
+            *at = (*at).max(a.next);
+        }
+    }
+
+    /// Events applied, both streams.
+    pub fn applied(&self) -> u64 {
+        self.counts.users.applied + self.counts.organizations.applied
+    }
+
+    /// Records refused, both streams.
+    pub fn refused(&self) -> u64 {
+        self.counts.users.refused + self.counts.organizations.refused
+    }
+}
+
+/// What a loop does with what a step saw, while the records are still borrowed.
+pub trait Observer {
+    /// `record` (of `source`) was refused, wholly or partly (`applied` of its events
+    /// were applied): the live loop dead-letters it; a replay only counts it.
+    fn refused(&mut self, source: Source, record: &Record<'_>, why: &DeadLetter, applied: u64);
+
+    /// The reducer's view of the batch just folded (tombstones left out).
+    fn folded(&mut self, _batch: &[logq_abi::Record<'_>]) {}
+}
+
+/// An observer that does nothing with refusals (a replay: [`Step::counts`] has them).
+pub struct Counting;
+
+impl Observer for Counting {
+    fn refused(&mut self, _: Source, _: &Record<'_>, _: &DeadLetter, _: u64) {}
+}
+
+/// Which fold lane a record goes to: a hash of its key (the entity's key when the
+/// producer keys by it), else of its partition.
+fn route(r: &Record<'_>) -> u64 {
+    crate::fold::lanes::route(r.key.unwrap_or(&r.partition.to_le_bytes()))
+}
+
+/// Whether a stepper may poll the next batch while one is being folded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ahead {
+    /// Overlap polling with folding: for a loop that steps until it is stopped (the
+    /// batch polled ahead is the next step's).
+    Poll,
+    /// Never hold a batch that is not folded: for a loop that stops at a goal and
+    /// goes on later with another stepper (a batch polled ahead and dropped would
+    /// be skipped, since the client has read past it).
+    Never,
+}
+
+/// Steps through the topics one batch at a time, for one loop: the live consumer
+/// loop or a replay. Sizes its batches by how fast the reducer folds.
+pub struct Stepper<'c> {
+    consumer: &'c TopicConsumer,
+    topics: Topics,
+    size: BatchSize,
+    max_bytes: usize,
+    lanes: usize,
+    ahead: Ahead,
+    /// The batch polled while the one before it was being folded.
+    polled: Option<Result<Polled<'c>, KafkaError>>,
+}
+
+impl<'c> Stepper<'c> {
+    /// A stepper reading from `consumer` in batches sized by `size` (and at most
+    /// `max_bytes` of values), folding in up to `lanes` lanes.
+    pub fn new(
+        consumer: &'c TopicConsumer,
+        size: BatchSize,
+        max_bytes: usize,
+        lanes: usize,
+        ahead: Ahead,
+    ) -> Self {
+        Self {
+            topics: consumer.topics().clone(),
+            consumer,
+            size,
+            max_bytes,
+            lanes: lanes.max(1),
+            ahead,
+            polled: None,
+        }
+    }
+
+    /// Polls a batch (waiting up to `wait` for its first record), folds it with
+    /// `reducer` into `target` and returns what it did; `Ok(None)` when nothing
+    /// arrived. The caller moves its positions on with [`Step::advance`] after the
+    /// target has the batch.
+    ///
+    /// # Errors
+    /// A broker error reported instead of a batch (nothing was folded).
+    pub fn step<T: Target + Sync>(
+        &mut self,
+        reducer: &Reducer,
+        target: &T,
+        wait: Duration,
+        observer: &mut dyn Observer,
+    ) -> Result<Option<Step>, KafkaError> {
+        let (max_records, max_bytes, consumer) = (self.size.get(), self.max_bytes, self.consumer);
+        let polled = match self.polled.take() {
+            Some(ahead) => ahead?,
+            None => consumer.poll(max_records, max_bytes, wait)?,
+        };
+        if polled.is_empty() {
+            return Ok(None);
+        }
+        let records = polled.records();
+        let ahead = self.ahead == Ahead::Poll;
+        let (step, next) = self.fold(&records, reducer, target, observer, || {
+            ahead.then(|| consumer.poll(max_records, max_bytes, Duration::ZERO))
+        });
+        self.polled = next.flatten();
+        Ok(Some(step))
+    }
+
+    /// Folds one polled batch. A batch large enough to share among lanes is folded
+    /// on other threads while this one runs `meanwhile` (polls the next batch); a
+    /// small one is folded here.
+    fn fold<T: Target + Sync, N>(
+        &mut self,
+        records: &[Record<'_>],
+        reducer: &Reducer,
+        target: &T,
+        observer: &mut dyn Observer,
+        meanwhile: impl FnOnce() -> N,
+    ) -> (Step, Option<N>) {
+        let mut step = Step {
+            records: records.len(),
+            ..Step::default()
+        };
+        let mut kept = Vec::with_capacity(records.len());
+        let mut batch = Vec::with_capacity(records.len());
+        let mut routes = Vec::with_capacity(records.len());
+        for r in records {
+            let Some(source) = self.topics.source_of(r.topic) else {
+                tracing::error!("record from unexpected topic {} ignored", r.topic);
+                continue;
+            };
+            step.counts.get_mut(source).consumed += 1;
+            let p = Partition {
+                source,
+                id: r.partition,
+            };
+            // Every record moves its partition on, tombstones too.
+            let at = step.advanced.entry(p).or_insert(Advance {
+                next: r.offset + 1,
+                applied: 0,
+            });
+            at.next = at.next.max(r.offset + 1);
+            match self.topics.record(r) {
+                Some(record) => {
+                    routes.push(route(r));
+                    kept.push(r);
+                    batch.push(record);
+                }
+                None => step.counts.get_mut(source).tombstones += 1,
+            }
+        }
+        if batch.is_empty() {
+            return (step, None);
+        }
+        let lanes = self.lanes;
+        let ((folding, lane_use), next) = if batch.len() >= MIN_RECORDS_PER_LANE {
+            std::thread::scope(|s| {
+                let fold = s.spawn(|| fold_in_lanes(reducer, target, &batch, &routes, lanes));
+                let next = meanwhile();
+                let folded = fold
+                    .join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+                (folded, Some(next))
+            })
+        } else {
+            (fold_in_lanes(reducer, target, &batch, &routes, lanes), None)
+        };
+        self.size
+            .folded(records.len(), lane_use.used, folding.elapsed);
+        step.lanes = Some(lane_use);
+        step.failures = folding.failures;
+        step.elapsed = folding.elapsed;
+        for (r, accepted) in batch.iter().zip(&folding.accepted) {
+            step.counts.get_mut(r.source).applied += accepted;
+            let p = Partition {
+                source: r.source,
+                id: r.partition,
+            };
+            if let Some(a) = step.advanced.get_mut(&p) {
+                a.applied += accepted;
+            }
+        }
+        for d in &folding.dead {
+            let source = batch[d.input].source;
+            step.counts.get_mut(source).refused += 1;
+            observer.refused(source, kept[d.input], d, folding.accepted[d.input]);
+        }
+        observer.folded(&batch);
+        (step, next)
+    }
+}
