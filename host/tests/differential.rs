@@ -138,26 +138,29 @@ fn input() -> impl Strategy<Value = OwnedRecord> {
 
 /// Folds the batches into a fresh store in `lanes` lanes; returns the kept state
 /// (sorted), what each batch's folding said, and how many lanes were folded again.
-fn fold_in(
-    lanes: usize,
-    batches: &[Vec<(OwnedRecord, u64)>],
-) -> (
+/// What folding some batches in lanes gave: the state, each batch's folding, how
+/// many lanes were folded again, and how many batches every lane applied itself.
+type InLanes = (
     Vec<(logq_abi::Entity, logq_abi::Update, bool)>,
     Vec<Folding>,
     usize,
-) {
+    usize,
+);
+
+fn fold_in(lanes: usize, batches: &[Vec<(OwnedRecord, u64)>]) -> InLanes {
     let store = StateStore::new();
-    let (mut foldings, mut refolded) = (Vec::new(), 0);
+    let (mut foldings, mut refolded, mut owned) = (Vec::new(), 0, 0);
     for batch in batches {
         let records: Vec<Record<'_>> = batch.iter().map(|(r, _)| r.as_record()).collect();
         let routes: Vec<u64> = batch.iter().map(|(_, route)| *route).collect();
         let (folding, used) = fold_in_lanes(reducer(), &store, &records, &routes, lanes);
         foldings.push(folding);
         refolded += used.refolded;
+        owned += usize::from(used.owned && used.used > 1);
     }
     let mut state = store.dump(0);
     state.sort_by(|a, b| a.0.cmp(&b.0));
-    (state, foldings, refolded)
+    (state, foldings, refolded, owned)
 }
 
 /// Everything observable of a folding but its time.
@@ -199,18 +202,25 @@ fn records_keyed_by_their_entity_fold_in_lanes_without_refolding_to_the_same_sta
                         i * 3 + b,
                         id % 5
                     );
-                    (record(Source::Users, value.into_bytes()), id.wrapping_mul(0x9e37_79b9_7f4a_7c15))
+                    // Routed as the host routes a record keyed by the user's id.
+                    let route = logq::fold::lanes::route(format!("u{id}").as_bytes());
+                    (record(Source::Users, value.into_bytes()), route)
                 })
                 .collect()
         })
         .collect();
     let batches = numbered(batches);
-    let (one, one_folding, _) = fold_in(1, &batches);
-    let (four, four_folding, refolded) = fold_in(4, &batches);
+    let (one, one_folding, _, _) = fold_in(1, &batches);
+    let (four, four_folding, refolded, owned) = fold_in(4, &batches);
     assert!(one.len() > 2000, "the history keeps {} entities", one.len());
     assert_eq!(
         refolded, 0,
         "keyed records never share an entity across lanes"
+    );
+    assert_eq!(
+        owned,
+        batches.len(),
+        "every lane kept to its own shards and applied its updates itself"
     );
     assert_eq!(outcome(&four_folding), outcome(&one_folding));
     assert!(four == one, "4 lanes kept another state than 1 lane");
@@ -227,8 +237,8 @@ proptest! {
             proptest::collection::vec((input(), 0u64..16), 0..1500), 1..4)
     ) {
         let batches = numbered(batches);
-        let (one, one_folding, _) = fold_in(1, &batches);
-        let (four, four_folding, refolded) = fold_in(4, &batches);
+        let (one, one_folding, _, _) = fold_in(1, &batches);
+        let (four, four_folding, refolded, _) = fold_in(4, &batches);
         if batches.iter().any(|b| b.len() >= 2 * logq::fold::lanes::MIN_RECORDS_PER_LANE) {
             // Five users and three organizations over hundreds of records a lane.
             prop_assert!(refolded > 0, "lanes that shared entities were not folded again");

@@ -2,23 +2,30 @@
 //! reducer instance (under the same limits), with a result byte-identical to folding
 //! it in one.
 //!
-//! Records are assigned to lanes by a hash of their route (the record's key: the
-//! entity's key when producers key their records by it, as they should for ordering
-//! anyway). Each lane folds its records into a private [`Overlay`] over the shared
-//! state, which it only reads. The lanes' updates are then put together in lane
-//! order and handed to the target in one [`Target::apply`], so readers see the batch
-//! whole or not at all, as with one lane.
+//! Lanes own shards of the state: an entity key belongs to shard [`shard_of`] of
+//! [`SHARDS`], and shard `s` to lane `s % lanes`. Records are assigned to lanes by the
+//! shard of their route (the record's key: the entity's key when producers key their
+//! records by it, as they should for ordering anyway). Each lane folds its records
+//! into a private [`Overlay`] over the shared state, which it only reads.
 //!
-//! When two lanes touched the same entity (records not keyed by their entity), the
-//! later lane's result is thrown away and its records are folded again, on this
-//! thread, over the updates of the lanes before it. The fold is order-free and
-//! idempotent, so that gives exactly what one lane gives; only the time differs.
-//! Whether that can have happened is known without comparing the lanes: a lane
-//! whose every entity routes to itself cannot share one with a lane that says the
-//! same.
+//! When every lane touched only entities of its own shards (records keyed by their
+//! entity), no two lanes share an entity, and each lane applies its own updates to
+//! the target itself, at the same time as the others (the store locks per shard):
+//! no merge, no serial apply. Whether that holds is known without comparing the
+//! lanes: a lane whose every entity routes to itself cannot share one with a lane
+//! that says the same; the lanes wait for each other to know it.
+//!
+//! Otherwise (records not keyed by their entity), the lanes' updates are put together
+//! in lane order and applied in one [`Target::apply`]; when two lanes touched the same
+//! entity, the later lane's result is thrown away and its records are folded again,
+//! on this thread, over the updates of the lanes before it. The fold is order-free
+//! and idempotent, so that gives exactly what one lane gives; only the time differs.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::hash::BuildHasher as _;
+use std::sync::Barrier;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use logq_abi::{Entity, Record, States, Update};
 
@@ -29,17 +36,28 @@ use super::runtime::Reducer;
 /// it saves.
 pub const MIN_RECORDS_PER_LANE: usize = 256;
 
-/// The route hash of a record key (a producer's key: the entity's key when it keys
-/// by it). Fixed across runs and machines: SipHash with zero keys.
-pub fn route(key: &[u8]) -> u64 {
-    use std::hash::{BuildHasher as _, BuildHasherDefault, DefaultHasher};
-    BuildHasherDefault::<DefaultHasher>::default().hash_one(key)
+/// Shards of the state: at most this many lanes fold at once.
+pub const SHARDS: usize = 16;
+
+/// The shard of an entity key (or of a record key). Fixed across runs and machines:
+/// foldhash with a fixed seed.
+pub fn shard_of(key: &[u8]) -> usize {
+    let hash = foldhash::fast::FixedState::with_seed(0x6c6f_6771_7368_6172).hash_one(key);
+    usize::try_from(hash % SHARDS as u64).unwrap_or(0)
 }
 
-/// The lane a route hash goes to.
+/// The route of a record key (a producer's key: the entity's key when it keys by
+/// it): its shard.
+pub fn route(key: &[u8]) -> u64 {
+    shard_of(key) as u64
+}
+
+/// The lane a route goes to: the lane that owns its shard.
 fn lane_of(route: u64, lanes: usize) -> usize {
     usize::try_from(route % lanes.max(1) as u64).unwrap_or(0)
 }
+
+type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
 /// Updates kept aside over a base state: reads see them first. What a lane folds
 /// into before the batch is applied.
@@ -48,7 +66,7 @@ struct Overlay<'a> {
     entities: Vec<Entity>,
     updates: Vec<Update>,
     /// Where each of `entities[..indexed]` is.
-    index: HashMap<Entity, usize>,
+    index: Map<Entity, usize>,
     indexed: usize,
 }
 
@@ -58,7 +76,7 @@ impl<'a> Overlay<'a> {
             base,
             entities: Vec::new(),
             updates: Vec::new(),
-            index: HashMap::new(),
+            index: Map::default(),
             indexed: 0,
         }
     }
@@ -178,12 +196,15 @@ pub struct LaneUse {
     pub used: usize,
     /// Lanes folded again because they touched an entity an earlier lane touched.
     pub refolded: usize,
+    /// Every lane kept to its own shards and applied its updates itself, at the same
+    /// time as the others (records keyed by their entity).
+    pub owned: bool,
 }
 
-/// Folds `records` into `target` in up to `lanes` lanes; `routes` holds each record's
-/// route hash (same length). One lane, or a batch too small to share, is folded as
-/// [`fold_into`] does. Returns what folding did, per record of `records`, and how
-/// the lanes were used.
+/// Folds `records` into `target` in up to `lanes` lanes (at most [`SHARDS`]);
+/// `routes` holds each record's route (same length). One lane, or a batch too small
+/// to share, is folded as [`fold_into`] does. Returns what folding did, per record of
+/// `records`, and how the lanes were used.
 pub fn fold_in_lanes<T: Target + Sync>(
     reducer: &Reducer,
     target: &T,
@@ -191,7 +212,10 @@ pub fn fold_in_lanes<T: Target + Sync>(
     routes: &[u64],
     lanes: usize,
 ) -> (Folding, LaneUse) {
-    let lanes = lanes.min(records.len() / MIN_RECORDS_PER_LANE).max(1);
+    let lanes = lanes
+        .min(SHARDS)
+        .min(records.len() / MIN_RECORDS_PER_LANE)
+        .max(1);
     if lanes == 1 {
         let folding = fold_into(reducer, target, records);
         return (
@@ -199,6 +223,7 @@ pub fn fold_in_lanes<T: Target + Sync>(
             LaneUse {
                 used: 1,
                 refolded: 0,
+                owned: true,
             },
         );
     }
@@ -211,18 +236,35 @@ pub fn fold_in_lanes<T: Target + Sync>(
         .map(|m| m.iter().map(|&i| records[i]).collect())
         .collect();
     let base: &(dyn States + Sync) = target;
+    // Every lane folds, then all wait here to learn whether each kept to its own
+    // shards; if so, each applies its updates itself.
+    let (barrier, all_own) = (Barrier::new(lanes), AtomicBool::new(true));
+    let lane = |reducer: &Reducer, batch: &[Record<'_>], lane: usize| {
+        let folded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            fold_lane(reducer, base, batch, lane, lanes)
+        }));
+        all_own.fetch_and(folded.as_ref().is_ok_and(|l| l.own), Ordering::SeqCst);
+        barrier.wait();
+        let mut folded = folded.unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        if all_own.load(Ordering::SeqCst) && !folded.overlay.entities.is_empty() {
+            let entities = std::mem::take(&mut folded.overlay.entities);
+            let updates = std::mem::take(&mut folded.overlay.updates);
+            target.apply(entities, updates);
+        }
+        folded
+    };
     let results: Vec<Lane<'_>> = std::thread::scope(|s| {
         let others: Vec<_> = batches
             .iter()
             .enumerate()
             .skip(1)
-            .map(|(lane, batch)| {
-                let reducer = reducer.clone();
-                s.spawn(move || fold_lane(&reducer, base, batch, lane, lanes))
+            .map(|(i, batch)| {
+                let (reducer, lane) = (reducer.clone(), &lane);
+                s.spawn(move || lane(&reducer, batch, i))
             })
             .collect();
         // This thread folds the first lane meanwhile.
-        let mut out = vec![fold_lane(reducer, base, &batches[0], 0, lanes)];
+        let mut out = vec![lane(reducer, &batches[0], 0)];
         out.extend(
             others
                 .into_iter()
@@ -234,14 +276,12 @@ pub fn fold_in_lanes<T: Target + Sync>(
         accepted: vec![0; records.len()],
         ..Folding::default()
     };
-    let disjoint = results.iter().all(|l| l.own);
+    // Each lane has applied its own updates already when all kept to their shards.
+    let applied = all_own.load(Ordering::SeqCst);
     let mut merged = Overlay::new(base);
-    let (mut entities, mut updates) = (Vec::new(), Vec::new());
     let mut refolded = 0;
     for (lane, (members, batch)) in results.into_iter().zip(members.iter().zip(&batches)) {
-        let lane = if disjoint {
-            entities.extend(lane.overlay.entities);
-            updates.extend(lane.overlay.updates);
+        let lane = if applied {
             lane.folding
         } else {
             let mut overlay = lane.overlay;
@@ -276,17 +316,42 @@ pub fn fold_in_lanes<T: Target + Sync>(
         folding.elapsed += lane.elapsed;
     }
     folding.dead.sort_by_key(|d| d.input);
-    if !disjoint {
-        (entities, updates) = (merged.entities, merged.updates);
-    }
-    if !entities.is_empty() {
-        target.apply(entities, updates);
+    if !merged.entities.is_empty() {
+        target.apply(merged.entities, merged.updates);
     }
     (
         folding,
         LaneUse {
             used: lanes,
             refolded,
+            owned: applied,
         },
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_spread_over_every_shard_and_each_shard_has_one_lane() {
+        let mut per_shard = [0usize; SHARDS];
+        for i in 0..16_000 {
+            per_shard[shard_of(format!("{i:032x}").as_bytes())] += 1;
+        }
+        // About 1,000 each: no shard is empty or twice its share.
+        assert!(
+            per_shard.iter().all(|n| (500..2000).contains(n)),
+            "{per_shard:?}"
+        );
+        assert_eq!(shard_of(b"same key"), shard_of(b"same key"), "fixed");
+        for lanes in 1..=SHARDS {
+            for key in ["a", "b", "069feb770fe581acc9d3313d59780196"] {
+                // A record keyed by an entity goes to the lane that owns its shard.
+                let lane = lane_of(route(key.as_bytes()), lanes);
+                assert_eq!(lane, shard_of(key.as_bytes()) % lanes);
+                assert!(lane < lanes);
+            }
+        }
+    }
 }

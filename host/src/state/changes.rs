@@ -112,6 +112,9 @@ struct Inner {
     /// The position before the oldest batch of the window: a resume from at least
     /// here misses nothing.
     floor: Option<Positions>,
+    /// The position at which the whole state was last replaced: changes from before
+    /// it cannot be resumed (every answer may have changed).
+    rebuilt_at: Option<Positions>,
     subscribers: Vec<Subscriber>,
 }
 
@@ -161,11 +164,13 @@ impl Feed {
         self.dropped_total.fetch_add(dropped, Ordering::Relaxed);
     }
 
-    /// The whole state was replaced (a replay handed over, a snapshot restored): every
-    /// answer may have changed at once, so subscribers are ended with the reason and
-    /// the window is emptied (a resume from before is told to start again).
-    pub(super) fn replaced(&self) {
+    /// The whole state was replaced at `position` (a replay handed over, a snapshot
+    /// restored): every answer may have changed at once, so subscribers are ended
+    /// with the reason and the window is emptied (a resume from before is told to
+    /// start again, and why).
+    pub(super) fn replaced(&self, position: Positions) {
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        inner.rebuilt_at = Some(position);
         for s in inner.subscribers.drain(..) {
             *s.dropped.lock().unwrap_or_else(|p| p.into_inner()) = Some(
                 "the state was rebuilt (a replay or rollback handed over): every answer may have changed; start again from the current state".into(),
@@ -215,6 +220,17 @@ impl StateStore {
         }
         let (backlog, reset) = match resume_from {
             None => (Vec::new(), None),
+            Some(from)
+                if inner
+                    .rebuilt_at
+                    .as_ref()
+                    .is_some_and(|r| at_or_before(from, r)) =>
+            {
+                (
+                    Vec::new(),
+                    Some("the state was rebuilt after the resume point (a replay or rollback handed over): every answer may have changed; start again from the current state".to_owned()),
+                )
+            }
             Some(from) => match &inner.floor {
                 // The batch at `from` too: a client may have stopped inside it.
                 Some(floor) if at_or_before(floor, from) => (
@@ -262,7 +278,13 @@ impl StateStore {
     /// Renders what the batch up to `position` changed and offers it (the writer,
     /// from [`StateStore::publish_position`]).
     pub(super) fn publish_changes(&self, position: &Positions) {
-        let touched = std::mem::take(&mut self.write().touched);
+        let mut touched: Vec<(Kind, Box<str>)> = Vec::new();
+        for shard in self.shards.iter() {
+            let users = std::mem::take(&mut super::write(shard).touched);
+            touched.extend(users.into_iter().map(|k| (Kind::User, k)));
+        }
+        let organizations = std::mem::take(&mut self.write_organizations().touched);
+        touched.extend(organizations.into_iter().map(|k| (Kind::Organization, k)));
         if touched.is_empty() {
             return;
         }
@@ -272,30 +294,28 @@ impl StateStore {
             .into_iter()
             .filter(|t| seen.insert(t.clone()))
             .collect();
-        let changes = {
-            let maps = self.read();
-            touched
-                .into_iter()
-                .map(|(kind, key)| {
-                    let (answer, name) = match kind {
-                        Kind::User => (maps.user_answer(&key), None),
-                        Kind::Organization => {
-                            let e = maps.organizations.get(&key);
-                            (
-                                e.and_then(super::Entry::view).map(str::to_owned),
-                                e.and_then(super::Entry::join).map(Box::from),
-                            )
-                        }
-                    };
-                    Change {
-                        kind,
-                        key,
-                        answer,
-                        name,
+        let changes = touched
+            .into_iter()
+            .map(|(kind, key)| {
+                let (answer, name) = match kind {
+                    Kind::User => (self.user(&key), None),
+                    Kind::Organization => {
+                        let orgs = self.read_organizations();
+                        let e = orgs.entries.get(&key);
+                        (
+                            e.and_then(super::Entry::view).map(str::to_owned),
+                            e.and_then(super::Entry::join).map(Box::from),
+                        )
                     }
-                })
-                .collect()
-        };
+                };
+                Change {
+                    kind,
+                    key,
+                    answer,
+                    name,
+                }
+            })
+            .collect();
         self.feed.publish(ChangeBatch {
             position: position.clone(),
             changes,
@@ -401,10 +421,8 @@ mod tests {
         assert!(reason.contains("rebuilt"), "{reason}");
         store.publish_position(&at(3));
         let resumed = store.subscribe(Filter::All, Some(&at(2))).unwrap();
-        assert!(
-            resumed.reset.is_some(),
-            "changes before the rebuild are gone"
-        );
+        let reason = resumed.reset.expect("changes before the rebuild are gone");
+        assert!(reason.contains("rebuilt"), "{reason}");
         let fresh = store.subscribe(Filter::All, Some(&at(3))).unwrap();
         assert!(fresh.reset.is_none() && fresh.backlog.is_empty());
     }

@@ -87,10 +87,12 @@ impl Export {
         if self.next < self.users.len() {
             let end = (self.next + CHUNK).min(self.users.len());
             let mut out = String::new();
-            let maps = self.store.read();
-            let saved = self.image.saved.lock().unwrap_or_else(|p| p.into_inner());
             for key in &self.users[self.next..end] {
-                let entry = saved.get(key).or_else(|| maps.users.get(key));
+                // The shard's lock before the image's, as the writer takes them (it
+                // saves an old entry while it holds the shard).
+                let shard = self.store.read_shard(key);
+                let saved = self.image.saved.lock().unwrap_or_else(|p| p.into_inner());
+                let entry = saved.get(key).or_else(|| shard.users.get(key));
                 let Some(view) = entry.and_then(Entry::view) else {
                     continue;
                 };
@@ -135,8 +137,8 @@ impl StateStore {
     /// Asks for an export; the one writer begins it between two batches. `None` when
     /// [`MAX_EXPORTS`] are already running.
     pub fn request_export(&self) -> Option<tokio::sync::oneshot::Receiver<Export>> {
-        let running = self
-            .read()
+        // Every shard holds every running export's image: the first one says.
+        let running = super::read(&self.shards[0])
             .images
             .iter()
             .filter(|i| i.strong_count() > 0)
@@ -170,31 +172,34 @@ impl StateStore {
         };
         for tx in waiting {
             let image = Arc::new(Image::default());
-            {
-                let mut maps = self.write();
-                maps.images.retain(|i| i.strong_count() > 0);
-                maps.images.push(Arc::downgrade(&image));
+            for shard in self.shards.iter() {
+                let mut shard = super::write(shard);
+                shard.images.retain(|i| i.strong_count() > 0);
+                shard.images.push(Arc::downgrade(&image));
             }
-            // Readers go on meanwhile; nothing writes (this is the writer's thread).
-            let (mut users, organizations, joins) = {
-                let maps = self.read();
-                let users: Vec<Box<str>> = maps.users.keys().cloned().collect();
-                let orgs: BTreeMap<&str, &str> = maps
-                    .organizations
+            // Readers go on meanwhile; nothing writes (this is the writer's thread,
+            // between two batches: no lane runs).
+            let mut users: Vec<Box<str>> = Vec::new();
+            for shard in self.shards.iter() {
+                users.extend(super::read(shard).users.keys().cloned());
+            }
+            let (organizations, joins) = {
+                let orgs = self.read_organizations();
+                let answers: BTreeMap<&str, &str> = orgs
+                    .entries
                     .iter()
                     .filter_map(|(k, e)| Some((k.as_ref(), e.view()?)))
                     .collect();
-                let joins = maps
+                let joins: HashMap<Box<str>, String> = orgs
                     .by_name
-                    .iter()
-                    .filter_map(|(name, keys)| {
-                        let view = maps.organizations.get(keys.first()?)?.view()?;
-                        Some((name.clone(), view.to_owned()))
-                    })
+                    .keys()
+                    .filter_map(|name| Some((name.clone(), orgs.joined(name)?.to_owned())))
                     .collect();
                 (
-                    users,
-                    orgs.values().map(|v| (*v).to_owned()).collect(),
+                    answers
+                        .values()
+                        .map(|v| (*v).to_owned())
+                        .collect::<Vec<_>>(),
                     joins,
                 )
             };
@@ -336,8 +341,11 @@ mod tests {
             "joined with the organization as it was"
         );
         assert_eq!(lines[1501], r#"{"end":{"users":1500,"organizations":1}}"#);
-        // The saved entries are only those changed: the export did not copy the state.
-        assert!(store.read().images.is_empty() || store.read().images[0].strong_count() == 0);
+        // The export is over: no shard keeps its image alive.
+        assert!(store.shards.iter().all(|s| {
+            let shard = crate::state::read(s);
+            shard.images.iter().all(|i| i.strong_count() == 0)
+        }));
     }
 
     #[test]

@@ -2,6 +2,16 @@
 //! of users to organizations by name ([`StateStore`]), and snapshots of it on disk
 //! ([`snapshot`]). Third stage of the data path, between the fold and the readers.
 //!
+//! Users live in [`SHARDS`] shards by a hash of their id ([`shard_of`]), each under
+//! its own lock: the fold's lanes, which own disjoint sets of shards, apply their
+//! updates at the same time, and a reader locks only the shard of the user it reads
+//! (then the organizations', to join). Organizations are one small table of their own.
+//! What readers can rely on: an entity is never seen half-applied (each one changes
+//! under its shard's lock), a [`StateStore::replace`] is seen whole or not at all
+//! (it takes every lock), and the published position is never ahead of what every
+//! shard shows (the writer publishes after the whole batch is applied). Two entities
+//! of one batch may become visible a moment apart.
+//!
 //! The store hands out plain bytes; how they are framed for a reducer is the fold's
 //! business ([`logq_abi::prior`]).
 
@@ -18,6 +28,10 @@ use logq_abi::{Entity, Kind, States, Update};
 
 use crate::broker::Positions;
 use crate::fold::Target;
+pub use crate::fold::lanes::{SHARDS, shard_of};
+
+/// The maps' hasher: fast, and seeded per process (keys come from producers).
+type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
 /// One stored entity: one buffer, nothing twice.
 #[derive(Debug, Clone)]
@@ -85,32 +99,68 @@ impl Entry {
     }
 }
 
+/// Visible answers per renderer.
 #[derive(Debug, Default)]
-struct Maps {
-    users: HashMap<Box<str>, Entry>,
-    organizations: HashMap<Box<str>, Entry>,
-    /// organization name -> keys of organizations with that name. Names are not
-    /// unique; a user joins the smallest key so the answer does not depend on order.
-    by_name: HashMap<Box<str>, BTreeSet<Box<str>>>,
-    /// Visible answers (users and organizations) per renderer.
-    answers: HashMap<u32, usize>,
-    /// The event-time clock: the largest entity clock seen (capped near the wall
-    /// clock, see [`StateStore::apply`]).
-    clock: Option<i64>,
+struct Renderers(Map<u32, usize>);
+
+impl Renderers {
+    /// One visible answer less by `gone`'s renderer, one more by `came`'s.
+    fn count(&mut self, gone: Option<u32>, came: Option<u32>) {
+        if let Some(by) = gone
+            && let Some(n) = self.0.get_mut(&by)
+        {
+            *n -= 1;
+            if *n == 0 {
+                self.0.remove(&by);
+            }
+        }
+        if let Some(by) = came {
+            *self.0.entry(by).or_default() += 1;
+        }
+    }
+}
+
+/// One shard of the users: those whose id [`shard_of`] puts here.
+#[derive(Debug, Default)]
+struct Shard {
+    users: Map<Box<str>, Entry>,
+    /// Visible answers per renderer.
+    answers: Renderers,
     /// Users kept but not visible (deleted, or never created) that carry a clock,
     /// oldest first: what expires.
     tombstones: BTreeSet<(i64, Box<str>)>,
     /// Running exports: before a user that existed when one began changes, its old
     /// entry is saved there (see [`export`]).
     images: Vec<std::sync::Weak<export::Image>>,
-    /// Entities touched since the last published position (only while someone
+    /// Users touched since the last published position (only while someone
     /// subscribes to changes, see [`changes`]).
-    touched: Vec<(Kind, Box<str>)>,
+    touched: Vec<Box<str>>,
     /// Visible users, and the bytes of user keys and states: kept as the users
     /// change, so [`StateStore::sizes`] (the status page asks every second) does not
-    /// walk a million users under the lock the writer needs.
+    /// walk a million users.
     users_visible: usize,
     user_bytes: usize,
+}
+
+/// The organizations: few, joined to users at read time.
+#[derive(Debug, Default)]
+struct Organizations {
+    entries: Map<Box<str>, Entry>,
+    /// organization name -> keys of organizations with that name. Names are not
+    /// unique; a user joins the smallest key so the answer does not depend on order.
+    by_name: Map<Box<str>, BTreeSet<Box<str>>>,
+    /// Visible answers per renderer.
+    answers: Renderers,
+    /// Organizations touched since the last published position (see [`changes`]).
+    touched: Vec<Box<str>>,
+}
+
+impl Organizations {
+    /// The answer of the organization users named `name` join, if any.
+    fn joined(&self, name: &str) -> Option<&str> {
+        let key = self.by_name.get(name)?.first()?;
+        self.entries.get(key)?.view()
+    }
 }
 
 /// Counts for `/metrics`.
@@ -137,20 +187,30 @@ pub struct Sizes {
     pub subscribers_dropped: u64,
 }
 
-/// All state the host owns, shared by the consumer loop (its one writer) and HTTP
-/// readers.
+/// No clock yet (see [`StateStore::clock`]).
+const NO_CLOCK: i64 = i64::MIN;
+
+/// All state the host owns, shared by the consumer loop and its lanes (the writers)
+/// and HTTP readers.
 ///
-/// A `std::sync::RwLock` and not an async lock: nothing awaits while holding it,
-/// readers hold it for a few hash lookups and the writer for one batch's updates.
-#[derive(Debug, Default)]
+/// `std::sync::RwLock`s and not async locks: nothing awaits while holding one,
+/// readers hold one for a few hash lookups and a writer for its share of a batch.
+/// Lock order, everywhere: a shard before the organizations, shards in index order;
+/// no writer holds two locks but [`StateStore::replace`], which takes them all in
+/// that order.
+#[derive(Debug)]
 pub struct StateStore {
-    maps: RwLock<Maps>,
+    shards: Box<[RwLock<Shard>]>,
+    organizations: RwLock<Organizations>,
     /// The tag [`StateStore::apply`] gives the entries it writes: the id of the
     /// reducer folding into this store (0: an earlier one, after a restore).
     renderer: AtomicU32,
     /// How far (µs of event time) a tombstone's clock may fall behind the store's
     /// clock before it is forgotten; 0: never (see [`StateStore::set_retention`]).
     retention: AtomicI64,
+    /// The event-time clock: the largest entity clock seen (capped near the wall
+    /// clock, see [`StateStore::apply`]); [`NO_CLOCK`] before any.
+    clock: AtomicI64,
     /// Tombstones this store forgot (kept across [`StateStore::replace`], so the
     /// counter never goes back).
     expired: AtomicU64,
@@ -160,6 +220,22 @@ pub struct StateStore {
     pending_exports: std::sync::Mutex<Vec<export::Pending>>,
     /// Live changes for subscribers.
     feed: changes::Feed,
+}
+
+impl Default for StateStore {
+    fn default() -> Self {
+        Self {
+            shards: (0..SHARDS).map(|_| RwLock::default()).collect(),
+            organizations: RwLock::default(),
+            renderer: AtomicU32::default(),
+            retention: AtomicI64::default(),
+            clock: AtomicI64::new(NO_CLOCK),
+            expired: AtomicU64::default(),
+            position: Published::default(),
+            pending_exports: std::sync::Mutex::default(),
+            feed: changes::Feed::default(),
+        }
+    }
 }
 
 /// The published position, with a channel readers can wait on.
@@ -211,9 +287,10 @@ impl StateStore {
         self.retention.store(micros.max(0), Ordering::Relaxed);
     }
 
-    /// Stores the reducer's updates, all under one write lock so a reader sees the
-    /// batch entirely or not at all; then forgets the tombstones whose retention has
-    /// passed. The clock only moves forward, by event times (never more than
+    /// Stores the reducer's updates: each user under its shard's write lock (one
+    /// lock a shard, not an entity), the organizations under theirs; then forgets the
+    /// tombstones whose retention has passed. Several writers (the fold's lanes) may
+    /// apply at once. The clock only moves forward, by event times (never more than
     /// [`CLOCK_AHEAD_MAX_MICROS`] past the wall clock).
     pub fn apply(&self, entities: &[Entity], updates: Vec<Update>) {
         let by = self.renderer.load(Ordering::Relaxed);
@@ -222,49 +299,77 @@ impl StateStore {
             .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX));
         let cap = wall.saturating_add(CLOCK_AHEAD_MAX_MICROS);
         let recording = self.feed.enabled.load(Ordering::Relaxed);
-        let mut maps = self.write();
+        let mut clock = NO_CLOCK;
+        let mut by_shard: Vec<Vec<(&str, Update)>> = Vec::new();
+        let mut organizations = Vec::new();
         for (entity, update) in entities.iter().zip(updates) {
-            let key = entity.key.as_str();
-            if recording {
-                maps.touched.push((entity.kind, key.into()));
-            }
             if let Some(c) = update.clock {
-                maps.clock = maps.clock.max(Some(c.min(cap)));
+                clock = clock.max(c.min(cap));
             }
-            let new = Entry::new(update, by);
-            let (gone, came) = match entity.kind {
+            let key = entity.key.as_str();
+            match entity.kind {
                 Kind::User => {
-                    maps.preserve_for_exports(key);
-                    maps.track_tombstone(key, new.as_ref());
-                    let came = new.as_ref().and_then(Entry::answer_by);
-                    let before = maps.users.get(key).map(|e| e.weight(key));
-                    let after = new.as_ref().map(|e| e.weight(key));
-                    maps.reweigh(before, after);
-                    let gone = match (new, maps.users.get_mut(key)) {
-                        // Most updates replace an entry: keep its key, allocate nothing.
-                        (Some(entry), Some(old)) => std::mem::replace(old, entry).answer_by(),
-                        (Some(entry), None) => {
-                            maps.users.insert(key.into(), entry);
-                            None
-                        }
-                        (None, _) => maps.users.remove(key).and_then(|e| e.answer_by()),
-                    };
-                    (gone, came)
+                    if by_shard.is_empty() {
+                        by_shard.resize_with(SHARDS, Vec::new);
+                    }
+                    by_shard[shard_of(key.as_bytes())].push((key, update));
                 }
-                Kind::Organization => maps.put_organization(key.into(), new),
-            };
-            maps.count(gone, came);
+                Kind::Organization => organizations.push((key, update)),
+            }
         }
+        self.clock.fetch_max(clock, Ordering::Relaxed);
+        if !organizations.is_empty() {
+            let mut orgs = self.write_organizations();
+            for (key, update) in organizations {
+                if recording {
+                    orgs.touched.push(key.into());
+                }
+                let (gone, came) = orgs.put(key.into(), Entry::new(update, by));
+                orgs.answers.count(gone, came);
+            }
+        }
+        for (i, users) in by_shard.into_iter().enumerate() {
+            if users.is_empty() {
+                continue;
+            }
+            let mut shard = self.write_shard(i);
+            for (key, update) in users {
+                if recording {
+                    shard.touched.push(key.into());
+                }
+                shard.put(key, Entry::new(update, by));
+            }
+        }
+        self.expire();
+    }
+
+    /// Forgets, in every shard, the tombstones whose retention has passed.
+    fn expire(&self) {
         let retention = self.retention.load(Ordering::Relaxed);
-        if retention > 0 {
-            let n = maps.expire(retention);
+        let Some(clock) = self.clock() else { return };
+        if retention <= 0 {
+            return;
+        }
+        let horizon = clock.saturating_sub(retention);
+        for (i, shard) in self.shards.iter().enumerate() {
+            let due = |s: &Shard| s.tombstones.first().is_some_and(|(c, _)| *c < horizon);
+            if !due(&read(shard)) {
+                continue;
+            }
+            let n = self.write_shard(i).expire(horizon);
             self.expired.fetch_add(n, Ordering::Relaxed);
         }
     }
 
+    /// The event-time clock, once anything carried one.
+    fn clock(&self) -> Option<i64> {
+        Some(self.clock.load(Ordering::Relaxed)).filter(|c| *c != NO_CLOCK)
+    }
+
     /// Publishes how far into the log the visible state is: called by the one writer
-    /// after each batch is applied, so the published position never runs ahead of
-    /// what readers see (it may briefly lag it, which is safe for read-your-writes).
+    /// after each batch is applied (by every lane), so the published position never
+    /// runs ahead of what readers see (it may briefly lag it, which is safe for
+    /// read-your-writes).
     pub fn publish_position(&self, positions: &Positions) {
         if self.feed.enabled.load(Ordering::Relaxed) {
             self.publish_changes(positions);
@@ -290,37 +395,44 @@ impl StateStore {
     }
 
     /// Visible users in id order after `after`, at most `limit`; with `organization`,
-    /// only those whose `organization_name` it is. One pass under the read lock
-    /// (O(users · log limit)); nothing is copied but the page.
+    /// only those whose `organization_name` it is. One pass over each shard under its
+    /// read lock (O(users · log limit)), keeping the `limit + 1` smallest keys of
+    /// each; then the page's answers. A user that changes in between is shown as it
+    /// is then (one deleted meanwhile is left out).
     pub fn list_users(
         &self,
         organization: Option<&str>,
         after: Option<&str>,
         limit: usize,
     ) -> Page {
-        let maps = self.read();
-        let keys = maps.users.iter().filter(|(k, e)| {
-            e.view.is_some()
-                && after.is_none_or(|a| k.as_ref() > a)
-                && organization.is_none_or(|o| e.join() == Some(o))
-        });
-        let (keys, next) = smallest(keys.map(|(k, _)| k.as_ref()), limit);
-        let items = keys.iter().filter_map(|k| maps.user_answer(k)).collect();
+        let mut candidates: Vec<Box<str>> = Vec::new();
+        for shard in self.shards.iter() {
+            let shard = read(shard);
+            let keys = shard.users.iter().filter(|(k, e)| {
+                e.view.is_some()
+                    && after.is_none_or(|a| k.as_ref() > a)
+                    && organization.is_none_or(|o| e.join() == Some(o))
+            });
+            let (keys, _) = smallest(keys.map(|(k, _)| k.as_ref()), limit.saturating_add(1));
+            candidates.extend(keys.into_iter().map(Box::from));
+        }
+        let (keys, next) = smallest(candidates.iter().map(AsRef::as_ref), limit);
+        let items = keys.iter().filter_map(|k| self.user(k)).collect();
         Page { items, next }
     }
 
     /// Organizations in key order after `after`, at most `limit`.
     pub fn list_organizations(&self, after: Option<&str>, limit: usize) -> Page {
-        let maps = self.read();
-        let keys = maps
-            .organizations
+        let orgs = self.read_organizations();
+        let keys = orgs
+            .entries
             .iter()
             .filter(|(k, e)| e.view.is_some() && after.is_none_or(|a| k.as_ref() > a))
             .map(|(k, _)| k.as_ref());
         let (keys, next) = smallest(keys, limit);
         let items = keys
             .iter()
-            .filter_map(|k| maps.organizations.get(*k).and_then(Entry::view))
+            .filter_map(|k| orgs.entries.get(*k).and_then(Entry::view))
             .map(str::to_owned)
             .collect();
         Page { items, next }
@@ -330,10 +442,10 @@ impl StateStore {
     /// it), as [`StateStore::list_users`]; `None` for an unknown organization.
     pub fn members(&self, key: &str, after: Option<&str>, limit: usize) -> Option<Page> {
         let name = {
-            let maps = self.read();
-            let name = maps.organizations.get(key)?.join()?.to_owned();
+            let orgs = self.read_organizations();
+            let name = orgs.entries.get(key)?.join()?.to_owned();
             // Of two keys with one name, users join the smallest.
-            let joins = maps
+            let joins = orgs
                 .by_name
                 .get(name.as_str())
                 .and_then(|keys| keys.first())
@@ -356,32 +468,47 @@ impl StateStore {
 
     /// How many visible answers there are, and how many reducer `id` rendered.
     pub fn answers(&self, id: u32) -> Answers {
-        let maps = self.read();
-        Answers {
-            total: maps.answers.values().sum(),
-            by_it: maps.answers.get(&id).copied().unwrap_or(0),
+        let mut out = Answers { total: 0, by_it: 0 };
+        let mut add = |r: &Renderers| {
+            out.total += r.0.values().sum::<usize>();
+            out.by_it += r.0.get(&id).copied().unwrap_or(0);
+        };
+        for shard in self.shards.iter() {
+            add(&read(shard).answers);
         }
+        add(&self.read_organizations().answers);
+        out
     }
 
     /// Takes over `other`'s contents in one step: readers see all of the old state
-    /// or all of the new, never a mix.
+    /// or all of the new, never a mix (every lock is held for the swap).
     pub fn replace(&self, other: StateStore) {
         self.set_renderer(other.renderer.load(Ordering::Relaxed));
-        let new = other.maps.into_inner().unwrap_or_else(|p| p.into_inner());
-        let mut maps = self.write();
-        // Running exports cannot finish at their position on another state.
-        for image in maps.images.drain(..).filter_map(|i| i.upgrade()) {
-            image.break_off();
+        let mut shards: Vec<_> = self.shards.iter().map(write).collect();
+        let mut orgs = write(&self.organizations);
+        for (mine, theirs) in shards.iter_mut().zip(other.shards.into_vec()) {
+            let theirs = theirs.into_inner().unwrap_or_else(|p| p.into_inner());
+            // Running exports cannot finish at their position on another state.
+            for image in mine.images.drain(..).filter_map(|i| i.upgrade()) {
+                image.break_off();
+            }
+            **mine = theirs;
         }
-        *maps = new;
-        drop(maps);
-        self.feed.replaced();
+        *orgs = other
+            .organizations
+            .into_inner()
+            .unwrap_or_else(|p| p.into_inner());
+        self.clock
+            .store(other.clock.load(Ordering::Relaxed), Ordering::Relaxed);
+        drop(orgs);
+        drop(shards);
+        self.feed.replaced(self.position());
     }
 
     /// Every stored entity as (entity, update, whether reducer `current` rendered it):
-    /// what a snapshot keeps. Taken under one read lock, so it is one consistent state.
+    /// what a snapshot keeps. Taken by the one writer between two batches, so it is
+    /// one consistent state.
     pub fn dump(&self, current: u32) -> Vec<(Entity, Update, bool)> {
-        let maps = self.read();
         let entry = |kind: Kind, key: &str, e: &Entry| {
             (
                 Entity {
@@ -392,12 +519,18 @@ impl StateStore {
                 e.by == current,
             )
         };
-        let users = maps.users.iter().map(|(k, e)| entry(Kind::User, k, e));
-        let orgs = maps
-            .organizations
-            .iter()
-            .map(|(k, e)| entry(Kind::Organization, k, e));
-        users.chain(orgs).collect()
+        let mut out = Vec::new();
+        for shard in self.shards.iter() {
+            let shard = read(shard);
+            out.extend(shard.users.iter().map(|(k, e)| entry(Kind::User, k, e)));
+        }
+        let orgs = self.read_organizations();
+        out.extend(
+            orgs.entries
+                .iter()
+                .map(|(k, e)| entry(Kind::Organization, k, e)),
+        );
+        out
     }
 
     /// A store holding exactly `entities` (what [`StateStore::dump`] gave), those
@@ -417,13 +550,20 @@ impl StateStore {
 
     /// The answer for user `id`: its view joined with its organization's.
     pub fn user(&self, id: &str) -> Option<String> {
-        self.read().user_answer(id)
+        let shard = self.read_shard(id);
+        let entry = shard.users.get(id)?;
+        let view = entry.view()?;
+        let orgs = self.read_organizations();
+        let org = entry.join().and_then(|name| orgs.joined(name));
+        // Copying a few hundred bytes under the read locks is cheaper than sharing
+        // pointers to them; a writer holds a lock only for its share of a batch.
+        Some(join_view(view, org))
     }
 
     /// The answer for organization `key`.
     pub fn organization(&self, key: &str) -> Option<String> {
-        self.read()
-            .organizations
+        self.read_organizations()
+            .entries
             .get(key)?
             .view()
             .map(str::to_owned)
@@ -431,39 +571,73 @@ impl StateStore {
 
     /// How much is stored.
     pub fn sizes(&self) -> Sizes {
-        // Before the maps' lock: `subscribe` takes the feed's lock, then the maps'.
+        // Before the maps' locks: `subscribe` takes the feed's lock, then the maps'.
         let (subscribers, subscribers_dropped) = self.subscribers();
-        let maps = self.read();
-        Sizes {
-            users_visible: maps.users_visible,
-            users_stored: maps.users.len(),
-            organizations: maps.organizations.len(),
-            user_bytes: maps.user_bytes,
-            tombstones: maps.tombstones.len(),
+        let mut sizes = Sizes {
+            users_visible: 0,
+            users_stored: 0,
+            organizations: self.read_organizations().entries.len(),
+            user_bytes: 0,
+            tombstones: 0,
             tombstones_expired: self.expired.load(Ordering::Relaxed),
-            clock: maps.clock,
+            clock: self.clock(),
             subscribers,
             subscribers_dropped,
+        };
+        for shard in self.shards.iter() {
+            let shard = read(shard);
+            sizes.users_visible += shard.users_visible;
+            sizes.users_stored += shard.users.len();
+            sizes.user_bytes += shard.user_bytes;
+            sizes.tombstones += shard.tombstones.len();
         }
+        sizes
     }
 
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, Maps> {
-        // A panic while holding the lock cannot leave the maps half-updated in a way
-        // that matters more than stopping service would, so poison is ignored.
-        self.maps.read().unwrap_or_else(|p| p.into_inner())
+    fn read_shard(&self, key: &str) -> std::sync::RwLockReadGuard<'_, Shard> {
+        read(&self.shards[shard_of(key.as_bytes())])
     }
 
-    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Maps> {
-        self.maps.write().unwrap_or_else(|p| p.into_inner())
+    fn write_shard(&self, i: usize) -> std::sync::RwLockWriteGuard<'_, Shard> {
+        write(&self.shards[i])
+    }
+
+    fn read_organizations(&self) -> std::sync::RwLockReadGuard<'_, Organizations> {
+        read(&self.organizations)
+    }
+
+    fn write_organizations(&self) -> std::sync::RwLockWriteGuard<'_, Organizations> {
+        write(&self.organizations)
     }
 }
 
+// A panic while holding a lock cannot leave the maps half-updated in a way that
+// matters more than stopping service would, so poison is ignored.
+fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(|p| p.into_inner())
+}
+
+fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    lock.write().unwrap_or_else(|p| p.into_inner())
+}
+
 impl States for StateStore {
-    /// Lends the states under one read lock: a batch sees one consistent state.
+    /// Lends each state under its shard's read lock. A lane reads only the entities
+    /// of its batch, which no other lane writes (or, when records are not keyed by
+    /// their entity, the lanes' results are checked and folded again; see
+    /// [`crate::fold::lanes`]).
     fn states(&self, entities: &[Entity], each: &mut dyn FnMut(Option<&[u8]>)) {
-        let maps = self.read();
         for e in entities {
-            each(maps.map(e.kind).get(e.key.as_str()).map(|e| &*e.state));
+            match e.kind {
+                Kind::User => {
+                    let shard = self.read_shard(&e.key);
+                    each(shard.users.get(e.key.as_str()).map(|e| &*e.state));
+                }
+                Kind::Organization => {
+                    let orgs = self.read_organizations();
+                    each(orgs.entries.get(e.key.as_str()).map(|e| &*e.state));
+                }
+            }
         }
     }
 }
@@ -496,7 +670,28 @@ fn smallest<'k>(
     (page, next)
 }
 
-impl Maps {
+impl Shard {
+    /// Stores (or forgets, for `None`) user `key`'s entry, keeping the counts, the
+    /// tombstone index and the running exports right.
+    fn put(&mut self, key: &str, new: Option<Entry>) {
+        self.preserve_for_exports(key);
+        self.track_tombstone(key, new.as_ref());
+        let came = new.as_ref().and_then(Entry::answer_by);
+        let before = self.users.get(key).map(|e| e.weight(key));
+        let after = new.as_ref().map(|e| e.weight(key));
+        self.reweigh(before, after);
+        let gone = match (new, self.users.get_mut(key)) {
+            // Most updates replace an entry: keep its key, allocate nothing.
+            (Some(entry), Some(old)) => std::mem::replace(old, entry).answer_by(),
+            (Some(entry), None) => {
+                self.users.insert(key.into(), entry);
+                None
+            }
+            (None, _) => self.users.remove(key).and_then(|e| e.answer_by()),
+        };
+        self.answers.count(gone, came);
+    }
+
     /// Counts a user entry of weight `before` (if there was one) replaced by one of
     /// weight `after` (if there is one).
     fn reweigh(&mut self, before: Option<(bool, usize)>, after: Option<(bool, usize)>) {
@@ -522,21 +717,6 @@ impl Maps {
             .retain(|i| i.upgrade().map(|image| image.preserve(key, old)).is_some());
     }
 
-    /// The answer for user `id`: its view joined with its organization's.
-    fn user_answer(&self, id: &str) -> Option<String> {
-        let entry = self.users.get(id)?;
-        let view = entry.view()?;
-        let org = entry
-            .join()
-            .and_then(|name| self.by_name.get(name))
-            .and_then(|keys| keys.first())
-            .and_then(|key| self.organizations.get(key))
-            .and_then(Entry::view);
-        // Copying a few hundred bytes under the read lock is cheaper than sharing
-        // pointers to them; the writer holds the lock only to swap a batch in.
-        Some(join_view(view, org))
-    }
-
     /// Keeps the tombstone index right as user `key`'s entry becomes `new`.
     fn track_tombstone(&mut self, key: &str, new: Option<&Entry>) {
         let old = self.users.get(key).and_then(Entry::tombstone);
@@ -552,11 +732,8 @@ impl Maps {
         }
     }
 
-    /// Forgets every tombstone whose clock is more than `retention` behind the clock;
-    /// returns how many.
-    fn expire(&mut self, retention: i64) -> u64 {
-        let Some(clock) = self.clock else { return 0 };
-        let horizon = clock.saturating_sub(retention);
+    /// Forgets every tombstone whose clock is before `horizon`; returns how many.
+    fn expire(&mut self, horizon: i64) -> u64 {
         let mut n = 0;
         while self.tombstones.first().is_some_and(|(c, _)| *c < horizon) {
             let Some((_, key)) = self.tombstones.pop_first() else {
@@ -570,36 +747,12 @@ impl Maps {
         }
         n
     }
+}
 
-    fn map(&self, kind: Kind) -> &HashMap<Box<str>, Entry> {
-        match kind {
-            Kind::User => &self.users,
-            Kind::Organization => &self.organizations,
-        }
-    }
-
-    /// One visible answer less by `gone`'s renderer, one more by `came`'s.
-    fn count(&mut self, gone: Option<u32>, came: Option<u32>) {
-        if let Some(by) = gone
-            && let Some(n) = self.answers.get_mut(&by)
-        {
-            *n -= 1;
-            if *n == 0 {
-                self.answers.remove(&by);
-            }
-        }
-        if let Some(by) = came {
-            *self.answers.entry(by).or_default() += 1;
-        }
-    }
-
+impl Organizations {
     /// Stores (or forgets) an organization; returns the renderers of the visible
     /// answer it replaced and of the one it stored.
-    fn put_organization(
-        &mut self,
-        key: Box<str>,
-        new: Option<Entry>,
-    ) -> (Option<u32>, Option<u32>) {
+    fn put(&mut self, key: Box<str>, new: Option<Entry>) -> (Option<u32>, Option<u32>) {
         let name_of = |e: &Entry| e.join().map(Box::<str>::from);
         let came = new.as_ref().and_then(Entry::answer_by);
         let (old, gone) = match new {
@@ -611,7 +764,7 @@ impl Maps {
                         .or_default()
                         .insert(key.clone());
                 }
-                let old = self.organizations.insert(key.clone(), entry);
+                let old = self.entries.insert(key.clone(), entry);
                 let gone = old.as_ref().and_then(Entry::answer_by);
                 (
                     old.as_ref()
@@ -621,7 +774,7 @@ impl Maps {
                 )
             }
             None => {
-                let old = self.organizations.remove(&key);
+                let old = self.entries.remove(&key);
                 (
                     old.as_ref().and_then(name_of),
                     old.as_ref().and_then(Entry::answer_by),
@@ -791,7 +944,11 @@ mod tests {
             ],
         );
         assert_eq!(store.answers(2), Answers { total: 0, by_it: 0 });
-        assert!(store.read().answers.is_empty(), "no zero counts kept");
+        assert!(
+            store.shards.iter().all(|s| read(s).answers.0.is_empty())
+                && store.read_organizations().answers.0.is_empty(),
+            "no zero counts kept"
+        );
     }
 
     #[test]
@@ -862,7 +1019,7 @@ mod tests {
         assert_eq!(sizes.clock, Some(T0 + 27 * HOUR));
         assert!(store.user("alive").is_some(), "visible users never expire");
         assert!(
-            store.read().users.contains_key("old"),
+            store.read_shard("old").users.contains_key("old"),
             "no clock, no expiry"
         );
         // A user that becomes visible again leaves the tombstones.
@@ -875,13 +1032,17 @@ mod tests {
 
     /// The visible users and user bytes counted the slow way, by walking them.
     fn recount(store: &StateStore) -> (usize, usize) {
-        let maps = store.read();
-        maps.users.iter().fold((0, 0), |(n, bytes), (k, e)| {
-            (
-                n + usize::from(e.view.is_some()),
-                bytes + k.len() + e.state.len(),
-            )
-        })
+        store
+            .shards
+            .iter()
+            .flat_map(|s| {
+                read(s)
+                    .users
+                    .iter()
+                    .map(|(k, e)| (usize::from(e.view.is_some()), k.len() + e.state.len()))
+                    .collect::<Vec<_>>()
+            })
+            .fold((0, 0), |(n, bytes), (v, b)| (n + v, bytes + b))
     }
 
     #[test]
@@ -1029,6 +1190,96 @@ mod tests {
             "the same position again wakes no one"
         );
         assert_eq!(store.position(), at);
+    }
+
+    /// What readers rely on while lanes apply at once: an answer is never half an
+    /// update (its view and its join come from one version), and an answer read
+    /// after the published position is at least as new as that position.
+    #[test]
+    fn readers_never_see_half_an_entity_or_answers_behind_the_published_position() {
+        use crate::broker::Partition;
+        use std::sync::Arc;
+        use std::sync::atomic::AtomicBool;
+        const USERS: usize = 64;
+        const ROUNDS: i64 = 300;
+        let store = Arc::new(StateStore::new());
+        let p = Partition {
+            source: logq_abi::Source::Users,
+            id: 0,
+        };
+        let orgs: Vec<Entity> = (0..3)
+            .map(|k| entity(Kind::Organization, &format!("k{k}")))
+            .collect();
+        store.apply(
+            &orgs,
+            (0..3)
+                .map(|k| update(Some(&format!(r#"{{"n":{k}}}"#)), Some(&format!("o{k}"))))
+                .collect(),
+        );
+        let ids: Vec<String> = (0..USERS).map(|i| format!("user-{i}")).collect();
+        // Two writers, as two lanes: each the users of its own shards.
+        let halves: [Vec<&String>; 2] = [0, 1].map(|l| {
+            ids.iter()
+                .filter(|k| shard_of(k.as_bytes()) % 2 == l)
+                .collect()
+        });
+        assert!(halves.iter().all(|h| !h.is_empty()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let readers: Vec<_> = (0..2)
+            .map(|_| {
+                let (store, ids, stop) = (store.clone(), ids.clone(), stop.clone());
+                std::thread::spawn(move || {
+                    let mut reads = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        let published = store.position().get(&p).copied().unwrap_or(0);
+                        for id in &ids {
+                            let Some(answer) = store.user(id) else {
+                                continue;
+                            };
+                            let v: serde_json::Value = serde_json::from_str(&answer).unwrap();
+                            let round = v["v"].as_i64().unwrap();
+                            assert!(
+                                round >= published,
+                                "{id} answers round {round}, the position says {published}"
+                            );
+                            assert_eq!(
+                                v["organization"]["n"].as_i64(),
+                                Some(round % 3),
+                                "{id}: view and join of one version: {answer}"
+                            );
+                            reads += 1;
+                        }
+                    }
+                    reads
+                })
+            })
+            .collect();
+        for round in 1..=ROUNDS {
+            std::thread::scope(|s| {
+                for half in &halves {
+                    let store = &store;
+                    s.spawn(move || {
+                        let keys: Vec<Entity> =
+                            half.iter().map(|k| entity(Kind::User, k)).collect();
+                        let updates = half
+                            .iter()
+                            .map(|k| {
+                                update(
+                                    Some(&format!(r#"{{"id":"{k}","v":{round}}}"#)),
+                                    Some(&format!("o{}", round % 3)),
+                                )
+                            })
+                            .collect();
+                        store.apply(&keys, updates);
+                    });
+                }
+            });
+            store.publish_position(&[(p, round)].into_iter().collect());
+        }
+        stop.store(true, Ordering::Relaxed);
+        for r in readers {
+            assert!(r.join().unwrap() > 0, "the readers read");
+        }
     }
 
     #[test]
