@@ -316,18 +316,21 @@ pub struct ProduceConfig {
     pub raw_lines: bool,
 }
 
-/// Everything `logq dev` needs.
+/// Everything `logq dev` needs: the development broker's shape, and every flag of
+/// `logq run` (admin token, reducer, limits, ...), which apply as they do there.
 #[derive(Debug, Clone, Args)]
 pub struct DevConfig {
-    /// HTTP listen address.
-    #[arg(long, env = "LOGQ_LISTEN", default_value = "127.0.0.1:8080")]
-    pub listen: SocketAddr,
     /// Partitions per topic on the development broker.
     #[arg(long, default_value_t = 3)]
     pub partitions: i32,
     /// Start with empty topics instead of the sample data.
     #[arg(long)]
     pub no_sample_data: bool,
+    /// The service's settings, as `logq run` takes them. `--brokers` is where the
+    /// development broker listens for Kafka clients (`logq produce`, `rpk`): one
+    /// `host:port`, `127.0.0.1:9092` by default.
+    #[command(flatten)]
+    pub run: RunConfig,
 }
 
 #[cfg(test)]
@@ -389,6 +392,30 @@ mod tests {
         assert!(run(&[]).lanes() >= 1);
         assert!(Cli::try_parse_from(["logq", "run", "--fold-lanes", "0"]).is_err());
         assert!(Cli::try_parse_from(["logq", "run", "--fold-lanes", "65"]).is_err());
+    }
+
+    #[test]
+    fn dev_takes_the_flags_of_run() {
+        let cli = Cli::try_parse_from([
+            "logq",
+            "dev",
+            "--admin-token",
+            "x",
+            "--reducer",
+            "r.wasm",
+            "--partitions",
+            "2",
+            "--listen",
+            "127.0.0.1:1",
+        ])
+        .unwrap();
+        let Command::Dev(dev) = cli.command else {
+            panic!("not dev")
+        };
+        assert_eq!(dev.run.admin_token.as_deref(), Some("x"));
+        assert_eq!(dev.run.reducer, Some(PathBuf::from("r.wasm")));
+        assert_eq!(dev.partitions, 2);
+        assert_eq!(dev.run.listen.port(), 1);
     }
 
     #[test]

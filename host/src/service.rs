@@ -10,6 +10,7 @@ use anyhow::Context as _;
 use tokio::net::TcpListener;
 
 use crate::broker::Topics;
+use crate::broker::consumer::TopicConsumer;
 use crate::config::RunConfig;
 use crate::consumer::Consumer;
 use crate::fold::{DEFAULT_REDUCER, Limits, Reducer, Runtime};
@@ -35,6 +36,13 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    // Bad client settings (an unknown `-X KEY=VALUE`) end the process here, with
+    // librdkafka's words as the error, before anything starts.
+    drop(TopicConsumer::new(
+        &config.kafka,
+        &config.group_id,
+        Topics::from(&config),
+    )?);
     let runtime = Runtime::new(Limits::from(&config.limits), config.cache.dir())
         .context("creating the wasm runtime")?;
     let reducer = load_reducer(&config, &runtime).await?;
@@ -149,7 +157,7 @@ pub async fn run(
     .await
     .context("joining the consumer thread")?;
     match joined {
-        Ok(result) => result.context("consumer"),
+        Ok(result) => result.map_err(|e| anyhow::anyhow!("the consumer loop stopped: {e}")),
         Err(_) => anyhow::bail!("the consumer thread panicked"),
     }
 }

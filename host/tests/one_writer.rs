@@ -300,7 +300,14 @@ fn a_swap_or_rollback_at_any_step_of_a_handover_is_applied_after_it() {
             };
             assert_eq!(phase, last_phase, "{case}");
             if flipped {
-                assert_eq!(replay_entry["outcome"], "active", "{case}: {d}");
+                // It was active, until the command took its place.
+                assert_eq!(replay_entry["outcome"], "replaced", "{case}: {d}");
+                assert!(
+                    replay_entry["reason"]
+                        .as_str()
+                        .is_some_and(|r| r.starts_with(&format!("replaced by swap #{command} at "))),
+                    "{case}: {d}"
+                );
             } else {
                 assert_eq!(replay_entry["outcome"], "superseded", "{case}: {d}");
                 assert_eq!(

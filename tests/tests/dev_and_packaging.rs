@@ -5,13 +5,30 @@ use std::time::Duration;
 
 use logq_e2e::{free_port, get, logq_bin, root};
 
+/// `logq produce --brokers BROKERS --topic users` with `event` on its standard input.
+fn produce_one(brokers: &str, event: &[u8]) -> std::process::Output {
+    let mut child = Command::new(logq_bin())
+        .args(["produce", "--brokers", brokers, "--topic", "users"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("logq produce");
+    std::io::Write::write_all(child.stdin.as_mut().expect("stdin"), event)
+        .expect("writing the event");
+    child.wait_with_output().expect("logq produce")
+}
+
 #[test]
 fn logq_dev_serves_the_sample_data_with_zero_setup() {
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
+    // Where Kafka clients reach the development broker (127.0.0.1:9092 unless told).
+    let kafka = format!("127.0.0.1:{}", free_port());
     let log = std::env::temp_dir().join(format!("logq-dev-{}.log", std::process::id()));
     let mut child = Command::new(logq_bin())
-        .args(["dev", "--listen", &addr])
+        .args(["dev", "--listen", &addr, "--brokers", &kafka])
+        .args(["--admin-token", "dev-token"])
         .stdout(Stdio::piped())
         .stderr(std::fs::File::create(&log).expect("log file"))
         .spawn()
@@ -22,6 +39,23 @@ fn logq_dev_serves_the_sample_data_with_zero_setup() {
         get(addr, "/readyz").ok().filter(|r| r.status == 200)
     });
     let ready = std::time::Instant::now();
+    // `logq dev` takes run's flags: the admin token opens the admin routes.
+    let admin = logq_e2e::request(addr, "GET", "/admin/reducer", Some("dev-token"), b"")
+        .expect("GET /admin/reducer");
+    assert_eq!(admin.status, 200, "{}", admin.body);
+    // A Kafka client reaches the development broker at the address it printed.
+    let produced = produce_one(
+        &kafka,
+        br#"{"id":"42","event_type":"User Created","username":"Raiden","organization_name":"FOXHOUND","received_at":"2021-01-01 00:00:00"}"#,
+    );
+    assert!(
+        produced.status.success(),
+        "{}",
+        String::from_utf8_lossy(&produced.stderr)
+    );
+    logq_e2e::eventually(Duration::from_secs(30), "the produced user", || {
+        get(addr, "/users/42").ok().filter(|r| r.status == 200)
+    });
     let answer = get(addr, "/users/069feb770fe581acc9d3313d59780196").expect("GET");
     assert_eq!(answer.status, 200, "{}", answer.body);
     assert_eq!(answer.json()["username"], "Solid Snake");
@@ -37,7 +71,10 @@ fn logq_dev_serves_the_sample_data_with_zero_setup() {
     let out = child.wait_with_output().expect("output");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("IN-MEMORY DEVELOPMENT BROKER"), "{text}");
-    assert!(text.contains("logq produce --brokers"), "{text}");
+    assert!(
+        text.contains(&format!("produce --brokers {kafka} --topic users")),
+        "{text}"
+    );
     let stderr = std::fs::read_to_string(&log).expect("log");
     assert!(stderr.contains("caught up"), "{stderr}");
     assert!(
@@ -119,4 +156,53 @@ fn run_refuses_to_start_with_a_broken_reducer_and_says_why() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("not a WebAssembly component"), "{err}");
     assert!(err.contains(bad.to_str().unwrap()), "names the file: {err}");
+}
+
+/// `logq produce` against an address where no broker listens fails within seconds,
+/// naming the address and what to do, instead of timing out records after 30 s.
+#[test]
+fn produce_without_a_broker_fails_fast_naming_the_address() {
+    let nobody = format!("127.0.0.1:{}", free_port());
+    let started = std::time::Instant::now();
+    let out = produce_one(&nobody, br#"{"id":"1"}"#);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "took {:?}",
+        started.elapsed()
+    );
+    // The error's own first line (the client may have logged its attempts before).
+    let error = stderr
+        .lines()
+        .find(|l| l.starts_with("Error: "))
+        .unwrap_or_default();
+    assert!(
+        error.contains(&nobody) && error.contains("no Kafka broker answered"),
+        "{stderr}"
+    );
+}
+
+/// A client setting librdkafka does not know ends `logq run` at once, and the error
+/// that ends it names the setting (it used to end with "Error: consumer", the cause
+/// only in an earlier warning).
+#[test]
+fn an_unknown_kafka_setting_is_the_error_that_ends_the_process() {
+    let nobody = format!("127.0.0.1:{}", free_port());
+    let out = Command::new(logq_bin())
+        .args(["run", "--brokers", &nobody, "--listen", "127.0.0.1:0"])
+        .args(["-X", "no.such.setting=1"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("logq run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    let error = stderr
+        .lines()
+        .find(|l| l.starts_with("Error: "))
+        .unwrap_or_default();
+    assert!(
+        error.contains("no.such.setting") && error.contains("kafka client configuration"),
+        "{stderr}"
+    );
 }

@@ -100,14 +100,17 @@ fn forward_and_replay_swaps_under_load_lose_nothing() {
         }
     }
     assert!(!after_switch.is_empty(), "events arrived after the switch");
-    host.assert_answers(expected_answers(&users, &orgs).into_iter().map(|(id, v)| {
-        let v = if after_switch.contains(&id) {
-            masked(v)
-        } else {
-            v
-        };
-        (id, v)
-    }));
+    host.assert_answers(
+        &users,
+        expected_answers(&users, &orgs).into_iter().map(|(id, v)| {
+            let v = if after_switch.contains(&id) {
+                masked(v)
+            } else {
+                v
+            };
+            (id, v)
+        }),
+    );
 
     // Rollback (a replay of the previous reducer), then a replay with the proof
     // reducer under another stream.
@@ -148,6 +151,7 @@ fn forward_and_replay_swaps_under_load_lose_nothing() {
     // Replay: every answer equals a fresh fold of everything, by the new reducer.
     host.wait_consumed("users", users.len(), Duration::from_secs(60));
     host.assert_answers(
+        &users,
         expected_answers(&users, &orgs)
             .into_iter()
             .map(|(id, v)| (id, masked(v))),
@@ -273,6 +277,9 @@ fn changing_the_reducer_file_swaps_it_in_and_a_broken_file_is_refused() {
     host.wait_ready(READY);
     let path = "/users/069feb770fe581acc9d3313d59780196";
     assert_eq!(host.get(path).json()["user_email"], "snake@outerheaven.com");
+    let default_sha =
+        host.admin("GET", "/admin/reducer", Some(TOKEN), b"").json()["active"]["sha256"].clone();
+    assert!(default_sha.is_string(), "{default_sha}");
 
     // Atomic replace (write elsewhere, rename over), as deploy tools do.
     let tmp = dir.join("reducer.wasm.new");
@@ -314,6 +321,30 @@ fn changing_the_reducer_file_swaps_it_in_and_a_broken_file_is_refused() {
     );
     assert_eq!(host.get(path).json()["user_type"], "Legend");
     assert_eq!(host.get(path).json()["user_email"], "s***@outerheaven.com");
+
+    // What counts is the active reducer, not the last file tried: the default back in
+    // the file swaps it in; after an HTTP swap to another, the default put back in the
+    // file again swaps it back (it used to be skipped as "tried before").
+    let file_is_active = |why: &str| {
+        eventually(Duration::from_secs(30), why, || {
+            let d = host.admin("GET", "/admin/reducer", Some(TOKEN), b"").json();
+            (d["active"]["origin"] == "file" && d["active"]["sha256"] == default_sha).then_some(())
+        })
+    };
+    std::fs::copy(component("reducer.wasm"), &tmp).unwrap();
+    std::fs::rename(&tmp, &file).unwrap();
+    file_is_active("the default reducer from the file");
+    let mask = std::fs::read(component("mask-emails-reducer.wasm")).unwrap();
+    let r = host.admin("PUT", "/admin/reducer?mode=forward", Some(TOKEN), &mask);
+    assert_eq!(r.status, 200, "{}", r.body);
+    std::fs::copy(component("reducer.wasm"), &tmp).unwrap();
+    std::fs::rename(&tmp, &file).unwrap();
+    file_is_active("the default reducer put back in the file after an HTTP swap");
+    assert!(
+        host.log().contains("swapping in its reducer"),
+        "every watch decision is logged:\n{}",
+        host.log()
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -136,6 +136,29 @@ impl RecordProducer {
     pub fn deliveries(&self) -> &Deliveries {
         self.producer.context()
     }
+
+    /// Asks the broker for `topic` and waits up to `timeout` for its answer, so a
+    /// wrong address fails at once, naming itself, instead of after the queued
+    /// records time out.
+    ///
+    /// # Errors
+    /// [`KafkaError::Unreachable`] when no broker answers at `brokers`,
+    /// [`KafkaError::MissingTopic`] when the topic does not exist.
+    pub fn check(&self, brokers: &str, topic: &str, timeout: Duration) -> Result<(), KafkaError> {
+        let metadata = self
+            .producer
+            .client()
+            .fetch_metadata(Some(topic), timeout)
+            .map_err(|e| KafkaError::Unreachable {
+                brokers: brokers.to_owned(),
+                waited: timeout,
+                error: e.to_string(),
+            })?;
+        match metadata.topics().iter().find(|t| t.name() == topic) {
+            Some(t) if t.error().is_none() && !t.partitions().is_empty() => Ok(()),
+            _ => Err(KafkaError::MissingTopic(topic.to_owned())),
+        }
+    }
 }
 
 /// Text headers as librdkafka takes them.

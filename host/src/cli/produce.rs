@@ -118,6 +118,7 @@ pub fn run(config: &ProduceConfig) -> anyhow::Result<Produced> {
         parse_events(&text, &key_by)?
     };
     let producer = RecordProducer::new(&config.kafka)?;
+    producer.check(&config.kafka.brokers, &config.topic, Duration::from_secs(5))?;
     for r in &records {
         producer
             .send(&config.topic, r.key.as_deref(), &r.value, &[])

@@ -33,9 +33,11 @@ pub enum Outcome {
     Queued,
     /// A replay (or a rollback) is rebuilding the state with it.
     Replaying,
-    /// The consumer loop made it active (it may have been replaced since: see
-    /// `active` and later entries).
+    /// The consumer loop made it active, and it still is.
     Active,
+    /// It was active until a later swap or rollback took its place (`reason` says
+    /// which, and when).
+    Replaced,
     /// Refused before anything changed (see `reason`).
     Rejected,
     /// A replay (or rollback) cancelled by `DELETE /admin/reducer/replay` or by
@@ -117,6 +119,24 @@ impl History {
     pub fn update(&self, id: u64, f: impl FnOnce(&mut SwapRecord)) -> Option<SwapRecord> {
         let mut inner = self.lock();
         let r = inner.1.iter_mut().find(|r| r.id == id)?;
+        f(r);
+        Some(r.clone())
+    }
+
+    /// Entry `id` became the active reducer: its outcome is [`Outcome::Active`] (and
+    /// `f` records how), and the entry that was active before is
+    /// [`Outcome::Replaced`], saying by which swap and when. Returns entry `id`.
+    pub fn activated(&self, id: u64, f: impl FnOnce(&mut SwapRecord)) -> Option<SwapRecord> {
+        let mut inner = self.lock();
+        let at = now();
+        for r in inner.1.iter_mut() {
+            if r.id != id && r.outcome == Outcome::Active {
+                r.outcome = Outcome::Replaced;
+                r.reason = Some(format!("replaced by swap #{id} at {at}"));
+            }
+        }
+        let r = inner.1.iter_mut().find(|r| r.id == id)?;
+        r.outcome = Outcome::Active;
         f(r);
         Some(r.clone())
     }

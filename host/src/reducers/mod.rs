@@ -252,8 +252,7 @@ impl Registry {
             Ok(switched) => {
                 let swap = self
                     .history
-                    .update(id, |r| {
-                        r.outcome = Outcome::Active;
+                    .activated(id, |r| {
                         r.switch_offsets = Some(switched.offsets);
                         r.stale_answers = Some(switched.stale_answers);
                     })

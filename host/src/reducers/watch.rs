@@ -1,5 +1,10 @@
 //! Watches the `--reducer` file and swaps it in (forward mode) when it changes, after
 //! the file has stopped changing (a partial write is never loaded).
+//!
+//! What counts is the **active** reducer: a file whose content differs from it is
+//! swapped in, even one tried before (putting the start-up reducer back after an
+//! HTTP swap swaps it back); a file equal to it is skipped. A refused file is tried
+//! again only once it changes. Every decision is logged.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -51,7 +56,6 @@ pub fn spawn(
             let mut loaded = signature(&path);
             let mut seen = loaded;
             let mut same_for = 0u32;
-            let mut last_tried = reducers.current().sha256().to_owned();
             while !stop.load(Ordering::Relaxed) {
                 std::thread::sleep(POLL);
                 let now = signature(&path);
@@ -73,10 +77,17 @@ pub fn spawn(
                     }
                 };
                 let sha = sha256_hex(&bytes);
-                if sha == last_tried || sha == reducers.current().sha256() {
+                if sha == reducers.current().sha256() {
+                    tracing::info!(
+                        "{} changed; skipped: its reducer {sha} is the active one",
+                        path.display()
+                    );
                     continue;
                 }
-                last_tried = sha.clone();
+                tracing::info!(
+                    "{} changed: swapping in its reducer {sha} (forward)",
+                    path.display()
+                );
                 match reducers.submit(&bytes, Origin::File, Mode::Forward) {
                     Ok(_) => tracing::info!("reducer {} from {} is active", sha, path.display()),
                     Err(e) => tracing::warn!(
