@@ -18,20 +18,55 @@ impl wit::Guest for Component {
 }
 
 /// The resource behind `batch`: the decoded batch, held between `plan` and `fold`.
-struct GuestBatch(crate::Batch);
+struct GuestBatch {
+    batch: crate::Batch,
+    /// The test fixture's misbehaviour asked for by a record, if any.
+    #[cfg(feature = "test-triggers")]
+    trigger: Option<(crate::test_triggers::Behaviour, crate::test_triggers::Phase)>,
+}
+
+impl GuestBatch {
+    /// The test fixture's behaviour for `phase`, if a record asked for one there.
+    #[cfg(feature = "test-triggers")]
+    fn trigger(
+        &self,
+        phase: crate::test_triggers::Phase,
+    ) -> Option<crate::test_triggers::Behaviour> {
+        let (behaviour, at) = self.trigger?;
+        (at == phase).then(|| {
+            crate::test_triggers::misbehave(behaviour);
+            behaviour
+        })
+    }
+}
 
 impl wit::GuestBatch for GuestBatch {
     fn new(records: Vec<u8>) -> Self {
         #[cfg(feature = "test-triggers")]
-        crate::test_triggers::misbehave(&records);
-        // The host frames the records; broken framing is a host bug: trap.
-        Self(crate::Batch::from_records(&records).unwrap_or_else(|e| panic!("{e}")))
+        let trigger = crate::test_triggers::requested(&records);
+        #[cfg(feature = "test-triggers")]
+        if let Some((behaviour, crate::test_triggers::Phase::Constructor)) = trigger {
+            crate::test_triggers::misbehave(behaviour);
+        }
+        Self {
+            // The host frames the records; broken framing is a host bug: trap.
+            batch: crate::Batch::from_records(&records).unwrap_or_else(|e| panic!("{e}")),
+            #[cfg(feature = "test-triggers")]
+            trigger,
+        }
     }
 
     fn plan(&self) -> wit::Plan {
-        let plan = self.0.plan();
+        let plan = self.batch.plan();
+        #[allow(unused_mut)]
+        let mut accepted = plan.accepted.clone();
+        #[cfg(feature = "test-triggers")]
+        if self.trigger(crate::test_triggers::Phase::Plan).is_some() {
+            // Broken contract: counts for one record too few.
+            accepted.pop();
+        }
         wit::Plan {
-            entities: self.0.entities_framed(),
+            entities: self.batch.entities_framed(),
             entity_count: u32::try_from(plan.entities.len()).unwrap_or(u32::MAX),
             rejections: plan
                 .rejections
@@ -42,12 +77,19 @@ impl wit::GuestBatch for GuestBatch {
                     reason: r.reason.clone(),
                 })
                 .collect(),
-            accepted: plan.accepted.clone(),
+            accepted,
         }
     }
 
     fn fold(&self, prior: Vec<u8>) -> Result<Vec<u8>, String> {
-        self.0.fold_framed(&prior)
+        #[allow(unused_mut)]
+        let mut out = self.batch.fold_framed(&prior)?;
+        #[cfg(feature = "test-triggers")]
+        if self.trigger(crate::test_triggers::Phase::Fold).is_some() {
+            // Broken contract: the last update cut short.
+            out.pop();
+        }
+        Ok(out)
     }
 }
 

@@ -15,7 +15,7 @@ pub mod time;
 
 #[cfg(all(target_arch = "wasm32", feature = "component"))]
 mod guest;
-#[cfg(feature = "test-triggers")]
+#[cfg(any(test, feature = "test-triggers"))]
 pub mod test_triggers;
 
 use std::borrow::Cow;

@@ -427,12 +427,28 @@ impl Host {
             .unwrap_or_else(|e| panic!("{method} {path}: {e}\n{}", self.log()))
     }
 
-    /// Asserts that every `(id, answer)` is exactly what `GET /users/{id}` answers.
-    pub fn assert_answers(&self, expected: impl IntoIterator<Item = (String, serde_json::Value)>) {
-        for (id, want) in expected {
+    /// Asserts the whole set of users: every `(id, answer)` is exactly what `GET
+    /// /users/{id}` answers, and every other id that `produced` (the user events the
+    /// test sent) names answers 404, so a deleted user who came back is seen.
+    pub fn assert_answers(
+        &self,
+        produced: &[String],
+        expected: impl IntoIterator<Item = (String, serde_json::Value)>,
+    ) {
+        let expected: std::collections::BTreeMap<String, serde_json::Value> =
+            expected.into_iter().collect();
+        for (id, want) in &expected {
             let r = self.get(&format!("/users/{id}"));
             assert_eq!(r.status, 200, "{id}: {}", r.body);
-            assert_eq!(r.json(), want, "{id}");
+            assert_eq!(r.json(), *want, "{id}");
+        }
+        let absent: Vec<String> = user_ids(produced)
+            .into_iter()
+            .filter(|id| !expected.contains_key(id))
+            .collect();
+        for id in &absent {
+            let r = self.get(&format!("/users/{}", percent_encode(id)));
+            assert_eq!(r.status, 404, "{id} must be absent: {}", r.body);
         }
     }
 
@@ -742,7 +758,10 @@ pub fn produce_raw(broker: &Broker, topic: &str, records: &[RawRecord<'_>]) {
     );
 }
 
-/// Reads every record of `topic` (waits up to `within` for at least `at_least`).
+/// Reads every record of `topic` to its end: waits up to `within` until it holds at
+/// least `at_least` records (by its watermarks), then reads every partition up to the
+/// high watermark it has then. So a count checked on the result sees a copy too
+/// many, not only one too few.
 pub fn read_topic(
     broker: &Broker,
     topic: &str,
@@ -761,37 +780,78 @@ pub fn read_topic(
     let metadata = consumer
         .fetch_metadata(Some(topic), Duration::from_secs(10))
         .expect("metadata");
+    let partitions: Vec<i32> = metadata.topics()[0]
+        .partitions()
+        .iter()
+        .map(|p| p.id())
+        .collect();
+    let marks = || -> Vec<(i32, i64, i64)> {
+        partitions
+            .iter()
+            .map(|&p| {
+                let (low, high) = consumer
+                    .fetch_watermarks(topic, p, Duration::from_secs(10))
+                    .expect("watermarks");
+                (p, low, high)
+            })
+            .collect()
+    };
+    let deadline = Instant::now() + within;
+    let mut ends = marks();
+    while ends.iter().map(|(_, l, h)| (h - l) as usize).sum::<usize>() < at_least
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(50));
+        ends = marks();
+    }
     let mut list = rdkafka::TopicPartitionList::new();
-    for p in metadata.topics()[0].partitions() {
-        list.add_partition_offset(topic, p.id(), rdkafka::Offset::Beginning)
+    for p in &partitions {
+        list.add_partition_offset(topic, *p, rdkafka::Offset::Beginning)
             .expect("partition");
     }
     consumer.assign(&list).expect("assign");
+    // Next offset to see per partition, from the low watermark.
+    let mut next: std::collections::BTreeMap<i32, (i64, i64)> = ends
+        .iter()
+        .map(|&(p, low, high)| (p, (low, high)))
+        .collect();
     let mut out = Vec::new();
-    let deadline = Instant::now() + within;
-    while out.len() < at_least && Instant::now() < deadline {
-        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
-            let headers = m
-                .headers()
-                .map(|h| {
-                    h.iter()
-                        .map(|x| {
-                            (
-                                x.key.to_string(),
-                                String::from_utf8_lossy(x.value.unwrap_or_default()).into_owned(),
-                            )
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
-            out.push(ReadRecord {
-                partition: m.partition(),
-                offset: m.offset(),
-                key: m.key().map(<[u8]>::to_vec),
-                value: m.payload().unwrap_or_default().to_vec(),
-                headers,
-            });
+    let read_by = Instant::now() + Duration::from_secs(60);
+    while next.values().any(|(at, high)| at < high) {
+        assert!(
+            Instant::now() < read_by,
+            "reading {topic} to its end stalled at {next:?}"
+        );
+        let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) else {
+            continue;
+        };
+        let Some((at, high)) = next.get_mut(&m.partition()) else {
+            continue;
+        };
+        if m.offset() >= *high {
+            continue;
         }
+        *at = m.offset() + 1;
+        let headers = m
+            .headers()
+            .map(|h| {
+                h.iter()
+                    .map(|x| {
+                        (
+                            x.key.to_string(),
+                            String::from_utf8_lossy(x.value.unwrap_or_default()).into_owned(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        out.push(ReadRecord {
+            partition: m.partition(),
+            offset: m.offset(),
+            key: m.key().map(<[u8]>::to_vec),
+            value: m.payload().unwrap_or_default().to_vec(),
+            headers,
+        });
     }
     out
 }
@@ -802,6 +862,39 @@ pub fn masked(mut answer: serde_json::Value) -> serde_json::Value {
         answer["user_email"] = oracle::mask_email(e).into();
     }
     answer
+}
+
+/// Every user id the user events `produced` name (an event or an array of events a
+/// record; records that are not JSON are left out).
+pub fn user_ids(produced: &[String]) -> std::collections::BTreeSet<String> {
+    let mut ids = std::collections::BTreeSet::new();
+    for value in produced {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(value) else {
+            continue;
+        };
+        let events = match v {
+            serde_json::Value::Array(items) => items,
+            one => vec![one],
+        };
+        for e in events {
+            if let Some(id) = e["id"].as_str() {
+                ids.insert(id.to_owned());
+            }
+        }
+    }
+    ids
+}
+
+/// `id` with every byte outside `[A-Za-z0-9-._~]` percent-encoded, for a path.
+fn percent_encode(id: &str) -> String {
+    id.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }
 
 /// The answer `GET /users/{id}` must give for every user: [`oracle::answers`], the

@@ -319,6 +319,15 @@ fn generated_history_folds_to_the_native_answer_and_follows_new_events() {
         assert_eq!(r.status, 200, "{id}");
         assert_eq!(&r.json(), want, "{id}");
     }
+    // And the users the history deleted (or never created) are absent, every one.
+    let absent: Vec<String> = logq_e2e::user_ids(&users)
+        .into_iter()
+        .filter(|id| !expected.contains_key(id))
+        .collect();
+    assert!(!absent.is_empty(), "the history deletes users");
+    for id in &absent {
+        assert_eq!(host.get(&format!("/users/{id}")).status, 404, "{id}");
+    }
     latencies.sort();
     println!(
         "GET /users/{{id}} over {} users (new connection each): p50 {:?}, p99 {:?}, max {:?}",
@@ -402,7 +411,7 @@ fn deleted_users_tombstones_expire_after_the_retention_in_event_time() {
     );
     let expected = expected_answers(&users, &[]);
     assert_eq!(expected.len(), 1, "the oracle keeps only the keeper");
-    host.assert_answers(expected);
+    host.assert_answers(&users, expected);
 
     // A late Created older than its deletion: inside the retention it changes
     // nothing; past it (the tombstone is gone) it brings the user back, the trade-off
@@ -453,7 +462,7 @@ fn a_partition_added_while_the_host_runs_is_folded_without_a_restart() {
     produce(&broker, "users", &[], first.join("\n").as_bytes());
     let host = Host::start(&broker, &[]);
     host.wait_ready(READY);
-    host.assert_answers(expected_answers(&first, &[]));
+    host.assert_answers(&first, expected_answers(&first, &[]));
 
     let added = broker.add_partition("users");
     assert_eq!(added, 1);

@@ -203,7 +203,7 @@ fn the_rust_walkthrough_and_the_display_name_example_serve_their_answers() {
         answer["display_name"] = name.into();
         answer["is_admin"] = admin.into();
     }
-    host.assert_answers(expected);
+    host.assert_answers(&all_users, expected);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
