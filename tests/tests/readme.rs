@@ -1,12 +1,15 @@
 //! The README's command blocks run as written, so the README cannot drift from the
-//! binary: "Against a local broker (no Docker)" (start nisshi, create the topics,
-//! `logq run`, `logq produce`, `curl`) and "Producing events", read from README.md.
+//! binary, read from README.md: "Against a local broker (no Docker)" (start nisshi,
+//! create the topics, `logq run`, `logq produce`, `curl`), "Producing events", the
+//! example read of "HTTP API" (whose printed answer must be the answer) and the three
+//! lines of "Swapping the reducer while it runs".
 //!
 //! What is changed, and only that: the fixed addresses (`127.0.0.1:9092` for the
 //! broker, `127.0.0.1:8080` for HTTP) become free loopback ports, and
 //! `/tmp/broker` a fresh temporary folder, so the test cannot collide with anything
-//! on the machine; `logq` and `nisshi` are put on the PATH (the README's "`logq` on
-//! your PATH" is what a reader does instead).
+//! on the machine; the swap's placeholders (`$TOKEN`, the reducer file, `new.wasm`)
+//! are given; `logq` and `nisshi` are put on the PATH (the README's "`logq` on your
+//! PATH" is what a reader does instead).
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -198,4 +201,110 @@ fn the_producing_lines_run_as_written_against_logq_dev() {
     });
     assert_eq!(logq_e2e::get(addr, "/users/42").expect("GET").status, 404);
     let _ = dev.kill();
+}
+
+/// Runs `script` with bash in `dir`, with the tools on the PATH and `envs`; its
+/// standard output, or a panic with both outputs.
+fn bash(dir: &std::path::Path, script: &str, envs: &[(&str, String)]) -> String {
+    let out = Command::new("bash")
+        .current_dir(dir)
+        .env("PATH", path_with_tools())
+        .envs(envs.iter().map(|(k, v)| (*k, v.as_str())))
+        .arg("-c")
+        .arg(format!("set -e\n{script}"))
+        .output()
+        .expect("bash");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{script}\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+/// The HTTP section's example read, against `logq dev`'s sample data, answers exactly
+/// what the README prints under it; then the swap section's three lines (start with a
+/// reducer file, PUT a new one in replay mode, GET the admin view) do what the README
+/// says, with `$TOKEN`, the reducer file and `new.wasm` given.
+#[test]
+fn the_http_and_swap_examples_run_as_written() {
+    // 1. The read and its printed answer.
+    let (kafka, http) = (free_port(), free_port());
+    let mut dev = Command::new(logq_bin())
+        .args(["dev", "--listen", &format!("127.0.0.1:{http}")])
+        .args(["--brokers", &format!("127.0.0.1:{kafka}")])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("logq dev");
+    let dev_running = Background(vec![dev.id()]);
+    let addr = format!("127.0.0.1:{http}").parse().expect("addr");
+    eventually(Duration::from_secs(120), "logq dev to be ready", || {
+        logq_e2e::get(addr, "/readyz")
+            .ok()
+            .filter(|r| r.status == 200)
+    });
+    let block = sh_block(&section("## HTTP API"));
+    let (read, printed) = block
+        .trim()
+        .split_once('\n')
+        .expect("a read and its answer");
+    let read = read.replace("127.0.0.1:8080", &format!("127.0.0.1:{http}"));
+    let answer = bash(&root(), &read, &[]);
+    let got: serde_json::Value = serde_json::from_str(&answer).expect("JSON");
+    let want: serde_json::Value = serde_json::from_str(printed).expect("the README's JSON");
+    assert_eq!(got, want);
+    let _ = dev.kill();
+    drop(dev_running);
+
+    // 2. The swap.
+    let broker = logq_e2e::Broker::start();
+    broker.create_default_topics();
+    for topic in ["users", "organizations"] {
+        let data = std::fs::read(root().join("data").join(format!("{topic}.json")))
+            .expect("the sample data");
+        logq_e2e::produce(&broker, topic, &[], &data);
+    }
+    let dir = std::env::temp_dir().join(format!("logq-readme-swap-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("a scratch folder");
+    let reducer = dir.join("reducer.wasm");
+    std::fs::copy(logq_e2e::component("reducer.wasm"), &reducer).expect("the reducer");
+    std::fs::copy(
+        logq_e2e::component("mask-emails-reducer.wasm"),
+        dir.join("new.wasm"),
+    )
+    .expect("the new reducer");
+    let http = free_port();
+    let block = sh_block(&section("## Swapping the reducer while it runs"))
+        .replace("127.0.0.1:8080", &format!("127.0.0.1:{http}"))
+        .replace("/opt/logq/reducer.wasm", &reducer.display().to_string());
+    let (run, curls) = block.split_once('\n').expect("logq run, then the curls");
+    assert!(run.starts_with("logq run "), "{run}");
+    let envs = [
+        ("TOKEN", "readme-secret".to_owned()),
+        ("LOGQ_BROKERS", broker.bootstrap.clone()),
+        ("LOGQ_LISTEN", format!("127.0.0.1:{http}")),
+    ];
+    let started = bash(&dir, &format!("{run} > logq.log 2>&1 &\necho $!"), &envs);
+    let _host = Background(started.trim().parse().into_iter().collect());
+    let addr = format!("127.0.0.1:{http}").parse().expect("addr");
+    eventually(Duration::from_secs(120), "logq run to be ready", || {
+        logq_e2e::get(addr, "/readyz")
+            .ok()
+            .filter(|r| r.status == 200)
+    });
+    let out = bash(&dir, curls, &envs);
+    // The PUT's answer, then the admin view: the replay started, and in the view.
+    let (put, view) = out
+        .split_once("}{")
+        .map_or((out.as_str(), ""), |(a, b)| (a, b));
+    assert!(put.contains("\"mode\":\"replay\""), "{out}");
+    assert!(view.contains("\"history\""), "{out}");
+    eventually(Duration::from_secs(120), "the masked answers", || {
+        let r = logq_e2e::get(addr, "/users/069feb770fe581acc9d3313d59780196").ok()?;
+        (r.json()["user_email"] == "s***@outerheaven.com").then_some(())
+    });
+    let _ = std::fs::remove_dir_all(&dir);
 }
