@@ -5,6 +5,29 @@
 //! glibc keeps freed heap pages mapped, so without a trim the process would hold its
 //! peak for good.
 
+/// glibc malloc arenas the process may use, unless `MALLOC_ARENA_MAX` says otherwise.
+const ARENAS: i32 = 2;
+
+/// Caps glibc's malloc arenas at [`ARENAS`] (its default is eight per core); call it
+/// first thing, before any thread starts. Each thread that allocates gets an arena of
+/// its own while there are fewer than the cap, and memory freed in one arena stays
+/// with it: the fold lanes, a replay's thread and librdkafka's threads each left a
+/// heap of their own, half empty and scattered with live entries that no trim can
+/// give back. Measured with ten rollbacks (each a replay building a new state and
+/// freeing the old one) on 300k events: RSS 66 -> 186 MiB after four with the
+/// default, 60 -> 90 MiB after six with two arenas, 68 -> 105 MiB with one.
+pub fn limit_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        // SAFETY: mallopt takes two integers, no pointers; called before any other
+        // thread exists, as glibc asks of it.
+        #[allow(unsafe_code)]
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, ARENAS);
+        }
+    }
+}
+
 /// Returns the free pages of every malloc arena to the OS (glibc `malloc_trim`).
 pub fn trim() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
