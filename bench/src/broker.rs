@@ -86,19 +86,7 @@ pub fn produce_lines(
 /// the time from creating the client to the last record, and the bytes read.
 pub fn raw_consumer(loaded: &Loaded) -> anyhow::Result<(Duration, usize)> {
     let start = Instant::now();
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &loaded.broker.bootstrap)
-        .set("group.id", "logq-bench-raw")
-        .set("enable.auto.commit", "false")
-        .create()
-        .context("creating the raw consumer")?;
-    let mut list = TopicPartitionList::new();
-    for (topic, partitions) in [("users", USER_PARTITIONS), ("organizations", 1)] {
-        for p in 0..partitions {
-            list.add_partition_offset(topic, p as i32, Offset::Beginning)?;
-        }
-    }
-    consumer.assign(&list)?;
+    let consumer = reading_all(&loaded.broker.bootstrap, "logq-bench-raw", &[])?;
     let (mut seen, mut bytes) = (0, 0);
     let deadline = Instant::now() + Duration::from_secs(600);
     while seen < loaded.records {
@@ -116,6 +104,37 @@ pub fn raw_consumer(loaded: &Loaded) -> anyhow::Result<(Duration, usize)> {
         }
     }
     Ok((start.elapsed(), bytes))
+}
+
+/// A plain consumer (librdkafka defaults but `settings`, no commits) assigned every
+/// partition of both topics from the beginning.
+///
+/// # Errors
+/// When the client cannot be created or assigned.
+pub fn reading_all(
+    bootstrap: &str,
+    group: &str,
+    settings: &[(&str, &str)],
+) -> anyhow::Result<BaseConsumer> {
+    let mut config = ClientConfig::new();
+    config
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false");
+    for (k, v) in settings {
+        config.set(*k, *v);
+    }
+    let consumer: BaseConsumer = config
+        .create()
+        .with_context(|| format!("creating the consumer {group}"))?;
+    let mut list = TopicPartitionList::new();
+    for (topic, partitions) in [("users", USER_PARTITIONS), ("organizations", 1)] {
+        for p in 0..partitions {
+            list.add_partition_offset(topic, p as i32, Offset::Beginning)?;
+        }
+    }
+    consumer.assign(&list)?;
+    Ok(consumer)
 }
 
 /// A host that caught up on the whole history.

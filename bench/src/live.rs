@@ -1,4 +1,5 @@
-//! Figure 6: reads with a position right after a produce, the export, live changes.
+//! Figure 6: reads with a position right after a produce, live changes, and (on the
+//! large state of figure 4b) the export while events stream in.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -18,12 +19,6 @@ pub struct Live {
     pub plain_ms: (f64, f64),
     /// Reads done.
     pub reads: usize,
-    /// Users exported per second, and the export's size.
-    pub export_users_per_s: f64,
-    /// Users in the export.
-    pub exported: u64,
-    /// Events folded per second while the export ran, and right after it.
-    pub ingest_during_export: (f64, f64),
     /// SSE subscribers on `/changes`.
     pub watchers: usize,
     /// Change events delivered per second to all of them together.
@@ -103,31 +98,7 @@ pub fn run(
         plain.push(t.elapsed().as_secs_f64() * 1e3);
     }
 
-    // b. The export, while events stream in.
     let consumed = || broker::metric(host, "logq_records_consumed_total{topic=\"users\"}");
-    let stream = {
-        let (bootstrap, more) = (bootstrap.to_owned(), more.users.clone());
-        std::thread::spawn(move || {
-            let h = history::History {
-                users: more,
-                organizations: Vec::new(),
-            };
-            broker::produce_updates(&bootstrap, &h)
-        })
-    };
-    std::thread::sleep(Duration::from_millis(500));
-    let (c0, t0) = (consumed()?, Instant::now());
-    let export = host.get("/export");
-    let took = t0.elapsed().as_secs_f64();
-    let (c1, t1) = (consumed()?, Instant::now());
-    std::thread::sleep(Duration::from_secs(1));
-    let after = (consumed()? - c1) / t1.elapsed().as_secs_f64();
-    anyhow::ensure!(export.status == 200, "GET /export: {}", export.status);
-    let end: serde_json::Value = serde_json::from_str(export.body.lines().last().unwrap_or("{}"))?;
-    let exported = end["end"]["users"].as_u64().unwrap_or(0);
-    stream
-        .join()
-        .map_err(|_| anyhow::anyhow!("producer panicked"))??;
 
     // c. 100 subscribers on /changes while events stream in.
     let watchers = 100;
@@ -165,12 +136,78 @@ pub fn run(
         bounded_ms: percentiles(bounded),
         plain_ms: percentiles(plain),
         reads,
-        export_users_per_s: exported as f64 / took,
-        exported,
-        ingest_during_export: ((c1 - c0) / took, after),
         watchers,
         changes_per_s: delivered / (ingest_secs + 2.0),
         ingest_with_watchers: n as f64 / ingest_secs,
         dropped: broker::metric(host, "logq_subscribers_dropped_total")?,
+    })
+}
+
+/// What an export under ingest measured.
+pub struct ExportUnderIngest {
+    /// Users in the export.
+    pub exported: u64,
+    /// How long it took, seconds.
+    pub took: f64,
+    /// User records folded while it ran, and per second.
+    pub folded_during: f64,
+    /// Records folded per second in the second before it began, and in the second
+    /// after it ended.
+    pub rate_before: f64,
+    /// See `rate_before`.
+    pub rate_after: f64,
+}
+
+/// `GET /export` on `host` while `more`'s updates stream into the broker: whether
+/// ingest goes on during the export, measured by the host's own counter before,
+/// during and after it (the export starts once ingest is seen running).
+///
+/// # Errors
+/// When the export fails or ingest never starts.
+pub fn export_under_ingest(
+    host: &logq_e2e::Host,
+    bootstrap: &str,
+    more: &history::History,
+) -> anyhow::Result<ExportUnderIngest> {
+    let consumed = || broker::metric(host, "logq_records_consumed_total{topic=\"users\"}");
+    let start = consumed()?;
+    let stream = {
+        let (bootstrap, more) = (bootstrap.to_owned(), more.users.clone());
+        std::thread::spawn(move || {
+            let h = history::History {
+                users: more,
+                organizations: Vec::new(),
+            };
+            broker::produce_updates(&bootstrap, &h)
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while consumed()? <= start {
+        anyhow::ensure!(Instant::now() < deadline, "ingest never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (b0, tb) = (consumed()?, Instant::now());
+    std::thread::sleep(Duration::from_secs(1));
+    let rate_before = (consumed()? - b0) / tb.elapsed().as_secs_f64();
+    let (c0, t0) = (consumed()?, Instant::now());
+    let export = host.get("/export");
+    let took = t0.elapsed().as_secs_f64();
+    let (c1, t1) = (consumed()?, Instant::now());
+    std::thread::sleep(Duration::from_secs(1));
+    let rate_after = (consumed()? - c1) / t1.elapsed().as_secs_f64();
+    anyhow::ensure!(export.status == 200, "GET /export: {}", export.status);
+    let end: serde_json::Value = serde_json::from_str(export.body.lines().last().unwrap_or("{}"))?;
+    let exported = end["end"]["users"]
+        .as_u64()
+        .ok_or_else(|| anyhow::anyhow!("the export did not end whole"))?;
+    stream
+        .join()
+        .map_err(|_| anyhow::anyhow!("producer panicked"))??;
+    Ok(ExportUnderIngest {
+        exported,
+        took,
+        folded_during: c1 - c0,
+        rate_before,
+        rate_after,
     })
 }

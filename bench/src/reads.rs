@@ -3,8 +3,9 @@
 //! documentation recommends for small static files) to the same requests.
 //!
 //! - throughput: wrk's closed loop, both sides;
-//! - latency below saturation: oha's open loop at a fixed rate, half of each side's
-//!   measured maximum, with coordinated-omission correction.
+//! - latency below saturation: oha's open loop at one fixed rate for both sides (half
+//!   the smaller of the two measured maximums, so the ratio compares equal loads),
+//!   with coordinated-omission correction.
 
 use std::net::TcpStream;
 use std::path::Path;
