@@ -24,7 +24,7 @@ pub enum Command {
     /// Produce events from a JSON array file or JSON lines (like `rpk topic produce`).
     Produce(ProduceConfig),
     /// Zero-setup demo: an in-memory development broker, the sample data, and `run`.
-    Dev(DevConfig),
+    Dev(Box<DevConfig>),
     /// Work with reducer components offline.
     #[command(subcommand)]
     Reducer(ReducerCommand),

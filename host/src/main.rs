@@ -40,7 +40,7 @@ async fn run() -> anyhow::Result<()> {
             println!("position {}", done.position);
             Ok(())
         }
-        Command::Dev(config) => logq::cli::dev::run(config).await,
+        Command::Dev(config) => logq::cli::dev::run(*config).await,
         Command::Reducer(ReducerCommand::Check {
             file,
             limits,

@@ -47,7 +47,7 @@ pub fn requested(value: &[u8]) -> Option<(Behaviour, Phase)> {
     const PREFIX: &[u8] = b"logq-test:";
     let at = value.windows(PREFIX.len()).position(|w| w == PREFIX)? + PREFIX.len();
     let rest = &value[at..];
-    let word = |w: &[u8]| rest.starts_with(w) && !rest.get(w.len()).is_some_and(|c| *c == b'-');
+    let word = |w: &[u8]| rest.starts_with(w) && rest.get(w.len()).is_none_or(|c| *c != b'-');
     let (behaviour, len) = [
         (Behaviour::OomWritten, &b"oom-written"[..]),
         (Behaviour::Trap, b"trap"),

@@ -56,6 +56,37 @@ impl Drop for Background {
     }
 }
 
+/// `logq dev` with its Kafka clients at `kafka` and HTTP at `http`, ready; stopped
+/// when dropped.
+struct Dev(std::process::Child);
+
+impl Dev {
+    fn start(kafka: u16, http: u16) -> Self {
+        let child = Command::new(logq_bin())
+            .args(["dev", "--listen", &format!("127.0.0.1:{http}")])
+            .args(["--brokers", &format!("127.0.0.1:{kafka}")])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("logq dev");
+        let dev = Self(child);
+        let addr = format!("127.0.0.1:{http}").parse().expect("addr");
+        eventually(Duration::from_secs(120), "logq dev to be ready", || {
+            logq_e2e::get(addr, "/readyz")
+                .ok()
+                .filter(|r| r.status == 200)
+        });
+        dev
+    }
+}
+
+impl Drop for Dev {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// PATH with the directories of `logq` and `nisshi` first.
 fn path_with_tools() -> String {
     let dir = |p: PathBuf| {
@@ -160,20 +191,8 @@ fn the_local_broker_walk_runs_as_written() {
 #[test]
 fn the_producing_lines_run_as_written_against_logq_dev() {
     let (kafka, http) = (free_port(), free_port());
-    let mut dev = Command::new(logq_bin())
-        .args(["dev", "--listen", &format!("127.0.0.1:{http}")])
-        .args(["--brokers", &format!("127.0.0.1:{kafka}")])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("logq dev");
-    let _background = Background(vec![dev.id()]);
+    let _dev = Dev::start(kafka, http);
     let addr = format!("127.0.0.1:{http}").parse().expect("addr");
-    eventually(Duration::from_secs(120), "logq dev to be ready", || {
-        logq_e2e::get(addr, "/readyz")
-            .ok()
-            .filter(|r| r.status == 200)
-    });
     let block = sh_block(&section("## Producing events"))
         .replace("127.0.0.1:9092", &format!("127.0.0.1:{kafka}"));
     let out = Command::new("bash")
@@ -200,7 +219,6 @@ fn the_producing_lines_run_as_written_against_logq_dev() {
         (m >= (2 * users + 1) as f64).then_some(())
     });
     assert_eq!(logq_e2e::get(addr, "/users/42").expect("GET").status, 404);
-    let _ = dev.kill();
 }
 
 /// Runs `script` with bash in `dir`, with the tools on the PATH and `envs`; its
@@ -231,20 +249,7 @@ fn bash(dir: &std::path::Path, script: &str, envs: &[(&str, String)]) -> String 
 fn the_http_and_swap_examples_run_as_written() {
     // 1. The read and its printed answer.
     let (kafka, http) = (free_port(), free_port());
-    let mut dev = Command::new(logq_bin())
-        .args(["dev", "--listen", &format!("127.0.0.1:{http}")])
-        .args(["--brokers", &format!("127.0.0.1:{kafka}")])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("logq dev");
-    let dev_running = Background(vec![dev.id()]);
-    let addr = format!("127.0.0.1:{http}").parse().expect("addr");
-    eventually(Duration::from_secs(120), "logq dev to be ready", || {
-        logq_e2e::get(addr, "/readyz")
-            .ok()
-            .filter(|r| r.status == 200)
-    });
+    let dev = Dev::start(kafka, http);
     let block = sh_block(&section("## HTTP API"));
     let (read, printed) = block
         .trim()
@@ -255,8 +260,7 @@ fn the_http_and_swap_examples_run_as_written() {
     let got: serde_json::Value = serde_json::from_str(&answer).expect("JSON");
     let want: serde_json::Value = serde_json::from_str(printed).expect("the README's JSON");
     assert_eq!(got, want);
-    let _ = dev.kill();
-    drop(dev_running);
+    drop(dev);
 
     // 2. The swap.
     let broker = logq_e2e::Broker::start();
