@@ -431,9 +431,10 @@ impl Consumer {
                     return Some(targets);
                 }
                 Err(e) => {
-                    tracing::warn!("waiting for the broker: {e}");
+                    let brokers = &self.config.kafka.brokers;
+                    tracing::warn!("waiting for the broker at {brokers}: {e}");
                     self.metrics
-                        .set_status(false, format!("waiting for the broker: {e}"));
+                        .set_status(false, format!("waiting for the broker at {brokers}: {e}"));
                     self.serve_commands(&Positions::new());
                     std::thread::sleep(delay);
                     delay = (delay * 2).min(Duration::from_secs(5));
