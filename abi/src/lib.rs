@@ -2,7 +2,8 @@
 //!
 //! The WIT world (`wit/reducer.wit`) moves bulk data as flat byte lists; this crate
 //! owns the types those bytes carry ([`Source`], [`Kind`], [`Entity`], [`Plan`],
-//! [`Rejection`], [`Update`], [`Record`]) and every encoder/decoder pair:
+//! [`Rejection`], [`Update`], [`Record`]), [`PerSource`] (one value per stream), and
+//! every encoder/decoder pair:
 //!
 //! | what | direction | module |
 //! |---|---|---|
@@ -58,6 +59,47 @@ impl Source {
             1 => Ok(Source::Organizations),
             other => Err(format!("framing: unknown stream byte {other}")),
         }
+    }
+}
+
+/// One value per stream: what is kept for each of the two topics, by [`Source`]
+/// rather than by a position in an array.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PerSource<T> {
+    /// For the user events topic.
+    pub users: T,
+    /// For the organization events topic.
+    pub organizations: T,
+}
+
+impl<T> PerSource<T> {
+    /// Each stream's value, made by `f`.
+    pub fn from_fn(mut f: impl FnMut(Source) -> T) -> Self {
+        Self {
+            users: f(Source::Users),
+            organizations: f(Source::Organizations),
+        }
+    }
+
+    /// The value of `source`.
+    pub fn get(&self, source: Source) -> &T {
+        match source {
+            Source::Users => &self.users,
+            Source::Organizations => &self.organizations,
+        }
+    }
+
+    /// The value of `source`, to change.
+    pub fn get_mut(&mut self, source: Source) -> &mut T {
+        match source {
+            Source::Users => &mut self.users,
+            Source::Organizations => &mut self.organizations,
+        }
+    }
+
+    /// Both, users first.
+    pub fn iter(&self) -> impl Iterator<Item = (Source, &T)> {
+        Source::ALL.into_iter().map(move |s| (s, self.get(s)))
     }
 }
 

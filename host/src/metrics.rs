@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use logq_abi::Source;
+use logq_abi::{PerSource, Source};
 
 use crate::state::Sizes;
 
@@ -216,7 +216,7 @@ impl TopicCounters {
 /// Everything `/metrics` shows, and readiness.
 #[derive(Debug)]
 pub struct Metrics {
-    topics: [(String, TopicCounters); 2],
+    topics: PerSource<(String, TopicCounters)>,
     dlq_failed: AtomicU64,
     dlq_pending: AtomicU64,
     snapshots_written: AtomicU64,
@@ -236,7 +236,10 @@ impl Metrics {
     /// Metrics for the two consumed topics (users first).
     pub fn new(topics: [&str; 2]) -> Self {
         Self {
-            topics: topics.map(|t| (t.to_string(), TopicCounters::default())),
+            topics: PerSource {
+                users: (topics[0].to_string(), TopicCounters::default()),
+                organizations: (topics[1].to_string(), TopicCounters::default()),
+            },
             dlq_failed: AtomicU64::new(0),
             dlq_pending: AtomicU64::new(0),
             snapshots_written: AtomicU64::new(0),
@@ -254,11 +257,7 @@ impl Metrics {
 
     /// Counters of the topic of `source`.
     pub fn topic(&self, source: Source) -> &TopicCounters {
-        let index = match source {
-            Source::Users => 0,
-            Source::Organizations => 1,
-        };
-        &self.topics[index].1
+        &self.topics.get(source).1
     }
 
     /// How many dead letters await the broker's acknowledgement, and why they cannot
@@ -312,7 +311,7 @@ impl Metrics {
 
     /// Every consumed topic's name and counters, users first.
     pub fn topics(&self) -> impl Iterator<Item = (&str, &TopicCounters)> {
-        self.topics.iter().map(|(name, c)| (name.as_str(), c))
+        self.topics.iter().map(|(_, (name, c))| (name.as_str(), c))
     }
 
     /// The lag of every partition, by (topic, partition).
@@ -355,7 +354,7 @@ impl Metrics {
         let mut out = String::with_capacity(2048);
         let mut counter = |name: &str, help: &str, get: &dyn Fn(&TopicCounters) -> u64| {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
-            for (topic, c) in &self.topics {
+            for (_, (topic, c)) in self.topics.iter() {
                 let _ = writeln!(out, "{name}{{topic=\"{}\"}} {}", escape(topic), get(c));
             }
         };

@@ -14,39 +14,12 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use logq_abi::Source;
+use logq_abi::{PerSource, Source};
 
 use crate::broker::consumer::{Polled, TopicConsumer};
 use crate::broker::{KafkaError, Partition, Positions, Record, Topics};
 use crate::fold::lanes::{LaneUse, MIN_RECORDS_PER_LANE};
 use crate::fold::{BatchSize, DeadLetter, Reducer, Target, fold_in_lanes};
-
-/// One value per stream.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct PerSource<T> {
-    /// For the user events topic.
-    pub users: T,
-    /// For the organization events topic.
-    pub organizations: T,
-}
-
-impl<T> PerSource<T> {
-    /// The value of `source`.
-    pub fn get(&self, source: Source) -> &T {
-        match source {
-            Source::Users => &self.users,
-            Source::Organizations => &self.organizations,
-        }
-    }
-
-    /// The value of `source`, to change.
-    pub fn get_mut(&mut self, source: Source) -> &mut T {
-        match source {
-            Source::Users => &mut self.users,
-            Source::Organizations => &mut self.organizations,
-        }
-    }
-}
 
 /// What one step did to the records of one stream.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use logq_abi::Source;
+use logq_abi::{PerSource, Source};
 
 use crate::broker::producer::{LetterKey, LetterProducer};
 use crate::broker::{KafkaError, Partition, Record, Topics};
@@ -43,7 +43,7 @@ pub struct DeadLetters {
     producer: LetterProducer,
     topics: Topics,
     /// The dead-letter topic of each stream, users first.
-    dlq_topics: [String; 2],
+    dlq_topics: PerSource<String>,
     metrics: Arc<Metrics>,
     /// The group's committed offsets at start: below them, an earlier run sent the
     /// dead letters already.
@@ -71,7 +71,7 @@ impl DeadLetters {
     ) -> Result<Self, KafkaError> {
         Ok(Self {
             producer: LetterProducer::new(&config.kafka)?,
-            dlq_topics: Source::ALL.map(|s| config.dlq_topic(topics.name(s))),
+            dlq_topics: PerSource::from_fn(|s| config.dlq_topic(topics.name(s))),
             topics,
             metrics,
             sent_before,
@@ -107,7 +107,7 @@ impl DeadLetters {
             counters.dead_letters_known.fetch_add(1, Ordering::Relaxed);
             return;
         }
-        let dlq_topic = self.dlq_topics[usize::from(source == Source::Organizations)].clone();
+        let dlq_topic = self.dlq_topics.get(source).clone();
         tracing::warn!(
             topic,
             partition = record.partition,
