@@ -214,7 +214,7 @@ impl<'c> Stepper<'c> {
                 applied: 0,
             });
             at.next = at.next.max(r.offset + 1);
-            match self.topics.record(r) {
+            match r.for_reducer(source) {
                 Some(record) => {
                     routes.push(route(r));
                     kept.push(r);

@@ -86,23 +86,6 @@ impl Topics {
     pub fn partition_name(&self, p: Partition) -> String {
         format!("{}/{}", self.name(p.source), p.id)
     }
-
-    /// The reducer's view of a record: its stream, partition, offset and value
-    /// (borrowed, not copied). `None` for a compaction tombstone (a null value: there
-    /// is nothing to fold; the caller counts it) and for a record of another topic, a
-    /// client bug that is logged.
-    pub fn record<'a>(&self, r: &Record<'a>) -> Option<logq_abi::Record<'a>> {
-        let Some(source) = self.source_of(r.topic) else {
-            tracing::error!("record from unexpected topic {} ignored", r.topic);
-            return None;
-        };
-        Some(logq_abi::Record {
-            source,
-            partition: r.partition,
-            offset: r.offset,
-            value: r.value?,
-        })
-    }
 }
 
 impl fmt::Display for Partition {
@@ -158,6 +141,21 @@ pub struct Record<'a> {
     pub key: Option<&'a [u8]>,
     /// Record value; `None` for a tombstone.
     pub value: Option<&'a [u8]>,
+}
+
+impl<'a> Record<'a> {
+    /// The reducer's view of this record of stream `source` (as
+    /// [`Topics::source_of`] its topic): stream, partition, offset and value,
+    /// borrowed, not copied. `None` for a compaction tombstone (a null value: there is
+    /// nothing to fold; the caller counts it).
+    pub fn for_reducer(&self, source: Source) -> Option<logq_abi::Record<'a>> {
+        Some(logq_abi::Record {
+            source,
+            partition: self.partition,
+            offset: self.offset,
+            value: self.value?,
+        })
+    }
 }
 
 /// Client settings in a fixed order: bootstrap servers, then the client's own
