@@ -49,6 +49,73 @@ pub fn logq_bin() -> &'static Path {
     })
 }
 
+/// A section of the README, from its heading to the next `## `.
+pub fn readme_section(heading: &str) -> String {
+    let readme = std::fs::read_to_string(root().join("README.md")).expect("README.md");
+    let start = readme
+        .find(heading)
+        .unwrap_or_else(|| panic!("the README has {heading:?}"));
+    let rest = &readme[start..];
+    let end = rest[3..].find("\n## ").map_or(rest.len(), |e| e + 3);
+    rest[..end].to_owned()
+}
+
+/// The fenced blocks of `lang` in `text`, in order.
+pub fn fenced_blocks(text: &str, lang: &str) -> Vec<String> {
+    let fence = format!("```{lang}\n");
+    text.split(&fence)
+        .skip(1)
+        .map(|b| b.split("```").next().unwrap_or_default().to_owned())
+        .collect()
+}
+
+/// PATH with the folders of `logq` (the binary under test) and of the test broker
+/// first, as a reader who followed the README has them.
+pub fn path_with_tools() -> String {
+    let logq = logq_bin()
+        .canonicalize()
+        .expect("the logq binary")
+        .parent()
+        .expect("a folder")
+        .display()
+        .to_string();
+    // `nisshi` found on the PATH comes back as a bare name: nothing to add.
+    let nisshi = nisshi_bin();
+    let nisshi = nisshi
+        .parent()
+        .filter(|_| nisshi.is_absolute())
+        .map(|d| d.display().to_string())
+        .unwrap_or_default();
+    let rest = std::env::var("PATH").unwrap_or_default();
+    [logq, nisshi, rest]
+        .into_iter()
+        .filter(|p| !p.is_empty())
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// Runs `script` with bash (`set -euo pipefail`) in `dir`, with [`path_with_tools`]
+/// and `envs`, and without `CARGO_TARGET_DIR` (a project of a user's own builds in
+/// its own `target/`, as a user's would); its standard output, or a panic with the
+/// script and both outputs.
+pub fn bash(dir: &Path, script: &str, envs: &[(&str, &std::ffi::OsStr)]) -> String {
+    let out = Command::new("bash")
+        .current_dir(dir)
+        .args(["-c", &format!("set -euo pipefail\n{script}")])
+        .env("PATH", path_with_tools())
+        .env_remove("CARGO_TARGET_DIR")
+        .envs(envs.iter().copied())
+        .output()
+        .expect("running bash");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "bash failed at:\n{script}\nstdout:\n{stdout}\nstderr:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
 /// A reducer component built by the host's build script (`<target>/reducer-wasm/components/`).
 pub fn component(name: &str) -> PathBuf {
     logq_bin();

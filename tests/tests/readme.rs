@@ -11,30 +11,19 @@
 //! are given; `logq` and `nisshi` are put on the PATH (the README's "`logq` on your
 //! PATH" is what a reader does instead).
 
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use logq_e2e::{eventually, free_port, logq_bin, nisshi_bin, root};
+use logq_e2e::{
+    bash, eventually, fenced_blocks, free_port, logq_bin, path_with_tools, readme_section, root,
+};
 
-/// A section of the README, from its heading to the next `## `.
-fn section(heading: &str) -> String {
-    let readme = std::fs::read_to_string(root().join("README.md")).expect("README.md");
-    let start = readme
-        .find(heading)
-        .unwrap_or_else(|| panic!("the README has {heading:?}"));
-    let rest = &readme[start..];
-    let end = rest[3..].find("\n## ").map_or(rest.len(), |e| e + 3);
-    rest[..end].to_owned()
-}
-
-/// The first fenced `sh` block of `text`.
-fn sh_block(text: &str) -> String {
-    text.split("```sh\n")
-        .nth(1)
-        .and_then(|b| b.split("```").next())
+/// The first fenced `sh` block of the README's section `heading`.
+fn sh_block(heading: &str) -> String {
+    fenced_blocks(&readme_section(heading), "sh")
+        .into_iter()
+        .next()
         .expect("an sh block")
-        .to_owned()
 }
 
 /// Events in `data/users.json`.
@@ -87,41 +76,12 @@ impl Drop for Dev {
     }
 }
 
-/// PATH with the directories of `logq` and `nisshi` first.
-fn path_with_tools() -> String {
-    let dir = |p: PathBuf| {
-        let p = if p.is_absolute() {
-            p
-        } else {
-            // `nisshi` found on the PATH: leave the PATH as it is.
-            return String::new();
-        };
-        p.parent()
-            .map(|d| d.display().to_string())
-            .unwrap_or_default()
-    };
-    let logq = logq_bin()
-        .canonicalize()
-        .expect("the logq binary")
-        .parent()
-        .expect("a folder")
-        .display()
-        .to_string();
-    let nisshi = dir(nisshi_bin());
-    let rest = std::env::var("PATH").unwrap_or_default();
-    [logq, nisshi, rest]
-        .into_iter()
-        .filter(|p| !p.is_empty())
-        .collect::<Vec<_>>()
-        .join(":")
-}
-
 #[test]
 fn the_local_broker_walk_runs_as_written() {
     let (kafka, http) = (free_port(), free_port());
     let folder = std::env::temp_dir().join(format!("logq-readme-broker-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&folder);
-    let block = sh_block(&section("## Against a local broker (no Docker)"))
+    let block = sh_block("## Against a local broker (no Docker)")
         .replace("127.0.0.1:9092", &format!("127.0.0.1:{kafka}"))
         .replace("127.0.0.1:8080", &format!("127.0.0.1:{http}"))
         .replace("/tmp/broker", &folder.display().to_string())
@@ -193,23 +153,11 @@ fn the_producing_lines_run_as_written_against_logq_dev() {
     let (kafka, http) = (free_port(), free_port());
     let _dev = Dev::start(kafka, http);
     let addr = format!("127.0.0.1:{http}").parse().expect("addr");
-    let block = sh_block(&section("## Producing events"))
-        .replace("127.0.0.1:9092", &format!("127.0.0.1:{kafka}"));
-    let out = Command::new("bash")
-        .current_dir(root())
-        .env("PATH", path_with_tools())
-        // The second line uses the default address, as a reader's would.
-        .env("LOGQ_BROKERS", format!("127.0.0.1:{kafka}"))
-        .arg("-c")
-        .arg(format!("set -e\n{block}"))
-        .output()
-        .expect("bash");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let block =
+        sh_block("## Producing events").replace("127.0.0.1:9092", &format!("127.0.0.1:{kafka}"));
+    let kafka_addr = std::ffi::OsString::from(format!("127.0.0.1:{kafka}"));
+    // The second line uses the default address, as a reader's would.
+    let stdout = bash(&root(), &block, &[("LOGQ_BROKERS", &kafka_addr)]);
     assert_eq!(stdout.matches("produced ").count(), 2, "{stdout}");
     // The second line deletes user 42, which the first did not create: still absent.
     let users = sample_users();
@@ -221,26 +169,6 @@ fn the_producing_lines_run_as_written_against_logq_dev() {
     assert_eq!(logq_e2e::get(addr, "/users/42").expect("GET").status, 404);
 }
 
-/// Runs `script` with bash in `dir`, with the tools on the PATH and `envs`; its
-/// standard output, or a panic with both outputs.
-fn bash(dir: &std::path::Path, script: &str, envs: &[(&str, String)]) -> String {
-    let out = Command::new("bash")
-        .current_dir(dir)
-        .env("PATH", path_with_tools())
-        .envs(envs.iter().map(|(k, v)| (*k, v.as_str())))
-        .arg("-c")
-        .arg(format!("set -e\n{script}"))
-        .output()
-        .expect("bash");
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "{script}\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
-}
-
 /// The HTTP section's example read, against `logq dev`'s sample data, answers exactly
 /// what the README prints under it; then the swap section's three lines (start with a
 /// reducer file, PUT a new one in replay mode, GET the admin view) do what the README
@@ -250,7 +178,7 @@ fn the_http_and_swap_examples_run_as_written() {
     // 1. The read and its printed answer.
     let (kafka, http) = (free_port(), free_port());
     let dev = Dev::start(kafka, http);
-    let block = sh_block(&section("## HTTP API"));
+    let block = sh_block("## HTTP API");
     let (read, printed) = block
         .trim()
         .split_once('\n')
@@ -281,15 +209,20 @@ fn the_http_and_swap_examples_run_as_written() {
     )
     .expect("the new reducer");
     let http = free_port();
-    let block = sh_block(&section("## Swapping the reducer while it runs"))
+    let block = sh_block("## Swapping the reducer while it runs")
         .replace("127.0.0.1:8080", &format!("127.0.0.1:{http}"))
         .replace("/opt/logq/reducer.wasm", &reducer.display().to_string());
     let (run, curls) = block.split_once('\n').expect("logq run, then the curls");
     assert!(run.starts_with("logq run "), "{run}");
+    let (token, brokers, listen) = (
+        std::ffi::OsString::from("readme-secret"),
+        std::ffi::OsString::from(&broker.bootstrap),
+        std::ffi::OsString::from(format!("127.0.0.1:{http}")),
+    );
     let envs = [
-        ("TOKEN", "readme-secret".to_owned()),
-        ("LOGQ_BROKERS", broker.bootstrap.clone()),
-        ("LOGQ_LISTEN", format!("127.0.0.1:{http}")),
+        ("TOKEN", token.as_os_str()),
+        ("LOGQ_BROKERS", brokers.as_os_str()),
+        ("LOGQ_LISTEN", listen.as_os_str()),
     ];
     let started = bash(&dir, &format!("{run} > logq.log 2>&1 &\necho $!"), &envs);
     let _host = Background(started.trim().parse().into_iter().collect());

@@ -8,10 +8,12 @@
 //! the npm registry) in a temporary folder.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
-use logq_e2e::{Broker, Host, eventually, expected_answers, history, logq_bin, produce, root};
+use logq_e2e::{
+    Broker, Host, eventually, expected_answers, fenced_blocks, history, produce, readme_section,
+    root,
+};
 use serde_json::Value;
 
 const TOKEN: &str = "secret";
@@ -40,22 +42,7 @@ fn host_with_samples(broker: &Broker) -> Host {
 
 /// The README's section "Write your own reducer".
 fn walkthrough() -> String {
-    let readme = std::fs::read_to_string(root().join("README.md")).expect("README.md");
-    let start = readme
-        .find("## Write your own reducer")
-        .expect("the README has the walk-through");
-    let rest = &readme[start..];
-    let end = rest[3..].find("\n## ").map_or(rest.len(), |e| e + 3);
-    rest[..end].to_owned()
-}
-
-/// The fenced blocks of `lang` in `text`, in order.
-fn blocks(text: &str, lang: &str) -> Vec<String> {
-    let fence = format!("```{lang}\n");
-    text.split(&fence)
-        .skip(1)
-        .map(|b| b.split("```").next().unwrap_or_default().to_owned())
-        .collect()
+    readme_section("## Write your own reducer")
 }
 
 /// Runs `script` with bash in `dir`, `logq` on the PATH; its standard output. Cargo
@@ -64,31 +51,7 @@ fn blocks(text: &str, lang: &str) -> Vec<String> {
 /// must not share a target folder (the same path crates, built from two workspaces,
 /// would meet there under one name).
 fn bash(dir: &Path, script: &str) -> String {
-    bash_with(dir, script, &[])
-}
-
-fn bash_with(dir: &Path, script: &str, env: &[(&str, PathBuf)]) -> String {
-    let bin = logq_bin().parent().expect("a folder").to_path_buf();
-    let path = format!(
-        "{}:{}",
-        bin.display(),
-        std::env::var("PATH").unwrap_or_default()
-    );
-    let out = Command::new("bash")
-        .current_dir(dir)
-        .args(["-c", &format!("set -euo pipefail\n{script}")])
-        .env("PATH", path)
-        .env_remove("CARGO_TARGET_DIR")
-        .envs(env.iter().map(|(k, v)| (*k, v.as_os_str())))
-        .output()
-        .expect("running bash");
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "the walk-through failed at:\n{script}\nstdout:\n{stdout}\nstderr:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
+    logq_e2e::bash(dir, script, &[])
 }
 
 /// Runs a README walk (`sh` block) against `host`: the lines before the "(edit ...)"
@@ -133,9 +96,9 @@ fn the_rust_walkthrough_and_the_display_name_example_serve_their_answers() {
     let host = host_with_samples(&broker);
     let plain = host.get(&format!("/users/{SNAKE}")).json();
     let section = walkthrough();
-    let rust = &blocks(&section, "rust")[0];
+    let rust = &fenced_blocks(&section, "rust")[0];
     let dir = scratch("rust-walk");
-    let (swapped, rolled_back) = walk(&host, &blocks(&section, "sh")[1], &dir, |dir| {
+    let (swapped, rolled_back) = walk(&host, &fenced_blocks(&section, "sh")[1], &dir, |dir| {
         replace_in(
             &dir.join("my-reducer/src/lib.rs"),
             "    fn user(&self, answer: &mut Answer) {\n        let _ = answer;\n    }\n",
@@ -153,17 +116,15 @@ fn the_rust_walkthrough_and_the_display_name_example_serve_their_answers() {
     produce(&broker, "organizations", &[], orgs.join("\n").as_bytes());
     let out = dir.join("display-name.wasm");
     let example = root().join("examples/display-name");
-    bash_with(
+    let examples_target = logq_e2e::target_dir().join("examples-wasm");
+    logq_e2e::bash(
         &dir,
         &format!(
             "logq reducer build {} --out {}",
             example.display(),
             out.display()
         ),
-        &[(
-            "CARGO_TARGET_DIR",
-            logq_e2e::target_dir().join("examples-wasm"),
-        )],
+        &[("CARGO_TARGET_DIR", examples_target.as_os_str())],
     );
     let r = host.admin(
         "PUT",
@@ -213,9 +174,9 @@ fn the_javascript_walkthrough_and_example_serve_their_answers() {
     let host = host_with_samples(&broker);
     let plain = host.get(&format!("/users/{SNAKE}")).json();
     let section = walkthrough();
-    let js = &blocks(&section, "js")[0];
+    let js = &fenced_blocks(&section, "js")[0];
     let dir = scratch("js-walk");
-    let (swapped, rolled_back) = walk(&host, &blocks(&section, "sh")[2], &dir, |dir| {
+    let (swapped, rolled_back) = walk(&host, &fenced_blocks(&section, "sh")[2], &dir, |dir| {
         let path = dir.join("my-js/reducer.js");
         let text = std::fs::read_to_string(&path).unwrap();
         let start = text
