@@ -19,6 +19,7 @@ use logq_abi::{PerSource, Source};
 use crate::broker::consumer::{Polled, TopicConsumer};
 use crate::broker::{KafkaError, Partition, Positions, Record, Topics};
 use crate::fold::lanes::{LaneUse, MIN_RECORDS_PER_LANE};
+use crate::fold::sizing::FIRST_RECORDS;
 use crate::fold::{BatchSize, DeadLetter, Reducer, Target, fold_in_lanes};
 
 /// What one step did to the records of one stream.
@@ -129,19 +130,22 @@ pub struct Stepper<'c> {
 }
 
 impl<'c> Stepper<'c> {
-    /// A stepper reading from `consumer` in batches sized by `size` (and at most
-    /// `max_bytes` of values), folding in up to `lanes` lanes.
+    /// A stepper reading from `consumer` in batches of at most `max_records` records
+    /// and `max_bytes` of values, sized within that by how fast the reducer folds
+    /// against its `time_limit` (the first batch, before that is known, at most
+    /// [`FIRST_RECORDS`]), folding in up to `lanes` lanes.
     pub fn new(
         consumer: &'c TopicConsumer,
-        size: BatchSize,
+        max_records: usize,
         max_bytes: usize,
+        time_limit: Duration,
         lanes: usize,
         ahead: Ahead,
     ) -> Self {
         Self {
             topics: consumer.topics().clone(),
             consumer,
-            size,
+            size: BatchSize::new(FIRST_RECORDS, max_records, time_limit),
             max_bytes,
             lanes: lanes.max(1),
             ahead,

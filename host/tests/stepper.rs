@@ -17,7 +17,7 @@ use logq::broker::consumer::{POLL_WAIT, TopicConsumer};
 use logq::broker::mock::DevBroker;
 use logq::broker::{Partition, Positions, Record, Topics};
 use logq::config::KafkaConfig;
-use logq::fold::{BatchSize, DEFAULT_REDUCER, DeadLetter, Limits, Reducer, Runtime};
+use logq::fold::{DEFAULT_REDUCER, DeadLetter, Limits, Reducer, Runtime};
 use logq::state::StateStore;
 use logq::step::{Ahead, Observer, Stepper};
 use logq_abi::Source;
@@ -95,13 +95,7 @@ fn consumer(broker: &DevBroker, group: &str) -> TopicConsumer {
 }
 
 fn stepper(c: &TopicConsumer, ahead: Ahead) -> Stepper<'_> {
-    Stepper::new(
-        c,
-        BatchSize::new(2000, 2000, Duration::from_secs(2)),
-        1 << 20,
-        2,
-        ahead,
-    )
+    Stepper::new(c, 2000, 1 << 20, Duration::from_secs(2), 2, ahead)
 }
 
 /// Steps until `positions` reach `goal`, failing loudly after a deadline.

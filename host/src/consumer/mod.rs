@@ -35,7 +35,7 @@ use logq_abi::Source;
 use crate::broker::consumer::{POLL_WAIT, REQUEST_TIMEOUT, TopicConsumer, Watermarks};
 use crate::broker::{KafkaError, Partition, Positions, Record, Topics};
 use crate::config::RunConfig;
-use crate::fold::{BatchSize, DeadLetter};
+use crate::fold::DeadLetter;
 use crate::metrics::Metrics;
 use crate::reducers::{Active, Command, Registry, Switched};
 use crate::state::StateStore;
@@ -268,12 +268,9 @@ impl Consumer {
 
         let mut stepper = Stepper::new(
             &consumer,
-            BatchSize::new(
-                crate::fold::sizing::FIRST_RECORDS,
-                self.config.batch_max_records,
-                Duration::from_millis(self.config.limits.reducer_time_limit_ms),
-            ),
+            self.config.batch_max_records,
             self.config.batch_bytes(),
+            Duration::from_millis(self.config.limits.reducer_time_limit_ms),
             self.config.lanes(),
             Ahead::Poll,
         );

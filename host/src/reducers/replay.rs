@@ -25,7 +25,6 @@ use super::history::{History, Outcome};
 use crate::broker::consumer::{POLL_WAIT, REQUEST_TIMEOUT, TopicConsumer};
 use crate::broker::{Partition, Positions, Topics};
 use crate::config::KafkaConfig;
-use crate::fold::BatchSize;
 use crate::state::StateStore;
 use crate::step::{Ahead, Counting, Stepper};
 
@@ -82,7 +81,8 @@ pub struct Setup {
     pub group_id: String,
     /// The topics.
     pub topics: Topics,
-    /// Most records in one fold (the batches are sized by [`BatchSize`] within it).
+    /// Most records in one fold (the batches are sized by
+    /// [`crate::fold::BatchSize`] within it).
     pub batch_max_records: usize,
     /// Most value bytes in one fold.
     pub batch_max_bytes: usize,
@@ -390,12 +390,9 @@ impl Tail {
         // polled ahead: the handover goes on from here with another stepper.
         let mut stepper = Stepper::new(
             &self.consumer,
-            BatchSize::new(
-                crate::fold::sizing::FIRST_RECORDS,
-                self.setup.batch_max_records,
-                self.setup.time_limit,
-            ),
+            self.setup.batch_max_records,
             self.setup.batch_max_bytes,
+            self.setup.time_limit,
             1,
             Ahead::Never,
         );
