@@ -205,4 +205,10 @@ fn an_unknown_kafka_setting_is_the_error_that_ends_the_process() {
         error.contains("no.such.setting") && error.contains("kafka client configuration"),
         "{stderr}"
     );
+    // And it is the first thing said of it: no warning about another part (the
+    // dead-letter topics) and no "the consumer loop ended on its own" before it.
+    assert!(
+        !stderr.contains(" WARN ") && !stderr.contains(" ERROR "),
+        "{stderr}"
+    );
 }
