@@ -17,7 +17,7 @@ use std::time::Duration;
 use logq_abi::{PerSource, Source};
 
 use crate::broker::consumer::{Polled, TopicConsumer};
-use crate::broker::{KafkaError, Partition, Positions, Record, Topics};
+use crate::broker::{KafkaError, Partition, Positions, Record};
 use crate::fold::lanes::{LaneUse, MIN_RECORDS_PER_LANE};
 use crate::fold::sizing::FIRST_RECORDS;
 use crate::fold::{BatchSize, DeadLetter, Reducer, Target, fold_in_lanes};
@@ -120,7 +120,6 @@ pub enum Ahead {
 /// loop or a replay. Sizes its batches by how fast the reducer folds.
 pub struct Stepper<'c> {
     consumer: &'c TopicConsumer,
-    topics: Topics,
     size: BatchSize,
     max_bytes: usize,
     lanes: usize,
@@ -143,7 +142,6 @@ impl<'c> Stepper<'c> {
         ahead: Ahead,
     ) -> Self {
         Self {
-            topics: consumer.topics().clone(),
             consumer,
             size: BatchSize::new(FIRST_RECORDS, max_records, time_limit),
             max_bytes,
@@ -203,7 +201,7 @@ impl<'c> Stepper<'c> {
         let mut batch = Vec::with_capacity(records.len());
         let mut routes = Vec::with_capacity(records.len());
         for r in records {
-            let Some(source) = self.topics.source_of(r.topic) else {
+            let Some(source) = self.consumer.topics().source_of(r.topic) else {
                 tracing::error!("record from unexpected topic {} ignored", r.topic);
                 continue;
             };
