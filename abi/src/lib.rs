@@ -26,6 +26,7 @@ mod wire;
 
 use std::ops::Range;
 
+pub use updates::{UpdateRef, Updates};
 pub use wire::{Reader, put_frame, put_u32, text_in};
 
 /// Which stream a record was read from.
@@ -258,6 +259,16 @@ impl Update {
     /// The join key.
     pub fn join(&self) -> Option<&str> {
         self.text(self.join.as_ref())
+    }
+
+    /// Borrowed.
+    pub fn as_ref(&self) -> UpdateRef<'_> {
+        UpdateRef {
+            state: self.state.as_deref(),
+            view: self.view.clone(),
+            join: self.join.clone(),
+            clock: self.clock,
+        }
     }
 }
 

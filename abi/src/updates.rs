@@ -58,11 +58,21 @@ pub fn encode(updates: &[Update]) -> Vec<u8> {
 /// The updates `bytes` holds; there must be exactly `count`.
 ///
 /// # Errors
+/// As [`decode_batch`].
+pub fn decode(bytes: &[u8], count: usize) -> Result<Vec<Update>, String> {
+    decode_batch(bytes.to_vec(), count).map(|u| u.to_vec())
+}
+
+/// The updates `bytes` holds, kept in `bytes` itself: no state is copied or
+/// allocated on its own (what the host does with a fold's output). There must be
+/// exactly `count`.
+///
+/// # Errors
 /// Broken framing, unknown flags, a range outside its state or not UTF-8, a range
 /// without a state, or another count.
-pub fn decode(bytes: &[u8], count: usize) -> Result<Vec<Update>, String> {
-    let mut r = Reader::new(bytes);
-    let mut out = Vec::with_capacity(count.min(bytes.len()));
+pub fn decode_batch(bytes: Vec<u8>, count: usize) -> Result<Updates, String> {
+    let mut items = Vec::with_capacity(count.min(bytes.len()));
+    let mut r = Reader::new(&bytes);
     while !r.is_empty() {
         let flags = r.u8()?;
         if flags & !(KEEP | VIEW | JOIN | CLOCK) != 0 {
@@ -93,17 +103,169 @@ pub fn decode(bytes: &[u8], count: usize) -> Result<Vec<Update>, String> {
         } else {
             None
         };
-        out.push(Update {
-            state: state.map(<[u8]>::to_vec),
+        // Where the state lies in `bytes` (a frame is a slice of it).
+        let state = state.map(|s| {
+            let at = s.as_ptr() as usize - bytes.as_ptr() as usize;
+            at..at + s.len()
+        });
+        items.push(Item {
+            state,
             view,
             join,
             clock,
         });
     }
-    if out.len() != count {
-        return Err(format!("{} updates for {count} entities", out.len()));
+    if items.len() != count {
+        return Err(format!("{} updates for {count} entities", items.len()));
     }
-    Ok(out)
+    Ok(Updates { bytes, items })
+}
+
+/// Where one update of an [`Updates`] lies.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Item {
+    state: Option<Range<usize>>,
+    view: Option<Range<u32>>,
+    join: Option<Range<u32>>,
+    clock: Option<i64>,
+}
+
+/// The new states of a batch's entities, every state in one buffer: decoding a
+/// fold's output ([`decode_batch`]) copies and allocates nothing per entity, and the
+/// host copies each state once, into where it keeps it.
+#[derive(Debug, Clone, Default)]
+pub struct Updates {
+    bytes: Vec<u8>,
+    items: Vec<Item>,
+}
+
+impl Updates {
+    /// How many.
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    /// The `i`th.
+    ///
+    /// # Panics
+    /// When there is no `i`th.
+    pub fn get(&self, i: usize) -> UpdateRef<'_> {
+        let item = &self.items[i];
+        UpdateRef {
+            state: item.state.clone().map(|r| &self.bytes[r]),
+            view: item.view.clone(),
+            join: item.join.clone(),
+            clock: item.clock,
+        }
+    }
+
+    /// All of them, in order.
+    pub fn iter(&self) -> impl ExactSizeIterator<Item = UpdateRef<'_>> + '_ {
+        (0..self.items.len()).map(|i| self.get(i))
+    }
+
+    /// Adds one at the end.
+    pub fn push(&mut self, update: UpdateRef<'_>) {
+        let item = self.store(update);
+        self.items.push(item);
+    }
+
+    /// Replaces the `i`th (its old bytes stay in the buffer until it is dropped).
+    ///
+    /// # Panics
+    /// When there is no `i`th.
+    pub fn set(&mut self, i: usize, update: UpdateRef<'_>) {
+        self.items[i] = self.store(update);
+    }
+
+    fn store(&mut self, update: UpdateRef<'_>) -> Item {
+        let state = update.state.map(|s| {
+            let at = self.bytes.len();
+            self.bytes.extend_from_slice(s);
+            at..self.bytes.len()
+        });
+        Item {
+            state,
+            view: update.view,
+            join: update.join,
+            clock: update.clock,
+        }
+    }
+
+    /// Owned copies, one by one.
+    pub fn to_vec(&self) -> Vec<Update> {
+        self.iter().map(|u| u.to_owned()).collect()
+    }
+}
+
+impl From<Vec<Update>> for Updates {
+    fn from(list: Vec<Update>) -> Self {
+        let mut out = Updates {
+            bytes: Vec::with_capacity(
+                list.iter()
+                    .map(|u| u.state.as_ref().map_or(0, Vec::len))
+                    .sum(),
+            ),
+            items: Vec::with_capacity(list.len()),
+        };
+        for u in &list {
+            out.push(u.as_ref());
+        }
+        out
+    }
+}
+
+impl PartialEq for Updates {
+    /// The same updates, wherever their bytes lie.
+    fn eq(&self, other: &Self) -> bool {
+        self.len() == other.len() && self.iter().zip(other.iter()).all(|(a, b)| a == b)
+    }
+}
+
+impl Eq for Updates {}
+
+/// One update of an [`Updates`], borrowed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpdateRef<'a> {
+    /// State to hand back next time; `None`: forget the entity.
+    pub state: Option<&'a [u8]>,
+    /// The JSON answer's range in `state`; `None`: not visible.
+    pub view: Option<Range<u32>>,
+    /// The join key's (organization name's) range in `state`.
+    pub join: Option<Range<u32>>,
+    /// The entity's newest event time, if the reducer tells.
+    pub clock: Option<i64>,
+}
+
+impl<'a> UpdateRef<'a> {
+    fn text(&self, range: Option<&Range<u32>>) -> Option<&'a str> {
+        text_in(self.state?, range?).ok()
+    }
+
+    /// The JSON answer, when visible.
+    pub fn view(&self) -> Option<&'a str> {
+        self.text(self.view.as_ref())
+    }
+
+    /// The join key.
+    pub fn join(&self) -> Option<&'a str> {
+        self.text(self.join.as_ref())
+    }
+
+    /// An owned copy.
+    pub fn to_owned(&self) -> Update {
+        Update {
+            state: self.state.map(<[u8]>::to_vec),
+            view: self.view.clone(),
+            join: self.join.clone(),
+            clock: self.clock,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -148,6 +310,17 @@ mod tests {
             let bytes = encode(&list);
             prop_assert_eq!(decode(&bytes, list.len()).map_err(TestCaseError::fail)?, list.clone());
             prop_assert!(decode(&bytes, list.len() + 1).is_err(), "count is checked");
+            // Kept in one buffer, and built one by one: the same updates.
+            let batch = decode_batch(bytes.clone(), list.len()).map_err(TestCaseError::fail)?;
+            prop_assert_eq!(batch.to_vec(), list.clone());
+            prop_assert_eq!(&Updates::from(list.clone()), &batch);
+            let mut replaced = Updates::from(list.clone());
+            for i in 0..list.len() {
+                replaced.set(i, list[list.len() - 1 - i].as_ref());
+            }
+            let mut reversed = list.clone();
+            reversed.reverse();
+            prop_assert_eq!(replaced.to_vec(), reversed);
         }
     }
 

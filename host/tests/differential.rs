@@ -324,7 +324,7 @@ fn test_trigger_reducer_is_contained_by_the_limits() {
     ));
     // The same reducer keeps working after each failure: every batch gets a new instance.
     let ok = fold("fine").expect("a normal record folds");
-    assert_eq!(ok.plan.accepted, [1]);
+    assert_eq!(ok.0.accepted, [1]);
 }
 
 /// Components that are valid WebAssembly but not reducers of this host's world.
@@ -377,6 +377,7 @@ fn compiled_reducers_are_cached_by_sha256() {
     let records = Record::sequence([(Source::Users, users.as_slice())]);
     let a = first.fold(&records, &NoPrior).unwrap();
     let b = second.fold(&records, &NoPrior).unwrap();
-    assert_eq!(format!("{:?}", a.updates), format!("{:?}", b.updates));
+    assert!(!a.1.is_empty());
+    assert_eq!(a, b);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -111,7 +111,7 @@ fn every_misbehaviour_in_every_phase_is_a_typed_error() {
             &NoPrior,
         )
         .unwrap();
-    assert_eq!(ok.plan.accepted, [1]);
+    assert_eq!(ok.0.accepted, [1]);
 }
 
 #[test]

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use logq_abi::{Entity, Record, States, Update};
+use logq_abi::{Entity, Record, States, Updates};
 
 use super::runtime::Reducer;
 
@@ -13,7 +13,7 @@ use super::runtime::Reducer;
 pub trait Target: States {
     /// Stores the updates of one batch (one per entity, same order), atomically for
     /// readers.
-    fn apply(&self, entities: Vec<Entity>, updates: Vec<Update>);
+    fn apply(&self, entities: Vec<Entity>, updates: Updates);
 }
 
 /// A record the reducer would not fold, and why.
@@ -62,14 +62,14 @@ fn fold_range(
     }
     let start = Instant::now();
     match reducer.fold(records, target) {
-        Ok(folded) => {
+        Ok((plan, updates)) => {
             out.elapsed += start.elapsed();
-            target.apply(folded.plan.entities, folded.updates);
-            for (i, n) in folded.plan.accepted.iter().enumerate() {
+            target.apply(plan.entities, updates);
+            for (i, n) in plan.accepted.iter().enumerate() {
                 out.accepted[base + i] = u64::from(*n);
             }
             let mut reasons: BTreeMap<u32, Vec<(Option<u32>, String)>> = BTreeMap::new();
-            for r in folded.plan.rejections {
+            for r in plan.rejections {
                 reasons
                     .entry(r.input)
                     .or_default()

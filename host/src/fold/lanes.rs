@@ -27,7 +27,7 @@ use std::hash::BuildHasher as _;
 use std::sync::Barrier;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use logq_abi::{Entity, Record, States, Update};
+use logq_abi::{Entity, Record, States, Updates};
 
 use super::batch::{Folding, Target, fold_into};
 use super::runtime::Reducer;
@@ -64,7 +64,7 @@ type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 struct Overlay<'a> {
     base: &'a (dyn States + Sync),
     entities: Vec<Entity>,
-    updates: Vec<Update>,
+    updates: Updates,
     /// Where each of `entities[..indexed]` is.
     index: Map<Entity, usize>,
     indexed: usize,
@@ -75,7 +75,7 @@ impl<'a> Overlay<'a> {
         Self {
             base,
             entities: Vec::new(),
-            updates: Vec::new(),
+            updates: Updates::default(),
             index: Map::default(),
             indexed: 0,
         }
@@ -91,7 +91,7 @@ impl<'a> Overlay<'a> {
     }
 
     /// Keeps `updates` too; they win over what was kept for the same entities.
-    fn keep(&mut self, entities: Vec<Entity>, updates: Vec<Update>) {
+    fn keep(&mut self, entities: Vec<Entity>, updates: Updates) {
         if self.entities.is_empty() {
             // One fold's entities are distinct: nothing to look up.
             self.entities = entities;
@@ -99,9 +99,9 @@ impl<'a> Overlay<'a> {
             return;
         }
         self.index_all();
-        for (e, u) in entities.into_iter().zip(updates) {
+        for (e, u) in entities.into_iter().zip(updates.iter()) {
             match self.index.get(&e) {
-                Some(&i) => self.updates[i] = u,
+                Some(&i) => self.updates.set(i, u),
                 None => {
                     self.index.insert(e.clone(), self.entities.len());
                     self.entities.push(e);
@@ -135,7 +135,7 @@ impl States for Overlay<'_> {
         let mut from_base = from_base.into_iter();
         for e in entities {
             match self.index.get(e) {
-                Some(&i) => each(self.updates[i].state.as_deref()),
+                Some(&i) => each(self.updates.get(i).state),
                 None => each(from_base.next().flatten().as_deref()),
             }
         }
@@ -153,7 +153,7 @@ impl States for LaneTarget<'_> {
 }
 
 impl Target for LaneTarget<'_> {
-    fn apply(&self, entities: Vec<Entity>, updates: Vec<Update>) {
+    fn apply(&self, entities: Vec<Entity>, updates: Updates) {
         self.0.borrow_mut().keep(entities, updates);
     }
 }

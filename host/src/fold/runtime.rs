@@ -26,7 +26,7 @@ mod bindings {
 }
 
 use bindings::ReducerPre;
-use logq_abi::{Fold, Folded, Plan, Record, Rejection, States};
+use logq_abi::{Fold, Folded, Plan, Record, Rejection, States, Updates};
 
 use crate::config::LimitsConfig;
 
@@ -365,7 +365,8 @@ impl Reducer {
     }
 
     /// Folds one batch. `states` is asked once for the current state of the entities
-    /// the batch touches (in plan order).
+    /// the batch touches (in plan order). The new states stay in the buffer the
+    /// guest's answer came in ([`Updates`]): nothing is copied per entity.
     ///
     /// # Errors
     /// When the reducer traps, runs out of time or memory, refuses the batch, or
@@ -374,7 +375,7 @@ impl Reducer {
         &self,
         records: &[Record<'_>],
         states: &dyn States,
-    ) -> Result<Folded, ReducerError> {
+    ) -> Result<(Plan, Updates), ReducerError> {
         let mut store = Store::new(
             &self.engine,
             Limiter {
@@ -414,9 +415,9 @@ impl Reducer {
             .map_err(ReducerError::Refused)?;
         drop(prior);
         // The guest is not trusted: every range is checked inside its state.
-        let updates = logq_abi::updates::decode(&out, plan.entities.len())
+        let updates = logq_abi::updates::decode_batch(out, plan.entities.len())
             .map_err(|e| ReducerError::Contract(format!("updates: {e}")))?;
-        Ok(Folded { plan, updates })
+        Ok((plan, updates))
     }
 
     fn error(&self, store: &Store<Limiter>, e: wasmtime::Error) -> ReducerError {
@@ -434,7 +435,11 @@ impl Fold for Reducer {
     type Error = ReducerError;
 
     fn fold(&self, records: &[Record<'_>], states: &dyn States) -> Result<Folded, ReducerError> {
-        Reducer::fold(self, records, states)
+        let (plan, updates) = Reducer::fold(self, records, states)?;
+        Ok(Folded {
+            plan,
+            updates: updates.to_vec(),
+        })
     }
 }
 

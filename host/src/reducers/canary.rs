@@ -58,10 +58,10 @@ pub fn canary(reducer: &Reducer, recent: &[OwnedRecord]) -> Result<(), String> {
         if batch.is_empty() {
             continue;
         }
-        let folded = reducer
+        let (_, updates) = reducer
             .fold(batch, &NoPrior)
             .map_err(|e| format!("on {name}: {e}"))?;
-        for view in folded.updates.iter().filter_map(|u| u.view()) {
+        for view in updates.iter().filter_map(|u| u.view()) {
             let parsed: Result<serde_json::Map<String, serde_json::Value>, _> =
                 serde_json::from_str(view);
             if let Err(e) = parsed {

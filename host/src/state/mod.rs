@@ -24,7 +24,7 @@ use std::ops::Range;
 use std::sync::RwLock;
 use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering};
 
-use logq_abi::{Entity, Kind, States, Update};
+use logq_abi::{Entity, Kind, States, Update, UpdateRef, Updates};
 
 use crate::broker::Positions;
 use crate::fold::Target;
@@ -36,12 +36,15 @@ type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 /// One stored entity: one buffer, nothing twice.
 #[derive(Debug, Clone)]
 struct Entry {
-    /// What the reducer hands itself next time.
-    state: Box<[u8]>,
-    /// The JSON answer's range in `state`; `None` while not visible.
+    /// What the reducer hands itself next time: the first `len` bytes. The rest is
+    /// room for a longer state later, so that most updates overwrite the state in
+    /// place, with no allocation (see [`Entry::set`]).
+    room: Box<[u8]>,
+    len: u32,
+    /// The JSON answer's range in the state; `None` while not visible.
     view: Option<Range<u32>>,
-    /// The organization name's range in `state` (for a user: the one it joins; for an
-    /// organization: its own).
+    /// The organization name's range in the state (for a user: the one it joins;
+    /// for an organization: its own).
     join: Option<Range<u32>>,
     /// Which reducer rendered it (see [`StateStore::set_renderer`]).
     by: u32,
@@ -49,21 +52,56 @@ struct Entry {
     clock: Option<i64>,
 }
 
+/// The room kept for a state of `len` bytes: up to 31 bytes more, what the
+/// allocator would round a block of it to anyway (its chunks are 16-byte multiples
+/// with an 8-byte header).
+fn room_for(len: usize) -> usize {
+    (len + 8).next_multiple_of(32) - 8
+}
+
 impl Entry {
-    /// Whether user `key` with this entry is visible, and its bytes (key and state),
-    /// as [`Sizes`] counts them.
+    /// Whether user `key` with this entry is visible, and its bytes (key and the
+    /// room its state has), as [`Sizes`] counts them.
     fn weight(&self, key: &str) -> (bool, usize) {
-        (self.view.is_some(), key.len() + self.state.len())
+        (self.view.is_some(), key.len() + self.room.len())
     }
 
-    fn new(update: Update, by: u32) -> Option<Self> {
+    /// The entry of `update`, by reducer `by`; `None` for an update that forgets.
+    fn new(update: &UpdateRef<'_>, by: u32) -> Option<Self> {
+        let state = update.state?;
+        let mut room = vec![0; room_for(state.len())].into_boxed_slice();
+        room[..state.len()].copy_from_slice(state);
         Some(Self {
-            state: update.state?.into_boxed_slice(),
-            view: update.view,
-            join: update.join,
+            room,
+            len: u32::try_from(state.len()).ok()?,
+            view: update.view.clone(),
+            join: update.join.clone(),
             by,
             clock: update.clock,
         })
+    }
+
+    /// Becomes `update` (which keeps a state), by reducer `by`: in place when the
+    /// state fits the room (most updates: a user's state changes little), else in a
+    /// new block. A block far larger than its state is given back.
+    fn set(&mut self, update: &UpdateRef<'_>, state: &[u8], by: u32) {
+        let Ok(len) = u32::try_from(state.len()) else {
+            return;
+        };
+        if state.len() > self.room.len() || self.room.len() > 2 * state.len() + 64 {
+            self.room = vec![0; room_for(state.len())].into_boxed_slice();
+        }
+        self.room[..state.len()].copy_from_slice(state);
+        self.len = len;
+        self.view = update.view.clone();
+        self.join = update.join.clone();
+        self.by = by;
+        self.clock = update.clock;
+    }
+
+    /// The state the reducer gets back.
+    fn state(&self) -> &[u8] {
+        &self.room[..self.len as usize]
     }
 
     /// When it is a tombstone (kept, not visible) that can expire: its clock.
@@ -78,7 +116,7 @@ impl Entry {
 
     fn text(&self, range: Option<&Range<u32>>) -> Option<&str> {
         // The runtime checked that the range is inside the state and UTF-8.
-        logq_abi::text_in(&self.state, range?).ok()
+        logq_abi::text_in(self.state(), range?).ok()
     }
 
     fn view(&self) -> Option<&str> {
@@ -91,7 +129,7 @@ impl Entry {
 
     fn update(&self) -> Update {
         Update {
-            state: Some(self.state.to_vec()),
+            state: Some(self.state().to_vec()),
             view: self.view.clone(),
             join: self.join.clone(),
             clock: self.clock,
@@ -292,7 +330,8 @@ impl StateStore {
     /// tombstones whose retention has passed. Several writers (the fold's lanes) may
     /// apply at once. The clock only moves forward, by event times (never more than
     /// [`CLOCK_AHEAD_MAX_MICROS`] past the wall clock).
-    pub fn apply(&self, entities: &[Entity], updates: Vec<Update>) {
+    pub fn apply(&self, entities: &[Entity], updates: impl Into<Updates>) {
+        let updates = updates.into();
         let by = self.renderer.load(Ordering::Relaxed);
         let wall = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -300,44 +339,39 @@ impl StateStore {
         let cap = wall.saturating_add(CLOCK_AHEAD_MAX_MICROS);
         let recording = self.feed.enabled.load(Ordering::Relaxed);
         let mut clock = NO_CLOCK;
-        let mut by_shard: Vec<Vec<(&str, Update)>> = Vec::new();
+        // (shard, index) of each user; the organizations' indexes.
+        let mut users: Vec<(usize, usize)> = Vec::with_capacity(entities.len());
         let mut organizations = Vec::new();
-        for (entity, update) in entities.iter().zip(updates) {
+        for (i, (entity, update)) in entities.iter().zip(updates.iter()).enumerate() {
             if let Some(c) = update.clock {
                 clock = clock.max(c.min(cap));
             }
-            let key = entity.key.as_str();
             match entity.kind {
-                Kind::User => {
-                    if by_shard.is_empty() {
-                        by_shard.resize_with(SHARDS, Vec::new);
-                    }
-                    by_shard[shard_of(key.as_bytes())].push((key, update));
-                }
-                Kind::Organization => organizations.push((key, update)),
+                Kind::User => users.push((shard_of(entity.key.as_bytes()), i)),
+                Kind::Organization => organizations.push(i),
             }
         }
         self.clock.fetch_max(clock, Ordering::Relaxed);
         if !organizations.is_empty() {
             let mut orgs = self.write_organizations();
-            for (key, update) in organizations {
+            for i in organizations {
+                let key = entities[i].key.as_str();
                 if recording {
                     orgs.touched.push(key.into());
                 }
-                let (gone, came) = orgs.put(key.into(), Entry::new(update, by));
+                let (gone, came) = orgs.put(key.into(), Entry::new(&updates.get(i), by));
                 orgs.answers.count(gone, came);
             }
         }
-        for (i, users) in by_shard.into_iter().enumerate() {
-            if users.is_empty() {
-                continue;
-            }
-            let mut shard = self.write_shard(i);
-            for (key, update) in users {
+        users.sort_unstable();
+        for group in users.chunk_by(|a, b| a.0 == b.0) {
+            let mut shard = self.write_shard(group[0].0);
+            for &(_, i) in group {
+                let key = entities[i].key.as_str();
                 if recording {
                     shard.touched.push(key.into());
                 }
-                shard.put(key, Entry::new(update, by));
+                shard.put(key, &updates.get(i), by);
             }
         }
         self.expire();
@@ -631,11 +665,11 @@ impl States for StateStore {
             match e.kind {
                 Kind::User => {
                     let shard = self.read_shard(&e.key);
-                    each(shard.users.get(e.key.as_str()).map(|e| &*e.state));
+                    each(shard.users.get(e.key.as_str()).map(Entry::state));
                 }
                 Kind::Organization => {
                     let orgs = self.read_organizations();
-                    each(orgs.entries.get(e.key.as_str()).map(|e| &*e.state));
+                    each(orgs.entries.get(e.key.as_str()).map(Entry::state));
                 }
             }
         }
@@ -643,7 +677,7 @@ impl States for StateStore {
 }
 
 impl Target for StateStore {
-    fn apply(&self, entities: Vec<Entity>, updates: Vec<Update>) {
+    fn apply(&self, entities: Vec<Entity>, updates: Updates) {
         StateStore::apply(self, &entities, updates);
     }
 }
@@ -671,25 +705,38 @@ fn smallest<'k>(
 }
 
 impl Shard {
-    /// Stores (or forgets, for `None`) user `key`'s entry, keeping the counts, the
-    /// tombstone index and the running exports right.
-    fn put(&mut self, key: &str, new: Option<Entry>) {
+    /// Stores user `key`'s update (or forgets the user, for an update without a
+    /// state), keeping the counts, the tombstone index and the running exports right.
+    /// An entry that is kept is overwritten in place: one hash lookup, no allocation
+    /// when the new state fits its room.
+    fn put(&mut self, key: &str, update: &UpdateRef<'_>, by: u32) {
         self.preserve_for_exports(key);
-        self.track_tombstone(key, new.as_ref());
-        let came = new.as_ref().and_then(Entry::answer_by);
-        let before = self.users.get(key).map(|e| e.weight(key));
-        let after = new.as_ref().map(|e| e.weight(key));
-        self.reweigh(before, after);
-        let gone = match (new, self.users.get_mut(key)) {
-            // Most updates replace an entry: keep its key, allocate nothing.
-            (Some(entry), Some(old)) => std::mem::replace(old, entry).answer_by(),
-            (Some(entry), None) => {
+        let Some(old) = self.users.get_mut(key) else {
+            // New: nothing to replace.
+            if let Some(entry) = Entry::new(update, by) {
+                self.track_tombstone(key, None, entry.tombstone());
+                self.reweigh(None, Some(entry.weight(key)));
+                self.answers.count(None, entry.answer_by());
                 self.users.insert(key.into(), entry);
-                None
             }
-            (None, _) => self.users.remove(key).and_then(|e| e.answer_by()),
+            return;
         };
-        self.answers.count(gone, came);
+        let (before, tombstone, gone) = (old.weight(key), old.tombstone(), old.answer_by());
+        match update.state {
+            Some(state) => {
+                old.set(update, state, by);
+                let (after, now, came) = (old.weight(key), old.tombstone(), old.answer_by());
+                self.track_tombstone(key, tombstone, now);
+                self.reweigh(Some(before), Some(after));
+                self.answers.count(gone, came);
+            }
+            None => {
+                self.users.remove(key);
+                self.track_tombstone(key, tombstone, None);
+                self.reweigh(Some(before), None);
+                self.answers.count(gone, None);
+            }
+        }
     }
 
     /// Counts a user entry of weight `before` (if there was one) replaced by one of
@@ -717,10 +764,9 @@ impl Shard {
             .retain(|i| i.upgrade().map(|image| image.preserve(key, old)).is_some());
     }
 
-    /// Keeps the tombstone index right as user `key`'s entry becomes `new`.
-    fn track_tombstone(&mut self, key: &str, new: Option<&Entry>) {
-        let old = self.users.get(key).and_then(Entry::tombstone);
-        let new = new.and_then(Entry::tombstone);
+    /// Keeps the tombstone index right as user `key`'s tombstone clock (see
+    /// [`Entry::tombstone`]) goes from `old` to `new`.
+    fn track_tombstone(&mut self, key: &str, old: Option<i64>, new: Option<i64>) {
         if old == new {
             return;
         }
@@ -864,6 +910,70 @@ mod tests {
         );
         let v: serde_json::Value = serde_json::from_str(&store.user("u").unwrap()).unwrap();
         assert_eq!(v["organization"]["organization_key"], "k");
+    }
+
+    /// The state a fold would get back for user `key`, and where its block is.
+    fn lent(store: &StateStore, key: &str) -> (Option<Vec<u8>>, Option<usize>) {
+        let mut got = None;
+        store.states(&[entity(Kind::User, key)], &mut |s| {
+            got = s.map(<[u8]>::to_vec)
+        });
+        let shard = store.read_shard(key);
+        let at = shard.users.get(key).map(|e| e.room.as_ptr() as usize);
+        (got, at)
+    }
+
+    #[test]
+    fn a_state_is_overwritten_in_place_when_it_fits_and_moves_when_it_does_not() {
+        let store = StateStore::new();
+        let u = [entity(Kind::User, "u")];
+        let answer = |n: usize| format!(r#"{{"id":"u","pad":"{}"}}"#, "x".repeat(n));
+        // A state of 110 bytes ("s", then the answer) gets a room of 120.
+        store.apply(&u, vec![update(Some(&answer(90)), None)]);
+        let (first, block) = lent(&store, "u");
+        assert_eq!(first, update(Some(&answer(90)), None).state);
+        // A little longer or shorter: the same block, the new bytes.
+        for n in [95, 80, 100] {
+            store.apply(&u, vec![update(Some(&answer(n)), None)]);
+            let (state, at) = lent(&store, "u");
+            assert_eq!(state, update(Some(&answer(n)), None).state, "{n}");
+            assert_eq!(at, block, "{n}: fits the room");
+            assert_eq!(
+                store.user("u").unwrap(),
+                format!(
+                    r#"{{"id":"u","pad":"{}","organization":null}}"#,
+                    "x".repeat(n)
+                )
+            );
+        }
+        // Far longer: a new block; far shorter again: the big block is given back.
+        store.apply(&u, vec![update(Some(&answer(1000)), None)]);
+        let (state, big) = lent(&store, "u");
+        assert_eq!(state, update(Some(&answer(1000)), None).state);
+        assert_ne!(big, block);
+        let room = |store: &StateStore| store.read_shard("u").users["u"].room.len();
+        assert!(
+            (1020..1020 + 32).contains(&room(&store)),
+            "{}",
+            room(&store)
+        );
+        store.apply(&u, vec![update(Some(&answer(10)), None)]);
+        assert_eq!(lent(&store, "u").0, update(Some(&answer(10)), None).state);
+        assert!(room(&store) < 64, "{}", room(&store));
+        // The sizes count the room, kept right through all of it.
+        assert_eq!(store.sizes().user_bytes, 1 + room(&store));
+        // Forgotten, then back.
+        store.apply(
+            &u,
+            vec![Update {
+                state: None,
+                view: None,
+                join: None,
+                clock: None,
+            }],
+        );
+        assert_eq!(lent(&store, "u"), (None, None));
+        assert_eq!(store.sizes().user_bytes, 0);
     }
 
     #[test]
@@ -1039,7 +1149,7 @@ mod tests {
                 read(s)
                     .users
                     .iter()
-                    .map(|(k, e)| (usize::from(e.view.is_some()), k.len() + e.state.len()))
+                    .map(|(k, e)| (usize::from(e.view.is_some()), k.len() + e.room.len()))
                     .collect::<Vec<_>>()
             })
             .fold((0, 0), |(n, bytes), (v, b)| (n + v, bytes + b))
@@ -1214,7 +1324,7 @@ mod tests {
             &orgs,
             (0..3)
                 .map(|k| update(Some(&format!(r#"{{"n":{k}}}"#)), Some(&format!("o{k}"))))
-                .collect(),
+                .collect::<Vec<_>>(),
         );
         let ids: Vec<String> = (0..USERS).map(|i| format!("user-{i}")).collect();
         // Two writers, as two lanes: each the users of its own shards.
@@ -1261,7 +1371,7 @@ mod tests {
                     s.spawn(move || {
                         let keys: Vec<Entity> =
                             half.iter().map(|k| entity(Kind::User, k)).collect();
-                        let updates = half
+                        let updates: Vec<Update> = half
                             .iter()
                             .map(|k| {
                                 update(
