@@ -92,7 +92,7 @@ impl Export {
                 // saves an old entry while it holds the shard).
                 let shard = self.store.read_shard(key);
                 let saved = self.image.saved.lock().unwrap_or_else(|p| p.into_inner());
-                let entry = saved.get(key).or_else(|| shard.users.get(key));
+                let entry = saved.get(key).or_else(|| shard.users.get(&**key));
                 let Some(view) = entry.and_then(Entry::view) else {
                     continue;
                 };
@@ -181,7 +181,7 @@ impl StateStore {
             // between two batches: no lane runs).
             let mut users: Vec<Box<str>> = Vec::new();
             for shard in self.shards.iter() {
-                users.extend(super::read(shard).users.keys().cloned());
+                users.extend(super::read(shard).users.keys().map(|k| Box::from(&**k)));
             }
             let (organizations, joins) = {
                 let orgs = self.read_organizations();

@@ -17,6 +17,7 @@
 
 pub mod changes;
 pub mod export;
+mod key;
 pub mod snapshot;
 
 use std::collections::{BTreeSet, HashMap};
@@ -29,6 +30,7 @@ use logq_abi::{Entity, Kind, States, Update, UpdateRef, Updates};
 use crate::broker::Positions;
 use crate::fold::Target;
 pub use crate::fold::lanes::{SHARDS, shard_of};
+use key::Key;
 
 /// The maps' hasher: fast, and seeded per process (keys come from producers).
 type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
@@ -59,6 +61,15 @@ fn room_for(len: usize) -> usize {
     (len + 8).next_multiple_of(32) - 8
 }
 
+/// A block with `state` in it and the room [`room_for`] gives it (only the room
+/// past the state is zeroed).
+fn room_with(state: &[u8]) -> Box<[u8]> {
+    let mut room = Vec::with_capacity(room_for(state.len()));
+    room.extend_from_slice(state);
+    room.resize(room_for(state.len()), 0);
+    room.into_boxed_slice()
+}
+
 impl Entry {
     /// Whether user `key` with this entry is visible, and its bytes (key and the
     /// room its state has), as [`Sizes`] counts them.
@@ -69,10 +80,8 @@ impl Entry {
     /// The entry of `update`, by reducer `by`; `None` for an update that forgets.
     fn new(update: &UpdateRef<'_>, by: u32) -> Option<Self> {
         let state = update.state?;
-        let mut room = vec![0; room_for(state.len())].into_boxed_slice();
-        room[..state.len()].copy_from_slice(state);
         Some(Self {
-            room,
+            room: room_with(state),
             len: u32::try_from(state.len()).ok()?,
             view: update.view.clone(),
             join: update.join.clone(),
@@ -89,9 +98,10 @@ impl Entry {
             return;
         };
         if state.len() > self.room.len() || self.room.len() > 2 * state.len() + 64 {
-            self.room = vec![0; room_for(state.len())].into_boxed_slice();
+            self.room = room_with(state);
+        } else {
+            self.room[..state.len()].copy_from_slice(state);
         }
-        self.room[..state.len()].copy_from_slice(state);
         self.len = len;
         self.view = update.view.clone();
         self.join = update.join.clone();
@@ -161,7 +171,7 @@ impl Renderers {
 /// One shard of the users: those whose id [`shard_of`] puts here.
 #[derive(Debug, Default)]
 struct Shard {
-    users: Map<Box<str>, Entry>,
+    users: Map<Key, Entry>,
     /// Visible answers per renderer.
     answers: Renderers,
     /// Users kept but not visible (deleted, or never created) that carry a clock,
@@ -787,7 +797,7 @@ impl Shard {
             };
             // The index only holds current tombstones (see `track_tombstone`).
             self.preserve_for_exports(&key);
-            let gone = self.users.remove(&key).map(|e| e.weight(&key));
+            let gone = self.users.remove(&*key).map(|e| e.weight(&key));
             self.reweigh(gone, None);
             n += 1;
         }
