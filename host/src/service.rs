@@ -10,7 +10,6 @@ use anyhow::Context as _;
 use tokio::net::TcpListener;
 
 use crate::broker::Topics;
-use crate::broker::consumer::TopicConsumer;
 use crate::config::RunConfig;
 use crate::consumer::Consumer;
 use crate::fold::{DEFAULT_REDUCER, Limits, Reducer, Runtime};
@@ -38,11 +37,7 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     // Bad client settings (an unknown `-X KEY=VALUE`) end the process here, with
     // librdkafka's words as the error, before anything starts.
-    drop(TopicConsumer::new(
-        &config.kafka,
-        &config.group_id,
-        Topics::from(&config),
-    )?);
+    let client = Consumer::client(&config)?;
     let runtime = Runtime::new(Limits::from(&config.limits), config.cache.dir())
         .context("creating the wasm runtime")?;
     let reducer = load_reducer(&config, &runtime).await?;
@@ -105,7 +100,7 @@ pub async fn run(
     let consumer_thread = std::thread::Builder::new()
         .name("logq-consumer".into())
         .spawn(move || {
-            let result = consumer.run();
+            let result = consumer.run(client);
             let _ = done_tx.send(());
             result
         })

@@ -163,6 +163,7 @@ fn start() -> Service {
     );
     let metrics = Arc::new(Metrics::new(["users", "organizations"]));
     let stop = Arc::new(AtomicBool::new(false));
+    let client = Consumer::client(&config).expect("client settings");
     let consumer = Consumer::new(
         config,
         registry.clone(),
@@ -171,7 +172,7 @@ fn start() -> Service {
         stop.clone(),
         command_rx,
     );
-    let loop_thread = std::thread::spawn(move || consumer.run().expect("the loop runs"));
+    let loop_thread = std::thread::spawn(move || consumer.run(client).expect("the loop runs"));
     eventually("the loop to catch up", || metrics.status().0.then_some(()));
     Service {
         registry,

@@ -182,17 +182,26 @@ impl Consumer {
         }
     }
 
+    /// The client [`Consumer::run`] reads with, made from `config`. Made before the
+    /// loop starts, so that bad client settings (an unknown `-X KEY=VALUE`) end the
+    /// process at once with librdkafka's words, and kept for the loop: making a
+    /// client only to check the settings and dropping it cost every start-up 0.1 s
+    /// (librdkafka's teardown).
+    ///
+    /// # Errors
+    /// When librdkafka refuses the settings.
+    pub fn client(config: &RunConfig) -> Result<TopicConsumer, KafkaError> {
+        TopicConsumer::new(&config.kafka, &config.group_id, Topics::from(config))
+    }
+
     /// Runs until the stop flag is set: waits for the broker and the topics, reads
-    /// them from a snapshot's offsets or the earliest, then follows them.
+    /// them with `consumer` (made from this loop's settings, see
+    /// [`Consumer::client`]) from a snapshot's offsets or the earliest, then follows
+    /// them.
     ///
     /// # Errors
     /// Only when the Kafka clients cannot be created (bad settings).
-    pub fn run(mut self) -> Result<(), ConsumerError> {
-        let consumer = TopicConsumer::new(
-            &self.config.kafka,
-            &self.config.group_id,
-            self.topics.clone(),
-        )?;
+    pub fn run(mut self, consumer: TopicConsumer) -> Result<(), ConsumerError> {
         let Some(targets) = self.discover(&consumer) else {
             return Ok(());
         };
