@@ -77,6 +77,9 @@ struct Args {
     /// Only figure 7 (produce -> visible) after figures 1 and 2, printed.
     #[arg(long)]
     visible_only: bool,
+    /// Only figure 9 (RSS across 10 rollbacks), printed: for work on memory.
+    #[arg(long)]
+    swaps_only: bool,
     /// Where the report and charts go.
     #[arg(long, default_value = "bench/results/latest")]
     out: PathBuf,
@@ -194,6 +197,18 @@ fn run(args: &Args, work: &std::path::Path) -> anyhow::Result<()> {
         args.events, args.users, args.seed
     ));
     let history = history::generate(args.seed, args.events, args.users);
+    if args.swaps_only {
+        let loaded = broker::load(&history);
+        let cache = work.join("compile-cache");
+        let s = swap_memory(&loaded, &cache.to_string_lossy(), 10)?;
+        say(format!(
+            "RSS across 10 rollbacks ({} users): before {} MiB, after: {:?} MiB",
+            s.users,
+            s.before >> 20,
+            s.after.iter().map(|b| b >> 20).collect::<Vec<_>>()
+        ));
+        return Ok(());
+    }
     let avg_bytes = history.bytes() / history.len().max(1);
     let mut rows = Vec::new();
 

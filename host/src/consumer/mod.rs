@@ -390,16 +390,15 @@ impl Consumer {
             Command::Handover(tail) => {
                 let (store, slots, registry) = (&self.store, &mut self.slots, &self.registry);
                 // Both flips are atomic for readers; no batch runs in between.
-                let flipped = tail.finish(positions, |shadow, active| {
+                tail.finish(positions, |shadow, active| {
                     store.replace(shadow);
                     slots.install(active);
                     registry.publish(&slots.current, slots.previous.as_ref());
-                });
-                if flipped {
-                    // The old state was just freed, a whole state's worth: give it
-                    // back now, or every swap would leave the process larger.
+                    // The old state was just freed, a whole state's worth, and the
+                    // replay's client before it: give it back now, before the swap is
+                    // marked active, or every swap would leave the process larger.
                     crate::memory::trim();
-                }
+                });
             }
         }
     }

@@ -325,8 +325,9 @@ impl Replay {
 
 impl Tail {
     /// Finishes the handover on the consumer loop's thread: reads up to `live` (the
-    /// loop's positions), then calls `flip` with the shadow state and the new reducer
-    /// unless the replay has ended meanwhile. Returns whether it flipped.
+    /// loop's positions), drops the replay's client, then calls `flip` with the
+    /// shadow state and the new reducer unless the replay has ended meanwhile; the
+    /// swap is marked active after `flip` returns. Returns whether it flipped.
     pub fn finish(mut self, live: &Positions, flip: impl FnOnce(StateStore, Arc<Active>)) -> bool {
         let replay = self.replay.clone();
         replay.pause(Step::HandoverTaken);
@@ -347,7 +348,16 @@ impl Tail {
         let flipped = match reached {
             Ok(true) => {
                 let offsets = self.setup.topics.named(&positions);
-                let Tail { shadow, active, .. } = self;
+                let Tail {
+                    shadow,
+                    active,
+                    consumer,
+                    ..
+                } = self;
+                // The replay's client and what it holds go before the flip, so that
+                // the memory given back after it (the flip frees the old state) is
+                // all a replay took, before the swap is said to be active.
+                drop(consumer);
                 let mut phase = lock(&replay.phase);
                 if phase.is_final() {
                     false
