@@ -207,6 +207,8 @@ fn run(args: &Args, work: &std::path::Path) -> anyhow::Result<()> {
             s.before >> 20,
             s.after.iter().map(|b| b >> 20).collect::<Vec<_>>()
         ));
+        let row = preview_row(&s);
+        say(format!("{}: {} | {}", row.figure, row.ours, row.peer));
         return Ok(());
     }
     let avg_bytes = history.bytes() / history.len().max(1);
@@ -825,6 +827,7 @@ fn run(args: &Args, work: &std::path::Path) -> anyhow::Result<()> {
         swaps.before >> 20,
         swaps.after.iter().map(|b| b >> 20).collect::<Vec<_>>()
     ));
+    rows.push(preview_row(&swaps));
 
     // 4b. Memory at ten times the users, so the slope shows.
     if args.memory_users > 0 {
@@ -1073,11 +1076,47 @@ impl Memory {
     }
 }
 
+/// Figure 10: a swap preview next to a replay (a rollback) of the same history.
+fn preview_row(s: &SwapMemory) -> Row {
+    let rollback = Spread::of(&s.rollback_secs);
+    Row {
+        figure: format!(
+            "10. Swap preview (mask-emails <-> default over the whole history, {} users): request to report (s)",
+            s.users
+        ),
+        ours: format!(
+            "{:.2} s; RSS with both states {} MiB; the loop compared for {:.3} s; {} answers would change",
+            s.preview_secs,
+            s.preview_rss >> 20,
+            s.preview_compare_secs,
+            s.preview_changed
+        ),
+        peer: format!(
+            "a rollback (replay) of the same history: {:.2} s [{:.2}-{:.2}, n={}]",
+            rollback.median,
+            rollback.min,
+            rollback.max,
+            s.rollback_secs.len()
+        ),
+        ratio: rollback.median / s.preview_secs.max(1e-9),
+        target: "reported (no peer previews a swap)".into(),
+        pass: None,
+    }
+}
+
 /// RSS of a host before and after each of a run of rollbacks.
 struct SwapMemory {
     users: f64,
     before: u64,
     after: Vec<u64>,
+    /// Seconds from each rollback's request to its `active`.
+    rollback_secs: Vec<f64>,
+    /// The preview after them: seconds to `previewed`, its report's RSS (both
+    /// states held) and the loop's compare time, and the users it found changed.
+    preview_secs: f64,
+    preview_rss: u64,
+    preview_compare_secs: f64,
+    preview_changed: u64,
 }
 
 /// Starts a host on `loaded`, swaps the mask reducer in (forward), then rolls back
@@ -1098,36 +1137,62 @@ fn swap_memory(loaded: &broker::Loaded, cache_arg: &str, n: usize) -> anyhow::Re
     let r = host.admin("PUT", "/admin/reducer?mode=forward", Some(TOKEN), &mask);
     anyhow::ensure!(r.status == 200, "forward swap: {} {}", r.status, r.body);
     let mut after = Vec::new();
-    for _ in 0..n {
-        let r = host.admin("POST", "/admin/reducer/rollback", Some(TOKEN), b"");
-        anyhow::ensure!(r.status == 202, "rollback: {} {}", r.status, r.body);
-        let id = r.json()["swap"]["id"].clone();
+    let mut rollback_secs = Vec::new();
+    // Waits for swap `id` to end as `want`; the entry as it ended.
+    let wait = |id: &serde_json::Value, want: &str| -> anyhow::Result<serde_json::Value> {
         let deadline = std::time::Instant::now() + Duration::from_secs(600);
         loop {
             let d = host.admin("GET", "/admin/reducer", Some(TOKEN), b"").json();
-            let outcome = d["history"]
+            let entry = d["history"]
                 .as_array()
-                .and_then(|h| h.iter().find(|e| e["id"] == id))
-                .map(|e| e["outcome"].clone());
-            match outcome.as_ref().and_then(serde_json::Value::as_str) {
-                Some("active") => break,
+                .and_then(|h| h.iter().find(|e| e["id"] == *id))
+                .cloned()
+                .unwrap_or_default();
+            match entry["outcome"].as_str() {
+                Some(o) if o == want => return Ok(entry),
                 Some("failed" | "cancelled" | "superseded" | "rejected") => {
-                    anyhow::bail!("rollback {id} ended {outcome:?}: {d}")
+                    anyhow::bail!("swap {id} ended {}: {d}", entry["outcome"])
                 }
                 _ => {}
             }
             anyhow::ensure!(
                 std::time::Instant::now() < deadline,
-                "rollback {id} did not finish"
+                "swap {id} did not end"
             );
             std::thread::sleep(Duration::from_millis(100));
         }
+    };
+    for _ in 0..n {
+        let asked = std::time::Instant::now();
+        let r = host.admin("POST", "/admin/reducer/rollback", Some(TOKEN), b"");
+        anyhow::ensure!(r.status == 202, "rollback: {} {}", r.status, r.body);
+        wait(&r.json()["swap"]["id"], "active")?;
+        rollback_secs.push(asked.elapsed().as_secs_f64());
         after.push(broker::rss(host.pid())?);
     }
+    // A preview of the other reducer than the one active now (the mask reducer after
+    // an even number of rollbacks, the default one after an odd number), so that
+    // the report has answers to change.
+    let other = if n.is_multiple_of(2) {
+        std::fs::read(logq_e2e::component("reducer.wasm"))?
+    } else {
+        mask.clone()
+    };
+    let asked = std::time::Instant::now();
+    let r = host.admin("PUT", "/admin/reducer?mode=preview", Some(TOKEN), &other);
+    anyhow::ensure!(r.status == 202, "preview: {} {}", r.status, r.body);
+    let entry = wait(&r.json()["swap"]["id"], "previewed")?;
+    let preview_secs = asked.elapsed().as_secs_f64();
+    let report = &entry["preview"];
     Ok(SwapMemory {
         users,
         before,
         after,
+        rollback_secs,
+        preview_secs,
+        preview_rss: report["rss_bytes"].as_u64().unwrap_or(0),
+        preview_compare_secs: report["compare_seconds"].as_f64().unwrap_or(0.0),
+        preview_changed: report["users"]["changed"].as_u64().unwrap_or(0),
     })
 }
 

@@ -390,7 +390,7 @@ impl Consumer {
             Command::Handover(tail) => {
                 let (store, slots, registry) = (&self.store, &mut self.slots, &self.registry);
                 // Both flips are atomic for readers; no batch runs in between.
-                tail.finish(positions, |shadow, active| {
+                tail.finish(positions, store, |shadow, active| {
                     store.replace(shadow);
                     slots.install(active);
                     registry.publish(&slots.current, slots.previous.as_ref());

@@ -117,11 +117,12 @@ pub fn routes(admin: Arc<Admin>) -> impl Filter<Extract = (Response,), Error = R
                 let mode = match q.mode.as_deref() {
                     None | Some("forward") => Mode::Forward,
                     Some("replay") => Mode::Replay,
+                    Some("preview") => Mode::Preview,
                     Some(other) => {
                         return Err(refuse(
                             StatusCode::BAD_REQUEST,
                             "bad_request",
-                            format!("mode {other:?}: use forward or replay"),
+                            format!("mode {other:?}: use forward, replay or preview"),
                         ));
                     }
                 };
@@ -134,7 +135,7 @@ pub fn routes(admin: Arc<Admin>) -> impl Filter<Extract = (Response,), Error = R
                 })?;
                 swap_reply(
                     result,
-                    if mode == Mode::Replay {
+                    if mode != Mode::Forward {
                         StatusCode::ACCEPTED
                     } else {
                         StatusCode::OK

@@ -474,6 +474,7 @@ mod tests {
                 canary_ms: 0,
                 switch_offsets: None,
                 stale_answers: None,
+                preview: None,
             },
             active: ReducerInfo {
                 sha256: "ab".into(),

@@ -21,6 +21,9 @@ pub enum Mode {
     Forward,
     /// Rebuild the state from the earliest offsets with the new reducer, then flip.
     Replay,
+    /// Rebuild a shadow state as a replay does, compare its answers with the live
+    /// ones, keep the report, never flip (see [`super::preview`]).
+    Preview,
 }
 
 /// Where a swap stands, or how it ended.
@@ -48,6 +51,8 @@ pub enum Outcome {
     Superseded,
     /// A replay (or rollback) that could not finish (see `reason`).
     Failed,
+    /// A preview that caught up and wrote its report (`preview`); nothing changed.
+    Previewed,
 }
 
 /// One attempted swap.
@@ -81,6 +86,8 @@ pub struct SwapRecord {
     /// reducers when it took effect. Each changes when its entity gets an event; a
     /// replay or a rollback re-renders them all.
     pub stale_answers: Option<usize>,
+    /// For a preview that finished: what the candidate would do to the answers.
+    pub preview: Option<super::preview::Report>,
 }
 
 /// The last [`KEEP`] swaps.
@@ -107,6 +114,7 @@ impl History {
             canary_ms: 0,
             switch_offsets: None,
             stale_answers: None,
+            preview: None,
         };
         if inner.1.len() == KEEP {
             inner.1.pop_front();

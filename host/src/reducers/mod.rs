@@ -20,6 +20,7 @@ pub mod active;
 pub mod canary;
 pub mod command;
 pub mod history;
+pub mod preview;
 pub mod replay;
 pub mod watch;
 
@@ -152,7 +153,7 @@ impl Registry {
                     done,
                 })
             }
-            Mode::Replay => self.start_replay(record.id, active),
+            Mode::Replay | Mode::Preview => self.start_replay(record.id, active, mode),
         }
     }
 
@@ -172,7 +173,7 @@ impl Registry {
         self.history.update(record.id, |r| r.from_cache = true);
         self.supersede_replay(record.id);
         let back = Arc::new(Active::new(previous.reducer.clone(), Origin::Rollback));
-        self.start_replay(record.id, back)
+        self.start_replay(record.id, back, Mode::Replay)
     }
 
     /// Cancels a running replay; `false` when none runs.
@@ -269,7 +270,12 @@ impl Registry {
         }
     }
 
-    fn start_replay(&self, id: u64, active: Arc<Active>) -> Result<Submitted, SwapError> {
+    fn start_replay(
+        &self,
+        id: u64,
+        active: Arc<Active>,
+        mode: Mode,
+    ) -> Result<Submitted, SwapError> {
         let mut slot = lock(&self.replay);
         if let Some(r) = slot.as_ref().filter(|r| r.running()) {
             let msg = format!(
@@ -289,6 +295,7 @@ impl Registry {
             self.setup.clone(),
             active,
             id,
+            mode == Mode::Preview,
             self.history.clone(),
             self.pause.clone(),
             move |tail| {

@@ -18,15 +18,19 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use logq_abi::Source;
 use serde::Serialize;
 
 use super::active::Active;
 use super::history::{History, Outcome};
+use super::preview::{REFUSALS, Refusal, Report};
+use crate::broker::Record;
 use crate::broker::consumer::{POLL_WAIT, REQUEST_TIMEOUT, TopicConsumer};
 use crate::broker::{Partition, Positions, Topics};
 use crate::config::KafkaConfig;
+use crate::fold::DeadLetter;
 use crate::state::StateStore;
-use crate::step::{Ahead, Counting, Stepper};
+use crate::step::{Ahead, Observer, Stepper};
 
 /// Where a replay stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -123,6 +127,10 @@ pub struct Progress {
 pub struct Replay {
     swap: u64,
     sha256: String,
+    /// A preview: compared at the handover, never flipped (see [`super::preview`]).
+    preview: bool,
+    /// The first refused records, for a preview's report.
+    refusals: Mutex<Vec<Refusal>>,
     phase: Mutex<Phase>,
     /// Set together with a final phase; read on the hot path without the lock.
     stop: AtomicBool,
@@ -152,6 +160,7 @@ impl Replay {
         setup: Setup,
         active: Arc<Active>,
         swap: u64,
+        preview: bool,
         history: Arc<History>,
         pause: Option<PauseHook>,
         handover: impl FnOnce(Tail) -> Result<(), String> + Send + 'static,
@@ -160,6 +169,8 @@ impl Replay {
         let replay = Arc::new(Self {
             swap,
             sha256: sha256.clone(),
+            preview,
+            refusals: Mutex::new(Vec::new()),
             phase: Mutex::new(Phase::CatchingUp),
             stop: AtomicBool::new(false),
             events: AtomicU64::new(0),
@@ -328,7 +339,12 @@ impl Tail {
     /// loop's positions), drops the replay's client, then calls `flip` with the
     /// shadow state and the new reducer unless the replay has ended meanwhile; the
     /// swap is marked active after `flip` returns. Returns whether it flipped.
-    pub fn finish(mut self, live: &Positions, flip: impl FnOnce(StateStore, Arc<Active>)) -> bool {
+    pub fn finish(
+        mut self,
+        live: &Positions,
+        store: &StateStore,
+        flip: impl FnOnce(StateStore, Arc<Active>),
+    ) -> bool {
         let replay = self.replay.clone();
         replay.pause(Step::HandoverTaken);
         let mut positions = std::mem::take(&mut self.positions);
@@ -360,6 +376,30 @@ impl Tail {
                 drop(consumer);
                 let mut phase = lock(&replay.phase);
                 if phase.is_final() {
+                    false
+                } else if replay.preview {
+                    let started = Instant::now();
+                    let (users, organizations) = super::preview::compare(store, &shadow);
+                    let report = Report {
+                        position: offsets,
+                        users,
+                        organizations,
+                        records_refused: lock(&replay.progress).records_refused,
+                        refusals: std::mem::take(&mut *lock(&replay.refusals)),
+                        seconds: replay.started.elapsed().as_secs_f64(),
+                        rss_bytes: crate::memory::resident_bytes(),
+                        compare_seconds: started.elapsed().as_secs_f64(),
+                    };
+                    drop(shadow);
+                    crate::memory::trim();
+                    *phase = Phase::Done;
+                    let _ = replay.ended.set(replay.started.elapsed());
+                    drop(phase);
+                    replay.history.update(replay.swap, |r| {
+                        r.outcome = Outcome::Previewed;
+                        r.preview = Some(report);
+                    });
+                    tracing::info!("preview of swap #{} reported", replay.swap);
                     false
                 } else {
                     flip(shadow, active);
@@ -410,7 +450,11 @@ impl Tail {
             if replay.stopped() {
                 return Ok(false);
             }
-            match stepper.step(&self.active.reducer, &self.shadow, POLL_WAIT, &mut Counting) {
+            let mut refusals = Refusals {
+                replay,
+                topics: &self.setup.topics,
+            };
+            match stepper.step(&self.active.reducer, &self.shadow, POLL_WAIT, &mut refusals) {
                 Ok(Some(step)) => {
                     step.advance(positions);
                     replay.events.fetch_add(step.applied(), Ordering::Relaxed);
@@ -431,6 +475,29 @@ impl Tail {
             }
         }
         Ok(true)
+    }
+}
+
+/// What a replay does with a refused record: counts it (in the step), and keeps the
+/// first few with their reason for a preview's report. Nothing is dead-lettered.
+struct Refusals<'a> {
+    replay: &'a Replay,
+    topics: &'a Topics,
+}
+
+impl Observer for Refusals<'_> {
+    fn refused(&mut self, source: Source, record: &Record<'_>, why: &DeadLetter, _: u64) {
+        if !self.replay.preview {
+            return;
+        }
+        let mut kept = lock(&self.replay.refusals);
+        if kept.len() < REFUSALS {
+            kept.push(Refusal {
+                partition: format!("{}/{}", self.topics.name(source), record.partition),
+                offset: record.offset,
+                reason: why.reason.clone(),
+            });
+        }
     }
 }
 

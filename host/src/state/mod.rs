@@ -604,6 +604,20 @@ impl StateStore {
         Some(join_view(view, org))
     }
 
+    /// Every user kept (visible or not), in no order: what a swap preview compares.
+    pub fn user_keys(&self) -> Vec<Box<str>> {
+        let mut out = Vec::new();
+        for shard in self.shards.iter() {
+            out.extend(read(shard).users.keys().map(|k| Box::from(&**k)));
+        }
+        out
+    }
+
+    /// Every organization kept, in no order.
+    pub fn organization_keys(&self) -> Vec<Box<str>> {
+        self.read_organizations().entries.keys().cloned().collect()
+    }
+
     /// The answer for organization `key`.
     pub fn organization(&self, key: &str) -> Option<String> {
         self.read_organizations()

@@ -1,0 +1,221 @@
+//! Swap preview: what a candidate reducer would do to the answers, learned before
+//! anything changes. A preview is a replay (`PUT /admin/reducer?mode=preview`): the
+//! candidate folds the log from the earliest offsets into a shadow state, with the
+//! same machinery and the same handover. Where a replay would flip, the consumer loop
+//! compares the shadow with the live state at the same position (it reads the tail
+//! up to its own position first, between two batches) and keeps the [`Report`] in
+//! the swap's history entry; the shadow is dropped at once. A preview never writes a
+//! dead letter (a replay never does), never touches the live state, the position or
+//! the active reducer, and is cancelled like a replay.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+use crate::state::StateStore;
+
+/// Samples kept per category.
+pub const SAMPLES: usize = 5;
+
+/// Refused records kept with their reason.
+pub const REFUSALS: usize = 20;
+
+/// An answer before and after.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Sample {
+    /// The user id or organization key.
+    pub id: String,
+    /// The live answer (`None`: not visible now).
+    pub before: Option<serde_json::Value>,
+    /// The candidate's answer (`None`: it would not show it).
+    pub after: Option<serde_json::Value>,
+}
+
+/// How the answers of one kind of entity would change.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct Changes {
+    /// Ids visible in either state.
+    pub compared: usize,
+    /// The same answer, byte for byte.
+    pub unchanged: usize,
+    /// Visible in both, another answer.
+    pub changed: usize,
+    /// Visible only with the candidate.
+    pub newly_visible: usize,
+    /// Visible now, not with the candidate (deleted or refused).
+    pub newly_hidden: usize,
+    /// Top-level fields that differ, with how many answers differ in each (an
+    /// answer that appears or disappears counts for each of its fields).
+    pub fields: BTreeMap<String, usize>,
+    /// Up to [`SAMPLES`] ids per category.
+    pub samples: BTreeMap<&'static str, Vec<Sample>>,
+}
+
+/// A record the candidate refused (it would be dead-lettered after the swap).
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Refusal {
+    /// `topic/partition`.
+    pub partition: String,
+    /// Its offset.
+    pub offset: i64,
+    /// Why, in the reducer's words.
+    pub reason: String,
+}
+
+/// What a preview found, kept in its history entry.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Report {
+    /// The position both states were compared at (`topic/partition` -> next offset).
+    pub position: BTreeMap<String, i64>,
+    /// The users' answers (as `GET /users/{id}` gives them, joined).
+    pub users: Changes,
+    /// The organizations' answers.
+    pub organizations: Changes,
+    /// Records the candidate refused while folding the whole log (the live reducer's
+    /// own dead letters are in the dead-letter topics).
+    pub records_refused: u64,
+    /// The first [`REFUSALS`] of them.
+    pub refusals: Vec<Refusal>,
+    /// Seconds from the request to the report.
+    pub seconds: f64,
+    /// The process's resident memory when the report was written (both states
+    /// held), bytes.
+    pub rss_bytes: Option<u64>,
+    /// Seconds the consumer loop spent comparing (it folds nothing meanwhile).
+    pub compare_seconds: f64,
+}
+
+/// Compares the answers of `live` and `candidate`, entity by entity.
+pub fn compare(live: &StateStore, candidate: &StateStore) -> (Changes, Changes) {
+    let users = changes(
+        live.user_keys().into_iter().chain(candidate.user_keys()),
+        |id| live.user(id),
+        |id| candidate.user(id),
+    );
+    let organizations = changes(
+        live.organization_keys()
+            .into_iter()
+            .chain(candidate.organization_keys()),
+        |k| live.organization(k),
+        |k| candidate.organization(k),
+    );
+    (users, organizations)
+}
+
+fn changes(
+    keys: impl Iterator<Item = Box<str>>,
+    before: impl Fn(&str) -> Option<String>,
+    after: impl Fn(&str) -> Option<String>,
+) -> Changes {
+    let mut keys: Vec<Box<str>> = keys.collect();
+    keys.sort_unstable();
+    keys.dedup();
+    let mut out = Changes::default();
+    for key in keys {
+        let (b, a) = (before(&key), after(&key));
+        let category = match (&b, &a) {
+            (None, None) => continue,
+            (Some(b), Some(a)) if b == a => {
+                out.compared += 1;
+                out.unchanged += 1;
+                continue;
+            }
+            (Some(_), Some(_)) => {
+                out.changed += 1;
+                "changed"
+            }
+            (None, Some(_)) => {
+                out.newly_visible += 1;
+                "newly_visible"
+            }
+            (Some(_), None) => {
+                out.newly_hidden += 1;
+                "newly_hidden"
+            }
+        };
+        out.compared += 1;
+        let parse = |s: &Option<String>| {
+            s.as_deref()
+                .and_then(|s| serde_json::from_str::<serde_json::Value>(s).ok())
+        };
+        let (b, a) = (parse(&b), parse(&a));
+        let fields = |v: &Option<serde_json::Value>| {
+            v.as_ref()
+                .and_then(serde_json::Value::as_object)
+                .cloned()
+                .unwrap_or_default()
+        };
+        let (bf, af) = (fields(&b), fields(&a));
+        let names: std::collections::BTreeSet<&String> = bf.keys().chain(af.keys()).collect();
+        for name in names {
+            if bf.get(name) != af.get(name) {
+                *out.fields.entry(name.clone()).or_default() += 1;
+            }
+        }
+        let samples = out.samples.entry(category).or_default();
+        if samples.len() < SAMPLES {
+            samples.push(Sample {
+                id: key.into(),
+                before: b,
+                after: a,
+            });
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::test_update;
+    use logq_abi::{Entity, Kind};
+
+    fn user(store: &StateStore, id: &str, answer: Option<&str>) {
+        store.apply(
+            &[Entity {
+                kind: Kind::User,
+                key: id.into(),
+            }],
+            vec![test_update(answer, None)],
+        );
+    }
+
+    #[test]
+    fn each_id_lands_in_one_category_and_fields_are_counted_once() {
+        let (live, candidate) = (StateStore::new(), StateStore::new());
+        user(&live, "same", Some(r#"{"id":"same","email":"a@x"}"#));
+        user(&candidate, "same", Some(r#"{"id":"same","email":"a@x"}"#));
+        user(&live, "masked", Some(r#"{"id":"masked","email":"b@x"}"#));
+        user(
+            &candidate,
+            "masked",
+            Some(r#"{"id":"masked","email":"b***"}"#),
+        );
+        user(&candidate, "new", Some(r#"{"id":"new"}"#));
+        user(&live, "gone", Some(r#"{"id":"gone","email":"c@x"}"#));
+        // Kept but not visible on both sides: not compared.
+        user(&live, "hidden", None);
+        user(&candidate, "hidden", None);
+        let (users, orgs) = compare(&live, &candidate);
+        assert_eq!(
+            (
+                users.compared,
+                users.unchanged,
+                users.changed,
+                users.newly_visible,
+                users.newly_hidden
+            ),
+            (4, 1, 1, 1, 1)
+        );
+        // email: changed in "masked", gone with "gone"; id: "new" and "gone".
+        assert_eq!(users.fields.get("email"), Some(&2));
+        assert_eq!(users.fields.get("id"), Some(&2));
+        assert_eq!(users.fields.get("organization"), Some(&2));
+        let changed = &users.samples["changed"][0];
+        assert_eq!(changed.id, "masked");
+        assert_eq!(changed.before.as_ref().unwrap()["email"], "b@x");
+        assert_eq!(changed.after.as_ref().unwrap()["email"], "b***");
+        assert_eq!(users.samples["newly_hidden"][0].after, None);
+        assert_eq!(orgs, Changes::default());
+    }
+}
