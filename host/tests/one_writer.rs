@@ -410,3 +410,65 @@ fn refused_candidates_and_an_empty_rollback_change_nothing() {
     assert_eq!(d["active"]["origin"], "rollback");
     assert_eq!(d["active"]["answers"]["by_active"], visible, "{d}");
 }
+
+#[test]
+fn a_preview_cancelled_at_any_step_changes_nothing_and_one_let_through_reports_without_flipping() {
+    let s = start();
+    let triggers_sha = sha256_hex(&triggers_reducer());
+    let default_sha = sha256_hex(DEFAULT_REDUCER);
+    let mask = mask_reducer();
+    let unchanged = |s: &Service, case: &str| {
+        let d = describe(s);
+        assert_eq!(d["active"]["sha256"], triggers_sha, "{case}: {d}");
+        assert_eq!(d["previous"]["sha256"], default_sha, "{case}: {d}");
+        assert!(!email_masked(s), "{case}: the live answers are not masked");
+        d
+    };
+    for step in [Step::CaughtUp, Step::HandoverTaken, Step::TailRead] {
+        let case = format!("cancelled at {step:?}");
+        reset(&s);
+        let (paused, go) = s.gate.arm(step);
+        let preview = s
+            .registry
+            .submit(&mask, Origin::Http, Mode::Preview)
+            .expect("preview starts");
+        paused
+            .recv_timeout(Duration::from_secs(60))
+            .unwrap_or_else(|_| panic!("{case}: the preview reaches the step"));
+        assert!(s.registry.cancel_replay(), "{case}: a preview runs");
+        if step == Step::CaughtUp {
+            // Cancelled before the handover: the loop never gets it.
+            go.send(()).unwrap();
+        } else {
+            // The loop holds the handover: let it conclude before looking.
+            let (concluded, go_on) = s.gate.arm(Step::Concluded);
+            go.send(()).unwrap();
+            concluded
+                .recv_timeout(Duration::from_secs(60))
+                .unwrap_or_else(|_| panic!("{case}: the loop concludes the handover"));
+            go_on.send(()).unwrap();
+        }
+        assert_eq!(replay_ended(&s), "cancelled", "{case}");
+        let d = unchanged(&s, &case);
+        let e = entry(&d, preview.swap.id);
+        assert_eq!(e["outcome"], "cancelled", "{case}: {d}");
+        assert!(e["preview"].is_null(), "{case}: no report: {d}");
+    }
+    // Let through: it reports and still changes nothing.
+    reset(&s);
+    let preview = s
+        .registry
+        .submit(&mask, Origin::Http, Mode::Preview)
+        .expect("preview starts");
+    assert_eq!(replay_ended(&s), "done");
+    let d = unchanged(&s, "let through");
+    let e = entry(&d, preview.swap.id);
+    assert_eq!(e["outcome"], "previewed", "{d}");
+    let report = &e["preview"]["users"];
+    assert!(report["changed"].as_u64() > Some(0), "{d}");
+    assert_eq!(report["fields"]["user_email"], report["changed"], "{d}");
+    // A rollback still goes to the reducer before the active one.
+    s.registry.rollback().unwrap();
+    assert_eq!(replay_ended(&s), "done");
+    assert_eq!(describe(&s)["active"]["sha256"], default_sha);
+}
