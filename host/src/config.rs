@@ -45,6 +45,19 @@ pub enum ReducerCommand {
         #[command(flatten)]
         cache: CacheConfig,
     },
+    /// Asks a running host what swapping FILE in would do to its answers: a preview
+    /// (`PUT /admin/reducer?mode=preview`), waited for and printed as JSON; exits 1
+    /// when the host refuses it or it ends without a report.
+    Preview {
+        /// The component (`.wasm`).
+        file: PathBuf,
+        /// The host, `http://HOST:PORT`.
+        #[arg(long, env = "LOGQ_HOST", default_value = "http://127.0.0.1:8080")]
+        host: String,
+        /// Its admin token.
+        #[arg(long, env = "LOGQ_ADMIN_TOKEN", hide_env_values = true)]
+        token: String,
+    },
     /// Writes a reducer project from a template that builds as it is.
     New {
         /// The project's name (and folder): lower-case letters, digits, '-', '_'.

@@ -54,6 +54,16 @@ async fn run() -> anyhow::Result<()> {
             .await?;
             verdict_out(&verdict)
         }
+        Command::Reducer(ReducerCommand::Preview { file, host, token }) => {
+            let bytes =
+                std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+            let entry = tokio::task::spawn_blocking(move || {
+                logq::cli::preview::run(&host, &token, &bytes, logq::cli::preview::WAIT)
+            })
+            .await??;
+            println!("{}", serde_json::to_string_pretty(&entry)?);
+            Ok(())
+        }
         Command::Reducer(ReducerCommand::New {
             name,
             lang,

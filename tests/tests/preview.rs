@@ -8,8 +8,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use logq_e2e::{
-    Broker, Host, component, eventually, expected_answers, history, masked, produce, produce_raw,
-    read_topic,
+    Broker, Host, component, eventually, expected_answers, history, logq_bin, masked, produce,
+    produce_raw, read_topic,
 };
 use serde_json::Value;
 
@@ -123,6 +123,31 @@ fn a_preview_of_mask_emails_reports_exactly_the_users_with_an_email_and_changes_
         1,
         "the preview wrote no dead letter"
     );
+    // The same from the command line: `logq reducer preview` waits and prints the
+    // entry; a wrong token is an error that says so.
+    let component_path = component("mask-emails-reducer.wasm");
+    let cli = |token: &str| {
+        std::process::Command::new(logq_bin())
+            .args(["reducer", "preview"])
+            .arg(&component_path)
+            .args(["--host", &format!("http://{}", host.addr), "--token", token])
+            .output()
+            .expect("runs logq")
+    };
+    let out = cli(TOKEN);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let printed: Value = serde_json::from_slice(&out.stdout).expect("JSON on stdout");
+    assert_eq!(printed["outcome"], "previewed", "{printed}");
+    assert_eq!(printed["preview"]["users"]["changed"], would_change);
+    let refused = cli("wrong");
+    assert!(!refused.status.success());
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(said.contains("refused the preview (401)"), "{said}");
+
     // And a rollback has nothing to go back to: the preview never became active.
     let r = host.admin("POST", "/admin/reducer/rollback", Some(TOKEN), b"");
     assert_eq!(r.status, 409, "{}", r.body);
