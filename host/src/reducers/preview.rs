@@ -85,34 +85,76 @@ pub struct Report {
     pub compare_seconds: f64,
 }
 
-/// Compares the answers of `live` and `candidate`, entity by entity.
+/// Compares the answers of `live` and `candidate`, entity by entity. The users are
+/// split among the cores (the consumer loop, which calls it, folds nothing
+/// meanwhile), in key order, so the samples are the first ids of each category.
 pub fn compare(live: &StateStore, candidate: &StateStore) -> (Changes, Changes) {
-    let users = changes(
-        live.user_keys().into_iter().chain(candidate.user_keys()),
-        |id| live.user(id),
-        |id| candidate.user(id),
-    );
-    let organizations = changes(
-        live.organization_keys()
+    let keys = sorted(live.user_keys().into_iter().chain(candidate.user_keys()));
+    let threads = std::thread::available_parallelism()
+        .map_or(1, usize::from)
+        .clamp(1, 4);
+    let chunk = keys.len().div_ceil(threads).max(1);
+    let parts: Vec<Changes> = std::thread::scope(|s| {
+        let running: Vec<_> = keys
+            .chunks(chunk)
+            .map(|part| s.spawn(move || changes(part, |id| live.user(id), |id| candidate.user(id))))
+            .collect();
+        running
             .into_iter()
-            .chain(candidate.organization_keys()),
+            .map(|t| t.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+            .collect()
+    });
+    let mut users = Changes::default();
+    for part in parts {
+        users.merge(part);
+    }
+    let organizations = changes(
+        &sorted(
+            live.organization_keys()
+                .into_iter()
+                .chain(candidate.organization_keys()),
+        ),
         |k| live.organization(k),
         |k| candidate.organization(k),
     );
     (users, organizations)
 }
 
-fn changes(
-    keys: impl Iterator<Item = Box<str>>,
-    before: impl Fn(&str) -> Option<String>,
-    after: impl Fn(&str) -> Option<String>,
-) -> Changes {
+fn sorted(keys: impl Iterator<Item = Box<str>>) -> Vec<Box<str>> {
     let mut keys: Vec<Box<str>> = keys.collect();
     keys.sort_unstable();
     keys.dedup();
+    keys
+}
+
+impl Changes {
+    /// Adds `later` (ids after all of these) to these.
+    fn merge(&mut self, later: Changes) {
+        self.compared += later.compared;
+        self.unchanged += later.unchanged;
+        self.changed += later.changed;
+        self.newly_visible += later.newly_visible;
+        self.newly_hidden += later.newly_hidden;
+        for (field, n) in later.fields {
+            *self.fields.entry(field).or_default() += n;
+        }
+        for (category, samples) in later.samples {
+            let kept = self.samples.entry(category).or_default();
+            let room = SAMPLES.saturating_sub(kept.len());
+            kept.extend(samples.into_iter().take(room));
+        }
+    }
+}
+
+/// The changes among `keys` (sorted, distinct).
+fn changes(
+    keys: &[Box<str>],
+    before: impl Fn(&str) -> Option<String>,
+    after: impl Fn(&str) -> Option<String>,
+) -> Changes {
     let mut out = Changes::default();
     for key in keys {
-        let (b, a) = (before(&key), after(&key));
+        let (b, a) = (before(key), after(key));
         let category = match (&b, &a) {
             (None, None) => continue,
             (Some(b), Some(a)) if b == a => {
@@ -155,7 +197,7 @@ fn changes(
         let samples = out.samples.entry(category).or_default();
         if samples.len() < SAMPLES {
             samples.push(Sample {
-                id: key.into(),
+                id: key.to_string(),
                 before: b,
                 after: a,
             });
@@ -178,6 +220,38 @@ mod tests {
             }],
             vec![test_update(answer, None)],
         );
+    }
+
+    #[test]
+    fn split_among_threads_it_reports_what_one_pass_does() {
+        let (live, candidate) = (StateStore::new(), StateStore::new());
+        for i in 0..200 {
+            let id = format!("u{i:03}");
+            let answer = |v: usize| format!(r#"{{"id":"{id}","v":{v}}}"#);
+            match i % 4 {
+                0 => {
+                    user(&live, &id, Some(&answer(1)));
+                    user(&candidate, &id, Some(&answer(1)));
+                }
+                1 => {
+                    user(&live, &id, Some(&answer(1)));
+                    user(&candidate, &id, Some(&answer(2)));
+                }
+                2 => user(&candidate, &id, Some(&answer(1))),
+                _ => user(&live, &id, Some(&answer(1))),
+            }
+        }
+        let (split, _) = compare(&live, &candidate);
+        let keys = sorted(live.user_keys().into_iter().chain(candidate.user_keys()));
+        let one = changes(&keys, |id| live.user(id), |id| candidate.user(id));
+        assert_eq!(split, one);
+        assert_eq!(
+            (split.changed, split.newly_visible, split.newly_hidden),
+            (50, 50, 50)
+        );
+        // The first ids of each category, in key order.
+        assert_eq!(split.samples["changed"][0].id, "u001");
+        assert_eq!(split.samples["changed"].len(), SAMPLES);
     }
 
     #[test]
