@@ -91,13 +91,6 @@ pub trait Observer {
     fn folded(&mut self, _batch: &[logq_abi::Record<'_>]) {}
 }
 
-/// An observer that does nothing with refusals (a replay: [`Step::counts`] has them).
-pub struct Counting;
-
-impl Observer for Counting {
-    fn refused(&mut self, _: Source, _: &Record<'_>, _: &DeadLetter, _: u64) {}
-}
-
 /// Which fold lane a record goes to: a hash of its key (the entity's key when the
 /// producer keys by it), else of its partition.
 fn route(r: &Record<'_>) -> u64 {

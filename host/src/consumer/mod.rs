@@ -394,10 +394,6 @@ impl Consumer {
                     store.replace(shadow);
                     slots.install(active);
                     registry.publish(&slots.current, slots.previous.as_ref());
-                    // The old state was just freed, a whole state's worth, and the
-                    // replay's client before it: give it back now, before the swap is
-                    // marked active, or every swap would leave the process larger.
-                    crate::memory::trim();
                 });
             }
         }

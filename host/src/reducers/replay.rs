@@ -337,8 +337,10 @@ impl Replay {
 impl Tail {
     /// Finishes the handover on the consumer loop's thread: reads up to `live` (the
     /// loop's positions), drops the replay's client, then calls `flip` with the
-    /// shadow state and the new reducer unless the replay has ended meanwhile; the
-    /// swap is marked active after `flip` returns. Returns whether it flipped.
+    /// shadow state and the new reducer unless the replay has ended meanwhile (a
+    /// preview compares the shadow with `store` instead and keeps the report); the
+    /// freed memory is given back before the swap is marked done. Returns whether it
+    /// flipped.
     pub fn finish(
         mut self,
         live: &Positions,
@@ -377,41 +379,53 @@ impl Tail {
                 let mut phase = lock(&replay.phase);
                 if phase.is_final() {
                     false
-                } else if replay.preview {
-                    let started = Instant::now();
-                    let (users, organizations) = super::preview::compare(store, &shadow);
-                    let report = Report {
-                        position: offsets,
-                        users,
-                        organizations,
-                        records_refused: lock(&replay.progress).records_refused,
-                        refusals: std::mem::take(&mut *lock(&replay.refusals)),
-                        seconds: replay.started.elapsed().as_secs_f64(),
-                        rss_bytes: crate::memory::resident_bytes(),
-                        compare_seconds: started.elapsed().as_secs_f64(),
-                    };
-                    drop(shadow);
+                } else {
+                    // A preview compares and drops the shadow; a replay flips to it.
+                    let report = replay.preview.then(|| {
+                        let started = Instant::now();
+                        let (users, organizations) = super::preview::compare(store, &shadow);
+                        Report {
+                            position: offsets.clone(),
+                            users,
+                            organizations,
+                            records_refused: lock(&replay.progress).records_refused,
+                            refusals: std::mem::take(&mut *lock(&replay.refusals)),
+                            seconds: replay.started.elapsed().as_secs_f64(),
+                            rss_bytes: crate::memory::resident_bytes(),
+                            compare_seconds: started.elapsed().as_secs_f64(),
+                        }
+                    });
+                    if report.is_none() {
+                        flip(shadow, active);
+                    } else {
+                        drop(shadow);
+                    }
+                    // A whole state was just freed (the old one, or the shadow), and
+                    // the replay's client before it: give it back now, before the
+                    // swap is said to be done, or every swap would leave the process
+                    // larger.
                     crate::memory::trim();
                     *phase = Phase::Done;
                     let _ = replay.ended.set(replay.started.elapsed());
                     drop(phase);
-                    replay.history.update(replay.swap, |r| {
-                        r.outcome = Outcome::Previewed;
-                        r.preview = Some(report);
-                    });
-                    tracing::info!("preview of swap #{} reported", replay.swap);
-                    false
-                } else {
-                    flip(shadow, active);
-                    *phase = Phase::Done;
-                    let _ = replay.ended.set(replay.started.elapsed());
-                    drop(phase);
-                    replay.update(|p| p.handover_offsets = Some(offsets.clone()));
-                    replay.history.activated(replay.swap, |r| {
-                        r.switch_offsets = Some(offsets);
-                    });
-                    tracing::info!("replay of swap #{} handed over", replay.swap);
-                    true
+                    match report {
+                        Some(report) => {
+                            replay.history.update(replay.swap, |r| {
+                                r.outcome = Outcome::Previewed;
+                                r.preview = Some(report);
+                            });
+                            tracing::info!("preview of swap #{} reported", replay.swap);
+                            false
+                        }
+                        None => {
+                            replay.update(|p| p.handover_offsets = Some(offsets.clone()));
+                            replay.history.activated(replay.swap, |r| {
+                                r.switch_offsets = Some(offsets);
+                            });
+                            tracing::info!("replay of swap #{} handed over", replay.swap);
+                            true
+                        }
+                    }
                 }
             }
             Ok(false) => false,
@@ -446,14 +460,14 @@ impl Tail {
             1,
             Ahead::Never,
         );
+        let mut refusals = Refusals {
+            replay,
+            topics: &self.setup.topics,
+        };
         while behind(positions) > 0 {
             if replay.stopped() {
                 return Ok(false);
             }
-            let mut refusals = Refusals {
-                replay,
-                topics: &self.setup.topics,
-            };
             match stepper.step(&self.active.reducer, &self.shadow, POLL_WAIT, &mut refusals) {
                 Ok(Some(step)) => {
                     step.advance(positions);
