@@ -7,9 +7,12 @@
 //! instance). The reducer is the default fold built with the `test-triggers`
 //! feature: a marker in a record's value makes it misbehave in the phase it names.
 //!
-//! Not covered here: a reducer that misbehaves at instantiation (a start function that
-//! loops or traps) needs a component of the reducer world written by hand; the canary
-//! a swap runs instantiates every candidate first, which is where it would be refused.
+//!
+//! At instantiation: the default fold with a start function (added by `build.rs`, run
+//! when an instance is made, before any call) that traps, loops, or grows and writes
+//! memory until the limit stops it, fails every batch with the typed error; the canary
+//! a swap runs refuses such a candidate (`tests/tests/hot_swap.rs`). A broken output
+//! contract has no meaning there: instantiation returns nothing.
 
 // Test helpers: a failed unwrap is a failed test, with its location.
 #![allow(clippy::unwrap_used)]
@@ -112,6 +115,35 @@ fn every_misbehaviour_in_every_phase_is_a_typed_error() {
         )
         .unwrap();
     assert_eq!(ok.0.accepted, [1]);
+}
+
+#[test]
+fn a_reducer_hostile_at_instantiation_fails_every_batch_with_the_typed_error() {
+    let dir = std::path::Path::new(env!("LOGQ_TEST_START_REDUCERS_DIR"));
+    for (name, behaviour) in [
+        ("trap", "trap"),
+        ("loop", "loop"),
+        ("memory", "oom-written"),
+    ] {
+        let bytes = std::fs::read(dir.join(format!("test-start-{name}-reducer.wasm"))).unwrap();
+        let r = Runtime::new(LIMITS, None).unwrap().load(&bytes).unwrap();
+        for _ in 0..2 {
+            let started = std::time::Instant::now();
+            let err = r
+                .fold(
+                    &Record::sequence([(Source::Users, user("a", "fine").as_bytes())]),
+                    &NoPrior,
+                )
+                .err()
+                .unwrap_or_else(|| panic!("start-{name} folded"));
+            assert!(is(behaviour, &err), "start-{name}: {err}");
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "start-{name} was cut late: {:?}",
+                started.elapsed()
+            );
+        }
+    }
 }
 
 #[test]

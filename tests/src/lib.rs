@@ -964,6 +964,41 @@ fn percent_encode(id: &str) -> String {
         .collect()
 }
 
+/// Every record of `topic` with its place in the log, read back from the broker to
+/// its end (once it holds `at_least`), for [`oracle::Oracle::fold_logged`]; records
+/// that are not JSON (the tests' deliberately bad ones) are left out.
+pub fn logged(broker: &Broker, topic: &str, at_least: usize) -> Vec<oracle::Logged> {
+    read_topic(broker, topic, at_least, Duration::from_secs(60))
+        .into_iter()
+        .filter_map(|r| {
+            let value = String::from_utf8(r.value).ok()?;
+            serde_json::from_str::<serde_json::Value>(&value).ok()?;
+            Some(oracle::Logged {
+                partition: r.partition,
+                offset: r.offset,
+                value,
+            })
+        })
+        .collect()
+}
+
+/// The answer `GET /users/{id}` must give for every user, from the records of
+/// `users` and `organizations` as the broker holds them (at least the counts given):
+/// for records produced keyless, where an entity's events are spread over
+/// partitions and only the log says which of two equal times wins.
+pub fn expected_from_log(
+    broker: &Broker,
+    users: usize,
+    organizations: usize,
+) -> std::collections::BTreeMap<String, serde_json::Value> {
+    let mut oracle = oracle::Oracle::new();
+    oracle.fold_logged(
+        &logged(broker, "users", users),
+        &logged(broker, "organizations", organizations),
+    );
+    oracle.answers()
+}
+
 /// The answer `GET /users/{id}` must give for every user: [`oracle::answers`], the
 /// README's rules applied in order, independent of the reducer's code.
 pub fn expected_answers(
@@ -990,8 +1025,16 @@ impl Rng {
     }
 }
 
-/// A shuffled, partly duplicated history: users created, updated, deleted and
-/// re-created across partitions, organizations replaced; about 250 bytes an event.
+/// A shuffled, partly duplicated history, one event a record (about 250 bytes an
+/// event), that exercises every rule of the README's "Event rules" the oracle
+/// models: users created, updated (some fields only, some `null`, unknown fields
+/// beside them), deleted and re-created; event times in every accepted form (the
+/// seed's, RFC 3339 with `Z` or `z`, `T` or `t`, offsets, 0 to 9 fraction digits, a
+/// leap second) and, for one event in ten, the same instant as the id's previous event
+/// written differently, so equal times are decided by the log; event types in their
+/// accepted variants (`user_created`, `USER-UPDATED`, blanks around); organizations
+/// whose names are shared by two keys, renamed, and versioned by `updated_at`,
+/// `received_at` or only `created_at` (equal versions included).
 pub fn history(seed: u64, users: u64, events: usize) -> (Vec<String>, Vec<String>) {
     const NAMES: [&str; 4] = [
         "Metal Gear Solid",
@@ -1001,6 +1044,10 @@ pub fn history(seed: u64, users: u64, events: usize) -> (Vec<String>, Vec<String
     ];
     const TYPES: [&str; 3] = ["User Created", "User Updated", "User Deleted"];
     let mut rng = Rng(seed);
+    // 2021-01-01T00:00:00Z and a year of microseconds.
+    const START: i64 = 1_609_459_200_000_000;
+    const YEAR: i64 = 365 * 86_400 * 1_000_000;
+    let mut last_time: std::collections::HashMap<String, i64> = Default::default();
     let mut user_events = Vec::with_capacity(events);
     for _ in 0..events {
         let id = format!(
@@ -1012,16 +1059,16 @@ pub fn history(seed: u64, users: u64, events: usize) -> (Vec<String>, Vec<String
             4..=8 => 1,
             _ => 2,
         }];
-        let at = format!(
-            "2021-{:02}-{:02} {:02}:{:02}:{:02}.{:06}",
-            1 + rng.below(12),
-            1 + rng.below(28),
-            rng.below(24),
-            rng.below(60),
-            rng.below(60),
-            rng.below(1_000_000)
-        );
-        let mut e = serde_json::json!({"id": id, "event_type": kind, "received_at": at});
+        let at = match last_time.get(&id) {
+            Some(&t) if rng.below(10) == 0 => t,
+            _ => START + i64::try_from(rng.below(YEAR as u64)).unwrap_or(0),
+        };
+        last_time.insert(id.clone(), at);
+        let mut e = serde_json::json!({
+            "id": id,
+            "event_type": spelled(kind, &mut rng),
+            "received_at": written(at, &mut rng),
+        });
         if kind != "User Deleted" {
             let n = rng.below(1000);
             e["username"] = format!("user-{n}").into();
@@ -1029,6 +1076,11 @@ pub fn history(seed: u64, users: u64, events: usize) -> (Vec<String>, Vec<String
             if kind == "User Created" || rng.below(2) == 0 {
                 e["user_type"] = ["Admin", "User"][rng.below(2) as usize].into();
                 e["organization_name"] = NAMES[rng.below(4) as usize].into();
+            } else if rng.below(3) == 0 {
+                e["user_type"] = serde_json::Value::Null;
+            }
+            if rng.below(8) == 0 {
+                e["source"] = serde_json::json!({"app": "e2e", "retries": [1, 2]});
             }
         }
         user_events.push(e.to_string());
@@ -1037,19 +1089,97 @@ pub fn history(seed: u64, users: u64, events: usize) -> (Vec<String>, Vec<String
             user_events.push(dup);
         }
     }
-    let orgs = (0..12)
-        .map(|i| {
-            let tier = ["Small", "Medium", "Large"][rng.below(3) as usize];
-            serde_json::json!({
-                "organization_key": format!("org-{}", i % 4),
-                "organization_name": NAMES[i % 4],
-                "organization_tier": tier,
-                "created_at": format!("2018-01-{:02} 00:00:00", 1 + rng.below(28)),
-            })
-            .to_string()
-        })
-        .collect();
+    // Six keys: org-4 shares its first name with org-0, org-5 with org-1. Each
+    // key is created once, then replaced or renamed.
+    let mut versions = [0i64; 6];
+    let mut orgs = Vec::new();
+    for i in 0..30 {
+        let k = if i < 6 { i } else { rng.below(6) as usize };
+        let name = if i < 6 || rng.below(10) < 7 {
+            NAMES[k % 4]
+        } else {
+            NAMES[rng.below(4) as usize]
+        };
+        let tier = ["Small", "Medium", "Large"][rng.below(3) as usize];
+        let created = START - YEAR + i64::try_from(k).unwrap_or(0) * 86_400_000_000;
+        let mut e = serde_json::json!({
+            "organization_key": format!("org-{k}"),
+            "organization_name": name,
+            "organization_tier": tier,
+            "created_at": written(created, &mut rng),
+        });
+        // Versioned by updated_at, received_at, or (equal to every other such event
+        // of the key) created_at alone; now and then the key's previous version again.
+        if i >= 6 && rng.below(3) != 0 {
+            if rng.below(5) != 0 {
+                versions[k] = created + i64::try_from(rng.below(YEAR as u64)).unwrap_or(0);
+            }
+            let field = ["updated_at", "received_at"][rng.below(2) as usize];
+            e[field] = written(versions[k].max(created), &mut rng).into();
+        }
+        orgs.push(e.to_string());
+    }
     (user_events, orgs)
+}
+
+/// `kind` as producers spell it: mostly as documented, else lower case with `_`,
+/// upper case with `-`, or with blanks around.
+fn spelled(kind: &str, rng: &mut Rng) -> String {
+    match rng.below(10) {
+        0 => kind.to_lowercase().replace(' ', "_"),
+        1 => kind.to_uppercase().replace(' ', "-"),
+        2 => format!(" {kind} "),
+        _ => kind.to_owned(),
+    }
+}
+
+/// An instant (µs since the epoch) written in one of the forms the README accepts,
+/// all naming that instant, truncated to the second or the millisecond by the forms
+/// with fewer fraction digits and to the minute by the leap second.
+fn written(t: i64, rng: &mut Rng) -> String {
+    // "YYYY-MM-DDTHH:MM:SS.ffffffZ" of the instant shifted by `minutes`.
+    let at = |minutes: i64| oracle::render(t + minutes * 60_000_000);
+    let (date_time, micros) = {
+        let r = at(0);
+        (r[..19].to_owned(), r[20..26].to_owned())
+    };
+    match rng.below(12) {
+        0..=4 => format!("{} {}.{micros}", &date_time[..10], &date_time[11..]),
+        5 => date_time.replace('T', " "),
+        6 => format!("{date_time}.{}Z", &micros[..3]),
+        7 => format!("{}t{}.{micros}789z", &date_time[..10], &date_time[11..]),
+        8 => format!("{}.{micros}+02:00", &at(120)[..19]),
+        9 => {
+            let local = at(-330);
+            format!("{} {}.{micros}-05:30", &local[..10], &local[11..19])
+        }
+        10 => format!("{date_time}.{micros}Z"),
+        _ => {
+            // A leap second: the instant truncated to its minute, written as the
+            // previous minute's second 60.
+            let before = oracle::render(t - t.rem_euclid(60_000_000) - 60_000_000);
+            format!("{} {}:60", &before[..10], &before[11..16])
+        }
+    }
+}
+
+/// `values` in records of one to four: a group of one is the value itself, a larger
+/// one a JSON array of them (as the seed's producer sends), for producing keyless.
+pub fn in_arrays(seed: u64, values: &[String]) -> Vec<String> {
+    let mut rng = Rng(seed);
+    let mut out = Vec::new();
+    let mut rest = values;
+    while !rest.is_empty() {
+        let n = (1 + rng.below(4) as usize).min(rest.len());
+        let (group, tail) = rest.split_at(n);
+        out.push(if n == 1 {
+            group[0].clone()
+        } else {
+            format!("[{}]", group.join(","))
+        });
+        rest = tail;
+    }
+    out
 }
 
 /// One unlabelled gauge or counter (or a labelled one, `name{label="x"}`) from the
@@ -1191,6 +1321,107 @@ impl SseClient {
                 return None;
             }
             self.fill(left.min(Duration::from_millis(200)));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, BTreeSet};
+
+    use serde_json::Value;
+
+    /// The generator gives the end-to-end tests every case the README's rules name
+    /// (or the tests that rely on it would pass with a rule broken), and the oracle
+    /// reads all of it.
+    #[test]
+    fn the_history_exercises_every_rule() {
+        let (users, orgs) = super::history(0x5eed_1234, 2_000, 20_000);
+        let mut forms = BTreeSet::new();
+        let mut types = BTreeSet::new();
+        let (mut nulls, mut unknown) = (0, 0);
+        // (id, instant) -> the distinct texts naming it.
+        let mut instants: BTreeMap<(String, i64), BTreeSet<String>> = BTreeMap::new();
+        for value in &users {
+            let e: Value = serde_json::from_str(value).expect("JSON");
+            let at = e["received_at"].as_str().expect("time");
+            forms.insert(form(at));
+            types.insert(e["event_type"].as_str().expect("type").to_owned());
+            nulls += usize::from(e.get("user_type") == Some(&Value::Null));
+            unknown += usize::from(e.get("source").is_some());
+            instants
+                .entry((
+                    e["id"].as_str().expect("id").to_owned(),
+                    super::oracle::instant(at),
+                ))
+                .or_default()
+                .insert(value.clone());
+        }
+        assert_eq!(
+            forms,
+            BTreeSet::from([
+                "seed",
+                "seed, seconds",
+                "T Z, ms",
+                "t z, ns",
+                "T +02:00",
+                "blank -05:30",
+                "T Z",
+                "leap second"
+            ]),
+        );
+        for variant in [
+            "user_created",
+            "USER-UPDATED",
+            " User Deleted ",
+            "User Created",
+        ] {
+            assert!(types.contains(variant), "{variant}: {types:?}");
+        }
+        assert!(
+            nulls > 10 && unknown > 10,
+            "{nulls} nulls, {unknown} unknown"
+        );
+        let ties = instants.values().filter(|texts| texts.len() > 1).count();
+        assert!(ties > 100, "{ties} ids with one instant in two events");
+
+        let mut names: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        let mut keys: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        let mut versioned = BTreeSet::new();
+        for value in &orgs {
+            let e: Value = serde_json::from_str(value).expect("JSON");
+            let key = e["organization_key"].as_str().expect("key").to_owned();
+            let name = e["organization_name"].as_str().expect("name").to_owned();
+            names.entry(key.clone()).or_default().insert(name.clone());
+            keys.entry(name).or_default().insert(key);
+            versioned.insert(
+                ["updated_at", "received_at"]
+                    .into_iter()
+                    .find(|f| e.get(*f).is_some())
+                    .unwrap_or("created_at only"),
+            );
+        }
+        assert!(names.values().any(|n| n.len() > 1), "a key renamed");
+        assert!(keys.values().any(|k| k.len() > 1), "a name shared");
+        assert_eq!(versioned.len(), 3, "{versioned:?}");
+        assert!(super::expected_answers(&users, &orgs).len() > 500);
+    }
+
+    /// Which of the generator's forms a time is written in.
+    fn form(t: &str) -> &'static str {
+        let fraction = t
+            .split_once('.')
+            .map_or(0, |(_, f)| f.bytes().take_while(u8::is_ascii_digit).count());
+        match (&t[10..11], &t[t.len() - 1..], fraction) {
+            (_, _, _) if t.ends_with("+02:00") => "T +02:00",
+            (_, _, _) if t.ends_with("-05:30") => "blank -05:30",
+            (_, _, _) if t.ends_with(":60") => "leap second",
+            (" ", _, 6) => "seed",
+            (" ", _, 0) => "seed, seconds",
+            ("T", "Z", 3) => "T Z, ms",
+            ("t", "z", 9) => "t z, ns",
+            ("T", "Z", 6) => "T Z",
+            _ => panic!("a form the generator should not write: {t}"),
         }
     }
 }

@@ -7,8 +7,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use logq_e2e::{
-    Broker, Host, eventually, expected_answers, free_port, history, produce, produce_raw,
-    read_topic, root,
+    Broker, Host, eventually, expected_answers, expected_from_log, free_port, history, produce,
+    produce_raw, read_topic, root,
 };
 
 const READY: Duration = Duration::from_secs(120);
@@ -510,8 +510,8 @@ fn sigkill_at_seeded_points_of_catch_up_with_a_state_dir_ends_exact_with_bounded
     let broker = Broker::start();
     broker.create_default_topics();
     let (users, orgs) = history(0xdead, 2_000, 40_000);
-    // About 20 bad records among the good ones.
-    let bad = produce_with_bad_records(&broker, &users, &orgs, 2_000);
+    // About 10 bad records among the good ones.
+    let (bad, records) = produce_with_bad_records(&broker, &users, &orgs, 2_000);
     let dir = std::env::temp_dir().join(format!("logq-kill-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let args = [
@@ -528,7 +528,7 @@ fn sigkill_at_seeded_points_of_catch_up_with_a_state_dir_ends_exact_with_bounded
     let kills: Vec<usize> = (0..4)
         .map(|_| {
             seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
-            1 + usize::try_from((seed >> 33) % (users.len() as u64 * 3 / 4)).unwrap()
+            1 + usize::try_from((seed >> 33) % (records as u64 * 3 / 4)).unwrap()
         })
         .collect();
     let mut mid_catch_up = 0;
@@ -549,7 +549,7 @@ fn sigkill_at_seeded_points_of_catch_up_with_a_state_dir_ends_exact_with_bounded
     assert!(mid_catch_up >= 1, "no kill landed in catch-up: {kills:?}");
     let host = Host::start(&broker, &args);
     host.wait_ready(READY);
-    host.assert_answers(&users, expected_answers(&users, &orgs));
+    host.assert_answers(&users, expected_from_log(&broker, records, orgs.len()));
     // Every bad record is dead-lettered; a copy more per kill at most (acknowledged,
     // not yet committed when the process died: the documented window).
     let dead = read_topic(
@@ -576,17 +576,21 @@ fn sigkill_at_seeded_points_of_catch_up_with_a_state_dir_ends_exact_with_bounded
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// Produces the organizations, then `users` as raw lines with a bad record before
-/// every `every`-th one; returns how many bad records.
+/// Produces the organizations, then `users` as the seed's producer would (keyless,
+/// so spread over the partitions, in arrays of one to four events) with a bad record
+/// before every `every`-th one; returns how many bad records and how many records.
 fn produce_with_bad_records(
     broker: &Broker,
     users: &[String],
     orgs: &[String],
     every: usize,
-) -> usize {
+) -> (usize, usize) {
     let mut lines = Vec::new();
-    for (i, u) in users.iter().enumerate() {
-        lines.push(u.clone());
+    for (i, u) in logq_e2e::in_arrays(every as u64, users)
+        .into_iter()
+        .enumerate()
+    {
+        lines.push(u);
         if i % every == 0 {
             lines.push(format!("bad record {i}"));
         }
@@ -598,7 +602,8 @@ fn produce_with_bad_records(
         &["--raw-lines"],
         lines.join("\n").as_bytes(),
     );
-    lines.len() - users.len()
+    let bad = lines.iter().filter(|l| l.starts_with("bad record")).count();
+    (bad, lines.len())
 }
 
 /// Dead letters per source record (`logq.partition`, `logq.offset`): how many copies.
@@ -638,7 +643,7 @@ fn sigkill_during_snapshot_writes_restarts_exact_from_a_complete_snapshot() {
     broker.create_default_topics();
     let (users, orgs) = history(0x5a5a, 20_000, 60_000);
     let (first, rest) = users.split_at(40_000);
-    let bad = produce_with_bad_records(&broker, first, &orgs, 4_000);
+    let (bad, records) = produce_with_bad_records(&broker, first, &orgs, 4_000);
     let streaming = {
         let bootstrap = broker.bootstrap.clone();
         let chunks: Vec<String> = rest.chunks(500).map(|c| c.join("\n")).collect();
@@ -690,7 +695,10 @@ fn sigkill_during_snapshot_writes_restarts_exact_from_a_complete_snapshot() {
         "a complete snapshot was restored: {}",
         host.log()
     );
-    host.assert_answers(&users, expected_answers(&users, &orgs));
+    host.assert_answers(
+        &users,
+        expected_from_log(&broker, records + rest.len(), orgs.len()),
+    );
     let dead = read_topic(
         &broker,
         "users.dlq",

@@ -4,9 +4,10 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
+use logq_e2e::oracle::{self, Oracle};
 use logq_e2e::{
-    Broker, Host, SseClient, eventually, expected_answers, free_port, history, produce,
-    produce_raw, read_topic, root,
+    Broker, Host, SseClient, eventually, expected_answers, free_port, history, in_arrays, logged,
+    produce, produce_raw, read_topic, root,
 };
 
 const READY: Duration = Duration::from_secs(120);
@@ -352,6 +353,98 @@ fn generated_history_folds_to_the_native_answer_and_follows_new_events() {
     );
 }
 
+/// Every event rule end to end with records as the seed's producer sends them:
+/// keyless (the producer spreads them over the partitions) and in arrays of one to
+/// four events, carrying the generator's mixed time forms, spellings, `null` and
+/// unknown fields, renames and equal times. The oracle gets each record's place read
+/// back from the broker, so equal times across partitions are decided as the README
+/// says; the test first shows that here they are, and that the rule changes answers.
+#[test]
+fn keyless_arrays_spread_over_partitions_fold_to_the_readme_rules() {
+    let broker = Broker::start();
+    broker.create_default_topics();
+    let (users, orgs) = history(0x00a7_7a75, 300, 6_000);
+    let (user_records, mut org_records) = (in_arrays(1, &users), in_arrays(2, &orgs));
+    assert!(user_records.iter().any(|r| r.starts_with('[')));
+    // And one record whose two events replace a key at one instant: the later
+    // element wins (the smallest key, so every user of the name sees it).
+    let newest = |tier: &str| {
+        serde_json::json!({"organization_key": "org-0", "organization_name": "Metal Gear Solid",
+            "organization_tier": tier, "created_at": "2020-01-01 00:00:00",
+            "updated_at": "2030-01-01T00:00:00Z"})
+    };
+    org_records.push(serde_json::json!([newest("Small"), newest("Large")]).to_string());
+    // Keyless, a partition a batch: librdkafka's sticky partitioner moves on every
+    // few records only when the batches are cut short, so send in small runs.
+    for chunk in user_records.chunks(50) {
+        produce(
+            &broker,
+            "users",
+            &["--raw-lines"],
+            chunk.join("\n").as_bytes(),
+        );
+    }
+    for chunk in org_records.chunks(5) {
+        produce(
+            &broker,
+            "organizations",
+            &["--raw-lines"],
+            chunk.join("\n").as_bytes(),
+        );
+    }
+    let log_users = logged(&broker, "users", user_records.len());
+    let log_orgs = logged(&broker, "organizations", org_records.len());
+    assert_eq!(log_users.len(), user_records.len());
+    let partitions: BTreeSet<i32> = log_users.iter().map(|r| r.partition).collect();
+    assert!(
+        partitions.len() > 1,
+        "keyless records all in {partitions:?}"
+    );
+
+    // One id, one instant, two partitions, different events: the rule at work.
+    let mut places: std::collections::BTreeMap<(String, i64), BTreeSet<(i32, String)>> =
+        Default::default();
+    for r in &log_users {
+        let value: serde_json::Value = serde_json::from_str(&r.value).expect("JSON");
+        let events = match value {
+            serde_json::Value::Array(items) => items,
+            one => vec![one],
+        };
+        for e in events {
+            let at = oracle::instant(e["received_at"].as_str().expect("time"));
+            let id = e["id"].as_str().expect("id").to_owned();
+            places
+                .entry((id, at))
+                .or_default()
+                .insert((r.partition, e.to_string()));
+        }
+    }
+    let across = places
+        .values()
+        .filter(|s| s.iter().map(|(p, _)| p).collect::<BTreeSet<_>>().len() > 1)
+        .count();
+    assert!(
+        across > 0,
+        "no equal times across partitions in the history"
+    );
+
+    let mut by_log = Oracle::new();
+    by_log.fold_logged(&log_users, &log_orgs);
+    let expected = by_log.answers();
+    // Taken in the order produced instead, as if keyed, the answers differ: the
+    // partition rule decides something in this run.
+    assert_ne!(
+        expected,
+        oracle::answers(&user_records, &org_records),
+        "{across} equal times across partitions, none deciding an answer"
+    );
+
+    let host = Host::start(&broker, &[]);
+    host.wait_ready(READY);
+    host.wait_consumed("users", user_records.len(), Duration::from_secs(60));
+    host.assert_answers(&users, expected);
+}
+
 /// One gauge or counter from `/metrics`.
 fn metric(host: &Host, name: &str) -> f64 {
     host.metric(name)
@@ -409,7 +502,13 @@ fn deleted_users_tombstones_expire_after_the_retention_in_event_time() {
         metric(&host, "logq_tombstones_expired_total"),
         ((ROUNDS - 1) * PER_ROUND) as f64
     );
-    let expected = expected_answers(&users, &[]);
+    let mut oracle = Oracle::with_retention(Duration::from_secs(3_600));
+    oracle.fold_keyed(&users, &[]);
+    assert_eq!(
+        metric(&host, "logq_users_stored"),
+        oracle.remembered() as f64
+    );
+    let expected = oracle.answers();
     assert_eq!(expected.len(), 1, "the oracle keeps only the keeper");
     host.assert_answers(&users, expected);
 
@@ -424,19 +523,74 @@ fn deleted_users_tombstones_expire_after_the_retention_in_event_time() {
     let last = ROUNDS - 1;
     let fenced = format!("churn-{last}-0");
     let expired = "churn-0-0";
-    produce(
-        &broker,
-        "users",
-        &[],
-        [late(&fenced, last), late(expired, 0)]
-            .join("\n")
-            .as_bytes(),
-    );
+    let late = [late(&fenced, last), late(expired, 0)];
+    produce(&broker, "users", &[], late.join("\n").as_bytes());
     host.wait_consumed("users", users.len() + 2, Duration::from_secs(30));
-    assert_eq!(host.get(&format!("/users/{fenced}")).status, 404);
-    let back = host.get(&format!("/users/{expired}"));
-    assert_eq!(back.status, 200, "{}", back.body);
-    assert_eq!(back.json()["username"], "late");
+    oracle.fold_keyed(&late, &[]);
+    let expected = oracle.answers();
+    assert!(expected.contains_key(expired) && !expected.contains_key(&fenced));
+    users.extend(late);
+    host.assert_answers(&users, expected);
+}
+
+/// The event-time clock stops a day past the wall clock: a record stamped in the
+/// year 9999 expires the tombstones older than that day minus the retention, not
+/// every one, so a late Created stays fenced off inside the retention.
+#[test]
+fn a_record_from_the_far_future_moves_the_clock_a_day_only() {
+    let broker = Broker::start();
+    broker.create_default_topics();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_micros() as i64;
+    let hours_ago = |h: i64| oracle::render(now - h * 3_600_000_000);
+    let event = |id: &str, kind: &str, at: &str| {
+        serde_json::json!({"id": id, "event_type": kind, "username": id, "received_at": at})
+            .to_string()
+    };
+    let mut users = vec![
+        event("recent", "User Created", &hours_ago(3)),
+        event("recent", "User Deleted", &hours_ago(2)),
+        event("old", "User Created", &hours_ago(30 * 24)),
+        event("old", "User Deleted", &hours_ago(30 * 24 - 1)),
+        event("future", "User Created", "9999-12-31 23:59:59"),
+    ];
+    let retention = Duration::from_secs(48 * 3_600);
+    let host = Host::start(&broker, &["--tombstone-retention", "48h"]);
+    host.wait_ready(READY);
+    produce(&broker, "users", &[], users.join("\n").as_bytes());
+    host.wait_consumed("users", users.len(), Duration::from_secs(30));
+    let mut oracle = Oracle::with_retention(retention);
+    oracle.fold_keyed(&users, &[]);
+    assert_eq!(oracle.remembered(), 2, "recent's tombstone and future");
+    assert_eq!(
+        metric(&host, "logq_users_stored"),
+        oracle.remembered() as f64
+    );
+    assert_eq!(metric(&host, "logq_tombstones_expired_total"), 1.0);
+    let clock = metric(&host, "logq_event_time_seconds");
+    let capped = (now / 1_000_000 + 86_400) as f64;
+    assert!(
+        (clock - capped).abs() < 600.0,
+        "clock {clock}, a day ahead {capped}"
+    );
+
+    let late = [
+        event("recent", "User Created", &hours_ago(4)),
+        event("old", "User Created", &hours_ago(31 * 24)),
+    ];
+    produce(&broker, "users", &[], late.join("\n").as_bytes());
+    host.wait_consumed("users", users.len() + 2, Duration::from_secs(30));
+    oracle.fold_keyed(&late, &[]);
+    let expected = oracle.answers();
+    assert_eq!(
+        expected.keys().collect::<Vec<_>>(),
+        ["future", "old"],
+        "recent fenced off, old new again"
+    );
+    users.extend(late);
+    host.assert_answers(&users, expected);
 }
 
 /// A partition added to `users` while the host runs is found (within seconds, no
@@ -663,7 +817,18 @@ fn listings_paged_to_the_end_equal_the_oracle() {
         .iter()
         .map(|o| o["organization_key"].as_str().unwrap())
         .collect();
-    assert_eq!(keys, ["org-0", "org-1", "org-2", "org-3"]);
+    let produced: BTreeSet<String> = orgs
+        .iter()
+        .map(|o| {
+            serde_json::from_str::<serde_json::Value>(o).unwrap()["organization_key"].to_string()
+        })
+        .map(|k| k.trim_matches('"').to_owned())
+        .collect();
+    assert_eq!(
+        keys,
+        produced.iter().collect::<Vec<_>>(),
+        "every key once, in order"
+    );
     for bad in [
         "/users?limit=0",
         "/users?limit=1001",
