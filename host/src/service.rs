@@ -199,7 +199,7 @@ async fn create_dead_letter_topics(config: RunConfig) {
     )
     .await
     {
-        Ok(Ok(())) => {}
+        Ok(Ok(())) => tracing::info!("dead-letter topics ready"),
         Ok(Err(e)) => tracing::warn!("dead-letter topics: {e}"),
         Err(_) => tracing::warn!("dead-letter topics: the broker did not answer in time"),
     }

@@ -825,6 +825,33 @@ pub fn produce_raw(broker: &Broker, topic: &str, records: &[RawRecord<'_>]) {
     );
 }
 
+/// Produces one keyless `value` to `partition` of `topic`, acknowledged.
+pub fn produce_to(broker: &Broker, topic: &str, partition: i32, value: &str) {
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    let producer: BaseProducer<Failures> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &broker.bootstrap)
+        .create_with_context(Failures::default())
+        .expect("test producer");
+    producer
+        .send(
+            BaseRecord::<[u8], [u8]>::to(topic)
+                .partition(partition)
+                .payload(value.as_bytes()),
+        )
+        .map_err(|(e, _)| e)
+        .expect("queueing a record");
+    producer
+        .flush(Duration::from_secs(30))
+        .expect("the record delivered");
+    let failures = producer
+        .context()
+        .0
+        .lock()
+        .map(|f| f.clone())
+        .unwrap_or_default();
+    assert!(failures.is_empty(), "not delivered: {failures:?}");
+}
+
 /// Reads every record of `topic` to its end: waits up to `within` until it holds at
 /// least `at_least` records (by its watermarks), then reads every partition up to the
 /// high watermark it has then. So a count checked on the result sees a copy too

@@ -38,7 +38,6 @@ fn logq_dev_serves_the_sample_data_with_zero_setup() {
     logq_e2e::eventually(Duration::from_secs(120), "logq dev to be ready", || {
         get(addr, "/readyz").ok().filter(|r| r.status == 200)
     });
-    let ready = std::time::Instant::now();
     // `logq dev` takes run's flags: the admin token opens the admin routes.
     let admin = logq_e2e::request(addr, "GET", "/admin/reducer", Some("dev-token"), b"")
         .expect("GET /admin/reducer");
@@ -65,8 +64,17 @@ fn logq_dev_serves_the_sample_data_with_zero_setup() {
     );
     // A healthy start warns about nothing (the dead-letter topics exist on the dev
     // broker; asking it to create them used to time out 15 s after the service
-    // started, which is before it was ready, with a warning).
-    std::thread::sleep(Duration::from_secs(17).saturating_sub(ready.elapsed()));
+    // started, which is after it was ready, with a warning): the step's outcome,
+    // logged either way, is awaited before the log is read.
+    logq_e2e::eventually(
+        Duration::from_secs(30),
+        "the dead-letter topic step to end",
+        || {
+            std::fs::read_to_string(&log)
+                .ok()
+                .filter(|l| l.contains("dead-letter topics"))
+        },
+    );
     let _ = child.kill();
     let out = child.wait_with_output().expect("output");
     let text = String::from_utf8_lossy(&out.stdout);

@@ -71,8 +71,13 @@ fn forward_and_replay_swaps_under_load_lose_nothing() {
     // Forward, under a stream of events (the same generator, another seed).
     let more = more_forward;
     let stop = Arc::new(AtomicBool::new(false));
+    let consumed = host
+        .metric("logq_records_consumed_total{topic=\"users\"}")
+        .unwrap();
     let producer = stream(&broker, more.clone(), stop.clone());
-    std::thread::sleep(Duration::from_millis(500));
+    eventually(Duration::from_secs(30), "the stream to be folded", || {
+        (host.metric("logq_records_consumed_total{topic=\"users\"}")? > consumed).then_some(())
+    });
     let put = Instant::now();
     let r = host.admin("PUT", "/admin/reducer?mode=forward", Some(TOKEN), &proof);
     assert_eq!(r.status, 200, "{}", r.body);
