@@ -4,7 +4,7 @@
 # their own profiles), with cargo-llvm-cov. Installs what it needs once
 # (`rustup component add llvm-tools`, `cargo install cargo-llvm-cov`), then prints
 # the per-file table and a per-crate summary, and writes an HTML report to
-# target/llvm-cov/html/. Not part of CI: an instrumented build of everything and
+# target/coverage/llvm-cov/html/. Not part of CI: an instrumented build of everything and
 # the whole suite take about 20 minutes here.
 #
 #   scripts/coverage.sh
@@ -23,16 +23,16 @@ if [ "$(cargo llvm-cov --version 2>/dev/null)" != "cargo-llvm-cov $LLVM_COV_VERS
   cargo install cargo-llvm-cov --version "=$LLVM_COV_VERSION" --locked
 fi
 # The tests build `logq` with a nested cargo (tests/src/lib.rs, logq_bin): the
-# environment that cargo-llvm-cov exports makes that build instrumented and puts it
-# where the tests look for it.
+# environment that cargo-llvm-cov exports (a rustc wrapper that instruments the
+# workspace's crates) makes that build instrumented too. Its own target directory,
+# so the next plain build is not a rebuild.
+export CARGO_TARGET_DIR="$PWD/target/coverage"
 source <(cargo llvm-cov show-env --export-prefix)
-export CARGO_TARGET_DIR="$CARGO_LLVM_COV_TARGET_DIR"
 cargo llvm-cov clean --workspace
 args=("$@")
 [ ${#args[@]} -eq 0 ] && args=(--workspace)
 cargo test --locked --no-fail-fast "${args[@]}" || echo "coverage: some tests failed; the report covers what ran" >&2
-report=target/llvm-cov/summary.txt
-mkdir -p target/llvm-cov
+report=target/coverage/summary.txt
 cargo llvm-cov report --ignore-filename-regex '(/tests/|/bench/|/fuzz/|test_triggers)' | tee "$report"
 cargo llvm-cov report --html --ignore-filename-regex '(/tests/|/bench/|/fuzz/|test_triggers)' >/dev/null
 # Per crate: the lines of its files, summed.
@@ -45,4 +45,4 @@ awk '
     printf "\n%-28s %8s %8s %7s\n", "crate", "lines", "missed", "cover"
     for (c in lines) printf "%-28s %8d %8d %6.1f%%\n", c, lines[c], missed[c], 100 * (lines[c] - missed[c]) / lines[c]
   }' "$report" | sort
-echo "coverage: HTML in target/llvm-cov/html/index.html" >&2
+echo "coverage: HTML in target/coverage/llvm-cov/html/index.html" >&2

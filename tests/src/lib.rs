@@ -96,14 +96,16 @@ pub fn path_with_tools() -> String {
 
 /// Runs `script` with bash (`set -euo pipefail`) in `dir`, with [`path_with_tools`]
 /// and `envs`, and without `CARGO_TARGET_DIR` (a project of a user's own builds in
-/// its own `target/`, as a user's would); its standard output, or a panic with the
-/// script and both outputs.
+/// its own `target/`, as a user's would) or the rustc wrapper of a coverage run (it
+/// would instrument a user's wasm build, for which there is no profiler runtime);
+/// its standard output, or a panic with the script and both outputs.
 pub fn bash(dir: &Path, script: &str, envs: &[(&str, &std::ffi::OsStr)]) -> String {
     let out = Command::new("bash")
         .current_dir(dir)
         .args(["-c", &format!("set -euo pipefail\n{script}")])
         .env("PATH", path_with_tools())
         .env_remove("CARGO_TARGET_DIR")
+        .env_remove("RUSTC_WRAPPER")
         .envs(envs.iter().copied())
         .output()
         .expect("running bash");
@@ -577,6 +579,20 @@ impl Host {
 
 impl Drop for Host {
     fn drop(&mut self) {
+        // Under scripts/coverage.sh a process writes its profile only when it exits:
+        // ask it to stop (SIGTERM) and give it a few seconds before the kill.
+        if std::env::var_os("LLVM_PROFILE_FILE").is_some() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &self.child.id().to_string()])
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = self.child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

@@ -26,7 +26,7 @@ fn logq_dev_serves_the_sample_data_with_zero_setup() {
     // Where Kafka clients reach the development broker (127.0.0.1:9092 unless told).
     let kafka = format!("127.0.0.1:{}", free_port());
     let log = std::env::temp_dir().join(format!("logq-dev-{}.log", std::process::id()));
-    let mut child = Command::new(logq_bin())
+    let child = Command::new(logq_bin())
         .args(["dev", "--listen", &addr, "--brokers", &kafka])
         .args(["--admin-token", "dev-token"])
         .stdout(Stdio::piped())
@@ -75,7 +75,10 @@ fn logq_dev_serves_the_sample_data_with_zero_setup() {
                 .filter(|l| l.contains("dead-letter topics"))
         },
     );
-    let _ = child.kill();
+    // SIGTERM, as Ctrl-C would: a clean stop (and, under coverage, a written profile).
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
     let out = child.wait_with_output().expect("output");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("IN-MEMORY DEVELOPMENT BROKER"), "{text}");
