@@ -28,6 +28,29 @@ pub enum Command {
     /// Work with reducer components offline.
     #[command(subcommand)]
     Reducer(ReducerCommand),
+    /// Why a user's (or an organization's) answer is what it is: which event set each
+    /// field, from a running host (`GET /users/ID?explain=1`), as a table; with
+    /// `--records`, the records themselves, read from the broker.
+    Explain(ExplainConfig),
+}
+
+/// Everything `logq explain` needs.
+#[derive(Debug, Clone, Args)]
+pub struct ExplainConfig {
+    /// The user id (or, with `--organization`, the organization key).
+    pub id: String,
+    /// Explain an organization instead of a user.
+    #[arg(long)]
+    pub organization: bool,
+    /// The host, `http://HOST:PORT`.
+    #[arg(long, env = "LOGQ_HOST", default_value = "http://127.0.0.1:8080")]
+    pub host: String,
+    /// Also print each cited record as it is in the log (read from `--brokers`).
+    #[arg(long)]
+    pub records: bool,
+    /// The broker, for `--records`.
+    #[command(flatten)]
+    pub kafka: KafkaConfig,
 }
 
 /// `logq reducer ...`.

@@ -41,6 +41,12 @@ async fn run() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Dev(config) => logq::cli::dev::run(*config).await,
+        Command::Explain(config) => {
+            let text =
+                tokio::task::spawn_blocking(move || logq::cli::explain::run(&config)).await??;
+            print!("{text}");
+            Ok(())
+        }
         Command::Reducer(ReducerCommand::Check {
             file,
             limits,

@@ -280,7 +280,7 @@ fn the_component_imports_nothing_and_a_non_component_is_refused() {
     // Loading links against an empty linker: any import would fail here.
     let rt = runtime_with(LIMITS);
     let meta = rt.load(DEFAULT_REDUCER).expect("loads").meta().clone();
-    assert_eq!(meta.world_version, "3.1.0");
+    assert_eq!(meta.world_version, "3.2.0");
     assert_eq!(meta.sha256.len(), 64);
     for junk in [&b""[..], b"not wasm at all"] {
         let err = rt.load(junk).err().expect("refused");

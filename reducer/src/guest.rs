@@ -5,7 +5,7 @@
 #![allow(unsafe_code)]
 
 wit_bindgen::generate!({
-    world: "reducer",
+    world: "explaining-reducer",
     path: "../wit",
 });
 
@@ -90,6 +90,12 @@ impl wit::GuestBatch for GuestBatch {
             out.pop();
         }
         Ok(out)
+    }
+}
+
+impl exports::logq::reducer::explain::Guest for Component {
+    fn explain(kind: u8, key: String, state: Vec<u8>) -> Result<String, String> {
+        crate::explain::explain(kind, &key, &state)
     }
 }
 

@@ -8,6 +8,7 @@
 //! [`Batch::fold`] folds the events into the states the host hands back.
 
 pub mod event;
+pub mod explain;
 pub mod json;
 pub mod stamp;
 pub mod state;

@@ -386,7 +386,7 @@ fn raise<T: Ord + Copy>(slot: &mut Option<T>, at: T) {
 
 /// Where a string is in a state's body.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Span {
+pub(crate) struct Span {
     start: usize,
     len: usize,
     /// Stored JSON-escaped (inside the answer) rather than raw.
@@ -423,7 +423,7 @@ fn push_raw(body: &mut String, s: &str) -> Span {
 }
 
 /// Appends `s` as a JSON string; returns where its content (inside the quotes) is.
-fn push_json_str(out: &mut String, s: &str) -> Span {
+pub(crate) fn push_json_str(out: &mut String, s: &str) -> Span {
     out.push('"');
     let start = out.len();
     // Most strings need no escaping: copy them whole.

@@ -46,7 +46,7 @@ pub struct Logged {
 /// Where an event is in the log: (partition, offset, element of its array). Ordered
 /// as the README decides equal times: within a partition the later offset and then
 /// the later element; across partitions the higher partition.
-type Place = (i32, i64, usize);
+pub type Place = (i32, i64, usize);
 
 /// Microseconds since the Unix epoch.
 type Micros = i64;
@@ -193,6 +193,32 @@ impl Oracle {
         });
     }
 
+    /// Which events decide user `id`'s answer; `None` for a user not remembered.
+    pub fn provenance(&self, id: &str) -> Option<Provenance> {
+        let history = self.users.get(id)?;
+        let newest = |action: Action| {
+            history
+                .iter()
+                .filter(|e| e.action == action)
+                .max_by_key(|e| (e.at, e.place))
+                .map(|e| e.place)
+        };
+        Some(Provenance {
+            created: newest(Action::Created),
+            deleted: newest(Action::Deleted),
+            fields: live(history).map(|l| l.set_by).unwrap_or_default(),
+        })
+    }
+
+    /// The organization key users named `name` join, and the place of its winning
+    /// event.
+    pub fn joined(&self, name: &str) -> Option<(String, Place)> {
+        self.organizations
+            .iter()
+            .find(|(_, (_, _, e))| text(e, "organization_name").as_deref() == Some(name))
+            .map(|(key, (_, place, _))| (key.clone(), *place))
+    }
+
     /// Users the oracle still remembers (visible or not): what `logq_users_stored`
     /// counts.
     pub fn remembered(&self) -> usize {
@@ -237,6 +263,19 @@ struct Live {
     fields: BTreeMap<&'static str, String>,
     created_at: Micros,
     updated_at: Micros,
+    /// Where the event that set each field is.
+    set_by: BTreeMap<&'static str, Place>,
+}
+
+/// Which events decide a user's answer, by the rules: what `?explain=1` must cite.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Provenance {
+    /// The newest "User Created": its place.
+    pub created: Option<Place>,
+    /// The newest "User Deleted": its place.
+    pub deleted: Option<Place>,
+    /// For a visible user, per field given, the place of the event that set it.
+    pub fields: BTreeMap<&'static str, Place>,
 }
 
 /// The user's events sorted by time (equal times by place) and applied one by one;
@@ -294,6 +333,7 @@ fn user_answer(id: &str, user: &Live, orgs: &BTreeMap<String, Value>) -> Value {
 fn set_given(user: &mut Live, event: &Event) {
     for (name, value) in &event.given {
         user.fields.insert(name, value.clone());
+        user.set_by.insert(name, event.place);
     }
 }
 

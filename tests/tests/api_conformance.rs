@@ -130,7 +130,7 @@ fn every_operation_answers_as_its_openapi_document_says() {
                             url =
                                 url.replace(&format!("{{{name}}}"), &encode(pick(&mut rng, &ids)));
                         }
-                        "query" if rng.below(2) == 0 => {
+                        "query" if rng.below(3) == 0 => {
                             let v = if name == "min_position" && rng.below(2) == 0 {
                                 position.clone()
                             } else if name == "mode" {
@@ -143,7 +143,7 @@ fn every_operation_answers_as_its_openapi_document_says() {
                             let v = if v.starts_with('%') { v } else { encode(&v) };
                             query.push(format!("{name}={v}"));
                         }
-                        "header" if rng.below(2) == 0 => {
+                        "header" if rng.below(3) == 0 => {
                             conditional |= name == "If-None-Match";
                             let v = match rng.below(3) {
                                 0 => position.clone(),

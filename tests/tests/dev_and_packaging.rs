@@ -132,7 +132,7 @@ fn reducer_check_prints_a_verdict_and_exits_by_it() {
     let (ok, verdict) = check(&logq_e2e::component("mask-emails-reducer.wasm"));
     assert!(ok, "{verdict}");
     assert_eq!(verdict["ok"], true);
-    assert_eq!(verdict["world_version"], "3.1.0");
+    assert_eq!(verdict["world_version"], "3.2.0");
     assert_eq!(verdict["from_cache"], false);
     println!("reducer check (no cache): {verdict}");
 

@@ -289,3 +289,46 @@ impl TopicConsumer {
         Ok(())
     }
 }
+
+/// The values of the records at `places` (topic, partition, offset), read with a
+/// client of its own (no group, nothing committed): `None` for a record not found
+/// within `timeout` (compacted away, or past the end). For `logq explain --records`.
+///
+/// # Errors
+/// When the client cannot be made or a partition cannot be assigned.
+pub fn read_at(
+    kafka: &KafkaConfig,
+    places: &[(String, i32, i64)],
+    timeout: Duration,
+) -> Result<Vec<Option<Vec<u8>>>, KafkaError> {
+    let consumer: BaseConsumer = client_config(
+        kafka,
+        &[
+            ("group.id", "logq-explain"),
+            ("enable.auto.commit", "false"),
+            ("enable.partition.eof", "false"),
+        ],
+    )
+    .create()
+    .map_err(|e| KafkaError::Config(e.to_string()))?;
+    let mut out = Vec::with_capacity(places.len());
+    for (topic, partition, offset) in places {
+        let mut list = TopicPartitionList::new();
+        list.add_partition_offset(topic, *partition, Offset::Offset(*offset))?;
+        consumer.assign(&list)?;
+        let deadline = std::time::Instant::now() + timeout;
+        let mut found = None;
+        while found.is_none() && std::time::Instant::now() < deadline {
+            match consumer.poll(POLL_WAIT) {
+                Some(Ok(m)) if m.partition() == *partition && m.offset() == *offset => {
+                    found = Some(m.payload().unwrap_or_default().to_vec());
+                }
+                // Compacted away: the log went past it.
+                Some(Ok(m)) if m.partition() == *partition && m.offset() > *offset => break,
+                _ => {}
+            }
+        }
+        out.push(found);
+    }
+    Ok(out)
+}

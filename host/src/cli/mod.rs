@@ -2,6 +2,7 @@
 //! they use the service as a user would.
 
 pub mod dev;
+pub mod explain;
 pub mod preview;
 pub mod produce;
 pub mod reducer;

@@ -67,6 +67,23 @@ fn call(
     token: &str,
     body: &[u8],
 ) -> anyhow::Result<(u16, String)> {
+    request(base, method, path, Some(token), body)
+}
+
+/// One request on a fresh connection (plain `http://`), with the admin token when
+/// given; the status and the body.
+///
+/// # Errors
+/// A base that is not `http://HOST:PORT`, the host unreachable, an answer that is not
+/// HTTP.
+pub fn request(
+    base: &str,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: &[u8],
+) -> anyhow::Result<(u16, String)> {
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
     let authority = base
         .strip_prefix("http://")
         .with_context(|| format!("--host {base:?}: only http://HOST:PORT is supported"))?
@@ -81,7 +98,7 @@ fn call(
     s.set_read_timeout(Some(Duration::from_secs(120)))?;
     write!(
         s,
-        "{method} {path} HTTP/1.1\r\nHost: {authority}\r\nAuthorization: Bearer {token}\r\n\
+        "{method} {path} HTTP/1.1\r\nHost: {authority}\r\n{auth}\
          Connection: close\r\nContent-Type: application/wasm\r\nContent-Length: {}\r\n\r\n",
         body.len()
     )?;

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use wasmtime::component::{Component, Linker, ResourceAny};
+use wasmtime::component::{Component, ComponentExportIndex, Linker, ResourceAny};
 use wasmtime::{
     Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, ResourceLimiter, Store,
     Trap,
@@ -26,7 +26,7 @@ mod bindings {
 }
 
 use bindings::ReducerPre;
-use logq_abi::{Fold, Folded, Plan, Record, Rejection, States, Updates};
+use logq_abi::{Fold, Folded, Kind, Plan, Record, Rejection, States, Updates};
 
 use crate::config::LimitsConfig;
 
@@ -180,6 +180,8 @@ fn pool(limits: Limits) -> PoolingAllocationConfig {
 /// The major version of `logq:reducer/fold` this host speaks.
 pub const WORLD_MAJOR: u64 = 3;
 const FOLD_EXPORT: &str = "logq:reducer/fold@";
+/// The optional interface (since 3.2) that explains a state.
+const EXPLAIN_EXPORT: &str = "logq:reducer/explain@";
 
 /// The shared compiler and epoch clock. Create once per process; load many reducers.
 #[derive(Clone)]
@@ -211,6 +213,8 @@ pub struct Reducer {
     pre: ReducerPre<Limiter>,
     limits: Limits,
     meta: ReducerMeta,
+    /// The `explain` function, when the component exports `logq:reducer/explain@3.x`.
+    explain: Option<ComponentExportIndex>,
     _ticker: Arc<Ticker>,
 }
 
@@ -290,9 +294,20 @@ impl Runtime {
                     "the component does not match the reducer world: {e:#}"
                 ))
             })?;
+        let explain = exports
+            .iter()
+            .find(|name| {
+                name.strip_prefix(EXPLAIN_EXPORT)
+                    .and_then(|v| v.split('.').next())
+                    .and_then(|m| m.parse::<u64>().ok())
+                    == Some(WORLD_MAJOR)
+            })
+            .and_then(|name| component.get_export_index(None, name))
+            .and_then(|interface| component.get_export_index(Some(&interface), "explain"));
         Ok(Reducer {
             engine: self.engine.clone(),
             pre,
+            explain,
             limits: self.limits,
             meta: ReducerMeta {
                 sha256,
@@ -418,6 +433,52 @@ impl Reducer {
         let updates = logq_abi::updates::decode_batch(out, plan.entities.len())
             .map_err(|e| ReducerError::Contract(format!("updates: {e}")))?;
         Ok((plan, updates))
+    }
+
+    /// Whether the component can explain its states (`logq:reducer/explain@3.x`).
+    pub fn explains(&self) -> bool {
+        self.explain.is_some()
+    }
+
+    /// Asks the reducer why the state of entity `key` of `kind` is what it is: the
+    /// JSON text its `explain` returns, under the same limits as a fold, in a fresh
+    /// instance. `Ok(None)` when the component does not export `explain`.
+    ///
+    /// # Errors
+    /// When the reducer traps, runs out of time or memory, or says why it cannot.
+    pub fn explain(
+        &self,
+        kind: Kind,
+        key: &str,
+        state: &[u8],
+    ) -> Result<Option<String>, ReducerError> {
+        let Some(index) = self.explain else {
+            return Ok(None);
+        };
+        let mut store = Store::new(
+            &self.engine,
+            Limiter {
+                memory_bytes: self.limits.memory_bytes,
+                hit: false,
+            },
+        );
+        store.limiter(|l| l);
+        store.epoch_deadline_trap();
+        let ticks = (self.limits.time.as_micros() / TICK.as_micros()).max(1) as u64 + 1;
+        store.set_epoch_deadline(ticks);
+        let instance = self
+            .pre
+            .instance_pre()
+            .instantiate(&mut store)
+            .map_err(|e| self.error(&store, e))?;
+        let func = instance
+            .get_typed_func::<(u8, &str, &[u8]), (Result<String, String>,)>(&mut store, index)
+            .map_err(|e| ReducerError::Contract(format!("explain: {e:#}")))?;
+        store.set_epoch_deadline(ticks);
+        let (out,) = func
+            .call(&mut store, (kind.byte(), key, state))
+            .map_err(|e| self.error(&store, e))?;
+        out.map(Some).map_err(ReducerError::Refused)
     }
 
     fn error(&self, store: &Store<Limiter>, e: wasmtime::Error) -> ReducerError {

@@ -11,7 +11,7 @@ use warp::{Filter, Rejection};
 
 use super::reply::{json_reply, refuse};
 use crate::fold::sha256_hex;
-use crate::reducers::{Mode, Origin, Registry, Submitted, SwapError};
+use crate::reducers::{Active, Mode, Origin, Registry, Submitted, SwapError};
 
 /// What the admin endpoints act on: the reducers' registry in the service, a fake in
 /// the HTTP tests (which build the API without a runtime or a component).
@@ -30,6 +30,11 @@ pub trait SwapControl: Send + Sync {
     fn cancel_replay(&self) -> bool;
     /// What `GET /admin/reducer` shows.
     fn describe(&self) -> serde_json::Value;
+    /// The active reducer, for `?explain=1`; `None` where there is none (the HTTP
+    /// tests' fake).
+    fn active(&self) -> Option<Arc<Active>> {
+        None
+    }
 }
 
 impl SwapControl for Registry {
@@ -44,6 +49,9 @@ impl SwapControl for Registry {
     }
     fn describe(&self) -> serde_json::Value {
         Registry::describe(self)
+    }
+    fn active(&self) -> Option<Arc<Active>> {
+        Some(Registry::current(self))
     }
 }
 

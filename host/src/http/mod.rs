@@ -10,6 +10,7 @@
 
 pub mod admin;
 pub mod api;
+pub mod explain;
 pub mod live;
 pub mod reads;
 pub mod reply;
@@ -27,6 +28,7 @@ use warp::reply::Response;
 pub use admin::{Admin, SwapControl};
 pub use api::{Api, MAX_ID_BYTES, Reads};
 
+use crate::state::StateStore;
 use api::decoded;
 pub use samples::StatusFeed;
 pub use server::{ServerLimits, serve};
@@ -52,16 +54,32 @@ pub fn routes(api: Api) -> impl Filter<Extract = (Response,), Error = Infallible
     let read = with.clone().and(conditions).and(query);
     let user = warp::path!("users" / String).and(read.clone()).then(
         |id: String, api: Api, c: reads::Conditions, raw: String| async move {
-            reads::point(&api, c, &raw, |s| lookup("user", &id, |id| s.user(id))).await
+            point(
+                &api,
+                c,
+                &raw,
+                "user",
+                &id,
+                |s, id| s.user(id),
+                explain::user,
+            )
+            .await
         },
     );
     let organization = warp::path!("organizations" / String)
         .and(read.clone())
         .then(
             |key: String, api: Api, c: reads::Conditions, raw: String| async move {
-                reads::point(&api, c, &raw, |s| {
-                    lookup("organization", &key, |key| s.organization(key))
-                })
+                let plain = |s: &StateStore, key: &str| s.organization(key);
+                point(
+                    &api,
+                    c,
+                    &raw,
+                    "organization",
+                    &key,
+                    plain,
+                    explain::organization,
+                )
                 .await
             },
         );
@@ -238,9 +256,33 @@ fn allowed_methods(path: &str) -> &'static str {
 }
 
 /// Looks up one entity by the raw path segment: its answer, or the error response.
-fn lookup(what: &str, raw: &str, find: impl FnOnce(&str) -> Option<String>) -> reads::Found {
-    let id = decoded(what, raw)?;
-    find(&id).ok_or_else(|| Box::new(not_found(what, &id)))
+/// One user or organization: its answer, or with `?explain=1` why it is what it is.
+async fn point(
+    api: &Api,
+    conditions: reads::Conditions,
+    raw_query: &str,
+    what: &str,
+    raw_id: &str,
+    plain: impl FnOnce(&StateStore, &str) -> Option<String>,
+    explained: impl FnOnce(&Api, &StateStore, &str) -> reads::Found,
+) -> Response {
+    let query = match reads::Query::parse(raw_query, &["explain"]) {
+        Ok(q) => q,
+        Err(r) => return *r,
+    };
+    let explain = match explain::wanted(query.get("explain")) {
+        Ok(e) => e,
+        Err(r) => return *r,
+    };
+    reads::answer(api, conditions, &query, |s| {
+        let id = decoded(what, raw_id)?;
+        if explain {
+            explained(api, s, &id)
+        } else {
+            plain(s, &id).ok_or_else(|| Box::new(not_found(what, &id)))
+        }
+    })
+    .await
 }
 
 fn not_found(what: &str, id: &str) -> Response {

@@ -128,19 +128,6 @@ pub struct PageSpec<'q> {
     pub after: Option<&'q str>,
 }
 
-/// A read of one entity: no query parameters but `min_position`.
-pub async fn point(
-    api: &Api,
-    conditions: Conditions,
-    raw_query: &str,
-    read: impl FnOnce(&StateStore) -> Found,
-) -> Response {
-    match Query::parse(raw_query, &[]) {
-        Ok(q) => answer(api, conditions, &q, read).await,
-        Err(r) => *r,
-    }
-}
-
 /// A listing: `limit`, `after` and the route's `extra` parameters, each checked
 /// before anything is read.
 pub async fn listing(

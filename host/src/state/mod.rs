@@ -211,6 +211,20 @@ impl Organizations {
     }
 }
 
+/// An entity's state as the store keeps it (see [`StateStore::user_kept`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Kept {
+    /// The state, as the reducer returned it.
+    pub state: Vec<u8>,
+    /// Which reducer rendered it (see [`StateStore::set_renderer`]).
+    pub by: u32,
+    /// The join key: for a user, the organization name it joins; for an
+    /// organization, its own name.
+    pub join: Option<String>,
+    /// The answer `GET` gives now (joined, for a user); `None` while not visible.
+    pub answer: Option<String>,
+}
+
 /// Counts for `/metrics`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Sizes {
@@ -602,6 +616,41 @@ impl StateStore {
         // Copying a few hundred bytes under the read locks is cheaper than sharing
         // pointers to them; a writer holds a lock only for its share of a batch.
         Some(join_view(view, org))
+    }
+
+    /// A user's state as kept (visible or not), for `?explain=1`; `None` when no
+    /// state is kept for `id`.
+    pub fn user_kept(&self, id: &str) -> Option<Kept> {
+        let shard = self.read_shard(id);
+        let entry = shard.users.get(id)?;
+        Some(Kept {
+            state: entry.state().to_vec(),
+            by: entry.by,
+            join: entry.join().map(str::to_owned),
+            answer: self.user(id),
+        })
+    }
+
+    /// An organization's state as kept, as [`StateStore::user_kept`].
+    pub fn organization_kept(&self, key: &str) -> Option<Kept> {
+        let orgs = self.read_organizations();
+        let entry = orgs.entries.get(key)?;
+        Some(Kept {
+            state: entry.state().to_vec(),
+            by: entry.by,
+            join: entry.join().map(str::to_owned),
+            answer: entry.view().map(str::to_owned),
+        })
+    }
+
+    /// The keys of the organizations named `name`, smallest first: users of that
+    /// name join the first.
+    pub fn organizations_named(&self, name: &str) -> Vec<String> {
+        self.read_organizations()
+            .by_name
+            .get(name)
+            .map(|keys| keys.iter().map(|k| k.to_string()).collect())
+            .unwrap_or_default()
     }
 
     /// Every user kept (visible or not), in no order: what a swap preview compares.
