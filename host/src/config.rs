@@ -229,9 +229,52 @@ pub struct RunConfig {
     /// the newest event time folded, not the wall clock.
     #[arg(long, env = "LOGQ_TOMBSTONE_RETENTION", default_value = "7d", value_parser = parse_retention)]
     pub tombstone_retention: Retention,
+    /// Share the users topic's partitions with the other hosts of `--group-id`
+    /// through the broker's consumer group: each host folds and holds only the users
+    /// of its partitions (organizations: all, on every host) and forwards a read of
+    /// any other user to its holder. Users' events must be keyed by `id` with Kafka's
+    /// (murmur2) partitioner, as `logq produce` and the Java clients do. Off: every
+    /// host holds everything.
+    #[arg(long, env = "LOGQ_SHARDED")]
+    pub sharded: bool,
+    /// With `--sharded`: the URL other hosts reach this one's HTTP API at (default:
+    /// `http://` and `--listen`).
+    #[arg(long, env = "LOGQ_ADVERTISE")]
+    pub advertise: Option<String>,
+    /// With `--sharded`: this host's stable member id (`group.instance.id`): a
+    /// restart within the session timeout keeps its partitions (default: the
+    /// advertised address).
+    #[arg(long, env = "LOGQ_INSTANCE_ID")]
+    pub instance_id: Option<String>,
+    /// With `--sharded`: a host silent for this long is thought dead and its
+    /// partitions go to the others.
+    #[arg(long, env = "LOGQ_SESSION_TIMEOUT_MS", default_value_t = 6_000)]
+    pub session_timeout_ms: u64,
 }
 
 impl RunConfig {
+    /// With `--sharded`: where other hosts reach this one.
+    pub fn advertised(&self) -> String {
+        self.advertise
+            .clone()
+            .unwrap_or_else(|| format!("http://{}", self.listen))
+    }
+
+    /// With `--sharded`: this host's member id.
+    pub fn instance(&self) -> String {
+        self.instance_id.clone().unwrap_or_else(|| {
+            self.advertised()
+                .trim_start_matches("http://")
+                .trim_start_matches("https://")
+                .to_owned()
+        })
+    }
+
+    /// With `--sharded`: the members topic of the group.
+    pub fn members_topic(&self) -> String {
+        format!("{}.members", self.group_id)
+    }
+
     /// The bound on a batch's record bytes: `--batch-max-bytes`, and no more than a
     /// sixteenth of the reducer's memory limit (a batch's bytes are held by the
     /// reducer several times over: framed, decoded, with the prior and new states of

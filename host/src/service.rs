@@ -10,8 +10,11 @@ use anyhow::Context as _;
 use tokio::net::TcpListener;
 
 use crate::broker::Topics;
+use crate::broker::group::{Joining, Member};
+use crate::broker::members::MembersLog;
+use crate::cluster::Cluster;
 use crate::config::RunConfig;
-use crate::consumer::Consumer;
+use crate::consumer::{Consumer, Sharing};
 use crate::fold::{DEFAULT_REDUCER, Limits, Reducer, Runtime};
 use crate::metrics::Metrics;
 use crate::reducers::canary::canary;
@@ -88,7 +91,13 @@ pub async fn run(
         max_body_bytes: config.admin_max_body_bytes,
     };
     let status_topics = config.topics().map(|t| config.dlq_topic(t));
-    let consumer = Consumer::new(
+    let sharing = if config.sharded {
+        Some(join_group(&config, stop.clone()).await?)
+    } else {
+        None
+    };
+    let cluster = sharing.as_ref().map(|(s, _)| s.cluster.clone());
+    let mut consumer = Consumer::new(
         config,
         registry.clone(),
         store.clone(),
@@ -96,6 +105,13 @@ pub async fn run(
         stop.clone(),
         command_rx,
     );
+    let members_thread = match sharing {
+        Some((sharing, thread)) => {
+            consumer = consumer.with_sharing(sharing);
+            Some(thread)
+        }
+        None => None,
+    };
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
     let consumer_thread = std::thread::Builder::new()
         .name("logq-consumer".into())
@@ -113,6 +129,7 @@ pub async fn run(
         admin: Arc::new(admin),
         reads,
         status: Arc::new(http::StatusFeed::new(status_topics)),
+        cluster: cluster.clone(),
     };
     let status = api.status.clone();
     let sampler = tokio::spawn(http::status::run(api.clone()));
@@ -147,7 +164,11 @@ pub async fn run(
         if let Some(w) = watcher {
             let _ = w.join();
         }
-        consumer_thread.join()
+        let joined = consumer_thread.join();
+        if let Some(m) = members_thread {
+            let _ = m.join();
+        }
+        joined
     })
     .await
     .context("joining the consumer thread")?;
@@ -155,6 +176,54 @@ pub async fn run(
         Ok(result) => result.map_err(|e| anyhow::anyhow!("the consumer loop stopped: {e}")),
         Err(_) => anyhow::bail!("the consumer thread panicked"),
     }
+}
+
+/// `--sharded`: the members topic (created if missing), this host's view of the
+/// group (kept current on a thread of its own until `stop`) and its membership.
+async fn join_group(
+    config: &RunConfig,
+    stop: Arc<AtomicBool>,
+) -> anyhow::Result<(Sharing, std::thread::JoinHandle<()>)> {
+    anyhow::ensure!(
+        config.state_dir.is_none(),
+        "--state-dir is not supported with --sharded yet (snapshots hold every partition's users; a host that shares partitions rebuilds its share from the log at start)"
+    );
+    let topic = config.members_topic();
+    tokio::time::timeout(
+        Duration::from_secs(15),
+        broker::admin::create_topics(&config.kafka, &[(topic.clone(), 1)]),
+    )
+    .await
+    .map_err(|_| anyhow::anyhow!("creating the members topic {topic}: the broker did not answer"))?
+    .with_context(|| format!("creating the members topic {topic}"))?;
+    let cluster = Cluster::new(&config.instance(), &config.advertised());
+    let log = MembersLog::open(&config.kafka, &topic)?;
+    let thread = cluster.run(log, stop);
+    let (member, news) = Member::join(
+        &config.kafka,
+        &Joining {
+            group: config.group_id.clone(),
+            instance: config.instance(),
+            topic: config.users_topic.clone(),
+            session_timeout: Duration::from_millis(config.session_timeout_ms.max(1)),
+        },
+    )?;
+    tracing::info!(
+        "sharing the partitions of {} in group {} as {} ({})",
+        config.users_topic,
+        config.group_id,
+        config.instance(),
+        config.advertised()
+    );
+    Ok((
+        Sharing::new(
+            member,
+            news,
+            cluster,
+            Duration::from_millis(config.session_timeout_ms.max(1)),
+        ),
+        thread,
+    ))
 }
 
 async fn load_reducer(config: &RunConfig, runtime: &Runtime) -> anyhow::Result<Reducer> {

@@ -15,7 +15,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 /// Lowest first: a module may import those of lower layers and its own.
-const LAYERS: [(&str, u8); 12] = [
+const LAYERS: [(&str, u8); 13] = [
     ("config", 0),
     ("memory", 0),
     ("broker", 1),
@@ -23,6 +23,7 @@ const LAYERS: [(&str, u8); 12] = [
     ("state", 3),
     ("step", 3),
     ("metrics", 4),
+    ("cluster", 4),
     ("reducers", 5),
     ("consumer", 6),
     ("http", 7),

@@ -245,3 +245,99 @@ fn the_http_and_swap_examples_run_as_written() {
     });
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// "More than one host": the three `logq run --sharded` lines as written (addresses
+/// moved), against a real broker with the sample data; the block's `curl` shows the
+/// group, the three hosts share the partitions, and each answers a user it may not
+/// hold.
+#[test]
+fn the_more_than_one_host_block_runs_as_written() {
+    let broker = logq_e2e::Broker::start();
+    broker.create_default_topics();
+    let data = root().join("data");
+    logq_e2e::produce(
+        &broker,
+        "users",
+        &[data.join("users.json").to_str().expect("path")],
+        b"",
+    );
+    logq_e2e::produce(
+        &broker,
+        "organizations",
+        &[data.join("organizations.json").to_str().expect("path")],
+        b"",
+    );
+    let ports = [free_port(), free_port(), free_port()];
+    let mut block = sh_block("## More than one host").replace("127.0.0.1:9092", &broker.bootstrap);
+    for (port, given) in ports.iter().zip(["8081", "8082", "8083"]) {
+        block = block.replace(&format!("127.0.0.1:{given}"), &format!("127.0.0.1:{port}"));
+    }
+    let (setup, read) = block
+        .trim_end()
+        .rsplit_once('\n')
+        .expect("the block ends with a read");
+    assert!(read.starts_with("curl "), "{read}");
+    let folder = std::env::temp_dir().join(format!("logq-readme-hosts-{}", std::process::id()));
+    std::fs::create_dir_all(&folder).expect("a scratch folder");
+    let out_file = folder.join("hosts.out");
+    let status = Command::new("bash")
+        .current_dir(root())
+        .env("PATH", path_with_tools())
+        .arg("-c")
+        .arg(format!("set -e\n{setup}\necho jobs $(jobs -p)\n"))
+        .stdout(std::fs::File::create(&out_file).expect("a file"))
+        .stderr(std::fs::File::create(folder.join("hosts.err")).expect("a file"))
+        .status()
+        .expect("bash");
+    let stdout = std::fs::read_to_string(&out_file).unwrap_or_default();
+    let _background = Background(
+        stdout
+            .lines()
+            .filter_map(|l| l.strip_prefix("jobs "))
+            .flat_map(|l| l.split_whitespace().filter_map(|p| p.parse().ok()))
+            .collect(),
+    );
+    assert!(status.success(), "{stdout}");
+    let cluster = |port: u16| {
+        logq_e2e::get(
+            format!("127.0.0.1:{port}").parse().expect("addr"),
+            "/cluster",
+        )
+        .ok()
+        .map(|r| r.json())
+    };
+    eventually(
+        Duration::from_secs(90),
+        "the three hosts to share the partitions",
+        || {
+            let views: Vec<serde_json::Value> =
+                ports.iter().map(|p| cluster(*p)).collect::<Option<_>>()?;
+            let held: usize = views
+                .iter()
+                .map(|v| v["partitions"].as_array().map_or(0, Vec::len))
+                .sum();
+            let known = views
+                .iter()
+                .all(|v| v["unheld"].as_array().is_some_and(Vec::is_empty));
+            (held == 3 && known).then_some(())
+        },
+    );
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg(read)
+        .output()
+        .expect("curl");
+    let view: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("the block's curl answers JSON");
+    assert_eq!(view["sharded"], true, "{view}");
+    for port in ports {
+        let addr = format!("127.0.0.1:{port}").parse().expect("addr");
+        let answer = eventually(Duration::from_secs(30), "every host to answer", || {
+            logq_e2e::get(addr, "/users/069feb770fe581acc9d3313d59780196")
+                .ok()
+                .filter(|r| r.status == 200)
+        });
+        assert_eq!(answer.json()["username"], "Solid Snake");
+    }
+    let _ = std::fs::remove_dir_all(&folder);
+}

@@ -160,6 +160,27 @@ impl TopicConsumer {
         Ok(())
     }
 
+    /// Also reads `partitions`, each from the offset given, keeping what is assigned.
+    ///
+    /// # Errors
+    /// When librdkafka refuses the assignment.
+    pub fn add_at(&self, partitions: &[(Partition, i64)]) -> Result<(), KafkaError> {
+        let at: Vec<(Partition, Option<i64>)> =
+            partitions.iter().map(|(p, o)| (*p, Some(*o))).collect();
+        self.consumer.incremental_assign(&self.list(&at)?)?;
+        Ok(())
+    }
+
+    /// Stops reading `partitions`, keeping the rest.
+    ///
+    /// # Errors
+    /// When librdkafka refuses the change.
+    pub fn remove(&self, partitions: &[Partition]) -> Result<(), KafkaError> {
+        let at: Vec<(Partition, Option<i64>)> = partitions.iter().map(|p| (*p, None)).collect();
+        self.consumer.incremental_unassign(&self.list(&at)?)?;
+        Ok(())
+    }
+
     /// Partitions of both topics that exist now and are not in `known`: partitions
     /// added to a topic while the host runs.
     ///

@@ -5,6 +5,8 @@
 //!   stores progress;
 //! - [`producer`]: sends records (dead letters, `logq produce`) and counts deliveries;
 //! - [`admin`]: creates topics;
+//! - [`group`]: sharing partitions among hosts through the broker's consumer group;
+//! - [`members`]: the members topic, where sharing hosts say where they are;
 //! - [`mock`]: librdkafka's in-process mock cluster, for `logq dev` only.
 //!
 //! Which topic is which stream is said once, by [`Topics`]; a partition is a
@@ -12,6 +14,8 @@
 
 pub mod admin;
 pub mod consumer;
+pub mod group;
+pub mod members;
 pub mod mock;
 pub mod position;
 pub mod producer;

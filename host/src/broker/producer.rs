@@ -83,7 +83,14 @@ impl RecordProducer {
             kafka,
             // Idempotent: a retry after a broker restart neither doubles nor
             // reorders records, and the log order decides equal event times.
-            &[("enable.idempotence", "true"), ("linger.ms", "5")],
+            // Keyed records go where Kafka's Java clients would put them (murmur2 of
+            // the key), so that hosts sharing partitions (`logq run --sharded`) find
+            // a user's partition from its id (see [`super::group::partition_of`]).
+            &[
+                ("enable.idempotence", "true"),
+                ("linger.ms", "5"),
+                ("partitioner", "murmur2_random"),
+            ],
         )
         .create_with_context(Deliveries::default())
         .map_err(|e| KafkaError::Config(e.to_string()))?;

@@ -14,7 +14,7 @@
 //! after the restart. Consumers of the dead-letter topic can drop such a copy by its
 //! `logq.topic`/`logq.partition`/`logq.offset` headers.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -55,6 +55,11 @@ pub struct DeadLetters {
     next_retry: Instant,
     backoff: Duration,
     last_error: Option<String>,
+    /// Whether new letters wait for [`DeadLetters::release`] (see
+    /// [`DeadLetters::hold_new`]).
+    holding: bool,
+    /// Letters kept, not sent yet.
+    held: BTreeSet<LetterKey>,
 }
 
 impl DeadLetters {
@@ -80,7 +85,53 @@ impl DeadLetters {
             next_retry: Instant::now(),
             backoff: Duration::from_millis(100),
             last_error: None,
+            holding: false,
+            held: BTreeSet::new(),
         })
+    }
+
+    /// From now on, letters are kept until [`DeadLetters::release`] (or dropped by
+    /// [`DeadLetters::discard`]): a host that shares partitions sends a step's letters
+    /// only once it knows it still held the partitions while it folded them (see
+    /// `Sharing::in_doubt`). Held letters count as unacknowledged: progress is not
+    /// committed past them.
+    pub fn hold_new(&mut self) {
+        self.holding = true;
+    }
+
+    /// Sends every held letter.
+    pub fn release(&mut self) {
+        for key in std::mem::take(&mut self.held) {
+            self.produce(key);
+        }
+    }
+
+    /// Drops the held letters of `partitions`, which this host lost while it could
+    /// not know: the host that holds them now sends them.
+    pub fn discard(&mut self, partitions: &[Partition]) {
+        let gone: Vec<LetterKey> = self
+            .held
+            .iter()
+            .filter(|(p, _)| partitions.contains(p))
+            .copied()
+            .collect();
+        for key in gone {
+            self.held.remove(&key);
+            self.in_flight.remove(&key);
+        }
+    }
+
+    /// The group's committed offset of partition `p`, given to this host after start:
+    /// below it, another host (or an earlier run) sent the dead letters already.
+    pub fn known(&mut self, p: Partition, committed: Option<i64>) {
+        match committed {
+            Some(c) => {
+                self.sent_before.insert(p, c);
+            }
+            None => {
+                self.sent_before.remove(&p);
+            }
+        }
     }
 
     /// Logs, counts and sends `record` (of stream `source`), refused as `d` says, with
@@ -137,7 +188,11 @@ impl DeadLetters {
                 headers,
             },
         );
-        self.produce(key);
+        if self.holding {
+            self.held.insert(key);
+        } else {
+            self.produce(key);
+        }
     }
 
     fn produce(&mut self, key: LetterKey) {

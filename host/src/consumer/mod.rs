@@ -33,7 +33,9 @@ use std::time::{Duration, Instant};
 use logq_abi::Source;
 
 use crate::broker::consumer::{POLL_WAIT, REQUEST_TIMEOUT, TopicConsumer, Watermarks};
+use crate::broker::group::{Member, Ownership};
 use crate::broker::{KafkaError, Partition, Positions, Record, Topics};
+use crate::cluster::Cluster;
 use crate::config::RunConfig;
 use crate::fold::DeadLetter;
 use crate::metrics::Metrics;
@@ -71,10 +73,17 @@ fn safe(dlq: &DeadLetters, positions: &Positions) -> Positions {
 struct Live<'a> {
     dlq: &'a mut DeadLetters,
     registry: &'a Registry,
+    /// Whether this host dead-letters refused organization records: every host reads
+    /// them all, so when hosts share partitions only one does (the holder of the users
+    /// topic's partition 0), or each would be dead-lettered once per host.
+    organization_letters: bool,
 }
 
 impl Observer for Live<'_> {
     fn refused(&mut self, source: Source, record: &Record<'_>, why: &DeadLetter, applied: u64) {
+        if source == Source::Organizations && !self.organization_letters {
+            return;
+        }
         self.dlq.send(source, record, why, applied);
     }
 
@@ -141,6 +150,218 @@ impl Slots {
     }
 }
 
+/// With `--sharded`: this host's membership of the group and its view of it.
+pub struct Sharing {
+    /// The group membership (commits go through it).
+    pub member: Member,
+    /// What the group changes in this host's share.
+    pub news: Receiver<Ownership>,
+    /// Who holds what, for the HTTP layer and the members topic.
+    pub cluster: Arc<Cluster>,
+    /// Without a heartbeat for this long, the group gives a host's partitions away.
+    pub session_timeout: Duration,
+    /// When the loop last looked (see [`Sharing::in_doubt`]).
+    last_seen: Instant,
+    /// Until when the loop folds nothing: it stood still long enough to have lost
+    /// its partitions without knowing it yet.
+    doubt_until: Option<Instant>,
+}
+
+impl Sharing {
+    /// A membership, its news and its view, with the group's session timeout.
+    pub fn new(
+        member: Member,
+        news: Receiver<Ownership>,
+        cluster: Arc<Cluster>,
+        session_timeout: Duration,
+    ) -> Self {
+        Self {
+            member,
+            news,
+            cluster,
+            session_timeout,
+            last_seen: Instant::now(),
+            doubt_until: None,
+        }
+    }
+
+    /// Whether the loop must not fold now. A host that stood still (frozen, stopped
+    /// with SIGSTOP, starved) for half the session timeout or more may have been
+    /// thought dead and its partitions given away, and it learns that only at its next
+    /// heartbeat: until the group has spoken (news arrive) or long enough for it to
+    /// have spoken, it folds nothing and sends no dead letter, so a zombie writes
+    /// nothing another host also writes.
+    fn in_doubt(&mut self) -> bool {
+        let now = Instant::now();
+        if now.duration_since(self.last_seen) > self.session_timeout / 2 {
+            tracing::warn!(
+                "this host stood still for {:?}: folding nothing until the group says whether its partitions are still its own",
+                now.duration_since(self.last_seen)
+            );
+            self.doubt_until = Some(now + self.session_timeout / 2 + Duration::from_secs(1));
+        }
+        self.last_seen = now;
+        match self.doubt_until {
+            Some(until) if now < until => true,
+            _ => {
+                self.doubt_until = None;
+                false
+            }
+        }
+    }
+
+    /// The group has spoken: no more doubt.
+    fn heard(&mut self) {
+        self.doubt_until = None;
+    }
+
+    /// After a step that took `took`: its dead letters go out, unless the loop stood
+    /// still long enough meanwhile to have lost its partitions (then they wait for
+    /// the group's word, see [`Sharing::in_doubt`]).
+    fn stepped(&mut self, took: Duration, dlq: &mut DeadLetters) {
+        if took > self.session_timeout / 2 {
+            tracing::warn!(
+                "a step took {took:?}: its dead letters wait until the group says whether its partitions are still this host's"
+            );
+            self.doubt_until =
+                Some(Instant::now() + self.session_timeout / 2 + Duration::from_secs(1));
+        }
+        if self.doubt_until.is_none() {
+            dlq.release();
+        }
+    }
+
+    fn users(p: i32) -> Partition {
+        Partition {
+            source: Source::Users,
+            id: p,
+        }
+    }
+
+    /// This host's user partitions now, which of them it is still catching up with,
+    /// and whether it has caught up with all.
+    fn publish(&self, positions: &Positions, catch_up: &CatchUp) {
+        let owned = positions
+            .keys()
+            .filter(|p| p.source == Source::Users)
+            .map(|p| p.id)
+            .collect();
+        let behind = positions
+            .keys()
+            .filter(|p| p.source == Source::Users && catch_up.is_behind(**p))
+            .map(|p| p.id)
+            .collect();
+        self.cluster.set_owned(owned, behind, catch_up.caught_up());
+    }
+
+    /// Applies one change of this host's share: partitions given are read from the
+    /// group's committed offset (or their beginning); partitions taken are no longer
+    /// read, their users are forgotten, and their safe progress goes back to the group
+    /// to commit before another host takes them.
+    fn apply(
+        &self,
+        news: Ownership,
+        consumer: &TopicConsumer,
+        store: &StateStore,
+        positions: &mut Positions,
+        catch_up: &mut CatchUp,
+        dlq: &mut DeadLetters,
+    ) {
+        match news {
+            Ownership::Assigned(given) => {
+                let mut read = Vec::new();
+                for (id, committed) in given {
+                    let p = Self::users(id);
+                    let w = consumer
+                        .watermarks(p, REQUEST_TIMEOUT)
+                        .unwrap_or(Watermarks { low: 0, high: 0 });
+                    // The partition's users are rebuilt from its beginning (the last
+                    // holder's state is in its memory, not here); the committed offset
+                    // only says which dead letters were sent already.
+                    let from = w.low;
+                    dlq.known(p, committed);
+                    positions.insert(p, from);
+                    catch_up.track(p, w.high, from);
+                    read.push((p, from));
+                    tracing::info!("users/{id} is this host's now: folding it from offset {from}");
+                }
+                if let Err(e) = consumer.add_at(&read) {
+                    tracing::warn!("reading the partitions given: {e}");
+                }
+                catch_up.release();
+            }
+            Ownership::Revoked {
+                partitions: taken,
+                lost,
+                ack,
+            } => {
+                let parts: Vec<Partition> = taken.iter().map(|id| Self::users(*id)).collect();
+                if let Err(e) = consumer.remove(&parts) {
+                    tracing::warn!("no longer reading the partitions taken: {e}");
+                }
+                if lost {
+                    // Folded while this host no longer held them: the holder sends
+                    // these dead letters, from its own fold.
+                    dlq.discard(&parts);
+                } else {
+                    dlq.release();
+                }
+                // Their dead letters acknowledged, so the commit may pass them.
+                if let Err(e) = dlq.flush(REQUEST_TIMEOUT) {
+                    tracing::warn!("dead letters not flushed before a handover: {e}");
+                }
+                let mut progress = BTreeMap::new();
+                for p in &parts {
+                    if let Some(next) = positions.remove(p) {
+                        progress.insert(p.id, dlq.safe(*p, next));
+                    }
+                    catch_up.forget(*p);
+                }
+                let gone = self.forget(store, &taken);
+                tracing::info!("users/{taken:?} went to another host: {gone} users forgotten");
+                let _ = ack.send(progress);
+            }
+        }
+        self.publish(positions, catch_up);
+    }
+
+    /// Forgets the users of `partitions`; how many.
+    fn forget(&self, store: &StateStore, partitions: &[i32]) -> usize {
+        store.forget_users(|id| {
+            self.cluster
+                .partition_of(id)
+                .is_some_and(|p| partitions.contains(&p))
+        })
+    }
+
+    /// After a step: a batch polled before a handover may have folded records of a
+    /// partition this host no longer holds; its users go again.
+    fn tidy(&self, store: &StateStore, step: &Step, positions: &mut Positions) {
+        let stray: Vec<i32> = step
+            .advanced
+            .keys()
+            .filter(|p| p.source == Source::Users && !self.cluster.owns(p.id))
+            .map(|p| p.id)
+            .collect();
+        if !stray.is_empty() {
+            for id in &stray {
+                positions.remove(&Self::users(*id));
+            }
+            self.forget(store, &stray);
+        }
+    }
+
+    /// The progress of this host's user partitions, for the group to commit.
+    fn commit(&self, dlq: &DeadLetters, positions: &Positions) {
+        let progress = positions
+            .iter()
+            .filter(|(p, _)| p.source == Source::Users)
+            .map(|(p, next)| (p.id, dlq.safe(*p, *next)))
+            .collect();
+        self.member.commit(progress);
+    }
+}
+
 /// Everything the consumer loop owns or shares.
 pub struct Consumer {
     config: RunConfig,
@@ -151,6 +372,7 @@ pub struct Consumer {
     stop: Arc<AtomicBool>,
     commands: Receiver<Command>,
     slots: Slots,
+    sharing: Option<Sharing>,
 }
 
 impl Consumer {
@@ -179,7 +401,16 @@ impl Consumer {
             metrics,
             stop,
             commands,
+            sharing: None,
         }
+    }
+
+    /// Shares the users topic's partitions with the group's other hosts
+    /// (`--sharded`): this host reads only the partitions the group gives it.
+    #[must_use]
+    pub fn with_sharing(mut self, sharing: Sharing) -> Self {
+        self.sharing = Some(sharing);
+        self
     }
 
     /// The client [`Consumer::run`] reads with, made from `config`. Made before the
@@ -191,7 +422,14 @@ impl Consumer {
     /// # Errors
     /// When librdkafka refuses the settings.
     pub fn client(config: &RunConfig) -> Result<TopicConsumer, KafkaError> {
-        TopicConsumer::new(&config.kafka, &config.group_id, Topics::from(config))
+        // Sharing hosts commit their users' progress through the group membership;
+        // this client's own commits (organizations) go under a group of its own.
+        let group = if config.sharded {
+            format!("{}.reader", config.group_id)
+        } else {
+            config.group_id.clone()
+        };
+        TopicConsumer::new(&config.kafka, &group, Topics::from(config))
     }
 
     /// Runs until the stop flag is set: waits for the broker and the topics, reads
@@ -202,9 +440,17 @@ impl Consumer {
     /// # Errors
     /// Only when the Kafka clients cannot be created (bad settings).
     pub fn run(mut self, consumer: TopicConsumer) -> Result<(), ConsumerError> {
-        let Some(targets) = self.discover(&consumer) else {
+        let Some(mut targets) = self.discover(&consumer) else {
             return Ok(());
         };
+        let mut sharing = self.sharing.take();
+        if let Some(s) = &sharing {
+            let users = targets.keys().filter(|p| p.source == Source::Users).count();
+            s.cluster
+                .set_partitions(i32::try_from(users).unwrap_or(i32::MAX));
+            // The group gives this host its users' partitions (see `Sharing::apply`).
+            targets.retain(|p, _| p.source != Source::Users);
+        }
         let partitions: Vec<Partition> = targets.keys().copied().collect();
         // Below these, an earlier run dead-lettered what it refused (commits never
         // pass an unacknowledged dead letter): not sent again.
@@ -233,6 +479,9 @@ impl Consumer {
             self.metrics.clone(),
             committed,
         )?;
+        if sharing.is_some() {
+            dlq.hold_new();
+        }
         let mut positions: Positions = targets.iter().map(|(p, w)| (*p, w.low)).collect();
         if let Some(dir) = &self.config.state_dir
             && let Some(restored) = snapshots::restore(
@@ -257,6 +506,10 @@ impl Consumer {
             .map(|(p, w)| (*p, Some(positions[p]).filter(|at| *at > w.low)))
             .collect();
         consumer.assign(&assigned)?;
+        if let Some(s) = &sharing {
+            catch_up.hold("waiting for the group to give this host its partitions");
+            s.publish(&positions, &catch_up);
+        }
         self.store.publish_position(&positions);
         let snapshots = self
             .config
@@ -283,11 +536,35 @@ impl Consumer {
             self.config.lanes(),
             Ahead::Poll,
         );
+        let mut next_commit = Instant::now();
         while !self.stop.load(Ordering::Relaxed) {
             self.serve_commands(&positions);
+            if let Some(s) = &mut sharing {
+                let doubt = s.in_doubt();
+                while let Ok(news) = s.news.try_recv() {
+                    s.apply(
+                        news,
+                        &consumer,
+                        &self.store,
+                        &mut positions,
+                        &mut catch_up,
+                        &mut dlq,
+                    );
+                    s.heard();
+                    self.store.publish_position(&positions);
+                }
+                if doubt && s.doubt_until.is_some() {
+                    std::thread::sleep(POLL_WAIT);
+                    continue;
+                }
+                // Out of doubt: what waited goes out.
+                dlq.release();
+            }
+            let step_started = Instant::now();
             let mut live = Live {
                 dlq: &mut dlq,
                 registry: &self.registry,
+                organization_letters: sharing.as_ref().is_none_or(|s| s.cluster.owns(0)),
             };
             let reducer = &self.slots.current.reducer;
             match stepper.step(reducer, &*self.store, POLL_WAIT, &mut live) {
@@ -295,11 +572,17 @@ impl Consumer {
                     changed = true;
                     self.count(&step);
                     step.advance(&mut positions);
+                    if let Some(s) = &sharing {
+                        s.tidy(&self.store, &step, &mut positions);
+                    }
                     for (&p, a) in &step.advanced {
                         catch_up.advanced(p, a.next);
                     }
                     catch_up.applied(step.applied());
                     self.store.publish_position(&positions);
+                    if let Some(s) = &sharing {
+                        s.publish(&positions, &catch_up);
+                    }
                 }
                 Ok(None) => {}
                 Err(e) => {
@@ -310,10 +593,20 @@ impl Consumer {
                     }
                 }
             }
+            if let Some(s) = &mut sharing {
+                s.stepped(step_started.elapsed(), &mut dlq);
+                s.last_seen = Instant::now();
+            }
             dlq.poll();
             // Between two batches the state is exactly at `positions`.
             self.store.serve_exports(&positions);
             store_safe_progress(&consumer, &dlq, &positions, &mut stored);
+            if let Some(s) = &sharing
+                && Instant::now() >= next_commit
+            {
+                s.commit(&dlq, &positions);
+                next_commit = Instant::now() + Duration::from_secs(1);
+            }
             if let Some(tx) = &snapshots
                 && changed
                 && Instant::now() >= next_snapshot
@@ -338,12 +631,17 @@ impl Consumer {
                             }
                         }
                     }
-                    watch::News::Added(added) => {
+                    watch::News::Added(mut added) => {
+                        if sharing.is_some() {
+                            // The group hands out new partitions of the users topic.
+                            added.retain(|p| p.source != Source::Users);
+                        }
                         follow_new_partitions(&consumer, added, &mut positions);
                     }
                 }
             }
         }
+        dlq.release();
         if let Err(e) = dlq.flush(REQUEST_TIMEOUT) {
             tracing::error!("dead letters not flushed before exit: {e}");
         }
@@ -351,6 +649,11 @@ impl Consumer {
         if let Err(e) = consumer.commit(&stored) {
             tracing::warn!("committing progress before exit: {e}");
         }
+        if let Some(s) = &sharing {
+            s.commit(&dlq, &positions);
+        }
+        // Leaves the group (after its last commit) before the process goes.
+        drop(sharing);
         if let Some(writer) = snapshots {
             // One last snapshot, so the next start has nothing to replay; written
             // before the process may exit (a large state takes a while).

@@ -19,6 +19,8 @@ pub struct CatchUp {
     pending: HashMap<Partition, i64>,
     started: Instant,
     applied: u64,
+    /// Why the host is not ready whatever the partitions say (see [`CatchUp::hold`]).
+    waiting: Option<String>,
 }
 
 impl CatchUp {
@@ -40,9 +42,51 @@ impl CatchUp {
             topics,
             started: Instant::now(),
             applied: 0,
+            waiting: None,
         };
         me.report();
         me
+    }
+
+    /// Also tracks partition `p` (given to this host by its group), from `from`,
+    /// until it reaches `high`.
+    pub fn track(&mut self, p: Partition, high: i64, from: i64) {
+        self.highs.insert(p, high);
+        if high > from {
+            self.pending.insert(p, high);
+        }
+        self.waiting = None;
+        self.report();
+    }
+
+    /// No longer tracks partition `p` (it went to another host).
+    pub fn forget(&mut self, p: Partition) {
+        self.highs.remove(&p);
+        self.pending.remove(&p);
+        self.report();
+    }
+
+    /// Not ready, whatever the partitions say, until [`CatchUp::track`] or
+    /// [`CatchUp::release`]: `why`.
+    pub fn hold(&mut self, why: &str) {
+        self.waiting = Some(why.to_owned());
+        self.report();
+    }
+
+    /// Ends a [`CatchUp::hold`].
+    pub fn release(&mut self) {
+        self.waiting = None;
+        self.report();
+    }
+
+    /// Whether partition `p` has not caught up yet.
+    pub fn is_behind(&self, p: Partition) -> bool {
+        self.pending.contains_key(&p)
+    }
+
+    /// Whether every tracked partition has caught up (and nothing holds readiness).
+    pub fn caught_up(&self) -> bool {
+        self.pending.is_empty() && self.waiting.is_none()
     }
 
     /// A batch moved partition `p` to `next`.
@@ -67,7 +111,9 @@ impl CatchUp {
     }
 
     fn report(&self) {
-        if self.pending.is_empty() {
+        if let Some(why) = &self.waiting {
+            self.metrics.set_status(false, why.clone());
+        } else if self.pending.is_empty() {
             let secs = self.started.elapsed().as_secs_f64();
             tracing::info!(
                 "caught up: {} events folded in {secs:.3} s ({:.0} events/s)",

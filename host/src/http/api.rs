@@ -10,6 +10,7 @@ use super::admin::Admin;
 use super::reply::error;
 use super::samples::StatusFeed;
 use crate::broker::Topics;
+use crate::cluster::Cluster;
 use crate::metrics::Metrics;
 use crate::state::StateStore;
 
@@ -33,6 +34,8 @@ pub struct Api {
     pub reads: Reads,
     /// The status page's samples.
     pub status: Arc<StatusFeed>,
+    /// With `--sharded`: who holds which users; `None`: this host holds them all.
+    pub cluster: Option<Arc<Cluster>>,
 }
 
 /// How reads are answered.

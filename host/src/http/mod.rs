@@ -11,6 +11,7 @@
 pub mod admin;
 pub mod api;
 pub mod explain;
+pub mod forward;
 pub mod live;
 pub mod reads;
 pub mod reply;
@@ -52,20 +53,53 @@ pub fn routes(api: Api) -> impl Filter<Extract = (Response,), Error = Infallible
         });
     let query = warp::query::raw().or(warp::any().map(String::new)).unify();
     let read = with.clone().and(conditions).and(query);
-    let user = warp::path!("users" / String).and(read.clone()).then(
-        |id: String, api: Api, c: reads::Conditions, raw: String| async move {
-            point(
-                &api,
-                c,
-                &raw,
-                "user",
-                &id,
-                |s, id| s.user(id),
-                explain::user,
-            )
-            .await
-        },
-    );
+    let user = warp::path!("users" / String)
+        .and(read.clone())
+        .and(warp::header::headers_cloned())
+        .then(
+            |id: String, api: Api, c: reads::Conditions, raw: String, headers| async move {
+                if api.cluster.is_some() {
+                    let user = match decoded("user", &id) {
+                        Ok(user) => user,
+                        Err(r) => return *r,
+                    };
+                    let path = if raw.is_empty() {
+                        format!("/users/{id}")
+                    } else {
+                        format!("/users/{id}?{raw}")
+                    };
+                    if let Some(r) = forward::elsewhere(&api, &user, &path, &headers).await {
+                        return r;
+                    }
+                }
+                let mut r = point(
+                    &api,
+                    c,
+                    &raw,
+                    "user",
+                    &id,
+                    |s, id| s.user(id),
+                    explain::user,
+                )
+                .await;
+                if let Some(cluster) = &api.cluster {
+                    if r.status() == StatusCode::NOT_FOUND
+                        && let Some(p) = decoded("user", &id)
+                            .ok()
+                            .and_then(|user| cluster.partition_of(&user))
+                        && cluster.is_behind(p)
+                    {
+                        // Held here, but not folded up to date yet (it just moved to
+                        // this host): not found may be only not yet.
+                        return forward::catching_up(p);
+                    }
+                    if let Ok(me) = warp::http::HeaderValue::from_str(cluster.instance()) {
+                        r.headers_mut().insert(forward::SERVED_BY, me);
+                    }
+                }
+                r
+            },
+        );
     let organization = warp::path!("organizations" / String)
         .and(read.clone())
         .then(
@@ -124,7 +158,10 @@ pub fn routes(api: Api) -> impl Filter<Extract = (Response,), Error = Infallible
         .and(warp::sse::last_event_id::<String>())
         .map(
             |raw: String, api: Api, last: Option<String>| match decoded("user", &raw) {
-                Ok(id) => live::watch(&api, &id, last.as_deref()),
+                // Watched where the user is folded: a host that does not hold its
+                // partition sends the watcher there.
+                Ok(id) => forward::holder_of(&api, &id, &format!("/users/{raw}/watch"))
+                    .unwrap_or_else(|| live::watch(&api, &id, last.as_deref())),
                 Err(r) => *r,
             },
         );
@@ -133,6 +170,17 @@ pub fn routes(api: Api) -> impl Filter<Extract = (Response,), Error = Infallible
         .then(|api: Api| async move { reads::export(&api).await });
     let healthz =
         warp::path!("healthz").map(|| json_reply(StatusCode::OK, &json!({"status": "ok"})));
+    let cluster = warp::path!("cluster").and(with.clone()).map(|api: Api| {
+        let view = api.cluster.as_ref().map_or_else(
+            || json!({"sharded": false, "message": "this host holds every partition (start with --sharded to share them)"}),
+            |c| {
+                let mut v = c.view();
+                v["sharded"] = true.into();
+                v
+            },
+        );
+        json_reply(StatusCode::OK, &view)
+    });
     let openapi = warp::path!("openapi.json").map(|| {
         let mut r = Response::new(OPENAPI.into());
         r.headers_mut().insert(
@@ -170,7 +218,10 @@ pub fn routes(api: Api) -> impl Filter<Extract = (Response,), Error = Infallible
     });
     let admin = admin::routes(api.admin.clone());
     let metrics = warp::path!("metrics").and(with).map(|api: Api| {
-        let body = api.metrics.render(api.store.sizes());
+        let mut body = api.metrics.render(api.store.sizes());
+        if let Some(c) = &api.cluster {
+            body.push_str(&c.render_metrics());
+        }
         let mut r = Response::new(body.into());
         r.headers_mut().insert(
             "content-type",
@@ -198,6 +249,8 @@ pub fn routes(api: Api) -> impl Filter<Extract = (Response,), Error = Infallible
             .unify()
             .or(healthz)
             .unify()
+            .or(cluster)
+            .unify()
             .or(openapi)
             .unify()
             .or(readyz)
@@ -215,10 +268,17 @@ pub fn routes(api: Api) -> impl Filter<Extract = (Response,), Error = Infallible
             }
         })
     };
+    let cluster = api.cluster.clone();
     warp::path::full()
         // Reads first: they are nearly all the traffic.
         .and(public.or(admin).unify().recover(recover).unify())
-        .map(|path: warp::path::FullPath, response: Response| {
+        .map(move |path: warp::path::FullPath, mut response: Response| {
+            if let Some(cluster) = &cluster
+                && response.status().is_success()
+                && forward::is_partial(path.as_str())
+            {
+                forward::mark_partial(cluster, &mut response);
+            }
             if response.status() != StatusCode::METHOD_NOT_ALLOWED {
                 return response;
             }
@@ -266,7 +326,7 @@ async fn point(
     plain: impl FnOnce(&StateStore, &str) -> Option<String>,
     explained: impl FnOnce(&Api, &StateStore, &str) -> reads::Found,
 ) -> Response {
-    let query = match reads::Query::parse(raw_query, &["explain"]) {
+    let query = match reads::Query::parse(raw_query, &["explain", "redirect"]) {
         Ok(q) => q,
         Err(r) => return *r,
     };
@@ -319,6 +379,7 @@ mod tests {
             store,
             metrics: Arc::new(Metrics::new(["users", "organizations"])),
             admin: Arc::new(admin(None, Fake::default())),
+            cluster: None,
             status: Arc::new(StatusFeed::new([
                 "users-dlq".into(),
                 "organizations-dlq".into(),

@@ -618,6 +618,15 @@ impl StateStore {
         Some(join_view(view, org))
     }
 
+    /// Forgets every user (visible or not) whose id `gone` says: a host that shares
+    /// partitions forgets the users of a partition that went to another host. Returns
+    /// how many.
+    pub fn forget_users(&self, gone: impl Fn(&str) -> bool) -> usize {
+        (0..self.shards.len())
+            .map(|i| self.write_shard(i).forget_where(&gone))
+            .sum()
+    }
+
     /// A user's state as kept (visible or not), for `?explain=1`; `None` when no
     /// state is kept for `id`.
     pub fn user_kept(&self, id: &str) -> Option<Kept> {
@@ -849,6 +858,25 @@ impl Shard {
         if let Some(c) = new {
             self.tombstones.insert((c, Box::from(key)));
         }
+    }
+
+    /// Forgets every user whose key `gone` says; returns how many.
+    fn forget_where(&mut self, gone: &dyn Fn(&str) -> bool) -> usize {
+        let keys: Vec<Box<str>> = self
+            .users
+            .keys()
+            .filter(|k| gone(k.as_ref()))
+            .map(|k| Box::from(k.as_ref()))
+            .collect();
+        for key in &keys {
+            self.preserve_for_exports(key);
+            if let Some(old) = self.users.remove(&**key) {
+                self.track_tombstone(key, old.tombstone(), None);
+                self.reweigh(Some(old.weight(key)), None);
+                self.answers.count(old.answer_by(), None);
+            }
+        }
+        keys.len()
     }
 
     /// Forgets every tombstone whose clock is before `horizon`; returns how many.

@@ -1,0 +1,343 @@
+//! Sharing the users topic's partitions among hosts (`logq run --sharded`) through the
+//! broker's own consumer-group protocol: no coordinator of our own.
+//!
+//! A [`Member`] joins the group with the cooperative-sticky assignor and a stable
+//! member id (`group.instance.id`), so a restart within the session timeout keeps its
+//! partitions. It reads nothing itself: every partition it is given is paused at once
+//! (the consumer loop reads with its own client, by assignment), and what changes is
+//! handed to the loop as [`Ownership`] news. A revocation waits (bounded) for the loop
+//! to stop folding the partitions and hand over their progress, which is committed
+//! before the partitions go: the next holder starts where this one stopped, and dead
+//! letters below that offset are not sent again.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, Sender, SyncSender, channel, sync_channel};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use rdkafka::ClientContext;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+
+use super::{KafkaError, client_config};
+use crate::config::KafkaConfig;
+
+/// How long a revocation waits for the loop to hand over the partitions' progress.
+const HANDOVER_WAIT: Duration = Duration::from_secs(10);
+
+/// Kafka's murmur2 (as its Java clients hash keys), for [`partition_of`].
+pub fn murmur2(data: &[u8]) -> i32 {
+    const SEED: u32 = 0x9747_b28c;
+    const M: u32 = 0x5bd1_e995;
+    const R: u32 = 24;
+    let len = data.len();
+    let mut h: u32 = SEED ^ (len as u32);
+    let mut chunks = data.chunks_exact(4);
+    for c in &mut chunks {
+        let mut k = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+        k = k.wrapping_mul(M);
+        k ^= k >> R;
+        k = k.wrapping_mul(M);
+        h = h.wrapping_mul(M);
+        h ^= k;
+    }
+    let rest = chunks.remainder();
+    if rest.len() >= 3 {
+        h ^= u32::from(rest[2]) << 16;
+    }
+    if rest.len() >= 2 {
+        h ^= u32::from(rest[1]) << 8;
+    }
+    if !rest.is_empty() {
+        h ^= u32::from(rest[0]);
+        h = h.wrapping_mul(M);
+    }
+    h ^= h >> 13;
+    h = h.wrapping_mul(M);
+    h ^= h >> 15;
+    h as i32
+}
+
+/// The partition of `partitions` a record keyed `key` goes to, as Kafka's Java
+/// clients (and librdkafka's `murmur2_random`, which `logq produce` uses) choose it.
+pub fn partition_of(key: &[u8], partitions: i32) -> i32 {
+    (murmur2(key) & 0x7fff_ffff) % partitions.max(1)
+}
+
+/// What changed in this host's share of the partitions.
+#[derive(Debug)]
+pub enum Ownership {
+    /// These partitions are this host's now, each with the group's committed offset
+    /// (the next to read), if any.
+    Assigned(Vec<(i32, Option<i64>)>),
+    /// These partitions go to another host, or (`lost`) went already: this host was
+    /// thought dead. The loop stops folding them and answers with the progress to
+    /// commit for them (next offset per partition); the group waits for that answer.
+    Revoked {
+        /// The partitions.
+        partitions: Vec<i32>,
+        /// Whether another host has them already.
+        lost: bool,
+        /// Where the loop answers.
+        ack: SyncSender<BTreeMap<i32, i64>>,
+    },
+}
+
+struct GroupContext {
+    topic: String,
+    news: Sender<Ownership>,
+}
+
+impl ClientContext for GroupContext {}
+
+fn ids(list: &TopicPartitionList) -> Vec<i32> {
+    list.elements().iter().map(|e| e.partition()).collect()
+}
+
+impl ConsumerContext for GroupContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let Rebalance::Revoke(list) = rebalance else {
+            return;
+        };
+        let revoked = ids(list);
+        if revoked.is_empty() {
+            return;
+        }
+        let (ack, handed) = sync_channel(1);
+        let lost = consumer.assignment_lost();
+        let news = Ownership::Revoked {
+            partitions: revoked,
+            lost,
+            ack,
+        };
+        if self.news.send(news).is_err() {
+            return;
+        }
+        let Ok(progress) = handed.recv_timeout(HANDOVER_WAIT) else {
+            tracing::warn!("the loop did not hand over revoked partitions in time");
+            return;
+        };
+        if lost {
+            // Another host has them already; its commits are the ones that count.
+            return;
+        }
+        if let Err(e) = commit(consumer, &self.topic, &progress, CommitMode::Sync) {
+            tracing::warn!("committing revoked partitions: {e}");
+        }
+    }
+
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let Rebalance::Assign(list) = rebalance else {
+            return;
+        };
+        // This client only keeps the membership: the loop reads the partitions.
+        if list.count() > 0
+            && let Err(e) = consumer.pause(list)
+        {
+            tracing::warn!("pausing the group client's partitions: {e}");
+        }
+        let committed = consumer
+            .committed_offsets((*list).clone(), Duration::from_secs(10))
+            .unwrap_or_else(|e| {
+                tracing::warn!("committed offsets of new partitions unknown ({e})");
+                TopicPartitionList::new()
+            });
+        let assigned = ids(list)
+            .into_iter()
+            .map(|p| {
+                let at = committed
+                    .find_partition(&self.topic, p)
+                    .and_then(|e| match e.offset() {
+                        Offset::Offset(o) => Some(o),
+                        _ => None,
+                    });
+                (p, at)
+            })
+            .collect();
+        let _ = self.news.send(Ownership::Assigned(assigned));
+    }
+}
+
+fn commit(
+    consumer: &BaseConsumer<GroupContext>,
+    topic: &str,
+    progress: &BTreeMap<i32, i64>,
+    mode: CommitMode,
+) -> Result<(), KafkaError> {
+    if progress.is_empty() {
+        return Ok(());
+    }
+    let mut list = TopicPartitionList::new();
+    for (p, next) in progress {
+        list.add_partition_offset(topic, *p, Offset::Offset(*next))?;
+    }
+    consumer.commit(&list, mode)?;
+    Ok(())
+}
+
+/// This host's membership of the group: a thread that keeps it alive and commits
+/// the progress the loop hands it.
+pub struct Member {
+    commits: Sender<BTreeMap<i32, i64>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// How a host joins: the group, its stable id, and how soon it is thought dead.
+#[derive(Debug, Clone)]
+pub struct Joining {
+    /// The consumer group.
+    pub group: String,
+    /// This host's stable member id (`group.instance.id`).
+    pub instance: String,
+    /// The topic whose partitions are shared.
+    pub topic: String,
+    /// Without a heartbeat for this long, a host's partitions go to the others.
+    pub session_timeout: Duration,
+}
+
+impl Member {
+    /// Joins; ownership news arrive on the receiver from the first assignment on.
+    ///
+    /// # Errors
+    /// When librdkafka refuses the settings or the subscription.
+    pub fn join(
+        kafka: &KafkaConfig,
+        joining: &Joining,
+    ) -> Result<(Self, Receiver<Ownership>), KafkaError> {
+        let (news, receiver) = channel();
+        let make = {
+            let (kafka, joining) = (kafka.clone(), joining.clone());
+            move || -> Result<BaseConsumer<GroupContext>, KafkaError> {
+                let session = joining.session_timeout.as_millis().max(1).to_string();
+                let heartbeat = (joining.session_timeout.as_millis() / 4).max(1).to_string();
+                let consumer: BaseConsumer<GroupContext> = client_config(
+                    &kafka,
+                    &[
+                        ("group.id", joining.group.as_str()),
+                        ("group.instance.id", joining.instance.as_str()),
+                        ("partition.assignment.strategy", "cooperative-sticky"),
+                        ("session.timeout.ms", session.as_str()),
+                        ("heartbeat.interval.ms", heartbeat.as_str()),
+                        ("enable.auto.commit", "false"),
+                        ("auto.offset.reset", "earliest"),
+                    ],
+                )
+                .create_with_context(GroupContext {
+                    topic: joining.topic.clone(),
+                    news: news.clone(),
+                })
+                .map_err(|e| KafkaError::Config(e.to_string()))?;
+                consumer.subscribe(&[joining.topic.as_str()])?;
+                Ok(consumer)
+            }
+        };
+        let mut consumer = make()?;
+        let (commits, to_commit) = channel::<BTreeMap<i32, i64>>();
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let stop = stop.clone();
+            let topic = joining.topic.clone();
+            std::thread::Builder::new()
+                .name("logq-group".into())
+                .spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        // Paused partitions deliver nothing: this serves the group's
+                        // heartbeats and rebalances.
+                        if let Some(Err(e)) = consumer.poll(Duration::from_millis(100)) {
+                            tracing::debug!("group client: {e}");
+                        }
+                        if let Some((_, why)) = consumer.client().fatal_error() {
+                            // A host thought dead and back is fenced by the group (its old
+                            // member id is gone): the client can do nothing more. A new
+                            // one joins under the same stable id and takes it over.
+                            tracing::warn!("the group fenced this host ({why}): joining again");
+                            drop(consumer);
+                            loop {
+                                match make() {
+                                    Ok(fresh) => {
+                                        consumer = fresh;
+                                        break;
+                                    }
+                                    Err(e) => {
+                                        tracing::error!("joining the group again: {e}");
+                                        std::thread::sleep(Duration::from_secs(1));
+                                    }
+                                }
+                            }
+                        }
+                        let mut latest = None;
+                        while let Ok(progress) = to_commit.try_recv() {
+                            latest = Some(progress);
+                        }
+                        if let Some(progress) = latest
+                            && let Err(e) = commit(&consumer, &topic, &progress, CommitMode::Async)
+                        {
+                            tracing::debug!("committing progress: {e}");
+                        }
+                    }
+                    // The loop's last progress, committed before the client goes. A
+                    // static member keeps its partitions for the session timeout
+                    // (a restart within it finds them again, KIP-345).
+                    let mut latest = None;
+                    while let Ok(progress) = to_commit.try_recv() {
+                        latest = Some(progress);
+                    }
+                    if let Some(progress) = latest
+                        && let Err(e) = commit(&consumer, &topic, &progress, CommitMode::Sync)
+                    {
+                        tracing::warn!("committing progress before leaving: {e}");
+                    }
+                })
+                .map_err(|e| KafkaError::Config(format!("starting the group thread: {e}")))?
+        };
+        Ok((
+            Self {
+                commits,
+                stop,
+                thread: Some(thread),
+            },
+            receiver,
+        ))
+    }
+
+    /// Commits `progress` (next offset per partition of this host) soon.
+    pub fn commit(&self, progress: BTreeMap<i32, i64>) {
+        let _ = self.commits.send(progress);
+    }
+}
+
+impl Drop for Member {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The values Kafka's own test of its Java murmur2 expects (`UtilsTest`).
+    #[test]
+    fn murmur2_is_kafkas() {
+        for (key, hash) in [
+            ("21", -973_932_308),
+            ("foobar", -790_332_482),
+            ("a-little-bit-long-string", -985_981_536),
+            ("a-little-bit-longer-string", -1_486_304_829),
+            (
+                "lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8",
+                -58_897_971,
+            ),
+            ("abc", 479_470_107),
+        ] {
+            assert_eq!(murmur2(key.as_bytes()), hash, "{key}");
+        }
+        assert!((0..6).contains(&partition_of(b"any id", 6)));
+    }
+}

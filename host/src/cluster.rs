@@ -1,0 +1,308 @@
+//! More than one host (`logq run --sharded`): which host holds which partition of the
+//! users topic, and where to reach it. Fourth layer, beside the metrics.
+//!
+//! Each host holds the users of the partitions the group gave it ([`crate::broker::
+//! group`]) and says so on the members topic ([`crate::broker::members`]) every
+//! second, and at once when its share changes: its member id, the URL other hosts
+//! reach it at, its partitions. Every host reads every advert, so any host can find
+//! the holder of any user's partition (the user's partition is the murmur2 of its id,
+//! as the producers' partitioner puts it) and forward a read there.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::broker::group::partition_of;
+use crate::broker::members::MembersLog;
+
+/// How often a host says where it is and what it holds.
+pub const ADVERT_EVERY: Duration = Duration::from_secs(1);
+/// An advert older than this is forgotten: its host is gone (or cut off).
+pub const ADVERT_FRESH: Duration = Duration::from_secs(4);
+
+/// One host's advert on the members topic.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Advert {
+    /// Its stable member id (`group.instance.id`).
+    pub instance: String,
+    /// Where other hosts reach its HTTP API (`http://HOST:PORT`).
+    pub url: String,
+    /// The users topic's partitions it holds.
+    pub partitions: Vec<i32>,
+    /// Whether it has caught up with them.
+    pub ready: bool,
+    /// When it was sent (ms since the Unix epoch).
+    pub sent_ms: u64,
+}
+
+struct Seen {
+    advert: Advert,
+    at: Instant,
+}
+
+/// This host's view of the group.
+pub struct Cluster {
+    instance: String,
+    url: String,
+    /// Partitions of the users topic (0 until known).
+    partitions: AtomicI32,
+    owned: RwLock<BTreeSet<i32>>,
+    /// When this host got each partition it holds (ms since the Unix epoch).
+    since: RwLock<BTreeMap<i32, u64>>,
+    /// Held, and still being folded from their beginning.
+    behind: RwLock<BTreeSet<i32>>,
+    ready: AtomicBool,
+    peers: RwLock<BTreeMap<String, Seen>>,
+    /// Set when the share changed: the next advert goes out at once.
+    changed: AtomicBool,
+    forwarded: AtomicU64,
+    forward_failures: AtomicU64,
+}
+
+impl Cluster {
+    /// This host, member `instance`, reached at `url`.
+    pub fn new(instance: &str, url: &str) -> Arc<Self> {
+        Arc::new(Self {
+            instance: instance.to_owned(),
+            url: url.trim_end_matches('/').to_owned(),
+            partitions: AtomicI32::new(0),
+            owned: RwLock::default(),
+            since: RwLock::default(),
+            behind: RwLock::default(),
+            ready: AtomicBool::new(false),
+            peers: RwLock::default(),
+            changed: AtomicBool::new(true),
+            forwarded: AtomicU64::new(0),
+            forward_failures: AtomicU64::new(0),
+        })
+    }
+
+    /// This host's member id.
+    pub fn instance(&self) -> &str {
+        &self.instance
+    }
+
+    /// The users topic has `n` partitions.
+    pub fn set_partitions(&self, n: i32) {
+        self.partitions.store(n, Ordering::Relaxed);
+    }
+
+    /// Partitions of the users topic (0 until known).
+    pub fn partitions(&self) -> i32 {
+        self.partitions.load(Ordering::Relaxed)
+    }
+
+    /// The partition user `id` is in; `None` while the partition count is unknown.
+    pub fn partition_of(&self, id: &str) -> Option<i32> {
+        let n = self.partitions.load(Ordering::Relaxed);
+        (n > 0).then(|| partition_of(id.as_bytes(), n))
+    }
+
+    /// This host now holds `partitions`, is still catching up with those `behind`
+    /// (folding them from their beginning), and is ready or not.
+    pub fn set_owned(&self, partitions: BTreeSet<i32>, behind: BTreeSet<i32>, ready: bool) {
+        let mut owned = self.owned.write().unwrap_or_else(|p| p.into_inner());
+        if *owned != partitions || self.ready.load(Ordering::Relaxed) != ready {
+            self.changed.store(true, Ordering::Relaxed);
+        }
+        {
+            let mut since = self.since.write().unwrap_or_else(|p| p.into_inner());
+            since.retain(|p, _| partitions.contains(p));
+            for p in &partitions {
+                since.entry(*p).or_insert_with(now_ms);
+            }
+        }
+        *owned = partitions;
+        *self.behind.write().unwrap_or_else(|p| p.into_inner()) = behind;
+        self.ready.store(ready, Ordering::Relaxed);
+    }
+
+    /// Whether this host holds partition `p` but has not caught up with it yet: a
+    /// user not found there may only not be folded yet.
+    pub fn is_behind(&self, p: i32) -> bool {
+        self.behind
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&p)
+    }
+
+    /// Whether this host holds partition `p`.
+    pub fn owns(&self, p: i32) -> bool {
+        self.owned
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&p)
+    }
+
+    /// The partitions this host holds.
+    pub fn owned(&self) -> BTreeSet<i32> {
+        self.owned.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Whether another host says it holds partition `p`, which this host also holds,
+    /// in an advert sent after this host got it: this host is the stale one (it stood
+    /// still past the session timeout, and the group gave `p` away meanwhile).
+    pub fn contested(&self, p: i32) -> bool {
+        let Some(since) = self
+            .since
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&p)
+            .copied()
+        else {
+            return false;
+        };
+        self.holder(p).is_some_and(|a| a.sent_ms > since)
+    }
+
+    /// Another host that holds partition `p`, by its freshest advert.
+    pub fn holder(&self, p: i32) -> Option<Advert> {
+        let peers = self.peers.read().unwrap_or_else(|p| p.into_inner());
+        peers
+            .values()
+            .filter(|s| s.at.elapsed() < ADVERT_FRESH && s.advert.partitions.contains(&p))
+            .max_by_key(|s| s.advert.sent_ms)
+            .map(|s| s.advert.clone())
+    }
+
+    /// A read was forwarded (`ok`) or could not be.
+    pub fn count_forward(&self, ok: bool) {
+        let counter = if ok {
+            &self.forwarded
+        } else {
+            &self.forward_failures
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Reads forwarded to other hosts, and those that failed.
+    pub fn forwards(&self) -> (u64, u64) {
+        (
+            self.forwarded.load(Ordering::Relaxed),
+            self.forward_failures.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Prometheus lines: partitions held and behind, reads forwarded and failed.
+    pub fn render_metrics(&self) -> String {
+        let (forwarded, failed) = self.forwards();
+        let behind = self.behind.read().unwrap_or_else(|p| p.into_inner()).len();
+        format!(
+            "# HELP logq_partitions_held Partitions of the users topic this host holds (--sharded).\n\
+             # TYPE logq_partitions_held gauge\nlogq_partitions_held {}\n\
+             # HELP logq_partitions_behind Held partitions still being folded from their beginning.\n\
+             # TYPE logq_partitions_behind gauge\nlogq_partitions_behind {behind}\n\
+             # HELP logq_reads_forwarded_total Reads forwarded to the host that holds the user.\n\
+             # TYPE logq_reads_forwarded_total counter\nlogq_reads_forwarded_total {forwarded}\n\
+             # HELP logq_reads_forward_failures_total Reads whose holder did not answer (503).\n\
+             # TYPE logq_reads_forward_failures_total counter\nlogq_reads_forward_failures_total {failed}\n",
+            self.owned().len()
+        )
+    }
+
+    /// The group as this host sees it: itself and every fresh advert.
+    pub fn view(&self) -> serde_json::Value {
+        let peers = self.peers.read().unwrap_or_else(|p| p.into_inner());
+        let others: Vec<serde_json::Value> = peers
+            .values()
+            .filter(|s| s.at.elapsed() < ADVERT_FRESH)
+            .map(|s| {
+                serde_json::json!({
+                    "instance": s.advert.instance,
+                    "url": s.advert.url,
+                    "partitions": s.advert.partitions,
+                    "ready": s.advert.ready,
+                    "seen_ms_ago": s.at.elapsed().as_millis() as u64,
+                })
+            })
+            .collect();
+        let (forwarded, failed) = self.forwards();
+        drop(peers);
+        let nobody: Vec<i32> = (0..self.partitions())
+            .filter(|p| !self.owns(*p) && self.holder(*p).is_none())
+            .collect();
+        serde_json::json!({
+            "unheld": nobody,
+            "instance": self.instance,
+            "url": self.url,
+            "partitions": self.owned(),
+            "ready": self.ready.load(Ordering::Relaxed),
+            "topic_partitions": self.partitions.load(Ordering::Relaxed),
+            "others": others,
+            "forwarded": forwarded,
+            "forward_failures": failed,
+        })
+    }
+
+    fn advert(&self) -> Advert {
+        Advert {
+            instance: self.instance.clone(),
+            url: self.url.clone(),
+            partitions: self.owned().into_iter().collect(),
+            ready: self.ready.load(Ordering::Relaxed),
+            sent_ms: now_ms(),
+        }
+    }
+
+    fn heard(&self, key: String, value: &[u8]) {
+        if key == self.instance {
+            return;
+        }
+        let mut peers = self.peers.write().unwrap_or_else(|p| p.into_inner());
+        if value.is_empty() {
+            // It left cleanly.
+            peers.remove(&key);
+            return;
+        }
+        match serde_json::from_slice::<Advert>(value) {
+            Ok(advert) => {
+                peers.insert(
+                    key,
+                    Seen {
+                        advert,
+                        at: Instant::now(),
+                    },
+                );
+            }
+            Err(e) => tracing::debug!("members topic: an advert that is not ours ({e})"),
+        }
+    }
+
+    /// Says where this host is every [`ADVERT_EVERY`] (and at once when its share
+    /// changes) and reads every other host's adverts, on a thread of its own, until
+    /// `stop`; then says it left.
+    pub fn run(
+        self: &Arc<Self>,
+        log: MembersLog,
+        stop: Arc<AtomicBool>,
+    ) -> std::thread::JoinHandle<()> {
+        let me = self.clone();
+        std::thread::spawn(move || {
+            let mut next = Instant::now();
+            while !stop.load(Ordering::Relaxed) {
+                if Instant::now() >= next || me.changed.swap(false, Ordering::Relaxed) {
+                    if let Ok(value) = serde_json::to_vec(&me.advert())
+                        && let Err(e) = log.publish(&me.instance, &value)
+                    {
+                        tracing::warn!("members topic: {e}");
+                    }
+                    next = Instant::now() + ADVERT_EVERY;
+                }
+                for (key, value) in log.read(Duration::from_millis(50)) {
+                    me.heard(key, &value);
+                }
+            }
+            let _ = log.publish(&me.instance, b"");
+            let _ = log.flush(Duration::from_secs(2));
+        })
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}

@@ -1,0 +1,242 @@
+//! Any host answers any id (`--sharded`): a read of a user whose partition another
+//! host holds is forwarded there over a pooled keep-alive connection, and the answer
+//! passed back as it came, with `X-Logq-Served-By` naming the host that answered.
+//! `X-Logq-Forwarded` marks a forwarded request, so it is never forwarded again;
+//! `?redirect=1` gets a `307` to the holder instead. No holder known: `503` with
+//! `Retry-After`, never a `404` from a host that does not hold the partition.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader};
+use tokio::net::TcpStream;
+use warp::http::{HeaderValue, StatusCode};
+use warp::reply::Response;
+
+use super::api::Api;
+use super::reply::error;
+use crate::cluster::Cluster;
+
+/// Marks a request one host forwarded to another.
+pub const FORWARDED: &str = "x-logq-forwarded";
+/// Names the host that answered.
+pub const SERVED_BY: &str = "x-logq-served-by";
+/// The request headers a forwarded read carries along.
+const PASSED: [&str; 2] = ["x-logq-min-position", "if-none-match"];
+/// The answer headers passed back.
+const RETURNED: [&str; 4] = ["content-type", "etag", "x-logq-position", SERVED_BY];
+/// Longest a forwarded read may take.
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Idle keep-alive connections per host.
+static POOL: Mutex<Option<HashMap<String, Vec<BufReader<TcpStream>>>>> = Mutex::new(None);
+
+/// Where a read of user `id` goes: `None` to answer here (this host holds its
+/// partition, or hosts do not share partitions); else the forwarded (or redirected,
+/// or refused) answer.
+pub async fn elsewhere(
+    api: &Api,
+    id: &str,
+    path_and_query: &str,
+    headers: &warp::http::HeaderMap,
+) -> Option<Response> {
+    let cluster = api.cluster.as_ref()?;
+    let p = cluster.partition_of(id)?;
+    if cluster.owns(p) && !cluster.contested(p) {
+        return None;
+    }
+    if headers.contains_key(FORWARDED) {
+        // The sender thought this host holds it: the share moved meanwhile.
+        return Some(unavailable(&format!(
+            "users/{p} moved between hosts while this read was forwarded; try again"
+        )));
+    }
+    let Some(holder) = cluster.holder(p) else {
+        return Some(unavailable(&format!(
+            "no host is known to hold users/{p} now (a host left or joined, and the group is moving its partitions); try again"
+        )));
+    };
+    if path_and_query.contains("redirect=1") {
+        let mut r = Response::new(String::new().into());
+        *r.status_mut() = StatusCode::TEMPORARY_REDIRECT;
+        let location = format!("{}{}", holder.url, path_and_query.replace("redirect=1", ""));
+        if let Ok(v) = HeaderValue::from_str(location.trim_end_matches(['?', '&'])) {
+            r.headers_mut().insert("location", v);
+        }
+        return Some(r);
+    }
+    let passed: Vec<(&str, String)> = PASSED
+        .iter()
+        .filter_map(|h| {
+            let v = headers.get(*h)?.to_str().ok()?;
+            Some((*h, v.to_owned()))
+        })
+        .collect();
+    let authority = holder.url.trim_start_matches("http://").to_owned();
+    let answer = tokio::time::timeout(
+        TIMEOUT,
+        get(&authority, path_and_query, &passed, cluster.instance()),
+    )
+    .await
+    .unwrap_or_else(|_| Err("timed out".to_owned()));
+    cluster.count_forward(answer.is_ok());
+    Some(answer.unwrap_or_else(|why| {
+        unavailable(&format!(
+            "the holder of users/{p} ({}) did not answer: {why}",
+            holder.instance
+        ))
+    }))
+}
+
+/// Names the partitions of the users topic an answer covers, when it is only this
+/// host's share (listings, export, the change stream: see the README's "More than
+/// one host").
+pub const PARTIAL: &str = "x-logq-partial";
+
+/// Whether `path` answers with this host's users only when hosts share partitions.
+pub fn is_partial(path: &str) -> bool {
+    let path = path.trim_end_matches('/');
+    path == "/users"
+        || path == "/export"
+        || path == "/changes"
+        || (path.starts_with("/organizations/") && path.ends_with("/users"))
+}
+
+/// Adds [`PARTIAL`]: `users/0,1 of 4` (the partitions this host holds, of all).
+pub fn mark_partial(cluster: &Cluster, response: &mut Response) {
+    let held: Vec<String> = cluster.owned().iter().map(i32::to_string).collect();
+    let value = format!("users/{} of {}", held.join(","), cluster.partitions());
+    if let Ok(v) = HeaderValue::from_str(&value) {
+        response.headers_mut().insert(PARTIAL, v);
+    }
+}
+
+/// A `307` to the host that holds user `id`'s partition, for `path` there; `None`
+/// when this host holds it (or hosts do not share partitions) or no holder is known.
+pub fn holder_of(api: &Api, id: &str, path: &str) -> Option<Response> {
+    let cluster = api.cluster.as_ref()?;
+    let p = cluster.partition_of(id)?;
+    if cluster.owns(p) {
+        return None;
+    }
+    let holder = cluster.holder(p)?;
+    let mut r = Response::new(String::new().into());
+    *r.status_mut() = StatusCode::TEMPORARY_REDIRECT;
+    if let Ok(v) = HeaderValue::from_str(&format!("{}{path}", holder.url)) {
+        r.headers_mut().insert("location", v);
+    }
+    Some(r)
+}
+
+/// `503` for a user not found in partition `p`, which this host holds but is still
+/// folding from its beginning.
+pub fn catching_up(p: i32) -> Response {
+    unavailable(&format!(
+        "users/{p} just moved to this host and is still being folded; try again"
+    ))
+}
+
+fn unavailable(why: &str) -> Response {
+    let mut r = error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "unavailable",
+        why.to_owned(),
+    );
+    r.headers_mut()
+        .insert("retry-after", HeaderValue::from_static("1"));
+    r
+}
+
+/// `GET path` at `authority`, on a pooled connection (a stale one is retried once on
+/// a fresh connection).
+async fn get(
+    authority: &str,
+    path: &str,
+    headers: &[(&str, String)],
+    from: &str,
+) -> Result<Response, String> {
+    let pooled = POOL
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get_or_insert_with(HashMap::new)
+        .get_mut(authority)
+        .and_then(Vec::pop);
+    if let Some(conn) = pooled
+        && let Ok(r) = exchange(conn, authority, path, headers, from).await
+    {
+        return Ok(r);
+    }
+    let conn = TcpStream::connect(authority)
+        .await
+        .map_err(|e| format!("connecting to {authority}: {e}"))?;
+    let _ = conn.set_nodelay(true);
+    exchange(BufReader::new(conn), authority, path, headers, from).await
+}
+
+/// One request and its answer on `conn`, which goes back to the pool afterwards.
+async fn exchange(
+    mut conn: BufReader<TcpStream>,
+    authority: &str,
+    path: &str,
+    headers: &[(&str, String)],
+    from: &str,
+) -> Result<Response, String> {
+    let mut head = format!("GET {path} HTTP/1.1\r\nHost: {authority}\r\n{FORWARDED}: {from}\r\n");
+    for (name, value) in headers {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    head.push_str("\r\n");
+    conn.get_mut()
+        .write_all(head.as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut line = String::new();
+    conn.read_line(&mut line).await.map_err(|e| e.to_string())?;
+    let status: u16 = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| format!("not an HTTP answer: {line:?}"))?;
+    let mut length = None;
+    let mut keep: Vec<(String, String)> = Vec::new();
+    loop {
+        line.clear();
+        conn.read_line(&mut line).await.map_err(|e| e.to_string())?;
+        let l = line.trim_end();
+        if l.is_empty() {
+            break;
+        }
+        let Some((name, value)) = l.split_once(':') else {
+            continue;
+        };
+        let (name, value) = (name.trim().to_ascii_lowercase(), value.trim().to_owned());
+        if name == "content-length" {
+            length = value.parse::<usize>().ok();
+        } else if RETURNED.contains(&name.as_str()) {
+            keep.push((name, value));
+        }
+    }
+    let length = length.ok_or("an answer without Content-Length")?;
+    let mut body = vec![0; length];
+    conn.read_exact(&mut body)
+        .await
+        .map_err(|e| e.to_string())?;
+    POOL.lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get_or_insert_with(HashMap::new)
+        .entry(authority.to_owned())
+        .or_default()
+        .push(conn);
+    let mut r = Response::new(body.into());
+    *r.status_mut() = StatusCode::from_u16(status).map_err(|e| e.to_string())?;
+    for (name, value) in keep {
+        if let (Ok(n), Ok(v)) = (
+            warp::http::header::HeaderName::from_bytes(name.as_bytes()),
+            HeaderValue::from_str(&value),
+        ) {
+            r.headers_mut().insert(n, v);
+        }
+    }
+    Ok(r)
+}

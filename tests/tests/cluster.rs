@@ -1,0 +1,272 @@
+//! More than one host (`logq run --sharded`): hosts share the users topic's partitions
+//! through the broker's consumer group, each holds only its share, and any host
+//! answers any id (forwarding to the holder). A host killed with SIGKILL: its
+//! partitions go to the other after the session timeout, which then answers every id
+//! itself. Checked against the oracle, deleted users included.
+
+// Test helpers: a failed unwrap is a failed test, with its location.
+#![allow(clippy::unwrap_used)]
+
+use std::time::{Duration, Instant};
+
+use logq_e2e::oracle::Oracle;
+use logq_e2e::{Broker, Host, eventually, history, produce};
+
+const READY: Duration = Duration::from_secs(120);
+const SESSION_MS: &str = "2000";
+
+fn sharded(broker: &Broker) -> Host {
+    Host::start(
+        broker,
+        &[
+            "--sharded",
+            "--group-id",
+            "shared",
+            "--session-timeout-ms",
+            SESSION_MS,
+        ],
+    )
+}
+
+fn held(host: &Host) -> Vec<i64> {
+    let view = host.get("/cluster").json();
+    view["partitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_i64().unwrap())
+        .collect()
+}
+
+fn signal(host: &Host, name: &str) {
+    let status = std::process::Command::new("kill")
+        .args([&format!("-{name}"), &host.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+/// Waits until every host holds `each` partitions (any split with `None`), is ready,
+/// and knows the holder of every other partition, and that has not changed for three
+/// seconds (a returning member can set off more than one rebalance); the hosts' views
+/// of the group when it never happens.
+fn settle(hosts: &[&Host], each: Option<usize>) {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let mut stable: Option<(Vec<serde_json::Value>, Instant)> = None;
+    loop {
+        let views: Vec<serde_json::Value> =
+            hosts.iter().map(|h| h.get("/cluster").json()).collect();
+        let count = |v: &serde_json::Value| v["partitions"].as_array().map_or(0, Vec::len);
+        let held: usize = views.iter().map(count).sum();
+        let settled = held == 4
+            && hosts.iter().zip(&views).all(|(h, v)| {
+                each.is_none_or(|n| count(v) == n)
+                    && v["unheld"].as_array().is_some_and(Vec::is_empty)
+                    && h.get("/readyz").status == 200
+            });
+        let shares: Vec<serde_json::Value> =
+            views.iter().map(|v| v["partitions"].clone()).collect();
+        stable = match stable {
+            Some((s, since)) if settled && s == shares => {
+                if since.elapsed() >= Duration::from_secs(3) {
+                    return;
+                }
+                Some((s, since))
+            }
+            _ if settled => Some((shares, Instant::now())),
+            _ => None,
+        };
+        assert!(
+            Instant::now() < deadline,
+            "not settled at {each:?} partitions each: {views:#?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn stored(host: &Host) -> f64 {
+    host.metric("logq_users_stored").unwrap()
+}
+
+#[test]
+fn two_hosts_share_the_partitions_any_answers_any_id_and_one_takes_over_from_a_killed_one() {
+    let broker = Broker::start();
+    broker.create_topic("users", 4);
+    broker.create_topic("organizations", 2);
+    broker.create_topic("users.dlq", 1);
+    broker.create_topic("organizations.dlq", 1);
+    let (users, orgs) = history(0x5a4e_d001, 400, 4_000);
+    produce(&broker, "organizations", &[], orgs.join("\n").as_bytes());
+    produce(&broker, "users", &[], users.join("\n").as_bytes());
+    let mut oracle = Oracle::new();
+    oracle.fold_keyed(&users, &orgs);
+    let expected = oracle.answers();
+
+    let a = sharded(&broker);
+    let b = sharded(&broker);
+    // Both ready, two partitions each, each knowing who holds the others.
+    settle(&[&a, &b], Some(2));
+    // Each holds only its share: together, every user once.
+    eventually(
+        Duration::from_secs(30),
+        "every user folded by its holder",
+        || (stored(&a) + stored(&b) == oracle.remembered() as f64).then_some(()),
+    );
+    assert!(stored(&a) > 0.0 && stored(&b) > 0.0);
+    assert!(stored(&a) < oracle.remembered() as f64);
+
+    // Any host answers any id, the deleted ones 404, and says who answered.
+    for host in [&a, &b] {
+        host.assert_answers(&users, expected.clone());
+    }
+    let mut served_by = std::collections::BTreeSet::new();
+    for id in expected.keys().take(40) {
+        let r = a.get(&format!("/users/{id}"));
+        served_by.insert(r.header("x-logq-served-by").unwrap().to_owned());
+    }
+    assert_eq!(
+        served_by.len(),
+        2,
+        "answers from both hosts through a: {served_by:?}"
+    );
+    // A redirect instead, when asked.
+    let elsewhere = expected
+        .keys()
+        .find(|id| {
+            a.get(&format!("/users/{id}")).header("x-logq-served-by")
+                != a.get("/cluster").json()["instance"].as_str()
+        })
+        .unwrap();
+    let r = a.get(&format!("/users/{elsewhere}?redirect=1"));
+    assert_eq!(r.status, 307);
+    assert!(
+        r.header("location").unwrap().contains(&b.addr.to_string()),
+        "{r:?}"
+    );
+
+    // Listings are this host's share, and say so.
+    let r = a.get("/users?limit=1000");
+    let partial = r.header("x-logq-partial").unwrap().to_owned();
+    assert!(partial.ends_with(" of 4"), "{partial}");
+    let listed = r.json()["users"].as_array().unwrap().len();
+    assert!(
+        listed > 0 && listed < expected.len(),
+        "{listed} of {}",
+        expected.len()
+    );
+    assert_eq!(a.metric("logq_partitions_held"), Some(2.0));
+    assert!(a.metric("logq_reads_forwarded_total").unwrap() > 0.0);
+
+    // b frozen past the session timeout (a zombie): a takes its partitions, folds them
+    // from their beginning with what arrived meanwhile, and dead-letters a bad record
+    // there; b, thawed, learns it lost them, rejoins, and the two share again; the bad
+    // record is dead-lettered once, not once more by b.
+    let b_held = held(&b);
+    signal(&b, "STOP");
+    logq_e2e::produce_to(
+        &broker,
+        "users",
+        i32::try_from(b_held[0]).unwrap(),
+        "a record that is not JSON",
+    );
+    let update =
+        serde_json::json!({"id": expected.keys().next().unwrap(), "event_type": "User Updated",
+        "username": "while b slept", "received_at": "2031-01-01 00:00:00"})
+        .to_string();
+    produce(&broker, "users", &[], update.as_bytes());
+    let mut users = users;
+    users.push(update);
+    let mut oracle = Oracle::new();
+    oracle.fold_keyed(&users, &orgs);
+    let expected = oracle.answers();
+    eventually(
+        Duration::from_secs(60),
+        "a to take the frozen host's partitions",
+        || (held(&a).len() == 4 && a.get("/readyz").status == 200).then_some(()),
+    );
+    a.assert_answers(&users, expected.clone());
+    let dead = logq_e2e::read_topic(&broker, "users.dlq", 1, Duration::from_secs(30));
+    assert_eq!(dead.len(), 1);
+    signal(&b, "CONT");
+    // Shared again, however the group splits them (a static member's return need not
+    // bring its partitions back).
+    settle(&[&a, &b], None);
+    for host in [&a, &b] {
+        host.assert_answers(&users, expected.clone());
+    }
+    let dead = logq_e2e::read_topic(&broker, "users.dlq", 1, Duration::from_secs(5));
+    assert_eq!(dead.len(), 1, "the bad record dead-lettered once: {dead:?}");
+
+    // One host dies without a word (one that holds partitions: the group may have
+    // left the returning one idle): after the session timeout the other holds all four
+    // and answers every id itself; reads meanwhile get 200 or a 503 with Retry-After,
+    // never 404.
+    let ids: Vec<String> = expected.keys().take(60).cloned().collect();
+    let (victim, survivor) = if held(&b).is_empty() { (a, b) } else { (b, a) };
+    assert!(!held(&victim).is_empty());
+    victim.kill_9();
+    let killed = Instant::now();
+    let mut longest_gap = Duration::ZERO;
+    let mut gap_started: Option<Instant> = None;
+    let mut bad = Vec::new();
+    while held(&survivor).len() < 4 || gap_started.is_some() {
+        assert!(
+            killed.elapsed() < Duration::from_secs(60),
+            "no takeover: {:?}",
+            held(&survivor)
+        );
+        let mut failing = false;
+        for id in &ids {
+            let r = survivor.get(&format!("/users/{id}"));
+            match r.status {
+                200 => {}
+                503 => {
+                    assert_eq!(r.header("retry-after"), Some("1"));
+                    failing = true;
+                }
+                other => bad.push(format!("{id}: {other} {}", r.body)),
+            }
+        }
+        match (failing, gap_started) {
+            (true, None) => gap_started = Some(Instant::now()),
+            (false, Some(t)) => {
+                longest_gap = longest_gap.max(t.elapsed());
+                gap_started = None;
+            }
+            _ => {}
+        }
+    }
+    assert!(
+        bad.is_empty(),
+        "reads that were neither 200 nor 503: {bad:?}"
+    );
+    println!(
+        "takeover {:?} after the kill; reads unanswerable for at most {longest_gap:?} (session timeout {SESSION_MS} ms)",
+        killed.elapsed()
+    );
+    survivor.wait_ready(READY);
+    eventually(Duration::from_secs(30), "a to hold every user", || {
+        (stored(&survivor) == oracle.remembered() as f64).then_some(())
+    });
+    survivor.assert_answers(&users, expected.clone());
+    let me = survivor.get("/cluster").json()["instance"].clone();
+    for id in ids {
+        let r = survivor.get(&format!("/users/{id}"));
+        assert_eq!(r.header("x-logq-served-by"), me.as_str());
+    }
+
+    // And it follows new events of every partition.
+    let more: Vec<String> = (0..20)
+        .map(|i| {
+            serde_json::json!({"id": format!("late-{i}"), "event_type": "User Created",
+                "username": "late", "received_at": "2030-01-01 00:00:00"})
+            .to_string()
+        })
+        .collect();
+    produce(&broker, "users", &[], more.join("\n").as_bytes());
+    eventually(Duration::from_secs(30), "the new users", || {
+        (0..20)
+            .all(|i| survivor.get(&format!("/users/late-{i}")).json()["username"] == "late")
+            .then_some(())
+    });
+}
