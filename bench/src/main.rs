@@ -3,6 +3,7 @@
 //! `bench/run.sh`, which installs the peers and builds the release binary first.
 
 mod broker;
+mod cluster;
 mod cpu;
 mod fold;
 mod history;
@@ -80,6 +81,9 @@ struct Args {
     /// Only figure 9 (RSS across 10 rollbacks), printed: for work on memory.
     #[arg(long)]
     swaps_only: bool,
+    /// Run only figure 11 (three hosts sharing the partitions vs one) and print it.
+    #[arg(long)]
+    cluster_only: bool,
     /// Where the report and charts go.
     #[arg(long, default_value = "bench/results/latest")]
     out: PathBuf,
@@ -197,6 +201,12 @@ fn run(args: &Args, work: &std::path::Path) -> anyhow::Result<()> {
         args.events, args.users, args.seed
     ));
     let history = history::generate(args.seed, args.events, args.users);
+    if args.cluster_only {
+        let loaded = broker::load(&history);
+        let row = cluster_row(&loaded, &history)?;
+        say(format!("{}: {} | {}", row.figure, row.ours, row.peer));
+        return Ok(());
+    }
     if args.swaps_only {
         let loaded = broker::load(&history);
         let cache = work.join("compile-cache");
@@ -829,6 +839,10 @@ fn run(args: &Args, work: &std::path::Path) -> anyhow::Result<()> {
     ));
     rows.push(preview_row(&swaps));
 
+    // 11. Three hosts sharing the partitions.
+    say("three hosts sharing the partitions (--sharded) vs one");
+    rows.push(cluster_row(&loaded, &history)?);
+
     // 4b. Memory at ten times the users, so the slope shows.
     if args.memory_users > 0 {
         say(format!(
@@ -1077,6 +1091,43 @@ impl Memory {
 }
 
 /// Figure 10: a swap preview next to a replay (a rollback) of the same history.
+/// Figure 11: three hosts sharing the partitions next to one holding everything.
+fn cluster_row(loaded: &broker::Loaded, history: &history::History) -> anyhow::Result<Row> {
+    let ids: Vec<String> = history
+        .users
+        .iter()
+        .filter_map(|e| serde_json::from_str::<serde_json::Value>(e).ok())
+        .filter_map(|e| e["id"].as_str().map(str::to_owned))
+        .take(2_000)
+        .collect();
+    let c = cluster::run(loaded, 3, &ids)?;
+    let ((lp50, lp99), (fp50, fp99)) = c.latencies();
+    let max_rss = c.each_rss.iter().copied().max().unwrap_or(0);
+    let per_host = max_rss as f64 / c.one_rss.max(1) as f64;
+    Ok(Row {
+        figure: format!(
+            "11. {} hosts sharing the partitions (--sharded) vs one holding all: memory per host, GET forwarded vs local",
+            c.hosts
+        ),
+        ours: format!(
+            "RSS per host {:?} MiB ({per_host:.2} of one); ready in {:.1} s; GET local p50/p99 {lp50:.2}/{lp99:.2} ms ({}), forwarded {fp50:.2}/{fp99:.2} ms ({}): p99 +{:.2} ms",
+            c.each_rss.iter().map(|b| b >> 20).collect::<Vec<_>>(),
+            c.all_ready,
+            c.local_ms.len(),
+            c.forwarded_ms.len(),
+            fp99 - lp99
+        ),
+        peer: format!(
+            "one host: RSS {} MiB, ready in {:.1} s",
+            c.one_rss >> 20,
+            c.one_ready
+        ),
+        ratio: 1.0 / per_host.max(1e-9),
+        target: "RSS per host <= 0.4 of one; forwarded p99 - local p99 <= 1 ms".into(),
+        pass: Some(per_host <= 0.4 && fp99 - lp99 <= 1.0),
+    })
+}
+
 fn preview_row(s: &SwapMemory) -> Row {
     let rollback = Spread::of(&s.rollback_secs);
     Row {

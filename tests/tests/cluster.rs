@@ -269,4 +269,13 @@ fn two_hosts_share_the_partitions_any_answers_any_id_and_one_takes_over_from_a_k
             .all(|i| survivor.get(&format!("/users/late-{i}")).json()["username"] == "late")
             .then_some(())
     });
+
+    // A clean stop is quick: nothing waits for a handover nobody will answer.
+    let stopping = Instant::now();
+    assert!(survivor.terminate().success());
+    assert!(
+        stopping.elapsed() < Duration::from_secs(5),
+        "SIGTERM to exit: {:?}",
+        stopping.elapsed()
+    );
 }

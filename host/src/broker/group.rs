@@ -88,6 +88,9 @@ pub enum Ownership {
 struct GroupContext {
     topic: String,
     news: Sender<Ownership>,
+    /// Set when this host stops: the client's close revokes everything locally,
+    /// and nobody is left to hand partitions over to.
+    closing: Arc<AtomicBool>,
 }
 
 impl ClientContext for GroupContext {}
@@ -101,6 +104,9 @@ impl ConsumerContext for GroupContext {
         let Rebalance::Revoke(list) = rebalance else {
             return;
         };
+        if self.closing.load(Ordering::Relaxed) {
+            return;
+        }
         let revoked = ids(list);
         if revoked.is_empty() {
             return;
@@ -208,8 +214,9 @@ impl Member {
         joining: &Joining,
     ) -> Result<(Self, Receiver<Ownership>), KafkaError> {
         let (news, receiver) = channel();
+        let closing = Arc::new(AtomicBool::new(false));
         let make = {
-            let (kafka, joining) = (kafka.clone(), joining.clone());
+            let (kafka, joining, closing) = (kafka.clone(), joining.clone(), closing.clone());
             move || -> Result<BaseConsumer<GroupContext>, KafkaError> {
                 let session = joining.session_timeout.as_millis().max(1).to_string();
                 let heartbeat = (joining.session_timeout.as_millis() / 4).max(1).to_string();
@@ -228,6 +235,7 @@ impl Member {
                 .create_with_context(GroupContext {
                     topic: joining.topic.clone(),
                     news: news.clone(),
+                    closing: closing.clone(),
                 })
                 .map_err(|e| KafkaError::Config(e.to_string()))?;
                 consumer.subscribe(&[joining.topic.as_str()])?;
@@ -290,6 +298,7 @@ impl Member {
                     {
                         tracing::warn!("committing progress before leaving: {e}");
                     }
+                    closing.store(true, Ordering::Relaxed);
                 })
                 .map_err(|e| KafkaError::Config(format!("starting the group thread: {e}")))?
         };

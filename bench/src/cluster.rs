@@ -1,0 +1,114 @@
+//! Figure 11: more than one host (`logq run --sharded`) on the same topics as one
+//! host holding everything: memory per host, time to ready, and what a forwarded read
+//! costs over a local one.
+
+use std::time::{Duration, Instant};
+
+use logq_e2e::Host;
+
+use crate::broker::{self, Loaded, USER_PARTITIONS};
+
+/// What figure 11 measured.
+pub struct Cluster {
+    /// Hosts sharing the partitions.
+    pub hosts: usize,
+    /// One host holding everything: RSS once ready, and seconds to ready.
+    pub one_rss: u64,
+    pub one_ready: f64,
+    /// The sharing hosts: RSS of each once the group settled, and seconds from their
+    /// start to every partition held, known and caught up.
+    pub each_rss: Vec<u64>,
+    pub all_ready: f64,
+    /// GET latencies (ms) at the first sharing host, answered there and forwarded.
+    pub local_ms: Vec<f64>,
+    pub forwarded_ms: Vec<f64>,
+}
+
+fn percentile(v: &mut [f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    v[((v.len() - 1) as f64 * p).round() as usize]
+}
+
+impl Cluster {
+    /// p50 and p99 (ms) of the local and the forwarded reads.
+    pub fn latencies(&self) -> ((f64, f64), (f64, f64)) {
+        let (mut l, mut f) = (self.local_ms.clone(), self.forwarded_ms.clone());
+        (
+            (percentile(&mut l, 0.5), percentile(&mut l, 0.99)),
+            (percentile(&mut f, 0.5), percentile(&mut f, 0.99)),
+        )
+    }
+}
+
+/// Runs figure 11 with `hosts` sharing hosts, reading `ids` (one GET each, a new
+/// connection each, sequential: far below 1k GET/s).
+pub fn run(loaded: &Loaded, hosts: usize, ids: &[String]) -> anyhow::Result<Cluster> {
+    let one = broker::start_host(loaded, "fig11-one", &[]);
+    let one_rss = broker::rss(one.host.pid())?;
+    let one_ready = one.ready_after.as_secs_f64();
+    drop(one);
+
+    let started = Instant::now();
+    let sharing: Vec<Host> = (0..hosts)
+        .map(|_| Host::start_at(&loaded.broker, &["--sharded", "--group-id", "fig11-shared"]))
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(900);
+    loop {
+        let views: Vec<serde_json::Value> =
+            sharing.iter().map(|h| h.get("/cluster").json()).collect();
+        let held: usize = views
+            .iter()
+            .map(|v| v["partitions"].as_array().map_or(0, Vec::len))
+            .sum();
+        let known = views
+            .iter()
+            .all(|v| v["unheld"].as_array().is_some_and(Vec::is_empty));
+        let ready = sharing.iter().all(|h| h.get("/readyz").status == 200);
+        if held == USER_PARTITIONS as usize && known && ready {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the sharing hosts never settled: {views:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let all_ready = started.elapsed().as_secs_f64();
+    let each_rss = sharing
+        .iter()
+        .map(|h| broker::rss(h.pid()))
+        .collect::<anyhow::Result<Vec<u64>>>()?;
+    let me = sharing[0].get("/cluster").json()["instance"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let (mut local_ms, mut forwarded_ms) = (Vec::new(), Vec::new());
+    for id in ids {
+        let t = Instant::now();
+        let r = sharing[0].get(&format!("/users/{id}"));
+        let ms = t.elapsed().as_secs_f64() * 1e3;
+        anyhow::ensure!(
+            r.status == 200 || r.status == 404,
+            "GET /users/{id}: {} {}",
+            r.status,
+            r.body
+        );
+        if r.header("x-logq-served-by") == Some(me.as_str()) {
+            local_ms.push(ms);
+        } else {
+            forwarded_ms.push(ms);
+        }
+    }
+    Ok(Cluster {
+        hosts,
+        one_rss,
+        one_ready,
+        each_rss,
+        all_ready,
+        local_ms,
+        forwarded_ms,
+    })
+}
