@@ -898,8 +898,16 @@ mod tests {
         };
         let started = std::time::Instant::now();
         let (a, b) = (slow().await, slow().await);
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        let busy = exchange(addr, get, Duration::from_secs(5)).await;
+        // Once the server has taken both (however long that takes on a busy machine),
+        // a third is refused.
+        let deadline = std::time::Instant::now() + Duration::from_secs(3);
+        let busy = loop {
+            let answer = exchange(addr, get, Duration::from_secs(5)).await;
+            if answer.starts_with("HTTP/1.1 503") || std::time::Instant::now() > deadline {
+                break answer;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
         assert!(busy.starts_with("HTTP/1.1 503"), "{busy}");
         assert!(busy.contains("\"error\":\"busy\""), "{busy}");
 
@@ -914,8 +922,15 @@ mod tests {
                 started.elapsed()
             );
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        let again = exchange(addr, get, Duration::from_secs(5)).await;
+        // The slots are freed as the server notices the closed connections.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let again = loop {
+            let answer = exchange(addr, get, Duration::from_secs(5)).await;
+            if answer.starts_with("HTTP/1.1 200") || std::time::Instant::now() > deadline {
+                break answer;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
         assert!(again.starts_with("HTTP/1.1 200"), "{again}");
 
         stop.send(()).unwrap();
