@@ -996,7 +996,7 @@ pub fn user_ids(produced: &[String]) -> std::collections::BTreeSet<String> {
 }
 
 /// `id` with every byte outside `[A-Za-z0-9-._~]` percent-encoded, for a path.
-fn percent_encode(id: &str) -> String {
+pub fn percent_encode(id: &str) -> String {
     id.bytes()
         .map(|b| match b {
             b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {

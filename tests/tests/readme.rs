@@ -37,6 +37,19 @@ fn sample_users() -> usize {
 /// Processes the block left running, killed when the test ends, pass or fail.
 struct Background(Vec<u32>);
 
+impl Background {
+    /// The processes a block listed with `echo jobs $(jobs -p)`.
+    fn listed(stdout: &str) -> Self {
+        Self(
+            stdout
+                .lines()
+                .filter_map(|l| l.strip_prefix("jobs "))
+                .flat_map(|l| l.split_whitespace().filter_map(|p| p.parse().ok()))
+                .collect(),
+        )
+    }
+}
+
 impl Drop for Background {
     fn drop(&mut self) {
         for pid in &self.0 {
@@ -112,13 +125,7 @@ fn the_local_broker_walk_runs_as_written() {
         .status()
         .expect("bash");
     let stdout = std::fs::read_to_string(&out_file).unwrap_or_default();
-    let _background = Background(
-        stdout
-            .lines()
-            .filter_map(|l| l.strip_prefix("jobs "))
-            .flat_map(|l| l.split_whitespace().filter_map(|p| p.parse().ok()))
-            .collect(),
-    );
+    let _background = Background::listed(&stdout);
     assert!(
         status.success(),
         "the walk failed:\n{stdout}\n{}",
@@ -290,13 +297,7 @@ fn the_more_than_one_host_block_runs_as_written() {
         .status()
         .expect("bash");
     let stdout = std::fs::read_to_string(&out_file).unwrap_or_default();
-    let _background = Background(
-        stdout
-            .lines()
-            .filter_map(|l| l.strip_prefix("jobs "))
-            .flat_map(|l| l.split_whitespace().filter_map(|p| p.parse().ok()))
-            .collect(),
-    );
+    let _background = Background::listed(&stdout);
     assert!(status.success(), "{stdout}");
     let cluster = |port: u16| {
         logq_e2e::get(

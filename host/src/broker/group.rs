@@ -166,6 +166,15 @@ impl ConsumerContext for GroupContext {
     }
 }
 
+/// The newest progress handed over (each supersedes the ones before it).
+fn newest(handed: &Receiver<BTreeMap<i32, i64>>) -> Option<BTreeMap<i32, i64>> {
+    let mut latest = None;
+    while let Ok(progress) = handed.try_recv() {
+        latest = Some(progress);
+    }
+    latest
+}
+
 fn commit(
     consumer: &BaseConsumer<GroupContext>,
     topic: &str,
@@ -276,11 +285,7 @@ impl Member {
                                 }
                             }
                         }
-                        let mut latest = None;
-                        while let Ok(progress) = to_commit.try_recv() {
-                            latest = Some(progress);
-                        }
-                        if let Some(progress) = latest
+                        if let Some(progress) = newest(&to_commit)
                             && let Err(e) = commit(&consumer, &topic, &progress, CommitMode::Async)
                         {
                             tracing::debug!("committing progress: {e}");
@@ -289,11 +294,7 @@ impl Member {
                     // The loop's last progress, committed before the client goes. A
                     // static member keeps its partitions for the session timeout
                     // (a restart within it finds them again, KIP-345).
-                    let mut latest = None;
-                    while let Ok(progress) = to_commit.try_recv() {
-                        latest = Some(progress);
-                    }
-                    if let Some(progress) = latest
+                    if let Some(progress) = newest(&to_commit)
                         && let Err(e) = commit(&consumer, &topic, &progress, CommitMode::Sync)
                     {
                         tracing::warn!("committing progress before leaving: {e}");

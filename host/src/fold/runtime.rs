@@ -391,16 +391,7 @@ impl Reducer {
         records: &[Record<'_>],
         states: &dyn States,
     ) -> Result<(Plan, Updates), ReducerError> {
-        let mut store = Store::new(
-            &self.engine,
-            Limiter {
-                memory_bytes: self.limits.memory_bytes,
-                hit: false,
-            },
-        );
-        store.limiter(|l| l);
-        store.epoch_deadline_trap();
-        let ticks = (self.limits.time.as_micros() / TICK.as_micros()).max(1) as u64 + 1;
+        let (mut store, ticks) = self.store();
 
         let framed = logq_abi::records::encode(records);
         store.set_epoch_deadline(ticks);
@@ -435,6 +426,22 @@ impl Reducer {
         Ok((plan, updates))
     }
 
+    /// A fresh store under this reducer's limits, and the epoch ticks one call may
+    /// take.
+    fn store(&self) -> (Store<Limiter>, u64) {
+        let mut store = Store::new(
+            &self.engine,
+            Limiter {
+                memory_bytes: self.limits.memory_bytes,
+                hit: false,
+            },
+        );
+        store.limiter(|l| l);
+        store.epoch_deadline_trap();
+        let ticks = (self.limits.time.as_micros() / TICK.as_micros()).max(1) as u64 + 1;
+        (store, ticks)
+    }
+
     /// Whether the component can explain its states (`logq:reducer/explain@3.x`).
     pub fn explains(&self) -> bool {
         self.explain.is_some()
@@ -455,16 +462,7 @@ impl Reducer {
         let Some(index) = self.explain else {
             return Ok(None);
         };
-        let mut store = Store::new(
-            &self.engine,
-            Limiter {
-                memory_bytes: self.limits.memory_bytes,
-                hit: false,
-            },
-        );
-        store.limiter(|l| l);
-        store.epoch_deadline_trap();
-        let ticks = (self.limits.time.as_micros() / TICK.as_micros()).max(1) as u64 + 1;
+        let (mut store, ticks) = self.store();
         store.set_epoch_deadline(ticks);
         let instance = self
             .pre
