@@ -217,15 +217,8 @@ fn open_files_hard_limit() -> Option<usize> {
 impl Drop for Nginx {
     fn drop(&mut self) {
         // SIGTERM lets the master stop its workers; SIGKILL would orphan them.
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        if logq_e2e::stop_gently(&mut self.child, Duration::from_secs(5)).is_some() {
+            return;
         }
         let _ = self.child.kill();
         let _ = self.child.wait();

@@ -549,21 +549,8 @@ impl Host {
 
     /// Sends SIGTERM and waits for the process to exit.
     pub fn terminate(mut self) -> ExitStatus {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "logq ignored SIGTERM: {}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        stop_gently(&mut self.child, Duration::from_secs(20))
+            .unwrap_or_else(|| panic!("logq ignored SIGTERM: {}", self.log()))
     }
 
     /// The process id.
@@ -581,20 +568,31 @@ impl Drop for Host {
     fn drop(&mut self) {
         // Under scripts/coverage.sh a process writes its profile only when it exits:
         // ask it to stop (SIGTERM) and give it a few seconds before the kill.
-        if std::env::var_os("LLVM_PROFILE_FILE").is_some() {
-            let _ = Command::new("kill")
-                .args(["-TERM", &self.child.id().to_string()])
-                .status();
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = self.child.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
+        if std::env::var_os("LLVM_PROFILE_FILE").is_some()
+            && stop_gently(&mut self.child, Duration::from_secs(5)).is_some()
+        {
+            return;
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Sends `child` SIGTERM and waits up to `grace` for it to exit; its status, or
+/// `None` if it is still running then.
+pub fn stop_gently(child: &mut std::process::Child, grace: Duration) -> Option<ExitStatus> {
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let deadline = Instant::now() + grace;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
