@@ -59,15 +59,8 @@ pub fn run(loaded: &Loaded, hosts: usize, ids: &[String]) -> anyhow::Result<Clus
     loop {
         let views: Vec<serde_json::Value> =
             sharing.iter().map(|h| h.get("/cluster").json()).collect();
-        let held: usize = views
-            .iter()
-            .map(|v| v["partitions"].as_array().map_or(0, Vec::len))
-            .sum();
-        let known = views
-            .iter()
-            .all(|v| v["unheld"].as_array().is_some_and(Vec::is_empty));
         let ready = sharing.iter().all(|h| h.get("/readyz").status == 200);
-        if held == USER_PARTITIONS as usize && known && ready {
+        if logq_e2e::group_complete(&views, USER_PARTITIONS as usize) && ready {
             break;
         }
         anyhow::ensure!(

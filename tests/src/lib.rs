@@ -578,6 +578,20 @@ impl Drop for Host {
     }
 }
 
+/// Partitions a host's `/cluster` view says it holds.
+pub fn held_in(view: &serde_json::Value) -> usize {
+    view["partitions"].as_array().map_or(0, Vec::len)
+}
+
+/// Whether hosts sharing partitions (their `/cluster` views) hold all `partitions`
+/// between them and each knows the holder of every partition.
+pub fn group_complete(views: &[serde_json::Value], partitions: usize) -> bool {
+    views.iter().map(held_in).sum::<usize>() == partitions
+        && views
+            .iter()
+            .all(|v| v["unheld"].as_array().is_some_and(Vec::is_empty))
+}
+
 /// Sends `child` SIGTERM and waits up to `grace` for it to exit; its status, or
 /// `None` if it is still running then.
 pub fn stop_gently(child: &mut std::process::Child, grace: Duration) -> Option<ExitStatus> {

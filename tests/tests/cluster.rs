@@ -10,7 +10,7 @@
 use std::time::{Duration, Instant};
 
 use logq_e2e::oracle::Oracle;
-use logq_e2e::{Broker, Host, eventually, history, produce};
+use logq_e2e::{Broker, Host, eventually, group_complete, held_in, history, produce};
 
 const READY: Duration = Duration::from_secs(120);
 const SESSION_MS: &str = "2000";
@@ -56,13 +56,9 @@ fn settle(hosts: &[&Host], each: Option<usize>) {
     loop {
         let views: Vec<serde_json::Value> =
             hosts.iter().map(|h| h.get("/cluster").json()).collect();
-        let count = |v: &serde_json::Value| v["partitions"].as_array().map_or(0, Vec::len);
-        let held: usize = views.iter().map(count).sum();
-        let settled = held == 4
+        let settled = group_complete(&views, 4)
             && hosts.iter().zip(&views).all(|(h, v)| {
-                each.is_none_or(|n| count(v) == n)
-                    && v["unheld"].as_array().is_some_and(Vec::is_empty)
-                    && h.get("/readyz").status == 200
+                each.is_none_or(|n| held_in(v) == n) && h.get("/readyz").status == 200
             });
         let shares: Vec<serde_json::Value> =
             views.iter().map(|v| v["partitions"].clone()).collect();

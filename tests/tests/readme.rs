@@ -313,14 +313,7 @@ fn the_more_than_one_host_block_runs_as_written() {
         || {
             let views: Vec<serde_json::Value> =
                 ports.iter().map(|p| cluster(*p)).collect::<Option<_>>()?;
-            let held: usize = views
-                .iter()
-                .map(|v| v["partitions"].as_array().map_or(0, Vec::len))
-                .sum();
-            let known = views
-                .iter()
-                .all(|v| v["unheld"].as_array().is_some_and(Vec::is_empty));
-            (held == 3 && known).then_some(())
+            logq_e2e::group_complete(&views, 3).then_some(())
         },
     );
     let out = Command::new("bash")
