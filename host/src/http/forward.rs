@@ -57,14 +57,20 @@ pub async fn elsewhere(
             "no host is known to hold users/{p} now (a host left or joined, and the group is moving its partitions); try again"
         )));
     };
-    if path_and_query.contains("redirect=1") {
-        let mut r = Response::new(String::new().into());
-        *r.status_mut() = StatusCode::TEMPORARY_REDIRECT;
-        let location = format!("{}{}", holder.url, path_and_query.replace("redirect=1", ""));
-        if let Ok(v) = HeaderValue::from_str(location.trim_end_matches(['?', '&'])) {
-            r.headers_mut().insert("location", v);
-        }
-        return Some(r);
+    let (path, query) = path_and_query
+        .split_once('?')
+        .unwrap_or((path_and_query, ""));
+    let (wanted, kept): (Vec<&str>, Vec<&str>) = query
+        .split('&')
+        .filter(|pair| !pair.is_empty())
+        .partition(|pair| *pair == "redirect=1");
+    if !wanted.is_empty() {
+        let query = if kept.is_empty() {
+            String::new()
+        } else {
+            format!("?{}", kept.join("&"))
+        };
+        return Some(redirect(&format!("{}{path}{query}", holder.url)));
     }
     let passed: Vec<(&str, String)> = PASSED
         .iter()
@@ -121,12 +127,17 @@ pub fn holder_of(api: &Api, id: &str, path: &str) -> Option<Response> {
         return None;
     }
     let holder = cluster.holder(p)?;
+    Some(redirect(&format!("{}{path}", holder.url)))
+}
+
+/// A `307` to `location`.
+fn redirect(location: &str) -> Response {
     let mut r = Response::new(String::new().into());
     *r.status_mut() = StatusCode::TEMPORARY_REDIRECT;
-    if let Ok(v) = HeaderValue::from_str(&format!("{}{path}", holder.url)) {
+    if let Ok(v) = HeaderValue::from_str(location) {
         r.headers_mut().insert("location", v);
     }
-    Some(r)
+    r
 }
 
 /// `503` for a user not found in partition `p`, which this host holds but is still
