@@ -139,6 +139,17 @@ fn two_hosts_share_the_partitions_any_answers_any_id_and_one_takes_over_from_a_k
         r.header("location").unwrap().contains(&b.addr.to_string()),
         "{r:?}"
     );
+    // What a read requires travels with it: a position no host has reached is waited
+    // for at the holder, and refused there.
+    let r = a.get_with(
+        &format!("/users/{elsewhere}"),
+        &[(
+            "X-Logq-Min-Position",
+            "users/0@999999,users/1@999999,users/2@999999,users/3@999999",
+        )],
+    );
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert_eq!(r.json()["error"], "position_not_reached", "{}", r.body);
 
     // Listings are this host's share, and say so.
     let r = a.get("/users?limit=1000");

@@ -15,6 +15,7 @@ use warp::http::{HeaderValue, StatusCode};
 use warp::reply::Response;
 
 use super::api::Api;
+use super::reads::{Conditions, MIN_POSITION};
 use super::reply::error;
 use crate::cluster::Cluster;
 
@@ -22,8 +23,6 @@ use crate::cluster::Cluster;
 pub const FORWARDED: &str = "x-logq-forwarded";
 /// Names the host that answered.
 pub const SERVED_BY: &str = "x-logq-served-by";
-/// The request headers a forwarded read carries along.
-const PASSED: [&str; 2] = ["x-logq-min-position", "if-none-match"];
 /// The answer headers passed back.
 const RETURNED: [&str; 4] = ["content-type", "etag", "x-logq-position", SERVED_BY];
 /// Longest a forwarded read may take.
@@ -39,14 +38,15 @@ pub async fn elsewhere(
     api: &Api,
     id: &str,
     path_and_query: &str,
-    headers: &warp::http::HeaderMap,
+    forwarded: bool,
+    conditions: &Conditions,
 ) -> Option<Response> {
     let cluster = api.cluster.as_ref()?;
     let p = cluster.partition_of(id)?;
     if cluster.owns(p) && !cluster.contested(p) {
         return None;
     }
-    if headers.contains_key(FORWARDED) {
+    if forwarded {
         // The sender thought this host holds it: the share moved meanwhile.
         return Some(unavailable(&format!(
             "users/{p} moved between hosts while this read was forwarded; try again"
@@ -72,13 +72,14 @@ pub async fn elsewhere(
         };
         return Some(redirect(&format!("{}{path}{query}", holder.url)));
     }
-    let passed: Vec<(&str, String)> = PASSED
-        .iter()
-        .filter_map(|h| {
-            let v = headers.get(*h)?.to_str().ok()?;
-            Some((*h, v.to_owned()))
-        })
-        .collect();
+    // What the read requires travels with it.
+    let passed: Vec<(&str, String)> = [
+        (MIN_POSITION, &conditions.min_position),
+        ("if-none-match", &conditions.if_none_match),
+    ]
+    .into_iter()
+    .filter_map(|(name, value)| Some((name, value.clone()?)))
+    .collect();
     let authority = holder.url.trim_start_matches("http://").to_owned();
     let answer = tokio::time::timeout(
         TIMEOUT,

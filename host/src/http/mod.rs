@@ -53,53 +53,60 @@ pub fn routes(api: Api) -> impl Filter<Extract = (Response,), Error = Infallible
         });
     let query = warp::query::raw().or(warp::any().map(String::new)).unify();
     let read = with.clone().and(conditions).and(query);
-    let user = warp::path!("users" / String)
-        .and(read.clone())
-        .and(warp::header::headers_cloned())
-        .then(
-            |id: String, api: Api, c: reads::Conditions, raw: String, headers| async move {
-                if api.cluster.is_some() {
-                    let user = match decoded("user", &id) {
-                        Ok(user) => user,
-                        Err(r) => return *r,
-                    };
-                    let path = if raw.is_empty() {
-                        format!("/users/{id}")
-                    } else {
-                        format!("/users/{id}?{raw}")
-                    };
-                    if let Some(r) = forward::elsewhere(&api, &user, &path, &headers).await {
-                        return r;
+    let user =
+        warp::path!("users" / String)
+            .and(read.clone())
+            .and(warp::header::optional::<String>(forward::FORWARDED))
+            .then(
+                |id: String,
+                 api: Api,
+                 c: reads::Conditions,
+                 raw: String,
+                 forwarded: Option<String>| async move {
+                    if api.cluster.is_some() {
+                        let user = match decoded("user", &id) {
+                            Ok(user) => user,
+                            Err(r) => return *r,
+                        };
+                        let path = if raw.is_empty() {
+                            format!("/users/{id}")
+                        } else {
+                            format!("/users/{id}?{raw}")
+                        };
+                        if let Some(r) =
+                            forward::elsewhere(&api, &user, &path, forwarded.is_some(), &c).await
+                        {
+                            return r;
+                        }
                     }
-                }
-                let mut r = point(
-                    &api,
-                    c,
-                    &raw,
-                    "user",
-                    &id,
-                    |s, id| s.user(id),
-                    explain::user,
-                )
-                .await;
-                if let Some(cluster) = &api.cluster {
-                    if r.status() == StatusCode::NOT_FOUND
-                        && let Some(p) = decoded("user", &id)
-                            .ok()
-                            .and_then(|user| cluster.partition_of(&user))
-                        && cluster.is_behind(p)
-                    {
-                        // Held here, but not folded up to date yet (it just moved to
-                        // this host): not found may be only not yet.
-                        return forward::catching_up(p);
+                    let mut r = point(
+                        &api,
+                        c,
+                        &raw,
+                        "user",
+                        &id,
+                        |s, id| s.user(id),
+                        explain::user,
+                    )
+                    .await;
+                    if let Some(cluster) = &api.cluster {
+                        if r.status() == StatusCode::NOT_FOUND
+                            && let Some(p) = decoded("user", &id)
+                                .ok()
+                                .and_then(|user| cluster.partition_of(&user))
+                            && cluster.is_behind(p)
+                        {
+                            // Held here, but not folded up to date yet (it just moved to
+                            // this host): not found may be only not yet.
+                            return forward::catching_up(p);
+                        }
+                        if let Ok(me) = warp::http::HeaderValue::from_str(cluster.instance()) {
+                            r.headers_mut().insert(forward::SERVED_BY, me);
+                        }
                     }
-                    if let Ok(me) = warp::http::HeaderValue::from_str(cluster.instance()) {
-                        r.headers_mut().insert(forward::SERVED_BY, me);
-                    }
-                }
-                r
-            },
-        );
+                    r
+                },
+            );
     let organization = warp::path!("organizations" / String)
         .and(read.clone())
         .then(
