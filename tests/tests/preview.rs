@@ -91,19 +91,12 @@ fn a_preview_of_mask_emails_reports_exactly_the_users_with_an_email_and_changes_
     assert_eq!(sample["before"], expected[id]);
     assert_eq!(sample["after"], masked(expected[id].clone()));
     assert_eq!(report["organizations"]["changed"], 0, "{report}");
-    // The refused record is reported with its place and reason, not dead-lettered
-    // again.
+    // The refused record is counted; both reducers refuse it, so the dead letters
+    // stay as they are.
     assert_eq!(report["records_refused"], 1, "{report}");
     assert_eq!(
-        report["refusals"][0]["partition"]
-            .as_str()
-            .map(|p| p.starts_with("users/")),
-        Some(true)
-    );
-    assert!(
-        report["refusals"][0]["reason"]
-            .as_str()
-            .is_some_and(|r| !r.is_empty()),
+        report["dead_letters"],
+        serde_json::json!({"added": 0, "removed": 0, "unchanged": 1, "complete": true, "samples": {}}),
         "{report}"
     );
     assert!(report["position"].is_object(), "{report}");
@@ -151,4 +144,147 @@ fn a_preview_of_mask_emails_reports_exactly_the_users_with_an_email_and_changes_
     // And a rollback has nothing to go back to: the preview never became active.
     let r = host.admin("POST", "/admin/reducer/rollback", Some(TOKEN), b"");
     assert_eq!(r.status, 409, "{}", r.body);
+}
+
+/// The `preview` entry's dead-letter places of `category`, as (`topic/partition`,
+/// offset), and their reasons.
+fn refusals(report: &Value, category: &str) -> (Vec<(String, i64)>, Vec<String>) {
+    let samples = report["dead_letters"]["samples"][category]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let mut places: Vec<(String, i64)> = samples
+        .iter()
+        .map(|s| {
+            (
+                s["partition"].as_str().unwrap_or_default().to_owned(),
+                s["offset"].as_i64().unwrap_or(-1),
+            )
+        })
+        .collect();
+    places.sort();
+    let reasons = samples
+        .iter()
+        .map(|s| s["reason"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    (places, reasons)
+}
+
+/// The visible/hidden ids of a report's samples in `category`, sorted.
+fn sample_ids(report: &Value, category: &str) -> Vec<String> {
+    let mut ids: Vec<String> = report["users"]["samples"][category]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|s| s["id"].as_str().map(str::to_owned))
+        .collect();
+    ids.sort();
+    ids
+}
+
+#[test]
+fn a_preview_reports_the_dead_letters_a_candidate_would_add_or_remove_and_writes_none() {
+    let broker = Broker::start();
+    broker.create_default_topics();
+    // Three users that only the test fixture refuses (it traps on the marker; the
+    // default reducer folds them), first in the log so that the canary's recent
+    // records do not hold them; one record both refuse; then a generated history.
+    let traps: Vec<String> = (1..=3)
+        .map(|i| {
+            format!(
+                r#"{{"id":"trap-{i}","event_type":"User Created","username":"logq-test:trap","received_at":"2021-01-0{i} 00:00:00"}}"#
+            )
+        })
+        .collect();
+    produce(&broker, "users", &[], traps.join("\n").as_bytes());
+    produce_raw(
+        &broker,
+        "users",
+        &[(Some(&b"bad"[..]), Some(&b"this is not an event"[..]))],
+    );
+    let (users, orgs) = history(0xd1ff, 300, 3_000);
+    produce(&broker, "users", &[], users.join("\n").as_bytes());
+    produce(&broker, "organizations", &[], orgs.join("\n").as_bytes());
+    // Where the marked records landed, read back from the broker.
+    let mut marked: Vec<(String, i64)> = read_topic(&broker, "users", 4, Duration::from_secs(30))
+        .into_iter()
+        .filter(|r| String::from_utf8_lossy(&r.value).contains("logq-test:trap"))
+        .map(|r| (format!("users/{}", r.partition), r.offset))
+        .collect();
+    marked.sort();
+    assert_eq!(marked.len(), 3, "{marked:?}");
+    let trap_ids = vec!["trap-1".to_owned(), "trap-2".into(), "trap-3".into()];
+
+    let host = Host::start(&broker, &["--admin-token", TOKEN]);
+    host.wait_ready(Duration::from_secs(120));
+    for id in &trap_ids {
+        assert_eq!(host.get(&format!("/users/{id}")).status, 200, "{id}");
+    }
+    let dead = || read_topic(&broker, "users.dlq", 1, Duration::from_secs(30)).len();
+    assert_eq!(
+        dead(),
+        1,
+        "the live reducer dead-lettered the bad record only"
+    );
+
+    // The fixture as a candidate: it would refuse the three, which the live reducer
+    // folded; the record both refuse is unchanged.
+    let fixture = std::fs::read(component("test-triggers-reducer.wasm")).unwrap();
+    let r = host.admin("PUT", "/admin/reducer?mode=preview", Some(TOKEN), &fixture);
+    assert_eq!(r.status, 202, "{}", r.body);
+    let report = ended(&host, &r.json()["swap"]["id"])["preview"].clone();
+    let letters = &report["dead_letters"];
+    assert_eq!(
+        (
+            &letters["added"],
+            &letters["removed"],
+            &letters["unchanged"]
+        ),
+        (&Value::from(3), &Value::from(0), &Value::from(1)),
+        "{report}"
+    );
+    assert_eq!(letters["complete"], true, "{report}");
+    let (added, reasons) = refusals(&report, "added");
+    assert_eq!(added, marked, "{report}");
+    assert!(reasons.iter().all(|r| r.contains("trapped")), "{reasons:?}");
+    assert_eq!(report["users"]["newly_hidden"], 3, "{report}");
+    assert_eq!(sample_ids(&report, "newly_hidden"), trap_ids);
+    assert_eq!(report["users"]["changed"], 0, "{report}");
+    assert_eq!(dead(), 1, "a preview writes no dead letter");
+
+    // Swapped in by a replay, the fixture's refusals are the live ones (a replay
+    // writes no dead letter either): a preview of the default reducer would now
+    // remove those three, with the live reducer's reasons, and show the users again.
+    let r = host.admin("PUT", "/admin/reducer?mode=replay", Some(TOKEN), &fixture);
+    assert_eq!(r.status, 202, "{}", r.body);
+    let swapped = ended(&host, &r.json()["swap"]["id"]);
+    assert_eq!(swapped["outcome"], "active", "{swapped}");
+    for id in &trap_ids {
+        assert_eq!(host.get(&format!("/users/{id}")).status, 404, "{id}");
+    }
+    let default = std::fs::read(component("reducer.wasm")).unwrap();
+    let r = host.admin("PUT", "/admin/reducer?mode=preview", Some(TOKEN), &default);
+    assert_eq!(r.status, 202, "{}", r.body);
+    let report = ended(&host, &r.json()["swap"]["id"])["preview"].clone();
+    let letters = &report["dead_letters"];
+    assert_eq!(
+        (
+            &letters["added"],
+            &letters["removed"],
+            &letters["unchanged"]
+        ),
+        (&Value::from(0), &Value::from(3), &Value::from(1)),
+        "{report}"
+    );
+    let (removed, reasons) = refusals(&report, "removed");
+    assert_eq!(removed, marked, "{report}");
+    assert!(reasons.iter().all(|r| r.contains("trapped")), "{reasons:?}");
+    assert_eq!(report["users"]["newly_visible"], 3, "{report}");
+    assert_eq!(sample_ids(&report, "newly_visible"), trap_ids);
+    assert_eq!(
+        dead(),
+        1,
+        "neither the replay nor the preview wrote a dead letter"
+    );
 }

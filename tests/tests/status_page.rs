@@ -62,6 +62,19 @@ fn host_answer(page: &Browser, status: u16) -> String {
     page.find("#result").text()
 }
 
+/// `n` as the page writes it: digits grouped by threes with commas (en-US).
+fn grouped(n: usize) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, d) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(d);
+    }
+    out
+}
+
 fn describe(host: &Host) -> Value {
     let r = host.admin("GET", "/admin/reducer", Some(TOKEN), b"");
     assert_eq!(r.status, 200, "{}", r.body);
@@ -280,10 +293,48 @@ fn the_status_page_shows_the_hosts_numbers_moves_live_and_swaps_and_rolls_back_b
     let answer = host_answer(&page, 404);
     assert!(answer.contains("no replay is running"), "{answer}");
 
-    // 5. A replay swap by clicks: GET shows masked e-mails once it is active.
-    let history_before = describe(&host)["history"].as_array().unwrap().len();
+    // 5. A preview by clicks: the page shows the report, whose count is the
+    // oracle's (the answers that carry an e-mail), and nothing changes.
+    let expected = expected_answers(&users, &orgs);
+    let would_change = expected
+        .values()
+        .filter(|v| masked((*v).clone()) != **v)
+        .count();
+    assert!(would_change > 20, "{would_change} answers have an e-mail");
     let mask = component("mask-emails-reducer.wasm");
     page.find("#reducer-file").send_keys(&absolute(&mask));
+    page.find("input[name='mode'][value='preview']").click();
+    page.wait_text("#swap", SOON, |t| t == "Preview…");
+    click_and_answer(&page, "#swap", "#confirm-yes");
+    let answer = host_answer(&page, 202);
+    let preview_id =
+        serde_json::from_str::<Value>(answer.split_once('\n').unwrap().1).unwrap()["swap"]["id"]
+            .to_string();
+    page.wait_attribute("#preview-summary", "data-swap-id", WITHIN, |v| {
+        v == preview_id
+    });
+    assert_eq!(
+        page.find("#preview-summary").attribute("data-changed"),
+        Some(would_change.to_string())
+    );
+    let summary = page.find("#preview-summary").text();
+    assert!(
+        summary.contains(&format!("users: {} changed", grouped(would_change)))
+            && summary.contains("dead letters: 0 added, 0 removed"),
+        "{summary}"
+    );
+    let row = page.find(&format!("#history tr[data-swap-id='{preview_id}']"));
+    assert_eq!(row.attribute("data-outcome").as_deref(), Some("previewed"));
+    assert_eq!(describe(&host)["active"]["sha256"], startup_sha.as_str());
+    page.wait_text("#active-sha", SOON, |t| t == startup_sha);
+    for (id, want) in expected.iter().take(50) {
+        assert_eq!(&host.get(&format!("/users/{id}")).json(), want, "{id}");
+    }
+    page.screenshot("status-after-preview");
+
+    // 6. A replay swap by clicks: GET shows masked e-mails once it is active.
+    let history_before = describe(&host)["history"].as_array().unwrap().len();
+    // The file chosen for the preview stays chosen.
     page.find("input[name='mode'][value='replay']").click();
     // Cancelling the confirmation sends nothing: the swap confirmed after it is the
     // only entry the history gains (the page sends in click order).
@@ -304,7 +355,6 @@ fn the_status_page_shows_the_hosts_numbers_moves_live_and_swaps_and_rolls_back_b
     );
     page.wait_text("#active-sha", SOON, |t| t == mask_sha);
     page.wait_text("#previous-sha", SOON, |t| t == startup_sha);
-    let expected = expected_answers(&users, &orgs);
     for (id, want) in expected.iter().take(50) {
         assert_eq!(
             host.get(&format!("/users/{id}")).json(),
@@ -327,7 +377,7 @@ fn the_status_page_shows_the_hosts_numbers_moves_live_and_swaps_and_rolls_back_b
         t.contains("done") && t.contains(&format!("{ran:.1} s"))
     });
 
-    // 6. A rollback by clicks: GET shows the original answers again.
+    // 7. A rollback by clicks: GET shows the original answers again.
     click_and_answer(&page, "#rollback", "#confirm-yes");
     host_answer(&page, 202);
     wait_active(&host, &startup_sha);
@@ -342,7 +392,7 @@ fn the_status_page_shows_the_hosts_numbers_moves_live_and_swaps_and_rolls_back_b
         "one history row per swap the host records"
     );
 
-    // 7. A phone's width: everything fits without sideways scrolling (tables that
+    // 8. A phone's width: everything fits without sideways scrolling (tables that
     // cannot scroll inside their own box).
     drop(page);
     let phone = Browser::start_phone(390, 844);

@@ -72,6 +72,8 @@ fn safe(dlq: &DeadLetters, positions: &Positions) -> Positions {
 /// refused ones, and leaves the batch's tail for the next candidate's canary.
 struct Live<'a> {
     dlq: &'a mut DeadLetters,
+    /// The store the step folds into: it keeps what was refused (for previews).
+    store: &'a StateStore,
     registry: &'a Registry,
     /// Whether this host dead-letters refused organization records: every host reads
     /// them all, so when hosts share partitions only one does (the holder of the users
@@ -81,6 +83,11 @@ struct Live<'a> {
 
 impl Observer for Live<'_> {
     fn refused(&mut self, source: Source, record: &Record<'_>, why: &DeadLetter, applied: u64) {
+        let at = Partition {
+            source,
+            id: record.partition,
+        };
+        self.store.refused().insert(at, record.offset, &why.reason);
         if source == Source::Organizations && !self.organization_letters {
             return;
         }
@@ -325,8 +332,11 @@ impl Sharing {
         self.publish(positions, catch_up);
     }
 
-    /// Forgets the users of `partitions`; how many.
+    /// Forgets the users of `partitions` and their refusals; how many users.
     fn forget(&self, store: &StateStore, partitions: &[i32]) -> usize {
+        store
+            .refused()
+            .forget(|p| p.source == Source::Users && partitions.contains(&p.id));
         store.forget_users(|id| {
             self.cluster
                 .partition_of(id)
@@ -563,6 +573,7 @@ impl Consumer {
             let step_started = Instant::now();
             let mut live = Live {
                 dlq: &mut dlq,
+                store: &self.store,
                 registry: &self.registry,
                 organization_letters: sharing.as_ref().is_none_or(|s| s.cluster.owns(0)),
             };
@@ -714,6 +725,7 @@ impl Consumer {
             topics: self.topics.names().map(str::to_owned).to_vec(),
             offsets: positions.clone(),
             entities: self.store.dump(self.slots.current.id),
+            refused: self.store.refused().clone(),
         }
     }
 

@@ -102,7 +102,9 @@ pub fn restore(
         .map(|(p, w)| (*p, snap.offsets.get(p).copied().unwrap_or(w.low).max(w.low)))
         .collect();
     let n = snap.entities.len();
-    store.replace(StateStore::from_dump(snap.entities, renderer));
+    let restored = StateStore::from_dump(snap.entities, renderer);
+    *restored.refused() = snap.refused;
+    store.replace(restored);
     tracing::info!(
         "loaded snapshot {} ({n} entities); reading on from its offsets",
         path.display()
@@ -143,6 +145,7 @@ mod tests {
                     )
                 })
                 .collect(),
+            refused: Default::default(),
         };
         SnapshotWriter::start(
             dir.clone(),
@@ -157,6 +160,41 @@ mod tests {
             names.len() == 1 && names[0].starts_with("snapshot-") && names[0].ends_with(".bin"),
             "{names:?}"
         );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_restore_brings_back_the_state_and_what_its_reducer_refused() {
+        let dir = std::env::temp_dir().join(format!("logq-restore-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let users = |id| Partition {
+            source: Source::Users,
+            id,
+        };
+        let mut refused = crate::state::refused::Refused::default();
+        refused.insert(users(0), 3, "invalid JSON");
+        let sha = "1".repeat(64);
+        let snapshot = Snapshot {
+            reducer_sha256: sha.clone(),
+            topics: vec!["users".into(), "organizations".into()],
+            offsets: Positions::from([(users(0), 10)]),
+            entities: vec![(
+                Entity {
+                    kind: Kind::User,
+                    key: "u".into(),
+                },
+                crate::state::test_update(Some(r#"{"id":"u"}"#), None),
+                true,
+            )],
+            refused: refused.clone(),
+        };
+        crate::state::snapshot::write(&dir, &snapshot, 1).unwrap();
+        let store = StateStore::new();
+        let targets = BTreeMap::from([(users(0), Watermarks { low: 0, high: 12 })]);
+        let positions = restore(&dir, &sha, 1, &["users", "organizations"], &targets, &store);
+        assert_eq!(positions, Some(Positions::from([(users(0), 10)])));
+        assert!(store.user("u").is_some());
+        assert_eq!(*store.refused(), refused);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

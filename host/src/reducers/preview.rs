@@ -12,12 +12,14 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
+use crate::broker::{Partition, Positions};
 use crate::state::StateStore;
+use crate::state::refused::Refused;
 
 /// Samples kept per category.
 pub const SAMPLES: usize = 5;
 
-/// Refused records kept with their reason.
+/// Refused records kept with their reason per category.
 pub const REFUSALS: usize = 20;
 
 /// An answer before and after.
@@ -51,15 +53,33 @@ pub struct Changes {
     pub samples: BTreeMap<&'static str, Vec<Sample>>,
 }
 
-/// A record the candidate refused (it would be dead-lettered after the swap).
+/// A refused record.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct Refusal {
     /// `topic/partition`.
     pub partition: String,
     /// Its offset.
     pub offset: i64,
-    /// Why, in the reducer's words.
+    /// Why, in the reducer's words (the candidate's for a refusal it would add, the
+    /// live reducer's for one it would remove).
     pub reason: String,
+}
+
+/// How the refused records (the dead letters) would change: the live reducer's
+/// refusals against the candidate's, over the same records.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct DeadLetterChanges {
+    /// Refused by both.
+    pub unchanged: usize,
+    /// Refused by the candidate, folded by the live reducer.
+    pub added: usize,
+    /// Refused by the live reducer, folded by the candidate.
+    pub removed: usize,
+    /// Whether both sides kept every refusal (each keeps at most
+    /// [`crate::state::refused::LIMIT`]); when not, the counts are lower bounds.
+    pub complete: bool,
+    /// Up to [`REFUSALS`] records per category (`added`, `removed`), in log order.
+    pub samples: BTreeMap<&'static str, Vec<Refusal>>,
 }
 
 /// What a preview found, kept in its history entry.
@@ -71,11 +91,10 @@ pub struct Report {
     pub users: Changes,
     /// The organizations' answers.
     pub organizations: Changes,
-    /// Records the candidate refused while folding the whole log (the live reducer's
-    /// own dead letters are in the dead-letter topics).
+    /// Records the candidate refused while folding the whole log.
     pub records_refused: u64,
-    /// The first [`REFUSALS`] of them.
-    pub refusals: Vec<Refusal>,
+    /// Its refusals against the live reducer's.
+    pub dead_letters: DeadLetterChanges,
     /// Seconds from the request to the report.
     pub seconds: f64,
     /// The process's resident memory when the report was written (both states
@@ -118,6 +137,51 @@ pub fn compare(live: &StateStore, candidate: &StateStore) -> (Changes, Changes) 
         |k| candidate.organization(k),
     );
     (users, organizations)
+}
+
+/// Compares the records `live` and `candidate` refused, from `from` on (the
+/// candidate read each partition from there: what the live state refused before is
+/// not in the log any more). `name` writes a partition as `topic/partition`.
+pub fn dead_letters(
+    live: &Refused,
+    candidate: &Refused,
+    from: &Positions,
+    name: impl Fn(Partition) -> String,
+) -> DeadLetterChanges {
+    let mut out = DeadLetterChanges {
+        complete: live.complete() && candidate.complete(),
+        ..DeadLetterChanges::default()
+    };
+    let mut sample = |category: &'static str, p: Partition, offset: i64, reason: &str| {
+        let kept = out.samples.entry(category).or_default();
+        if kept.len() < REFUSALS {
+            kept.push(Refusal {
+                partition: name(p),
+                offset,
+                reason: reason.to_owned(),
+            });
+        }
+    };
+    let read = |p: Partition, offset: i64| offset >= from.get(&p).copied().unwrap_or(0);
+    let (mut added, mut removed, mut unchanged) = (0, 0, 0);
+    for (p, offset, reason) in candidate.iter() {
+        if live.get(p, offset).is_some() {
+            unchanged += 1;
+        } else {
+            added += 1;
+            sample("added", p, offset, reason);
+        }
+    }
+    for (p, offset, reason) in live.iter().filter(|(p, o, _)| read(*p, *o)) {
+        if candidate.get(p, offset).is_none() {
+            removed += 1;
+            sample("removed", p, offset, reason);
+        }
+    }
+    out.added = added;
+    out.removed = removed;
+    out.unchanged = unchanged;
+    out
 }
 
 fn sorted(keys: impl Iterator<Item = Box<str>>) -> Vec<Box<str>> {
@@ -252,6 +316,42 @@ mod tests {
         // The first ids of each category, in key order.
         assert_eq!(split.samples["changed"][0].id, "u001");
         assert_eq!(split.samples["changed"].len(), SAMPLES);
+    }
+
+    #[test]
+    fn dead_letters_are_compared_by_place_from_where_the_candidate_read() {
+        use logq_abi::Source;
+        let p = |id| Partition {
+            source: Source::Users,
+            id,
+        };
+        let (mut live, mut candidate) = (Refused::default(), Refused::default());
+        live.insert(p(0), 0, "gone from the log");
+        live.insert(p(0), 5, "live: no id");
+        live.insert(p(1), 2, "not JSON");
+        candidate.insert(p(1), 2, "not JSON either");
+        candidate.insert(p(0), 7, "candidate: no e-mail");
+        let from = Positions::from([(p(0), 1), (p(1), 0)]);
+        let name = |p: Partition| format!("users/{}", p.id);
+        let d = dead_letters(&live, &candidate, &from, name);
+        assert_eq!(
+            (d.unchanged, d.added, d.removed, d.complete),
+            (1, 1, 1, true)
+        );
+        let one = |category: &str| {
+            let s = &d.samples[category];
+            assert_eq!(s.len(), 1, "{category}");
+            (s[0].partition.clone(), s[0].offset, s[0].reason.clone())
+        };
+        assert_eq!(
+            one("added"),
+            ("users/0".into(), 7, "candidate: no e-mail".into())
+        );
+        assert_eq!(one("removed"), ("users/0".into(), 5, "live: no id".into()));
+        // Either side incomplete: the counts are lower bounds, and the report says so.
+        let full = Refused::from_parts(Vec::new(), false);
+        assert!(!dead_letters(&full, &candidate, &from, name).complete);
+        assert!(!dead_letters(&live, &full, &from, name).complete);
     }
 
     #[test]

@@ -23,7 +23,7 @@ use serde::Serialize;
 
 use super::active::Active;
 use super::history::{History, Outcome};
-use super::preview::{REFUSALS, Refusal, Report};
+use super::preview::Report;
 use crate::broker::Record;
 use crate::broker::consumer::{POLL_WAIT, REQUEST_TIMEOUT, TopicConsumer};
 use crate::broker::{Partition, Positions, Topics};
@@ -129,8 +129,6 @@ pub struct Replay {
     sha256: String,
     /// A preview: compared at the handover, never flipped (see [`super::preview`]).
     preview: bool,
-    /// The first refused records, for a preview's report.
-    refusals: Mutex<Vec<Refusal>>,
     phase: Mutex<Phase>,
     /// Set together with a final phase; read on the hot path without the lock.
     stop: AtomicBool,
@@ -150,6 +148,9 @@ pub struct Tail {
     setup: Setup,
     shadow: StateStore,
     positions: Positions,
+    /// Where it began reading each partition (the log's start then): refusals of
+    /// the live state before these are not compared.
+    from: Positions,
     active: Arc<Active>,
 }
 
@@ -170,7 +171,6 @@ impl Replay {
             swap,
             sha256: sha256.clone(),
             preview,
-            refusals: Mutex::new(Vec::new()),
             phase: Mutex::new(Phase::CatchingUp),
             stop: AtomicBool::new(false),
             events: AtomicU64::new(0),
@@ -318,6 +318,7 @@ impl Replay {
             setup,
             shadow,
             positions: Positions::new(),
+            from: positions.clone(),
             active,
         };
         if !tail.read_until(&mut positions, &goal)? {
@@ -370,6 +371,8 @@ impl Tail {
                     shadow,
                     active,
                     consumer,
+                    from,
+                    setup,
                     ..
                 } = self;
                 // The replay's client and what it holds go before the flip, so that
@@ -384,12 +387,18 @@ impl Tail {
                     let report = replay.preview.then(|| {
                         let started = Instant::now();
                         let (users, organizations) = super::preview::compare(store, &shadow);
+                        let dead_letters = super::preview::dead_letters(
+                            &store.refused(),
+                            &shadow.refused(),
+                            &from,
+                            |p| format!("{}/{}", setup.topics.name(p.source), p.id),
+                        );
                         Report {
                             position: offsets.clone(),
                             users,
                             organizations,
                             records_refused: lock(&replay.progress).records_refused,
-                            refusals: std::mem::take(&mut *lock(&replay.refusals)),
+                            dead_letters,
                             seconds: replay.started.elapsed().as_secs_f64(),
                             rss_bytes: crate::memory::resident_bytes(),
                             compare_seconds: started.elapsed().as_secs_f64(),
@@ -461,8 +470,7 @@ impl Tail {
             Ahead::Never,
         );
         let mut refusals = Refusals {
-            replay,
-            topics: &self.setup.topics,
+            shadow: &self.shadow,
         };
         while behind(positions) > 0 {
             if replay.stopped() {
@@ -492,26 +500,20 @@ impl Tail {
     }
 }
 
-/// What a replay does with a refused record: counts it (in the step), and keeps the
-/// first few with their reason for a preview's report. Nothing is dead-lettered.
+/// What a replay does with a refused record: counts it (in the step) and notes it
+/// in the shadow, which keeps its refusals as the live state does (for a preview's
+/// comparison, and for the previews after a flip). Nothing is dead-lettered.
 struct Refusals<'a> {
-    replay: &'a Replay,
-    topics: &'a Topics,
+    shadow: &'a StateStore,
 }
 
 impl Observer for Refusals<'_> {
     fn refused(&mut self, source: Source, record: &Record<'_>, why: &DeadLetter, _: u64) {
-        if !self.replay.preview {
-            return;
-        }
-        let mut kept = lock(&self.replay.refusals);
-        if kept.len() < REFUSALS {
-            kept.push(Refusal {
-                partition: format!("{}/{}", self.topics.name(source), record.partition),
-                offset: record.offset,
-                reason: why.reason.clone(),
-            });
-        }
+        let at = Partition {
+            source,
+            id: record.partition,
+        };
+        self.shadow.refused().insert(at, record.offset, &why.reason);
     }
 }
 

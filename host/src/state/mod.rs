@@ -18,6 +18,7 @@
 pub mod changes;
 pub mod export;
 mod key;
+pub mod refused;
 pub mod snapshot;
 
 use std::collections::{BTreeSet, HashMap};
@@ -282,6 +283,8 @@ pub struct StateStore {
     pending_exports: std::sync::Mutex<Vec<export::Pending>>,
     /// Live changes for subscribers.
     feed: changes::Feed,
+    /// The records the reducer folding into this store refused.
+    refused: std::sync::Mutex<refused::Refused>,
 }
 
 impl Default for StateStore {
@@ -296,6 +299,7 @@ impl Default for StateStore {
             position: Published::default(),
             pending_exports: std::sync::Mutex::default(),
             feed: changes::Feed::default(),
+            refused: std::sync::Mutex::default(),
         }
     }
 }
@@ -558,6 +562,10 @@ impl StateStore {
             .unwrap_or_else(|p| p.into_inner());
         self.clock
             .store(other.clock.load(Ordering::Relaxed), Ordering::Relaxed);
+        *self.refused() = other
+            .refused
+            .into_inner()
+            .unwrap_or_else(|p| p.into_inner());
         drop(orgs);
         drop(shards);
         self.feed.replaced(self.position());
@@ -625,6 +633,12 @@ impl StateStore {
         (0..self.shards.len())
             .map(|i| self.write_shard(i).forget_where(&gone))
             .sum()
+    }
+
+    /// The records the reducer folding into this store refused (see [`refused`]):
+    /// the writer notes them, a swap preview compares them.
+    pub fn refused(&self) -> std::sync::MutexGuard<'_, refused::Refused> {
+        self.refused.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// A user's state as kept (visible or not), for `?explain=1`; `None` when no

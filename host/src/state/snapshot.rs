@@ -11,11 +11,13 @@ use logq_abi::{Entity, Kind, Reader, Source, Update};
 
 use crate::broker::{Partition, Positions};
 use crate::fold::sha256_hex;
+use crate::state::refused::Refused;
 
-/// Format 4: each entity keeps its clock (event time), so tombstones still expire
+/// Format 5: the refused records are kept too (a swap preview compares them).
+/// Format 4 gave each entity its clock (event time), so tombstones still expire
 /// after a restart. Format 3 keyed offsets by stream and partition (format 2 by a
 /// topic index).
-const MAGIC: &[u8; 8] = b"LOGQSNP4";
+const MAGIC: &[u8; 8] = b"LOGQSNP5";
 /// Every format so far starts with this.
 const MAGIC_FAMILY: &[u8; 7] = b"LOGQSNP";
 /// How many snapshots are kept; older ones are deleted after a new one is written.
@@ -33,6 +35,8 @@ pub struct Snapshot {
     /// Every stored entity, and whether `reducer_sha256` rendered its answer (not an
     /// earlier reducer, before a forward swap).
     pub entities: Vec<(Entity, Update, bool)>,
+    /// The records that reducer refused.
+    pub refused: Refused,
 }
 
 /// Why a snapshot was not used.
@@ -198,6 +202,14 @@ fn encode(s: &Snapshot) -> Vec<u8> {
             None => out.push(0),
         }
     }
+    out.push(u8::from(s.refused.complete()));
+    out.extend_from_slice(&(s.refused.len() as u64).to_le_bytes());
+    for (p, offset, reason) in s.refused.iter() {
+        out.push(p.source.byte());
+        out.extend_from_slice(&p.id.to_le_bytes());
+        out.extend_from_slice(&offset.to_le_bytes());
+        put_bytes(&mut out, reason.as_bytes());
+    }
     let sum = sha256_hex(&out);
     out.extend_from_slice(sum.as_bytes());
     out
@@ -266,6 +278,18 @@ fn decode(bytes: &[u8]) -> Result<Snapshot, SnapshotError> {
         };
         entities.push((Entity { kind, key }, update, mine));
     }
+    let complete = match r.u8().map_err(corrupt)? {
+        0 => false,
+        1 => true,
+        f => return Err(corrupt(format!("bad refusals flag {f}"))),
+    };
+    let mut refused = Vec::new();
+    for _ in 0..u64::from_le_bytes(r.array().map_err(corrupt)?) {
+        let source = Source::from_byte(r.u8().map_err(corrupt)?).map_err(corrupt)?;
+        let id = i32::from_le_bytes(r.array().map_err(corrupt)?);
+        let offset = i64::from_le_bytes(r.array().map_err(corrupt)?);
+        refused.push((Partition { source, id }, offset, string(&mut r)?));
+    }
     if !r.is_empty() {
         return Err(corrupt("trailing bytes".into()));
     }
@@ -274,6 +298,7 @@ fn decode(bytes: &[u8]) -> Result<Snapshot, SnapshotError> {
         topics,
         offsets,
         entities,
+        refused: Refused::from_parts(refused, complete),
     })
 }
 
@@ -351,6 +376,16 @@ mod tests {
                     false,
                 ),
             ],
+            refused: {
+                let mut r = Refused::default();
+                let p = |id| Partition {
+                    source: Source::Users,
+                    id,
+                };
+                r.insert(p(1), 5, "not JSON");
+                r.insert(p(0), 2, "events 0,2: no id");
+                r
+            },
         }
     }
 
@@ -367,12 +402,12 @@ mod tests {
     #[test]
     fn a_snapshot_of_another_format_says_so() {
         let mut bytes = encode(&sample());
-        bytes[7] = b'3';
+        bytes[7] = b'4';
         let e = decode(&bytes).unwrap_err();
         assert!(matches!(e, SnapshotError::Mismatch(_)), "{e}");
         assert!(
             e.to_string()
-                .contains("another version of logq (format \"3\", this one reads \"4\")"),
+                .contains("another version of logq (format \"4\", this one reads \"5\")"),
             "{e}"
         );
     }

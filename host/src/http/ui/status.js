@@ -211,6 +211,17 @@ function reducer(r) {
       (p.error ? `; ${p.error}` : "");
   }
 
+  // The newest preview's report (the history is newest first).
+  const previewed = r.history.find((h) => h.preview);
+  $("preview").hidden = !previewed;
+  if (previewed) {
+    const summary = $("preview-summary");
+    summary.textContent = `Swap #${previewed.id} (${previewed.sha256.slice(0, 12)}…): ${previewSummary(previewed.preview)}`;
+    summary.dataset.swapId = String(previewed.id);
+    summary.dataset.changed = String(previewed.preview.users.changed);
+    $("preview-report").textContent = JSON.stringify(previewed.preview, null, 2);
+  }
+
   $("history").replaceChildren(
     ...(r.history.length
       ? r.history.map((h) =>
@@ -222,12 +233,26 @@ function reducer(r) {
               h.origin,
               h.mode,
               text("td", h.outcome, { class: `outcome ${h.outcome}` }),
-              h.reason || "",
+              h.preview ? previewSummary(h.preview) : h.reason || "",
             ],
             { "data-swap-id": String(h.id), "data-outcome": h.outcome },
           ),
         )
       : [row([text("td", "No swap yet.", { colspan: "7" })])]),
+  );
+}
+
+// What a preview found, in one line.
+function previewSummary(p) {
+  const u = p.users;
+  const d = p.dead_letters;
+  const atLeast = d.complete ? "" : " (at least)";
+  return (
+    `users: ${fmt(u.changed)} changed, ${fmt(u.newly_visible)} newly visible, ` +
+    `${fmt(u.newly_hidden)} newly hidden, ${fmt(u.unchanged)} unchanged; ` +
+    `organizations: ${fmt(p.organizations.changed)} changed; ` +
+    `dead letters: ${fmt(d.added)} added, ${fmt(d.removed)} removed${atLeast}; ` +
+    `${fmt(p.seconds, 1)} s`
   );
 }
 
@@ -244,7 +269,7 @@ function admin(enabled) {
       "Read-only: this host was started without --admin-token, so its admin actions are off.";
   } else if (!token) {
     note.textContent =
-      "Read-only: enter the admin token to upload a reducer, roll back or cancel a replay. " +
+      "Read-only: enter the admin token to upload or preview a reducer, roll back or cancel a replay. " +
       "The token is kept in this page's memory only; a reload forgets it.";
   } else {
     note.textContent = "Admin actions enabled with the token in this page's memory.";
@@ -325,10 +350,12 @@ async function swap() {
     return;
   }
   const mode = document.querySelector('input[name="mode"]:checked').value;
-  const what =
-    mode === "replay"
-      ? "rebuilds the whole state from the earliest offsets with it, then switches readers over at once"
-      : "keeps the state; events from the next batch on are folded by it";
+  const what = {
+    replay: "rebuilds the whole state from the earliest offsets with it, then switches readers over at once",
+    forward: "keeps the state; events from the next batch on are folded by it",
+    preview:
+      "folds the whole log with it into a shadow state and reports how the answers and dead letters would change; nothing changes",
+  }[mode];
   if (!(await confirmed(`Swap in ${file.name} (${fmt(file.size)} bytes) in ${mode} mode? This ${what}.`))) return;
   const path = `/admin/reducer?mode=${mode}`;
   show("PUT", path, await call("PUT", path, file));
@@ -375,6 +402,12 @@ document.addEventListener("DOMContentLoaded", () => {
   $("token-form").addEventListener("submit", useToken);
   $("token-forget").addEventListener("click", forgetToken);
   $("swap").addEventListener("click", swap);
+  // The button says what it will do: a preview swaps nothing in.
+  for (const radio of document.querySelectorAll('input[name="mode"]')) {
+    radio.addEventListener("change", () => {
+      $("swap").textContent = radio.value === "preview" ? "Preview…" : "Swap in…";
+    });
+  }
   $("rollback").addEventListener("click", rollback);
   $("cancel-replay").addEventListener("click", cancelReplay);
   connect();
