@@ -1136,10 +1136,11 @@ fn preview_row(s: &SwapMemory) -> Row {
             s.users
         ),
         ours: format!(
-            "{:.2} s; RSS with both states {} MiB; the loop compared for {:.3} s; {} answers would change",
+            "{:.2} s; RSS with both states {} MiB; compared in {:.3} s off the loop, which stopped {:.3} s for the handover; {} answers would change",
             s.preview_secs,
             s.preview_rss >> 20,
             s.preview_compare_secs,
+            s.preview_loop_secs,
             s.preview_changed
         ),
         peer: format!(
@@ -1167,6 +1168,7 @@ struct SwapMemory {
     preview_secs: f64,
     preview_rss: u64,
     preview_compare_secs: f64,
+    preview_loop_secs: f64,
     preview_changed: u64,
 }
 
@@ -1243,6 +1245,7 @@ fn swap_memory(loaded: &broker::Loaded, cache_arg: &str, n: usize) -> anyhow::Re
         preview_secs,
         preview_rss: report["rss_bytes"].as_u64().unwrap_or(0),
         preview_compare_secs: report["compare_seconds"].as_f64().unwrap_or(0.0),
+        preview_loop_secs: report["loop_seconds"].as_f64().unwrap_or(0.0),
         preview_changed: report["users"]["changed"].as_u64().unwrap_or(0),
     })
 }

@@ -424,7 +424,12 @@ fn a_preview_cancelled_at_any_step_changes_nothing_and_one_let_through_reports_w
         assert!(!email_masked(s), "{case}: the live answers are not masked");
         d
     };
-    for step in [Step::CaughtUp, Step::HandoverTaken, Step::TailRead] {
+    for step in [
+        Step::CaughtUp,
+        Step::HandoverTaken,
+        Step::TailRead,
+        Step::Comparing,
+    ] {
         let case = format!("cancelled at {step:?}");
         reset(&s);
         let (paused, go) = s.gate.arm(step);
@@ -436,8 +441,9 @@ fn a_preview_cancelled_at_any_step_changes_nothing_and_one_let_through_reports_w
             .recv_timeout(Duration::from_secs(60))
             .unwrap_or_else(|_| panic!("{case}: the preview reaches the step"));
         assert!(s.registry.cancel_replay(), "{case}: a preview runs");
-        if step == Step::CaughtUp {
-            // Cancelled before the handover: the loop never gets it.
+        if matches!(step, Step::CaughtUp | Step::Comparing) {
+            // Cancelled before the handover (the loop never gets it), or while the
+            // comparison's thread waits (the loop is done with it).
             go.send(()).unwrap();
         } else {
             // The loop holds the handover: let it conclude before looking.
@@ -471,4 +477,66 @@ fn a_preview_cancelled_at_any_step_changes_nothing_and_one_let_through_reports_w
     s.registry.rollback().unwrap();
     assert_eq!(replay_ended(&s), "done");
     assert_eq!(describe(&s)["active"]["sha256"], default_sha);
+}
+
+#[test]
+fn a_preview_compares_off_the_loop_against_the_answers_at_its_position() {
+    let s = start();
+    let (paused, go) = s.gate.arm(Step::Comparing);
+    let preview = s
+        .registry
+        .submit(&mask_reducer(), Origin::Http, Mode::Preview)
+        .expect("preview starts");
+    paused
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the preview reaches its comparison");
+    let email = |s: &Service| -> String {
+        let answer: serde_json::Value =
+            serde_json::from_str(&s.store.user(SNAKE).unwrap()).unwrap();
+        answer["user_email"].as_str().unwrap().to_owned()
+    };
+    let before = email(&s);
+    // While the comparison waits, the loop goes on: an event after the preview's
+    // position is folded and served.
+    let producer = RecordProducer::new(&KafkaConfig {
+        brokers: s._broker.bootstrap_servers(),
+        extra: Vec::new(),
+    })
+    .unwrap();
+    let update = format!(
+        r#"{{"id":"{SNAKE}","event_type":"User Updated","user_email":"big.boss@outerheaven.com","received_at":"2021-06-01 00:00:00"}}"#
+    );
+    producer
+        .send("users", Some(SNAKE.as_bytes()), update.as_bytes(), &[])
+        .unwrap();
+    producer.flush(Duration::from_secs(10)).unwrap();
+    eventually("the update to be served during the comparison", || {
+        (email(&s) == "big.boss@outerheaven.com").then_some(())
+    });
+    go.send(()).unwrap();
+    assert_eq!(replay_ended(&s), "done");
+    // The report compares the answers at the preview's position: the e-mail before
+    // the update, masked by the candidate.
+    let e = entry(&describe(&s), preview.swap.id);
+    assert_eq!(e["outcome"], "previewed", "{e}");
+    let snake = e["preview"]["users"]["samples"]["changed"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["id"] == SNAKE)
+        .cloned()
+        .unwrap_or_else(|| panic!("Snake among the changed samples: {e}"));
+    assert_eq!(snake["before"]["user_email"], before.as_str(), "{snake}");
+    assert_ne!(before, "big.boss@outerheaven.com");
+    assert!(
+        snake["after"]["user_email"]
+            .as_str()
+            .is_some_and(|m| m.contains("***") && !m.starts_with('b')),
+        "{snake}"
+    );
+    assert_eq!(
+        email(&s),
+        "big.boss@outerheaven.com",
+        "the live answer stays"
+    );
 }

@@ -14,6 +14,7 @@ use serde::Serialize;
 
 use crate::broker::{Partition, Positions};
 use crate::state::StateStore;
+use crate::state::export::Export;
 use crate::state::refused::Refused;
 
 /// Samples kept per category.
@@ -100,17 +101,27 @@ pub struct Report {
     /// The process's resident memory when the report was written (both states
     /// held), bytes.
     pub rss_bytes: Option<u64>,
-    /// Seconds the consumer loop spent comparing (it folds nothing meanwhile).
+    /// Seconds the comparison took, on its own thread (the loop goes on).
     pub compare_seconds: f64,
+    /// Seconds the consumer loop spent on the handover, folding nothing: reading
+    /// the tail up to its position and freezing the live answers there.
+    pub loop_seconds: f64,
 }
 
-/// Compares the answers of `live` and `candidate`, entity by entity. The users are
-/// split among the cores (the consumer loop, which calls it, folds nothing
-/// meanwhile), in key order, so the samples are the first ids of each category.
-pub fn compare(live: &StateStore, candidate: &StateStore) -> (Changes, Changes) {
-    let keys = sorted(live.user_keys().into_iter().chain(candidate.user_keys()));
+/// Compares the answers of `live` (frozen at the preview's position, while the
+/// consumer loop goes on) and `candidate`, entity by entity, in key order, so the
+/// samples are the first ids of each category. The users are split among the cores
+/// but one, which the consumer loop keeps.
+pub fn compare(live: &Export, candidate: &StateStore) -> (Changes, Changes) {
+    let keys = sorted(
+        live.user_keys()
+            .iter()
+            .cloned()
+            .chain(candidate.user_keys()),
+    );
     let threads = std::thread::available_parallelism()
         .map_or(1, usize::from)
+        .saturating_sub(1)
         .clamp(1, 4);
     let chunk = keys.len().div_ceil(threads).max(1);
     let parts: Vec<Changes> = std::thread::scope(|s| {
@@ -127,13 +138,19 @@ pub fn compare(live: &StateStore, candidate: &StateStore) -> (Changes, Changes) 
     for part in parts {
         users.merge(part);
     }
+    let before: std::collections::HashMap<&str, &str> = live
+        .organizations()
+        .iter()
+        .map(|(k, v)| (&**k, v.as_str()))
+        .collect();
     let organizations = changes(
         &sorted(
-            live.organization_keys()
-                .into_iter()
+            before
+                .keys()
+                .map(|k| Box::from(*k))
                 .chain(candidate.organization_keys()),
         ),
-        |k| live.organization(k),
+        |k| before.get(k).map(|v| (*v).to_owned()),
         |k| candidate.organization(k),
     );
     (users, organizations)
@@ -275,6 +292,7 @@ mod tests {
     use super::*;
     use crate::state::test_update;
     use logq_abi::{Entity, Kind};
+    use std::sync::Arc;
 
     fn user(store: &StateStore, id: &str, answer: Option<&str>) {
         store.apply(
@@ -286,9 +304,44 @@ mod tests {
         );
     }
 
+    /// `store`'s answers frozen as a preview freezes them.
+    fn frozen(store: &Arc<StateStore>) -> Export {
+        let mut image = store.image(&Positions::new());
+        image.sort();
+        image
+    }
+
+    #[test]
+    fn the_live_answers_are_compared_as_they_were_at_the_position_not_later() {
+        let (live, candidate) = (Arc::new(StateStore::new()), StateStore::new());
+        user(&live, "a", Some(r#"{"id":"a","email":"old@x"}"#));
+        user(&live, "gone", Some(r#"{"id":"gone"}"#));
+        user(&candidate, "a", Some(r#"{"id":"a","email":"old@x"}"#));
+        user(&candidate, "gone", Some(r#"{"id":"gone"}"#));
+        let at_position = frozen(&live);
+        // The loop goes on after the position: a change, a deletion, a new user.
+        user(&live, "a", Some(r#"{"id":"a","email":"new@x"}"#));
+        user(&live, "gone", None);
+        user(&live, "later", Some(r#"{"id":"later"}"#));
+        let (users, _) = compare(&at_position, &candidate);
+        assert_eq!(
+            (users.compared, users.unchanged, users.changed),
+            (2, 2, 0),
+            "{users:?}"
+        );
+        // Against the live store as it is now, all three would differ.
+        let now = frozen(&live);
+        let (users, _) = compare(&now, &candidate);
+        assert_eq!(
+            (users.changed, users.newly_visible, users.newly_hidden),
+            (1, 1, 1),
+            "{users:?}"
+        );
+    }
+
     #[test]
     fn split_among_threads_it_reports_what_one_pass_does() {
-        let (live, candidate) = (StateStore::new(), StateStore::new());
+        let (live, candidate) = (Arc::new(StateStore::new()), StateStore::new());
         for i in 0..200 {
             let id = format!("u{i:03}");
             let answer = |v: usize| format!(r#"{{"id":"{id}","v":{v}}}"#);
@@ -305,7 +358,7 @@ mod tests {
                 _ => user(&live, &id, Some(&answer(1))),
             }
         }
-        let (split, _) = compare(&live, &candidate);
+        let (split, _) = compare(&frozen(&live), &candidate);
         let keys = sorted(live.user_keys().into_iter().chain(candidate.user_keys()));
         let one = changes(&keys, |id| live.user(id), |id| candidate.user(id));
         assert_eq!(split, one);
@@ -356,7 +409,7 @@ mod tests {
 
     #[test]
     fn each_id_lands_in_one_category_and_fields_are_counted_once() {
-        let (live, candidate) = (StateStore::new(), StateStore::new());
+        let (live, candidate) = (Arc::new(StateStore::new()), StateStore::new());
         user(&live, "same", Some(r#"{"id":"same","email":"a@x"}"#));
         user(&candidate, "same", Some(r#"{"id":"same","email":"a@x"}"#));
         user(&live, "masked", Some(r#"{"id":"masked","email":"b@x"}"#));
@@ -370,7 +423,7 @@ mod tests {
         // Kept but not visible on both sides: not compared.
         user(&live, "hidden", None);
         user(&candidate, "hidden", None);
-        let (users, orgs) = compare(&live, &candidate);
+        let (users, orgs) = compare(&frozen(&live), &candidate);
         assert_eq!(
             (
                 users.compared,

@@ -30,6 +30,8 @@ use crate::broker::{Partition, Positions, Topics};
 use crate::config::KafkaConfig;
 use crate::fold::DeadLetter;
 use crate::state::StateStore;
+use crate::state::export::Export;
+use crate::state::refused::Refused;
 use crate::step::{Ahead, Observer, Stepper};
 
 /// Where a replay stands.
@@ -69,8 +71,11 @@ pub enum Step {
     HandoverTaken,
     /// The loop has read the tail, before the flip.
     TailRead,
-    /// The loop has flipped (or found the replay overtaken and dropped it).
+    /// The loop has flipped (or found the replay overtaken and dropped it, or
+    /// handed a preview's comparison to its thread).
     Concluded,
+    /// A preview's comparison thread, before it compares (the loop goes on).
+    Comparing,
 }
 
 /// A test's hook, called at each [`Step`].
@@ -139,6 +144,21 @@ pub struct Replay {
     ended: std::sync::OnceLock<std::time::Duration>,
     history: Arc<History>,
     pause: Option<PauseHook>,
+}
+
+/// The live side of a preview, frozen by the loop at the handover's position.
+struct Frozen {
+    /// The live answers there.
+    answers: Export,
+    /// The records the live reducer refused there.
+    refused: Refused,
+    /// Where the preview began reading each partition.
+    from: Positions,
+    /// The position, by topic name.
+    offsets: std::collections::BTreeMap<String, i64>,
+    topics: Topics,
+    /// How long the loop spent on the handover.
+    loop_seconds: f64,
 }
 
 /// A caught-up replay, handed to the consumer loop to finish.
@@ -292,6 +312,68 @@ impl Replay {
         self.stop.load(Ordering::Relaxed)
     }
 
+    /// A preview's comparison, on its own thread while the consumer loop goes on:
+    /// the live answers as `live` froze them against the candidate's `shadow`. The
+    /// report goes into the history unless the preview was cancelled or superseded
+    /// meanwhile; the shadow and the image are dropped either way.
+    fn report(&self, live: Frozen, shadow: StateStore) {
+        self.pause(Step::Comparing);
+        let Frozen {
+            mut answers,
+            refused,
+            from,
+            offsets,
+            topics,
+            loop_seconds,
+        } = live;
+        let started = Instant::now();
+        answers.sort();
+        let (users, organizations) = super::preview::compare(&answers, &shadow);
+        let dead_letters = super::preview::dead_letters(&refused, &shadow.refused(), &from, |p| {
+            format!("{}/{}", topics.name(p.source), p.id)
+        });
+        let compare_seconds = started.elapsed().as_secs_f64();
+        let rss_bytes = crate::memory::resident_bytes();
+        let replaced = answers.replaced();
+        drop(answers);
+        drop(shadow);
+        crate::memory::trim();
+        if replaced {
+            self.stop(
+                Phase::Failed,
+                Some(
+                    "the live state was replaced while the preview compared; preview again".into(),
+                ),
+            );
+            return;
+        }
+        let report = Report {
+            position: offsets,
+            users,
+            organizations,
+            records_refused: lock(&self.progress).records_refused,
+            dead_letters,
+            seconds: self.started.elapsed().as_secs_f64(),
+            rss_bytes,
+            compare_seconds,
+            loop_seconds,
+        };
+        // The entry is written before the phase says done, under its lock: a
+        // cancel either comes first (no report) or finds the preview ended.
+        let mut phase = lock(&self.phase);
+        if phase.is_final() {
+            return;
+        }
+        self.history.update(self.swap, |r| {
+            r.outcome = Outcome::Previewed;
+            r.preview = Some(report);
+        });
+        *phase = Phase::Done;
+        let _ = self.ended.set(self.started.elapsed());
+        drop(phase);
+        tracing::info!("preview of swap #{} reported", self.swap);
+    }
+
     /// Reads from the earliest offsets to the high watermarks seen now. `Ok(None)`:
     /// stopped on the way.
     fn catch_up(
@@ -345,9 +427,10 @@ impl Tail {
     pub fn finish(
         mut self,
         live: &Positions,
-        store: &StateStore,
+        store: &Arc<StateStore>,
         flip: impl FnOnce(StateStore, Arc<Active>),
     ) -> bool {
+        let taken = Instant::now();
         let replay = self.replay.clone();
         replay.pause(Step::HandoverTaken);
         let mut positions = std::mem::take(&mut self.positions);
@@ -382,59 +465,41 @@ impl Tail {
                 let mut phase = lock(&replay.phase);
                 if phase.is_final() {
                     false
-                } else {
-                    // A preview compares and drops the shadow; a replay flips to it.
-                    let report = replay.preview.then(|| {
-                        let started = Instant::now();
-                        let (users, organizations) = super::preview::compare(store, &shadow);
-                        let dead_letters = super::preview::dead_letters(
-                            &store.refused(),
-                            &shadow.refused(),
-                            &from,
-                            |p| format!("{}/{}", setup.topics.name(p.source), p.id),
-                        );
-                        Report {
-                            position: offsets.clone(),
-                            users,
-                            organizations,
-                            records_refused: lock(&replay.progress).records_refused,
-                            dead_letters,
-                            seconds: replay.started.elapsed().as_secs_f64(),
-                            rss_bytes: crate::memory::resident_bytes(),
-                            compare_seconds: started.elapsed().as_secs_f64(),
-                        }
-                    });
-                    if report.is_none() {
-                        flip(shadow, active);
-                    } else {
-                        drop(shadow);
+                } else if replay.preview {
+                    // A preview freezes the live answers here and compares them with
+                    // the shadow on a thread of its own: the loop goes on at once.
+                    let frozen = Frozen {
+                        answers: store.image(live),
+                        refused: store.refused().clone(),
+                        from,
+                        offsets,
+                        topics: setup.topics,
+                        loop_seconds: taken.elapsed().as_secs_f64(),
+                    };
+                    drop(phase);
+                    let me = replay.clone();
+                    let spawned = std::thread::Builder::new()
+                        .name("logq-preview".into())
+                        .spawn(move || me.report(frozen, shadow));
+                    if let Err(e) = spawned {
+                        replay.stop(Phase::Failed, Some(e.to_string()));
                     }
-                    // A whole state was just freed (the old one, or the shadow), and
-                    // the replay's client before it: give it back now, before the
-                    // swap is said to be done, or every swap would leave the process
-                    // larger.
+                    false
+                } else {
+                    flip(shadow, active);
+                    // A whole state was just freed (the old one), and the replay's
+                    // client before it: give it back now, before the swap is said to
+                    // be done, or every swap would leave the process larger.
                     crate::memory::trim();
                     *phase = Phase::Done;
                     let _ = replay.ended.set(replay.started.elapsed());
                     drop(phase);
-                    match report {
-                        Some(report) => {
-                            replay.history.update(replay.swap, |r| {
-                                r.outcome = Outcome::Previewed;
-                                r.preview = Some(report);
-                            });
-                            tracing::info!("preview of swap #{} reported", replay.swap);
-                            false
-                        }
-                        None => {
-                            replay.update(|p| p.handover_offsets = Some(offsets.clone()));
-                            replay.history.activated(replay.swap, |r| {
-                                r.switch_offsets = Some(offsets);
-                            });
-                            tracing::info!("replay of swap #{} handed over", replay.swap);
-                            true
-                        }
-                    }
+                    replay.update(|p| p.handover_offsets = Some(offsets.clone()));
+                    replay.history.activated(replay.swap, |r| {
+                        r.switch_offsets = Some(offsets);
+                    });
+                    tracing::info!("replay of swap #{} handed over", replay.swap);
+                    true
                 }
             }
             Ok(false) => false,

@@ -52,10 +52,10 @@ pub struct Export {
     store: Arc<StateStore>,
     /// The position it reflects.
     pub position: Positions,
-    /// Every user key at the position, in order.
+    /// Every user key at the position, in order (once [`Export::sort`] ran).
     users: Vec<Box<str>>,
-    /// Organization answers at the position, by key, in order.
-    organizations: Vec<String>,
+    /// Organization keys and answers at the position, in key order.
+    organizations: Vec<(Box<str>, String)>,
     /// organization name -> the answer users of that name join, at the position.
     joins: HashMap<Box<str>, String>,
     image: Arc<Image>,
@@ -88,20 +88,11 @@ impl Export {
             let end = (self.next + CHUNK).min(self.users.len());
             let mut out = String::new();
             for key in &self.users[self.next..end] {
-                // The shard's lock before the image's, as the writer takes them (it
-                // saves an old entry while it holds the shard).
-                let shard = self.store.read_shard(key);
-                let saved = self.image.saved.lock().unwrap_or_else(|p| p.into_inner());
-                let entry = saved.get(key).or_else(|| shard.users.get(&**key));
-                let Some(view) = entry.and_then(Entry::view) else {
+                let Some(answer) = self.user(key) else {
                     continue;
                 };
-                let org = entry
-                    .and_then(Entry::join)
-                    .and_then(|name| self.joins.get(name))
-                    .map(String::as_str);
                 out.push_str("{\"user\":");
-                out.push_str(&join_view(view, org));
+                out.push_str(&answer);
                 out.push_str("}\n");
                 self.users_sent += 1;
             }
@@ -111,7 +102,7 @@ impl Export {
         if !self.organizations_sent {
             self.organizations_sent = true;
             let mut out = String::new();
-            for o in &self.organizations {
+            for (_, o) in &self.organizations {
                 out.push_str("{\"organization\":");
                 out.push_str(o);
                 out.push_str("}\n");
@@ -127,6 +118,45 @@ impl Export {
             )));
         }
         None
+    }
+}
+
+impl Export {
+    /// User `key`'s answer at the position (joined as it was then); `None` when it
+    /// was not visible.
+    pub fn user(&self, key: &str) -> Option<String> {
+        // The shard's lock before the image's, as the writer takes them (it saves an
+        // old entry while it holds the shard).
+        let shard = self.store.read_shard(key);
+        let saved = self.image.saved.lock().unwrap_or_else(|p| p.into_inner());
+        let entry = saved.get(key).or_else(|| shard.users.get(key))?;
+        let view = entry.view()?;
+        let org = entry
+            .join()
+            .and_then(|name| self.joins.get(name))
+            .map(String::as_str);
+        Some(join_view(view, org))
+    }
+
+    /// Every user key kept at the position (visible or not), in order.
+    pub fn user_keys(&self) -> &[Box<str>] {
+        &self.users
+    }
+
+    /// The organizations' keys and answers at the position, in key order.
+    pub fn organizations(&self) -> &[(Box<str>, String)] {
+        &self.organizations
+    }
+
+    /// Whether the store was replaced since the position (the image is void).
+    pub fn replaced(&self) -> bool {
+        self.image.replaced.load(Ordering::Relaxed)
+    }
+
+    /// Puts the user keys in order: [`StateStore::image`] leaves that to its caller,
+    /// off the writer's thread.
+    pub fn sort(&mut self) {
+        self.users.sort_unstable();
     }
 }
 
@@ -171,53 +201,60 @@ impl StateStore {
             std::mem::take(&mut *pending)
         };
         for tx in waiting {
-            let image = Arc::new(Image::default());
-            for shard in self.shards.iter() {
-                let mut shard = super::write(shard);
-                shard.images.retain(|i| i.strong_count() > 0);
-                shard.images.push(Arc::downgrade(&image));
-            }
-            // Readers go on meanwhile; nothing writes (this is the writer's thread,
-            // between two batches: no lane runs).
-            let mut users: Vec<Box<str>> = Vec::new();
-            for shard in self.shards.iter() {
-                users.extend(super::read(shard).users.keys().map(|k| Box::from(&**k)));
-            }
-            let (organizations, joins) = {
-                let orgs = self.read_organizations();
-                let answers: BTreeMap<&str, &str> = orgs
-                    .entries
-                    .iter()
-                    .filter_map(|(k, e)| Some((k.as_ref(), e.view()?)))
-                    .collect();
-                let joins: HashMap<Box<str>, String> = orgs
-                    .by_name
-                    .keys()
-                    .filter_map(|name| Some((name.clone(), orgs.joined(name)?.to_owned())))
-                    .collect();
-                (
-                    answers
-                        .values()
-                        .map(|v| (*v).to_owned())
-                        .collect::<Vec<_>>(),
-                    joins,
-                )
-            };
-            users.sort_unstable();
-            let export = Export {
-                store: self.clone(),
-                position: position.clone(),
-                users,
-                organizations,
-                joins,
-                image,
-                next: 0,
-                organizations_sent: false,
-                users_sent: 0,
-                ended: false,
-            };
+            let mut export = self.image(position);
+            export.sort();
             // A client that went away meanwhile: its export is dropped here.
             let _ = tx.send(export);
+        }
+    }
+
+    /// Freezes the answers at `position`: from now on, until the returned export is
+    /// dropped, the writer saves the old entry of each user it changes or forgets.
+    /// Called by the one writer between two batches, when the state is exactly at
+    /// `position` (so nothing changes it meanwhile). Copies the user keys (unsorted:
+    /// see [`Export::sort`]) and the organizations under read locks, so GETs go on.
+    pub fn image(self: &Arc<Self>, position: &Positions) -> Export {
+        let image = Arc::new(Image::default());
+        for shard in self.shards.iter() {
+            let mut shard = super::write(shard);
+            shard.images.retain(|i| i.strong_count() > 0);
+            shard.images.push(Arc::downgrade(&image));
+        }
+        let mut users: Vec<Box<str>> = Vec::new();
+        for shard in self.shards.iter() {
+            users.extend(super::read(shard).users.keys().map(|k| Box::from(&**k)));
+        }
+        let (organizations, joins) = {
+            let orgs = self.read_organizations();
+            let answers: BTreeMap<&str, &str> = orgs
+                .entries
+                .iter()
+                .filter_map(|(k, e)| Some((k.as_ref(), e.view()?)))
+                .collect();
+            let joins: HashMap<Box<str>, String> = orgs
+                .by_name
+                .keys()
+                .filter_map(|name| Some((name.clone(), orgs.joined(name)?.to_owned())))
+                .collect();
+            (
+                answers
+                    .into_iter()
+                    .map(|(k, v)| (Box::from(k), v.to_owned()))
+                    .collect::<Vec<_>>(),
+                joins,
+            )
+        };
+        Export {
+            store: self.clone(),
+            position: position.clone(),
+            users,
+            organizations,
+            joins,
+            image,
+            next: 0,
+            organizations_sent: false,
+            users_sent: 0,
+            ended: false,
         }
     }
 }
