@@ -90,6 +90,14 @@ fn a_preview_of_mask_emails_reports_exactly_the_users_with_an_email_and_changes_
     let id = sample["id"].as_str().unwrap();
     assert_eq!(sample["before"], expected[id]);
     assert_eq!(sample["after"], masked(expected[id].clone()));
+    assert_eq!(
+        sample["diff"],
+        serde_json::json!({"user_email": {
+            "before": expected[id]["user_email"],
+            "after": masked(expected[id].clone())["user_email"],
+        }}),
+        "{sample}"
+    );
     assert_eq!(report["organizations"]["changed"], 0, "{report}");
     // The refused record is counted; both reducers refuse it, so the dead letters
     // stay as they are.
@@ -286,5 +294,83 @@ fn a_preview_reports_the_dead_letters_a_candidate_would_add_or_remove_and_writes
         dead(),
         1,
         "neither the replay nor the preview wrote a dead letter"
+    );
+}
+
+#[test]
+fn a_preview_cancelled_midway_leaves_answers_position_reducer_and_dead_letters_as_they_were() {
+    let broker = Broker::start();
+    broker.create_default_topics();
+    // Five records the test fixture loops on until the time limit cuts it (the
+    // default reducer folds them): each batch that holds one costs a preview a time
+    // limit per split, so the preview is still running when it is cancelled. They
+    // come first, so the canary's recent records do not hold them.
+    let slow: Vec<String> = (1..=5)
+        .map(|i| {
+            format!(
+                r#"{{"id":"slow-{i}","event_type":"User Created","username":"logq-test:loop","received_at":"2021-01-0{i} 00:00:00"}}"#
+            )
+        })
+        .collect();
+    let (history_users, orgs) = history(0xca9c, 300, 3_000);
+    let users: Vec<String> = slow.iter().chain(&history_users).cloned().collect();
+    produce(&broker, "users", &[], slow.join("\n").as_bytes());
+    produce(&broker, "users", &[], history_users.join("\n").as_bytes());
+    produce(&broker, "organizations", &[], orgs.join("\n").as_bytes());
+    produce_raw(
+        &broker,
+        "users",
+        &[(Some(&b"bad"[..]), Some(&b"this is not an event"[..]))],
+    );
+    let host = Host::start(
+        &broker,
+        &["--admin-token", TOKEN, "--reducer-time-limit-ms", "500"],
+    );
+    host.wait_ready(Duration::from_secs(120));
+    let expected = expected_answers(&users, &orgs);
+    host.assert_answers(&users, expected.clone());
+    let position = |host: &Host| {
+        host.get("/users/slow-1")
+            .header("x-logq-position")
+            .map(str::to_owned)
+            .expect("answers carry their position")
+    };
+    let before = position(&host);
+    let described = host.admin("GET", "/admin/reducer", Some(TOKEN), b"").json();
+    let history_len = described["history"].as_array().unwrap().len();
+
+    let fixture = std::fs::read(component("test-triggers-reducer.wasm")).unwrap();
+    let r = host.admin("PUT", "/admin/reducer?mode=preview", Some(TOKEN), &fixture);
+    assert_eq!(r.status, 202, "{}", r.body);
+    let id = r.json()["swap"]["id"].clone();
+    // Midway: it has read records and has more to go.
+    let progress = eventually(
+        Duration::from_secs(60),
+        "the preview to be under way",
+        || {
+            let d = host.admin("GET", "/admin/reducer", Some(TOKEN), b"").json();
+            let p = d["replay"].clone();
+            (p["phase"] == "catching_up" && p["records_read"].as_u64() > Some(0)).then_some(p)
+        },
+    );
+    assert!(progress["lag"].as_i64() > Some(0), "{progress}");
+    let r = host.admin("DELETE", "/admin/reducer/replay", Some(TOKEN), b"");
+    assert_eq!(r.status, 200, "cancelled while running: {}", r.body);
+    let entry = ended(&host, &id);
+    assert_eq!(entry["outcome"], "cancelled", "{entry}");
+    assert!(entry["preview"].is_null(), "no report: {entry}");
+
+    // Nothing changed: every answer, the position, the active reducer, the history
+    // (one entry more: the cancelled preview), the dead letters.
+    host.assert_answers(&users, expected);
+    assert_eq!(position(&host), before);
+    let after = host.admin("GET", "/admin/reducer", Some(TOKEN), b"").json();
+    assert_eq!(after["active"], described["active"]);
+    assert_eq!(after["previous"], described["previous"]);
+    assert_eq!(after["history"].as_array().unwrap().len(), history_len + 1);
+    assert_eq!(
+        read_topic(&broker, "users.dlq", 1, Duration::from_secs(30)).len(),
+        1,
+        "the live reducer's one dead letter, and none from the preview"
     );
 }

@@ -32,6 +32,21 @@ pub struct Sample {
     pub before: Option<serde_json::Value>,
     /// The candidate's answer (`None`: it would not show it).
     pub after: Option<serde_json::Value>,
+    /// The difference: each top-level field whose value differs, before and after
+    /// (a side is left out where the field or the answer is absent).
+    pub diff: BTreeMap<String, FieldChange>,
+}
+
+/// One field's value before and after; a side without the field (or without an
+/// answer) is left out.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct FieldChange {
+    /// In the live answer.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub before: Option<serde_json::Value>,
+    /// In the candidate's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub after: Option<serde_json::Value>,
 }
 
 /// How the answers of one kind of entity would change.
@@ -270,17 +285,30 @@ fn changes(
         };
         let (bf, af) = (fields(&b), fields(&a));
         let names: std::collections::BTreeSet<&String> = bf.keys().chain(af.keys()).collect();
-        for name in names {
-            if bf.get(name) != af.get(name) {
-                *out.fields.entry(name.clone()).or_default() += 1;
-            }
+        let differing: Vec<&String> = names
+            .into_iter()
+            .filter(|name| bf.get(*name) != af.get(*name))
+            .collect();
+        for name in &differing {
+            *out.fields.entry((*name).clone()).or_default() += 1;
         }
         let samples = out.samples.entry(category).or_default();
         if samples.len() < SAMPLES {
+            let diff = differing
+                .into_iter()
+                .map(|name| {
+                    let change = FieldChange {
+                        before: bf.get(name).cloned(),
+                        after: af.get(name).cloned(),
+                    };
+                    (name.clone(), change)
+                })
+                .collect();
             samples.push(Sample {
                 id: key.to_string(),
                 before: b,
                 after: a,
+                diff,
             });
         }
     }
@@ -442,6 +470,20 @@ mod tests {
         assert_eq!(changed.id, "masked");
         assert_eq!(changed.before.as_ref().unwrap()["email"], "b@x");
         assert_eq!(changed.after.as_ref().unwrap()["email"], "b***");
+        // The diff names only what differs.
+        assert_eq!(
+            changed.diff,
+            BTreeMap::from([(
+                "email".to_owned(),
+                FieldChange {
+                    before: Some("b@x".into()),
+                    after: Some("b***".into()),
+                }
+            )])
+        );
+        let gone = &users.samples["newly_hidden"][0];
+        assert_eq!(gone.diff["email"].after, None);
+        assert_eq!(gone.diff.len(), 3, "{gone:?}");
         assert_eq!(users.samples["newly_hidden"][0].after, None);
         assert_eq!(orgs, Changes::default());
     }
