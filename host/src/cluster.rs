@@ -22,6 +22,33 @@ use crate::broker::members::MembersLog;
 pub const ADVERT_EVERY: Duration = Duration::from_secs(1);
 /// An advert older than this is forgotten: its host is gone (or cut off).
 pub const ADVERT_FRESH: Duration = Duration::from_secs(4);
+/// The members topic's key for the group's reducer (never a member id: those are
+/// host names or addresses).
+pub const REDUCER_KEY: &str = "logq:reducer";
+
+/// The reducer the group runs: the newest swap or rollback sent to any of its hosts,
+/// on the members topic under [`REDUCER_KEY`]. Each host applies it once; a host that
+/// starts later finds it there (the topic is read from its beginning).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Desired {
+    /// Orders the group's swaps: one more than the newest this host had seen, or the
+    /// wall clock's milliseconds when larger.
+    pub seq: u64,
+    /// The host the swap was sent to (breaks a tie of two swaps sent at once).
+    pub by: String,
+    /// sha256 of the component.
+    pub sha256: String,
+    /// `forward` or `replay`.
+    pub mode: String,
+    /// A rollback: a host whose previous reducer is this one rolls back (no fetch).
+    pub rollback: bool,
+}
+
+impl Desired {
+    fn newer_than(&self, other: &Desired) -> bool {
+        (self.seq, &self.by) > (other.seq, &other.by)
+    }
+}
 
 /// One host's advert on the members topic.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -36,6 +63,9 @@ pub struct Advert {
     pub ready: bool,
     /// When it was sent (ms since the Unix epoch).
     pub sent_ms: u64,
+    /// sha256 of the reducer it runs.
+    #[serde(default)]
+    pub reducer: String,
 }
 
 struct Seen {
@@ -60,6 +90,12 @@ pub struct Cluster {
     changed: AtomicBool,
     forwarded: AtomicU64,
     forward_failures: AtomicU64,
+    /// sha256 of the reducer this host runs.
+    reducer: RwLock<String>,
+    /// The newest group reducer heard of (or announced here).
+    desired: RwLock<Option<Desired>>,
+    /// A group reducer announced here, for the advert thread to publish.
+    outbox: std::sync::Mutex<Option<Desired>>,
 }
 
 impl Cluster {
@@ -77,7 +113,83 @@ impl Cluster {
             changed: AtomicBool::new(true),
             forwarded: AtomicU64::new(0),
             forward_failures: AtomicU64::new(0),
+            reducer: RwLock::default(),
+            desired: RwLock::default(),
+            outbox: std::sync::Mutex::default(),
         })
+    }
+
+    /// This host runs reducer `sha256` now (said in its next advert).
+    pub fn set_reducer(&self, sha256: &str) {
+        let mut r = self.reducer.write().unwrap_or_else(|p| p.into_inner());
+        if *r != sha256 {
+            sha256.clone_into(&mut r);
+            self.changed.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// Tells the group to run `sha256` (sent to this host in `mode`, or a rollback
+    /// to it): published on the members topic by the advert thread. Returns what was
+    /// announced.
+    pub fn announce(&self, sha256: &str, mode: &str, rollback: bool) -> Desired {
+        let mut desired = self.desired.write().unwrap_or_else(|p| p.into_inner());
+        // The wall clock too: a host that has not read the topic yet (just started)
+        // still announces after every earlier swap.
+        let d = Desired {
+            seq: (desired.as_ref().map_or(0, |d| d.seq) + 1).max(now_ms()),
+            by: self.instance.clone(),
+            sha256: sha256.to_owned(),
+            mode: mode.to_owned(),
+            rollback,
+        };
+        *desired = Some(d.clone());
+        *self.outbox.lock().unwrap_or_else(|p| p.into_inner()) = Some(d.clone());
+        d
+    }
+
+    /// The group's reducer, as the newest announcement says.
+    pub fn desired(&self) -> Option<Desired> {
+        self.desired
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The other hosts' addresses (fresh adverts) that run reducer `sha256` first,
+    /// then the rest: where to fetch a component from.
+    pub fn peers_for(&self, sha256: &str) -> Vec<String> {
+        let peers = self.peers.read().unwrap_or_else(|p| p.into_inner());
+        let mut fresh: Vec<&Advert> = peers
+            .values()
+            .filter(|s| s.at.elapsed() < ADVERT_FRESH)
+            .map(|s| &s.advert)
+            .collect();
+        fresh.sort_by_key(|a| a.reducer != sha256);
+        fresh.into_iter().map(|a| a.url.clone()).collect()
+    }
+
+    /// Which reducer each host runs: this one first, then every fresh advert.
+    pub fn reducers(&self) -> Vec<serde_json::Value> {
+        let me = serde_json::json!({
+            "instance": self.instance,
+            "url": self.url,
+            "sha256": *self.reducer.read().unwrap_or_else(|p| p.into_inner()),
+        });
+        let peers = self.peers.read().unwrap_or_else(|p| p.into_inner());
+        std::iter::once(me)
+            .chain(
+                peers
+                    .values()
+                    .filter(|s| s.at.elapsed() < ADVERT_FRESH)
+                    .map(|s| {
+                        serde_json::json!({
+                            "instance": s.advert.instance,
+                            "url": s.advert.url,
+                            "sha256": s.advert.reducer,
+                        })
+                    }),
+            )
+            .collect()
     }
 
     /// This host's member id.
@@ -215,6 +327,7 @@ impl Cluster {
                     "url": s.advert.url,
                     "partitions": s.advert.partitions,
                     "ready": s.advert.ready,
+                    "reducer": s.advert.reducer,
                     "seen_ms_ago": s.at.elapsed().as_millis() as u64,
                 })
             })
@@ -230,6 +343,8 @@ impl Cluster {
             "url": self.url,
             "partitions": self.owned(),
             "ready": self.ready.load(Ordering::Relaxed),
+            "reducer": *self.reducer.read().unwrap_or_else(|p| p.into_inner()),
+            "group_reducer": self.desired(),
             "topic_partitions": self.partitions.load(Ordering::Relaxed),
             "others": others,
             "forwarded": forwarded,
@@ -244,10 +359,27 @@ impl Cluster {
             partitions: self.owned().into_iter().collect(),
             ready: self.ready.load(Ordering::Relaxed),
             sent_ms: now_ms(),
+            reducer: self
+                .reducer
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
         }
     }
 
     fn heard(&self, key: String, value: &[u8]) {
+        if key == REDUCER_KEY {
+            match serde_json::from_slice::<Desired>(value) {
+                Ok(d) => {
+                    let mut desired = self.desired.write().unwrap_or_else(|p| p.into_inner());
+                    if desired.as_ref().is_none_or(|old| d.newer_than(old)) {
+                        *desired = Some(d);
+                    }
+                }
+                Err(e) => tracing::warn!("members topic: a group reducer not ours ({e})"),
+            }
+            return;
+        }
         if key == self.instance {
             return;
         }
@@ -283,6 +415,20 @@ impl Cluster {
         std::thread::spawn(move || {
             let mut next = Instant::now();
             while !stop.load(Ordering::Relaxed) {
+                let announced = me.outbox.lock().unwrap_or_else(|p| p.into_inner()).take();
+                if let Some(d) = announced
+                    && let Ok(value) = serde_json::to_vec(&d)
+                    && let Err(e) = log.publish(REDUCER_KEY, &value)
+                {
+                    tracing::warn!(
+                        "members topic: announcing reducer {} (again soon): {e}",
+                        d.sha256
+                    );
+                    let mut outbox = me.outbox.lock().unwrap_or_else(|p| p.into_inner());
+                    if outbox.is_none() {
+                        *outbox = Some(d);
+                    }
+                }
                 if Instant::now() >= next || me.changed.swap(false, Ordering::Relaxed) {
                     if let Ok(value) = serde_json::to_vec(&me.advert())
                         && let Err(e) = log.publish(&me.instance, &value)

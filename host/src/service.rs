@@ -43,7 +43,7 @@ pub async fn run(
     let client = Consumer::client(&config)?;
     let runtime = Runtime::new(Limits::from(&config.limits), config.cache.dir())
         .context("creating the wasm runtime")?;
-    let reducer = load_reducer(&config, &runtime).await?;
+    let (reducer, startup_bytes) = load_reducer(&config, &runtime).await?;
     let (commands, command_rx) = std::sync::mpsc::channel();
     let topics = Topics::from(&config);
     let reads = http::Reads {
@@ -85,11 +85,6 @@ pub async fn run(
         header_timeout: Duration::from_millis(config.http_header_timeout_ms.max(1)),
         max_header_bytes: config.http_max_header_bytes,
     };
-    let admin = http::Admin {
-        control: registry.clone(),
-        token: config.admin_token.clone(),
-        max_body_bytes: config.admin_max_body_bytes,
-    };
     let status_topics = config.topics().map(|t| config.dlq_topic(t));
     let sharing = if config.sharded {
         Some(join_group(&config, stop.clone()).await?)
@@ -97,6 +92,26 @@ pub async fn run(
         None
     };
     let cluster = sharing.as_ref().map(|(s, _)| s.cluster.clone());
+    // Hosts that share partitions share their swaps too (see `http::group`).
+    let control: Arc<dyn http::SwapControl> = match &cluster {
+        Some(cluster) => {
+            let group = http::group::GroupSwaps::new(
+                registry.clone(),
+                cluster.clone(),
+                config.admin_token.clone(),
+                &startup_bytes,
+            );
+            tokio::spawn(group.clone().follow(stop.clone()));
+            group
+        }
+        None => registry.clone(),
+    };
+    drop(startup_bytes);
+    let admin = http::Admin {
+        control,
+        token: config.admin_token.clone(),
+        max_body_bytes: config.admin_max_body_bytes,
+    };
     let mut consumer = Consumer::new(
         config,
         registry.clone(),
@@ -226,7 +241,8 @@ async fn join_group(
     ))
 }
 
-async fn load_reducer(config: &RunConfig, runtime: &Runtime) -> anyhow::Result<Reducer> {
+/// The start-up reducer, compiled and through its canary, and its bytes.
+async fn load_reducer(config: &RunConfig, runtime: &Runtime) -> anyhow::Result<(Reducer, Vec<u8>)> {
     let bytes = match &config.reducer {
         Some(path) => tokio::fs::read(path)
             .await
@@ -241,16 +257,16 @@ async fn load_reducer(config: &RunConfig, runtime: &Runtime) -> anyhow::Result<R
     // Compiling takes a while; keep it off the async workers. The start-up reducer
     // passes the same canary as a hot swap: one that loops or traps on the sample data
     // is refused here, with the reason, instead of dead-lettering every record.
-    let reducer = tokio::task::spawn_blocking(move || {
+    let (reducer, bytes) = tokio::task::spawn_blocking(move || {
         let reducer = runtime.load(&bytes).map_err(anyhow::Error::from)?;
         canary(&reducer, &[]).map_err(|e| anyhow::anyhow!("canary failed: {e}"))?;
-        anyhow::Ok(reducer)
+        anyhow::Ok((reducer, bytes))
     })
     .await
     .context("compiling the reducer")?
     .with_context(|| format!("loading {name}"))?;
     tracing::info!("reducer loaded: {name}");
-    Ok(reducer)
+    Ok((reducer, bytes))
 }
 
 /// Dead letters need somewhere to go: create the DLQ topics when the broker allows

@@ -10,22 +10,27 @@
 use std::time::{Duration, Instant};
 
 use logq_e2e::oracle::Oracle;
-use logq_e2e::{Broker, Host, eventually, group_complete, held_in, history, produce};
+use logq_e2e::{
+    Broker, Host, component, eventually, group_complete, held_in, history, masked, produce,
+};
 
 const READY: Duration = Duration::from_secs(120);
 const SESSION_MS: &str = "2000";
 
 fn sharded(broker: &Broker) -> Host {
-    Host::start(
-        broker,
-        &[
-            "--sharded",
-            "--group-id",
-            "shared",
-            "--session-timeout-ms",
-            SESSION_MS,
-        ],
-    )
+    sharded_with(broker, &[])
+}
+
+fn sharded_with(broker: &Broker, more: &[&str]) -> Host {
+    let mut args = vec![
+        "--sharded",
+        "--group-id",
+        "shared",
+        "--session-timeout-ms",
+        SESSION_MS,
+    ];
+    args.extend_from_slice(more);
+    Host::start(broker, &args)
 }
 
 fn held(host: &Host) -> Vec<i64> {
@@ -285,4 +290,136 @@ fn two_hosts_share_the_partitions_any_answers_any_id_and_one_takes_over_from_a_k
         "SIGTERM to exit: {:?}",
         stopping.elapsed()
     );
+}
+
+const TOKEN: &str = "group-token";
+
+/// `GET /admin/reducer` on `host`.
+fn reducers(host: &Host) -> serde_json::Value {
+    let r = host.admin("GET", "/admin/reducer", Some(TOKEN), b"");
+    assert_eq!(r.status, 200, "{}", r.body);
+    r.json()
+}
+
+/// Waits until every host runs `sha` with no replay running, and every host's
+/// `GET /admin/reducer` says so of every host.
+fn all_run(hosts: &[&Host], sha: &str) {
+    eventually(
+        Duration::from_secs(90),
+        &format!("every host on {sha}"),
+        || {
+            hosts
+                .iter()
+                .all(|h| {
+                    let d = reducers(h);
+                    let listed = d["group"]["hosts"].as_array().cloned().unwrap_or_default();
+                    d["active"]["sha256"] == sha
+                        && d["replay"]["phase"].as_str().is_none_or(|p| p == "done")
+                        && listed.len() == hosts.len()
+                        && listed.iter().all(|x| x["sha256"] == sha)
+                })
+                .then_some(())
+        },
+    );
+}
+
+#[test]
+fn a_swap_and_a_rollback_sent_to_one_host_reach_every_host_and_a_later_host_too() {
+    let broker = Broker::start();
+    broker.create_topic("users", 4);
+    broker.create_topic("organizations", 2);
+    broker.create_topic("users.dlq", 1);
+    broker.create_topic("organizations.dlq", 1);
+    let (users, orgs) = history(0x5a4e_d002, 300, 3_000);
+    produce(&broker, "organizations", &[], orgs.join("\n").as_bytes());
+    produce(&broker, "users", &[], users.join("\n").as_bytes());
+    let mut oracle = Oracle::new();
+    oracle.fold_keyed(&users, &orgs);
+    let expected = oracle.answers();
+    let expected_masked: std::collections::BTreeMap<String, serde_json::Value> = expected
+        .iter()
+        .map(|(id, v)| (id.clone(), masked(v.clone())))
+        .collect();
+    assert_ne!(expected, expected_masked);
+
+    let a = sharded_with(&broker, &["--admin-token", TOKEN]);
+    let b = sharded_with(&broker, &["--admin-token", TOKEN]);
+    settle(&[&a, &b], Some(2));
+    let startup = reducers(&a)["active"]["sha256"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    all_run(&[&a, &b], &startup);
+
+    // A replay swap sent to one host: both run it, every answer masked on both.
+    let mask = std::fs::read(component("mask-emails-reducer.wasm")).unwrap();
+    let r = a.admin("PUT", "/admin/reducer?mode=replay", Some(TOKEN), &mask);
+    assert_eq!(r.status, 202, "{}", r.body);
+    let mask_sha = r.json()["swap"]["sha256"].as_str().unwrap().to_owned();
+    all_run(&[&a, &b], &mask_sha);
+    for host in [&a, &b] {
+        host.assert_answers(&users, expected_masked.clone());
+    }
+    let came = reducers(&b)["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["sha256"] == mask_sha.as_str())
+        .cloned()
+        .expect("b's history has the swap");
+    assert_eq!(came["origin"], "group", "{came}");
+    assert_eq!(came["mode"], "replay", "{came}");
+
+    // A host that starts later finds the group's reducer and runs it (fetched from
+    // the others: it started with the default one).
+    let c = sharded_with(&broker, &["--admin-token", TOKEN]);
+    settle(&[&a, &b, &c], None);
+    all_run(&[&a, &b, &c], &mask_sha);
+    c.assert_answers(&users, expected_masked.clone());
+
+    // A rollback sent to another host: all three go back, answers as before.
+    let r = b.admin("POST", "/admin/reducer/rollback", Some(TOKEN), b"");
+    assert_eq!(r.status, 202, "{}", r.body);
+    all_run(&[&a, &b, &c], &startup);
+    for host in [&a, &b, &c] {
+        host.assert_answers(&users, expected.clone());
+    }
+    // a rolled back to its own previous reducer; c too (its start-up one).
+    for host in [&a, &c] {
+        let last = reducers(host)["history"][0].clone();
+        assert_eq!(
+            (last["origin"].as_str(), last["sha256"].as_str()),
+            (Some("rollback"), Some(startup.as_str())),
+            "{last}"
+        );
+    }
+
+    // A forward swap: the hosts that run keep their states (answers change as events
+    // come), but a host that starts after it builds its share with it from the start
+    // (a replay), so every answer it serves itself is masked.
+    let r = c.admin("PUT", "/admin/reducer?mode=forward", Some(TOKEN), &mask);
+    assert_eq!(r.status, 200, "{}", r.body);
+    all_run(&[&a, &b, &c], &mask_sha);
+    let d = sharded_with(&broker, &["--admin-token", TOKEN]);
+    settle(&[&a, &b, &c, &d], Some(1));
+    all_run(&[&a, &b, &c, &d], &mask_sha);
+    let entry = reducers(&d)["history"][0].clone();
+    assert_eq!(
+        (entry["origin"].as_str(), entry["mode"].as_str()),
+        (Some("group"), Some("replay")),
+        "{entry}"
+    );
+    let me = d.get("/cluster").json()["instance"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let mut own = 0;
+    for (id, want) in &expected_masked {
+        let r = d.get(&format!("/users/{}", logq_e2e::percent_encode(id)));
+        if r.header("x-logq-served-by") == Some(me.as_str()) {
+            assert_eq!(&r.json(), want, "{id} served by the late host");
+            own += 1;
+        }
+    }
+    assert!(own > 0, "the late host serves some users itself");
 }

@@ -35,6 +35,12 @@ pub trait SwapControl: Send + Sync {
     fn active(&self) -> Option<Arc<Active>> {
         None
     }
+    /// The component `sha256`, where this host keeps it for the other hosts of its
+    /// group (`--sharded`); `None` elsewhere.
+    fn component(&self, sha256: &str) -> Option<Arc<[u8]>> {
+        let _ = sha256;
+        None
+    }
 }
 
 impl SwapControl for Registry {
@@ -168,7 +174,7 @@ pub fn routes(admin: Arc<Admin>) -> impl Filter<Extract = (Response,), Error = R
         });
     let cancel = warp::path!("admin" / "reducer" / "replay")
         .and(warp::delete())
-        .and(auth)
+        .and(auth.clone())
         .and_then(|admin: Arc<Admin>| async move {
             if admin.control.cancel_replay() {
                 Ok(json_reply(StatusCode::OK, &json!({"cancelled": true})))
@@ -180,7 +186,34 @@ pub fn routes(admin: Arc<Admin>) -> impl Filter<Extract = (Response,), Error = R
                 ))
             }
         });
-    put.or(get).unify().or(rollback).unify().or(cancel).unify()
+    let component = warp::path!("admin" / "reducer" / "components" / String)
+        .and(warp::get())
+        .and(auth)
+        .and_then(|sha256: String, admin: Arc<Admin>| async move {
+            match admin.control.component(&sha256) {
+                Some(bytes) => {
+                    let mut r = Response::new(bytes.to_vec().into());
+                    r.headers_mut().insert(
+                        "content-type",
+                        warp::http::HeaderValue::from_static("application/wasm"),
+                    );
+                    Ok(r)
+                }
+                None => Err(refuse(
+                    StatusCode::NOT_FOUND,
+                    "not_found",
+                    format!("this host keeps no component {sha256:?} (only hosts that share partitions keep them, for each other)"),
+                )),
+            }
+        });
+    put.or(get)
+        .unify()
+        .or(rollback)
+        .unify()
+        .or(cancel)
+        .unify()
+        .or(component)
+        .unify()
 }
 
 fn swap_reply(result: Result<Submitted, SwapError>, ok: StatusCode) -> Result<Response, Rejection> {

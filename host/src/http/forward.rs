@@ -168,6 +168,34 @@ async fn get(
     headers: &[(&str, String)],
     from: &str,
 ) -> Result<Response, String> {
+    let answer = fetch(authority, path, headers, from).await?;
+    let mut r = Response::new(answer.body.into());
+    *r.status_mut() = StatusCode::from_u16(answer.status).map_err(|e| e.to_string())?;
+    for (name, value) in answer.headers {
+        if let (Ok(n), Ok(v)) = (
+            warp::http::header::HeaderName::from_bytes(name.as_bytes()),
+            HeaderValue::from_str(&value),
+        ) {
+            r.headers_mut().insert(n, v);
+        }
+    }
+    Ok(r)
+}
+
+/// An answer from another host: its status, the headers passed back, its body.
+pub(super) struct Answer {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+/// [`get`]'s exchange, the answer as it came.
+pub(super) async fn fetch(
+    authority: &str,
+    path: &str,
+    headers: &[(&str, String)],
+    from: &str,
+) -> Result<Answer, String> {
     let pooled = POOL
         .lock()
         .unwrap_or_else(|p| p.into_inner())
@@ -193,7 +221,7 @@ async fn exchange(
     path: &str,
     headers: &[(&str, String)],
     from: &str,
-) -> Result<Response, String> {
+) -> Result<Answer, String> {
     let mut head = format!("GET {path} HTTP/1.1\r\nHost: {authority}\r\n{FORWARDED}: {from}\r\n");
     for (name, value) in headers {
         head.push_str(&format!("{name}: {value}\r\n"));
@@ -240,15 +268,9 @@ async fn exchange(
         .entry(authority.to_owned())
         .or_default()
         .push(conn);
-    let mut r = Response::new(body.into());
-    *r.status_mut() = StatusCode::from_u16(status).map_err(|e| e.to_string())?;
-    for (name, value) in keep {
-        if let (Ok(n), Ok(v)) = (
-            warp::http::header::HeaderName::from_bytes(name.as_bytes()),
-            HeaderValue::from_str(&value),
-        ) {
-            r.headers_mut().insert(n, v);
-        }
-    }
-    Ok(r)
+    Ok(Answer {
+        status,
+        headers: keep,
+        body,
+    })
 }

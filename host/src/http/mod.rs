@@ -12,6 +12,7 @@ pub mod admin;
 pub mod api;
 pub mod explain;
 pub mod forward;
+pub mod group;
 pub mod live;
 pub mod reads;
 pub mod reply;

@@ -30,6 +30,8 @@ pub enum Origin {
     Http,
     /// `POST /admin/reducer/rollback`.
     Rollback,
+    /// Sent to another host of the group (`--sharded`), which announced it.
+    Group,
 }
 
 /// A reducer that is (or was) active, and how it got there.

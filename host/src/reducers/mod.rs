@@ -114,6 +114,11 @@ impl Registry {
         self.read().current.clone()
     }
 
+    /// The reducer before the active one (a rollback's target), if any.
+    pub fn previous(&self) -> Option<Arc<Active>> {
+        self.read().previous.clone()
+    }
+
     /// Called by the consumer loop, and only by it, after it changed the active
     /// reducer.
     pub fn publish(&self, current: &Arc<Active>, previous: Option<&Arc<Active>>) {
