@@ -254,6 +254,13 @@ impl Cluster {
         self.owned.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    /// Whether this host answers for partition `p` itself: it holds `p` and no host
+    /// has claimed `p` since it got it (see [`Cluster::contested`]). Reads, watches
+    /// and redirects all follow this one rule.
+    pub fn serves(&self, p: i32) -> bool {
+        self.owns(p) && !self.contested(p)
+    }
+
     /// Whether another host says it holds partition `p`, which this host also holds,
     /// in an advert sent after this host got it: this host is the stale one (it stood
     /// still past the session timeout, and the group gave `p` away meanwhile).
@@ -451,4 +458,65 @@ fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn advert(instance: &str, partitions: Vec<i32>, sent_ms: u64) -> Vec<u8> {
+        serde_json::to_vec(&Advert {
+            instance: instance.into(),
+            url: format!("http://{instance}"),
+            partitions,
+            ready: true,
+            sent_ms,
+            reducer: String::new(),
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn a_host_serves_what_it_holds_until_another_claims_it_later() {
+        let me = Cluster::new("a", "http://a");
+        me.set_partitions(4);
+        me.set_owned(BTreeSet::from([0, 1]), BTreeSet::new(), true);
+        let got = me.since.read().unwrap()[&1];
+        // An advert from before this host got users/1 (the old holder's last word).
+        me.heard("b".into(), &advert("b", vec![1, 2], got - 1));
+        assert!(me.serves(0) && me.serves(1));
+        assert!(!me.serves(2), "held elsewhere");
+        assert_eq!(me.holder(2).map(|a| a.instance), Some("b".to_owned()));
+        // The group gave users/1 to b after this host got it: b is the holder now.
+        me.heard("b".into(), &advert("b", vec![1, 2], got + 1));
+        assert!(!me.serves(1), "contested");
+        assert!(me.serves(0));
+        // b left cleanly: its tombstone forgets it.
+        me.heard("b".into(), b"");
+        assert!(me.serves(1) && me.holder(2).is_none());
+    }
+
+    #[test]
+    fn the_newest_group_reducer_wins_by_sequence_then_announcer() {
+        let me = Cluster::new("a", "http://a");
+        let d = |seq, by: &str| Desired {
+            seq,
+            by: by.into(),
+            sha256: format!("{seq}{by}"),
+            mode: "replay".into(),
+            rollback: false,
+        };
+        for (seq, by) in [(5, "b"), (3, "c"), (5, "c"), (4, "z")] {
+            me.heard(
+                REDUCER_KEY.into(),
+                &serde_json::to_vec(&d(seq, by)).unwrap(),
+            );
+        }
+        assert_eq!(me.desired(), Some(d(5, "c")));
+        // Announcing here goes after every one heard, and is published.
+        let mine = me.announce("f00", "forward", false);
+        assert!(mine.seq > 5 && mine.by == "a");
+        assert_eq!(me.desired(), Some(mine.clone()));
+        assert_eq!(me.outbox.lock().unwrap().clone(), Some(mine));
+    }
 }

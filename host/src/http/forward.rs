@@ -43,7 +43,7 @@ pub async fn elsewhere(
 ) -> Option<Response> {
     let cluster = api.cluster.as_ref()?;
     let p = cluster.partition_of(id)?;
-    if cluster.owns(p) && !cluster.contested(p) {
+    if cluster.serves(p) {
         return None;
     }
     if forwarded {
@@ -124,7 +124,7 @@ pub fn mark_partial(cluster: &Cluster, response: &mut Response) {
 pub fn holder_of(api: &Api, id: &str, path: &str) -> Option<Response> {
     let cluster = api.cluster.as_ref()?;
     let p = cluster.partition_of(id)?;
-    if cluster.owns(p) {
+    if cluster.serves(p) {
         return None;
     }
     let holder = cluster.holder(p)?;
