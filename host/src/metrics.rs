@@ -344,6 +344,12 @@ impl Metrics {
         }
     }
 
+    /// Forgets the lag of one partition: this host no longer reads it (another host
+    /// of its group holds it).
+    pub fn forget_lag(&self, topic: &str, partition: i32) {
+        lock(&self.lag).remove(&(topic.to_string(), partition));
+    }
+
     /// The sum of all partitions' lag.
     pub fn total_lag(&self) -> i64 {
         lock(&self.lag).values().sum()
@@ -592,6 +598,9 @@ mod tests {
         assert!(text.contains("logq_users 3\n"), "{text}");
         assert!(text.contains("logq_user_state_bytes 1234\n"), "{text}");
         assert_eq!(m.total_lag(), 7);
+        m.forget_lag("users", 1);
+        assert_eq!(m.total_lag(), 0);
+        assert!(m.lags().is_empty());
     }
 
     #[test]

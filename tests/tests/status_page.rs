@@ -425,3 +425,84 @@ fn without_an_admin_token_the_page_is_read_only_and_says_why() {
     assert!(!page.find("#token").enabled(), "no token to enter");
     assert!(!page.find("#rollback").enabled(), "no action");
 }
+
+#[test]
+fn a_sharded_host_shows_the_group_each_host_its_partitions_and_reducer() {
+    let broker = Broker::start();
+    broker.create_topic("users", 4);
+    broker.create_topic("organizations", 1);
+    let (users, orgs) = history(0x6a0b, 100, 600);
+    produce(&broker, "users", &[], users.join("\n").as_bytes());
+    produce(&broker, "organizations", &[], orgs.join("\n").as_bytes());
+    let args = [
+        "--sharded",
+        "--group-id",
+        "page",
+        "--session-timeout-ms",
+        "2000",
+    ];
+    let (a, b) = (Host::start(&broker, &args), Host::start(&broker, &args));
+    let views = eventually(WITHIN, "both hosts sharing the partitions", || {
+        let views: Vec<Value> = [&a, &b].iter().map(|h| h.get("/cluster").json()).collect();
+        let known = views
+            .iter()
+            .all(|v| v["others"].as_array().is_some_and(|o| o.len() == 1) && v["reducer"] != "");
+        (logq_e2e::group_complete(&views, 4) && known).then_some(views)
+    });
+    let page = Browser::start(1280, 1600);
+    page.goto(&format!("http://{}/", a.addr));
+    page.wait_attribute("#connection", "data-state", SOON, |s| s == "live");
+    // One row per host, this one first, each with the partitions its own /cluster
+    // says it holds and the reducer it runs.
+    eventually(SOON, "the group section shown", || {
+        (page.execute(
+            "return document.getElementById('group-section').hidden",
+            &[],
+        ) == Value::Bool(false))
+        .then_some(())
+    });
+    let rows = eventually(SOON, "a row per host", || {
+        let rows = page.find_all("#group tr[data-instance]");
+        (rows.len() == 2).then_some(rows)
+    });
+    for (row, view) in rows.iter().zip(&views) {
+        let held: Vec<String> = view["partitions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p.to_string())
+            .collect();
+        assert_eq!(
+            row.attribute("data-instance").as_deref(),
+            view["instance"].as_str()
+        );
+        assert_eq!(row.attribute("data-partitions"), Some(held.join(",")));
+        assert_eq!(
+            row.attribute("data-reducer").as_deref(),
+            view["reducer"].as_str()
+        );
+    }
+    assert!(rows[0].text().contains("(this host)"), "{}", rows[0].text());
+    // The partitions table lists the lag of what this host reads: every partition of
+    // organizations, its own of users.
+    let listed: Vec<String> = page
+        .find_all("#partitions tr[data-partition]")
+        .iter()
+        .filter_map(|r| r.attribute("data-partition"))
+        .filter(|p| p.starts_with("users/"))
+        .collect();
+    let mut own: Vec<String> = views[0]["partitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| format!("users/{p}"))
+        .collect();
+    own.sort();
+    assert_eq!(listed, own);
+    let summary = page.find("#group-summary").text();
+    assert!(
+        summary.starts_with("2 hosts share the 4 partitions"),
+        "{summary}"
+    );
+    page.screenshot("status-group");
+}

@@ -458,7 +458,11 @@ impl Consumer {
             let users = targets.keys().filter(|p| p.source == Source::Users).count();
             s.cluster
                 .set_partitions(i32::try_from(users).unwrap_or(i32::MAX));
-            // The group gives this host its users' partitions (see `Sharing::apply`).
+            // The group gives this host its users' partitions (see `Sharing::apply`);
+            // their lag is this host's only while it holds them.
+            for p in targets.keys().filter(|p| p.source == Source::Users) {
+                self.metrics.forget_lag(self.topics.name(p.source), p.id);
+            }
             targets.retain(|p, _| p.source != Source::Users);
         }
         let partitions: Vec<Partition> = targets.keys().copied().collect();

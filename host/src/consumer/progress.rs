@@ -63,6 +63,7 @@ impl CatchUp {
     pub fn forget(&mut self, p: Partition) {
         self.highs.remove(&p);
         self.pending.remove(&p);
+        self.metrics.forget_lag(self.topics.name(p.source), p.id);
         self.report();
     }
 

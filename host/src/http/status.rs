@@ -163,6 +163,7 @@ fn sample(api: &Api, before: Option<&Totals>) -> (Value, Totals) {
             "p99_ms": p99,
         },
         "reducer": api.admin.control.describe(),
+        "cluster": api.cluster.as_ref().map(|c| c.view()),
         "admin": {"enabled": api.admin.token.is_some()},
         "point": point,
     });

@@ -160,9 +160,40 @@ function render(s) {
       : [row([text("td", "No partition seen yet.", { colspan: "3" })])]),
   );
 
+  group(s.cluster);
   $("dead-letters").replaceChildren(...s.ingest.topics.map(deadLetters));
   reducer(s.reducer);
   admin(s.admin.enabled);
+}
+
+// The hosts that share the partitions (`--sharded`): this one first, then each
+// host whose advert is fresh.
+function group(c) {
+  $("group-section").hidden = !c;
+  if (!c) return;
+  const unheld = c.unheld.length ? ` Held by no host now: users/${c.unheld.join(", users/")}.` : "";
+  $("group-summary").textContent =
+    `${fmt(c.others.length + 1)} hosts share the ${fmt(c.topic_partitions)} partitions of the users topic; ` +
+    `reads forwarded from here ${fmt(c.forwarded)}, failed ${fmt(c.forward_failures)}.${unheld}`;
+  const hosts = [{ ...c, seen_ms_ago: 0, me: true }, ...c.others];
+  $("group").replaceChildren(
+    ...hosts.map((h) => {
+      const name = text("td", null);
+      name.append(text("a", h.instance, { href: `${h.url}/` }));
+      if (h.me) name.append(" (this host)");
+      const sha = h.reducer ? `${h.reducer.slice(0, 12)}…` : "–";
+      return row(
+        [
+          name,
+          h.partitions.length ? h.partitions.join(", ") : "none",
+          h.ready ? "yes" : "no",
+          holding(text("code", sha, { title: h.reducer || "" })),
+          text("td", h.me ? "–" : `${fmt(h.seen_ms_ago / 1000, 1)} s`, { class: "num" }),
+        ],
+        { "data-instance": h.instance, "data-partitions": h.partitions.join(","), "data-reducer": h.reducer || "" },
+      );
+    }),
+  );
 }
 
 function deadLetters(t) {
