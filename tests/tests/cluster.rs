@@ -56,12 +56,17 @@ fn signal(host: &Host, name: &str) {
 /// seconds (a returning member can set off more than one rebalance); the hosts' views
 /// of the group when it never happens.
 fn settle(hosts: &[&Host], each: Option<usize>) {
+    settle_on(hosts, each, 4);
+}
+
+/// [`settle`] for a users topic of `partitions` partitions.
+fn settle_on(hosts: &[&Host], each: Option<usize>, partitions: usize) {
     let deadline = Instant::now() + Duration::from_secs(90);
     let mut stable: Option<(Vec<serde_json::Value>, Instant)> = None;
     loop {
         let views: Vec<serde_json::Value> =
             hosts.iter().map(|h| h.get("/cluster").json()).collect();
-        let settled = group_complete(&views, 4)
+        let settled = group_complete(&views, partitions)
             && hosts.iter().zip(&views).all(|(h, v)| {
                 each.is_none_or(|n| held_in(v) == n) && h.get("/readyz").status == 200
             });
@@ -422,4 +427,293 @@ fn a_swap_and_a_rollback_sent_to_one_host_reach_every_host_and_a_later_host_too(
         }
     }
     assert!(own > 0, "the late host serves some users itself");
+}
+
+/// What the chaos test's reader saw.
+#[derive(Default)]
+struct Seen {
+    reads: u64,
+    /// Answers that were neither the right 200 nor a 503.
+    wrong: Vec<String>,
+    /// Per id, since when its reads have failed (503 or no connection).
+    failing: std::collections::HashMap<String, Instant>,
+    /// The longest run of failed reads of any one id.
+    longest: Duration,
+    failed: u64,
+    /// Reads and failed reads per phase of the test.
+    by_phase: std::collections::BTreeMap<&'static str, (u64, u64)>,
+}
+
+impl Seen {
+    fn answered(&mut self, id: &str, ok: bool, phase: &'static str) {
+        self.reads += 1;
+        let counts = self.by_phase.entry(phase).or_default();
+        counts.0 += 1;
+        counts.1 += u64::from(!ok);
+        if ok {
+            if let Some(since) = self.failing.remove(id) {
+                self.longest = self.longest.max(since.elapsed());
+            }
+        } else {
+            self.failed += 1;
+            self.failing
+                .entry(id.to_owned())
+                .or_insert_with(Instant::now);
+        }
+    }
+}
+
+fn refs(hosts: &[Host]) -> Vec<&Host> {
+    hosts.iter().collect()
+}
+
+/// Produces keyed (murmur2, by id) events for ids `live-N` until `stop`, in small
+/// flushed batches; returns each acknowledged event, in order.
+fn live_producer(
+    bootstrap: String,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<Vec<String>> {
+    std::thread::spawn(move || {
+        use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+        let producer: BaseProducer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &bootstrap)
+            .set("partitioner", "murmur2_random")
+            .set("linger.ms", "5")
+            .create()
+            .unwrap();
+        let mut acked = Vec::new();
+        let mut n = 0u64;
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            let mut batch = Vec::new();
+            for _ in 0..20 {
+                n += 1;
+                let id = format!("live-{}", n % 200);
+                let kind = if n <= 200 {
+                    "User Created"
+                } else {
+                    "User Updated"
+                };
+                // A second a step: every event a later time than the one before.
+                let secs = n;
+                let event = serde_json::json!({
+                    "id": id, "event_type": kind, "username": format!("v{n}"),
+                    "received_at": format!("2030-01-01 {:02}:{:02}:{:02}", secs / 3600 % 24, secs / 60 % 60, secs % 60),
+                })
+                .to_string();
+                producer
+                    .send(BaseRecord::to("users").key(&id).payload(&event))
+                    .unwrap();
+                batch.push(event);
+            }
+            producer.flush(Duration::from_secs(30)).unwrap();
+            acked.extend(batch);
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        acked
+    })
+}
+
+#[test]
+fn three_hosts_through_kill_9_a_zombie_a_rolling_restart_and_3_to_4_to_3_answer_as_the_oracle_says()
+{
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    const PARTITIONS: usize = 6;
+    let broker = Broker::start();
+    broker.create_topic("users", 6);
+    broker.create_topic("organizations", 2);
+    broker.create_topic("users.dlq", 1);
+    broker.create_topic("organizations.dlq", 1);
+    let (base, orgs) = history(0xc4a0_5001, 300, 3_000);
+    produce(&broker, "organizations", &[], orgs.join("\n").as_bytes());
+    produce(&broker, "users", &[], base.join("\n").as_bytes());
+    let mut oracle = Oracle::new();
+    oracle.fold_keyed(&base, &orgs);
+    // The reader's ids: visible after the base history; the live producer never
+    // touches them, so each answer is fixed and any 404 is wrong.
+    let fixed: Arc<Vec<(String, serde_json::Value)>> =
+        Arc::new(oracle.answers().into_iter().collect());
+
+    let mut hosts: Vec<Host> = (0..3).map(|_| sharded(&broker)).collect();
+    settle_on(&hosts.iter().collect::<Vec<_>>(), Some(2), PARTITIONS);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let producer = live_producer(broker.bootstrap.clone(), stop.clone());
+    // The reader asks the hosts that are up, in turn, for the fixed ids.
+    let addrs = Arc::new(Mutex::new(hosts.iter().map(|h| h.addr).collect::<Vec<_>>()));
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let phase = Arc::new(Mutex::new("three hosts"));
+    let started = Instant::now();
+    let reader = {
+        let (addrs, seen, stop, fixed, phase) = (
+            addrs.clone(),
+            seen.clone(),
+            stop.clone(),
+            fixed.clone(),
+            phase.clone(),
+        );
+        std::thread::spawn(move || {
+            let mut i = 0usize;
+            while !stop.load(Ordering::Relaxed) {
+                i += 1;
+                let (id, want) = &fixed[i * 7919 % fixed.len()];
+                let addr = {
+                    let a = addrs.lock().unwrap();
+                    a[i % a.len()]
+                };
+                let path = format!("/users/{}", logq_e2e::percent_encode(id));
+                let answer = logq_e2e::get(addr, &path);
+                let mut seen = seen.lock().unwrap();
+                let during = *phase.lock().unwrap();
+                match answer {
+                    Ok(r) if r.status == 200 => {
+                        if r.json() != *want {
+                            seen.wrong.push(format!("{id} via {addr}: {}", r.body));
+                        }
+                        seen.answered(id, true, during);
+                    }
+                    Ok(r) if r.status == 503 => seen.answered(id, false, during),
+                    Ok(r) => {
+                        seen.wrong.push(format!(
+                            "{id} via {addr} at {:?} ({during}): {} {}",
+                            started.elapsed(),
+                            r.status,
+                            r.body
+                        ));
+                    }
+                    // A host just stopped: not an answer.
+                    Err(_) => seen.answered(id, false, during),
+                }
+            }
+        })
+    };
+    let set_hosts = |hosts: &[Host]| {
+        *addrs.lock().unwrap() = hosts.iter().map(|h| h.addr).collect();
+    };
+    let mut bad_records = 0;
+    let mut bad = |broker: &Broker, partition: i32| {
+        bad_records += 1;
+        logq_e2e::produce_to(
+            broker,
+            "users",
+            partition,
+            &format!("not JSON #{bad_records}"),
+        );
+    };
+
+    let at = |what: &'static str| *phase.lock().unwrap() = what;
+    // 1. kill -9 one host; a new one takes its place.
+    at("kill -9");
+    let victim = hosts.remove(1);
+    set_hosts(&hosts);
+    victim.kill_9();
+    settle_on(&refs(&hosts), Some(3), PARTITIONS);
+    bad(&broker, 0);
+    at("a new host after kill -9");
+    hosts.push(sharded(&broker));
+    set_hosts(&hosts);
+    settle_on(&refs(&hosts), Some(2), PARTITIONS);
+
+    // 2. A zombie: frozen past the session timeout while a bad record arrives in a
+    // partition it held, thawed; the record is dead-lettered once.
+    at("zombie");
+    let frozen = held(&hosts[0]);
+    signal(&hosts[0], "STOP");
+    let awake = [&hosts[1], &hosts[2]];
+    settle_on(&awake, None, PARTITIONS);
+    bad(&broker, i32::try_from(frozen[0]).unwrap());
+    at("zombie thawed");
+    signal(&hosts[0], "CONT");
+    settle_on(&refs(&hosts), None, PARTITIONS);
+
+    // 3. A rolling restart: each host stopped (SIGTERM) and replaced, one by one.
+    at("rolling restart");
+    for _ in 0..3 {
+        let old = hosts.remove(0);
+        set_hosts(&hosts);
+        old.terminate();
+        hosts.push(sharded(&broker));
+        set_hosts(&hosts);
+        settle_on(&refs(&hosts), None, PARTITIONS);
+    }
+    bad(&broker, 3);
+
+    // 4. Scale 3 -> 4 -> 3.
+    at("3 -> 4");
+    hosts.push(sharded(&broker));
+    set_hosts(&hosts);
+    settle_on(&refs(&hosts), None, PARTITIONS);
+    at("4 -> 3");
+    let leaving = hosts.pop().unwrap();
+    set_hosts(&hosts);
+    leaving.terminate();
+    settle_on(&refs(&hosts), Some(2), PARTITIONS);
+
+    // Quiesce, then every host answers every id as the oracle says.
+    stop.store(true, Ordering::Relaxed);
+    let live = producer.join().unwrap();
+    reader.join().unwrap();
+    let users: Vec<String> = base.iter().chain(&live).cloned().collect();
+    let mut oracle = Oracle::new();
+    oracle.fold_keyed(&users, &orgs);
+    let expected = oracle.answers();
+    for host in &hosts {
+        eventually(Duration::from_secs(60), "the last events folded", || {
+            (host.get("/readyz").status == 200).then_some(())
+        });
+    }
+    // The last acknowledged events are folded by their holders.
+    let last_live = live.last().unwrap();
+    let last_id = serde_json::from_str::<serde_json::Value>(last_live).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    eventually(
+        Duration::from_secs(60),
+        "the newest live event visible",
+        || (hosts[0].get(&format!("/users/{last_id}")).json() == expected[&last_id]).then_some(()),
+    );
+    for host in &hosts {
+        host.assert_answers(&users, expected.clone());
+    }
+    let dead = logq_e2e::read_topic(&broker, "users.dlq", bad_records, Duration::from_secs(30));
+    let mut causes: Vec<String> = dead
+        .iter()
+        .map(|r| String::from_utf8_lossy(&r.value).into_owned())
+        .collect();
+    causes.sort();
+    causes.dedup();
+    assert_eq!(
+        (dead.len(), causes.len()),
+        (bad_records, bad_records),
+        "each bad record dead-lettered once: {causes:?}"
+    );
+    let seen = seen.lock().unwrap();
+    assert!(
+        seen.wrong.is_empty(),
+        "wrong answers: {:?}",
+        &seen.wrong[..seen.wrong.len().min(10)]
+    );
+    let still = seen
+        .failing
+        .values()
+        .map(Instant::elapsed)
+        .max()
+        .unwrap_or_default();
+    let longest = seen.longest.max(still);
+    println!(
+        "chaos: {} reads of fixed ids, {} failed (503 or host gone, {:.2}%), longest unanswerable run of one id {longest:?}; {} live events acknowledged",
+        seen.reads,
+        seen.failed,
+        100.0 * seen.failed as f64 / seen.reads.max(1) as f64,
+        live.len()
+    );
+    for (phase, (reads, failed)) in &seen.by_phase {
+        println!("chaos: {phase}: {failed} of {reads} reads failed");
+    }
+    assert!(seen.reads > 100, "the reader read");
+    assert!(
+        longest < Duration::from_secs(20),
+        "an id unanswerable for {longest:?}"
+    );
 }

@@ -324,6 +324,9 @@ impl Sharing {
                     }
                     catch_up.forget(*p);
                 }
+                // Readers learn they are gone before their users are: a read never
+                // finds the partition held here and its user missing.
+                self.publish(positions, catch_up);
                 let gone = self.forget(store, &taken);
                 tracing::info!("users/{taken:?} went to another host: {gone} users forgotten");
                 let _ = ack.send(progress);

@@ -42,7 +42,9 @@ pub async fn elsewhere(
     conditions: &Conditions,
 ) -> Option<Response> {
     let cluster = api.cluster.as_ref()?;
-    let p = cluster.partition_of(id)?;
+    let Some(p) = cluster.partition_of(id) else {
+        return Some(not_joined());
+    };
     if cluster.serves(p) {
         return None;
     }
@@ -119,15 +121,22 @@ pub fn mark_partial(cluster: &Cluster, response: &mut Response) {
     }
 }
 
-/// A `307` to the host that holds user `id`'s partition, for `path` there; `None`
-/// when this host holds it (or hosts do not share partitions) or no holder is known.
+/// A `307` to the host that holds user `id`'s partition, for `path` there (a `503`
+/// while no holder is known); `None` when this host answers for it itself, or
+/// hosts do not share partitions.
 pub fn holder_of(api: &Api, id: &str, path: &str) -> Option<Response> {
     let cluster = api.cluster.as_ref()?;
-    let p = cluster.partition_of(id)?;
+    let Some(p) = cluster.partition_of(id) else {
+        return Some(not_joined());
+    };
     if cluster.serves(p) {
         return None;
     }
-    let holder = cluster.holder(p)?;
+    let Some(holder) = cluster.holder(p) else {
+        return Some(unavailable(&format!(
+            "no host is known to hold users/{p} now; try again"
+        )));
+    };
     Some(redirect(&format!("{}{path}", holder.url)))
 }
 
@@ -147,6 +156,14 @@ pub fn catching_up(p: i32) -> Response {
     unavailable(&format!(
         "users/{p} just moved to this host and is still being folded; try again"
     ))
+}
+
+/// `503` from a host that has not learnt the users topic's partitions yet (it is
+/// starting): it cannot tell where a user is, and must not say it does not exist.
+fn not_joined() -> Response {
+    unavailable(
+        "this host is starting and does not know yet which host holds which user; try again",
+    )
 }
 
 fn unavailable(why: &str) -> Response {

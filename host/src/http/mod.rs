@@ -64,22 +64,28 @@ pub fn routes(api: Api) -> impl Filter<Extract = (Response,), Error = Infallible
                  c: reads::Conditions,
                  raw: String,
                  forwarded: Option<String>| async move {
+                    // Only where hosts share partitions: what a forwarded read asks.
+                    let path = |raw: &str| {
+                        if raw.is_empty() {
+                            format!("/users/{id}")
+                        } else {
+                            format!("/users/{id}?{raw}")
+                        }
+                    };
                     if api.cluster.is_some() {
                         let user = match decoded("user", &id) {
                             Ok(user) => user,
                             Err(r) => return *r,
                         };
-                        let path = if raw.is_empty() {
-                            format!("/users/{id}")
-                        } else {
-                            format!("/users/{id}?{raw}")
-                        };
                         if let Some(r) =
-                            forward::elsewhere(&api, &user, &path, forwarded.is_some(), &c).await
+                            forward::elsewhere(&api, &user, &path(&raw), forwarded.is_some(), &c)
+                                .await
                         {
                             return r;
                         }
                     }
+                    // Kept for a second look where hosts share partitions (below).
+                    let again = api.cluster.as_ref().map(|_| c.clone());
                     let mut r = point(
                         &api,
                         c,
@@ -92,14 +98,31 @@ pub fn routes(api: Api) -> impl Filter<Extract = (Response,), Error = Infallible
                     .await;
                     if let Some(cluster) = &api.cluster {
                         if r.status() == StatusCode::NOT_FOUND
-                            && let Some(p) = decoded("user", &id)
-                                .ok()
-                                .and_then(|user| cluster.partition_of(&user))
-                            && cluster.is_behind(p)
+                            && let Ok(user) = decoded("user", &id)
+                            && let Some(p) = cluster.partition_of(&user)
                         {
-                            // Held here, but not folded up to date yet (it just moved to
-                            // this host): not found may be only not yet.
-                            return forward::catching_up(p);
+                            if cluster.is_behind(p) {
+                                // Held here, but not folded up to date yet (it just
+                                // moved to this host): not found may be only not yet.
+                                return forward::catching_up(p);
+                            }
+                            if !cluster.serves(p)
+                                && let Some(c) = &again
+                            {
+                                // It left this host while the read ran (its users are
+                                // forgotten): ask where it is now.
+                                if let Some(r) = forward::elsewhere(
+                                    &api,
+                                    &user,
+                                    &path(&raw),
+                                    forwarded.is_some(),
+                                    c,
+                                )
+                                .await
+                                {
+                                    return r;
+                                }
+                            }
                         }
                         if let Ok(me) = warp::http::HeaderValue::from_str(cluster.instance()) {
                             r.headers_mut().insert(forward::SERVED_BY, me);

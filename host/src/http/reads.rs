@@ -28,7 +28,7 @@ pub const DEFAULT_LIMIT: usize = 100;
 pub const MAX_LIMIT: usize = 1000;
 
 /// What a request says about consistency.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct Conditions {
     /// `X-Logq-Min-Position`, as sent.
     pub min_position: Option<String>,
