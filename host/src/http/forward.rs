@@ -46,7 +46,9 @@ pub async fn elsewhere(
         return Some(not_joined());
     };
     if cluster.serves(p) {
-        return None;
+        // Just moved here and still being folded from its beginning: what this host
+        // has of its users may be older than what the last holder answered.
+        return cluster.is_behind(p).then(|| catching_up(p));
     }
     if forwarded {
         // The sender thought this host holds it: the share moved meanwhile.

@@ -425,6 +425,55 @@ mod tests {
         }
     }
 
+    #[tokio::test]
+    async fn a_host_that_shares_partitions_answers_404_only_for_what_it_holds_caught_up() {
+        let mut api = api();
+        let cluster = crate::cluster::Cluster::new("here", "http://127.0.0.1:1");
+        api.cluster = Some(cluster.clone());
+        let status = |api: &Api, path: &'static str| {
+            let routes = routes(api.clone());
+            async move {
+                warp::test::request()
+                    .path(path)
+                    .reply(&routes)
+                    .await
+                    .status()
+            }
+        };
+        // Starting: the partitions are not known yet.
+        assert_eq!(
+            status(&api, "/users/nobody").await,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        cluster.set_partitions(1);
+        // Held, still being folded: neither a user's answer nor its absence is final.
+        cluster.set_owned([0].into(), [0].into(), false);
+        for path in ["/users/snake%20%C3%BC", "/users/nobody"] {
+            assert_eq!(
+                status(&api, path).await,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "{path}"
+            );
+        }
+        // Caught up: the answer, or a 404 that means it.
+        cluster.set_owned([0].into(), [].into(), true);
+        assert_eq!(status(&api, "/users/snake%20%C3%BC").await, StatusCode::OK);
+        assert_eq!(status(&api, "/users/nobody").await, StatusCode::NOT_FOUND);
+        // No longer held, and no other host known to hold it: 503, never 404.
+        cluster.set_owned([].into(), [].into(), true);
+        for path in [
+            "/users/snake%20%C3%BC",
+            "/users/nobody",
+            "/users/nobody/watch",
+        ] {
+            assert_eq!(
+                status(&api, path).await,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "{path}"
+            );
+        }
+    }
+
     fn at(next: i64) -> crate::broker::Positions {
         let p = crate::broker::Partition {
             source: logq_abi::Source::Users,
