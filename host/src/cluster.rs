@@ -18,6 +18,8 @@ use serde::{Deserialize, Serialize};
 use crate::broker::group::partition_of;
 use crate::broker::members::MembersLog;
 
+/// Longest a host keeps answering for a partition it gave up.
+pub const LINGER_MAX: Duration = Duration::from_secs(60);
 /// How often a host says where it is and what it holds.
 pub const ADVERT_EVERY: Duration = Duration::from_secs(1);
 /// An advert older than this is forgotten: its host is gone (or cut off).
@@ -66,6 +68,13 @@ pub struct Advert {
     /// sha256 of the reducer it runs.
     #[serde(default)]
     pub reducer: String,
+    /// Of `partitions`, those it is still folding from their beginning.
+    #[serde(default)]
+    pub behind: Vec<i32>,
+    /// Partitions it gave up but whose users it keeps answering (as they were when
+    /// it gave them up) until their new holder has caught up.
+    #[serde(default)]
+    pub lingering: Vec<i32>,
 }
 
 struct Seen {
@@ -92,6 +101,8 @@ pub struct Cluster {
     forward_failures: AtomicU64,
     /// sha256 of the reducer this host runs.
     reducer: RwLock<String>,
+    /// Partitions given up whose users this host still answers for, since when.
+    lingering: RwLock<BTreeMap<i32, Instant>>,
     /// The newest group reducer heard of (or announced here).
     desired: RwLock<Option<Desired>>,
     /// A group reducer announced here, for the advert thread to publish.
@@ -114,6 +125,7 @@ impl Cluster {
             forwarded: AtomicU64::new(0),
             forward_failures: AtomicU64::new(0),
             reducer: RwLock::default(),
+            lingering: RwLock::default(),
             desired: RwLock::default(),
             outbox: std::sync::Mutex::default(),
         })
@@ -217,7 +229,11 @@ impl Cluster {
     /// (folding them from their beginning), and is ready or not.
     pub fn set_owned(&self, partitions: BTreeSet<i32>, behind: BTreeSet<i32>, ready: bool) {
         let mut owned = self.owned.write().unwrap_or_else(|p| p.into_inner());
-        if *owned != partitions || self.ready.load(Ordering::Relaxed) != ready {
+        if *owned != partitions
+            || self.ready.load(Ordering::Relaxed) != ready
+            || *self.behind.read().unwrap_or_else(|p| p.into_inner()) != behind
+        {
+            // Said at once: a host that gave a partition up waits for this.
             self.changed.store(true, Ordering::Relaxed);
         }
         {
@@ -259,6 +275,67 @@ impl Cluster {
     /// and redirects all follow this one rule.
     pub fn serves(&self, p: i32) -> bool {
         self.owns(p) && !self.contested(p)
+    }
+
+    /// This host gave up partition `p` (not lost: handed over) and keeps its users,
+    /// answering for them until the new holder has caught up (see
+    /// [`Cluster::handed_over`]).
+    pub fn linger(&self, p: i32) {
+        self.lingering
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(p, Instant::now());
+        self.changed.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether this host still answers for partition `p`, which it gave up.
+    pub fn lingers(&self, p: i32) -> bool {
+        self.lingering
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(&p)
+    }
+
+    /// The partitions this host gave up and may forget now: their new holder has
+    /// caught up (or [`LINGER_MAX`] passed, or they are this host's again); they
+    /// stop lingering.
+    pub fn handed_over(&self) -> Vec<i32> {
+        // Called between every two batches: most of the time there is nothing.
+        if self
+            .lingering
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_empty()
+        {
+            return Vec::new();
+        }
+        let mut lingering = self.lingering.write().unwrap_or_else(|p| p.into_inner());
+        let done: Vec<i32> = lingering
+            .iter()
+            .filter(|(p, since)| {
+                since.elapsed() > LINGER_MAX
+                    || self.owns(**p)
+                    || self.holder(**p).is_some_and(|h| !h.behind.contains(p))
+            })
+            .map(|(p, _)| *p)
+            .collect();
+        for p in &done {
+            lingering.remove(p);
+        }
+        if !done.is_empty() {
+            self.changed.store(true, Ordering::Relaxed);
+        }
+        done
+    }
+
+    /// Another host that still answers for partition `p`, which it gave up.
+    pub fn lingerer(&self, p: i32) -> Option<Advert> {
+        let peers = self.peers.read().unwrap_or_else(|p| p.into_inner());
+        peers
+            .values()
+            .filter(|s| s.at.elapsed() < ADVERT_FRESH && s.advert.lingering.contains(&p))
+            .max_by_key(|s| s.advert.sent_ms)
+            .map(|s| s.advert.clone())
     }
 
     /// Whether another host says it holds partition `p`, which this host also holds,
@@ -334,6 +411,8 @@ impl Cluster {
                     "url": s.advert.url,
                     "partitions": s.advert.partitions,
                     "ready": s.advert.ready,
+                    "behind": s.advert.behind,
+                    "lingering": s.advert.lingering,
                     "reducer": s.advert.reducer,
                     "seen_ms_ago": s.at.elapsed().as_millis() as u64,
                 })
@@ -351,6 +430,8 @@ impl Cluster {
             "partitions": self.owned(),
             "ready": self.ready.load(Ordering::Relaxed),
             "reducer": *self.reducer.read().unwrap_or_else(|p| p.into_inner()),
+            "behind": *self.behind.read().unwrap_or_else(|p| p.into_inner()),
+            "lingering": self.lingering.read().unwrap_or_else(|p| p.into_inner()).keys().collect::<Vec<_>>(),
             "group_reducer": self.desired(),
             "topic_partitions": self.partitions.load(Ordering::Relaxed),
             "others": others,
@@ -371,6 +452,20 @@ impl Cluster {
                 .read()
                 .unwrap_or_else(|p| p.into_inner())
                 .clone(),
+            behind: self
+                .behind
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .copied()
+                .collect(),
+            lingering: self
+                .lingering
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .keys()
+                .copied()
+                .collect(),
         }
     }
 
@@ -472,6 +567,8 @@ mod tests {
             ready: true,
             sent_ms,
             reducer: String::new(),
+            behind: Vec::new(),
+            lingering: Vec::new(),
         })
         .unwrap()
     }
@@ -494,6 +591,36 @@ mod tests {
         // b left cleanly: its tombstone forgets it.
         me.heard("b".into(), b"");
         assert!(me.serves(1) && me.holder(2).is_none());
+    }
+
+    #[test]
+    fn a_partition_given_up_is_answered_here_until_its_new_holder_has_caught_up() {
+        let me = Cluster::new("a", "http://a");
+        me.set_partitions(2);
+        me.set_owned(BTreeSet::from([0, 1]), BTreeSet::new(), true);
+        me.set_owned(BTreeSet::from([0]), BTreeSet::new(), true);
+        me.linger(1);
+        assert!(me.lingers(1) && !me.serves(1));
+        let says = |behind: Vec<i32>, sent_ms| {
+            let mut a: Advert = serde_json::from_slice(&advert("b", vec![1], sent_ms)).unwrap();
+            a.behind = behind;
+            serde_json::to_vec(&a).unwrap()
+        };
+        // No holder yet, then one still folding it: keep answering.
+        assert!(me.handed_over().is_empty());
+        me.heard("b".into(), &says(vec![1], now_ms()));
+        assert!(me.handed_over().is_empty());
+        assert!(me.lingers(1));
+        // Caught up there: forget it here.
+        me.heard("b".into(), &says(vec![], now_ms()));
+        assert_eq!(me.handed_over(), vec![1]);
+        assert!(!me.lingers(1));
+        // Another host's advert says what it lingers on.
+        let mut c: Advert = serde_json::from_slice(&advert("c", vec![], now_ms())).unwrap();
+        c.lingering = vec![0];
+        me.heard("c".into(), &serde_json::to_vec(&c).unwrap());
+        assert_eq!(me.lingerer(0).map(|a| a.instance), Some("c".to_owned()));
+        assert!(me.lingerer(1).is_none());
     }
 
     #[test]

@@ -442,6 +442,9 @@ struct Seen {
     failed: u64,
     /// Reads and failed reads per phase of the test.
     by_phase: std::collections::BTreeMap<&'static str, (u64, u64)>,
+    /// Why reads failed, per phase: the 503's message (digits left out), or `no
+    /// connection`.
+    why: std::collections::BTreeMap<(&'static str, String), u64>,
 }
 
 impl Seen {
@@ -572,7 +575,14 @@ fn three_hosts_through_kill_9_a_zombie_a_rolling_restart_and_3_to_4_to_3_answer_
                         }
                         seen.answered(id, true, during);
                     }
-                    Ok(r) if r.status == 503 => seen.answered(id, false, during),
+                    Ok(r) if r.status == 503 => {
+                        let message = r.json()["message"]
+                            .as_str()
+                            .unwrap_or_default()
+                            .replace(|c: char| c.is_ascii_digit(), "");
+                        *seen.why.entry((during, message)).or_default() += 1;
+                        seen.answered(id, false, during);
+                    }
                     Ok(r) => {
                         seen.wrong.push(format!(
                             "{id} via {addr} at {:?} ({during}): {} {}",
@@ -582,13 +592,24 @@ fn three_hosts_through_kill_9_a_zombie_a_rolling_restart_and_3_to_4_to_3_answer_
                         ));
                     }
                     // A host just stopped: not an answer.
-                    Err(_) => seen.answered(id, false, during),
+                    Err(_) => {
+                        *seen
+                            .why
+                            .entry((during, "no connection".into()))
+                            .or_default() += 1;
+                        seen.answered(id, false, during);
+                    }
                 }
             }
         })
     };
     let set_hosts = |hosts: &[Host]| {
         *addrs.lock().unwrap() = hosts.iter().map(|h| h.addr).collect();
+    };
+    let join = |hosts: &[Host]| {
+        let new = hosts.last().unwrap();
+        new.wait_ready(READY);
+        set_hosts(hosts);
     };
     let mut bad_records = 0;
     let mut bad = |broker: &Broker, partition: i32| {
@@ -611,7 +632,8 @@ fn three_hosts_through_kill_9_a_zombie_a_rolling_restart_and_3_to_4_to_3_answer_
     bad(&broker, 0);
     at("a new host after kill -9");
     hosts.push(sharded(&broker));
-    set_hosts(&hosts);
+    // Asked once ready, as a load balancer that checks /readyz would.
+    join(&hosts);
     settle_on(&refs(&hosts), Some(2), PARTITIONS);
 
     // 2. A zombie: frozen past the session timeout while a bad record arrives in a
@@ -633,7 +655,8 @@ fn three_hosts_through_kill_9_a_zombie_a_rolling_restart_and_3_to_4_to_3_answer_
         set_hosts(&hosts);
         old.terminate();
         hosts.push(sharded(&broker));
-        set_hosts(&hosts);
+        // Asked once ready, as a load balancer that checks /readyz would.
+        join(&hosts);
         settle_on(&refs(&hosts), None, PARTITIONS);
     }
     bad(&broker, 3);
@@ -641,7 +664,8 @@ fn three_hosts_through_kill_9_a_zombie_a_rolling_restart_and_3_to_4_to_3_answer_
     // 4. Scale 3 -> 4 -> 3.
     at("3 -> 4");
     hosts.push(sharded(&broker));
-    set_hosts(&hosts);
+    // Asked once ready, as a load balancer that checks /readyz would.
+    join(&hosts);
     settle_on(&refs(&hosts), None, PARTITIONS);
     at("4 -> 3");
     let leaving = hosts.pop().unwrap();
@@ -710,6 +734,9 @@ fn three_hosts_through_kill_9_a_zombie_a_rolling_restart_and_3_to_4_to_3_answer_
     );
     for (phase, (reads, failed)) in &seen.by_phase {
         println!("chaos: {phase}: {failed} of {reads} reads failed");
+    }
+    for ((phase, why), n) in &seen.why {
+        println!("chaos: {phase}: {n} x {why}");
     }
     assert!(seen.reads > 100, "the reader read");
     assert!(

@@ -324,11 +324,25 @@ impl Sharing {
                     }
                     catch_up.forget(*p);
                 }
-                // Readers learn they are gone before their users are: a read never
-                // finds the partition held here and its user missing.
-                self.publish(positions, catch_up);
-                let gone = self.forget(store, &taken);
-                tracing::info!("users/{taken:?} went to another host: {gone} users forgotten");
+                if lost {
+                    // Readers learn they are gone before their users are: a read
+                    // never finds the partition held here and its user missing.
+                    self.publish(positions, catch_up);
+                    let gone = self.forget(store, &taken);
+                    tracing::info!(
+                        "users/{taken:?} were lost to another host: {gone} users forgotten"
+                    );
+                } else {
+                    // Handed over: their users keep answering from here (as they are
+                    // now) until the new holder has caught up; then forgotten.
+                    for p in &taken {
+                        self.cluster.linger(*p);
+                    }
+                    self.publish(positions, catch_up);
+                    tracing::info!(
+                        "users/{taken:?} went to another host: answered from here until it has caught up"
+                    );
+                }
                 let _ = ack.send(progress);
             }
         }
@@ -348,7 +362,8 @@ impl Sharing {
     }
 
     /// After a step: a batch polled before a handover may have folded records of a
-    /// partition this host no longer holds; its users go again.
+    /// partition this host no longer holds; its users go again (unless it still
+    /// answers for them: then they are only newer).
     fn tidy(&self, store: &StateStore, step: &Step, positions: &mut Positions) {
         let stray: Vec<i32> = step
             .advanced
@@ -360,7 +375,27 @@ impl Sharing {
             for id in &stray {
                 positions.remove(&Self::users(*id));
             }
-            self.forget(store, &stray);
+            let gone: Vec<i32> = stray
+                .into_iter()
+                .filter(|p| !self.cluster.lingers(*p))
+                .collect();
+            self.forget(store, &gone);
+        }
+    }
+
+    /// Forgets the users of partitions given up whose new holder has caught up.
+    fn let_go(&self, store: &StateStore) {
+        let done: Vec<i32> = self
+            .cluster
+            .handed_over()
+            .into_iter()
+            .filter(|p| !self.cluster.owns(*p))
+            .collect();
+        if !done.is_empty() {
+            let gone = self.forget(store, &done);
+            tracing::info!(
+                "users/{done:?} caught up at their new holder: {gone} users forgotten here"
+            );
         }
     }
 
@@ -614,6 +649,7 @@ impl Consumer {
             if let Some(s) = &mut sharing {
                 s.stepped(step_started.elapsed(), &mut dlq);
                 s.last_seen = Instant::now();
+                s.let_go(&self.store);
             }
             dlq.poll();
             // Between two batches the state is exactly at `positions`.

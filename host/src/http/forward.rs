@@ -46,9 +46,20 @@ pub async fn elsewhere(
         return Some(not_joined());
     };
     if cluster.serves(p) {
+        if !cluster.is_behind(p) {
+            return None;
+        }
         // Just moved here and still being folded from its beginning: what this host
-        // has of its users may be older than what the last holder answered.
-        return cluster.is_behind(p).then(|| catching_up(p));
+        // has of its users may be older than what the last holder answered. That
+        // holder may still answer for them (it lingers).
+        return Some(match cluster.lingerer(p) {
+            Some(l) if !forwarded => send(cluster, &l, p, path_and_query, conditions).await,
+            _ => catching_up(p),
+        });
+    }
+    if cluster.lingers(p) {
+        // Given up here, and its new holder not caught up yet: answered from here.
+        return None;
     }
     if forwarded {
         // The sender thought this host holds it: the share moved meanwhile.
@@ -57,6 +68,11 @@ pub async fn elsewhere(
         )));
     }
     let Some(holder) = cluster.holder(p) else {
+        // Between two rounds of a rebalance nobody holds it; the host that gave it
+        // up may still answer for it.
+        if let Some(l) = cluster.lingerer(p) {
+            return Some(send(cluster, &l, p, path_and_query, conditions).await);
+        }
         return Some(unavailable(&format!(
             "no host is known to hold users/{p} now (a host left or joined, and the group is moving its partitions); try again"
         )));
@@ -76,6 +92,22 @@ pub async fn elsewhere(
         };
         return Some(redirect(&format!("{}{path}{query}", holder.url)));
     }
+    // The holder is still folding it: the host that gave it up answers meanwhile.
+    let to = match cluster.lingerer(p) {
+        Some(l) if holder.behind.contains(&p) => l,
+        _ => holder,
+    };
+    Some(send(cluster, &to, p, path_and_query, conditions).await)
+}
+
+/// Forwards the read to `to` (which holds partition `p`, or lingers on it).
+async fn send(
+    cluster: &Cluster,
+    to: &crate::cluster::Advert,
+    p: i32,
+    path_and_query: &str,
+    conditions: &Conditions,
+) -> Response {
     // What the read requires travels with it.
     let passed: Vec<(&str, String)> = [
         (MIN_POSITION, &conditions.min_position),
@@ -84,7 +116,7 @@ pub async fn elsewhere(
     .into_iter()
     .filter_map(|(name, value)| Some((name, value.clone()?)))
     .collect();
-    let authority = holder.url.trim_start_matches("http://").to_owned();
+    let authority = to.url.trim_start_matches("http://").to_owned();
     let answer = tokio::time::timeout(
         TIMEOUT,
         get(&authority, path_and_query, &passed, cluster.instance()),
@@ -92,12 +124,12 @@ pub async fn elsewhere(
     .await
     .unwrap_or_else(|_| Err("timed out".to_owned()));
     cluster.count_forward(answer.is_ok());
-    Some(answer.unwrap_or_else(|why| {
+    answer.unwrap_or_else(|why| {
         unavailable(&format!(
             "the holder of users/{p} ({}) did not answer: {why}",
-            holder.instance
+            to.instance
         ))
-    }))
+    })
 }
 
 /// Names the partitions of the users topic an answer covers, when it is only this

@@ -106,6 +106,11 @@ pub fn routes(api: Api) -> impl Filter<Extract = (Response,), Error = Infallible
                                 // moved to this host): not found may be only not yet.
                                 return forward::catching_up(p);
                             }
+                            if cluster.lingers(p) && !cluster.owns(p) {
+                                // Given up here: a user this host never had may exist
+                                // at the new holder, which is not caught up yet.
+                                return forward::catching_up(p);
+                            }
                             if !cluster.serves(p)
                                 && let Some(c) = &again
                             {
