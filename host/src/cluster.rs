@@ -328,6 +328,24 @@ impl Cluster {
         done
     }
 
+    /// Whether this host still answers for any partition it gave up.
+    pub fn lingers_any(&self) -> bool {
+        !self
+            .lingering
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_empty()
+    }
+
+    /// Whether another host's advert is fresh.
+    pub fn has_peers(&self) -> bool {
+        self.peers
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .any(|s| s.at.elapsed() < ADVERT_FRESH)
+    }
+
     /// Another host that still answers for partition `p`, which it gave up.
     pub fn lingerer(&self, p: i32) -> Option<Advert> {
         let peers = self.peers.read().unwrap_or_else(|p| p.into_inner());

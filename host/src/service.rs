@@ -86,8 +86,10 @@ pub async fn run(
         max_header_bytes: config.http_max_header_bytes,
     };
     let status_topics = config.topics().map(|t| config.dlq_topic(t));
+    // The group's adverts go on after the loop stops, while this host hands over.
+    let members_stop = Arc::new(AtomicBool::new(false));
     let sharing = if config.sharded {
-        Some(join_group(&config, stop.clone()).await?)
+        Some(join_group(&config, members_stop.clone()).await?)
     } else {
         None
     };
@@ -159,14 +161,30 @@ pub async fn run(
         HTTP_DRAIN,
     ));
 
-    tokio::select! {
-        () = shutdown => tracing::info!("shutting down"),
-        _ = done_rx => tracing::error!("the consumer loop ended on its own"),
-    }
+    let mut done_rx = done_rx;
+    let ended_alone = tokio::select! {
+        () = shutdown => {
+            tracing::info!("shutting down");
+            false
+        }
+        _ = &mut done_rx => {
+            tracing::error!("the consumer loop ended on its own");
+            true
+        }
+    };
     // The consumer thread finishes the batch it is folding, then leaves.
     stop.store(true, Ordering::Relaxed);
     registry.cancel_replay();
     sampler.abort();
+    if let Some(cluster) = &cluster {
+        // Left the group with its last commit; the users of its partitions answer
+        // from here until the hosts that took them have caught up.
+        if !ended_alone {
+            let _ = tokio::time::timeout(Duration::from_secs(30), &mut done_rx).await;
+        }
+        hand_over(cluster).await;
+    }
+    members_stop.store(true, Ordering::Relaxed);
     status.close();
     let _ = http_stop_tx.send(());
     if tokio::time::timeout(HTTP_DRAIN + Duration::from_secs(1), server)
@@ -190,6 +208,27 @@ pub async fn run(
     match joined {
         Ok(result) => result.map_err(|e| anyhow::anyhow!("the consumer loop stopped: {e}")),
         Err(_) => anyhow::bail!("the consumer thread panicked"),
+    }
+}
+
+/// Longest a stopping host keeps answering for the partitions it gave up.
+const HAND_OVER_MAX: Duration = Duration::from_secs(5);
+
+/// Waits (at most [`HAND_OVER_MAX`]) until every partition this host gave up is
+/// caught up at its new holder, answering for them meanwhile; at once when no other
+/// host is there to take them.
+async fn hand_over(cluster: &Cluster) {
+    let started = std::time::Instant::now();
+    loop {
+        let _ = cluster.handed_over();
+        if !cluster.lingers_any() || !cluster.has_peers() {
+            return;
+        }
+        if started.elapsed() >= HAND_OVER_MAX {
+            tracing::warn!("stopping before the hosts that took this host's partitions caught up");
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 

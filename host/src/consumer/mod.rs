@@ -24,7 +24,7 @@ pub mod progress;
 pub mod snapshots;
 mod watch;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Receiver;
@@ -706,7 +706,15 @@ impl Consumer {
         if let Some(s) = &sharing {
             s.commit(&dlq, &positions);
         }
-        // Leaves the group (after its last commit) before the process goes.
+        // Leaves the group (after its last commit) before the process goes. Its
+        // partitions' users keep answering from here until their new holders have
+        // caught up (the service waits for that, bounded, before it stops serving).
+        if let Some(s) = &sharing {
+            for p in s.cluster.owned() {
+                s.cluster.linger(p);
+            }
+            s.cluster.set_owned(BTreeSet::new(), BTreeSet::new(), false);
+        }
         drop(sharing);
         if let Some(writer) = snapshots {
             // One last snapshot, so the next start has nothing to replay; written
