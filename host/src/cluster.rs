@@ -133,7 +133,7 @@ impl Cluster {
 
     /// This host runs reducer `sha256` now (said in its next advert).
     pub fn set_reducer(&self, sha256: &str) {
-        let mut r = self.reducer.write().unwrap_or_else(|p| p.into_inner());
+        let mut r = write(&self.reducer);
         if *r != sha256 {
             sha256.clone_into(&mut r);
             self.changed.store(true, Ordering::Relaxed);
@@ -144,7 +144,7 @@ impl Cluster {
     /// to it): published on the members topic by the advert thread. Returns what was
     /// announced.
     pub fn announce(&self, sha256: &str, mode: &str, rollback: bool) -> Desired {
-        let mut desired = self.desired.write().unwrap_or_else(|p| p.into_inner());
+        let mut desired = write(&self.desired);
         // The wall clock too: a host that has not read the topic yet (just started)
         // still announces after every earlier swap.
         let d = Desired {
@@ -161,16 +161,13 @@ impl Cluster {
 
     /// The group's reducer, as the newest announcement says.
     pub fn desired(&self) -> Option<Desired> {
-        self.desired
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        read(&self.desired).clone()
     }
 
     /// The other hosts' addresses (fresh adverts) that run reducer `sha256` first,
     /// then the rest: where to fetch a component from.
     pub fn peers_for(&self, sha256: &str) -> Vec<String> {
-        let peers = self.peers.read().unwrap_or_else(|p| p.into_inner());
+        let peers = read(&self.peers);
         let mut fresh: Vec<&Advert> = peers
             .values()
             .filter(|s| s.at.elapsed() < ADVERT_FRESH)
@@ -185,9 +182,9 @@ impl Cluster {
         let me = serde_json::json!({
             "instance": self.instance,
             "url": self.url,
-            "sha256": *self.reducer.read().unwrap_or_else(|p| p.into_inner()),
+            "sha256": *read(&self.reducer),
         });
-        let peers = self.peers.read().unwrap_or_else(|p| p.into_inner());
+        let peers = read(&self.peers);
         std::iter::once(me)
             .chain(
                 peers
@@ -228,46 +225,40 @@ impl Cluster {
     /// This host now holds `partitions`, is still catching up with those `behind`
     /// (folding them from their beginning), and is ready or not.
     pub fn set_owned(&self, partitions: BTreeSet<i32>, behind: BTreeSet<i32>, ready: bool) {
-        let mut owned = self.owned.write().unwrap_or_else(|p| p.into_inner());
+        let mut owned = write(&self.owned);
         if *owned != partitions
             || self.ready.load(Ordering::Relaxed) != ready
-            || *self.behind.read().unwrap_or_else(|p| p.into_inner()) != behind
+            || *read(&self.behind) != behind
         {
             // Said at once: a host that gave a partition up waits for this.
             self.changed.store(true, Ordering::Relaxed);
         }
         {
-            let mut since = self.since.write().unwrap_or_else(|p| p.into_inner());
+            let mut since = write(&self.since);
             since.retain(|p, _| partitions.contains(p));
             for p in &partitions {
                 since.entry(*p).or_insert_with(now_ms);
             }
         }
         *owned = partitions;
-        *self.behind.write().unwrap_or_else(|p| p.into_inner()) = behind;
+        *write(&self.behind) = behind;
         self.ready.store(ready, Ordering::Relaxed);
     }
 
     /// Whether this host holds partition `p` but has not caught up with it yet: a
     /// user not found there may only not be folded yet.
     pub fn is_behind(&self, p: i32) -> bool {
-        self.behind
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains(&p)
+        read(&self.behind).contains(&p)
     }
 
     /// Whether this host holds partition `p`.
     pub fn owns(&self, p: i32) -> bool {
-        self.owned
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains(&p)
+        read(&self.owned).contains(&p)
     }
 
     /// The partitions this host holds.
     pub fn owned(&self) -> BTreeSet<i32> {
-        self.owned.read().unwrap_or_else(|p| p.into_inner()).clone()
+        read(&self.owned).clone()
     }
 
     /// Whether this host answers for partition `p` itself: it holds `p` and no host
@@ -281,19 +272,13 @@ impl Cluster {
     /// answering for them until the new holder has caught up (see
     /// [`Cluster::handed_over`]).
     pub fn linger(&self, p: i32) {
-        self.lingering
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(p, Instant::now());
+        write(&self.lingering).insert(p, Instant::now());
         self.changed.store(true, Ordering::Relaxed);
     }
 
     /// Whether this host still answers for partition `p`, which it gave up.
     pub fn lingers(&self, p: i32) -> bool {
-        self.lingering
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains_key(&p)
+        read(&self.lingering).contains_key(&p)
     }
 
     /// The partitions this host gave up and may forget now: their new holder has
@@ -301,15 +286,10 @@ impl Cluster {
     /// stop lingering.
     pub fn handed_over(&self) -> Vec<i32> {
         // Called between every two batches: most of the time there is nothing.
-        if self
-            .lingering
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_empty()
-        {
+        if read(&self.lingering).is_empty() {
             return Vec::new();
         }
-        let mut lingering = self.lingering.write().unwrap_or_else(|p| p.into_inner());
+        let mut lingering = write(&self.lingering);
         let done: Vec<i32> = lingering
             .iter()
             .filter(|(p, since)| {
@@ -330,25 +310,19 @@ impl Cluster {
 
     /// Whether this host still answers for any partition it gave up.
     pub fn lingers_any(&self) -> bool {
-        !self
-            .lingering
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_empty()
+        !read(&self.lingering).is_empty()
     }
 
     /// Whether another host's advert is fresh.
     pub fn has_peers(&self) -> bool {
-        self.peers
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
+        read(&self.peers)
             .values()
             .any(|s| s.at.elapsed() < ADVERT_FRESH)
     }
 
     /// Another host that still answers for partition `p`, which it gave up.
     pub fn lingerer(&self, p: i32) -> Option<Advert> {
-        let peers = self.peers.read().unwrap_or_else(|p| p.into_inner());
+        let peers = read(&self.peers);
         peers
             .values()
             .filter(|s| s.at.elapsed() < ADVERT_FRESH && s.advert.lingering.contains(&p))
@@ -360,13 +334,7 @@ impl Cluster {
     /// in an advert sent after this host got it: this host is the stale one (it stood
     /// still past the session timeout, and the group gave `p` away meanwhile).
     pub fn contested(&self, p: i32) -> bool {
-        let Some(since) = self
-            .since
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&p)
-            .copied()
-        else {
+        let Some(since) = read(&self.since).get(&p).copied() else {
             return false;
         };
         self.holder(p).is_some_and(|a| a.sent_ms > since)
@@ -374,7 +342,7 @@ impl Cluster {
 
     /// Another host that holds partition `p`, by its freshest advert.
     pub fn holder(&self, p: i32) -> Option<Advert> {
-        let peers = self.peers.read().unwrap_or_else(|p| p.into_inner());
+        let peers = read(&self.peers);
         peers
             .values()
             .filter(|s| s.at.elapsed() < ADVERT_FRESH && s.advert.partitions.contains(&p))
@@ -403,7 +371,7 @@ impl Cluster {
     /// Prometheus lines: partitions held and behind, reads forwarded and failed.
     pub fn render_metrics(&self) -> String {
         let (forwarded, failed) = self.forwards();
-        let behind = self.behind.read().unwrap_or_else(|p| p.into_inner()).len();
+        let behind = read(&self.behind).len();
         format!(
             "# HELP logq_partitions_held Partitions of the users topic this host holds (--sharded).\n\
              # TYPE logq_partitions_held gauge\nlogq_partitions_held {}\n\
@@ -419,7 +387,7 @@ impl Cluster {
 
     /// The group as this host sees it: itself and every fresh advert.
     pub fn view(&self) -> serde_json::Value {
-        let peers = self.peers.read().unwrap_or_else(|p| p.into_inner());
+        let peers = read(&self.peers);
         let others: Vec<serde_json::Value> = peers
             .values()
             .filter(|s| s.at.elapsed() < ADVERT_FRESH)
@@ -447,9 +415,9 @@ impl Cluster {
             "url": self.url,
             "partitions": self.owned(),
             "ready": self.ready.load(Ordering::Relaxed),
-            "reducer": *self.reducer.read().unwrap_or_else(|p| p.into_inner()),
-            "behind": *self.behind.read().unwrap_or_else(|p| p.into_inner()),
-            "lingering": self.lingering.read().unwrap_or_else(|p| p.into_inner()).keys().collect::<Vec<_>>(),
+            "reducer": *read(&self.reducer),
+            "behind": *read(&self.behind),
+            "lingering": read(&self.lingering).keys().collect::<Vec<_>>(),
             "group_reducer": self.desired(),
             "topic_partitions": self.partitions.load(Ordering::Relaxed),
             "others": others,
@@ -465,25 +433,9 @@ impl Cluster {
             partitions: self.owned().into_iter().collect(),
             ready: self.ready.load(Ordering::Relaxed),
             sent_ms: now_ms(),
-            reducer: self
-                .reducer
-                .read()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone(),
-            behind: self
-                .behind
-                .read()
-                .unwrap_or_else(|p| p.into_inner())
-                .iter()
-                .copied()
-                .collect(),
-            lingering: self
-                .lingering
-                .read()
-                .unwrap_or_else(|p| p.into_inner())
-                .keys()
-                .copied()
-                .collect(),
+            reducer: read(&self.reducer).clone(),
+            behind: read(&self.behind).iter().copied().collect(),
+            lingering: read(&self.lingering).keys().copied().collect(),
         }
     }
 
@@ -491,7 +443,7 @@ impl Cluster {
         if key == REDUCER_KEY {
             match serde_json::from_slice::<Desired>(value) {
                 Ok(d) => {
-                    let mut desired = self.desired.write().unwrap_or_else(|p| p.into_inner());
+                    let mut desired = write(&self.desired);
                     if desired.as_ref().is_none_or(|old| d.newer_than(old)) {
                         *desired = Some(d);
                     }
@@ -503,7 +455,7 @@ impl Cluster {
         if key == self.instance {
             return;
         }
-        let mut peers = self.peers.write().unwrap_or_else(|p| p.into_inner());
+        let mut peers = write(&self.peers);
         if value.is_empty() {
             // It left cleanly.
             peers.remove(&key);
@@ -565,6 +517,14 @@ impl Cluster {
             let _ = log.flush(Duration::from_secs(2));
         })
     }
+}
+
+fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(|p| p.into_inner())
+}
+
+fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    lock.write().unwrap_or_else(|p| p.into_inner())
 }
 
 fn now_ms() -> u64 {

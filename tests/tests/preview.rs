@@ -154,6 +154,20 @@ fn a_preview_of_mask_emails_reports_exactly_the_users_with_an_email_and_changes_
     assert_eq!(r.status, 409, "{}", r.body);
 }
 
+/// `n` creations of users `<prefix>-1`.. whose username carries the test fixture's
+/// `marker` (the default reducer folds them; the fixture misbehaves on them).
+fn marked(prefix: &str, marker: &str, n: usize) -> Vec<String> {
+    (1..=n)
+        .map(|i| {
+            serde_json::json!({
+                "id": format!("{prefix}-{i}"), "event_type": "User Created",
+                "username": marker, "received_at": format!("2021-01-{i:02} 00:00:00"),
+            })
+            .to_string()
+        })
+        .collect()
+}
+
 /// The `preview` entry's dead-letter places of `category`, as (`topic/partition`,
 /// offset), and their reasons.
 fn refusals(report: &Value, category: &str) -> (Vec<(String, i64)>, Vec<String>) {
@@ -198,13 +212,7 @@ fn a_preview_reports_the_dead_letters_a_candidate_would_add_or_remove_and_writes
     // Three users that only the test fixture refuses (it traps on the marker; the
     // default reducer folds them), first in the log so that the canary's recent
     // records do not hold them; one record both refuse; then a generated history.
-    let traps: Vec<String> = (1..=3)
-        .map(|i| {
-            format!(
-                r#"{{"id":"trap-{i}","event_type":"User Created","username":"logq-test:trap","received_at":"2021-01-0{i} 00:00:00"}}"#
-            )
-        })
-        .collect();
+    let traps = marked("trap", "logq-test:trap", 3);
     produce(&broker, "users", &[], traps.join("\n").as_bytes());
     produce_raw(
         &broker,
@@ -305,13 +313,7 @@ fn a_preview_cancelled_midway_leaves_answers_position_reducer_and_dead_letters_a
     // default reducer folds them): each batch that holds one costs a preview a time
     // limit per split, so the preview is still running when it is cancelled. They
     // come first, so the canary's recent records do not hold them.
-    let slow: Vec<String> = (1..=5)
-        .map(|i| {
-            format!(
-                r#"{{"id":"slow-{i}","event_type":"User Created","username":"logq-test:loop","received_at":"2021-01-0{i} 00:00:00"}}"#
-            )
-        })
-        .collect();
+    let slow = marked("slow", "logq-test:loop", 5);
     let (history_users, orgs) = history(0xca9c, 300, 3_000);
     let users: Vec<String> = slow.iter().chain(&history_users).cloned().collect();
     produce(&broker, "users", &[], slow.join("\n").as_bytes());
