@@ -308,6 +308,24 @@ impl Cluster {
         done
     }
 
+    /// The users partitions no host is known to answer for: not held here, not
+    /// held by any host with a fresh advert, and not lingering anywhere. All of them
+    /// while the partition count is unknown (`[0]` then).
+    pub fn unanswered(&self) -> Vec<i32> {
+        let n = self.partitions();
+        if n == 0 {
+            return vec![0];
+        }
+        (0..n)
+            .filter(|p| {
+                !self.owns(*p)
+                    && !self.lingers(*p)
+                    && self.holder(*p).is_none()
+                    && self.lingerer(*p).is_none()
+            })
+            .collect()
+    }
+
     /// Whether this host still answers for any partition it gave up.
     pub fn lingers_any(&self) -> bool {
         !read(&self.lingering).is_empty()

@@ -53,7 +53,9 @@ pub async fn elsewhere(
         // has of its users may be older than what the last holder answered. That
         // holder may still answer for them (it lingers).
         return Some(match cluster.lingerer(p) {
-            Some(l) if !forwarded => send(cluster, &l, p, path_and_query, conditions).await,
+            Some(l) if !forwarded => send(cluster, &l, p, path_and_query, conditions)
+                .await
+                .unwrap_or_else(|_| catching_up(p)),
             _ => catching_up(p),
         });
     }
@@ -71,7 +73,8 @@ pub async fn elsewhere(
         // Between two rounds of a rebalance nobody holds it; the host that gave it
         // up may still answer for it.
         if let Some(l) = cluster.lingerer(p) {
-            return Some(send(cluster, &l, p, path_and_query, conditions).await);
+            let answer = send(cluster, &l, p, path_and_query, conditions).await;
+            return Some(answer.unwrap_or_else(|why| unavailable(&why)));
         }
         return Some(unavailable(&format!(
             "no host is known to hold users/{p} now (a host left or joined, and the group is moving its partitions); try again"
@@ -93,11 +96,23 @@ pub async fn elsewhere(
         return Some(redirect(&format!("{}{path}{query}", holder.url)));
     }
     // The holder is still folding it: the host that gave it up answers meanwhile.
-    let to = match cluster.lingerer(p) {
-        Some(l) if holder.behind.contains(&p) => l,
-        _ => holder,
+    // Whichever is asked first, the other is asked when the first cannot be reached
+    // (it just stopped, and its adverts are not stale yet).
+    let lingerer = cluster.lingerer(p);
+    let (first, then) = match lingerer {
+        Some(l) if holder.behind.contains(&p) => (l, Some(holder)),
+        other => (holder, other),
     };
-    Some(send(cluster, &to, p, path_and_query, conditions).await)
+    let answer = match send(cluster, &first, p, path_and_query, conditions).await {
+        Err(why) => match then.filter(|t| t.instance != first.instance) {
+            Some(t) => send(cluster, &t, p, path_and_query, conditions)
+                .await
+                .map_err(|also| format!("{why}; {also}")),
+            None => Err(why),
+        },
+        ok => ok,
+    };
+    Some(answer.unwrap_or_else(|why| unavailable(&why)))
 }
 
 /// Forwards the read to `to` (which holds partition `p`, or lingers on it).
@@ -107,7 +122,7 @@ async fn send(
     p: i32,
     path_and_query: &str,
     conditions: &Conditions,
-) -> Response {
+) -> Result<Response, String> {
     // What the read requires travels with it.
     let passed: Vec<(&str, String)> = [
         (MIN_POSITION, &conditions.min_position),
@@ -124,11 +139,11 @@ async fn send(
     .await
     .unwrap_or_else(|_| Err("timed out".to_owned()));
     cluster.count_forward(answer.is_ok());
-    answer.unwrap_or_else(|why| {
-        unavailable(&format!(
-            "the holder of users/{p} ({}) did not answer: {why}",
+    answer.map_err(|why| {
+        format!(
+            "the host answering for users/{p} ({}) did not answer: {why}",
             to.instance
-        ))
+        )
     })
 }
 

@@ -236,7 +236,16 @@ pub fn routes(api: Api) -> impl Filter<Extract = (Response,), Error = Infallible
         .map(|api: Api| status::stream(&api));
     let readyz = warp::path!("readyz").and(with.clone()).map(|api: Api| {
         let at = api.store.position();
-        let (ready, status) = api.metrics.readiness();
+        let (mut ready, mut status) = api.metrics.readiness();
+        // Sharing partitions, a host is ready to answer any id only once it knows
+        // where every partition is answered.
+        if let Some(cluster) = &api.cluster
+            && ready
+            && let Some(p) = cluster.unanswered().first()
+        {
+            ready = false;
+            status = format!("learning which host answers for users/{p}");
+        }
         let code = if ready {
             StatusCode::OK
         } else {
@@ -460,12 +469,20 @@ mod tests {
                 "{path}"
             );
         }
-        // Caught up: the answer, or a 404 that means it.
+        // Caught up: the answer, or a 404 that means it; ready, since every
+        // partition (the one) is answered for.
+        api.metrics.set_status(true, "caught up");
         cluster.set_owned([0].into(), [].into(), true);
+        assert_eq!(status(&api, "/readyz").await, StatusCode::OK);
         assert_eq!(status(&api, "/users/snake%20%C3%BC").await, StatusCode::OK);
         assert_eq!(status(&api, "/users/nobody").await, StatusCode::NOT_FOUND);
-        // No longer held, and no other host known to hold it: 503, never 404.
+        // No longer held, and no other host known to hold it: 503, never 404, and
+        // not ready.
         cluster.set_owned([].into(), [].into(), true);
+        assert_eq!(
+            status(&api, "/readyz").await,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
         for path in [
             "/users/snake%20%C3%BC",
             "/users/nobody",
