@@ -345,17 +345,11 @@ fn a_preview_cancelled_midway_leaves_answers_position_reducer_and_dead_letters_a
     let r = host.admin("PUT", "/admin/reducer?mode=preview", Some(TOKEN), &fixture);
     assert_eq!(r.status, 202, "{}", r.body);
     let id = r.json()["swap"]["id"].clone();
-    // Midway: it has read records and has more to go.
-    let progress = eventually(
-        Duration::from_secs(60),
-        "the preview to be under way",
-        || {
-            let d = host.admin("GET", "/admin/reducer", Some(TOKEN), b"").json();
-            let p = d["replay"].clone();
-            (p["phase"] == "catching_up" && p["records_read"].as_u64() > Some(0)).then_some(p)
-        },
-    );
-    assert!(progress["lag"].as_i64() > Some(0), "{progress}");
+    // Midway: it is folding (a step over the looping records takes seconds: the
+    // time limit at each split; its progress shows when the step ends, so the phase
+    // is what says it runs).
+    let running = host.admin("GET", "/admin/reducer", Some(TOKEN), b"").json();
+    assert_eq!(running["replay"]["phase"], "catching_up", "{running}");
     let r = host.admin("DELETE", "/admin/reducer/replay", Some(TOKEN), b"");
     assert_eq!(r.status, 200, "cancelled while running: {}", r.body);
     let entry = ended(&host, &id);
