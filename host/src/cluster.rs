@@ -333,17 +333,19 @@ impl Cluster {
 
     /// Whether another host's advert is fresh.
     pub fn has_peers(&self) -> bool {
-        read(&self.peers)
-            .values()
-            .any(|s| s.at.elapsed() < ADVERT_FRESH)
+        self.newest(|_| true).is_some()
     }
 
     /// Another host that still answers for partition `p`, which it gave up.
     pub fn lingerer(&self, p: i32) -> Option<Advert> {
-        let peers = read(&self.peers);
-        peers
+        self.newest(|a| a.lingering.contains(&p))
+    }
+
+    /// The freshest advert of another host that says `which`.
+    fn newest(&self, which: impl Fn(&Advert) -> bool) -> Option<Advert> {
+        read(&self.peers)
             .values()
-            .filter(|s| s.at.elapsed() < ADVERT_FRESH && s.advert.lingering.contains(&p))
+            .filter(|s| s.at.elapsed() < ADVERT_FRESH && which(&s.advert))
             .max_by_key(|s| s.advert.sent_ms)
             .map(|s| s.advert.clone())
     }
@@ -360,12 +362,7 @@ impl Cluster {
 
     /// Another host that holds partition `p`, by its freshest advert.
     pub fn holder(&self, p: i32) -> Option<Advert> {
-        let peers = read(&self.peers);
-        peers
-            .values()
-            .filter(|s| s.at.elapsed() < ADVERT_FRESH && s.advert.partitions.contains(&p))
-            .max_by_key(|s| s.advert.sent_ms)
-            .map(|s| s.advert.clone())
+        self.newest(|a| a.partitions.contains(&p))
     }
 
     /// A read was forwarded (`ok`) or could not be.

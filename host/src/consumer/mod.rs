@@ -338,7 +338,6 @@ impl Sharing {
                     for p in &taken {
                         self.cluster.linger(*p);
                     }
-                    self.publish(positions, catch_up);
                     tracing::info!(
                         "users/{taken:?} went to another host: answered from here until it has caught up"
                     );
