@@ -90,22 +90,35 @@ fn settle_on(hosts: &[&Host], each: Option<usize>, partitions: usize) {
     }
 }
 
+/// A broker whose users topic has `partitions` partitions, holding a generated
+/// history (`history(seed, users, events)`, users keyed by id), and the oracle's fold
+/// of it.
+fn produced(
+    partitions: u32,
+    seed: u64,
+    users: u64,
+    events: usize,
+) -> (Broker, Vec<String>, Vec<String>, Oracle) {
+    let broker = Broker::start();
+    broker.create_topic("users", partitions);
+    broker.create_topic("organizations", 2);
+    broker.create_topic("users.dlq", 1);
+    broker.create_topic("organizations.dlq", 1);
+    let (users, orgs) = history(seed, users, events);
+    produce(&broker, "organizations", &[], orgs.join("\n").as_bytes());
+    produce(&broker, "users", &[], users.join("\n").as_bytes());
+    let mut oracle = Oracle::new();
+    oracle.fold_keyed(&users, &orgs);
+    (broker, users, orgs, oracle)
+}
+
 fn stored(host: &Host) -> f64 {
     host.metric("logq_users_stored").unwrap()
 }
 
 #[test]
 fn two_hosts_share_the_partitions_any_answers_any_id_and_one_takes_over_from_a_killed_one() {
-    let broker = Broker::start();
-    broker.create_topic("users", 4);
-    broker.create_topic("organizations", 2);
-    broker.create_topic("users.dlq", 1);
-    broker.create_topic("organizations.dlq", 1);
-    let (users, orgs) = history(0x5a4e_d001, 400, 4_000);
-    produce(&broker, "organizations", &[], orgs.join("\n").as_bytes());
-    produce(&broker, "users", &[], users.join("\n").as_bytes());
-    let mut oracle = Oracle::new();
-    oracle.fold_keyed(&users, &orgs);
+    let (broker, users, orgs, oracle) = produced(4, 0x5a4e_d001, 400, 4_000);
     let expected = oracle.answers();
 
     let a = sharded(&broker);
@@ -330,16 +343,7 @@ fn all_run(hosts: &[&Host], sha: &str) {
 
 #[test]
 fn a_swap_and_a_rollback_sent_to_one_host_reach_every_host_and_a_later_host_too() {
-    let broker = Broker::start();
-    broker.create_topic("users", 4);
-    broker.create_topic("organizations", 2);
-    broker.create_topic("users.dlq", 1);
-    broker.create_topic("organizations.dlq", 1);
-    let (users, orgs) = history(0x5a4e_d002, 300, 3_000);
-    produce(&broker, "organizations", &[], orgs.join("\n").as_bytes());
-    produce(&broker, "users", &[], users.join("\n").as_bytes());
-    let mut oracle = Oracle::new();
-    oracle.fold_keyed(&users, &orgs);
+    let (broker, users, _, oracle) = produced(4, 0x5a4e_d002, 300, 3_000);
     let expected = oracle.answers();
     let expected_masked: std::collections::BTreeMap<String, serde_json::Value> = expected
         .iter()
@@ -522,16 +526,7 @@ fn three_hosts_through_kill_9_a_zombie_a_rolling_restart_and_3_to_4_to_3_answer_
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::{Arc, Mutex};
     const PARTITIONS: usize = 6;
-    let broker = Broker::start();
-    broker.create_topic("users", 6);
-    broker.create_topic("organizations", 2);
-    broker.create_topic("users.dlq", 1);
-    broker.create_topic("organizations.dlq", 1);
-    let (base, orgs) = history(0xc4a0_5001, 300, 3_000);
-    produce(&broker, "organizations", &[], orgs.join("\n").as_bytes());
-    produce(&broker, "users", &[], base.join("\n").as_bytes());
-    let mut oracle = Oracle::new();
-    oracle.fold_keyed(&base, &orgs);
+    let (broker, base, orgs, oracle) = produced(6, 0xc4a0_5001, 300, 3_000);
     // The reader's ids: visible after the base history; the live producer never
     // touches them, so each answer is fixed and any 404 is wrong.
     let fixed: Arc<Vec<(String, serde_json::Value)>> =

@@ -192,6 +192,19 @@ fn refusals(report: &Value, category: &str) -> (Vec<(String, i64)>, Vec<String>)
     (places, reasons)
 }
 
+/// Previews `component` on `host` and waits for the report.
+fn previewed(host: &Host, component: &[u8]) -> Value {
+    let r = host.admin("PUT", "/admin/reducer?mode=preview", Some(TOKEN), component);
+    assert_eq!(r.status, 202, "{}", r.body);
+    ended(host, &r.json()["swap"]["id"])["preview"].clone()
+}
+
+/// A report's dead letters: (added, removed, unchanged).
+fn letter_counts(report: &Value) -> (u64, u64, u64) {
+    let count = |what: &str| report["dead_letters"][what].as_u64().unwrap_or(u64::MAX);
+    (count("added"), count("removed"), count("unchanged"))
+}
+
 /// The visible/hidden ids of a report's samples in `category`, sorted.
 fn sample_ids(report: &Value, category: &str) -> Vec<String> {
     let mut ids: Vec<String> = report["users"]["samples"][category]
@@ -247,20 +260,9 @@ fn a_preview_reports_the_dead_letters_a_candidate_would_add_or_remove_and_writes
     // The fixture as a candidate: it would refuse the three, which the live reducer
     // folded; the record both refuse is unchanged.
     let fixture = std::fs::read(component("test-triggers-reducer.wasm")).unwrap();
-    let r = host.admin("PUT", "/admin/reducer?mode=preview", Some(TOKEN), &fixture);
-    assert_eq!(r.status, 202, "{}", r.body);
-    let report = ended(&host, &r.json()["swap"]["id"])["preview"].clone();
-    let letters = &report["dead_letters"];
-    assert_eq!(
-        (
-            &letters["added"],
-            &letters["removed"],
-            &letters["unchanged"]
-        ),
-        (&Value::from(3), &Value::from(0), &Value::from(1)),
-        "{report}"
-    );
-    assert_eq!(letters["complete"], true, "{report}");
+    let report = previewed(&host, &fixture);
+    assert_eq!(letter_counts(&report), (3, 0, 1), "{report}");
+    assert_eq!(report["dead_letters"]["complete"], true, "{report}");
     let (added, reasons) = refusals(&report, "added");
     assert_eq!(added, marked, "{report}");
     assert!(reasons.iter().all(|r| r.contains("trapped")), "{reasons:?}");
@@ -280,19 +282,8 @@ fn a_preview_reports_the_dead_letters_a_candidate_would_add_or_remove_and_writes
         assert_eq!(host.get(&format!("/users/{id}")).status, 404, "{id}");
     }
     let default = std::fs::read(component("reducer.wasm")).unwrap();
-    let r = host.admin("PUT", "/admin/reducer?mode=preview", Some(TOKEN), &default);
-    assert_eq!(r.status, 202, "{}", r.body);
-    let report = ended(&host, &r.json()["swap"]["id"])["preview"].clone();
-    let letters = &report["dead_letters"];
-    assert_eq!(
-        (
-            &letters["added"],
-            &letters["removed"],
-            &letters["unchanged"]
-        ),
-        (&Value::from(0), &Value::from(3), &Value::from(1)),
-        "{report}"
-    );
+    let report = previewed(&host, &default);
+    assert_eq!(letter_counts(&report), (0, 3, 1), "{report}");
     let (removed, reasons) = refusals(&report, "removed");
     assert_eq!(removed, marked, "{report}");
     assert!(reasons.iter().all(|r| r.contains("trapped")), "{reasons:?}");

@@ -960,6 +960,24 @@ mod tests {
         String::from_utf8_lossy(&out).into_owned()
     }
 
+    /// [`exchange`] again until the answer starts with `wanted` or `within` has
+    /// passed; the last answer.
+    async fn exchange_until(
+        addr: std::net::SocketAddr,
+        request: &[u8],
+        wanted: &str,
+        within: Duration,
+    ) -> String {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            let answer = exchange(addr, request, Duration::from_secs(5)).await;
+            if answer.starts_with(wanted) || std::time::Instant::now() > deadline {
+                return answer;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     #[tokio::test]
     async fn the_server_bounds_heads_slow_clients_and_connections() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -1002,14 +1020,7 @@ mod tests {
         let (a, b) = (slow().await, slow().await);
         // Once the server has taken both (however long that takes on a busy machine),
         // a third is refused.
-        let deadline = std::time::Instant::now() + Duration::from_secs(3);
-        let busy = loop {
-            let answer = exchange(addr, get, Duration::from_secs(5)).await;
-            if answer.starts_with("HTTP/1.1 503") || std::time::Instant::now() > deadline {
-                break answer;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        };
+        let busy = exchange_until(addr, get, "HTTP/1.1 503", Duration::from_secs(3)).await;
         assert!(busy.starts_with("HTTP/1.1 503"), "{busy}");
         assert!(busy.contains("\"error\":\"busy\""), "{busy}");
 
@@ -1025,14 +1036,7 @@ mod tests {
             );
         }
         // The slots are freed as the server notices the closed connections.
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        let again = loop {
-            let answer = exchange(addr, get, Duration::from_secs(5)).await;
-            if answer.starts_with("HTTP/1.1 200") || std::time::Instant::now() > deadline {
-                break answer;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        };
+        let again = exchange_until(addr, get, "HTTP/1.1 200", Duration::from_secs(5)).await;
         assert!(again.starts_with("HTTP/1.1 200"), "{again}");
 
         stop.send(()).unwrap();
