@@ -169,6 +169,41 @@ pub fn rss(pid: u32) -> anyhow::Result<u64> {
     Ok(kib * 1024)
 }
 
+/// Where a process's resident memory lies: the largest mappings by RSS (path or
+/// `[heap]`/`anon`, size and RSS in KiB), and the sum of the rest.
+pub fn rss_by_mapping(pid: u32, top: usize) -> anyhow::Result<Vec<(String, u64, u64)>> {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps"))?;
+    let mut maps: Vec<(String, u64, u64)> = Vec::new();
+    for line in smaps.lines() {
+        let mut words = line.split_whitespace();
+        let first = words.next().unwrap_or_default();
+        if first.contains('-') && first.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
+            let name = line.split_whitespace().nth(5).unwrap_or("anon").to_owned();
+            maps.push((name, 0, 0));
+        } else if let Some(last) = maps.last_mut() {
+            let mut kib = || {
+                words
+                    .next()
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(0)
+            };
+            match first {
+                "Size:" => last.1 = kib(),
+                "Rss:" => last.2 = kib(),
+                _ => {}
+            }
+        }
+    }
+    maps.sort_by_key(|m| std::cmp::Reverse(m.2));
+    let rest = maps.split_off(top.min(maps.len()));
+    maps.push((
+        format!("{} other mappings", rest.len()),
+        rest.iter().map(|m| m.1).sum(),
+        rest.iter().map(|m| m.2).sum(),
+    ));
+    Ok(maps)
+}
+
 /// A gauge or counter from `/metrics`.
 pub fn metric(host: &Host, name: &str) -> anyhow::Result<f64> {
     host.metric(name)

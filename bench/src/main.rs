@@ -84,6 +84,9 @@ struct Args {
     /// Run only figure 11 (three hosts sharing the partitions vs one) and print it.
     #[arg(long)]
     cluster_only: bool,
+    /// Only figure 4 at `--memory-users` ids, printed: for work on memory.
+    #[arg(long)]
+    memory_only: bool,
     /// Where the report and charts go.
     #[arg(long, default_value = "bench/results/latest")]
     out: PathBuf,
@@ -196,6 +199,16 @@ fn say(what: impl AsRef<str>) {
 }
 
 fn run(args: &Args, work: &std::path::Path) -> anyhow::Result<()> {
+    if args.memory_only {
+        let cache = work.join("compile-cache");
+        let (row, host, _loaded) = big_memory(args, &cache.to_string_lossy())?;
+        say(format!("{}: {} | {}", row.figure, row.ours, row.peer));
+        say("where the host's RSS lies (largest mappings; KiB):");
+        for (name, size, rss) in broker::rss_by_mapping(host.host.pid(), 12)? {
+            say(format!("  {rss:>9} resident of {size:>10}  {name}"));
+        }
+        return Ok(());
+    }
     say(format!(
         "generating {} events over {} users (seed {})",
         args.events, args.users, args.seed
@@ -850,36 +863,8 @@ fn run(args: &Args, work: &std::path::Path) -> anyhow::Result<()> {
             args.memory_users,
             args.memory_users * 2
         ));
-        let big = history::generate(
-            args.seed + 3,
-            (args.memory_users * 2) as usize,
-            args.memory_users,
-        );
-        let loaded_big = broker::load(&big);
-        drop(big);
-        let host = broker::start_host(
-            &loaded_big,
-            "bench-memory",
-            &["--compile-cache-dir", &cache_arg],
-        );
-        std::thread::sleep(Duration::from_secs(2));
-        let m = measure_memory(&host.host)?;
-        let answers = export_answers(&host.host)?;
-        anyhow::ensure!(
-            answers.len() as f64 == m.visible,
-            "the export holds {} users, /metrics says {}",
-            answers.len(),
-            m.visible
-        );
-        let avg = answers.iter().map(|(_, a)| a.len()).sum::<usize>() as f64
-            / answers.len().max(1) as f64;
-        drop(answers);
-        rows.push(m.row(avg));
-        say(format!(
-            "  RSS {} MiB for {} live users",
-            m.rss >> 20,
-            m.visible
-        ));
+        let (row, host, loaded_big) = big_memory(args, &cache_arg)?;
+        rows.push(row);
         // 6b. The export of this large state while events stream in.
         say("export of the large state while events stream in");
         // Twice the history's events (about half of them updates): a stream that
@@ -1041,6 +1026,44 @@ fn run(args: &Args, work: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Figure 4 at `--memory-users` ids (twice as many events): the row, and the host
+/// and broker it measured (figure 6b goes on with them).
+fn big_memory(
+    args: &Args,
+    cache_arg: &str,
+) -> anyhow::Result<(Row, broker::CaughtUp, broker::Loaded)> {
+    let big = history::generate(
+        args.seed + 3,
+        (args.memory_users * 2) as usize,
+        args.memory_users,
+    );
+    let loaded_big = broker::load(&big);
+    drop(big);
+    let host = broker::start_host(
+        &loaded_big,
+        "bench-memory",
+        &["--compile-cache-dir", cache_arg],
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let m = measure_memory(&host.host)?;
+    let answers = export_answers(&host.host)?;
+    anyhow::ensure!(
+        answers.len() as f64 == m.visible,
+        "the export holds {} users, /metrics says {}",
+        answers.len(),
+        m.visible
+    );
+    let avg =
+        answers.iter().map(|(_, a)| a.len()).sum::<usize>() as f64 / answers.len().max(1) as f64;
+    drop(answers);
+    say(format!(
+        "  RSS {} MiB for {} live users",
+        m.rss >> 20,
+        m.visible
+    ));
+    Ok((m.row(avg), host, loaded_big))
+}
+
 /// What the memory figure reads from a caught-up host.
 struct Memory {
     /// Resident set of the process, bytes.
@@ -1049,8 +1072,8 @@ struct Memory {
     visible: f64,
     /// Users kept (live and tombstones).
     stored: f64,
-    /// Bytes of their keys and states.
-    state_bytes: f64,
+    /// Bytes the users' store holds in all (chunks, slots, indexes).
+    store_bytes: f64,
 }
 
 /// Plain RSS and the store's counts of `host`.
@@ -1059,7 +1082,7 @@ fn measure_memory(host: &logq_e2e::Host) -> anyhow::Result<Memory> {
         rss: broker::rss(host.pid())?,
         visible: broker::metric(host, "logq_users")?,
         stored: broker::metric(host, "logq_users_stored")?,
-        state_bytes: broker::metric(host, "logq_user_state_bytes")?,
+        store_bytes: broker::metric(host, "logq_user_store_bytes")?,
     })
 }
 
@@ -1067,9 +1090,8 @@ impl Memory {
     /// The figure's row, given the average answer's size.
     fn row(&self, avg_answer: f64) -> Row {
         let per_user = self.rss as f64 / self.visible.max(1.0);
-        // The store itself: keys and states, plus the hash-table slot of each stored
-        // user (key pointer and entry, 56 bytes, at hashbrown's 7/8 load).
-        let store_per_user = (self.state_bytes + self.stored * 64.0) / self.visible.max(1.0);
+        // The store itself, as it counts what it holds.
+        let store_per_user = self.store_bytes / self.visible.max(1.0);
         Row {
             figure: format!(
                 "4. Plain RSS per live user / answer size, {} live users",

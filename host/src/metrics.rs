@@ -456,6 +456,12 @@ impl Metrics {
             sizes.user_bytes.to_string(),
         );
         single(
+            "logq_user_store_bytes",
+            "gauge",
+            "Bytes the users' store holds in all: state chunks (room and waste included), slots and indexes.",
+            sizes.user_store_bytes.to_string(),
+        );
+        single(
             "logq_organizations",
             "gauge",
             "Organizations kept.",
@@ -558,6 +564,7 @@ mod tests {
             users_stored: 4,
             organizations: 1,
             user_bytes: 1234,
+            user_store_bytes: 4321,
             tombstones: 1,
             tombstones_expired: 9,
             clock: Some(1_600_000_000_500_000),
@@ -597,6 +604,7 @@ mod tests {
         );
         assert!(text.contains("logq_users 3\n"), "{text}");
         assert!(text.contains("logq_user_state_bytes 1234\n"), "{text}");
+        assert!(text.contains("logq_user_store_bytes 4321\n"), "{text}");
         assert_eq!(m.total_lag(), 7);
         m.forget_lag("users", 1);
         assert_eq!(m.total_lag(), 0);
@@ -645,6 +653,7 @@ mod tests {
             users_stored: 0,
             organizations: 0,
             user_bytes: 0,
+            user_store_bytes: 0,
             tombstones: 0,
             tombstones_expired: 0,
             clock: None,

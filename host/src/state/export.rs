@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::broker::Positions;
 
-use super::{Entry, StateStore, join_view};
+use super::{Entry, EntryRef, StateStore, join_view};
 
 /// Most exports running at once (each costs the writer a little per change).
 pub const MAX_EXPORTS: usize = 4;
@@ -34,10 +34,10 @@ pub(super) struct Image {
 
 impl Image {
     /// Keeps `old` as user `key`'s entry at the export's position, unless kept already.
-    pub(super) fn preserve(&self, key: &str, old: &Entry) {
+    pub(super) fn preserve(&self, key: &str, old: &EntryRef<'_>) {
         let mut saved = self.saved.lock().unwrap_or_else(|p| p.into_inner());
         if !saved.contains_key(key) {
-            saved.insert(key.into(), old.clone());
+            saved.insert(key.into(), old.to_entry());
         }
     }
 
@@ -129,7 +129,10 @@ impl Export {
         // old entry while it holds the shard).
         let shard = self.store.read_shard(key);
         let saved = self.image.saved.lock().unwrap_or_else(|p| p.into_inner());
-        let entry = saved.get(key).or_else(|| shard.users.get(key))?;
+        let entry = saved
+            .get(key)
+            .map(Entry::get)
+            .or_else(|| shard.users.get(key))?;
         let view = entry.view()?;
         let org = entry
             .join()
@@ -222,7 +225,7 @@ impl StateStore {
         }
         let mut users: Vec<Box<str>> = Vec::new();
         for shard in self.shards.iter() {
-            users.extend(super::read(shard).users.keys().map(|k| Box::from(&**k)));
+            users.extend(super::read(shard).users.keys().map(Box::from));
         }
         let (organizations, joins) = {
             let orgs = self.read_organizations();

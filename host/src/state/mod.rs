@@ -5,7 +5,9 @@
 //! Users live in [`SHARDS`] shards by a hash of their id ([`shard_of`]), each under
 //! its own lock: the fold's lanes, which own disjoint sets of shards, apply their
 //! updates at the same time, and a reader locks only the shard of the user it reads
-//! (then the organizations', to join). Organizations are one small table of their own.
+//! (then the organizations', to join). A shard packs its users' ids and states end
+//! to end in large chunks, with no allocation per user ([`users`]). Organizations
+//! are one small table of their own.
 //! What readers can rely on: an entity is never seen half-applied (each one changes
 //! under its shard's lock), a [`StateStore::replace`] is seen whole or not at all
 //! (it takes every lock), and the published position is never ahead of what every
@@ -17,9 +19,9 @@
 
 pub mod changes;
 pub mod export;
-mod key;
 pub mod refused;
 pub mod snapshot;
+mod users;
 
 use std::collections::{BTreeSet, HashMap};
 use std::ops::Range;
@@ -31,19 +33,17 @@ use logq_abi::{Entity, Kind, States, Update, UpdateRef, Updates};
 use crate::broker::Positions;
 use crate::fold::Target;
 pub use crate::fold::lanes::{SHARDS, shard_of};
-use key::Key;
+use users::{EntryRef, Users};
 
 /// The maps' hasher: fast, and seeded per process (keys come from producers).
 type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
-/// One stored entity: one buffer, nothing twice.
+/// An organization, or a user's entry saved for a running export: the state in a
+/// block of its own. (Users live packed in their shard, see [`users`].)
 #[derive(Debug, Clone)]
 struct Entry {
-    /// What the reducer hands itself next time: the first `len` bytes. The rest is
-    /// room for a longer state later, so that most updates overwrite the state in
-    /// place, with no allocation (see [`Entry::set`]).
-    room: Box<[u8]>,
-    len: u32,
+    /// What the reducer hands itself next time.
+    state: Box<[u8]>,
     /// The JSON answer's range in the state; `None` while not visible.
     view: Option<Range<u32>>,
     /// The organization name's range in the state (for a user: the one it joins;
@@ -55,35 +55,11 @@ struct Entry {
     clock: Option<i64>,
 }
 
-/// The room kept for a state of `len` bytes: up to 31 bytes more, what the
-/// allocator would round a block of it to anyway (its chunks are 16-byte multiples
-/// with an 8-byte header).
-fn room_for(len: usize) -> usize {
-    (len + 8).next_multiple_of(32) - 8
-}
-
-/// A block with `state` in it and the room [`room_for`] gives it (only the room
-/// past the state is zeroed).
-fn room_with(state: &[u8]) -> Box<[u8]> {
-    let mut room = Vec::with_capacity(room_for(state.len()));
-    room.extend_from_slice(state);
-    room.resize(room_for(state.len()), 0);
-    room.into_boxed_slice()
-}
-
 impl Entry {
-    /// Whether user `key` with this entry is visible, and its bytes (key and the
-    /// room its state has), as [`Sizes`] counts them.
-    fn weight(&self, key: &str) -> (bool, usize) {
-        (self.view.is_some(), key.len() + self.room.len())
-    }
-
     /// The entry of `update`, by reducer `by`; `None` for an update that forgets.
     fn new(update: &UpdateRef<'_>, by: u32) -> Option<Self> {
-        let state = update.state?;
         Some(Self {
-            room: room_with(state),
-            len: u32::try_from(state.len()).ok()?,
+            state: update.state?.into(),
             view: update.view.clone(),
             join: update.join.clone(),
             by,
@@ -91,58 +67,39 @@ impl Entry {
         })
     }
 
-    /// Becomes `update` (which keeps a state), by reducer `by`: in place when the
-    /// state fits the room (most updates: a user's state changes little), else in a
-    /// new block. A block far larger than its state is given back.
-    fn set(&mut self, update: &UpdateRef<'_>, state: &[u8], by: u32) {
-        let Ok(len) = u32::try_from(state.len()) else {
-            return;
-        };
-        if state.len() > self.room.len() || self.room.len() > 2 * state.len() + 64 {
-            self.room = room_with(state);
-        } else {
-            self.room[..state.len()].copy_from_slice(state);
+    /// It, as a user's entry is lent.
+    fn get(&self) -> EntryRef<'_> {
+        EntryRef {
+            room: &self.state,
+            len: self.state.len(),
+            view: self.view.clone(),
+            join: self.join.clone(),
+            by: self.by,
+            clock: self.clock,
         }
-        self.len = len;
-        self.view = update.view.clone();
-        self.join = update.join.clone();
-        self.by = by;
-        self.clock = update.clock;
     }
 
-    /// The state the reducer gets back.
-    fn state(&self) -> &[u8] {
-        &self.room[..self.len as usize]
-    }
-
-    /// When it is a tombstone (kept, not visible) that can expire: its clock.
-    fn tombstone(&self) -> Option<i64> {
-        self.view.is_none().then_some(self.clock).flatten()
-    }
-
-    /// The renderer whose visible answer this is, if it is visible.
     fn answer_by(&self) -> Option<u32> {
-        self.view.as_ref().map(|_| self.by)
-    }
-
-    fn text(&self, range: Option<&Range<u32>>) -> Option<&str> {
-        // The runtime checked that the range is inside the state and UTF-8.
-        logq_abi::text_in(self.state(), range?).ok()
+        self.get().answer_by()
     }
 
     fn view(&self) -> Option<&str> {
-        self.text(self.view.as_ref())
+        self.get().view()
     }
 
     fn join(&self) -> Option<&str> {
-        self.text(self.join.as_ref())
+        self.get().join()
     }
+}
 
-    fn update(&self) -> Update {
-        Update {
-            state: Some(self.state().to_vec()),
+impl EntryRef<'_> {
+    /// An owned copy (what a running export saves).
+    fn to_entry(&self) -> Entry {
+        Entry {
+            state: self.state().into(),
             view: self.view.clone(),
             join: self.join.clone(),
+            by: self.by,
             clock: self.clock,
         }
     }
@@ -172,12 +129,12 @@ impl Renderers {
 /// One shard of the users: those whose id [`shard_of`] puts here.
 #[derive(Debug, Default)]
 struct Shard {
-    users: Map<Key, Entry>,
+    users: Users,
     /// Visible answers per renderer.
     answers: Renderers,
     /// Users kept but not visible (deleted, or never created) that carry a clock,
-    /// oldest first: what expires.
-    tombstones: BTreeSet<(i64, Box<str>)>,
+    /// oldest first, by slot: what expires.
+    tombstones: BTreeSet<(i64, u32)>,
     /// Running exports: before a user that existed when one began changes, its old
     /// entry is saved there (see [`export`]).
     images: Vec<std::sync::Weak<export::Image>>,
@@ -238,6 +195,9 @@ pub struct Sizes {
     /// Bytes of user keys and states held (what the users cost before allocator and
     /// hash-table overhead).
     pub user_bytes: usize,
+    /// Bytes the users' store holds in all: its chunks (states, room and waste
+    /// included), slots, index and tombstone index.
+    pub user_store_bytes: usize,
     /// Of the users stored, the tombstones waiting to expire.
     pub tombstones: usize,
     /// Tombstones forgotten after their retention, since start.
@@ -401,6 +361,7 @@ impl StateStore {
                 }
                 shard.put(key, &updates.get(i), by);
             }
+            shard.users.compact();
         }
         self.expire();
     }
@@ -472,10 +433,10 @@ impl StateStore {
             let shard = read(shard);
             let keys = shard.users.iter().filter(|(k, e)| {
                 e.view.is_some()
-                    && after.is_none_or(|a| k.as_ref() > a)
+                    && after.is_none_or(|a| *k > a)
                     && organization.is_none_or(|o| e.join() == Some(o))
             });
-            let (keys, _) = smallest(keys.map(|(k, _)| k.as_ref()), limit.saturating_add(1));
+            let (keys, _) = smallest(keys.map(|(k, _)| k), limit.saturating_add(1));
             candidates.extend(keys.into_iter().map(Box::from));
         }
         let (keys, next) = smallest(candidates.iter().map(AsRef::as_ref), limit);
@@ -575,7 +536,7 @@ impl StateStore {
     /// what a snapshot keeps. Taken by the one writer between two batches, so it is
     /// one consistent state.
     pub fn dump(&self, current: u32) -> Vec<(Entity, Update, bool)> {
-        let entry = |kind: Kind, key: &str, e: &Entry| {
+        let entry = |kind: Kind, key: &str, e: EntryRef<'_>| {
             (
                 Entity {
                     kind,
@@ -594,7 +555,7 @@ impl StateStore {
         out.extend(
             orgs.entries
                 .iter()
-                .map(|(k, e)| entry(Kind::Organization, k, e)),
+                .map(|(k, e)| entry(Kind::Organization, k, e.get())),
         );
         out
     }
@@ -659,7 +620,7 @@ impl StateStore {
         let orgs = self.read_organizations();
         let entry = orgs.entries.get(key)?;
         Some(Kept {
-            state: entry.state().to_vec(),
+            state: entry.state.to_vec(),
             by: entry.by,
             join: entry.join().map(str::to_owned),
             answer: entry.view().map(str::to_owned),
@@ -680,7 +641,7 @@ impl StateStore {
     pub fn user_keys(&self) -> Vec<Box<str>> {
         let mut out = Vec::new();
         for shard in self.shards.iter() {
-            out.extend(read(shard).users.keys().map(|k| Box::from(&**k)));
+            out.extend(read(shard).users.keys().map(Box::from));
         }
         out
     }
@@ -708,6 +669,7 @@ impl StateStore {
             users_stored: 0,
             organizations: self.read_organizations().entries.len(),
             user_bytes: 0,
+            user_store_bytes: 0,
             tombstones: 0,
             tombstones_expired: self.expired.load(Ordering::Relaxed),
             clock: self.clock(),
@@ -719,6 +681,8 @@ impl StateStore {
             sizes.users_visible += shard.users_visible;
             sizes.users_stored += shard.users.len();
             sizes.user_bytes += shard.user_bytes;
+            // A B-tree entry and its share of the node around it.
+            sizes.user_store_bytes += shard.users.held() + shard.tombstones.len() * 24;
             sizes.tombstones += shard.tombstones.len();
         }
         sizes
@@ -761,11 +725,11 @@ impl States for StateStore {
             match e.kind {
                 Kind::User => {
                     let shard = self.read_shard(&e.key);
-                    each(shard.users.get(e.key.as_str()).map(Entry::state));
+                    each(shard.users.get(e.key.as_str()).map(|e| e.state()));
                 }
                 Kind::Organization => {
                     let orgs = self.read_organizations();
-                    each(orgs.entries.get(e.key.as_str()).map(Entry::state));
+                    each(orgs.entries.get(e.key.as_str()).map(|e| &*e.state));
                 }
             }
         }
@@ -804,31 +768,36 @@ impl Shard {
     /// Stores user `key`'s update (or forgets the user, for an update without a
     /// state), keeping the counts, the tombstone index and the running exports right.
     /// An entry that is kept is overwritten in place: one hash lookup, no allocation
-    /// when the new state fits its room.
+    /// (see [`users`]).
     fn put(&mut self, key: &str, update: &UpdateRef<'_>, by: u32) {
         self.preserve_for_exports(key);
-        let Some(old) = self.users.get_mut(key) else {
+        let Some(id) = self.users.find(key) else {
             // New: nothing to replace.
-            if let Some(entry) = Entry::new(update, by) {
-                self.track_tombstone(key, None, entry.tombstone());
-                self.reweigh(None, Some(entry.weight(key)));
-                self.answers.count(None, entry.answer_by());
-                self.users.insert(key.into(), entry);
+            if let Some(state) = update.state {
+                let id = self.users.insert(key, update, state, by);
+                let entry = self.users.entry(id);
+                let (tombstone, weight, came) =
+                    (entry.tombstone(), entry.weight(key), entry.answer_by());
+                self.track_tombstone(id, None, tombstone);
+                self.reweigh(None, Some(weight));
+                self.answers.count(None, came);
             }
             return;
         };
+        let old = self.users.entry(id);
         let (before, tombstone, gone) = (old.weight(key), old.tombstone(), old.answer_by());
         match update.state {
             Some(state) => {
-                old.set(update, state, by);
-                let (after, now, came) = (old.weight(key), old.tombstone(), old.answer_by());
-                self.track_tombstone(key, tombstone, now);
+                self.users.set(id, update, state, by);
+                let new = self.users.entry(id);
+                let (after, now, came) = (new.weight(key), new.tombstone(), new.answer_by());
+                self.track_tombstone(id, tombstone, now);
                 self.reweigh(Some(before), Some(after));
                 self.answers.count(gone, came);
             }
             None => {
-                self.users.remove(key);
-                self.track_tombstone(key, tombstone, None);
+                self.users.remove(id);
+                self.track_tombstone(id, tombstone, None);
                 self.reweigh(Some(before), None);
                 self.answers.count(gone, None);
             }
@@ -857,21 +826,33 @@ impl Shard {
             return;
         };
         self.images
-            .retain(|i| i.upgrade().map(|image| image.preserve(key, old)).is_some());
+            .retain(|i| i.upgrade().map(|image| image.preserve(key, &old)).is_some());
     }
 
-    /// Keeps the tombstone index right as user `key`'s tombstone clock (see
-    /// [`Entry::tombstone`]) goes from `old` to `new`.
-    fn track_tombstone(&mut self, key: &str, old: Option<i64>, new: Option<i64>) {
+    /// Keeps the tombstone index right as the tombstone clock (see
+    /// [`EntryRef::tombstone`]) of the user in slot `id` goes from `old` to `new`.
+    fn track_tombstone(&mut self, id: u32, old: Option<i64>, new: Option<i64>) {
         if old == new {
             return;
         }
         if let Some(c) = old {
-            self.tombstones.remove(&(c, Box::from(key)));
+            self.tombstones.remove(&(c, id));
         }
         if let Some(c) = new {
-            self.tombstones.insert((c, Box::from(key)));
+            self.tombstones.insert((c, id));
         }
+    }
+
+    /// Forgets the user in slot `id` (its key `key`), keeping the counts, the
+    /// tombstone index and the running exports right.
+    fn forget(&mut self, id: u32, key: &str) {
+        self.preserve_for_exports(key);
+        let old = self.users.entry(id);
+        let (tombstone, weight, gone) = (old.tombstone(), old.weight(key), old.answer_by());
+        self.users.remove(id);
+        self.track_tombstone(id, tombstone, None);
+        self.reweigh(Some(weight), None);
+        self.answers.count(gone, None);
     }
 
     /// Forgets every user whose key `gone` says; returns how many.
@@ -879,15 +860,12 @@ impl Shard {
         let keys: Vec<Box<str>> = self
             .users
             .keys()
-            .filter(|k| gone(k.as_ref()))
-            .map(|k| Box::from(k.as_ref()))
+            .filter(|k| gone(k))
+            .map(Box::from)
             .collect();
         for key in &keys {
-            self.preserve_for_exports(key);
-            if let Some(old) = self.users.remove(&**key) {
-                self.track_tombstone(key, old.tombstone(), None);
-                self.reweigh(Some(old.weight(key)), None);
-                self.answers.count(old.answer_by(), None);
+            if let Some(id) = self.users.find(key) {
+                self.forget(id, key);
             }
         }
         keys.len()
@@ -896,14 +874,12 @@ impl Shard {
     /// Forgets every tombstone whose clock is before `horizon`; returns how many.
     fn expire(&mut self, horizon: i64) -> u64 {
         let mut n = 0;
-        while self.tombstones.first().is_some_and(|(c, _)| *c < horizon) {
-            let Some((_, key)) = self.tombstones.pop_first() else {
-                break;
-            };
+        while let Some(&(c, id)) = self.tombstones.first()
+            && c < horizon
+        {
             // The index only holds current tombstones (see `track_tombstone`).
-            self.preserve_for_exports(&key);
-            let gone = self.users.remove(&*key).map(|e| e.weight(&key));
-            self.reweigh(gone, None);
+            let key: Box<str> = self.users.key(id).into();
+            self.forget(id, &key);
             n += 1;
         }
         n
@@ -1043,7 +1019,8 @@ mod tests {
         let store = StateStore::new();
         let u = [entity(Kind::User, "u")];
         let answer = |n: usize| format!(r#"{{"id":"u","pad":"{}"}}"#, "x".repeat(n));
-        // A state of 110 bytes ("s", then the answer) gets a room of 120.
+        // A state of 110 bytes ("s", then the answer) gets a block of 128 with its id:
+        // room for 127.
         store.apply(&u, vec![update(Some(&answer(90)), None)]);
         let (first, block) = lent(&store, "u");
         assert_eq!(first, update(Some(&answer(90)), None).state);
@@ -1066,7 +1043,7 @@ mod tests {
         let (state, big) = lent(&store, "u");
         assert_eq!(state, update(Some(&answer(1000)), None).state);
         assert_ne!(big, block);
-        let room = |store: &StateStore| store.read_shard("u").users["u"].room.len();
+        let room = |store: &StateStore| store.read_shard("u").users.get("u").unwrap().room.len();
         assert!(
             (1020..1020 + 32).contains(&room(&store)),
             "{}",
@@ -1244,7 +1221,7 @@ mod tests {
         assert_eq!(sizes.clock, Some(T0 + 27 * HOUR));
         assert!(store.user("alive").is_some(), "visible users never expire");
         assert!(
-            store.read_shard("old").users.contains_key("old"),
+            store.read_shard("old").users.find("old").is_some(),
             "no clock, no expiry"
         );
         // A user that becomes visible again leaves the tombstones.

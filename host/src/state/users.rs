@@ -1,0 +1,589 @@
+//! One shard's users, packed: the table a lookup probes holds only a 4-byte slot
+//! number; each slot (48 bytes, in one vector) says where the user's block is; the
+//! blocks (the id, then the state with a little room to grow) lie end to end in
+//! chunks of up to [`CHUNK_MAX`] bytes. So a user costs no allocation of its own
+//! (no allocator header or rounding, no scattered blocks left behind when a state
+//! moves), and a shard's memory is a few large allocations that a replaced store
+//! gives back whole.
+//!
+//! A state that outgrows its room moves to the end of the newest chunk; the bytes it
+//! leaves are counted as waste, per chunk. A chunk whose bytes are all waste is freed
+//! at once; when a shard's waste passes 1/16 of what it holds, the writer moves
+//! the live blocks out of the most wasted chunk and frees it, a chunk at a time
+//! ([`Users::compact`]), so no single write holds the shard's lock for long.
+
+use std::hash::BuildHasher;
+use std::ops::Range;
+
+use hashbrown::HashTable;
+use logq_abi::UpdateRef;
+
+
+/// The largest chunk (a block larger than this gets a chunk of its own).
+pub(super) const CHUNK_MAX: usize = 1 << 20;
+/// The first chunk of a shard (they double up to [`CHUNK_MAX`]).
+const CHUNK_MIN: usize = 16 << 10;
+/// Bytes of room a visible user's block gets past its state (then rounded up to 8):
+/// most updates change a state by a few bytes and are written in place. A user not
+/// visible (most of them deleted: tombstones seldom change) gets none.
+const SLACK: usize = 16;
+/// Compaction starts once waste is more than 1/`WASTE_SHARE` of the chunks' blocks.
+const WASTE_SHARE: usize = 16;
+/// At most this many chunks are compacted by one call of [`Users::compact`].
+const COMPACT_PER_CALL: usize = 2;
+
+/// A range inside a state; `start == NONE` for none.
+#[derive(Debug, Clone, Copy)]
+struct Span {
+    start: u32,
+    end: u32,
+}
+
+const NONE: u32 = u32::MAX;
+
+impl Span {
+    fn of(range: Option<&Range<u32>>) -> Self {
+        range.map_or(
+            Self {
+                start: NONE,
+                end: 0,
+            },
+            |r| Self {
+                start: r.start,
+                end: r.end,
+            },
+        )
+    }
+
+    fn get(self) -> Option<Range<u32>> {
+        (self.start != NONE).then_some(self.start..self.end)
+    }
+}
+
+/// Where one user is, and what the store knows of its state besides the bytes.
+#[derive(Debug, Clone, Copy)]
+struct Slot {
+    /// Chunk and offset of the block: the id, then the room. `chunk == NONE`: free.
+    chunk: u32,
+    offset: u32,
+    key_len: u32,
+    /// Bytes of the block after the id: the state, then room to grow.
+    room: u32,
+    /// The state's length.
+    len: u32,
+    /// Which reducer rendered it.
+    by: u32,
+    view: Span,
+    join: Span,
+    /// The entity's newest event time; `i64::MIN`: none.
+    clock: i64,
+}
+
+/// A user as the store keeps it, borrowed from its shard.
+#[derive(Debug, Clone)]
+pub(super) struct EntryRef<'a> {
+    /// The state, then the room past it.
+    pub room: &'a [u8],
+    pub len: usize,
+    pub view: Option<Range<u32>>,
+    pub join: Option<Range<u32>>,
+    pub by: u32,
+    pub clock: Option<i64>,
+}
+
+#[derive(Debug, Default)]
+struct Chunk {
+    bytes: Vec<u8>,
+    /// Bytes of `bytes` that no slot uses any more.
+    waste: usize,
+}
+
+/// One shard's users (see the module's doc).
+#[derive(Debug, Default)]
+pub(super) struct Users {
+    index: HashTable<u32>,
+    hasher: foldhash::fast::RandomState,
+    slots: Vec<Slot>,
+    /// Slots free for reuse.
+    free: Vec<u32>,
+    chunks: Vec<Chunk>,
+    /// The chunk new blocks go to.
+    tail: usize,
+    /// Chunks free for reuse (empty).
+    spare: Vec<u32>,
+    /// Bytes of blocks in use, and of blocks no longer used (not yet freed).
+    used: usize,
+    waste: usize,
+}
+
+/// A block's size for an id of `key_len` bytes and a state of `len`.
+fn block_for(key_len: usize, len: usize, visible: bool) -> usize {
+    (key_len + len + if visible { SLACK } else { 0 }).next_multiple_of(8)
+}
+
+impl Users {
+    /// Users kept.
+    pub fn len(&self) -> usize {
+        self.index.len()
+    }
+
+    fn hash(&self, key: &str) -> u64 {
+        self.hasher.hash_one(key)
+    }
+
+    fn key_bytes<'a>(slots: &[Slot], chunks: &'a [Chunk], id: u32) -> &'a [u8] {
+        let s = &slots[id as usize];
+        let at = s.offset as usize;
+        &chunks[s.chunk as usize].bytes[at..at + s.key_len as usize]
+    }
+
+    fn key_of<'a>(slots: &[Slot], chunks: &'a [Chunk], id: u32) -> &'a str {
+        // Only ever written from a `str`.
+        std::str::from_utf8(Self::key_bytes(slots, chunks, id)).unwrap_or_default()
+    }
+
+    /// The slot of user `key`.
+    pub fn find(&self, key: &str) -> Option<u32> {
+        let (slots, chunks) = (&self.slots, &self.chunks);
+        self.index
+            .find(self.hash(key), |&id| {
+                Self::key_bytes(slots, chunks, id) == key.as_bytes()
+            })
+            .copied()
+    }
+
+    /// User `key`, if kept.
+    pub fn get(&self, key: &str) -> Option<EntryRef<'_>> {
+        self.find(key).map(|id| self.entry(id))
+    }
+
+    /// The id of the user in slot `id`.
+    pub fn key(&self, id: u32) -> &str {
+        Self::key_of(&self.slots, &self.chunks, id)
+    }
+
+    /// The user in slot `id`.
+    pub fn entry(&self, id: u32) -> EntryRef<'_> {
+        let s = &self.slots[id as usize];
+        let at = (s.offset + s.key_len) as usize;
+        EntryRef {
+            room: &self.chunks[s.chunk as usize].bytes[at..at + s.room as usize],
+            len: s.len as usize,
+            view: s.view.get(),
+            join: s.join.get(),
+            by: s.by,
+            clock: (s.clock != i64::MIN).then_some(s.clock),
+        }
+    }
+
+    /// Every user kept, in no order.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, EntryRef<'_>)> {
+        self.index.iter().map(|&id| (self.key(id), self.entry(id)))
+    }
+
+    /// Every user id kept, in no order.
+    pub fn keys(&self) -> impl Iterator<Item = &str> {
+        self.index.iter().map(|&id| self.key(id))
+    }
+
+    /// Keeps user `key` (not kept yet) with `update`'s `state`, by reducer `by`;
+    /// returns its slot.
+    pub fn insert(&mut self, key: &str, update: &UpdateRef<'_>, state: &[u8], by: u32) -> u32 {
+        let size = block_for(key.len(), state.len(), update.view.is_some());
+        let (chunk, offset) = self.place(&[key.as_bytes(), state], size);
+        let slot = Slot {
+            chunk,
+            offset,
+            key_len: key.len() as u32,
+            room: (size - key.len()) as u32,
+            len: state.len() as u32,
+            by,
+            view: Span::of(update.view.as_ref()),
+            join: Span::of(update.join.as_ref()),
+            clock: update.clock.unwrap_or(i64::MIN),
+        };
+        let id = match self.free.pop() {
+            Some(id) => {
+                self.slots[id as usize] = slot;
+                id
+            }
+            None => {
+                self.slots.push(slot);
+                (self.slots.len() - 1) as u32
+            }
+        };
+        let hash = self.hash(key);
+        let (slots, chunks, hasher) = (&self.slots, &self.chunks, &self.hasher);
+        self.index.insert_unique(hash, id, |&i| {
+            hasher.hash_one(Self::key_of(slots, chunks, i))
+        });
+        id
+    }
+
+    /// Gives the user in slot `id` `update`'s `state`, by reducer `by`: in place
+    /// when it fits the block's room, else in a new block (also when the room is far
+    /// larger than the state: the big block is given back).
+    pub fn set(&mut self, id: u32, update: &UpdateRef<'_>, state: &[u8], by: u32) {
+        let s = self.slots[id as usize];
+        let (room, len) = (s.room as usize, state.len());
+        if len > room || room > 2 * len + 64 {
+            let key_len = s.key_len as usize;
+            let size = block_for(key_len, len, update.view.is_some());
+            let (chunk, offset) = self.place_moved(&s, state, size);
+            self.release(s.chunk, s.key_len as usize + room);
+            let slot = &mut self.slots[id as usize];
+            (slot.chunk, slot.offset, slot.room) = (chunk, offset, (size - key_len) as u32);
+        } else {
+            let at = (s.offset + s.key_len) as usize;
+            self.chunks[s.chunk as usize].bytes[at..at + len].copy_from_slice(state);
+        }
+        let slot = &mut self.slots[id as usize];
+        slot.len = len as u32;
+        slot.by = by;
+        slot.view = Span::of(update.view.as_ref());
+        slot.join = Span::of(update.join.as_ref());
+        slot.clock = update.clock.unwrap_or(i64::MIN);
+    }
+
+    /// Forgets the user in slot `id`.
+    pub fn remove(&mut self, id: u32) {
+        let key = self.key(id);
+        let hash = self.hash(key);
+        if let Ok(found) = self.index.find_entry(hash, |&i| i == id) {
+            found.remove();
+        }
+        let s = self.slots[id as usize];
+        self.release(s.chunk, (s.key_len + s.room) as usize);
+        self.slots[id as usize].chunk = NONE;
+        self.free.push(id);
+        if self.index.is_empty() {
+            // The last user gone: give everything back.
+            *self = Self {
+                hasher: self.hasher.clone(),
+                ..Self::default()
+            };
+        }
+    }
+
+    /// Writes `parts` one after the other into a new block of `size` bytes (the rest
+    /// zeroed); returns where.
+    fn place(&mut self, parts: &[&[u8]], size: usize) -> (u32, u32) {
+        let bytes = self.tail_for(size);
+        let offset = bytes.len();
+        for part in parts {
+            bytes.extend_from_slice(part);
+        }
+        bytes.resize(offset + size, 0);
+        self.used += size;
+        (self.tail as u32, offset as u32)
+    }
+
+    /// As [`Users::place`], for the id of the user in slot `from` (copied from its
+    /// block, with no buffer between) and then `state`.
+    fn place_moved(&mut self, from: &Slot, state: &[u8], size: usize) -> (u32, u32) {
+        let tail = self.tail_for(size).len();
+        let key = from.offset as usize..(from.offset + from.key_len) as usize;
+        let (src, dst) = (from.chunk as usize, self.tail);
+        if src == dst {
+            self.chunks[dst].bytes.extend_from_within(key);
+        } else {
+            let (low, high) = self.chunks.split_at_mut(src.max(dst));
+            let (from, to) = if src < dst {
+                (&low[src], &mut high[0])
+            } else {
+                (&high[0], &mut low[dst])
+            };
+            to.bytes.extend_from_slice(&from.bytes[key]);
+        }
+        let bytes = &mut self.chunks[dst].bytes;
+        bytes.extend_from_slice(state);
+        bytes.resize(tail + size, 0);
+        self.used += size;
+        (dst as u32, tail as u32)
+    }
+
+    /// The chunk new blocks go to, with room for `size` more bytes (a new one when
+    /// the newest is full).
+    fn tail_for(&mut self, size: usize) -> &mut Vec<u8> {
+        let fits = |c: &Chunk| c.bytes.capacity() - c.bytes.len() >= size;
+        if self.chunks.get(self.tail).is_none_or(|c| !fits(c)) {
+            let last = self.chunks.get(self.tail).map_or(0, |c| c.bytes.capacity());
+            let capacity = (last * 2).clamp(CHUNK_MIN, CHUNK_MAX).max(size);
+            let chunk = Chunk {
+                bytes: Vec::with_capacity(capacity),
+                waste: 0,
+            };
+            self.tail = match self.spare.pop() {
+                Some(i) => {
+                    self.chunks[i as usize] = chunk;
+                    i as usize
+                }
+                None => {
+                    self.chunks.push(chunk);
+                    self.chunks.len() - 1
+                }
+            };
+        }
+        &mut self.chunks[self.tail].bytes
+    }
+
+    /// A block of `size` bytes in `chunk` is no longer used; a chunk that holds only
+    /// such blocks is freed.
+    fn release(&mut self, chunk: u32, size: usize) {
+        self.used -= size;
+        let c = &mut self.chunks[chunk as usize];
+        if c.waste + size == c.bytes.len() && chunk as usize != self.tail {
+            self.waste -= c.waste;
+            *c = Chunk::default();
+            self.spare.push(chunk);
+        } else {
+            c.waste += size;
+            self.waste += size;
+        }
+    }
+
+    /// Whether the waste is past its share (and worth a chunk's move).
+    fn over_waste(&self) -> bool {
+        self.waste * WASTE_SHARE > self.used + self.waste && self.waste >= CHUNK_MAX / 4
+    }
+
+    /// When more than 1/[`WASTE_SHARE`] of the shard's bytes are waste: moves the live blocks
+    /// of the most wasted chunks (at most [`COMPACT_PER_CALL`]) to the newest and
+    /// frees them. The writer calls it after each batch it applies to the shard.
+    pub fn compact(&mut self) {
+        for _ in 0..COMPACT_PER_CALL {
+            if !self.over_waste() {
+                return;
+            }
+            let Some(victim) = (0..self.chunks.len())
+                .filter(|&i| i != self.tail)
+                .max_by_key(|&i| self.chunks[i].waste)
+            else {
+                return;
+            };
+            if self.chunks[victim].waste == 0 {
+                // All the waste is in the newest chunk: it goes once that one is full.
+                return;
+            }
+            let old = std::mem::take(&mut self.chunks[victim]);
+            self.waste -= old.waste;
+            for id in 0..self.slots.len() {
+                let s = self.slots[id];
+                if s.chunk as usize != victim {
+                    continue;
+                }
+                let size = (s.key_len + s.room) as usize;
+                let at = s.offset as usize;
+                // `place` counts the block again.
+                self.used -= size;
+                let (chunk, offset) = self.place(&[&old.bytes[at..at + size]], size);
+                (self.slots[id].chunk, self.slots[id].offset) = (chunk, offset);
+            }
+            // Only now: reused as the tail meanwhile, its new blocks would have been
+            // taken for the old ones above.
+            self.spare.push(victim as u32);
+        }
+    }
+
+    /// Bytes this shard's users take: chunks, slots and the index.
+    pub fn held(&self) -> usize {
+        let chunks: usize = self.chunks.iter().map(|c| c.bytes.capacity()).sum();
+        chunks
+            + self.slots.capacity() * std::mem::size_of::<Slot>()
+            + self.free.capacity() * 4
+            + self.index.capacity() * 5
+    }
+
+    /// Bytes of chunks allocated, and of blocks in them (used or waste).
+    #[cfg(test)]
+    pub fn footprint(&self) -> (usize, usize) {
+        let chunks = self.chunks.iter().map(|c| c.bytes.capacity()).sum();
+        (chunks, self.used + self.waste)
+    }
+}
+
+impl<'a> EntryRef<'a> {
+    /// The state the reducer gets back.
+    pub fn state(&self) -> &'a [u8] {
+        &self.room[..self.len]
+    }
+
+    /// Whether it is visible, and its bytes (id and room), as [`super::Sizes`]
+    /// counts them.
+    pub fn weight(&self, key: &str) -> (bool, usize) {
+        (self.view.is_some(), key.len() + self.room.len())
+    }
+
+    /// When it is a tombstone (kept, not visible) that can expire: its clock.
+    pub fn tombstone(&self) -> Option<i64> {
+        self.view.is_none().then_some(self.clock).flatten()
+    }
+
+    /// The renderer whose visible answer this is, if it is visible.
+    pub fn answer_by(&self) -> Option<u32> {
+        self.view.as_ref().map(|_| self.by)
+    }
+
+    fn text(&self, range: Option<&Range<u32>>) -> Option<&'a str> {
+        // The runtime checked that the range is inside the state and UTF-8.
+        logq_abi::text_in(self.state(), range?).ok()
+    }
+
+    /// The JSON answer, while visible.
+    pub fn view(&self) -> Option<&'a str> {
+        self.text(self.view.as_ref())
+    }
+
+    /// The join key.
+    pub fn join(&self) -> Option<&'a str> {
+        self.text(self.join.as_ref())
+    }
+
+    /// The update that would store it again (what a snapshot keeps).
+    pub fn update(&self) -> logq_abi::Update {
+        logq_abi::Update {
+            state: Some(self.state().to_vec()),
+            view: self.view.clone(),
+            join: self.join.clone(),
+            clock: self.clock,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn update(state: &[u8], clock: Option<i64>) -> logq_abi::Update {
+        logq_abi::Update {
+            state: Some(state.to_vec()),
+            view: Some(0..state.len() as u32),
+            join: None,
+            clock,
+        }
+    }
+
+    fn put(users: &mut Users, key: &str, state: &[u8]) {
+        let u = update(state, Some(state.len() as i64));
+        let r = u.as_ref();
+        match users.find(key) {
+            Some(id) => users.set(id, &r, state, 7),
+            None => {
+                users.insert(key, &r, state, 7);
+            }
+        }
+    }
+
+    /// Users keep their ids and states through growth, moves, removals and
+    /// compaction (checked against a plain map after every step), and the bytes
+    /// held come back down once most states are gone.
+    #[test]
+    fn states_stay_right_through_moves_removals_and_compaction() {
+        let mut users = Users::default();
+        let mut model: HashMap<String, Vec<u8>> = HashMap::new();
+        let mut rng = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut next = || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng
+        };
+        let check = |users: &Users, model: &HashMap<String, Vec<u8>>| {
+            assert_eq!(users.len(), model.len());
+            for (k, v) in model {
+                let e = users.get(k).unwrap_or_else(|| panic!("{k} missing"));
+                assert_eq!(e.state(), &v[..], "{k}");
+                assert_eq!(e.clock, Some(v.len() as i64));
+                assert_eq!(e.by, 7);
+            }
+            let mut seen: Vec<&str> = users.keys().collect();
+            seen.sort_unstable();
+            let mut want: Vec<&str> = model.keys().map(String::as_str).collect();
+            want.sort_unstable();
+            assert_eq!(seen, want);
+        };
+        for round in 0..150_000 {
+            let key = format!("user-{:05}", next() % 20_000);
+            let n = (next() % 700) as usize;
+            if next() % 5 == 0 {
+                if let Some(id) = users.find(&key) {
+                    users.remove(id);
+                }
+                model.remove(&key);
+            } else {
+                let state: Vec<u8> = (0..n).map(|i| (i as u8) ^ (round as u8)).collect();
+                put(&mut users, &key, &state);
+                model.insert(key, state);
+            }
+            if round % 97 == 0 {
+                users.compact();
+            }
+            if round % 25_000 == 0 {
+                check(&users, &model);
+            }
+        }
+        check(&users, &model);
+        // Compaction keeps the waste under its share.
+        for _ in 0..100 {
+            users.compact();
+        }
+        check(&users, &model);
+        assert!(
+            !users.over_waste(),
+            "waste {} of {}",
+            users.waste,
+            users.used
+        );
+        // Most gone: the chunks follow.
+        let before = users.footprint().0;
+        let keys: Vec<String> = model.keys().skip(100).cloned().collect();
+        for k in keys {
+            users.remove(users.find(&k).unwrap());
+            model.remove(&k);
+            users.compact();
+        }
+        for _ in 0..100 {
+            users.compact();
+        }
+        check(&users, &model);
+        let after = users.footprint().0;
+        assert!(after * 4 < before, "{before} -> {after} bytes of chunks");
+        // All gone: nothing held.
+        let keys: Vec<String> = model.keys().cloned().collect();
+        for k in keys {
+            users.remove(users.find(&k).unwrap());
+        }
+        assert_eq!(users.footprint(), (0, 0));
+        assert_eq!(users.slots.len(), 0);
+    }
+
+    #[test]
+    fn a_state_that_fits_is_written_in_place_one_that_does_not_moves() {
+        let mut users = Users::default();
+        put(&mut users, "u", &[1; 100]);
+        let at = |users: &Users| {
+            let s = users.slots[users.find("u").unwrap() as usize];
+            (s.chunk, s.offset)
+        };
+        let first = at(&users);
+        put(&mut users, "u", &[2; 110]);
+        assert_eq!(at(&users), first, "fits the room");
+        assert_eq!(users.get("u").unwrap().state(), &[2; 110][..]);
+        put(&mut users, "u", &[3; 200]);
+        assert_ne!(at(&users), first, "outgrew it");
+        assert_eq!(users.get("u").unwrap().state(), &[3; 200][..]);
+        assert_eq!(users.waste, block_for(1, 100, true));
+        // A user not visible (a tombstone, mostly) gets no room to grow.
+        let hidden = update(&[4; 50], None);
+        let mut hidden = hidden.as_ref();
+        hidden.view = None;
+        users.insert("gone", &hidden, &[4; 50], 7);
+        let room = users.get("gone").unwrap().room.len();
+        assert!((50..58).contains(&room), "{room}");
+        // So little waste is left where it is: nothing moves.
+        let moved = at(&users);
+        users.compact();
+        assert_eq!(at(&users), moved, "compacted under the waste's share");
+    }
+}
