@@ -98,7 +98,7 @@ fn key(value: &str) -> &str {
     ""
 }
 
-/// Folds the history through `logq::fold::fold_in_lanes` into a `StateStore`, in
+/// Folds the history through `logq::fold::fold_in_lanes` into a store (its `Writer`), in
 /// batches of `batch`, `runs` times with 1 and 2 lanes alternately; checks that both
 /// keep the same state.
 pub fn lanes(history: &History, batch: usize, runs: usize) -> anyhow::Result<LanesResult> {
@@ -118,7 +118,7 @@ pub fn lanes(history: &History, batch: usize, runs: usize) -> anyhow::Result<Lan
     let mut states: [Vec<_>; 2] = [Vec::new(), Vec::new()];
     for _ in 0..runs.max(1) {
         for (i, lanes) in [1, 2].into_iter().enumerate() {
-            let store = logq::state::StateStore::new();
+            let store = logq::state::Writer::new_store();
             let cpu_before = crate::cpu::own_seconds()?;
             let start = Instant::now();
             for (chunk, routes) in records.chunks(batch).zip(routes.chunks(batch)) {

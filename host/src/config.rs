@@ -300,7 +300,7 @@ impl RunConfig {
 pub struct Retention(pub Option<std::time::Duration>);
 
 impl Retention {
-    /// In microseconds, 0 for never (what [`crate::state::StateStore::set_retention`]
+    /// In microseconds, 0 for never (what [`crate::state::Writer::set_retention`]
     /// takes).
     pub fn micros(self) -> i64 {
         self.0

@@ -20,7 +20,7 @@ use crate::metrics::Metrics;
 use crate::reducers::canary::canary;
 use crate::reducers::replay::Setup;
 use crate::reducers::{Active, Origin, Registry};
-use crate::state::StateStore;
+use crate::state::Writer;
 use crate::{broker, http, reducers};
 
 /// Longest the HTTP server waits for open connections after shutdown starts.
@@ -50,8 +50,10 @@ pub async fn run(
         topics: Topics::from(&config),
         wait_max: std::time::Duration::from_millis(config.read_wait_max_ms),
     };
-    let store = Arc::new(StateStore::new());
-    store.set_retention(config.tombstone_retention.micros());
+    // The consumer loop writes the store; everything else reads it.
+    let writer = Writer::new_store();
+    writer.set_retention(config.tombstone_retention.micros());
+    let store = Arc::clone(writer.store());
     let registry = Arc::new(Registry::new(
         runtime,
         store.clone(),
@@ -117,7 +119,7 @@ pub async fn run(
     let mut consumer = Consumer::new(
         config,
         registry.clone(),
-        store.clone(),
+        writer,
         metrics.clone(),
         stop.clone(),
         command_rx,

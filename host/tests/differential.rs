@@ -5,7 +5,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use logq::fold::{DEFAULT_REDUCER, Folding, Limits, Reducer, ReducerError, Runtime, fold_in_lanes};
-use logq::state::StateStore;
+use logq::state::Writer;
 use logq_abi::driver::{Model, NoPrior};
 use logq_abi::{OwnedRecord, Record, Source};
 use logq_reducer::Native;
@@ -148,7 +148,7 @@ type InLanes = (
 );
 
 fn fold_in(lanes: usize, batches: &[Vec<(OwnedRecord, u64)>]) -> InLanes {
-    let store = StateStore::new();
+    let store = Writer::new_store();
     let (mut foldings, mut refolded, mut owned) = (Vec::new(), 0, 0);
     for batch in batches {
         let records: Vec<Record<'_>> = batch.iter().map(|(r, _)| r.as_record()).collect();

@@ -20,7 +20,7 @@
 use std::time::Duration;
 
 use logq::fold::{Limits, Reducer, ReducerError, Runtime, fold_into};
-use logq::state::StateStore;
+use logq::state::Writer;
 use logq_abi::driver::NoPrior;
 use logq_abi::{Record, Source};
 
@@ -160,7 +160,7 @@ fn a_batch_with_one_hostile_record_dead_letters_it_and_applies_the_rest() {
             })
             .collect();
         let records = Record::sequence(values.iter().map(|v| (Source::Users, v.as_bytes())));
-        let store = StateStore::new();
+        let store = Writer::new_store();
         let folding = fold_into(&r, &store, &records);
         let case = format!("{behaviour}@{phase}");
         assert_eq!(folding.dead.len(), 1, "{case}: {:?}", folding.dead);
@@ -194,7 +194,7 @@ fn the_batch_split_isolates_every_bad_record_and_keeps_the_good_ones() {
         })
         .collect();
     let records = Record::sequence(values.iter().map(|v| (Source::Users, v.as_bytes())));
-    let store = StateStore::new();
+    let store = Writer::new_store();
     let folding = fold_into(&r, &store, &records);
     let dead: Vec<usize> = folding.dead.iter().map(|d| d.input).collect();
     assert_eq!(dead, [3, 7, 9], "{:?}", folding.dead);

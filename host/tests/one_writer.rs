@@ -27,7 +27,7 @@ use logq::metrics::Metrics;
 use logq::reducers::canary::{SAMPLE_ORGANIZATIONS, SAMPLE_USERS};
 use logq::reducers::replay::{Setup, Step};
 use logq::reducers::{Active, Mode, Origin, Registry, SwapError};
-use logq::state::StateStore;
+use logq::state::{StateStore, Writer};
 
 const SNAKE: &str = "069feb770fe581acc9d3313d59780196";
 
@@ -136,7 +136,8 @@ fn start() -> Service {
     )
     .unwrap();
     let first = runtime.load(DEFAULT_REDUCER).expect("default reducer");
-    let store = Arc::new(StateStore::new());
+    let writer = Writer::new_store();
+    let store = Arc::clone(writer.store());
     let (commands, command_rx) = mpsc::channel();
     let gate = Arc::new(Gate::default());
     let hook_gate = gate.clone();
@@ -167,7 +168,7 @@ fn start() -> Service {
     let consumer = Consumer::new(
         config,
         registry.clone(),
-        store.clone(),
+        writer,
         metrics.clone(),
         stop.clone(),
         command_rx,

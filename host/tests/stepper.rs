@@ -18,7 +18,7 @@ use logq::broker::mock::DevBroker;
 use logq::broker::{Partition, Positions, Record, Topics};
 use logq::config::KafkaConfig;
 use logq::fold::{DEFAULT_REDUCER, DeadLetter, Limits, Reducer, Runtime};
-use logq::state::StateStore;
+use logq::state::Writer;
 use logq::step::{Ahead, Observer, Stepper};
 use logq_abi::Source;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
@@ -102,7 +102,7 @@ fn stepper(c: &TopicConsumer, ahead: Ahead) -> Stepper<'_> {
 fn step_until(
     stepper: &mut Stepper<'_>,
     reducer: &Reducer,
-    store: &StateStore,
+    store: &Writer,
     positions: &mut Positions,
     goal: &Positions,
     seen: &mut Seen,
@@ -149,7 +149,7 @@ fn a_log_ending_in_tombstones_is_read_to_its_end_and_refusals_keep_their_place()
             ("organizations", None),
         ],
     );
-    let (reducer, store) = (reducer(), StateStore::new());
+    let (reducer, store) = (reducer(), Writer::new_store());
     let c = consumer(&broker, "stepper-test");
     let mut stepper = stepper(&c, Ahead::Never);
     let mut positions = Positions::new();
@@ -183,7 +183,7 @@ fn a_stepper_that_may_not_poll_ahead_leaves_the_rest_to_the_next_one() {
     let records: Vec<(&str, Option<&str>)> =
         events.iter().map(|e| ("users", Some(e.as_str()))).collect();
     produce(&broker, &records);
-    let (reducer, store) = (reducer(), StateStore::new());
+    let (reducer, store) = (reducer(), Writer::new_store());
     let c = consumer(&broker, "stepper-ahead-test");
     let mut positions = Positions::new();
     let mut seen = Seen::default();

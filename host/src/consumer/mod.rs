@@ -40,7 +40,7 @@ use crate::config::RunConfig;
 use crate::fold::DeadLetter;
 use crate::metrics::Metrics;
 use crate::reducers::{Active, Command, Registry, Switched};
-use crate::state::StateStore;
+use crate::state::Writer;
 use crate::state::snapshot::Snapshot;
 use crate::step::{Ahead, Observer, Step, Stepper};
 use dead_letter::DeadLetters;
@@ -73,7 +73,7 @@ fn safe(dlq: &DeadLetters, positions: &Positions) -> Positions {
 struct Live<'a> {
     dlq: &'a mut DeadLetters,
     /// The store the step folds into: it keeps what was refused (for previews).
-    store: &'a StateStore,
+    store: &'a Writer,
     registry: &'a Registry,
     /// Whether this host dead-letters refused organization records: every host reads
     /// them all, so when hosts share partitions only one does (the holder of the users
@@ -269,7 +269,7 @@ impl Sharing {
         &self,
         news: Ownership,
         consumer: &TopicConsumer,
-        store: &StateStore,
+        store: &Writer,
         positions: &mut Positions,
         catch_up: &mut CatchUp,
         dlq: &mut DeadLetters,
@@ -349,7 +349,7 @@ impl Sharing {
     }
 
     /// Forgets the users of `partitions` and their refusals; how many users.
-    fn forget(&self, store: &StateStore, partitions: &[i32]) -> usize {
+    fn forget(&self, store: &Writer, partitions: &[i32]) -> usize {
         store
             .refused()
             .forget(|p| p.source == Source::Users && partitions.contains(&p.id));
@@ -363,7 +363,7 @@ impl Sharing {
     /// After a step: a batch polled before a handover may have folded records of a
     /// partition this host no longer holds; its users go again (unless it still
     /// answers for them: then they are only newer).
-    fn tidy(&self, store: &StateStore, step: &Step, positions: &mut Positions) {
+    fn tidy(&self, store: &Writer, step: &Step, positions: &mut Positions) {
         let stray: Vec<i32> = step
             .advanced
             .keys()
@@ -383,7 +383,7 @@ impl Sharing {
     }
 
     /// Forgets the users of partitions given up whose new holder has caught up.
-    fn let_go(&self, store: &StateStore) {
+    fn let_go(&self, store: &Writer) {
         let done: Vec<i32> = self
             .cluster
             .handed_over()
@@ -414,7 +414,7 @@ pub struct Consumer {
     config: RunConfig,
     topics: Topics,
     registry: Arc<Registry>,
-    store: Arc<StateStore>,
+    store: Writer,
     metrics: Arc<Metrics>,
     stop: Arc<AtomicBool>,
     commands: Receiver<Command>,
@@ -428,7 +428,7 @@ impl Consumer {
     pub fn new(
         config: RunConfig,
         registry: Arc<Registry>,
-        store: Arc<StateStore>,
+        store: Writer,
         metrics: Arc<Metrics>,
         stop: Arc<AtomicBool>,
         commands: Receiver<Command>,
@@ -619,7 +619,7 @@ impl Consumer {
                 organization_letters: sharing.as_ref().is_none_or(|s| s.cluster.owns(0)),
             };
             let reducer = &self.slots.current.reducer;
-            match stepper.step(reducer, &*self.store, POLL_WAIT, &mut live) {
+            match stepper.step(reducer, &self.store, POLL_WAIT, &mut live) {
                 Ok(Some(step)) => {
                     changed = true;
                     self.count(&step);

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use crate::broker::consumer::Watermarks;
 use crate::broker::{Partition, Positions};
 use crate::metrics::Metrics;
-use crate::state::StateStore;
+use crate::state::Writer;
 use crate::state::snapshot::Snapshot;
 
 /// Writes snapshots on a thread of its own, so the consumer loop never waits on disk.
@@ -83,7 +83,7 @@ pub fn restore(
     renderer: u32,
     topics: &[&str],
     targets: &BTreeMap<Partition, Watermarks>,
-    store: &StateStore,
+    store: &Writer,
 ) -> Option<Positions> {
     let (snap, path) = crate::state::snapshot::load_newest(dir, sha256, topics)?;
     if let Some((p, o)) = snap
@@ -102,7 +102,7 @@ pub fn restore(
         .map(|(p, w)| (*p, snap.offsets.get(p).copied().unwrap_or(w.low).max(w.low)))
         .collect();
     let n = snap.entities.len();
-    let restored = StateStore::from_dump(snap.entities, renderer);
+    let restored = Writer::from_dump(snap.entities, renderer);
     *restored.refused() = snap.refused;
     store.replace(restored);
     tracing::info!(
@@ -189,7 +189,7 @@ mod tests {
             refused: refused.clone(),
         };
         crate::state::snapshot::write(&dir, &snapshot, 1).unwrap();
-        let store = StateStore::new();
+        let store = Writer::new_store();
         let targets = BTreeMap::from([(users(0), Watermarks { low: 0, high: 12 })]);
         let positions = restore(&dir, &sha, 1, &["users", "organizations"], &targets, &store);
         assert_eq!(positions, Some(Positions::from([(users(0), 10)])));

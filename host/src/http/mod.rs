@@ -404,15 +404,20 @@ mod tests {
     use std::sync::Arc;
 
     use crate::metrics::Metrics;
-    use crate::state::StateStore;
+    use crate::state::Writer;
     use std::time::Duration;
 
     use logq_abi::{Entity, Kind};
 
     use crate::reducers::{Mode, Origin, Outcome, ReducerInfo, Submitted, SwapError, SwapRecord};
 
+    /// The store's writer, as the consumer loop would hold it.
+    fn writer(store: &Arc<crate::state::StateStore>) -> Writer {
+        Writer::claim(store).expect("no other writer")
+    }
+
     fn api() -> Api {
-        let store = Arc::new(StateStore::new());
+        let store = Writer::new_store();
         store.apply(
             &[Entity {
                 kind: Kind::User,
@@ -421,7 +426,7 @@ mod tests {
             vec![crate::state::test_update(Some(r#"{"id":"snake ü"}"#), None)],
         );
         Api {
-            store,
+            store: Arc::clone(store.store()),
             metrics: Arc::new(Metrics::new(["users", "organizations"])),
             admin: Arc::new(admin(None, Fake::default())),
             cluster: None,
@@ -507,7 +512,7 @@ mod tests {
     #[tokio::test]
     async fn answers_carry_their_position_and_an_etag_that_gives_304() {
         let api = api();
-        api.store.publish_position(&at(7));
+        writer(&api.store).publish_position(&at(7));
         let r = warp::test::request()
             .path("/users/snake%20%C3%BC")
             .reply(&routes(api.clone()))
@@ -547,7 +552,7 @@ mod tests {
     #[tokio::test]
     async fn a_read_waits_for_the_position_it_requires_and_gives_up_with_503() {
         let api = api();
-        api.store.publish_position(&at(3));
+        writer(&api.store).publish_position(&at(3));
         // Reached already: answered at once.
         let r = warp::test::request()
             .path("/users/snake%20%C3%BC?min_position=users/0@3")
@@ -558,7 +563,7 @@ mod tests {
         let store = api.store.clone();
         let later = tokio::spawn(async move {
             tokio::time::sleep(Duration::from_millis(50)).await;
-            store.publish_position(&at(5));
+            writer(&store).publish_position(&at(5));
         });
         let r = warp::test::request()
             .path("/users/snake%20%C3%BC")

@@ -318,11 +318,11 @@ fn changes(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::state::Writer;
     use crate::state::test_update;
     use logq_abi::{Entity, Kind};
-    use std::sync::Arc;
 
-    fn user(store: &StateStore, id: &str, answer: Option<&str>) {
+    fn user(store: &Writer, id: &str, answer: Option<&str>) {
         store.apply(
             &[Entity {
                 kind: Kind::User,
@@ -333,7 +333,7 @@ mod tests {
     }
 
     /// `store`'s answers frozen as a preview freezes them.
-    fn frozen(store: &Arc<StateStore>) -> Export {
+    fn frozen(store: &Writer) -> Export {
         let mut image = store.image(&Positions::new());
         image.sort();
         image
@@ -341,7 +341,7 @@ mod tests {
 
     #[test]
     fn the_live_answers_are_compared_as_they_were_at_the_position_not_later() {
-        let (live, candidate) = (Arc::new(StateStore::new()), StateStore::new());
+        let (live, candidate) = (Writer::new_store(), Writer::new_store());
         user(&live, "a", Some(r#"{"id":"a","email":"old@x"}"#));
         user(&live, "gone", Some(r#"{"id":"gone"}"#));
         user(&candidate, "a", Some(r#"{"id":"a","email":"old@x"}"#));
@@ -369,7 +369,7 @@ mod tests {
 
     #[test]
     fn split_among_threads_it_reports_what_one_pass_does() {
-        let (live, candidate) = (Arc::new(StateStore::new()), StateStore::new());
+        let (live, candidate) = (Writer::new_store(), Writer::new_store());
         for i in 0..200 {
             let id = format!("u{i:03}");
             let answer = |v: usize| format!(r#"{{"id":"{id}","v":{v}}}"#);
@@ -437,7 +437,7 @@ mod tests {
 
     #[test]
     fn each_id_lands_in_one_category_and_fields_are_counted_once() {
-        let (live, candidate) = (Arc::new(StateStore::new()), StateStore::new());
+        let (live, candidate) = (Writer::new_store(), Writer::new_store());
         user(&live, "same", Some(r#"{"id":"same","email":"a@x"}"#));
         user(&candidate, "same", Some(r#"{"id":"same","email":"a@x"}"#));
         user(&live, "masked", Some(r#"{"id":"masked","email":"b@x"}"#));

@@ -29,7 +29,7 @@ use crate::broker::consumer::{POLL_WAIT, REQUEST_TIMEOUT, TopicConsumer};
 use crate::broker::{Partition, Positions, Topics};
 use crate::config::KafkaConfig;
 use crate::fold::DeadLetter;
-use crate::state::StateStore;
+use crate::state::Writer;
 use crate::state::export::Export;
 use crate::state::refused::Refused;
 use crate::step::{Ahead, Observer, Stepper};
@@ -166,7 +166,7 @@ pub struct Tail {
     replay: Arc<Replay>,
     consumer: TopicConsumer,
     setup: Setup,
-    shadow: StateStore,
+    shadow: Writer,
     positions: Positions,
     /// Where it began reading each partition (the log's start then): refusals of
     /// the live state before these are not compared.
@@ -316,7 +316,7 @@ impl Replay {
     /// the live answers as `live` froze them against the candidate's `shadow`. The
     /// report goes into the history unless the preview was cancelled or superseded
     /// meanwhile; the shadow and the image are dropped either way.
-    fn report(&self, live: Frozen, shadow: StateStore) {
+    fn report(&self, live: Frozen, shadow: Writer) {
         self.pause(Step::Comparing);
         let Frozen {
             mut answers,
@@ -389,7 +389,7 @@ impl Replay {
             .map_err(|e| e.to_string())?;
         let assigned: Vec<(Partition, Option<i64>)> = targets.keys().map(|p| (*p, None)).collect();
         consumer.assign(&assigned).map_err(|e| e.to_string())?;
-        let shadow = StateStore::new();
+        let shadow = Writer::new_store();
         shadow.set_renderer(active.id);
         shadow.set_retention(setup.tombstone_retention_micros);
         let mut positions: Positions = targets.iter().map(|(p, w)| (*p, w.low)).collect();
@@ -427,8 +427,8 @@ impl Tail {
     pub fn finish(
         mut self,
         live: &Positions,
-        store: &Arc<StateStore>,
-        flip: impl FnOnce(StateStore, Arc<Active>),
+        store: &Writer,
+        flip: impl FnOnce(Writer, Arc<Active>),
     ) -> bool {
         let taken = Instant::now();
         let replay = self.replay.clone();
@@ -569,7 +569,7 @@ impl Tail {
 /// in the shadow, which keeps its refusals as the live state does (for a preview's
 /// comparison, and for the previews after a flip). Nothing is dead-lettered.
 struct Refusals<'a> {
-    shadow: &'a StateStore,
+    shadow: &'a Writer,
 }
 
 impl Observer for Refusals<'_> {

@@ -276,7 +276,7 @@ impl StateStore {
     }
 
     /// Renders what the batch up to `position` changed and offers it (the writer,
-    /// from [`StateStore::publish_position`]).
+    /// from [`super::Writer::publish_position`]).
     pub(super) fn publish_changes(&self, position: &Positions) {
         let mut touched: Vec<(Kind, Box<str>)> = Vec::new();
         for shard in self.shards.iter() {
@@ -327,6 +327,7 @@ impl StateStore {
 mod tests {
     use super::*;
     use crate::broker::Partition;
+    use crate::state::Writer;
     use crate::state::test_update;
     use logq_abi::{Entity, Source};
 
@@ -342,7 +343,7 @@ mod tests {
         .collect()
     }
 
-    fn set(store: &StateStore, id: &str, v: Option<&str>, n: i64) {
+    fn set(store: &Writer, id: &str, v: Option<&str>, n: i64) {
         let update = match v {
             Some(v) => test_update(Some(&format!(r#"{{"id":"{id}","v":"{v}"}}"#)), None),
             None => test_update(None, None),
@@ -359,7 +360,7 @@ mod tests {
 
     #[test]
     fn watchers_get_each_change_of_their_user_in_order_and_resume_from_the_window() {
-        let store = StateStore::new();
+        let store = Writer::new_store();
         set(&store, "a", Some("0"), 1);
         let mut sub = store.subscribe(Filter::User("a".into()), None).unwrap();
         assert_eq!(
@@ -399,7 +400,7 @@ mod tests {
 
     #[test]
     fn a_slow_subscriber_is_dropped_with_a_reason_and_ingest_goes_on() {
-        let store = StateStore::new();
+        let store = Writer::new_store();
         let slow = store.subscribe(Filter::All, None).unwrap();
         for n in 0..(QUEUE_BATCHES as i64 + 5) {
             set(&store, "a", Some(&n.to_string()), n + 1);
@@ -412,11 +413,11 @@ mod tests {
 
     #[test]
     fn a_replaced_state_ends_subscriptions_and_resumes_start_again() {
-        let store = StateStore::new();
+        let store = Writer::new_store();
         set(&store, "a", Some("0"), 1);
         let sub = store.subscribe(Filter::All, None).unwrap();
         set(&store, "a", Some("1"), 2);
-        store.replace(StateStore::new());
+        store.replace(Writer::new_store());
         let reason = sub.dropped.lock().unwrap().clone().expect("ended");
         assert!(reason.contains("rebuilt"), "{reason}");
         store.publish_position(&at(3));

@@ -2,7 +2,7 @@
 //! without stopping ingest and without copying the state.
 //!
 //! How it stays consistent: the export is begun by the one writer between two batches
-//! ([`StateStore::serve_exports`]), when the state is exactly at the loop's position.
+//! ([`super::Writer::serve_exports`]), when the state is exactly at the loop's position.
 //! It then copies only the user *keys* (about 40 bytes a user) and the organizations'
 //! answers (few); user entries are read from the live store as the stream goes, in
 //! chunks under short read locks. The writer, before it changes or forgets a user
@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::broker::Positions;
 
-use super::{Entry, EntryRef, StateStore, join_view};
+use super::{Entry, EntryRef, StateStore, Writer, join_view};
 
 /// Most exports running at once (each costs the writer a little per change).
 pub const MAX_EXPORTS: usize = 4;
@@ -156,7 +156,7 @@ impl Export {
         self.image.replaced.load(Ordering::Relaxed)
     }
 
-    /// Puts the user keys in order: [`StateStore::image`] leaves that to its caller,
+    /// Puts the user keys in order: [`super::Writer::image`] leaves that to its caller,
     /// off the writer's thread.
     pub fn sort(&mut self) {
         self.users.sort_unstable();
@@ -187,12 +187,14 @@ impl StateStore {
         pending.push(tx);
         Some(rx)
     }
+}
 
+impl Writer {
     /// Begins the exports asked for, at `position`: called by the one writer between
     /// two batches, when the state is exactly there (and, being the writer's thread,
     /// nothing changes it meanwhile). Collects the user keys and the organizations
     /// under a read lock, so GETs go on (O(users), no state copied).
-    pub fn serve_exports(self: &Arc<Self>, position: &Positions) {
+    pub fn serve_exports(&self, position: &Positions) {
         let waiting: Vec<Pending> = {
             let mut pending = self
                 .pending_exports
@@ -216,7 +218,7 @@ impl StateStore {
     /// Called by the one writer between two batches, when the state is exactly at
     /// `position` (so nothing changes it meanwhile). Copies the user keys (unsorted:
     /// see [`Export::sort`]) and the organizations under read locks, so GETs go on.
-    pub fn image(self: &Arc<Self>, position: &Positions) -> Export {
+    pub fn image(&self, position: &Positions) -> Export {
         let image = Arc::new(Image::default());
         for shard in self.shards.iter() {
             let mut shard = super::write(shard);
@@ -248,7 +250,7 @@ impl StateStore {
             )
         };
         Export {
-            store: self.clone(),
+            store: Arc::clone(&self.0),
             position: position.clone(),
             users,
             organizations,
@@ -265,6 +267,7 @@ impl StateStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::state::Writer;
     use crate::state::test_update;
     use logq_abi::{Entity, Kind};
 
@@ -281,7 +284,7 @@ mod tests {
         )
     }
 
-    fn apply(store: &StateStore, items: Vec<(Entity, logq_abi::Update)>) {
+    fn apply(store: &Writer, items: Vec<(Entity, logq_abi::Update)>) {
         let (keys, updates): (Vec<_>, Vec<_>) = items.into_iter().unzip();
         store.apply(&keys, updates);
     }
@@ -294,7 +297,7 @@ mod tests {
         Ok(out)
     }
 
-    fn begin(store: &Arc<StateStore>) -> Export {
+    fn begin(store: &Writer) -> Export {
         let mut rx = store.request_export().expect("room for an export");
         store.serve_exports(&Positions::new());
         rx.try_recv().expect("begun by serve_exports")
@@ -302,7 +305,7 @@ mod tests {
 
     #[test]
     fn an_export_shows_the_state_it_began_at_whatever_changes_meanwhile() {
-        let store = Arc::new(StateStore::new());
+        let store = Writer::new_store();
         let mut users: Vec<_> = (0..1500)
             .map(|i| user(&format!("u{i:04}"), "old"))
             .collect();
@@ -390,10 +393,10 @@ mod tests {
 
     #[test]
     fn exports_are_bounded_and_cut_short_by_a_replaced_state() {
-        let store = Arc::new(StateStore::new());
+        let store = Writer::new_store();
         apply(&store, vec![user("a", "x")]);
         let export = begin(&store);
-        store.replace(StateStore::new());
+        store.replace(Writer::new_store());
         let e = drain(export).unwrap_err();
         assert!(e.to_string().contains("replaced"), "{e}");
         let running: Vec<_> = (0..MAX_EXPORTS)

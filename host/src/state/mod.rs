@@ -6,10 +6,10 @@
 //! its own lock: the fold's lanes, which own disjoint sets of shards, apply their
 //! updates at the same time, and a reader locks only the shard of the user it reads
 //! (then the organizations', to join). A shard packs its users' ids and states end
-//! to end in large chunks, with no allocation per user ([`users`]). Organizations
+//! to end in large chunks, with no allocation per user (`users.rs`). Organizations
 //! are one small table of their own.
 //! What readers can rely on: an entity is never seen half-applied (each one changes
-//! under its shard's lock), a [`StateStore::replace`] is seen whole or not at all
+//! under its shard's lock), a [`Writer::replace`] is seen whole or not at all
 //! (it takes every lock), and the published position is never ahead of what every
 //! shard shows (the writer publishes after the whole batch is applied). Two entities
 //! of one batch may become visible a moment apart.
@@ -25,8 +25,8 @@ mod users;
 
 use std::collections::{BTreeSet, HashMap};
 use std::ops::Range;
-use std::sync::RwLock;
-use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
 
 use logq_abi::{Entity, Kind, States, Update, UpdateRef, Updates};
 
@@ -49,7 +49,7 @@ struct Entry {
     /// The organization name's range in the state (for a user: the one it joins;
     /// for an organization: its own).
     join: Option<Range<u32>>,
-    /// Which reducer rendered it (see [`StateStore::set_renderer`]).
+    /// Which reducer rendered it (see [`Writer::set_renderer`]).
     by: u32,
     /// The entity's newest event time, if the reducer says (see [`Update::clock`]).
     clock: Option<i64>,
@@ -174,7 +174,7 @@ impl Organizations {
 pub struct Kept {
     /// The state, as the reducer returned it.
     pub state: Vec<u8>,
-    /// Which reducer rendered it (see [`StateStore::set_renderer`]).
+    /// Which reducer rendered it (see [`Writer::set_renderer`]).
     pub by: u32,
     /// The join key: for a user, the organization name it joins; for an
     /// organization, its own name.
@@ -213,28 +213,29 @@ pub struct Sizes {
 /// No clock yet (see [`StateStore::clock`]).
 const NO_CLOCK: i64 = i64::MIN;
 
-/// All state the host owns, shared by the consumer loop and its lanes (the writers)
-/// and HTTP readers.
+/// All state the host owns. Its methods only read: HTTP readers share it as an
+/// `Arc<StateStore>`; what changes it is the one [`Writer`] (the consumer loop, whose
+/// lanes write their own shards through it at the same time).
 ///
 /// `std::sync::RwLock`s and not async locks: nothing awaits while holding one,
 /// readers hold one for a few hash lookups and a writer for its share of a batch.
 /// Lock order, everywhere: a shard before the organizations, shards in index order;
-/// no writer holds two locks but [`StateStore::replace`], which takes them all in
-/// that order.
+/// no write holds two locks but [`Writer::replace`], which takes them all in that
+/// order (and then the other store's, one at a time).
 #[derive(Debug)]
 pub struct StateStore {
     shards: Box<[RwLock<Shard>]>,
     organizations: RwLock<Organizations>,
-    /// The tag [`StateStore::apply`] gives the entries it writes: the id of the
+    /// The tag [`Writer::apply`] gives the entries it writes: the id of the
     /// reducer folding into this store (0: an earlier one, after a restore).
     renderer: AtomicU32,
     /// How far (µs of event time) a tombstone's clock may fall behind the store's
-    /// clock before it is forgotten; 0: never (see [`StateStore::set_retention`]).
+    /// clock before it is forgotten; 0: never (see [`Writer::set_retention`]).
     retention: AtomicI64,
     /// The event-time clock: the largest entity clock seen (capped near the wall
-    /// clock, see [`StateStore::apply`]); [`NO_CLOCK`] before any.
+    /// clock, see [`Writer::apply`]); [`NO_CLOCK`] before any.
     clock: AtomicI64,
-    /// Tombstones this store forgot (kept across [`StateStore::replace`], so the
+    /// Tombstones this store forgot (kept across [`Writer::replace`], so the
     /// counter never goes back).
     expired: AtomicU64,
     /// How far into the log the visible state is (see [`StateStore::position`]).
@@ -245,6 +246,30 @@ pub struct StateStore {
     feed: changes::Feed,
     /// The records the reducer folding into this store refused.
     refused: std::sync::Mutex<refused::Refused>,
+    /// Whether a [`Writer`] of it exists.
+    writer_held: AtomicBool,
+}
+
+/// The one writer of a store: the consumer loop (and its lanes, which it lends the
+/// handle for the length of a batch), or a replay's thread for the shadow store it
+/// builds. Everything that changes a store is a method of this handle, not of
+/// [`StateStore`], whose methods readers call; and a store has at most one writer
+/// at a time ([`Writer::claim`]). It derefs to the store, for the writer's reads.
+#[derive(Debug)]
+pub struct Writer(Arc<StateStore>);
+
+impl std::ops::Deref for Writer {
+    type Target = StateStore;
+
+    fn deref(&self) -> &StateStore {
+        &self.0
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        self.0.writer_held.store(false, Ordering::Release);
+    }
 }
 
 impl Default for StateStore {
@@ -260,6 +285,7 @@ impl Default for StateStore {
             pending_exports: std::sync::Mutex::default(),
             feed: changes::Feed::default(),
             refused: std::sync::Mutex::default(),
+            writer_held: AtomicBool::default(),
         }
     }
 }
@@ -301,109 +327,14 @@ pub const EARLIER: u32 = 0;
 pub const CLOCK_AHEAD_MAX_MICROS: i64 = 24 * 3600 * 1_000_000;
 
 impl StateStore {
-    /// An empty store.
-    pub fn new() -> Self {
+    /// An empty store, without a writer yet (see [`Writer::new_store`]).
+    fn new() -> Self {
         Self::default()
-    }
-
-    /// Tombstones (users kept but not visible, with a clock) are forgotten once the
-    /// store's clock has moved more than `micros` of event time past theirs; 0 keeps
-    /// them for ever.
-    pub fn set_retention(&self, micros: i64) {
-        self.retention.store(micros.max(0), Ordering::Relaxed);
-    }
-
-    /// Stores the reducer's updates: each user under its shard's write lock (one
-    /// lock a shard, not an entity), the organizations under theirs; then forgets the
-    /// tombstones whose retention has passed. Several writers (the fold's lanes) may
-    /// apply at once. The clock only moves forward, by event times (never more than
-    /// [`CLOCK_AHEAD_MAX_MICROS`] past the wall clock).
-    pub fn apply(&self, entities: &[Entity], updates: impl Into<Updates>) {
-        let updates = updates.into();
-        let by = self.renderer.load(Ordering::Relaxed);
-        let wall = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX));
-        let cap = wall.saturating_add(CLOCK_AHEAD_MAX_MICROS);
-        let recording = self.feed.enabled.load(Ordering::Relaxed);
-        let mut clock = NO_CLOCK;
-        // (shard, index) of each user; the organizations' indexes.
-        let mut users: Vec<(usize, usize)> = Vec::with_capacity(entities.len());
-        let mut organizations = Vec::new();
-        for (i, (entity, update)) in entities.iter().zip(updates.iter()).enumerate() {
-            if let Some(c) = update.clock {
-                clock = clock.max(c.min(cap));
-            }
-            match entity.kind {
-                Kind::User => users.push((shard_of(entity.key.as_bytes()), i)),
-                Kind::Organization => organizations.push(i),
-            }
-        }
-        self.clock.fetch_max(clock, Ordering::Relaxed);
-        if !organizations.is_empty() {
-            let mut orgs = self.write_organizations();
-            for i in organizations {
-                let key = entities[i].key.as_str();
-                if recording {
-                    orgs.touched.push(key.into());
-                }
-                let (gone, came) = orgs.put(key.into(), Entry::new(&updates.get(i), by));
-                orgs.answers.count(gone, came);
-            }
-        }
-        users.sort_unstable();
-        for group in users.chunk_by(|a, b| a.0 == b.0) {
-            let mut shard = self.write_shard(group[0].0);
-            for &(_, i) in group {
-                let key = entities[i].key.as_str();
-                if recording {
-                    shard.touched.push(key.into());
-                }
-                shard.put(key, &updates.get(i), by);
-            }
-            shard.users.compact();
-        }
-        self.expire();
-    }
-
-    /// Forgets, in every shard, the tombstones whose retention has passed.
-    fn expire(&self) {
-        let retention = self.retention.load(Ordering::Relaxed);
-        let Some(clock) = self.clock() else { return };
-        if retention <= 0 {
-            return;
-        }
-        let horizon = clock.saturating_sub(retention);
-        for (i, shard) in self.shards.iter().enumerate() {
-            let due = |s: &Shard| s.tombstones.first().is_some_and(|(c, _)| *c < horizon);
-            if !due(&read(shard)) {
-                continue;
-            }
-            let n = self.write_shard(i).expire(horizon);
-            self.expired.fetch_add(n, Ordering::Relaxed);
-        }
     }
 
     /// The event-time clock, once anything carried one.
     fn clock(&self) -> Option<i64> {
         Some(self.clock.load(Ordering::Relaxed)).filter(|c| *c != NO_CLOCK)
-    }
-
-    /// Publishes how far into the log the visible state is: called by the one writer
-    /// after each batch is applied (by every lane), so the published position never
-    /// runs ahead of what readers see (it may briefly lag it, which is safe for
-    /// read-your-writes).
-    pub fn publish_position(&self, positions: &Positions) {
-        if self.feed.enabled.load(Ordering::Relaxed) {
-            self.publish_changes(positions);
-        }
-        self.position.0.send_if_modified(|p| {
-            let changed = p != positions;
-            if changed {
-                p.clone_from(positions);
-            }
-            changed
-        });
     }
 
     /// The next offset to fold per partition: everything below is in the state. Read
@@ -484,11 +415,6 @@ impl StateStore {
         Some(self.list_users(Some(&name), after, limit))
     }
 
-    /// From now on, entries written are tagged as rendered by reducer `id`.
-    pub fn set_renderer(&self, id: u32) {
-        self.renderer.store(id, Ordering::Relaxed);
-    }
-
     /// How many visible answers there are, and how many reducer `id` rendered.
     pub fn answers(&self, id: u32) -> Answers {
         let mut out = Answers { total: 0, by_it: 0 };
@@ -501,35 +427,6 @@ impl StateStore {
         }
         add(&self.read_organizations().answers);
         out
-    }
-
-    /// Takes over `other`'s contents in one step: readers see all of the old state
-    /// or all of the new, never a mix (every lock is held for the swap).
-    pub fn replace(&self, other: StateStore) {
-        self.set_renderer(other.renderer.load(Ordering::Relaxed));
-        let mut shards: Vec<_> = self.shards.iter().map(write).collect();
-        let mut orgs = write(&self.organizations);
-        for (mine, theirs) in shards.iter_mut().zip(other.shards.into_vec()) {
-            let theirs = theirs.into_inner().unwrap_or_else(|p| p.into_inner());
-            // Running exports cannot finish at their position on another state.
-            for image in mine.images.drain(..).filter_map(|i| i.upgrade()) {
-                image.break_off();
-            }
-            **mine = theirs;
-        }
-        *orgs = other
-            .organizations
-            .into_inner()
-            .unwrap_or_else(|p| p.into_inner());
-        self.clock
-            .store(other.clock.load(Ordering::Relaxed), Ordering::Relaxed);
-        *self.refused() = other
-            .refused
-            .into_inner()
-            .unwrap_or_else(|p| p.into_inner());
-        drop(orgs);
-        drop(shards);
-        self.feed.replaced(self.position());
     }
 
     /// Every stored entity as (entity, update, whether reducer `current` rendered it):
@@ -560,21 +457,6 @@ impl StateStore {
         out
     }
 
-    /// A store holding exactly `entities` (what [`StateStore::dump`] gave), those
-    /// rendered by the dump's reducer tagged `current`, the others [`EARLIER`]; it
-    /// goes on writing as `current`.
-    pub fn from_dump(entities: Vec<(Entity, Update, bool)>, current: u32) -> Self {
-        let store = Self::new();
-        let (mine, earlier): (Vec<_>, Vec<_>) = entities.into_iter().partition(|e| e.2);
-        for (tag, list) in [(EARLIER, earlier), (current, mine)] {
-            store.set_renderer(tag);
-            let (keys, updates): (Vec<Entity>, Vec<Update>) =
-                list.into_iter().map(|(e, u, _)| (e, u)).unzip();
-            store.apply(&keys, updates);
-        }
-        store
-    }
-
     /// The answer for user `id`: its view joined with its organization's.
     pub fn user(&self, id: &str) -> Option<String> {
         let shard = self.read_shard(id);
@@ -585,21 +467,6 @@ impl StateStore {
         // Copying a few hundred bytes under the read locks is cheaper than sharing
         // pointers to them; a writer holds a lock only for its share of a batch.
         Some(join_view(view, org))
-    }
-
-    /// Forgets every user (visible or not) whose id `gone` says: a host that shares
-    /// partitions forgets the users of a partition that went to another host. Returns
-    /// how many.
-    pub fn forget_users(&self, gone: impl Fn(&str) -> bool) -> usize {
-        (0..self.shards.len())
-            .map(|i| self.write_shard(i).forget_where(&gone))
-            .sum()
-    }
-
-    /// The records the reducer folding into this store refused (see [`refused`]):
-    /// the writer notes them, a swap preview compares them.
-    pub fn refused(&self) -> std::sync::MutexGuard<'_, refused::Refused> {
-        self.refused.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// A user's state as kept (visible or not), for `?explain=1`; `None` when no
@@ -705,6 +572,182 @@ impl StateStore {
     }
 }
 
+impl Writer {
+    /// A new, empty store and its writer.
+    pub fn new_store() -> Self {
+        let store = StateStore::new();
+        store.writer_held.store(true, Ordering::Relaxed);
+        Self(Arc::new(store))
+    }
+
+    /// The writer of `store`; `None` while another writer of it exists.
+    pub fn claim(store: &Arc<StateStore>) -> Option<Self> {
+        store
+            .writer_held
+            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+            .ok()?;
+        Some(Self(Arc::clone(store)))
+    }
+
+    /// The store, for readers.
+    pub fn store(&self) -> &Arc<StateStore> {
+        &self.0
+    }
+
+    /// Tombstones (users kept but not visible, with a clock) are forgotten once the
+    /// store's clock has moved more than `micros` of event time past theirs; 0 keeps
+    /// them for ever.
+    pub fn set_retention(&self, micros: i64) {
+        self.retention.store(micros.max(0), Ordering::Relaxed);
+    }
+
+    /// Stores the reducer's updates: each user under its shard's write lock (one
+    /// lock a shard, not an entity), the organizations under theirs; then forgets the
+    /// tombstones whose retention has passed. Several writers (the fold's lanes) may
+    /// apply at once. The clock only moves forward, by event times (never more than
+    /// [`CLOCK_AHEAD_MAX_MICROS`] past the wall clock).
+    pub fn apply(&self, entities: &[Entity], updates: impl Into<Updates>) {
+        let updates = updates.into();
+        let by = self.renderer.load(Ordering::Relaxed);
+        let wall = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX));
+        let cap = wall.saturating_add(CLOCK_AHEAD_MAX_MICROS);
+        let recording = self.feed.enabled.load(Ordering::Relaxed);
+        let mut clock = NO_CLOCK;
+        // (shard, index) of each user; the organizations' indexes.
+        let mut users: Vec<(usize, usize)> = Vec::with_capacity(entities.len());
+        let mut organizations = Vec::new();
+        for (i, (entity, update)) in entities.iter().zip(updates.iter()).enumerate() {
+            if let Some(c) = update.clock {
+                clock = clock.max(c.min(cap));
+            }
+            match entity.kind {
+                Kind::User => users.push((shard_of(entity.key.as_bytes()), i)),
+                Kind::Organization => organizations.push(i),
+            }
+        }
+        self.clock.fetch_max(clock, Ordering::Relaxed);
+        if !organizations.is_empty() {
+            let mut orgs = self.write_organizations();
+            for i in organizations {
+                let key = entities[i].key.as_str();
+                if recording {
+                    orgs.touched.push(key.into());
+                }
+                let (gone, came) = orgs.put(key.into(), Entry::new(&updates.get(i), by));
+                orgs.answers.count(gone, came);
+            }
+        }
+        users.sort_unstable();
+        for group in users.chunk_by(|a, b| a.0 == b.0) {
+            let mut shard = self.write_shard(group[0].0);
+            for &(_, i) in group {
+                let key = entities[i].key.as_str();
+                if recording {
+                    shard.touched.push(key.into());
+                }
+                shard.put(key, &updates.get(i), by);
+            }
+            shard.users.compact();
+        }
+        self.expire();
+    }
+
+    /// Forgets, in every shard, the tombstones whose retention has passed.
+    fn expire(&self) {
+        let retention = self.retention.load(Ordering::Relaxed);
+        let Some(clock) = self.clock() else { return };
+        if retention <= 0 {
+            return;
+        }
+        let horizon = clock.saturating_sub(retention);
+        for (i, shard) in self.shards.iter().enumerate() {
+            let due = |s: &Shard| s.tombstones.first().is_some_and(|(c, _)| *c < horizon);
+            if !due(&read(shard)) {
+                continue;
+            }
+            let n = self.write_shard(i).expire(horizon);
+            self.expired.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+
+    /// Publishes how far into the log the visible state is: called by the one writer
+    /// after each batch is applied (by every lane), so the published position never
+    /// runs ahead of what readers see (it may briefly lag it, which is safe for
+    /// read-your-writes).
+    pub fn publish_position(&self, positions: &Positions) {
+        if self.feed.enabled.load(Ordering::Relaxed) {
+            self.publish_changes(positions);
+        }
+        self.position.0.send_if_modified(|p| {
+            let changed = p != positions;
+            if changed {
+                p.clone_from(positions);
+            }
+            changed
+        });
+    }
+
+    /// From now on, entries written are tagged as rendered by reducer `id`.
+    pub fn set_renderer(&self, id: u32) {
+        self.renderer.store(id, Ordering::Relaxed);
+    }
+
+    /// Takes over `other`'s contents in one step: readers see all of the old state
+    /// or all of the new, never a mix (every lock is held for the swap).
+    pub fn replace(&self, other: Writer) {
+        self.set_renderer(other.renderer.load(Ordering::Relaxed));
+        let mut shards: Vec<_> = self.shards.iter().map(write).collect();
+        let mut orgs = write(&self.organizations);
+        for (mine, theirs) in shards.iter_mut().zip(other.shards.iter()) {
+            let theirs = std::mem::take(&mut *write(theirs));
+            // Running exports cannot finish at their position on another state.
+            for image in mine.images.drain(..).filter_map(|i| i.upgrade()) {
+                image.break_off();
+            }
+            **mine = theirs;
+        }
+        *orgs = std::mem::take(&mut *write(&other.organizations));
+        self.clock
+            .store(other.clock.load(Ordering::Relaxed), Ordering::Relaxed);
+        *self.refused() = std::mem::take(&mut *other.refused());
+        drop(orgs);
+        drop(shards);
+        self.feed.replaced(self.position());
+    }
+
+    /// A store holding exactly `entities` (what [`StateStore::dump`] gave), those
+    /// rendered by the dump's reducer tagged `current`, the others [`EARLIER`]; it
+    /// goes on writing as `current`.
+    pub fn from_dump(entities: Vec<(Entity, Update, bool)>, current: u32) -> Self {
+        let store = Self::new_store();
+        let (mine, earlier): (Vec<_>, Vec<_>) = entities.into_iter().partition(|e| e.2);
+        for (tag, list) in [(EARLIER, earlier), (current, mine)] {
+            store.set_renderer(tag);
+            let (keys, updates): (Vec<Entity>, Vec<Update>) =
+                list.into_iter().map(|(e, u, _)| (e, u)).unzip();
+            store.apply(&keys, updates);
+        }
+        store
+    }
+
+    /// Forgets every user (visible or not) whose id `gone` says: a host that shares
+    /// partitions forgets the users of a partition that went to another host. Returns
+    /// how many.
+    pub fn forget_users(&self, gone: impl Fn(&str) -> bool) -> usize {
+        (0..self.shards.len())
+            .map(|i| self.write_shard(i).forget_where(&gone))
+            .sum()
+    }
+
+    /// The records the reducer folding into this store refused (see [`refused`]):
+    /// the writer notes them, a swap preview compares them.
+    pub fn refused(&self) -> std::sync::MutexGuard<'_, refused::Refused> {
+        self.refused.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
 // A panic while holding a lock cannot leave the maps half-updated in a way that
 // matters more than stopping service would, so poison is ignored.
 fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
@@ -736,9 +779,15 @@ impl States for StateStore {
     }
 }
 
-impl Target for StateStore {
+impl States for Writer {
+    fn states(&self, entities: &[Entity], each: &mut dyn FnMut(Option<&[u8]>)) {
+        self.0.states(entities, each);
+    }
+}
+
+impl Target for Writer {
     fn apply(&self, entities: Vec<Entity>, updates: Updates) {
-        StateStore::apply(self, &entities, updates);
+        Writer::apply(self, &entities, updates);
     }
 }
 
@@ -986,7 +1035,7 @@ mod tests {
 
     #[test]
     fn user_is_joined_with_its_organization_in_either_order() {
-        let store = StateStore::new();
+        let store = Writer::new_store();
         store.apply(
             &[entity(Kind::User, "u")],
             vec![update(Some(r#"{"id":"u"}"#), Some("MGS"))],
@@ -1016,7 +1065,7 @@ mod tests {
 
     #[test]
     fn a_state_is_overwritten_in_place_when_it_fits_and_moves_when_it_does_not() {
-        let store = StateStore::new();
+        let store = Writer::new_store();
         let u = [entity(Kind::User, "u")];
         let answer = |n: usize| format!(r#"{{"id":"u","pad":"{}"}}"#, "x".repeat(n));
         // A state of 110 bytes ("s", then the answer) gets a block of 128 with its id:
@@ -1069,8 +1118,29 @@ mod tests {
     }
 
     #[test]
+    fn a_store_has_one_writer_at_a_time() {
+        let first = Writer::new_store();
+        let store = Arc::clone(first.store());
+        assert!(
+            Writer::claim(&store).is_none(),
+            "a second writer while the first lives"
+        );
+        drop(first);
+        let second = Writer::claim(&store).expect("claimed once the first is gone");
+        assert!(Writer::claim(&store).is_none());
+        second.apply(
+            &[entity(Kind::User, "u")],
+            vec![update(Some(r#"{"id":"u"}"#), None)],
+        );
+        assert!(
+            store.user("u").is_some(),
+            "readers see what the writer applies"
+        );
+    }
+
+    #[test]
     fn renamed_organization_leaves_its_old_name() {
-        let store = StateStore::new();
+        let store = Writer::new_store();
         let user = [entity(Kind::User, "u")];
         store.apply(&user, vec![update(Some(r#"{"id":"u"}"#), Some("Old"))]);
         let org = [entity(Kind::Organization, "k")];
@@ -1089,7 +1159,7 @@ mod tests {
 
     #[test]
     fn same_name_joins_the_smallest_key() {
-        let store = StateStore::new();
+        let store = Writer::new_store();
         store.apply(
             &[entity(Kind::User, "u")],
             vec![update(Some("{}"), Some("N"))],
@@ -1109,7 +1179,7 @@ mod tests {
 
     #[test]
     fn answers_are_counted_by_the_reducer_that_rendered_them() {
-        let store = StateStore::new();
+        let store = Writer::new_store();
         store.set_renderer(1);
         store.apply(
             &[
@@ -1129,7 +1199,7 @@ mod tests {
         assert_eq!(store.answers(2), Answers { total: 2, by_it: 1 });
         assert_eq!(store.answers(1).by_it, 1, "the organization is still 1's");
         // A snapshot keeps who rendered what; a restore tags the others EARLIER.
-        let restored = StateStore::from_dump(store.dump(2), 7);
+        let restored = Writer::from_dump(store.dump(2), 7);
         assert_eq!(restored.answers(7), Answers { total: 2, by_it: 1 });
         assert_eq!(restored.answers(EARLIER).by_it, 1);
         // Hidden and forgotten answers are no longer counted.
@@ -1155,7 +1225,7 @@ mod tests {
 
     #[test]
     fn invisible_and_forgotten_users_are_not_found() {
-        let store = StateStore::new();
+        let store = Writer::new_store();
         let u = [entity(Kind::User, "u")];
         store.apply(&u, vec![update(None, None)]);
         assert_eq!(store.user("u"), None);
@@ -1186,7 +1256,7 @@ mod tests {
 
     #[test]
     fn tombstones_expire_after_the_retention_in_event_time() {
-        let store = StateStore::new();
+        let store = Writer::new_store();
         store.set_retention(24 * HOUR);
         let users =
             |keys: &[&str]| -> Vec<Entity> { keys.iter().map(|k| entity(Kind::User, k)).collect() };
@@ -1249,7 +1319,7 @@ mod tests {
 
     #[test]
     fn kept_counts_equal_a_recount_through_creates_updates_deletes_and_expiry() {
-        let store = StateStore::new();
+        let store = Writer::new_store();
         store.set_retention(HOUR);
         let mut seed = 0x5eed_u64;
         let mut next = || {
@@ -1282,7 +1352,7 @@ mod tests {
 
     #[test]
     fn retention_never_keeps_tombstones_and_far_future_times_are_capped() {
-        let store = StateStore::new();
+        let store = Writer::new_store();
         let u = [entity(Kind::User, "gone")];
         store.apply(&u, vec![at(None, T0)]);
         store.apply(
@@ -1306,7 +1376,7 @@ mod tests {
 
     #[test]
     fn listings_page_in_key_order_with_filters_and_members() {
-        let store = StateStore::new();
+        let store = Writer::new_store();
         let user = |id: &str, org: &str| {
             (
                 entity(Kind::User, id),
@@ -1376,7 +1446,7 @@ mod tests {
     #[test]
     fn the_published_position_wakes_watchers_only_when_it_moves() {
         use crate::broker::Partition;
-        let store = StateStore::new();
+        let store = Writer::new_store();
         let mut rx = store.watch_position();
         let p = Partition {
             source: logq_abi::Source::Users,
@@ -1404,7 +1474,7 @@ mod tests {
         use std::sync::atomic::AtomicBool;
         const USERS: usize = 64;
         const ROUNDS: i64 = 300;
-        let store = Arc::new(StateStore::new());
+        let store = Writer::new_store();
         let p = Partition {
             source: logq_abi::Source::Users,
             id: 0,
@@ -1429,7 +1499,7 @@ mod tests {
         let stop = Arc::new(AtomicBool::new(false));
         let readers: Vec<_> = (0..2)
             .map(|_| {
-                let (store, ids, stop) = (store.clone(), ids.clone(), stop.clone());
+                let (store, ids, stop) = (Arc::clone(store.store()), ids.clone(), stop.clone());
                 std::thread::spawn(move || {
                     let mut reads = 0u64;
                     while !stop.load(Ordering::Relaxed) {
@@ -1486,9 +1556,9 @@ mod tests {
 
     #[test]
     fn a_restored_store_keeps_clocks_so_its_tombstones_still_expire() {
-        let store = StateStore::new();
+        let store = Writer::new_store();
         store.apply(&[entity(Kind::User, "gone")], vec![at(None, T0)]);
-        let restored = StateStore::from_dump(store.dump(1), 1);
+        let restored = Writer::from_dump(store.dump(1), 1);
         restored.set_retention(HOUR);
         assert_eq!(restored.sizes().tombstones, 1);
         restored.apply(

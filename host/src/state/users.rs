@@ -18,7 +18,6 @@ use std::ops::Range;
 use hashbrown::HashTable;
 use logq_abi::UpdateRef;
 
-
 /// The largest chunk (a block larger than this gets a chunk of its own).
 pub(super) const CHUNK_MAX: usize = 1 << 20;
 /// The first chunk of a shard (they double up to [`CHUNK_MAX`]).
