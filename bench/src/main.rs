@@ -16,7 +16,7 @@ mod soak;
 mod visible;
 
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use clap::Parser;
@@ -201,7 +201,7 @@ fn say(what: impl AsRef<str>) {
 fn run(args: &Args, work: &std::path::Path) -> anyhow::Result<()> {
     if args.memory_only {
         let cache = work.join("compile-cache");
-        let (row, host, _loaded) = big_memory(args, &cache.to_string_lossy())?;
+        let (row, _listing, host, _loaded) = big_memory(args, &cache.to_string_lossy())?;
         say(format!("{}: {} | {}", row.figure, row.ours, row.peer));
         say("where the host's RSS lies (largest mappings; KiB):");
         for (name, size, rss) in broker::rss_by_mapping(host.host.pid(), 12)? {
@@ -863,8 +863,9 @@ fn run(args: &Args, work: &std::path::Path) -> anyhow::Result<()> {
             args.memory_users,
             args.memory_users * 2
         ));
-        let (row, host, loaded_big) = big_memory(args, &cache_arg)?;
+        let (row, listing, host, loaded_big) = big_memory(args, &cache_arg)?;
         rows.push(row);
+        rows.push(listing);
         // 6b. The export of this large state while events stream in.
         say("export of the large state while events stream in");
         // Twice the history's events (about half of them updates): a stream that
@@ -1031,7 +1032,7 @@ fn run(args: &Args, work: &std::path::Path) -> anyhow::Result<()> {
 fn big_memory(
     args: &Args,
     cache_arg: &str,
-) -> anyhow::Result<(Row, broker::CaughtUp, broker::Loaded)> {
+) -> anyhow::Result<(Row, Row, broker::CaughtUp, broker::Loaded)> {
     let big = history::generate(
         args.seed + 3,
         (args.memory_users * 2) as usize,
@@ -1055,13 +1056,68 @@ fn big_memory(
     );
     let avg =
         answers.iter().map(|(_, a)| a.len()).sum::<usize>() as f64 / answers.len().max(1) as f64;
-    drop(answers);
     say(format!(
         "  RSS {} MiB for {} live users",
         m.rss >> 20,
         m.visible
     ));
-    Ok((m.row(avg), host, loaded_big))
+    let listing = listing_row(&host.host, &answers)?;
+    say(format!("{}: {}", listing.figure, listing.ours));
+    drop(answers);
+    Ok((m.row(avg), listing, host, loaded_big))
+}
+
+/// Figure 12: pages of `GET /users` on a large state: 20 pages of 100 after cursors
+/// spread over the ids, and 20 of one organization's users.
+fn listing_row(host: &logq_e2e::Host, answers: &[(String, Vec<u8>)]) -> anyhow::Result<Row> {
+    let mut ids: Vec<&str> = answers.iter().map(|(id, _)| id.as_str()).collect();
+    ids.sort_unstable();
+    let name = answers
+        .iter()
+        .find_map(|(_, a)| {
+            let v: serde_json::Value = serde_json::from_slice(a).ok()?;
+            v["organization_name"].as_str().map(str::to_owned)
+        })
+        .context("no user with an organization_name")?;
+    let time = |path: &str| -> anyhow::Result<f64> {
+        let start = Instant::now();
+        let r = host.get(path);
+        anyhow::ensure!(r.status == 200, "GET {path}: {}", r.status);
+        anyhow::ensure!(r.body.contains("\"users\""), "GET {path}: {}", r.body);
+        Ok(start.elapsed().as_secs_f64() * 1e3)
+    };
+    let mut after = Vec::new();
+    for i in 0..20 {
+        let cursor = ids[i * ids.len() / 20];
+        let path = format!(
+            "/users?limit=100&after={}",
+            logq_e2e::percent_encode(cursor)
+        );
+        after.push(time(&path)?);
+    }
+    let mut named = Vec::new();
+    for _ in 0..20 {
+        let path = format!(
+            "/users?limit=100&organization={}",
+            logq_e2e::percent_encode(&name)
+        );
+        named.push(time(&path)?);
+    }
+    let (after, named) = (Spread::of(&after), Spread::of(&named));
+    Ok(Row {
+        figure: format!(
+            "12. A page of GET /users (100 users) at {} live users (ms)",
+            answers.len()
+        ),
+        ours: format!(
+            "after a cursor: p50 {:.2} ms (max {:.2}); of one organization: p50 {:.2} ms (max {:.2})",
+            after.median, after.max, named.median, named.max
+        ),
+        peer: "none".into(),
+        ratio: after.median,
+        target: "reported (a page should cost the page, not the users kept)".into(),
+        pass: None,
+    })
 }
 
 /// What the memory figure reads from a caught-up host.
@@ -1072,8 +1128,9 @@ struct Memory {
     visible: f64,
     /// Users kept (live and tombstones).
     stored: f64,
-    /// Bytes the users' store holds in all (chunks, slots, indexes).
-    store_bytes: f64,
+    /// Bytes the users' store holds in all (chunks, slots, indexes); `None` from a
+    /// build before the metric (comparing with an older binary).
+    store_bytes: Option<f64>,
 }
 
 /// Plain RSS and the store's counts of `host`.
@@ -1082,7 +1139,7 @@ fn measure_memory(host: &logq_e2e::Host) -> anyhow::Result<Memory> {
         rss: broker::rss(host.pid())?,
         visible: broker::metric(host, "logq_users")?,
         stored: broker::metric(host, "logq_users_stored")?,
-        store_bytes: broker::metric(host, "logq_user_store_bytes")?,
+        store_bytes: broker::metric(host, "logq_user_store_bytes").ok(),
     })
 }
 
@@ -1091,7 +1148,16 @@ impl Memory {
     fn row(&self, avg_answer: f64) -> Row {
         let per_user = self.rss as f64 / self.visible.max(1.0);
         // The store itself, as it counts what it holds.
-        let store_per_user = self.store_bytes / self.visible.max(1.0);
+        let store = self.store_bytes.map_or_else(
+            || "not counted by this build".to_owned(),
+            |b| {
+                let per_user = b / self.visible.max(1.0);
+                format!(
+                    "{per_user:.0} B/user ({:.2}x)",
+                    per_user / avg_answer.max(1.0)
+                )
+            },
+        );
         Row {
             figure: format!(
                 "4. Plain RSS per live user / answer size, {} live users",
@@ -1099,10 +1165,9 @@ impl Memory {
             ),
             ours: format!(
                 "{per_user:.0} B/user (RSS {} MiB, nothing subtracted; {} users stored); \
-                 the store itself: {store_per_user:.0} B/user ({:.2}x)",
+                 the store itself: {store}",
                 self.rss >> 20,
                 self.stored,
-                store_per_user / avg_answer.max(1.0),
             ),
             peer: format!("the answer itself: {avg_answer:.0} B"),
             ratio: per_user / avg_answer,

@@ -630,7 +630,11 @@ impl Consumer {
                     for (&p, a) in &step.advanced {
                         catch_up.advanced(p, a.next);
                     }
+                    let was_ready = self.metrics.status().0;
                     catch_up.applied(step.applied());
+                    if !was_ready && self.metrics.status().0 {
+                        self.store.settle_in_background();
+                    }
                     self.store.publish_position(&positions);
                     if let Some(s) = &sharing {
                         s.publish(&positions, &catch_up);

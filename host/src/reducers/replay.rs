@@ -406,6 +406,8 @@ impl Replay {
         if !tail.read_until(&mut positions, &goal)? {
             return Ok(None);
         }
+        // Here, on the replay's thread, not at the first listing after the flip.
+        tail.shadow.settle_orders();
         tail.positions = positions;
         self.pause(Step::CaughtUp);
         let mut phase = lock(&self.phase);

@@ -349,10 +349,12 @@ impl StateStore {
     }
 
     /// Visible users in id order after `after`, at most `limit`; with `organization`,
-    /// only those whose `organization_name` it is. One pass over each shard under its
-    /// read lock (O(users · log limit)), keeping the `limit + 1` smallest keys of
-    /// each; then the page's answers. A user that changes in between is shown as it
-    /// is then (one deleted meanwhile is left out).
+    /// only those whose `organization_name` it is. Each shard, under its read lock,
+    /// gives its next `limit + 1`: without `organization`, from its ordered ids (a
+    /// binary search and the page: O(log users + page)); with it, by one pass over
+    /// its users in memory order (O(users · log limit): there is no index by
+    /// organization). The smallest of those make the page. A user that changes in
+    /// between is shown as it is then (one deleted meanwhile is left out).
     pub fn list_users(
         &self,
         organization: Option<&str>,
@@ -362,17 +364,30 @@ impl StateStore {
         let mut candidates: Vec<Box<str>> = Vec::new();
         for shard in self.shards.iter() {
             let shard = read(shard);
-            let keys = shard.users.iter().filter(|(k, e)| {
-                e.view.is_some()
-                    && after.is_none_or(|a| *k > a)
-                    && organization.is_none_or(|o| e.join() == Some(o))
-            });
-            let (keys, _) = smallest(keys.map(|(k, _)| k), limit.saturating_add(1));
+            let more = limit.saturating_add(1);
+            let keys = match organization {
+                None => shard.users.page(after, more, |_, e| e.view.is_some()),
+                Some(o) => {
+                    let keys = shard
+                        .users
+                        .keys_where(|e| e.view.is_some() && e.join() == Some(o))
+                        .filter(|k| after.is_none_or(|a| *k > a));
+                    smallest(keys, more).0
+                }
+            };
             candidates.extend(keys.into_iter().map(Box::from));
         }
         let (keys, next) = smallest(candidates.iter().map(AsRef::as_ref), limit);
         let items = keys.iter().filter_map(|k| self.user(k)).collect();
         Page { items, next }
+    }
+
+    /// Brings every shard's order of ids up to date (see [`StateStore::list_users`]),
+    /// under read locks: otherwise the first listing after a catch-up does it.
+    pub fn settle_orders(&self) {
+        for shard in self.shards.iter() {
+            read(shard).users.settle_now();
+        }
     }
 
     /// Organizations in key order after `after`, at most `limit`.
@@ -594,6 +609,18 @@ impl Writer {
         &self.0
     }
 
+    /// Brings the listings' order up to date on a thread of its own (after a
+    /// catch-up or a replay's handover: many users came at once).
+    pub fn settle_in_background(&self) {
+        let store = Arc::clone(&self.0);
+        let spawned = std::thread::Builder::new()
+            .name("logq-order".into())
+            .spawn(move || store.settle_orders());
+        if let Err(e) = spawned {
+            tracing::warn!("ordering the ids for listings: {e}; the first listing will");
+        }
+    }
+
     /// Tombstones (users kept but not visible, with a clock) are forgotten once the
     /// store's clock has moved more than `micros` of event time past theirs; 0 keeps
     /// them for ever.
@@ -649,7 +676,7 @@ impl Writer {
                 }
                 shard.put(key, &updates.get(i), by);
             }
-            shard.users.compact();
+            shard.users.tidy();
         }
         self.expire();
     }
@@ -917,6 +944,7 @@ impl Shard {
                 self.forget(id, key);
             }
         }
+        self.users.tidy();
         keys.len()
     }
 
@@ -931,6 +959,7 @@ impl Shard {
             self.forget(id, &key);
             n += 1;
         }
+        self.users.tidy();
         n
     }
 }

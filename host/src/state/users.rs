@@ -40,6 +40,42 @@ struct Span {
 
 const NONE: u32 = u32::MAX;
 
+/// The bit of [`Slot::key_len`] that marks a forgotten user.
+const GONE: u32 = 1 << 31;
+
+impl Slot {
+    fn key_len(&self) -> u32 {
+        self.key_len & !GONE
+    }
+
+    fn gone(&self) -> bool {
+        self.key_len & GONE != 0
+    }
+
+    /// Bytes of its block.
+    fn size(&self) -> usize {
+        (self.key_len() + self.room) as usize
+    }
+}
+
+/// The users' ids in order, for listings ([`Users::page`]): `sorted` holds slots in
+/// the order of their ids; `recent` those kept since it was last brought up to date
+/// ([`Users::settle`]), in no order. A forgotten user's slot and block stay until the
+/// writer purges them ([`Users::tidy`]), so `sorted` stays in order without a lookup
+/// per forgotten user. A page then costs a binary search and the page, not a pass
+/// over every user.
+#[derive(Debug, Default)]
+struct Order {
+    sorted: Vec<u32>,
+    recent: Vec<u32>,
+}
+
+/// Forgotten users wait for a purge until they are this many, or 1/32 of those kept.
+const PURGE_MIN: usize = 256;
+/// The writer brings the order up to date once `recent` is this long, or as long as
+/// `sorted` (so the cost stays O(log n) per user kept); a listing does it for
+/// whatever is left.
+const SETTLE_MIN: usize = 1024;
 impl Span {
     fn of(range: Option<&Range<u32>>) -> Self {
         range.map_or(
@@ -65,6 +101,8 @@ struct Slot {
     /// Chunk and offset of the block: the id, then the room. `chunk == NONE`: free.
     chunk: u32,
     offset: u32,
+    /// The id's length; [`GONE`] set once the user is forgotten (its slot and block
+    /// are kept until the next purge, see [`Order`]).
     key_len: u32,
     /// Bytes of the block after the id: the state, then room to grow.
     room: u32,
@@ -105,6 +143,11 @@ pub(super) struct Users {
     slots: Vec<Slot>,
     /// Slots free for reuse.
     free: Vec<u32>,
+    /// Slots of forgotten users, until the next purge.
+    gone: Vec<u32>,
+    /// Ids in order (behind a lock of its own: a listing brings it up to date under
+    /// the shard's read lock).
+    order: std::sync::Mutex<Order>,
     chunks: Vec<Chunk>,
     /// The chunk new blocks go to.
     tail: usize,
@@ -133,7 +176,7 @@ impl Users {
     fn key_bytes<'a>(slots: &[Slot], chunks: &'a [Chunk], id: u32) -> &'a [u8] {
         let s = &slots[id as usize];
         let at = s.offset as usize;
-        &chunks[s.chunk as usize].bytes[at..at + s.key_len as usize]
+        &chunks[s.chunk as usize].bytes[at..at + s.key_len() as usize]
     }
 
     fn key_of<'a>(slots: &[Slot], chunks: &'a [Chunk], id: u32) -> &'a str {
@@ -164,7 +207,7 @@ impl Users {
     /// The user in slot `id`.
     pub fn entry(&self, id: u32) -> EntryRef<'_> {
         let s = &self.slots[id as usize];
-        let at = (s.offset + s.key_len) as usize;
+        let at = (s.offset + s.key_len()) as usize;
         EntryRef {
             room: &self.chunks[s.chunk as usize].bytes[at..at + s.room as usize],
             len: s.len as usize,
@@ -175,14 +218,31 @@ impl Users {
         }
     }
 
+    /// The slots of the users kept, in slot order (memory order: a pass over them
+    /// reads the slots one after the other).
+    fn live(&self) -> impl Iterator<Item = u32> + '_ {
+        (0..self.slots.len() as u32).filter(|&id| {
+            let s = &self.slots[id as usize];
+            s.chunk != NONE && !s.gone()
+        })
+    }
+
     /// Every user kept, in no order.
     pub fn iter(&self) -> impl Iterator<Item = (&str, EntryRef<'_>)> {
-        self.index.iter().map(|&id| (self.key(id), self.entry(id)))
+        self.live().map(|id| (self.key(id), self.entry(id)))
+    }
+
+    /// The ids of the users kept that `keep` says, in no order (an id is read only
+    /// for those).
+    pub fn keys_where(&self, keep: impl Fn(&EntryRef<'_>) -> bool) -> impl Iterator<Item = &str> {
+        self.live()
+            .filter(move |&id| keep(&self.entry(id)))
+            .map(|id| self.key(id))
     }
 
     /// Every user id kept, in no order.
     pub fn keys(&self) -> impl Iterator<Item = &str> {
-        self.index.iter().map(|&id| self.key(id))
+        self.live().map(|id| self.key(id))
     }
 
     /// Keeps user `key` (not kept yet) with `update`'s `state`, by reducer `by`;
@@ -216,6 +276,7 @@ impl Users {
         self.index.insert_unique(hash, id, |&i| {
             hasher.hash_one(Self::key_of(slots, chunks, i))
         });
+        self.order_mut().recent.push(id);
         id
     }
 
@@ -226,14 +287,14 @@ impl Users {
         let s = self.slots[id as usize];
         let (room, len) = (s.room as usize, state.len());
         if len > room || room > 2 * len + 64 {
-            let key_len = s.key_len as usize;
+            let key_len = s.key_len() as usize;
             let size = block_for(key_len, len, update.view.is_some());
             let (chunk, offset) = self.place_moved(&s, state, size);
-            self.release(s.chunk, s.key_len as usize + room);
+            self.release(s.chunk, s.size());
             let slot = &mut self.slots[id as usize];
             (slot.chunk, slot.offset, slot.room) = (chunk, offset, (size - key_len) as u32);
         } else {
-            let at = (s.offset + s.key_len) as usize;
+            let at = (s.offset + s.key_len()) as usize;
             self.chunks[s.chunk as usize].bytes[at..at + len].copy_from_slice(state);
         }
         let slot = &mut self.slots[id as usize];
@@ -244,17 +305,16 @@ impl Users {
         slot.clock = update.clock.unwrap_or(i64::MIN);
     }
 
-    /// Forgets the user in slot `id`.
+    /// Forgets the user in slot `id`: lookups no longer find it at once; its slot and
+    /// block go at the next purge.
     pub fn remove(&mut self, id: u32) {
         let key = self.key(id);
         let hash = self.hash(key);
         if let Ok(found) = self.index.find_entry(hash, |&i| i == id) {
             found.remove();
         }
-        let s = self.slots[id as usize];
-        self.release(s.chunk, (s.key_len + s.room) as usize);
-        self.slots[id as usize].chunk = NONE;
-        self.free.push(id);
+        self.slots[id as usize].key_len |= GONE;
+        self.gone.push(id);
         if self.index.is_empty() {
             // The last user gone: give everything back.
             *self = Self {
@@ -281,7 +341,7 @@ impl Users {
     /// block, with no buffer between) and then `state`.
     fn place_moved(&mut self, from: &Slot, state: &[u8], size: usize) -> (u32, u32) {
         let tail = self.tail_for(size).len();
-        let key = from.offset as usize..(from.offset + from.key_len) as usize;
+        let key = from.offset as usize..(from.offset + from.key_len()) as usize;
         let (src, dst) = (from.chunk as usize, self.tail);
         if src == dst {
             self.chunks[dst].bytes.extend_from_within(key);
@@ -371,7 +431,7 @@ impl Users {
                 if s.chunk as usize != victim {
                     continue;
                 }
-                let size = (s.key_len + s.room) as usize;
+                let size = s.size();
                 let at = s.offset as usize;
                 // `place` counts the block again.
                 self.used -= size;
@@ -384,13 +444,110 @@ impl Users {
         }
     }
 
+    /// The writer's upkeep after each batch it applies to the shard: purges the
+    /// forgotten users once they are many, brings the order up to date once many
+    /// users came, and compacts ([`Users::compact`]).
+    pub fn tidy(&mut self) {
+        if self.gone.len() >= PURGE_MIN.max(self.index.len() / 32) {
+            self.purge();
+        }
+        let order = lock(&self.order);
+        let due = order.recent.len() >= SETTLE_MIN.max(order.sorted.len());
+        drop(order);
+        if due {
+            self.settle(&mut lock(&self.order));
+        }
+        self.compact();
+    }
+
+    /// Frees the slots and blocks of the forgotten users.
+    fn purge(&mut self) {
+        let slots = &self.slots;
+        let order = self.order.get_mut().unwrap_or_else(|p| p.into_inner());
+        order.sorted.retain(|&id| !slots[id as usize].gone());
+        order.recent.retain(|&id| !slots[id as usize].gone());
+        for id in std::mem::take(&mut self.gone) {
+            let s = self.slots[id as usize];
+            self.release(s.chunk, s.size());
+            let slot = &mut self.slots[id as usize];
+            (slot.chunk, slot.key_len) = (NONE, 0);
+            self.free.push(id);
+        }
+    }
+
+    fn order_mut(&mut self) -> &mut Order {
+        self.order.get_mut().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Brings the order up to date now (a listing would otherwise do it).
+    pub fn settle_now(&self) {
+        self.settle(&mut lock(&self.order));
+    }
+
+    /// Merges `order`'s recent slots into its sorted ones: they are sorted, then each
+    /// is put where a binary search says (O(r log n) comparisons, one pass of copies).
+    fn settle(&self, order: &mut Order) {
+        if order.recent.is_empty() {
+            return;
+        }
+        let key = |id: u32| Self::key_bytes(&self.slots, &self.chunks, id);
+        let mut recent = std::mem::take(&mut order.recent);
+        recent.sort_unstable_by(|a, b| key(*a).cmp(key(*b)));
+        let old = std::mem::take(&mut order.sorted);
+        let mut merged = Vec::with_capacity(old.len() + recent.len());
+        let mut from = 0;
+        for id in recent {
+            let at = from + old[from..].partition_point(|&o| key(o) < key(id));
+            merged.extend_from_slice(&old[from..at]);
+            merged.push(id);
+            from = at;
+        }
+        merged.extend_from_slice(&old[from..]);
+        order.sorted = merged;
+    }
+
+    /// Up to `limit` ids after `after` (all, without it), in order, of the users
+    /// `keep` says: a binary search, then the users from there on (those `keep`
+    /// refuses are read too, so a filter that refuses most costs more than a page).
+    pub fn page(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+        keep: impl Fn(&str, &EntryRef<'_>) -> bool,
+    ) -> Vec<&str> {
+        let mut order = lock(&self.order);
+        self.settle(&mut order);
+        let key = |id: u32| Self::key_bytes(&self.slots, &self.chunks, id);
+        let start = after.map_or(0, |a| {
+            order.sorted.partition_point(|&id| key(id) <= a.as_bytes())
+        });
+        let mut out = Vec::new();
+        for &id in &order.sorted[start..] {
+            if out.len() >= limit {
+                break;
+            }
+            if self.slots[id as usize].gone() {
+                continue;
+            }
+            let k = self.key(id);
+            if keep(k, &self.entry(id)) {
+                out.push(k);
+            }
+        }
+        out
+    }
+
     /// Bytes this shard's users take: chunks, slots and the index.
     pub fn held(&self) -> usize {
         let chunks: usize = self.chunks.iter().map(|c| c.bytes.capacity()).sum();
         chunks
             + self.slots.capacity() * std::mem::size_of::<Slot>()
-            + self.free.capacity() * 4
+            + (self.free.capacity() + self.gone.capacity()) * 4
             + self.index.capacity() * 5
+            + {
+                let order = lock(&self.order);
+                (order.sorted.capacity() + order.recent.capacity()) * 4
+            }
     }
 
     /// Bytes of chunks allocated, and of blocks in them (used or waste).
@@ -399,6 +556,12 @@ impl Users {
         let chunks = self.chunks.iter().map(|c| c.bytes.capacity()).sum();
         (chunks, self.used + self.waste)
     }
+}
+
+fn lock(order: &std::sync::Mutex<Order>) -> std::sync::MutexGuard<'_, Order> {
+    // A panic while the order is merged leaves it as it was or merged: either is in
+    // order.
+    order.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl<'a> EntryRef<'a> {
@@ -516,7 +679,7 @@ mod tests {
                 model.insert(key, state);
             }
             if round % 97 == 0 {
-                users.compact();
+                users.tidy();
             }
             if round % 25_000 == 0 {
                 check(&users, &model);
@@ -525,7 +688,7 @@ mod tests {
         check(&users, &model);
         // Compaction keeps the waste under its share.
         for _ in 0..100 {
-            users.compact();
+            users.tidy();
         }
         check(&users, &model);
         assert!(
@@ -540,10 +703,10 @@ mod tests {
         for k in keys {
             users.remove(users.find(&k).unwrap());
             model.remove(&k);
-            users.compact();
+            users.tidy();
         }
         for _ in 0..100 {
-            users.compact();
+            users.tidy();
         }
         check(&users, &model);
         let after = users.footprint().0;
@@ -555,6 +718,77 @@ mod tests {
         }
         assert_eq!(users.footprint(), (0, 0));
         assert_eq!(users.slots.len(), 0);
+    }
+
+    /// Pages in id order after any cursor, whatever came and went before (checked
+    /// against a `BTreeMap` after every kind of step: inserts, removals, the writer's
+    /// upkeep or none of it), and forgotten users' slots are reused once purged.
+    #[test]
+    fn pages_follow_the_id_order_through_inserts_removals_and_purges() {
+        use std::collections::BTreeMap;
+        let mut users = Users::default();
+        let mut model: BTreeMap<String, bool> = BTreeMap::new();
+        let mut rng = 0x2545_f491_4f6c_dd1d_u64;
+        let mut next = || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng
+        };
+        let visible = |_: &str, e: &EntryRef<'_>| e.view.is_some();
+        for round in 0..30_000u32 {
+            let key = format!("u{:04}", next() % 5000);
+            match next() % 10 {
+                0..=2 => {
+                    if let Some(id) = users.find(&key) {
+                        users.remove(id);
+                    }
+                    model.remove(&key);
+                }
+                n => {
+                    let shown = n != 3;
+                    let mut u = update(key.as_bytes(), None);
+                    if !shown {
+                        u.view = None;
+                    }
+                    let r = u.as_ref();
+                    match users.find(&key) {
+                        Some(id) => users.set(id, &r, key.as_bytes(), 1),
+                        None => {
+                            users.insert(&key, &r, key.as_bytes(), 1);
+                        }
+                    }
+                    model.insert(key, shown);
+                }
+            }
+            if next() % 7 == 0 {
+                users.tidy();
+            }
+            if round % 1500 == 0 {
+                for _ in 0..5 {
+                    let cursor = format!("u{:04}", next() % 5100);
+                    let limit = (next() % 300) as usize + 1;
+                    let after = (next() % 4 != 0).then_some(cursor.as_str());
+                    let want: Vec<&str> = model
+                        .iter()
+                        .filter(|(k, shown)| **shown && after.is_none_or(|a| k.as_str() > a))
+                        .map(|(k, _)| k.as_str())
+                        .take(limit)
+                        .collect();
+                    assert_eq!(users.page(after, limit, visible), want, "after {after:?}");
+                }
+            }
+        }
+        // Purged slots are reused: the slots stay about as many as the users.
+        for _ in 0..3 {
+            users.tidy();
+        }
+        assert!(
+            users.slots.len() <= model.len() + PURGE_MIN.max(model.len() / 32) + 1000,
+            "{} slots for {} users",
+            users.slots.len(),
+            model.len()
+        );
     }
 
     #[test]
