@@ -1008,6 +1008,17 @@ impl Organizations {
     }
 }
 
+/// A xorshift generator from `seed` (not 0): the store's randomized tests.
+#[cfg(test)]
+pub(crate) fn xorshift(mut seed: u64) -> impl FnMut() -> u64 {
+    move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    }
+}
+
 /// An update whose state holds `view` and `join` (and a marker byte), the way a
 /// reducer lays them out.
 #[cfg(test)]
@@ -1350,13 +1361,7 @@ mod tests {
     fn kept_counts_equal_a_recount_through_creates_updates_deletes_and_expiry() {
         let store = Writer::new_store();
         store.set_retention(HOUR);
-        let mut seed = 0x5eed_u64;
-        let mut next = || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed
-        };
+        let mut next = xorshift(0x5eed);
         for step in 0..2_000_i64 {
             let key = format!("u{}", next() % 50);
             let body = "x".repeat(usize::try_from(next() % 40).unwrap());

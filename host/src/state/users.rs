@@ -644,13 +644,7 @@ mod tests {
     fn states_stay_right_through_moves_removals_and_compaction() {
         let mut users = Users::default();
         let mut model: HashMap<String, Vec<u8>> = HashMap::new();
-        let mut rng = 0x9e37_79b9_7f4a_7c15_u64;
-        let mut next = || {
-            rng ^= rng << 13;
-            rng ^= rng >> 7;
-            rng ^= rng << 17;
-            rng
-        };
+        let mut next = crate::state::xorshift(0x9e37_79b9_7f4a_7c15);
         let check = |users: &Users, model: &HashMap<String, Vec<u8>>| {
             assert_eq!(users.len(), model.len());
             for (k, v) in model {
@@ -668,7 +662,7 @@ mod tests {
         for round in 0..150_000 {
             let key = format!("user-{:05}", next() % 20_000);
             let n = (next() % 700) as usize;
-            if next() % 5 == 0 {
+            if next().is_multiple_of(5) {
                 if let Some(id) = users.find(&key) {
                     users.remove(id);
                 }
@@ -728,13 +722,7 @@ mod tests {
         use std::collections::BTreeMap;
         let mut users = Users::default();
         let mut model: BTreeMap<String, bool> = BTreeMap::new();
-        let mut rng = 0x2545_f491_4f6c_dd1d_u64;
-        let mut next = || {
-            rng ^= rng << 13;
-            rng ^= rng >> 7;
-            rng ^= rng << 17;
-            rng
-        };
+        let mut next = crate::state::xorshift(0x2545_f491_4f6c_dd1d);
         let visible = |_: &str, e: &EntryRef<'_>| e.view.is_some();
         for round in 0..30_000u32 {
             let key = format!("u{:04}", next() % 5000);
@@ -761,14 +749,14 @@ mod tests {
                     model.insert(key, shown);
                 }
             }
-            if next() % 7 == 0 {
+            if next().is_multiple_of(7) {
                 users.tidy();
             }
             if round % 1500 == 0 {
                 for _ in 0..5 {
                     let cursor = format!("u{:04}", next() % 5100);
                     let limit = (next() % 300) as usize + 1;
-                    let after = (next() % 4 != 0).then_some(cursor.as_str());
+                    let after = (!next().is_multiple_of(4)).then_some(cursor.as_str());
                     let want: Vec<&str> = model
                         .iter()
                         .filter(|(k, shown)| **shown && after.is_none_or(|a| k.as_str() > a))
