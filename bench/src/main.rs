@@ -1180,12 +1180,13 @@ fn cluster_row(loaded: &broker::Loaded, history: &history::History) -> anyhow::R
             c.hosts
         ),
         ours: format!(
-            "RSS per host {:?} MiB ({per_host:.2} of one); ready in {:.1} s; GET local p50/p99 {lp50:.2}/{lp99:.2} ms ({}), forwarded {fp50:.2}/{fp99:.2} ms ({}): p99 +{:.2} ms",
+            "RSS per host {:?} MiB ({per_host:.2} of one); ready in {:.1} s; GET local p50/p99 {lp50:.2}/{lp99:.2} ms ({}), forwarded {fp50:.2}/{fp99:.2} ms ({}): p99 +{:.2} ms; {} tries answered 503 (a partition still moving) and were retried",
             c.each_rss.iter().map(|b| b >> 20).collect::<Vec<_>>(),
             c.all_ready,
             c.local_ms.len(),
             c.forwarded_ms.len(),
-            fp99 - lp99
+            fp99 - lp99,
+            c.unavailable
         ),
         peer: format!(
             "one host: RSS {} MiB, ready in {:.1} s",
