@@ -630,9 +630,7 @@ impl Consumer {
                     for (&p, a) in &step.advanced {
                         catch_up.advanced(p, a.next);
                     }
-                    let was_ready = self.metrics.status().0;
-                    catch_up.applied(step.applied());
-                    if !was_ready && self.metrics.status().0 {
+                    if catch_up.applied(step.applied()) {
                         self.store.settle_in_background();
                     }
                     self.store.publish_position(&positions);

@@ -103,12 +103,15 @@ impl CatchUp {
         }
     }
 
-    /// A batch applied `events` events; readiness is re-evaluated.
-    pub fn applied(&mut self, events: u64) {
+    /// A batch applied `events` events; readiness is re-evaluated. Returns whether
+    /// this made the host ready.
+    pub fn applied(&mut self, events: u64) -> bool {
         self.applied += events;
-        if !self.metrics.status().0 {
-            self.report();
+        if self.metrics.status().0 {
+            return false;
         }
+        self.report();
+        self.metrics.status().0
     }
 
     fn report(&self) {

@@ -225,10 +225,7 @@ impl Writer {
             shard.images.retain(|i| i.strong_count() > 0);
             shard.images.push(Arc::downgrade(&image));
         }
-        let mut users: Vec<Box<str>> = Vec::new();
-        for shard in self.shards.iter() {
-            users.extend(super::read(shard).users.keys().map(Box::from));
-        }
+        let users = self.user_keys();
         let (organizations, joins) = {
             let orgs = self.read_organizations();
             let answers: BTreeMap<&str, &str> = orgs

@@ -40,42 +40,6 @@ struct Span {
 
 const NONE: u32 = u32::MAX;
 
-/// The bit of [`Slot::key_len`] that marks a forgotten user.
-const GONE: u32 = 1 << 31;
-
-impl Slot {
-    fn key_len(&self) -> u32 {
-        self.key_len & !GONE
-    }
-
-    fn gone(&self) -> bool {
-        self.key_len & GONE != 0
-    }
-
-    /// Bytes of its block.
-    fn size(&self) -> usize {
-        (self.key_len() + self.room) as usize
-    }
-}
-
-/// The users' ids in order, for listings ([`Users::page`]): `sorted` holds slots in
-/// the order of their ids; `recent` those kept since it was last brought up to date
-/// ([`Users::settle`]), in no order. A forgotten user's slot and block stay until the
-/// writer purges them ([`Users::tidy`]), so `sorted` stays in order without a lookup
-/// per forgotten user. A page then costs a binary search and the page, not a pass
-/// over every user.
-#[derive(Debug, Default)]
-struct Order {
-    sorted: Vec<u32>,
-    recent: Vec<u32>,
-}
-
-/// Forgotten users wait for a purge until they are this many, or 1/32 of those kept.
-const PURGE_MIN: usize = 256;
-/// The writer brings the order up to date once `recent` is this long, or as long as
-/// `sorted` (so the cost stays O(log n) per user kept); a listing does it for
-/// whatever is left.
-const SETTLE_MIN: usize = 1024;
 impl Span {
     fn of(range: Option<&Range<u32>>) -> Self {
         range.map_or(
@@ -115,6 +79,43 @@ struct Slot {
     /// The entity's newest event time; `i64::MIN`: none.
     clock: i64,
 }
+
+/// The bit of [`Slot::key_len`] that marks a forgotten user.
+const GONE: u32 = 1 << 31;
+
+impl Slot {
+    fn key_len(&self) -> u32 {
+        self.key_len & !GONE
+    }
+
+    fn gone(&self) -> bool {
+        self.key_len & GONE != 0
+    }
+
+    /// Bytes of its block.
+    fn size(&self) -> usize {
+        (self.key_len() + self.room) as usize
+    }
+}
+
+/// The users' ids in order, for listings ([`Users::page`]): `sorted` holds slots in
+/// the order of their ids; `recent` those kept since it was last brought up to date
+/// ([`Users::settle`]), in no order. A forgotten user's slot and block stay until the
+/// writer purges them ([`Users::tidy`]), so `sorted` stays in order without a lookup
+/// per forgotten user. A page then costs a binary search and the page, not a pass
+/// over every user.
+#[derive(Debug, Default)]
+struct Order {
+    sorted: Vec<u32>,
+    recent: Vec<u32>,
+}
+
+/// Forgotten users wait for a purge until they are this many, or 1/32 of those kept.
+const PURGE_MIN: usize = 256;
+/// The writer brings the order up to date once `recent` is this long, or as long as
+/// `sorted` (so the cost stays O(log n) per user kept); a listing does it for
+/// whatever is left.
+const SETTLE_MIN: usize = 1024;
 
 /// A user as the store keeps it, borrowed from its shard.
 #[derive(Debug, Clone)]
@@ -451,12 +452,11 @@ impl Users {
         if self.gone.len() >= PURGE_MIN.max(self.index.len() / 32) {
             self.purge();
         }
-        let order = lock(&self.order);
-        let due = order.recent.len() >= SETTLE_MIN.max(order.sorted.len());
-        drop(order);
-        if due {
-            self.settle(&mut lock(&self.order));
+        let mut order = lock(&self.order);
+        if order.recent.len() >= SETTLE_MIN.max(order.sorted.len()) {
+            self.settle(&mut order);
         }
+        drop(order);
         self.compact();
     }
 
@@ -537,10 +537,14 @@ impl Users {
         out
     }
 
+    /// Bytes of the chunks allocated.
+    fn chunk_bytes(&self) -> usize {
+        self.chunks.iter().map(|c| c.bytes.capacity()).sum()
+    }
+
     /// Bytes this shard's users take: chunks, slots and the index.
     pub fn held(&self) -> usize {
-        let chunks: usize = self.chunks.iter().map(|c| c.bytes.capacity()).sum();
-        chunks
+        self.chunk_bytes()
             + self.slots.capacity() * std::mem::size_of::<Slot>()
             + (self.free.capacity() + self.gone.capacity()) * 4
             + self.index.capacity() * 5
@@ -553,8 +557,7 @@ impl Users {
     /// Bytes of chunks allocated, and of blocks in them (used or waste).
     #[cfg(test)]
     pub fn footprint(&self) -> (usize, usize) {
-        let chunks = self.chunks.iter().map(|c| c.bytes.capacity()).sum();
-        (chunks, self.used + self.waste)
+        (self.chunk_bytes(), self.used + self.waste)
     }
 }
 
