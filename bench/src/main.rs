@@ -84,7 +84,8 @@ struct Args {
     /// Run only figure 11 (three hosts sharing the partitions vs one) and print it.
     #[arg(long)]
     cluster_only: bool,
-    /// Only figure 4 at `--memory-users` ids, printed: for work on memory.
+    /// Only figures 4 and 12 at `--memory-users` ids, printed with where the host's RSS
+    /// lies: for work on memory.
     #[arg(long)]
     memory_only: bool,
     /// Where the report and charts go.
@@ -1010,8 +1011,8 @@ fn run(args: &Args, work: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Figure 4 at `--memory-users` ids (twice as many events): the row, and the host
-/// and broker it measured (figure 6b goes on with them).
+/// Figure 4 at `--memory-users` ids (twice as many events) and figure 12 on the same
+/// state: their rows, and the host and broker measured (figure 6b goes on with them).
 fn big_memory(
     args: &Args,
     cache_arg: &str,
