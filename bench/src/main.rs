@@ -78,6 +78,10 @@ struct Args {
     /// Only figure 7 (produce -> visible) after figures 1 and 2, printed.
     #[arg(long)]
     visible_only: bool,
+    /// With --visible-only: the host writes a snapshot this often (seconds; 0: no
+    /// state directory, as figure 7 of the suite).
+    #[arg(long, default_value_t = 0)]
+    visible_snapshot_secs: u64,
     /// Only figure 9 (RSS across 10 rollbacks), printed: for work on memory.
     #[arg(long)]
     swaps_only: bool,
@@ -456,11 +460,17 @@ fn run(args: &Args, work: &std::path::Path) -> anyhow::Result<()> {
         return Ok(());
     }
     if args.visible_only {
-        let host = broker::start_host(
-            &loaded,
-            "bench-visible",
-            &["--compile-cache-dir", &cache_arg],
-        );
+        let interval = args.visible_snapshot_secs.to_string();
+        let mut host_args = vec!["--compile-cache-dir", cache_arg.as_str()];
+        if args.visible_snapshot_secs > 0 {
+            host_args.extend([
+                "--state-dir",
+                state_arg.as_str(),
+                "--snapshot-interval-secs",
+                interval.as_str(),
+            ]);
+        }
+        let host = broker::start_host(&loaded, "bench-visible", &host_args);
         let ids: Vec<String> = export_answers(&host.host)?
             .into_iter()
             .map(|(id, _)| id)
@@ -470,6 +480,7 @@ fn run(args: &Args, work: &std::path::Path) -> anyhow::Result<()> {
             "  produce -> visible at {:.0}/s: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms over {} probes",
             v.sent_rate, v.ms[0], v.ms[1], v.ms[2], v.probes
         ));
+        say(format!("  {}", v.host.summary()));
         return Ok(());
     }
     // The host the other figures use: default lanes, with a state directory.
@@ -698,12 +709,13 @@ fn run(args: &Args, work: &std::path::Path) -> anyhow::Result<()> {
             report::format_value(v.rate)
         ),
         ours: format!(
-            "p50 {:.1}, p99 {:.1}, max {:.1} ms ({} probes; {} events/s sent)",
+            "p50 {:.1}, p99 {:.1}, max {:.1} ms ({} probes; {} events/s sent; {})",
             v.ms[0],
             v.ms[1],
             v.ms[2],
             v.probes,
-            report::format_value(v.sent_rate)
+            report::format_value(v.sent_rate),
+            v.host.summary()
         ),
         peer: "none (no peer serves this)".into(),
         ratio: v.ms[1],
@@ -714,6 +726,7 @@ fn run(args: &Args, work: &std::path::Path) -> anyhow::Result<()> {
         "  p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms over {} probes",
         v.ms[0], v.ms[1], v.ms[2], v.probes
     ));
+    say(format!("  {}", v.host.summary()));
 
     // 6. Reads with a position, the export, live changes.
     say("reads with positions, export, live changes");

@@ -33,6 +33,84 @@ pub struct Visible {
     pub probes: usize,
     /// p50, p99 and the largest, in ms.
     pub ms: [f64; 3],
+    /// The host's own account of the window: where live records' time went.
+    pub host: HostSide,
+}
+
+/// What the host's histograms say about the window (`logq_event_wait_seconds` and
+/// `logq_loop_task_seconds`, their counts during it).
+pub struct HostSide {
+    /// Per stage (reach, queue, fold, total): p50 and p99 in ms, interpolated within
+    /// the histogram's buckets, and the bucket bound the largest fell under.
+    pub stages: Vec<(&'static str, [f64; 3])>,
+    /// Per loop task that ran in the window: how often, its total and the bucket
+    /// bound the longest fell under, in ms.
+    pub tasks: Vec<(&'static str, u64, f64, f64)>,
+}
+
+impl HostSide {
+    fn between(before: &str, after: &str) -> anyhow::Result<Self> {
+        use logq::metrics::{HistogramCounts, Stage, Task};
+        let window = |name: &str, label: String| -> anyhow::Result<HistogramCounts> {
+            let at = |text: &str| {
+                HistogramCounts::parse(text, name, &label)
+                    .ok_or_else(|| anyhow::anyhow!("no {name}{{{label}}} in /metrics"))
+            };
+            Ok(at(after)?.since(&at(before)?))
+        };
+        // The bound of the bucket holding the largest observation (a histogram keeps
+        // no maximum); past the last bound, that bound.
+        let top = |h: &HistogramCounts| {
+            h.buckets
+                .iter()
+                .find(|(_, n)| *n == h.count)
+                .or(h.buckets.last())
+                .map_or(0.0, |(b, _)| b * 1e3)
+        };
+        let mut stages = Vec::new();
+        for stage in Stage::ALL {
+            let h = window(
+                "logq_event_wait_seconds",
+                format!("stage=\"{}\"", stage.label()),
+            )?;
+            let q = |q| h.quantile(q).unwrap_or(0.0) * 1e3;
+            stages.push((stage.label(), [q(0.5), q(0.99), top(&h)]));
+        }
+        let mut tasks = Vec::new();
+        for task in Task::ALL {
+            let h = window(
+                "logq_loop_task_seconds",
+                format!("task=\"{}\"", task.label()),
+            )?;
+            if h.count > 0 {
+                tasks.push((task.label(), h.count, h.sum * 1e3, top(&h)));
+            }
+        }
+        Ok(Self { stages, tasks })
+    }
+
+    /// One line: the stages' p99 and the tasks that ran.
+    pub fn summary(&self) -> String {
+        let stages: Vec<String> = self
+            .stages
+            .iter()
+            .map(|(name, ms)| format!("{name} {:.1}/{:.1} (max <= {})", ms[0], ms[1], ms[2]))
+            .collect();
+        let tasks: Vec<String> = self
+            .tasks
+            .iter()
+            .map(|(name, n, sum, top)| format!("{name} x{n} ({sum:.1} ms, longest <= {top})"))
+            .collect();
+        format!(
+            "host p50/p99 ms: {}; loop tasks: {}",
+            stages.join(", "),
+            if tasks.is_empty() {
+                "none".to_string()
+            } else {
+                tasks.join(", ")
+            }
+        )
+    }
 }
 
 fn now_micros() -> i64 {
@@ -65,6 +143,7 @@ pub fn run(
         anyhow::ensure!(Instant::now() < deadline, "the host never caught up");
         last = now;
     }
+    let metrics_before = logq_e2e::get(host.addr, "/metrics")?.body;
     let (probe_ids, others) = ids.split_at(500);
     let producer: BaseProducer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
@@ -156,13 +235,21 @@ pub fn run(
                 .map_err(|_| anyhow::anyhow!("a watcher panicked"))??,
         );
     }
+    let host_side =
+        HostSide::between(&metrics_before, &logq_e2e::get(host.addr, "/metrics")?.body)?;
     ms.sort_by(f64::total_cmp);
-    let at = |q: f64| ms[((ms.len() as f64 - 1.0) * q).round() as usize];
     anyhow::ensure!(!ms.is_empty(), "no probe measured");
+    let at = |q: f64| quantile(&ms, q);
     Ok(Visible {
         rate,
         sent_rate,
         probes: ms.len(),
         ms: [at(0.5), at(0.99), at(1.0)],
+        host: host_side,
     })
+}
+
+/// The `q` quantile of sorted, non-empty `xs`.
+fn quantile(xs: &[f64], q: f64) -> f64 {
+    xs[((xs.len() as f64 - 1.0) * q).round() as usize]
 }

@@ -24,6 +24,85 @@ const READ_BUCKETS: &[f64] = &[
     0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002, 0.005, 0.01, 0.025, 0.1, 1.0,
 ];
 
+/// Upper bounds of the freshness and loop-task histograms, in seconds: from a
+/// millisecond to the multi-second tails of a loop held up elsewhere.
+const WAIT_BUCKETS: &[f64] = &[
+    0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+];
+
+/// Where a live record's time goes between its timestamp and the position that shows
+/// it: the stages of `logq_event_wait_seconds`, each measured on the oldest record of
+/// every batch the live loop applies once caught up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// From the record's timestamp (the producer's send, or the broker's append) to
+    /// the poll that returned it: the producer's linger, the broker, the fetch, and
+    /// the loop being busy with something else (see [`Task`]).
+    Reach,
+    /// From that poll to the start of the fold.
+    Queue,
+    /// The fold and the apply to the store.
+    Fold,
+    /// From the timestamp to the published position: what a read-your-writes read
+    /// waits for.
+    Total,
+}
+
+impl Stage {
+    /// Every stage, in the order a record goes through them.
+    pub const ALL: [Self; 4] = [Self::Reach, Self::Queue, Self::Fold, Self::Total];
+
+    /// Its label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Reach => "reach",
+            Self::Queue => "queue",
+            Self::Fold => "fold",
+            Self::Total => "total",
+        }
+    }
+}
+
+/// Work the consumer loop does between two batches, on its own thread (records that
+/// arrive meanwhile wait for it): the tasks of `logq_loop_task_seconds`, each timed
+/// whenever it had something to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Task {
+    /// Reducer swaps and replay handovers.
+    Commands,
+    /// Partitions given or taken by the group (sharing hosts).
+    Group,
+    /// Beginning an export (copying and sorting the user keys).
+    Exports,
+    /// Committing progress to the group (sharing hosts).
+    Commit,
+    /// Freezing the state for a snapshot (read out and written on a thread of its
+    /// own).
+    Snapshot,
+}
+
+impl Task {
+    /// Every task.
+    pub const ALL: [Self; 5] = [
+        Self::Commands,
+        Self::Group,
+        Self::Exports,
+        Self::Commit,
+        Self::Snapshot,
+    ];
+
+    /// Its label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Commands => "commands",
+            Self::Group => "group",
+            Self::Exports => "exports",
+            Self::Commit => "commit",
+            Self::Snapshot => "snapshot",
+        }
+    }
+}
+
 /// How many recent dead letters each topic keeps for the status page.
 const RECENT_DEAD_LETTERS: usize = 10;
 
@@ -93,17 +172,82 @@ impl Histogram {
 
     fn render(&self, out: &mut String, name: &str, help: &str) {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        self.render_series(out, name, "");
+    }
+
+    /// The series of this histogram within family `name`, with `labels` (`a="b"`,
+    /// or empty) on every line.
+    fn render_series(&self, out: &mut String, name: &str, labels: &str) {
         let counts = self.counts();
+        let (open, comma) = if labels.is_empty() {
+            ("", "")
+        } else {
+            ("{", ",")
+        };
+        let close = if labels.is_empty() { "" } else { "}" };
         for (bound, n) in &counts.buckets {
-            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {n}");
+            let _ = writeln!(out, "{name}_bucket{{{labels}{comma}le=\"{bound}\"}} {n}");
         }
-        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", counts.count);
-        let _ = writeln!(out, "{name}_sum {}", counts.sum);
-        let _ = writeln!(out, "{name}_count {}", counts.count);
+        let _ = writeln!(
+            out,
+            "{name}_bucket{{{labels}{comma}le=\"+Inf\"}} {}",
+            counts.count
+        );
+        let _ = writeln!(out, "{name}_sum{open}{labels}{close} {}", counts.sum);
+        let _ = writeln!(out, "{name}_count{open}{labels}{close} {}", counts.count);
+    }
+}
+
+/// A family of histograms told apart by one label.
+fn render_family<'h>(
+    out: &mut String,
+    name: &str,
+    help: &str,
+    label: &str,
+    series: impl IntoIterator<Item = (&'static str, &'h Histogram)>,
+) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+    for (value, h) in series {
+        h.render_series(out, name, &format!("{label}=\"{value}\""));
     }
 }
 
 impl HistogramCounts {
+    /// The series of histogram `name` with exactly the labels `labels` (`a="b"`, or
+    /// empty for none; `le` aside) in a `/metrics` text; `None` when it is not there.
+    pub fn parse(text: &str, name: &str, labels: &str) -> Option<Self> {
+        let prefix = if labels.is_empty() {
+            format!("{name}_bucket{{le=\"")
+        } else {
+            format!("{name}_bucket{{{labels},le=\"")
+        };
+        let tail = if labels.is_empty() {
+            String::new()
+        } else {
+            format!("{{{labels}}}")
+        };
+        let value = |line: &str, head: &str| -> Option<f64> {
+            line.strip_prefix(head)?.trim().parse().ok()
+        };
+        let mut out = Self::default();
+        let mut seen = false;
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix(&prefix) {
+                let (bound, n) = rest.split_once("\"} ")?;
+                let n: u64 = n.trim().parse().ok()?;
+                if bound != "+Inf" {
+                    out.buckets.push((bound.parse().ok()?, n));
+                }
+                seen = true;
+            } else if let Some(sum) = value(line, &format!("{name}_sum{tail} ")) {
+                out.sum = sum;
+            } else if let Some(count) = value(line, &format!("{name}_count{tail} ")) {
+                out.count = count as u64;
+            }
+        }
+        seen.then_some(out)
+    }
+
     /// The observations between `earlier` and these counts.
     #[must_use]
     pub fn since(&self, earlier: &Self) -> Self {
@@ -227,6 +371,10 @@ pub struct Metrics {
     lanes_refolded: AtomicU64,
     calls: Histogram,
     reads: Histogram,
+    /// By [`Stage`], in its order.
+    waits: [Histogram; 4],
+    /// By [`Task`], in its order.
+    tasks: [Histogram; 5],
     lag: Mutex<BTreeMap<(String, i32), i64>>,
     ready: AtomicBool,
     status: Mutex<String>,
@@ -249,6 +397,8 @@ impl Metrics {
             lanes_refolded: AtomicU64::new(0),
             calls: Histogram::new(CALL_BUCKETS),
             reads: Histogram::new(READ_BUCKETS),
+            waits: std::array::from_fn(|_| Histogram::new(WAIT_BUCKETS)),
+            tasks: std::array::from_fn(|_| Histogram::new(WAIT_BUCKETS)),
             lag: Mutex::new(BTreeMap::new()),
             ready: AtomicBool::new(false),
             status: Mutex::new("starting".into()),
@@ -307,6 +457,16 @@ impl Metrics {
     /// The read-time histogram now.
     pub fn reads(&self) -> HistogramCounts {
         self.reads.counts()
+    }
+
+    /// A live record spent `took` in `stage`.
+    pub fn waited(&self, stage: Stage, took: Duration) {
+        self.waits[stage as usize].observe(took);
+    }
+
+    /// The consumer loop spent `took` on `task` between two batches.
+    pub fn loop_task(&self, task: Task, took: Duration) {
+        self.tasks[task as usize].observe(took);
     }
 
     /// Every consumed topic's name and counters, users first.
@@ -519,6 +679,25 @@ impl Metrics {
             "Time to answer one read (GET of a user, an organization or a listing), until the response head.",
         );
 
+        render_family(
+            &mut out,
+            "logq_event_wait_seconds",
+            "Where live records' time goes, from their timestamp to the published position, by stage (the oldest record of each batch applied once caught up).",
+            "stage",
+            Stage::ALL
+                .iter()
+                .map(|s| (s.label(), &self.waits[*s as usize])),
+        );
+        render_family(
+            &mut out,
+            "logq_loop_task_seconds",
+            "Time the consumer loop spent on a task between two batches (records arriving meanwhile wait for it), by task.",
+            "task",
+            Task::ALL
+                .iter()
+                .map(|t| (t.label(), &self.tasks[*t as usize])),
+        );
+
         let name = "logq_consumer_lag";
         let _ = writeln!(
             out,
@@ -678,6 +857,55 @@ mod tests {
             rss > 1_000_000.0,
             "a running test process holds more than 1 MB: {rss}"
         );
+    }
+
+    #[test]
+    fn wait_and_loop_task_histograms_render_by_label_and_parse_back() {
+        let m = Metrics::new(["users", "orgs"]);
+        m.waited(Stage::Reach, Duration::from_millis(3));
+        m.waited(Stage::Total, Duration::from_millis(700));
+        m.waited(Stage::Total, Duration::from_millis(4));
+        m.loop_task(Task::Snapshot, Duration::from_millis(80));
+        m.read_answered(Duration::from_micros(300));
+        let text = m.render(Sizes {
+            users_visible: 0,
+            users_stored: 0,
+            organizations: 0,
+            user_bytes: 0,
+            user_store_bytes: 0,
+            tombstones: 0,
+            tombstones_expired: 0,
+            clock: None,
+            subscribers: 0,
+            subscribers_dropped: 0,
+        });
+        let parse = |name: &str, labels: &str| {
+            HistogramCounts::parse(&text, name, labels)
+                .unwrap_or_else(|| panic!("{name}{{{labels}}} missing: {text}"))
+        };
+        let wait = |stage: Stage| {
+            parse(
+                "logq_event_wait_seconds",
+                &format!("stage=\"{}\"", stage.label()),
+            )
+        };
+        let reach = wait(Stage::Reach);
+        assert_eq!(reach.count, 1);
+        assert!(reach.buckets.contains(&(0.002_5, 0)), "{reach:?}");
+        assert!(reach.buckets.contains(&(0.005, 1)), "{reach:?}");
+        assert_eq!(wait(Stage::Queue).count, 0, "one series per stage");
+        let total = wait(Stage::Total);
+        assert_eq!(total.count, 2);
+        let p99 = total.quantile(0.99).unwrap();
+        assert!((0.5..=1.0).contains(&p99), "{p99}");
+        assert!((total.sum - 0.704).abs() < 1e-6, "{}", total.sum);
+        let task = |t: Task| parse("logq_loop_task_seconds", &format!("task=\"{}\"", t.label()));
+        assert_eq!(task(Task::Snapshot).count, 1);
+        assert_eq!(task(Task::Commands).count, 0);
+        assert!(text.contains("logq_loop_task_seconds_sum{task=\"snapshot\"} 0.08\n"));
+        // The unlabelled family parses too, equal to the counts it was rendered from.
+        assert_eq!(parse("logq_read_seconds", ""), m.reads());
+        assert!(HistogramCounts::parse(&text, "logq_nothing_seconds", "").is_none());
     }
 
     fn metric_value(text: &str, name: &str) -> f64 {

@@ -12,7 +12,7 @@
 //! as a tombstone.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use logq_abi::{PerSource, Source};
 
@@ -59,6 +59,65 @@ pub struct Step {
     pub elapsed: Duration,
     /// How the batch was shared among lanes (`None` when nothing was folded).
     pub lanes: Option<LaneUse>,
+    /// When its oldest record was stamped, polled and folded.
+    pub timing: Timing,
+}
+
+/// Where the time of a batch's oldest record went on its way into the target: the
+/// freshness breakdown (`logq_event_wait_seconds` of the live loop).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timing {
+    /// The oldest record timestamp of the batch (milliseconds since the epoch: the
+    /// producer's send or the broker's append); `None` when no record carries one.
+    pub stamped_ms: Option<i64>,
+    /// When the poll returned the batch.
+    pub polled: SystemTime,
+    /// When its fold began.
+    pub fold_began: SystemTime,
+    /// When the target had it.
+    pub folded: SystemTime,
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        Self {
+            stamped_ms: None,
+            polled: UNIX_EPOCH,
+            fold_began: UNIX_EPOCH,
+            folded: UNIX_EPOCH,
+        }
+    }
+}
+
+impl Timing {
+    /// From the oldest record's timestamp to the poll that returned it (zero when
+    /// the clocks disagree the other way, or without a timestamp).
+    pub fn reach(&self) -> Duration {
+        self.since_stamp(self.polled)
+    }
+
+    /// From the poll to the start of the fold.
+    pub fn queue(&self) -> Duration {
+        self.fold_began
+            .duration_since(self.polled)
+            .unwrap_or_default()
+    }
+
+    /// The fold, and the apply to the target.
+    pub fn fold(&self) -> Duration {
+        self.folded
+            .duration_since(self.fold_began)
+            .unwrap_or_default()
+    }
+
+    /// From the oldest record's timestamp to `then`.
+    pub fn since_stamp(&self, then: SystemTime) -> Duration {
+        let Some(ms) = self.stamped_ms.and_then(|ms| u64::try_from(ms).ok()) else {
+            return Duration::ZERO;
+        };
+        then.duration_since(UNIX_EPOCH + Duration::from_millis(ms))
+            .unwrap_or_default()
+    }
 }
 
 impl Step {
@@ -168,9 +227,16 @@ impl<'c> Stepper<'c> {
         }
         let records = polled.records();
         let ahead = self.ahead == Ahead::Poll;
-        let (step, next) = self.fold(&records, reducer, target, observer, || {
+        let fold_began = SystemTime::now();
+        let (mut step, next) = self.fold(&records, reducer, target, observer, || {
             ahead.then(|| consumer.poll(max_records, max_bytes, Duration::ZERO))
         });
+        step.timing = Timing {
+            stamped_ms: polled.oldest_stamp_ms(),
+            polled: polled.received(),
+            fold_began,
+            folded: SystemTime::now(),
+        };
         self.polled = next.flatten();
         Ok(Some(step))
     }
@@ -256,5 +322,37 @@ impl<'c> Stepper<'c> {
         }
         observer.folded(&batch);
         (step, next)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_batch_timing_splits_the_wait_from_the_stamp_and_never_goes_negative() {
+        let at = |ms: u64| UNIX_EPOCH + Duration::from_millis(1_000_000 + ms);
+        let timing = Timing {
+            stamped_ms: Some(1_000_000),
+            polled: at(12),
+            fold_began: at(13),
+            folded: at(16),
+        };
+        assert_eq!(timing.reach(), Duration::from_millis(12));
+        assert_eq!(timing.queue(), Duration::from_millis(1));
+        assert_eq!(timing.fold(), Duration::from_millis(3));
+        assert_eq!(timing.since_stamp(at(20)), Duration::from_millis(20));
+        // A producer whose clock runs ahead of the host's: zero, not a panic.
+        let ahead = Timing {
+            stamped_ms: Some(1_000_050),
+            ..timing
+        };
+        assert_eq!(ahead.reach(), Duration::ZERO);
+        // No timestamp: nothing to measure from.
+        let unstamped = Timing {
+            stamped_ms: None,
+            ..timing
+        };
+        assert_eq!(unstamped.since_stamp(at(20)), Duration::ZERO);
     }
 }

@@ -100,6 +100,12 @@ fn seed_samples_are_served_joined_and_identical_after_restart() {
         metrics.contains("logq_records_dead_lettered_total{topic=\"users\"} 0"),
         "{metrics}"
     );
+    // Freshness is timed on live records only: the history read while catching up
+    // is old by the time it is folded, and is not counted.
+    assert!(
+        metrics.contains("logq_event_wait_seconds_count{stage=\"total\"} 0\n"),
+        "{metrics}"
+    );
 
     // Every answer, before and after a restart, equals the native fold's.
     let orgs = events_of(&sample("organizations.json"));
@@ -745,6 +751,28 @@ fn a_read_with_the_produced_position_sees_the_write_on_any_replica() {
     println!(
         "reads without the position right after the produce: {stale_without} of {ROUNDS} were 404"
     );
+    // Each replica timed the live records from their timestamps (the batches of them:
+    // a batch is timed by its oldest record), stage by stage.
+    for host in [&a, &b] {
+        let count = |stage: &str| {
+            metric(
+                host,
+                &format!("logq_event_wait_seconds_count{{stage=\"{stage}\"}}"),
+            )
+        };
+        let total = count("total");
+        assert!(
+            (1.0..=2.0 * ROUNDS as f64).contains(&total),
+            "one per batch of the {} records: {total}",
+            2 * ROUNDS
+        );
+        assert_eq!(count("reach"), total);
+        assert_eq!(count("fold"), total);
+        // Measured from the producer's timestamps, in seconds: an average of seconds
+        // would mean a misread stamp (one from the epoch reads as decades).
+        let mean = metric(host, "logq_event_wait_seconds_sum{stage=\"total\"}") / total;
+        assert!(mean > 0.0 && mean < 5.0, "mean wait {mean} s");
+    }
     // A position no one will reach in time: 503 with what is behind, after the bound.
     let start = Instant::now();
     let r = a.get("/users/ryw-0?min_position=users/0@999999");

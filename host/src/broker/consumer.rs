@@ -1,7 +1,7 @@
 //! Reading the topics: partition discovery, watermarks, batched polling.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use rdkafka::Message;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
@@ -17,13 +17,28 @@ use crate::config::KafkaConfig;
 /// which cost nothing measurable).
 pub const POLL_WAIT: Duration = Duration::from_millis(20);
 /// Records polled, still in librdkafka's buffers (no copy is made until they are
-/// framed for the reducer).
-pub struct Polled<'c>(Vec<BorrowedMessage<'c>>);
+/// framed for the reducer), and when the poll returned them.
+pub struct Polled<'c>(Vec<BorrowedMessage<'c>>, SystemTime);
 
 impl Polled<'_> {
     /// Whether nothing arrived.
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
+    }
+
+    /// When the poll returned these records.
+    pub fn received(&self) -> SystemTime {
+        self.1
+    }
+
+    /// The oldest record timestamp among these records, in milliseconds since the
+    /// epoch: the producer's send time (`CreateTime`) or the broker's append
+    /// (`LogAppendTime`), as the topic is configured. `None` when none carries one.
+    pub fn oldest_stamp_ms(&self) -> Option<i64> {
+        self.0
+            .iter()
+            .filter_map(|m| m.timestamp().to_millis())
+            .min()
     }
 
     /// The records, borrowed.
@@ -233,7 +248,7 @@ impl TopicConsumer {
         wait: Duration,
     ) -> Result<Polled<'_>, KafkaError> {
         let first = match self.consumer.poll(wait) {
-            None => return Ok(Polled(Vec::new())),
+            None => return Ok(Polled(Vec::new(), SystemTime::now())),
             Some(Err(e)) => return Err(e.into()),
             Some(Ok(m)) => m,
         };
@@ -252,7 +267,7 @@ impl TopicConsumer {
                 None => break,
             }
         }
-        Ok(Polled(messages))
+        Ok(Polled(messages, SystemTime::now()))
     }
 
     /// The offsets this consumer group committed for `partitions` (the next offset to

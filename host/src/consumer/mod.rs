@@ -28,7 +28,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Receiver;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use logq_abi::Source;
 
@@ -38,14 +38,13 @@ use crate::broker::{KafkaError, Partition, Positions, Record, Topics};
 use crate::cluster::Cluster;
 use crate::config::RunConfig;
 use crate::fold::DeadLetter;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, Stage, Task};
 use crate::reducers::{Active, Command, Registry, Switched};
 use crate::state::Writer;
-use crate::state::snapshot::Snapshot;
-use crate::step::{Ahead, Observer, Step, Stepper};
+use crate::step::{Ahead, Observer, Step, Stepper, Timing};
 use dead_letter::DeadLetters;
 use progress::CatchUp;
-use snapshots::SnapshotWriter;
+use snapshots::{SnapshotWriter, Taken};
 
 /// How often freed memory is handed back to the OS while following the topics.
 const TRIM_EVERY: Duration = Duration::from_secs(30);
@@ -571,6 +570,7 @@ impl Consumer {
         let mut next_snapshot = Instant::now() + snapshot_every;
         let mut changed = false;
         let mut next_trim = Instant::now() + TRIM_EVERY;
+        let mut trimming: Option<std::thread::JoinHandle<()>> = None;
         let broker_news = watch::start(
             &self.config.kafka,
             &self.config.group_id,
@@ -593,6 +593,7 @@ impl Consumer {
             if let Some(s) = &mut sharing {
                 let doubt = s.in_doubt();
                 while let Ok(news) = s.news.try_recv() {
+                    let began = Instant::now();
                     s.apply(
                         news,
                         &consumer,
@@ -601,6 +602,7 @@ impl Consumer {
                         &mut catch_up,
                         &mut dlq,
                     );
+                    self.metrics.loop_task(Task::Group, began.elapsed());
                     s.heard();
                     self.store.publish_position(&positions);
                 }
@@ -621,6 +623,8 @@ impl Consumer {
             let reducer = &self.slots.current.reducer;
             match stepper.step(reducer, &self.store, POLL_WAIT, &mut live) {
                 Ok(Some(step)) => {
+                    // Caught up before this batch: its records are live, not history.
+                    let live = catch_up.caught_up();
                     changed = true;
                     self.count(&step);
                     step.advance(&mut positions);
@@ -634,6 +638,9 @@ impl Consumer {
                         self.store.settle_in_background();
                     }
                     self.store.publish_position(&positions);
+                    if live {
+                        self.waited(&step.timing);
+                    }
                     if let Some(s) = &sharing {
                         s.publish(&positions, &catch_up);
                     }
@@ -654,26 +661,42 @@ impl Consumer {
             }
             dlq.poll();
             // Between two batches the state is exactly at `positions`.
-            self.store.serve_exports(&positions);
+            let began = Instant::now();
+            if self.store.serve_exports(&positions) {
+                self.metrics.loop_task(Task::Exports, began.elapsed());
+            }
             store_safe_progress(&consumer, &dlq, &positions, &mut stored);
             if let Some(s) = &sharing
                 && Instant::now() >= next_commit
             {
+                let began = Instant::now();
                 s.commit(&dlq, &positions);
+                self.metrics.loop_task(Task::Commit, began.elapsed());
                 next_commit = Instant::now() + Duration::from_secs(1);
             }
             if let Some(tx) = &snapshots
                 && changed
                 && Instant::now() >= next_snapshot
             {
-                // Full: the writer is still busy with the last one; try next round.
-                if tx.offer(self.snapshot(&safe(&dlq, &positions))) {
-                    changed = false;
+                // Busy with the last one: try next round.
+                if tx.idle() {
+                    let began = Instant::now();
+                    if tx.offer(self.snapshot(&safe(&dlq, &positions))) {
+                        changed = false;
+                    }
+                    self.metrics.loop_task(Task::Snapshot, began.elapsed());
                 }
                 next_snapshot = Instant::now() + snapshot_every;
             }
             if Instant::now() >= next_trim {
-                crate::memory::trim();
+                // On a thread of its own: at a million users a trim took 40-50 ms of
+                // this loop, which live records waited for.
+                if trimming.as_ref().is_none_or(|t| t.is_finished()) {
+                    trimming = std::thread::Builder::new()
+                        .name("logq-trim".into())
+                        .spawn(crate::memory::trim)
+                        .ok();
+                }
                 next_trim = Instant::now() + TRIM_EVERY;
             }
             while let Ok(news) = broker_news.try_recv() {
@@ -728,8 +751,23 @@ impl Consumer {
     /// Applies every command that has arrived, in order.
     fn serve_commands(&mut self, positions: &Positions) {
         while let Ok(command) = self.commands.try_recv() {
+            let began = Instant::now();
             self.apply(command, positions);
+            self.metrics.loop_task(Task::Commands, began.elapsed());
         }
+    }
+
+    /// Where the oldest record of a batch applied live spent its time, now that its
+    /// position is published.
+    fn waited(&self, timing: &Timing) {
+        if timing.stamped_ms.is_none() {
+            return;
+        }
+        let m = &self.metrics;
+        m.waited(Stage::Reach, timing.reach());
+        m.waited(Stage::Queue, timing.queue());
+        m.waited(Stage::Fold, timing.fold());
+        m.waited(Stage::Total, timing.since_stamp(SystemTime::now()));
     }
 
     /// The one place the active reducer and the store are replaced. (A rollback is a
@@ -770,14 +808,14 @@ impl Consumer {
             .publish(&self.slots.current, self.slots.previous.as_ref());
     }
 
-    /// The current state, its offsets and reducer, for a snapshot.
-    fn snapshot(&self, positions: &Positions) -> Snapshot {
-        Snapshot {
+    /// The current state frozen at `positions` with its reducer, for a snapshot.
+    fn snapshot(&self, positions: &Positions) -> Taken {
+        Taken {
             reducer_sha256: self.slots.current.sha256().to_owned(),
             topics: self.topics.names().map(str::to_owned).to_vec(),
             offsets: positions.clone(),
-            entities: self.store.dump(self.slots.current.id),
             refused: self.store.refused().clone(),
+            state: self.store.freeze(positions, self.slots.current.id),
         }
     }
 

@@ -3,16 +3,38 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::broker::consumer::Watermarks;
 use crate::broker::{Partition, Positions};
 use crate::metrics::Metrics;
 use crate::state::Writer;
+use crate::state::export::Frozen;
+use crate::state::refused::Refused;
 use crate::state::snapshot::Snapshot;
 
-/// Writes snapshots on a thread of its own, so the consumer loop never waits on disk.
+/// A snapshot taken but not yet read out of the state: what it describes, and the
+/// state frozen at its offsets (read out on the writer's thread).
+#[derive(Debug)]
+pub struct Taken {
+    /// sha256 of the active reducer.
+    pub reducer_sha256: String,
+    /// The topics, users first.
+    pub topics: Vec<String>,
+    /// Next offset to fold, per partition.
+    pub offsets: Positions,
+    /// What that reducer refused.
+    pub refused: Refused,
+    /// The state at `offsets`.
+    pub state: Frozen,
+}
+
+/// Writes snapshots on a thread of its own, so the consumer loop never waits on disk
+/// nor on copying the state.
 pub struct SnapshotWriter {
-    tx: std::sync::mpsc::SyncSender<Snapshot>,
+    tx: std::sync::mpsc::SyncSender<Taken>,
+    /// A snapshot is being read out or written.
+    busy: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -27,43 +49,44 @@ impl SnapshotWriter {
                 dir.display()
             );
         }
-        let (tx, rx) = std::sync::mpsc::sync_channel::<Snapshot>(1);
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Taken>(1);
+        let busy = Arc::new(AtomicBool::new(false));
+        let working = Arc::clone(&busy);
         let spawned = std::thread::Builder::new()
             .name("logq-snapshot".into())
             .spawn(move || {
-                for snap in rx {
-                    let stamp = std::time::SystemTime::now()
-                        .duration_since(std::time::UNIX_EPOCH)
-                        .map(|d| d.as_millis())
-                        .unwrap_or_default();
-                    let n = snap.entities.len();
-                    let written = crate::state::snapshot::write(&dir, &snap, stamp);
-                    metrics.snapshot_written(written.is_ok());
-                    match written {
-                        Ok(path) => {
-                            tracing::info!("snapshot {} written ({n} entities)", path.display())
-                        }
-                        Err(e) => tracing::error!(
-                            "snapshot in {} failed: {e}; the service goes on, the next one is tried in the next interval",
-                            dir.display()
-                        ),
-                    }
+                for taken in rx {
+                    write(&dir, taken, &metrics);
+                    working.store(false, Ordering::Release);
                 }
             });
         let thread = spawned
             .map_err(|e| tracing::error!("snapshots disabled: {e}"))
             .ok();
-        Self { tx, thread }
+        Self { tx, busy, thread }
+    }
+
+    /// Whether the writer would take a snapshot now (it is not busy with the last
+    /// one): ask before freezing the state for one.
+    pub fn idle(&self) -> bool {
+        !self.busy.load(Ordering::Acquire)
     }
 
     /// Hands a snapshot over unless the writer is still busy with the last one.
-    pub fn offer(&self, snapshot: Snapshot) -> bool {
-        self.tx.try_send(snapshot).is_ok()
+    pub fn offer(&self, taken: Taken) -> bool {
+        if self.busy.swap(true, Ordering::AcqRel) {
+            return false;
+        }
+        let sent = self.tx.try_send(taken).is_ok();
+        if !sent {
+            self.busy.store(false, Ordering::Release);
+        }
+        sent
     }
 
     /// Writes `last` and waits until it is on disk: the process may exit right after.
-    pub fn finish(self, last: Snapshot) {
-        let Self { tx, thread } = self;
+    pub fn finish(self, last: Taken) {
+        let Self { tx, thread, .. } = self;
         let _ = tx.send(last);
         drop(tx);
         if let Some(t) = thread
@@ -71,6 +94,38 @@ impl SnapshotWriter {
         {
             tracing::error!("the snapshot writer panicked");
         }
+    }
+}
+
+/// Reads `taken` out of the state and writes it into `dir`, counting it in `metrics`.
+fn write(dir: &std::path::Path, taken: Taken, metrics: &Metrics) {
+    let entities = match taken.state.entities() {
+        Ok(entities) => entities,
+        Err(e) => {
+            tracing::info!("snapshot skipped ({e}); the next one is taken in the next interval");
+            return;
+        }
+    };
+    let snap = Snapshot {
+        reducer_sha256: taken.reducer_sha256,
+        topics: taken.topics,
+        offsets: taken.offsets,
+        entities,
+        refused: taken.refused,
+    };
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or_default();
+    let n = snap.entities.len();
+    let written = crate::state::snapshot::write(dir, &snap, stamp);
+    metrics.snapshot_written(written.is_ok());
+    match written {
+        Ok(path) => tracing::info!("snapshot {} written ({n} entities)", path.display()),
+        Err(e) => tracing::error!(
+            "snapshot in {} failed: {e}; the service goes on, the next one is tried in the next interval",
+            dir.display()
+        ),
     }
 }
 
@@ -122,36 +177,40 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("logq-writer-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let view = format!("{{\"id\":\"{}\"}}", "x".repeat(300));
-        let snapshot = Snapshot {
+        // Big enough that reading it out and writing it takes a while.
+        let store = Writer::new_store();
+        let (keys, updates): (Vec<_>, Vec<_>) = (0..50_000)
+            .map(|i| {
+                let entity = Entity {
+                    kind: Kind::User,
+                    key: format!("user-{i}"),
+                };
+                (entity, crate::state::test_update(Some(&view), Some("Org")))
+            })
+            .unzip();
+        store.apply(&keys, updates);
+        let offsets = Positions::from([(
+            Partition {
+                source: Source::Users,
+                id: 0,
+            },
+            42,
+        )]);
+        let taken = Taken {
             reducer_sha256: "0".repeat(64),
             topics: vec!["users".into(), "organizations".into()],
-            offsets: Positions::from([(
-                Partition {
-                    source: Source::Users,
-                    id: 0,
-                },
-                42,
-            )]),
-            // Big enough that writing it takes a while.
-            entities: (0..50_000)
-                .map(|i| {
-                    (
-                        Entity {
-                            kind: Kind::User,
-                            key: format!("user-{i}"),
-                        },
-                        crate::state::test_update(Some(&view), Some("Org")),
-                        true,
-                    )
-                })
-                .collect(),
+            state: store.freeze(&offsets, 1),
+            offsets,
             refused: Default::default(),
         };
+        // Changed after the freeze, before the writer reads it out: not in the
+        // snapshot.
+        assert_eq!(store.forget_users(|_| true), 50_000);
         SnapshotWriter::start(
             dir.clone(),
             Arc::new(Metrics::new(["users", "organizations"])),
         )
-        .finish(snapshot);
+        .finish(taken);
         let names: Vec<String> = std::fs::read_dir(&dir)
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
@@ -160,6 +219,11 @@ mod tests {
             names.len() == 1 && names[0].starts_with("snapshot-") && names[0].ends_with(".bin"),
             "{names:?}"
         );
+        let (written, _) =
+            crate::state::snapshot::load_newest(&dir, &"0".repeat(64), &["users", "organizations"])
+                .expect("the snapshot written");
+        assert_eq!(written.entities.len(), 50_000);
+        assert_eq!(written.offsets.values().copied().collect::<Vec<_>>(), [42]);
         let _ = std::fs::remove_dir_all(&dir);
     }
 

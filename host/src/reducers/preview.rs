@@ -131,7 +131,7 @@ pub fn compare(live: &Export, candidate: &StateStore) -> (Changes, Changes) {
     let keys = sorted(
         live.user_keys()
             .iter()
-            .cloned()
+            .map(Box::from)
             .chain(candidate.user_keys()),
     );
     let threads = std::thread::available_parallelism()

@@ -448,28 +448,36 @@ impl StateStore {
     /// what a snapshot keeps. Taken by the one writer between two batches, so it is
     /// one consistent state.
     pub fn dump(&self, current: u32) -> Vec<(Entity, Update, bool)> {
-        let entry = |kind: Kind, key: &str, e: EntryRef<'_>| {
-            (
-                Entity {
-                    kind,
-                    key: key.to_string(),
-                },
-                e.update(),
-                e.by == current,
-            )
+        let user = |key: &str, e: EntryRef<'_>| {
+            let entity = Entity {
+                kind: Kind::User,
+                key: key.to_string(),
+            };
+            (entity, e.update(), e.by == current)
         };
         let mut out = Vec::new();
         for shard in self.shards.iter() {
             let shard = read(shard);
-            out.extend(shard.users.iter().map(|(k, e)| entry(Kind::User, k, e)));
+            out.extend(shard.users.iter().map(|(k, e)| user(k, e)));
         }
-        let orgs = self.read_organizations();
-        out.extend(
-            orgs.entries
-                .iter()
-                .map(|(k, e)| entry(Kind::Organization, k, e.get())),
-        );
+        out.extend(self.organization_entities(current));
         out
+    }
+
+    /// The organizations' part of [`StateStore::dump`].
+    fn organization_entities(&self, current: u32) -> Vec<(Entity, Update, bool)> {
+        let orgs = self.read_organizations();
+        orgs.entries
+            .iter()
+            .map(|(k, e)| {
+                let e = e.get();
+                let entity = Entity {
+                    kind: Kind::Organization,
+                    key: k.to_string(),
+                };
+                (entity, e.update(), e.by == current)
+            })
+            .collect()
     }
 
     /// The answer for user `id`: its view joined with its organization's.
