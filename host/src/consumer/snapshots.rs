@@ -55,6 +55,7 @@ impl SnapshotWriter {
         let spawned = std::thread::Builder::new()
             .name("logq-snapshot".into())
             .spawn(move || {
+                background_priority();
                 for taken in rx {
                     write(&dir, taken, &metrics);
                     working.store(false, Ordering::Release);
@@ -93,6 +94,24 @@ impl SnapshotWriter {
             && t.join().is_err()
         {
             tracing::error!("the snapshot writer panicked");
+        }
+    }
+}
+
+/// Lowers the calling thread's CPU priority (nice 10): a snapshot is background work
+/// and must not take the cores from the loop and the reads.
+fn background_priority() {
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: gettid and setpriority take and return integers only; they change
+        // the scheduling priority of this thread alone.
+        #[allow(unsafe_code)]
+        let done = unsafe {
+            let tid = libc::gettid();
+            libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, 10)
+        };
+        if done != 0 {
+            tracing::debug!("snapshot thread priority unchanged");
         }
     }
 }

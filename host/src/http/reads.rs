@@ -296,8 +296,8 @@ pub async fn export(api: &Api) -> Response {
             );
         }
     };
-    // The keys come unsorted (sorting a million of them would hold the consumer loop
-    // for a third of a second); sorted here, off the async workers.
+    // The writer only froze the users' slots: their ids are read and sorted here,
+    // off the consumer loop and the async workers.
     let sorted = tokio::task::spawn_blocking(move || {
         let mut export = begun;
         export.sort();

@@ -3,16 +3,20 @@
 //!
 //! How it stays consistent: the export is begun by the one writer between two batches
 //! ([`super::Writer::serve_exports`]), when the state is exactly at the loop's position.
-//! It then copies only the user *keys* (about 40 bytes a user) and the organizations'
-//! answers (few); user entries are read from the live store as the stream goes, in
-//! chunks under short read locks. The writer, before it changes or forgets a user
-//! that existed when the export began, saves the old entry into the export's image
-//! (once per user): what the stream reads for that user. So the cost of an export is
-//! the keys plus the users changed while it runs, never the whole state.
+//! It then copies only each shard's user *slots* (4 bytes a user, under the shard's
+//! lock: a few milliseconds at a million users) and the organizations' answers (few);
+//! the ids are read from those slots off the writer's thread, and the entries from the
+//! live store as the stream goes, in chunks under short read locks. The writer,
+//! before it changes or forgets a user that existed when the export began, saves the
+//! old entry into the export's image (once per user): what the stream reads for that
+//! user. While an image lives, its shards free no slot for reuse (see
+//! `Users::pin`), so the slots it copied go on naming the same users. So the cost of
+//! an export is the slots, the ids, and the users changed while it runs, never the
+//! whole state.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use crate::broker::Positions;
 
@@ -24,10 +28,12 @@ use super::{Entry, EntryRef, StateStore, Writer, join_view};
 pub const MAX_EXPORTS: usize = 4;
 /// Users rendered per read lock.
 const CHUNK: usize = 512;
+/// Frozen users read per read lock (a few microseconds' hold: a reader preempted
+/// while it holds the lock stalls the writer until it runs again).
+const FROZEN_PER_LOCK: usize = 32;
 
-/// User keys packed in one buffer, each a range of it: copying a million of them is
-/// one growing buffer and a `memcpy` a key, where a box each held the writer for
-/// about 150 ms (measured with `logq-bench --visible-only --users 1000000`).
+/// User keys packed in one buffer, each a range of it: a million of them are one
+/// growing buffer and a `memcpy` a key, not a million allocations.
 #[derive(Debug, Default)]
 pub struct Keys {
     text: String,
@@ -100,8 +106,12 @@ pub struct Export {
     store: Arc<StateStore>,
     /// The position it reflects.
     pub position: Positions,
-    /// Every user key at the position, in order (once [`Export::sort`] ran).
-    users: Keys,
+    /// Per shard, the slots of the users kept at the position (the shard keeps
+    /// them pinned while the image lives).
+    slots: Vec<Vec<u32>>,
+    /// Their ids, read on first use (off the writer's thread); in order once
+    /// [`Export::sort`] ran.
+    users: OnceLock<Keys>,
     /// Organization keys and answers at the position, in key order.
     organizations: Vec<(Box<str>, String)>,
     /// organization name -> the answer users of that name join, at the position.
@@ -132,18 +142,21 @@ impl Export {
         if self.image.replaced.load(Ordering::Relaxed) {
             return Some(Err(ExportError::Replaced));
         }
-        if self.next < self.users.len() {
-            let end = (self.next + CHUNK).min(self.users.len());
+        let users = self.user_keys();
+        if self.next < users.len() {
+            let end = (self.next + CHUNK).min(users.len());
             let mut out = String::new();
+            let mut sent = 0;
             for i in self.next..end {
-                let Some(answer) = self.user(self.users.get(i)) else {
+                let Some(answer) = self.user(users.get(i)) else {
                     continue;
                 };
                 out.push_str("{\"user\":");
                 out.push_str(&answer);
                 out.push_str("}\n");
-                self.users_sent += 1;
+                sent += 1;
             }
+            self.users_sent += sent;
             self.next = end;
             return Some(Ok(out));
         }
@@ -196,9 +209,38 @@ impl Export {
             .or_else(|| shard.users.get(key)))
     }
 
-    /// Every user key kept at the position (visible or not), in order.
+    /// Every user key kept at the position (visible or not), in order once
+    /// [`Export::sort`] ran. The first call reads them (O(users)).
     pub fn user_keys(&self) -> &Keys {
-        &self.users
+        self.users.get_or_init(|| {
+            let mut keys = Keys::default();
+            self.each_frozen(|_, key, _| keys.push(key));
+            keys
+        })
+    }
+
+    /// `f(slot, id, entry at the position)` for every user frozen, shard by shard, a
+    /// few hundred under each read lock (the writer goes on between). Stops when the
+    /// store was replaced: the slots would name another store's users (the flag is
+    /// raised under every shard's write lock, so it is seen before any of them).
+    fn each_frozen(&self, mut f: impl FnMut(u32, &str, EntryRef<'_>)) {
+        for (i, slots) in self.slots.iter().enumerate() {
+            for part in slots.chunks(FROZEN_PER_LOCK) {
+                let shard = super::read(&self.store.shards[i]);
+                if self.replaced() {
+                    return;
+                }
+                let saved = self.image.saved.lock().unwrap_or_else(|p| p.into_inner());
+                for &slot in part {
+                    // A forgotten user's id and block stay while the slot is pinned.
+                    let key = shard.users.key(slot);
+                    let entry = saved
+                        .get(key)
+                        .map_or_else(|| shard.users.entry(slot), Entry::get);
+                    f(slot, key, entry);
+                }
+            }
+        }
     }
 
     /// The organizations' keys and answers at the position, in key order.
@@ -214,15 +256,17 @@ impl Export {
     /// Puts the user keys in order: [`super::Writer::image`] leaves that to its caller,
     /// off the writer's thread.
     pub fn sort(&mut self) {
-        self.users.sort();
+        self.user_keys();
+        if let Some(keys) = self.users.get_mut() {
+            keys.sort();
+        }
     }
 }
 
 /// The whole state frozen at one position for a snapshot. The writer freezes it
-/// between two batches as it begins an export (copying the user keys, not the
-/// states: tens of milliseconds at a million users, where copying every entity held
-/// the loop for half a second); another thread then reads the entities out while the
-/// writer goes on.
+/// between two batches as it begins an export (copying the users' slots, not their
+/// ids or states: where copying every entity held the loop for 440 ms at a million
+/// users); another thread then reads the entities out while the writer goes on.
 #[derive(Debug)]
 pub struct Frozen {
     users: Export,
@@ -244,17 +288,15 @@ impl Frozen {
             organizations,
             current,
         } = self;
-        let mut out = Vec::with_capacity(users.users.len() + organizations.len());
-        for key in users.users.iter() {
-            let found = users.entry_at(key, |e| e.map(|e| (e.update(), e.by == current)));
-            if let Some((update, mine)) = found {
-                let entity = Entity {
-                    kind: Kind::User,
-                    key: key.to_string(),
-                };
-                out.push((entity, update, mine));
-            }
-        }
+        let stored: usize = users.slots.iter().map(Vec::len).sum();
+        let mut out = Vec::with_capacity(stored + organizations.len());
+        users.each_frozen(|_, key, e| {
+            let entity = Entity {
+                kind: Kind::User,
+                key: key.to_string(),
+            };
+            out.push((entity, e.update(), e.by == current));
+        });
         // Replaced under the shards' write locks, so any entry read from a new store
         // was read after the flag went up.
         if users.replaced() {
@@ -294,9 +336,8 @@ impl StateStore {
 impl Writer {
     /// Begins the exports asked for, at `position`: called by the one writer between
     /// two batches, when the state is exactly there (and, being the writer's thread,
-    /// nothing changes it meanwhile). Collects the user keys and the organizations
-    /// under a read lock, so GETs go on (O(users), no state copied). Returns whether
-    /// any export was waiting.
+    /// nothing changes it meanwhile). See [`Writer::image`] for what it copies.
+    /// Returns whether any export was waiting.
     pub fn serve_exports(&self, position: &Positions) -> bool {
         let waiting: Vec<Pending> = {
             let mut pending = self
@@ -331,20 +372,18 @@ impl Writer {
     /// Freezes the answers at `position`: from now on, until the returned export is
     /// dropped, the writer saves the old entry of each user it changes or forgets.
     /// Called by the one writer between two batches, when the state is exactly at
-    /// `position` (so nothing changes it meanwhile). Copies the user keys (unsorted:
-    /// see [`Export::sort`]) and the organizations under read locks, so GETs go on.
+    /// `position` (so nothing changes it meanwhile). Copies each shard's user slots
+    /// (4 bytes a user; the ids are read later, see [`Export::user_keys`] and
+    /// [`Export::sort`]) and the organizations' answers.
     pub fn image(&self, position: &Positions) -> Export {
         let image = Arc::new(Image::default());
+        let mut slots = Vec::with_capacity(self.shards.len());
         for shard in self.shards.iter() {
             let mut shard = super::write(shard);
             shard.images.retain(|i| i.strong_count() > 0);
             shard.images.push(Arc::downgrade(&image));
-        }
-        let mut users = Keys::default();
-        for shard in self.shards.iter() {
-            for key in super::read(shard).users.keys() {
-                users.push(key);
-            }
+            shard.users.pin(true);
+            slots.push(shard.users.slot_ids());
         }
         let (organizations, joins) = {
             let orgs = self.read_organizations();
@@ -369,7 +408,8 @@ impl Writer {
         Export {
             store: Arc::clone(&self.0),
             position: position.clone(),
-            users,
+            slots,
+            users: OnceLock::new(),
             organizations,
             joins,
             image,
@@ -527,8 +567,8 @@ mod tests {
             rng ^= rng << 17;
             rng % n
         };
-        let mut users: Vec<_> = (0..3000)
-            .map(|i| user(&format!("u{i:04}"), "old"))
+        let mut users: Vec<_> = (0..20_000)
+            .map(|i| user(&format!("u{i:05}"), "old"))
             .collect();
         users.push((
             Entity {
@@ -544,7 +584,7 @@ mod tests {
             vec![(
                 Entity {
                     kind: Kind::User,
-                    key: "u0007".into(),
+                    key: "u00007".into(),
                 },
                 test_update(None, None),
             )],
@@ -554,9 +594,9 @@ mod tests {
         // Meanwhile: updates (some users twice), deletions, new users, and users
         // forgotten (the writer's upkeep compacts and purges as it goes).
         for round in 0..4 {
-            let changed: Vec<_> = (0..600)
+            let changed: Vec<_> = (0..3000)
                 .map(|_| {
-                    let i = next(3200);
+                    let i = next(21_000);
                     let v = if next(5) == 0 { "gone" } else { "new" };
                     (i, v)
                 })
@@ -566,7 +606,7 @@ mod tests {
                 changed
                     .iter()
                     .map(|(i, v)| {
-                        let key = format!("u{i:04}");
+                        let key = format!("u{i:05}");
                         if *v == "gone" {
                             let none = logq_abi::Update {
                                 state: None,
@@ -587,7 +627,13 @@ mod tests {
                     })
                     .collect(),
             );
-            let n = store.forget_users(|k| k.ends_with(&format!("{round}3")));
+            // A quarter of the users each round: enough for purges (and their slots
+            // reused by the next round's new users) were the slots not pinned.
+            let n = store.forget_users(|k| {
+                k.bytes()
+                    .last()
+                    .is_some_and(|d| u64::from(d - b'0') % 4 == round)
+            });
             assert!(n > 0, "round {round} forgot users");
         }
         let after = store.dump(1);

@@ -684,7 +684,7 @@ impl Writer {
                 }
                 shard.put(key, &updates.get(i), by);
             }
-            shard.users.tidy();
+            shard.tidy();
         }
         self.expire();
     }
@@ -952,7 +952,7 @@ impl Shard {
                 self.forget(id, key);
             }
         }
-        self.users.tidy();
+        self.tidy();
         keys.len()
     }
 
@@ -967,8 +967,16 @@ impl Shard {
             self.forget(id, &key);
             n += 1;
         }
-        self.users.tidy();
+        self.tidy();
         n
+    }
+
+    /// The writer's upkeep of the users after a change ([`Users::tidy`]), with their
+    /// slots pinned while a frozen image names them.
+    fn tidy(&mut self) {
+        self.images.retain(|i| i.strong_count() > 0);
+        self.users.pin(!self.images.is_empty());
+        self.users.tidy();
     }
 }
 

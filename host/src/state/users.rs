@@ -157,6 +157,9 @@ pub(super) struct Users {
     /// Bytes of blocks in use, and of blocks no longer used (not yet freed).
     used: usize,
     waste: usize,
+    /// A frozen image names users by slot ([`Users::slot_ids`]): no slot is freed
+    /// for reuse meanwhile (no purge, no reset of an emptied shard).
+    pinned: bool,
 }
 
 /// A block's size for an id of `key_len` bytes and a state of `len`.
@@ -246,6 +249,18 @@ impl Users {
         self.live().map(|id| self.key(id))
     }
 
+    /// The slots of the users kept, in no order: 4 bytes a user, read from the
+    /// index (not a pass over the slots). They name the same users, and [`Users::key`]
+    /// and [`Users::entry`] read them (forgotten or not), while [`Users::pin`] holds.
+    pub fn slot_ids(&self) -> Vec<u32> {
+        self.index.iter().copied().collect()
+    }
+
+    /// While `on`, no slot is freed for reuse: see [`Users::slot_ids`].
+    pub fn pin(&mut self, on: bool) {
+        self.pinned = on;
+    }
+
     /// Keeps user `key` (not kept yet) with `update`'s `state`, by reducer `by`;
     /// returns its slot.
     pub fn insert(&mut self, key: &str, update: &UpdateRef<'_>, state: &[u8], by: u32) -> u32 {
@@ -316,7 +331,7 @@ impl Users {
         }
         self.slots[id as usize].key_len |= GONE;
         self.gone.push(id);
-        if self.index.is_empty() {
+        if self.index.is_empty() && !self.pinned {
             // The last user gone: give everything back.
             *self = Self {
                 hasher: self.hasher.clone(),
@@ -449,7 +464,7 @@ impl Users {
     /// forgotten users once they are many, brings the order up to date once many
     /// users came, and compacts ([`Users::compact`]).
     pub fn tidy(&mut self) {
-        if self.gone.len() >= PURGE_MIN.max(self.index.len() / 32) {
+        if !self.pinned && self.gone.len() >= PURGE_MIN.max(self.index.len() / 32) {
             self.purge();
         }
         let mut order = lock(&self.order);
@@ -638,6 +653,58 @@ mod tests {
                 users.insert(key, &r, state, 7);
             }
         }
+    }
+
+    /// While pinned, the slots handed out go on naming their users, forgotten or
+    /// not, through upkeep that would otherwise purge them or reset the emptied
+    /// shard; unpinned, the next upkeep frees them.
+    #[test]
+    fn pinned_slots_keep_naming_their_users_until_unpinned() {
+        let mut users = Users::default();
+        for i in 0..2000 {
+            put(
+                &mut users,
+                &format!("u{i:04}"),
+                format!("state {i}").as_bytes(),
+            );
+        }
+        let mut slots = users.slot_ids();
+        slots.sort_unstable();
+        assert_eq!(slots.len(), 2000);
+        let before: Vec<(String, Vec<u8>)> = slots
+            .iter()
+            .map(|&s| (users.key(s).to_owned(), users.entry(s).state().to_vec()))
+            .collect();
+        users.pin(true);
+        // Every user forgotten, many new ones: upkeep after each step.
+        for &s in &slots {
+            users.remove(s);
+            users.tidy();
+        }
+        for i in 0..3000 {
+            put(
+                &mut users,
+                &format!("new{i:04}"),
+                b"a much longer state than before",
+            );
+            users.tidy();
+        }
+        let after: Vec<(String, Vec<u8>)> = slots
+            .iter()
+            .map(|&s| (users.key(s).to_owned(), users.entry(s).state().to_vec()))
+            .collect();
+        assert_eq!(after, before, "the pinned slots name the same users");
+        assert!(
+            users
+                .slot_ids()
+                .iter()
+                .all(|s| slots.binary_search(s).is_err()),
+            "no pinned slot was reused"
+        );
+        users.pin(false);
+        users.tidy();
+        assert!(users.gone.is_empty(), "unpinned, the forgotten are purged");
+        assert_eq!(users.free.len(), 2000);
     }
 
     /// Users keep their ids and states through growth, moves, removals and
