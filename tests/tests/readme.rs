@@ -55,6 +55,24 @@ impl Drop for Background {
         for pid in &self.0 {
             let _ = Command::new("kill").arg(pid.to_string()).status();
         }
+        // Whatever has not exited after a while is killed: a test must leave no
+        // process behind (hosts stopped after their broker were found running an
+        // hour later).
+        // Running, not a zombie waiting to be reaped (their parent, the block's
+        // shell, is gone).
+        let alive = |pid: &u32| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+                stat.rsplit_once(") ")
+                    .is_some_and(|(_, rest)| !rest.starts_with('Z'))
+            })
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while self.0.iter().any(alive) && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        for pid in self.0.iter().filter(|p| alive(p)) {
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+        }
     }
 }
 

@@ -319,11 +319,26 @@ impl Member {
     }
 }
 
+/// Longest a leaving host waits for its group client to commit and close. With the
+/// broker gone, librdkafka's close can wait for ever: a host stopped by SIGTERM after
+/// its broker was stayed up for an hour (its consumer thread waiting here).
+const LEAVE_MAX: Duration = Duration::from_secs(10);
+
 impl Drop for Member {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(t) = self.thread.take() {
-            let _ = t.join();
+            let deadline = std::time::Instant::now() + LEAVE_MAX;
+            while !t.is_finished() && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if t.is_finished() {
+                let _ = t.join();
+            } else {
+                tracing::warn!(
+                    "the group client did not close within {LEAVE_MAX:?} (is the broker gone?); leaving without it"
+                );
+            }
         }
     }
 }

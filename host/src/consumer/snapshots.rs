@@ -11,7 +11,7 @@ use crate::metrics::Metrics;
 use crate::state::Writer;
 use crate::state::export::Frozen;
 use crate::state::refused::Refused;
-use crate::state::snapshot::Snapshot;
+use crate::state::snapshot::{Header, SnapshotError, write_frozen};
 
 /// A snapshot taken but not yet read out of the state: what it describes, and the
 /// state frozen at its offsets (read out on the writer's thread).
@@ -116,31 +116,28 @@ fn background_priority() {
     }
 }
 
-/// Reads `taken` out of the state and writes it into `dir`, counting it in `metrics`.
+/// Writes `taken` into `dir`, read straight from the state, counting it in `metrics`.
 fn write(dir: &std::path::Path, taken: Taken, metrics: &Metrics) {
-    let entities = match taken.state.entities() {
-        Ok(entities) => entities,
-        Err(e) => {
-            tracing::info!("snapshot skipped ({e}); the next one is taken in the next interval");
-            return;
-        }
-    };
-    let snap = Snapshot {
+    let header = Header {
         reducer_sha256: taken.reducer_sha256,
         topics: taken.topics,
         offsets: taken.offsets,
-        entities,
-        refused: taken.refused,
     };
     let stamp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis())
         .unwrap_or_default();
-    let n = snap.entities.len();
-    let written = crate::state::snapshot::write(dir, &snap, stamp);
+    let written = write_frozen(dir, &header, taken.state, &taken.refused, stamp);
+    if let Err(SnapshotError::Cut) = written {
+        tracing::info!(
+            "snapshot skipped: {}; the next one is taken in the next interval",
+            SnapshotError::Cut
+        );
+        return;
+    }
     metrics.snapshot_written(written.is_ok());
     match written {
-        Ok(path) => tracing::info!("snapshot {} written ({n} entities)", path.display()),
+        Ok((path, n)) => tracing::info!("snapshot {} written ({n} entities)", path.display()),
         Err(e) => tracing::error!(
             "snapshot in {} failed: {e}; the service goes on, the next one is tried in the next interval",
             dir.display()
@@ -189,6 +186,7 @@ pub fn restore(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::state::snapshot::Snapshot;
     use logq_abi::{Entity, Kind, Source};
 
     #[test]

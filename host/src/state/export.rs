@@ -15,6 +15,7 @@
 //! whole state.
 
 use std::collections::{BTreeMap, HashMap};
+use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -277,32 +278,86 @@ pub struct Frozen {
 }
 
 impl Frozen {
-    /// Every entity stored at the position, as [`StateStore::dump`] gives them then.
+    /// How many entities were stored at the position.
+    pub fn len(&self) -> usize {
+        self.users.slots.iter().map(Vec::len).sum::<usize>() + self.organizations.len()
+    }
+
+    /// Whether none were.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// `f` of every entity stored at the position (users, then organizations),
+    /// borrowed from the store: nothing is copied. [`Frozen::len`] calls in all,
+    /// unless the store was replaced meanwhile.
     ///
     /// # Errors
     /// When the store was replaced meanwhile (a handover): the position no longer
-    /// describes what could be read.
-    pub fn entities(self) -> Result<Vec<(Entity, Update, bool)>, ExportError> {
-        let Self {
-            users,
-            organizations,
-            current,
-        } = self;
-        let stored: usize = users.slots.iter().map(Vec::len).sum();
-        let mut out = Vec::with_capacity(stored + organizations.len());
-        users.each_frozen(|_, key, e| {
-            let entity = Entity {
-                kind: Kind::User,
-                key: key.to_string(),
-            };
-            out.push((entity, e.update(), e.by == current));
+    /// describes what could be read, and what was given is to be thrown away.
+    pub(super) fn each(
+        self,
+        mut f: impl FnMut(
+            Kind,
+            &str,
+            Option<&[u8]>,
+            Option<&Range<u32>>,
+            Option<&Range<u32>>,
+            Option<i64>,
+            bool,
+        ),
+    ) -> Result<(), ExportError> {
+        let current = self.current;
+        self.users.each_frozen(|_, key, e| {
+            let mine = e.by == current;
+            f(
+                Kind::User,
+                key,
+                Some(e.state()),
+                e.view.as_ref(),
+                e.join.as_ref(),
+                e.clock,
+                mine,
+            );
         });
         // Replaced under the shards' write locks, so any entry read from a new store
         // was read after the flag went up.
-        if users.replaced() {
+        if self.users.replaced() {
             return Err(ExportError::Replaced);
         }
-        out.extend(organizations);
+        for (entity, u, mine) in &self.organizations {
+            f(
+                entity.kind,
+                &entity.key,
+                u.state.as_deref(),
+                u.view.as_ref(),
+                u.join.as_ref(),
+                u.clock,
+                *mine,
+            );
+        }
+        Ok(())
+    }
+
+    /// Every entity stored at the position, as [`StateStore::dump`] gives them then.
+    ///
+    /// # Errors
+    /// When the store was replaced meanwhile, as [`Frozen::each`].
+    pub fn entities(self) -> Result<Vec<(Entity, Update, bool)>, ExportError> {
+        let mut out = Vec::with_capacity(self.len());
+        self.each(|kind, key, state, view, join, clock, mine| {
+            let entity = Entity {
+                kind,
+                key: key.to_string(),
+            };
+            let update = Update {
+                state: state.map(<[u8]>::to_vec),
+                view: view.cloned(),
+                join: join.cloned(),
+                clock,
+            };
+            out.push((entity, update, mine));
+        })?;
         Ok(out)
     }
 }

@@ -4,7 +4,6 @@
 //! reported and skipped, never trusted.
 
 use std::collections::BTreeMap;
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
 use logq_abi::{Entity, Kind, Reader, Source, Update};
@@ -51,6 +50,10 @@ pub enum SnapshotError {
     /// Made by another reducer or for other topics.
     #[error("snapshot does not match: {0}")]
     Mismatch(String),
+    /// The state was replaced (a handover) while it was read for the snapshot: no
+    /// fault, a snapshot of the new state comes in the next interval.
+    #[error("the state was replaced while it was read (a handover)")]
+    Cut,
 }
 
 /// Writes `snapshot` into `dir` atomically and keeps the newest few.
@@ -62,18 +65,81 @@ pub fn write(
     snapshot: &Snapshot,
     stamp_millis: u128,
 ) -> Result<PathBuf, SnapshotError> {
+    write_with(dir, stamp_millis, |sink| {
+        encode_into(sink, snapshot)?;
+        Ok(())
+    })
+}
+
+/// What a snapshot says besides its entities.
+#[derive(Debug, Clone)]
+pub struct Header {
+    /// sha256 of the reducer whose states these are.
+    pub reducer_sha256: String,
+    /// The topics, in order (users first), the offsets refer to.
+    pub topics: Vec<String>,
+    /// Next offset to fold, per partition.
+    pub offsets: Positions,
+}
+
+/// Writes a snapshot of `frozen` (with `header` and `refused`) into `dir` as
+/// [`write`] does, encoding each entity straight from the store into the file: no
+/// copy of the state, and no copy of the file, is held meanwhile. Returns the path
+/// and how many entities it holds.
+///
+/// # Errors
+/// I/O errors, or [`SnapshotError::Cut`]; the previous snapshots stay.
+pub fn write_frozen(
+    dir: &Path,
+    header: &Header,
+    frozen: super::export::Frozen,
+    refused: &Refused,
+    stamp_millis: u128,
+) -> Result<(PathBuf, usize), SnapshotError> {
+    let count = frozen.len();
+    let mut cut = false;
+    let written = write_with(dir, stamp_millis, |sink| {
+        let mut e = Encoder::new(sink);
+        e.header(header, count as u64);
+        let mut io = Ok(());
+        let read = frozen.each(|kind, key, state, view, join, clock, mine| {
+            if io.is_ok() {
+                e.entity(kind, key, state, view, join, clock, mine);
+                io = e.spill_if_full();
+            }
+        });
+        io?;
+        if let Err(replaced) = read {
+            cut = true;
+            return Err(std::io::Error::other(replaced.to_string()));
+        }
+        e.finish(refused)
+    });
+    match written {
+        Err(_) if cut => Err(SnapshotError::Cut),
+        written => Ok((written?, count)),
+    }
+}
+
+/// Writes a snapshot file through `fill` into `dir` atomically (a temp file, fsync,
+/// rename) and keeps the newest few.
+fn write_with(
+    dir: &Path,
+    stamp_millis: u128,
+    fill: impl FnOnce(&mut dyn std::io::Write) -> std::io::Result<()>,
+) -> Result<PathBuf, SnapshotError> {
     std::fs::create_dir_all(dir)?;
-    let bytes = encode(snapshot);
     let path = dir.join(format!("snapshot-{stamp_millis:020}.bin"));
     let tmp = dir.join(format!(".snapshot-{stamp_millis:020}.tmp"));
     let written = std::fs::File::create(&tmp)
-        .and_then(|mut f| {
-            f.write_all(&bytes)?;
-            f.sync_all()
+        .and_then(|f| {
+            let mut sink = std::io::BufWriter::with_capacity(1 << 16, f);
+            fill(&mut sink)?;
+            sink.into_inner().map_err(|e| e.into_error())?.sync_all()
         })
         .and_then(|()| std::fs::rename(&tmp, &path));
     if let Err(e) = written {
-        // A full disk must not also keep the half-written file.
+        // A full disk (or a cut read) must not also keep the half-written file.
         let _ = std::fs::remove_file(&tmp);
         return Err(e.into());
     }
@@ -164,27 +230,92 @@ fn list(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     Ok(files)
 }
 
+#[cfg(test)]
 fn encode(s: &Snapshot) -> Vec<u8> {
-    let mut out = Vec::with_capacity(64 + s.entities.len() * 256);
-    out.extend_from_slice(MAGIC);
-    put_bytes(&mut out, s.reducer_sha256.as_bytes());
-    out.extend_from_slice(&(s.topics.len() as u32).to_le_bytes());
-    for t in &s.topics {
-        put_bytes(&mut out, t.as_bytes());
+    let mut out = Vec::new();
+    encode_into(&mut out, s).expect("a Vec takes every byte");
+    out
+}
+
+/// Encodes `s` into `sink`.
+fn encode_into(sink: &mut dyn std::io::Write, s: &Snapshot) -> std::io::Result<()> {
+    let mut e = Encoder::new(sink);
+    let header = Header {
+        reducer_sha256: s.reducer_sha256.clone(),
+        topics: s.topics.clone(),
+        offsets: s.offsets.clone(),
+    };
+    e.header(&header, s.entities.len() as u64);
+    for (entity, u, mine) in &s.entities {
+        e.entity(
+            entity.kind,
+            &entity.key,
+            u.state.as_deref(),
+            u.view.as_ref(),
+            u.join.as_ref(),
+            u.clock,
+            *mine,
+        );
+        e.spill_if_full()?;
     }
-    out.extend_from_slice(&(s.offsets.len() as u32).to_le_bytes());
-    for (p, &o) in &s.offsets {
-        out.push(p.source.byte());
-        out.extend_from_slice(&p.id.to_le_bytes());
-        out.extend_from_slice(&o.to_le_bytes());
+    e.finish(&s.refused)
+}
+
+/// Bytes an [`Encoder`] gathers before it hands them on.
+const SPILL_AT: usize = 1 << 16;
+
+/// Encodes a snapshot a piece at a time into a sink, hashing what it hands on for
+/// the checksum at the end (the sha256 of every byte before it, in hex).
+struct Encoder<'w> {
+    sink: &'w mut dyn std::io::Write,
+    out: Vec<u8>,
+    hash: sha2::Sha256,
+}
+
+impl<'w> Encoder<'w> {
+    fn new(sink: &'w mut dyn std::io::Write) -> Self {
+        use sha2::Digest as _;
+        Self {
+            sink,
+            out: Vec::with_capacity(SPILL_AT + 4096),
+            hash: sha2::Sha256::new(),
+        }
     }
-    out.extend_from_slice(&(s.entities.len() as u64).to_le_bytes());
-    for (e, u, mine) in &s.entities {
-        out.push(e.kind.byte());
-        out.push(u8::from(*mine));
-        put_bytes(&mut out, e.key.as_bytes());
-        put_opt(&mut out, u.state.as_deref());
-        for range in [&u.view, &u.join] {
+
+    fn header(&mut self, h: &Header, entities: u64) {
+        let out = &mut self.out;
+        out.extend_from_slice(MAGIC);
+        put_bytes(out, h.reducer_sha256.as_bytes());
+        out.extend_from_slice(&(h.topics.len() as u32).to_le_bytes());
+        for t in &h.topics {
+            put_bytes(out, t.as_bytes());
+        }
+        out.extend_from_slice(&(h.offsets.len() as u32).to_le_bytes());
+        for (p, &o) in &h.offsets {
+            out.push(p.source.byte());
+            out.extend_from_slice(&p.id.to_le_bytes());
+            out.extend_from_slice(&o.to_le_bytes());
+        }
+        out.extend_from_slice(&entities.to_le_bytes());
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn entity(
+        &mut self,
+        kind: Kind,
+        key: &str,
+        state: Option<&[u8]>,
+        view: Option<&std::ops::Range<u32>>,
+        join: Option<&std::ops::Range<u32>>,
+        clock: Option<i64>,
+        mine: bool,
+    ) {
+        let out = &mut self.out;
+        out.push(kind.byte());
+        out.push(u8::from(mine));
+        put_bytes(out, key.as_bytes());
+        put_opt(out, state);
+        for range in [view, join] {
             match range {
                 Some(r) => {
                     out.push(1);
@@ -194,7 +325,7 @@ fn encode(s: &Snapshot) -> Vec<u8> {
                 None => out.push(0),
             }
         }
-        match u.clock {
+        match clock {
             Some(c) => {
                 out.push(1);
                 out.extend_from_slice(&c.to_le_bytes());
@@ -202,17 +333,43 @@ fn encode(s: &Snapshot) -> Vec<u8> {
             None => out.push(0),
         }
     }
-    out.push(u8::from(s.refused.complete()));
-    out.extend_from_slice(&(s.refused.len() as u64).to_le_bytes());
-    for (p, offset, reason) in s.refused.iter() {
-        out.push(p.source.byte());
-        out.extend_from_slice(&p.id.to_le_bytes());
-        out.extend_from_slice(&offset.to_le_bytes());
-        put_bytes(&mut out, reason.as_bytes());
+
+    /// Hands on what was gathered once it is [`SPILL_AT`] bytes.
+    fn spill_if_full(&mut self) -> std::io::Result<()> {
+        if self.out.len() >= SPILL_AT {
+            self.spill()?;
+        }
+        Ok(())
     }
-    let sum = sha256_hex(&out);
-    out.extend_from_slice(sum.as_bytes());
-    out
+
+    fn spill(&mut self) -> std::io::Result<()> {
+        use sha2::Digest as _;
+        self.hash.update(&self.out);
+        self.sink.write_all(&self.out)?;
+        self.out.clear();
+        Ok(())
+    }
+
+    /// The refused records and the checksum.
+    fn finish(mut self, refused: &Refused) -> std::io::Result<()> {
+        use sha2::Digest as _;
+        let out = &mut self.out;
+        out.push(u8::from(refused.complete()));
+        out.extend_from_slice(&(refused.len() as u64).to_le_bytes());
+        for (p, offset, reason) in refused.iter() {
+            out.push(p.source.byte());
+            out.extend_from_slice(&p.id.to_le_bytes());
+            out.extend_from_slice(&offset.to_le_bytes());
+            put_bytes(out, reason.as_bytes());
+        }
+        self.spill()?;
+        let sum: String = std::mem::take(&mut self.hash)
+            .finalize()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        self.sink.write_all(sum.as_bytes())
+    }
 }
 
 fn decode(bytes: &[u8]) -> Result<Snapshot, SnapshotError> {
@@ -397,6 +554,92 @@ mod tests {
     fn round_trip() {
         let s = sample();
         assert!(same(&decode(&encode(&s)).unwrap(), &s));
+    }
+
+    /// A store of `n` users (a few of them tombstones) and an organization, with
+    /// renderer 1 the active one for most.
+    fn store_of(n: usize) -> crate::state::Writer {
+        let store = crate::state::Writer::new_store();
+        let (keys, updates): (Vec<_>, Vec<_>) = (0..n)
+            .map(|i| {
+                let key = format!("user-{i:06}");
+                let view = format!("{{\"id\":\"{key}\",\"pad\":\"{}\"}}", "x".repeat(i % 200));
+                let update = if i % 17 == 0 {
+                    super::super::test_update(None, None)
+                } else {
+                    super::super::test_update(Some(&view), Some("MGS"))
+                };
+                (
+                    Entity {
+                        kind: Kind::User,
+                        key,
+                    },
+                    update,
+                )
+            })
+            .chain([(
+                Entity {
+                    kind: Kind::Organization,
+                    key: "k".into(),
+                },
+                super::super::test_update(Some("{\"organization_key\":\"k\"}"), None),
+            )])
+            .unzip();
+        store.apply(&keys, updates);
+        store
+    }
+
+    /// Its entities in one order, for comparing.
+    fn sorted(mut s: Snapshot) -> Snapshot {
+        s.entities
+            .sort_by(|a, b| (a.0.kind.byte(), &a.0.key).cmp(&(b.0.kind.byte(), &b.0.key)));
+        s
+    }
+
+    #[test]
+    fn a_frozen_state_written_straight_from_the_store_reads_back_as_its_dump() {
+        let dir = std::env::temp_dir().join(format!("logq-frozen-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        // Several hundred kilobytes: the encoder hands its bytes on many times.
+        let store = store_of(5000);
+        let mut dumped = sample();
+        dumped.entities = store.dump(1);
+        let header = Header {
+            reducer_sha256: dumped.reducer_sha256.clone(),
+            topics: dumped.topics.clone(),
+            offsets: dumped.offsets.clone(),
+        };
+        let frozen = store.freeze(&dumped.offsets, 1);
+        // Changed after the freeze: not in the file.
+        store.forget_users(|k| k.ends_with('3'));
+        let (path, n) = write_frozen(&dir, &header, frozen, &dumped.refused, 7).unwrap();
+        assert_eq!(n, 5001);
+        assert!(std::fs::metadata(&path).unwrap().len() > 4 * SPILL_AT as u64);
+        let read = decode(&std::fs::read(&path).unwrap()).unwrap();
+        assert!(same(&sorted(read), &sorted(dumped)));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_frozen_state_replaced_while_written_leaves_no_file() {
+        let dir = std::env::temp_dir().join(format!("logq-cut-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let store = store_of(100);
+        let header = Header {
+            reducer_sha256: "abc".into(),
+            topics: vec!["users".into(), "organizations".into()],
+            offsets: Positions::new(),
+        };
+        let frozen = store.freeze(&Positions::new(), 1);
+        store.replace(crate::state::Writer::new_store());
+        let cut = write_frozen(&dir, &header, frozen, &Refused::default(), 8);
+        assert!(matches!(cut, Err(SnapshotError::Cut)), "{cut:?}");
+        assert_eq!(
+            std::fs::read_dir(&dir).unwrap().count(),
+            0,
+            "no file, no temp file"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
