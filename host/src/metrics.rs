@@ -827,18 +827,7 @@ mod tests {
         let m = Metrics::new(["users", "orgs"]);
         m.read_answered(Duration::from_micros(70));
         m.read_answered(Duration::from_micros(300));
-        let text = m.render(Sizes {
-            users_visible: 0,
-            users_stored: 0,
-            organizations: 0,
-            user_bytes: 0,
-            user_store_bytes: 0,
-            tombstones: 0,
-            tombstones_expired: 0,
-            clock: None,
-            subscribers: 0,
-            subscribers_dropped: 0,
-        });
+        let text = m.render(Sizes::default());
         assert!(
             text.contains("logq_read_seconds_bucket{le=\"0.00005\"} 0\n"),
             "{text}"
@@ -867,18 +856,7 @@ mod tests {
         m.waited(Stage::Total, Duration::from_millis(4));
         m.loop_task(Task::Snapshot, Duration::from_millis(80));
         m.read_answered(Duration::from_micros(300));
-        let text = m.render(Sizes {
-            users_visible: 0,
-            users_stored: 0,
-            organizations: 0,
-            user_bytes: 0,
-            user_store_bytes: 0,
-            tombstones: 0,
-            tombstones_expired: 0,
-            clock: None,
-            subscribers: 0,
-            subscribers_dropped: 0,
-        });
+        let text = m.render(Sizes::default());
         let parse = |name: &str, labels: &str| {
             HistogramCounts::parse(&text, name, labels)
                 .unwrap_or_else(|| panic!("{name}{{{labels}}} missing: {text}"))

@@ -41,6 +41,7 @@ use crate::fold::DeadLetter;
 use crate::metrics::{Metrics, Stage, Task};
 use crate::reducers::{Active, Command, Registry, Switched};
 use crate::state::Writer;
+use crate::state::snapshot::Header;
 use crate::step::{Ahead, Observer, Step, Stepper, Timing};
 use dead_letter::DeadLetters;
 use progress::CatchUp;
@@ -811,9 +812,11 @@ impl Consumer {
     /// The current state frozen at `positions` with its reducer, for a snapshot.
     fn snapshot(&self, positions: &Positions) -> Taken {
         Taken {
-            reducer_sha256: self.slots.current.sha256().to_owned(),
-            topics: self.topics.names().map(str::to_owned).to_vec(),
-            offsets: positions.clone(),
+            header: Header {
+                reducer_sha256: self.slots.current.sha256().to_owned(),
+                topics: self.topics.names().map(str::to_owned).to_vec(),
+                offsets: positions.clone(),
+            },
             refused: self.store.refused().clone(),
             state: self.store.freeze(positions, self.slots.current.id),
         }

@@ -17,15 +17,11 @@ use crate::state::snapshot::{Header, SnapshotError, write_frozen};
 /// state frozen at its offsets (read out on the writer's thread).
 #[derive(Debug)]
 pub struct Taken {
-    /// sha256 of the active reducer.
-    pub reducer_sha256: String,
-    /// The topics, users first.
-    pub topics: Vec<String>,
-    /// Next offset to fold, per partition.
-    pub offsets: Positions,
+    /// The active reducer, the topics and the offsets.
+    pub header: Header,
     /// What that reducer refused.
     pub refused: Refused,
-    /// The state at `offsets`.
+    /// The state at the header's offsets.
     pub state: Frozen,
 }
 
@@ -118,16 +114,11 @@ fn background_priority() {
 
 /// Writes `taken` into `dir`, read straight from the state, counting it in `metrics`.
 fn write(dir: &std::path::Path, taken: Taken, metrics: &Metrics) {
-    let header = Header {
-        reducer_sha256: taken.reducer_sha256,
-        topics: taken.topics,
-        offsets: taken.offsets,
-    };
     let stamp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis())
         .unwrap_or_default();
-    let written = write_frozen(dir, &header, taken.state, &taken.refused, stamp);
+    let written = write_frozen(dir, &taken.header, taken.state, &taken.refused, stamp);
     if let Err(SnapshotError::Cut) = written {
         tracing::info!(
             "snapshot skipped: {}; the next one is taken in the next interval",
@@ -214,10 +205,12 @@ mod tests {
             42,
         )]);
         let taken = Taken {
-            reducer_sha256: "0".repeat(64),
-            topics: vec!["users".into(), "organizations".into()],
             state: store.freeze(&offsets, 1),
-            offsets,
+            header: Header {
+                reducer_sha256: "0".repeat(64),
+                topics: vec!["users".into(), "organizations".into()],
+                offsets,
+            },
             refused: Default::default(),
         };
         // Changed after the freeze, before the writer reads it out: not in the

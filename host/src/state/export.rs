@@ -187,27 +187,20 @@ impl Export {
     /// User `key`'s answer at the position (joined as it was then); `None` when it
     /// was not visible.
     pub fn user(&self, key: &str) -> Option<String> {
-        self.entry_at(key, |entry| {
-            let entry = entry?;
-            let view = entry.view()?;
-            let org = entry
-                .join()
-                .and_then(|name| self.joins.get(name))
-                .map(String::as_str);
-            Some(join_view(view, org))
-        })
-    }
-
-    /// `f` of user `key`'s entry at the position (`None` when it had none).
-    fn entry_at<R>(&self, key: &str, f: impl FnOnce(Option<EntryRef<'_>>) -> R) -> R {
         // The shard's lock before the image's, as the writer takes them (it saves an
         // old entry while it holds the shard).
         let shard = self.store.read_shard(key);
         let saved = self.image.saved.lock().unwrap_or_else(|p| p.into_inner());
-        f(saved
+        let entry = saved
             .get(key)
             .map(Entry::get)
-            .or_else(|| shard.users.get(key)))
+            .or_else(|| shard.users.get(key))?;
+        let view = entry.view()?;
+        let org = entry
+            .join()
+            .and_then(|name| self.joins.get(name))
+            .map(String::as_str);
+        Some(join_view(view, org))
     }
 
     /// Every user key kept at the position (visible or not), in order once
@@ -215,16 +208,16 @@ impl Export {
     pub fn user_keys(&self) -> &Keys {
         self.users.get_or_init(|| {
             let mut keys = Keys::default();
-            self.each_frozen(|_, key, _| keys.push(key));
+            self.each_frozen(|key, _| keys.push(key));
             keys
         })
     }
 
-    /// `f(slot, id, entry at the position)` for every user frozen, shard by shard, a
+    /// `f(id, entry at the position)` for every user frozen, shard by shard, a
     /// few hundred under each read lock (the writer goes on between). Stops when the
     /// store was replaced: the slots would name another store's users (the flag is
     /// raised under every shard's write lock, so it is seen before any of them).
-    fn each_frozen(&self, mut f: impl FnMut(u32, &str, EntryRef<'_>)) {
+    fn each_frozen(&self, mut f: impl FnMut(&str, EntryRef<'_>)) {
         for (i, slots) in self.slots.iter().enumerate() {
             for part in slots.chunks(FROZEN_PER_LOCK) {
                 let shard = super::read(&self.store.shards[i]);
@@ -238,7 +231,7 @@ impl Export {
                     let entry = saved
                         .get(key)
                         .map_or_else(|| shard.users.entry(slot), Entry::get);
-                    f(slot, key, entry);
+                    f(key, entry);
                 }
             }
         }
@@ -277,6 +270,41 @@ pub struct Frozen {
     current: u32,
 }
 
+/// One entity as a snapshot holds it, borrowed: from the store, or from an
+/// [`Entity`] and its [`Update`].
+#[derive(Debug, Clone, Copy)]
+pub struct Part<'a> {
+    /// User or organization.
+    pub kind: Kind,
+    /// Its key.
+    pub key: &'a str,
+    /// Its state.
+    pub state: Option<&'a [u8]>,
+    /// Its view's range in the state.
+    pub view: Option<&'a Range<u32>>,
+    /// Its join's range in the state.
+    pub join: Option<&'a Range<u32>>,
+    /// Its newest event time.
+    pub clock: Option<i64>,
+    /// Whether the active reducer rendered it.
+    pub mine: bool,
+}
+
+impl<'a> Part<'a> {
+    /// The parts of `entity` with `update`.
+    pub fn of(entity: &'a Entity, update: &'a Update, mine: bool) -> Self {
+        Self {
+            kind: entity.kind,
+            key: &entity.key,
+            state: update.state.as_deref(),
+            view: update.view.as_ref(),
+            join: update.join.as_ref(),
+            clock: update.clock,
+            mine,
+        }
+    }
+}
+
 impl Frozen {
     /// How many entities were stored at the position.
     pub fn len(&self) -> usize {
@@ -295,30 +323,18 @@ impl Frozen {
     /// # Errors
     /// When the store was replaced meanwhile (a handover): the position no longer
     /// describes what could be read, and what was given is to be thrown away.
-    pub(super) fn each(
-        self,
-        mut f: impl FnMut(
-            Kind,
-            &str,
-            Option<&[u8]>,
-            Option<&Range<u32>>,
-            Option<&Range<u32>>,
-            Option<i64>,
-            bool,
-        ),
-    ) -> Result<(), ExportError> {
+    pub(super) fn each(self, mut f: impl FnMut(Part<'_>)) -> Result<(), ExportError> {
         let current = self.current;
-        self.users.each_frozen(|_, key, e| {
-            let mine = e.by == current;
-            f(
-                Kind::User,
+        self.users.each_frozen(|key, e| {
+            f(Part {
+                kind: Kind::User,
                 key,
-                Some(e.state()),
-                e.view.as_ref(),
-                e.join.as_ref(),
-                e.clock,
-                mine,
-            );
+                state: Some(e.state()),
+                view: e.view.as_ref(),
+                join: e.join.as_ref(),
+                clock: e.clock,
+                mine: e.by == current,
+            });
         });
         // Replaced under the shards' write locks, so any entry read from a new store
         // was read after the flag went up.
@@ -326,37 +342,31 @@ impl Frozen {
             return Err(ExportError::Replaced);
         }
         for (entity, u, mine) in &self.organizations {
-            f(
-                entity.kind,
-                &entity.key,
-                u.state.as_deref(),
-                u.view.as_ref(),
-                u.join.as_ref(),
-                u.clock,
-                *mine,
-            );
+            f(Part::of(entity, u, *mine));
         }
         Ok(())
     }
 
-    /// Every entity stored at the position, as [`StateStore::dump`] gives them then.
+    /// Every entity stored at the position, as [`StateStore::dump`] gives them then
+    /// (for tests: a snapshot encodes them straight from the store).
     ///
     /// # Errors
     /// When the store was replaced meanwhile, as [`Frozen::each`].
+    #[cfg(test)]
     pub fn entities(self) -> Result<Vec<(Entity, Update, bool)>, ExportError> {
         let mut out = Vec::with_capacity(self.len());
-        self.each(|kind, key, state, view, join, clock, mine| {
+        self.each(|p| {
             let entity = Entity {
-                kind,
-                key: key.to_string(),
+                kind: p.kind,
+                key: p.key.to_string(),
             };
             let update = Update {
-                state: state.map(<[u8]>::to_vec),
-                view: view.cloned(),
-                join: join.cloned(),
-                clock,
+                state: p.state.map(<[u8]>::to_vec),
+                view: p.view.cloned(),
+                join: p.join.cloned(),
+                clock: p.clock,
             };
-            out.push((entity, update, mine));
+            out.push((entity, update, p.mine));
         })?;
         Ok(out)
     }

@@ -184,7 +184,7 @@ pub struct Kept {
 }
 
 /// Counts for `/metrics`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Sizes {
     /// Users that GET shows.
     pub users_visible: usize,
@@ -446,7 +446,8 @@ impl StateStore {
 
     /// Every stored entity as (entity, update, whether reducer `current` rendered it):
     /// what a snapshot keeps. Taken by the one writer between two batches, so it is
-    /// one consistent state.
+    /// one consistent state (snapshots themselves are encoded straight from a
+    /// frozen store: see [`Writer::freeze`]).
     pub fn dump(&self, current: u32) -> Vec<(Entity, Update, bool)> {
         let user = |key: &str, e: EntryRef<'_>| {
             let entity = Entity {

@@ -10,6 +10,7 @@ use logq_abi::{Entity, Kind, Reader, Source, Update};
 
 use crate::broker::{Partition, Positions};
 use crate::fold::sha256_hex;
+use crate::state::export::{Frozen, Part};
 use crate::state::refused::Refused;
 
 /// Format 5: the refused records are kept too (a swap preview compares them).
@@ -92,7 +93,7 @@ pub struct Header {
 pub fn write_frozen(
     dir: &Path,
     header: &Header,
-    frozen: super::export::Frozen,
+    frozen: Frozen,
     refused: &Refused,
     stamp_millis: u128,
 ) -> Result<(PathBuf, usize), SnapshotError> {
@@ -102,9 +103,9 @@ pub fn write_frozen(
         let mut e = Encoder::new(sink);
         e.header(header, count as u64);
         let mut io = Ok(());
-        let read = frozen.each(|kind, key, state, view, join, clock, mine| {
+        let read = frozen.each(|part| {
             if io.is_ok() {
-                e.entity(kind, key, state, view, join, clock, mine);
+                e.entity(&part);
                 io = e.spill_if_full();
             }
         });
@@ -247,15 +248,7 @@ fn encode_into(sink: &mut dyn std::io::Write, s: &Snapshot) -> std::io::Result<(
     };
     e.header(&header, s.entities.len() as u64);
     for (entity, u, mine) in &s.entities {
-        e.entity(
-            entity.kind,
-            &entity.key,
-            u.state.as_deref(),
-            u.view.as_ref(),
-            u.join.as_ref(),
-            u.clock,
-            *mine,
-        );
+        e.entity(&Part::of(entity, u, *mine));
         e.spill_if_full()?;
     }
     e.finish(&s.refused)
@@ -299,23 +292,13 @@ impl<'w> Encoder<'w> {
         out.extend_from_slice(&entities.to_le_bytes());
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn entity(
-        &mut self,
-        kind: Kind,
-        key: &str,
-        state: Option<&[u8]>,
-        view: Option<&std::ops::Range<u32>>,
-        join: Option<&std::ops::Range<u32>>,
-        clock: Option<i64>,
-        mine: bool,
-    ) {
+    fn entity(&mut self, p: &Part<'_>) {
         let out = &mut self.out;
-        out.push(kind.byte());
-        out.push(u8::from(mine));
-        put_bytes(out, key.as_bytes());
-        put_opt(out, state);
-        for range in [view, join] {
+        out.push(p.kind.byte());
+        out.push(u8::from(p.mine));
+        put_bytes(out, p.key.as_bytes());
+        put_opt(out, p.state);
+        for range in [p.view, p.join] {
             match range {
                 Some(r) => {
                     out.push(1);
@@ -325,7 +308,7 @@ impl<'w> Encoder<'w> {
                 None => out.push(0),
             }
         }
-        match clock {
+        match p.clock {
             Some(c) => {
                 out.push(1);
                 out.extend_from_slice(&c.to_le_bytes());
