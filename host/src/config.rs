@@ -250,6 +250,21 @@ pub struct RunConfig {
     /// partitions go to the others.
     #[arg(long, env = "LOGQ_SESSION_TIMEOUT_MS", default_value_t = 6_000)]
     pub session_timeout_ms: u64,
+    /// With `--sharded`: users' events are keyed by `id` with Kafka's (murmur2)
+    /// partitioner already, as `logq produce` and the Java clients key them; the
+    /// hosts read the users topic itself. Without it, a re-key stage puts each user's
+    /// events into `<users-topic>.by-id` first and the hosts read that.
+    #[arg(long, env = "LOGQ_KEYED_INPUT")]
+    pub keyed_input: bool,
+    /// With `--sharded` (and no `--keyed-input`): partitions of `<users-topic>.by-id`
+    /// when this host creates it, which bounds how many hosts share the users
+    /// (default: as many as the users topic has). An existing topic keeps its own.
+    #[arg(long, env = "LOGQ_REKEY_PARTITIONS")]
+    pub rekey_partitions: Option<i32>,
+    /// Set by `run` in sharded mode with the re-key stage: the users topic the stage
+    /// reads (`users_topic` then names the internal topic the hosts fold).
+    #[arg(skip)]
+    pub rekeyed_from: Option<String>,
 }
 
 impl RunConfig {
@@ -368,6 +383,16 @@ impl RunConfig {
     /// The dead-letter topic for `topic`.
     pub fn dlq_topic(&self, topic: &str) -> String {
         format!("{topic}{}", self.dlq_suffix)
+    }
+
+    /// The dead-letter topic of stream `source`: that of its topic, or for re-keyed
+    /// users that of the users topic the producers write (both stages send there).
+    pub fn dead_letter_topic(&self, source: logq_abi::Source) -> String {
+        match (source, &self.rekeyed_from) {
+            (logq_abi::Source::Users, Some(from)) => self.dlq_topic(from),
+            (logq_abi::Source::Users, None) => self.dlq_topic(&self.users_topic),
+            (logq_abi::Source::Organizations, _) => self.dlq_topic(&self.organizations_topic),
+        }
     }
 }
 

@@ -3,8 +3,8 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt::Write as _;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::Serialize;
@@ -378,6 +378,8 @@ pub struct Metrics {
     lag: Mutex<BTreeMap<(String, i32), i64>>,
     ready: AtomicBool,
     status: Mutex<String>,
+    /// The re-key stage's counters, when this host runs one.
+    rekey: std::sync::OnceLock<Arc<crate::broker::rekey::Stats>>,
 }
 
 impl Metrics {
@@ -402,7 +404,13 @@ impl Metrics {
             lag: Mutex::new(BTreeMap::new()),
             ready: AtomicBool::new(false),
             status: Mutex::new("starting".into()),
+            rekey: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Shows the counters of this host's re-key stage.
+    pub fn show_rekey(&self, stats: Arc<crate::broker::rekey::Stats>) {
+        let _ = self.rekey.set(stats);
     }
 
     /// Counters of the topic of `source`.
@@ -591,6 +599,57 @@ impl Metrics {
             "Fold lanes folded again because an earlier lane of the batch touched one of their entities (records not keyed by their entity).",
             self.lanes_refolded.load(Relaxed).to_string(),
         );
+        if let Some(r) = self.rekey.get() {
+            for (name, help, value) in [
+                (
+                    "logq_rekey_records_total",
+                    "Users-topic records the re-key stage read and finished (written or dead-lettered; tombstones included).",
+                    &r.records,
+                ),
+                (
+                    "logq_rekey_written_total",
+                    "Records the re-key stage wrote to the internal topic (one per user per input record).",
+                    &r.written,
+                ),
+                (
+                    "logq_rekey_dead_lettered_total",
+                    "Users-topic records the re-key stage dead-lettered (not JSON, no string id), wholly or partly.",
+                    &r.dead_lettered,
+                ),
+                (
+                    "logq_rekey_tombstones_total",
+                    "Compaction tombstones the re-key stage skipped.",
+                    &r.tombstones,
+                ),
+                (
+                    "logq_rekey_batches_resent_total",
+                    "Re-key batches sent again because an output was not acknowledged.",
+                    &r.resent,
+                ),
+                (
+                    "logq_rekey_batches_doubted_total",
+                    "Re-key batches set aside and read again because the stage stood still past half its session timeout.",
+                    &r.doubted,
+                ),
+            ] {
+                single(name, "counter", help, value.load(Relaxed).to_string());
+            }
+            let lag = r.lag.load(Relaxed);
+            if lag >= 0 {
+                single(
+                    "logq_rekey_lag",
+                    "gauge",
+                    "Records of the users topic the re-key stage (all its members) has not finished: high watermarks minus its group's commits.",
+                    lag.to_string(),
+                );
+            }
+            single(
+                "logq_rekey_caught_up",
+                "gauge",
+                "1 once the re-key stage has finished the users topic as it stood when this host started (readiness waits for it).",
+                u8::from(r.caught_up.load(Relaxed)).to_string(),
+            );
+        }
         single(
             "logq_ready",
             "gauge",

@@ -38,6 +38,9 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    let mut config = config;
+    // Before anything reads `users_topic`: with the stage, the hosts fold its output.
+    let rekey = start_rekey(&mut config).await?;
     // Bad client settings (an unknown `-X KEY=VALUE`) end the process here, with
     // librdkafka's words as the error, before anything starts.
     let client = Consumer::client(&config)?;
@@ -70,6 +73,9 @@ pub async fn run(
         },
     ));
     let metrics = Arc::new(Metrics::new(config.topics()));
+    if let Some(rekey) = &rekey {
+        metrics.show_rekey(rekey.stats());
+    }
     let stop = Arc::new(AtomicBool::new(false));
 
     // Best effort, in the background: a slow or absent broker must not delay start-up.
@@ -87,7 +93,7 @@ pub async fn run(
         header_timeout: Duration::from_millis(config.http_header_timeout_ms.max(1)),
         max_header_bytes: config.http_max_header_bytes,
     };
-    let status_topics = config.topics().map(|t| config.dlq_topic(t));
+    let status_topics = logq_abi::Source::ALL.map(|s| config.dead_letter_topic(s));
     // The group's adverts go on after the loop stops, while this host hands over.
     let members_stop = Arc::new(AtomicBool::new(false));
     let sharing = if config.sharded {
@@ -127,6 +133,9 @@ pub async fn run(
     let members_thread = match sharing {
         Some((sharing, thread)) => {
             consumer = consumer.with_sharing(sharing);
+            if let Some(rekey) = &rekey {
+                consumer = consumer.with_stage(rekey.stats());
+            }
             Some(thread)
         }
         None => None,
@@ -207,6 +216,8 @@ pub async fn run(
     })
     .await
     .context("joining the consumer thread")?;
+    // Leaves its group with its last commit (at most 10 s).
+    drop(rekey);
     match joined {
         Ok(result) => result.map_err(|e| anyhow::anyhow!("the consumer loop stopped: {e}")),
         Err(_) => anyhow::bail!("the consumer thread panicked"),
@@ -282,6 +293,59 @@ async fn join_group(
     ))
 }
 
+/// `--sharded` without `--keyed-input`: creates `<users>.by-id` if missing (with
+/// `--rekey-partitions`, else as many partitions as the users topic), starts this
+/// host's member of the re-key stage (see [`broker::rekey`]), and points the fold at
+/// the internal topic: from here on `users_topic` names it, and `rekeyed_from` the
+/// topic the producers write.
+async fn start_rekey(config: &mut RunConfig) -> anyhow::Result<Option<broker::rekey::Rekey>> {
+    if !config.sharded || config.keyed_input {
+        return Ok(None);
+    }
+    let from = config.users_topic.clone();
+    let to = format!("{from}.by-id");
+    let asked = Duration::from_secs(15);
+    let partitions = match config.rekey_partitions {
+        Some(n) => {
+            anyhow::ensure!(n >= 1, "--rekey-partitions must be at least 1, got {n}");
+            n
+        }
+        None => tokio::time::timeout(asked, broker::admin::partitions(&config.kafka, &from))
+            .await
+            .map_err(|_| {
+                anyhow::anyhow!("reading the partitions of {from}: the broker did not answer")
+            })?
+            .with_context(|| format!("reading the partitions of {from}"))?
+            .ok_or_else(|| anyhow::Error::from(broker::KafkaError::MissingTopic(from.clone())))?,
+    };
+    tokio::time::timeout(
+        asked,
+        broker::admin::create_topics(&config.kafka, &[(to.clone(), partitions)]),
+    )
+    .await
+    .map_err(|_| anyhow::anyhow!("creating the re-keyed topic {to}: the broker did not answer"))?
+    .with_context(|| format!("creating the re-keyed topic {to}"))?;
+    let stage = broker::rekey::Rekey::start(
+        &config.kafka,
+        broker::rekey::Rekeying {
+            group: format!("{}.rekey", config.group_id),
+            instance: config.instance(),
+            from: from.clone(),
+            to: to.clone(),
+            dlq: config.dlq_topic(&from),
+            session_timeout: Duration::from_millis(config.session_timeout_ms.max(1)),
+        },
+    )
+    .context("starting the re-key stage")?;
+    tracing::info!(
+        "re-keying {from} into {to} (group {}.rekey)",
+        config.group_id
+    );
+    config.users_topic = to;
+    config.rekeyed_from = Some(from);
+    Ok(Some(stage))
+}
+
 /// The start-up reducer, compiled and through its canary, and its bytes.
 async fn load_reducer(config: &RunConfig, runtime: &Runtime) -> anyhow::Result<(Reducer, Vec<u8>)> {
     let bytes = match &config.reducer {
@@ -314,10 +378,9 @@ async fn load_reducer(config: &RunConfig, runtime: &Runtime) -> anyhow::Result<(
 /// it. A failure here is not fatal (the topics may be managed elsewhere); a dead
 /// letter that cannot be delivered is logged and counted.
 async fn create_dead_letter_topics(config: RunConfig) {
-    let topics: Vec<(String, i32)> = config
-        .topics()
+    let topics: Vec<(String, i32)> = logq_abi::Source::ALL
         .iter()
-        .map(|t| (config.dlq_topic(t), 1))
+        .map(|s| (config.dead_letter_topic(*s), 1))
         .collect();
     match tokio::time::timeout(
         Duration::from_secs(15),

@@ -305,11 +305,12 @@ impl<'c> Stepper<'c> {
         step.lanes = Some(lane_use);
         step.failures = folding.failures;
         step.elapsed = folding.elapsed;
-        for (r, accepted) in batch.iter().zip(&folding.accepted) {
+        // By the partition read (a re-keyed record's reducer view names its origin).
+        for ((r, kept), accepted) in batch.iter().zip(&kept).zip(&folding.accepted) {
             step.counts.get_mut(r.source).applied += accepted;
             let p = Partition {
                 source: r.source,
-                id: r.partition,
+                id: kept.partition,
             };
             if let Some(a) = step.advanced.get_mut(&p) {
                 a.applied += accepted;

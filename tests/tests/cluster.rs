@@ -11,17 +11,27 @@ use std::time::{Duration, Instant};
 
 use logq_e2e::oracle::Oracle;
 use logq_e2e::{
-    Broker, Host, component, eventually, group_complete, held_in, history, masked, produce,
+    Broker, Host, component, eventually, group_complete, held_in, history, in_arrays, logged,
+    masked, produce,
 };
 
 const READY: Duration = Duration::from_secs(120);
 const SESSION_MS: &str = "2000";
 
+/// A sharing host that reads the users topic itself: the tests' producers key by id
+/// with Kafka's partitioner (`--keyed-input`).
 fn sharded(broker: &Broker) -> Host {
     sharded_with(broker, &[])
 }
 
 fn sharded_with(broker: &Broker, more: &[&str]) -> Host {
+    let mut args = vec!["--keyed-input"];
+    args.extend_from_slice(more);
+    rekeyed_with(broker, &args)
+}
+
+/// A sharing host with the re-key stage (the default): it folds `users.by-id`.
+fn rekeyed_with(broker: &Broker, more: &[&str]) -> Host {
     let mut args = vec![
         "--sharded",
         "--group-id",
@@ -310,6 +320,181 @@ fn two_hosts_share_the_partitions_any_answers_any_id_and_one_takes_over_from_a_k
     );
 }
 
+/// The seed's producer sends keyless JSON arrays: sharing hosts re-key them by id
+/// (the default without `--keyed-input`), and answer as the README's rules decide on
+/// the log the producer wrote: equal times across partitions included, which only the
+/// origin's partition and offset can decide. What cannot be routed is dead-lettered by
+/// the re-key stage, what the reducer refuses by the fold stage, each once, naming the
+/// producer's record; a host killed with SIGKILL leaves its share of both stages to
+/// the other.
+#[test]
+fn keyless_arrays_are_re_keyed_by_id_answered_by_the_readme_rules_and_dead_lettered_once() {
+    let broker = Broker::start();
+    broker.create_default_topics();
+    // As large as the single-host keyless test's (pipeline.rs), so that equal times
+    // across partitions decide answers in every run.
+    let (users, orgs) = history(0x2e7e_a001, 300, 6_000);
+    let (user_records, org_records) = (in_arrays(3, &users), in_arrays(4, &orgs));
+    // Small runs, so that librdkafka's sticky partitioner spreads them.
+    for chunk in user_records.chunks(50) {
+        produce(
+            &broker,
+            "users",
+            &["--raw-lines"],
+            chunk.join("\n").as_bytes(),
+        );
+    }
+    produce(
+        &broker,
+        "organizations",
+        &["--raw-lines"],
+        org_records.join("\n").as_bytes(),
+    );
+    let log_users = logged(&broker, "users", user_records.len());
+    let log_orgs = logged(&broker, "organizations", org_records.len());
+    let mut oracle = Oracle::new();
+    oracle.fold_logged(&log_users, &log_orgs);
+    // The partition rule decides answers in this log: by-id offsets could not.
+    assert_ne!(
+        oracle.answers(),
+        logq_e2e::oracle::answers(&user_records, &org_records),
+        "no equal times across partitions decide an answer"
+    );
+    // Bad records: one not JSON; one array with a good event, one without an id and
+    // one the reducer refuses (a bad time).
+    logq_e2e::produce_to(&broker, "users", 0, "not JSON at all");
+    let good = serde_json::json!({"id": "rk-good", "event_type": "User Created",
+        "username": "good", "received_at": "2030-01-01 00:00:00"})
+    .to_string();
+    let refused = serde_json::json!({"id": "rk-refused", "event_type": "User Created",
+        "received_at": "not a time"})
+    .to_string();
+    let mixed = format!(
+        r#"[{good},{{"event_type":"User Created","received_at":"2030-01-01 00:00:00"}},{refused}]"#
+    );
+    logq_e2e::produce_to(&broker, "users", 1, &mixed);
+    oracle.fold_keyed(std::slice::from_ref(&good), &[]);
+    let expected = oracle.answers();
+    let mut produced_users = users.clone();
+    produced_users.extend([good.clone(), refused.clone()]);
+
+    // Ready means every user answers: the first `/readyz` 200 of a host alone waits
+    // for the stage to write the whole history, not only for the fold to reach what
+    // the stage has written so far.
+    let a = rekeyed_with(&broker, &["--rekey-partitions", "4"]);
+    eventually(READY, "a ready", || {
+        (a.get("/readyz").status == 200).then_some(())
+    });
+    a.assert_answers(&produced_users, expected.clone());
+    assert_eq!(a.metric("logq_rekey_caught_up"), Some(1.0));
+    let b = rekeyed_with(&broker, &["--rekey-partitions", "4"]);
+    settle(&[&a, &b], Some(2));
+    let stage = |h: &Host| h.metric("logq_rekey_records_total").unwrap_or(0.0);
+    eventually(Duration::from_secs(60), "the users topic re-keyed", || {
+        (stage(&a) + stage(&b) == (user_records.len() + 2) as f64).then_some(())
+    });
+    eventually(
+        Duration::from_secs(60),
+        "every user folded by its holder",
+        || (stored(&a) + stored(&b) == oracle.remembered() as f64).then_some(()),
+    );
+    for host in [&a, &b] {
+        host.assert_answers(&produced_users, expected.clone());
+    }
+
+    let letters = |at_least: usize| {
+        let mut dead =
+            logq_e2e::read_topic(&broker, "users.dlq", at_least, Duration::from_secs(30));
+        dead.sort_by_key(|r| (r.partition, r.offset));
+        dead
+    };
+    let dead = letters(3);
+    let told = |r: &logq_e2e::ReadRecord| {
+        (
+            r.header("logq.stage").unwrap_or("fold").to_owned(),
+            r.header("logq.topic").unwrap().to_owned(),
+            r.header("logq.partition").unwrap().to_owned(),
+            r.header("logq.events.rejected").unwrap().to_owned(),
+        )
+    };
+    assert_eq!(dead.len(), 3, "{dead:#?}");
+    let by_value = |v: &str| {
+        dead.iter()
+            .find(|r| r.value == v.as_bytes())
+            .unwrap_or_else(|| panic!("no dead letter of {v}: {dead:#?}"))
+    };
+    let not_json = by_value("not JSON at all");
+    assert_eq!(
+        told(not_json),
+        ("rekey".into(), "users".into(), "0".into(), String::new())
+    );
+    assert!(
+        not_json
+            .header("logq.reason")
+            .unwrap()
+            .contains("invalid JSON")
+    );
+    let unroutable = by_value(&mixed);
+    assert_eq!(
+        told(unroutable),
+        ("rekey".into(), "users".into(), "1".into(), "1".into())
+    );
+    assert_eq!(
+        unroutable.header("logq.reason"),
+        Some("event 1: missing field `id`")
+    );
+    // The reducer's refusal names the producer's record and the event's place in it
+    // (the third), and the re-keyed record it was folded from.
+    let by_fold = by_value(&refused);
+    assert_eq!(
+        told(by_fold),
+        ("fold".into(), "users".into(), "1".into(), "2".into())
+    );
+    assert_eq!(
+        by_fold.header("logq.offset"),
+        unroutable.header("logq.offset")
+    );
+    assert_eq!(by_fold.key.as_deref(), Some(&b"rk-refused"[..]));
+    assert!(
+        by_fold
+            .header("logq.rekeyed")
+            .unwrap()
+            .starts_with("users.by-id/"),
+        "{by_fold:?}"
+    );
+
+    // b killed: after the session timeout a holds every partition of both stages,
+    // re-keys and folds what comes next, and sends no dead letter twice.
+    b.kill_9();
+    let more: Vec<String> = (0..30)
+        .map(|i| {
+            serde_json::json!({"id": format!("rk-late-{i}"), "event_type": "User Created",
+                "username": "late", "received_at": "2031-01-01 00:00:00"})
+            .to_string()
+        })
+        .collect();
+    let more_records = in_arrays(5, &more);
+    for chunk in more_records.chunks(3) {
+        produce(
+            &broker,
+            "users",
+            &["--raw-lines"],
+            chunk.join("\n").as_bytes(),
+        );
+    }
+    eventually(Duration::from_secs(60), "a to hold all four", || {
+        (held(&a).len() == 4 && a.get("/readyz").status == 200).then_some(())
+    });
+    oracle.fold_keyed(&more, &[]);
+    produced_users.extend(more);
+    eventually(Duration::from_secs(60), "the late users", || {
+        (a.get("/users/rk-late-29").status == 200 && a.get("/users/rk-late-0").status == 200)
+            .then_some(())
+    });
+    a.assert_answers(&produced_users, oracle.answers());
+    assert_eq!(letters(3).len(), 3, "no dead letter twice");
+}
+
 const TOKEN: &str = "group-token";
 
 /// `GET /admin/reducer` on `host`.
@@ -532,7 +717,7 @@ fn three_hosts_through_kill_9_a_zombie_a_rolling_restart_and_3_to_4_to_3_answer_
     let fixed: Arc<Vec<(String, serde_json::Value)>> =
         Arc::new(oracle.answers().into_iter().collect());
 
-    let mut hosts: Vec<Host> = (0..3).map(|_| sharded(&broker)).collect();
+    let mut hosts: Vec<Host> = (0..3).map(|_| rekeyed_with(&broker, &[])).collect();
     settle_on(&hosts.iter().collect::<Vec<_>>(), Some(2), PARTITIONS);
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -607,14 +792,19 @@ fn three_hosts_through_kill_9_a_zombie_a_rolling_restart_and_3_to_4_to_3_answer_
         set_hosts(hosts);
     };
     let mut bad_records = 0;
-    let mut bad = |broker: &Broker, partition: i32| {
+    // Bad records of both stages: not JSON (the re-key stage dead-letters it), or
+    // routable but refused by the reducer (the fold stage does, at the holder of the
+    // id's partition of `users.by-id`).
+    let mut bad = |broker: &Broker, partition: i32, routable: bool| {
         bad_records += 1;
-        logq_e2e::produce_to(
-            broker,
-            "users",
-            partition,
-            &format!("not JSON #{bad_records}"),
-        );
+        let value = if routable {
+            serde_json::json!({"id": format!("bad-{bad_records}"), "event_type": "User Created",
+                "received_at": "not a time"})
+            .to_string()
+        } else {
+            format!("not JSON #{bad_records}")
+        };
+        logq_e2e::produce_to(broker, "users", partition, &value);
     };
 
     let at = |what: &'static str| *phase.lock().unwrap() = what;
@@ -624,9 +814,10 @@ fn three_hosts_through_kill_9_a_zombie_a_rolling_restart_and_3_to_4_to_3_answer_
     set_hosts(&hosts);
     victim.kill_9();
     settle_on(&refs(&hosts), Some(3), PARTITIONS);
-    bad(&broker, 0);
+    bad(&broker, 0, false);
+    bad(&broker, 1, true);
     at("a new host after kill -9");
-    hosts.push(sharded(&broker));
+    hosts.push(rekeyed_with(&broker, &[]));
     // Asked once ready, as a load balancer that checks /readyz would.
     join(&hosts);
     settle_on(&refs(&hosts), Some(2), PARTITIONS);
@@ -638,7 +829,11 @@ fn three_hosts_through_kill_9_a_zombie_a_rolling_restart_and_3_to_4_to_3_answer_
     signal(&hosts[0], "STOP");
     let awake = [&hosts[1], &hosts[2]];
     settle_on(&awake, None, PARTITIONS);
-    bad(&broker, i32::try_from(frozen[0]).unwrap());
+    bad(&broker, i32::try_from(frozen[0]).unwrap(), false);
+    // Six ids: some hash to the frozen host's partitions of `users.by-id`.
+    for partition in 0..6 {
+        bad(&broker, partition, true);
+    }
     at("zombie thawed");
     signal(&hosts[0], "CONT");
     settle_on(&refs(&hosts), None, PARTITIONS);
@@ -649,16 +844,16 @@ fn three_hosts_through_kill_9_a_zombie_a_rolling_restart_and_3_to_4_to_3_answer_
         let old = hosts.remove(0);
         set_hosts(&hosts);
         old.terminate();
-        hosts.push(sharded(&broker));
+        hosts.push(rekeyed_with(&broker, &[]));
         // Asked once ready, as a load balancer that checks /readyz would.
         join(&hosts);
         settle_on(&refs(&hosts), None, PARTITIONS);
     }
-    bad(&broker, 3);
+    bad(&broker, 3, true);
 
     // 4. Scale 3 -> 4 -> 3.
     at("3 -> 4");
-    hosts.push(sharded(&broker));
+    hosts.push(rekeyed_with(&broker, &[]));
     // Asked once ready, as a load balancer that checks /readyz would.
     join(&hosts);
     settle_on(&refs(&hosts), None, PARTITIONS);
@@ -681,16 +876,19 @@ fn three_hosts_through_kill_9_a_zombie_a_rolling_restart_and_3_to_4_to_3_answer_
             (host.get("/readyz").status == 200).then_some(())
         });
     }
-    // The last acknowledged events are folded by their holders.
-    let last_live = live.last().unwrap();
-    let last_id = serde_json::from_str::<serde_json::Value>(last_live).unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    // Every acknowledged live event re-keyed and folded by its holder: each live id's
+    // newest answer visible (the stage's partitions catch up on their own, after the
+    // last rebalance, and `/readyz` speaks for the fold only).
+    let live_ids: std::collections::BTreeSet<String> = logq_e2e::user_ids(&live);
     eventually(
         Duration::from_secs(60),
-        "the newest live event visible",
-        || (hosts[0].get(&format!("/users/{last_id}")).json() == expected[&last_id]).then_some(()),
+        "every live id's newest event visible",
+        || {
+            live_ids
+                .iter()
+                .all(|id| hosts[0].get(&format!("/users/{id}")).json() == expected[id])
+                .then_some(())
+        },
     );
     for host in &hosts {
         host.assert_answers(&users, expected.clone());

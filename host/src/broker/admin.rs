@@ -53,3 +53,26 @@ pub async fn create_topics(
     }
     Ok(())
 }
+
+/// How many partitions `topic` has; `None` when it does not exist.
+///
+/// # Errors
+/// When the broker does not answer within 10 s.
+pub async fn partitions(kafka: &KafkaConfig, topic: &str) -> Result<Option<i32>, KafkaError> {
+    let admin: AdminClient<DefaultClientContext> = client_config(kafka, &[])
+        .create()
+        .map_err(|e| KafkaError::Config(e.to_string()))?;
+    let topic = topic.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let metadata = admin
+            .inner()
+            .fetch_metadata(Some(&topic), Duration::from_secs(10))?;
+        Ok(metadata
+            .topics()
+            .iter()
+            .find(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty())
+            .map(|t| i32::try_from(t.partitions().len()).unwrap_or(i32::MAX)))
+    })
+    .await
+    .map_err(|e| KafkaError::Broker(e.to_string()))?
+}

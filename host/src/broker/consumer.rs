@@ -51,9 +51,19 @@ impl Polled<'_> {
                 offset: m.offset(),
                 key: m.key(),
                 value: m.payload(),
+                origin: origin_of(m),
             })
             .collect()
     }
+}
+
+/// The origin header of a record the re-key stage wrote.
+fn origin_of<'m>(m: &'m BorrowedMessage<'_>) -> Option<super::rekey::Origin<'m>> {
+    use rdkafka::message::Headers as _;
+    m.headers()?
+        .iter()
+        .find(|h| h.key == super::rekey::ORIGIN_HEADER)
+        .and_then(|h| super::rekey::Origin::parse(h.value?))
 }
 
 /// Longest wait for one metadata or watermark request.

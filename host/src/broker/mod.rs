@@ -7,6 +7,8 @@
 //! - [`admin`]: creates topics;
 //! - [`group`]: sharing partitions among hosts through the broker's consumer group;
 //! - [`members`]: the members topic, where sharing hosts say where they are;
+//! - [`rekey`]: the re-key stage, which puts each user's events in the partition its
+//!   id hashes to, for hosts that share partitions;
 //! - [`mock`]: librdkafka's in-process mock cluster, for `logq dev` only.
 //!
 //! Which topic is which stream is said once, by [`Topics`]; a partition is a
@@ -19,6 +21,7 @@ pub mod members;
 pub mod mock;
 pub mod position;
 pub mod producer;
+pub mod rekey;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -145,6 +148,8 @@ pub struct Record<'a> {
     pub key: Option<&'a [u8]>,
     /// Record value; `None` for a tombstone.
     pub value: Option<&'a [u8]>,
+    /// Where its events came from, for a record the re-key stage wrote.
+    pub origin: Option<rekey::Origin<'a>>,
 }
 
 impl<'a> Record<'a> {
@@ -152,11 +157,18 @@ impl<'a> Record<'a> {
     /// [`Topics::source_of`] its topic): stream, partition, offset and value,
     /// borrowed, not copied. `None` for a compaction tombstone (a null value: there is
     /// nothing to fold; the caller counts it).
+    ///
+    /// A re-keyed record is given its origin's partition and offset, so that equal
+    /// event times are decided by the log the producer wrote, whatever order the
+    /// re-key stage wrote it in (see [`rekey`]).
     pub fn for_reducer(&self, source: Source) -> Option<logq_abi::Record<'a>> {
+        let (partition, offset) = self
+            .origin
+            .map_or((self.partition, self.offset), |o| (o.partition, o.offset));
         Some(logq_abi::Record {
             source,
-            partition: self.partition,
-            offset: self.offset,
+            partition,
+            offset,
             value: self.value?,
         })
     }

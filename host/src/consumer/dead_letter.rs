@@ -14,7 +14,7 @@
 //! after the restart. Consumers of the dead-letter topic can drop such a copy by its
 //! `logq.topic`/`logq.partition`/`logq.offset` headers.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -30,12 +30,61 @@ use crate::metrics::Metrics;
 /// Longest wait between two attempts at a dead letter that failed.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
+/// Where a dead letter says its record came from: the record itself, or for a
+/// re-keyed one the producer's record (the re-keyed record's own place is in the
+/// header `logq.rekeyed`), with the refused events' positions in it.
+struct Place<'a> {
+    topic: &'a str,
+    partition: i32,
+    offset: i64,
+    events: String,
+}
+
+impl<'a> Place<'a> {
+    fn of(topic: &'a str, record: &Record<'a>, events: &str) -> Self {
+        match record.origin {
+            None => Self {
+                topic,
+                partition: record.partition,
+                offset: record.offset,
+                events: events.to_owned(),
+            },
+            // Refused as a whole: every event of it.
+            Some(o) if events.is_empty() => Self {
+                topic: o.topic,
+                partition: o.partition,
+                offset: o.offset,
+                events: o.elements.to_owned(),
+            },
+            Some(o) => Self {
+                topic: o.topic,
+                partition: o.partition,
+                offset: o.offset,
+                events: events
+                    .split(',')
+                    .filter(|e| !e.is_empty())
+                    .map(|e| {
+                        e.parse()
+                            .ok()
+                            .and_then(|i| o.element(i))
+                            .unwrap_or(e)
+                            .to_owned()
+                    })
+                    .collect::<Vec<_>>()
+                    .join(","),
+            },
+        }
+    }
+}
+
 /// A dead letter kept until the broker acknowledges it.
 struct Letter {
     topic: String,
     key: Option<Vec<u8>>,
     value: Vec<u8>,
     headers: Vec<(String, String)>,
+    /// A re-keyed record's origin and key (see `DeadLetters::origins`).
+    origin: Option<(i32, i64, Vec<u8>)>,
 }
 
 /// Sends dead letters, counts them, and knows which are safe.
@@ -60,6 +109,9 @@ pub struct DeadLetters {
     holding: bool,
     /// Letters kept, not sent yet.
     held: BTreeSet<LetterKey>,
+    /// The re-keyed records dead-lettered (or found below the committed offset), by
+    /// origin and key: a copy the re-key stage wrote again is not sent twice.
+    origins: HashSet<(i32, i64, Vec<u8>)>,
 }
 
 impl DeadLetters {
@@ -76,7 +128,8 @@ impl DeadLetters {
     ) -> Result<Self, KafkaError> {
         Ok(Self {
             producer: LetterProducer::new(&config.kafka)?,
-            dlq_topics: PerSource::from_fn(|s| config.dlq_topic(topics.name(s))),
+            // Re-keyed users' dead letters go where the users topic's would.
+            dlq_topics: PerSource::from_fn(|s| config.dead_letter_topic(s)),
             topics,
             metrics,
             sent_before,
@@ -87,6 +140,7 @@ impl DeadLetters {
             last_error: None,
             holding: false,
             held: BTreeSet::new(),
+            origins: HashSet::new(),
         })
     }
 
@@ -117,7 +171,10 @@ impl DeadLetters {
             .collect();
         for key in gone {
             self.held.remove(&key);
-            self.in_flight.remove(&key);
+            // Never sent: a copy of it read later is not one.
+            if let Some(origin) = self.in_flight.remove(&key).and_then(|l| l.origin) {
+                self.origins.remove(&origin);
+            }
         }
     }
 
@@ -135,49 +192,74 @@ impl DeadLetters {
     }
 
     /// Logs, counts and sends `record` (of stream `source`), refused as `d` says, with
-    /// `applied` of its events applied, unless an earlier run sent it.
+    /// `applied` of its events applied, unless an earlier run sent it (or, for a
+    /// re-keyed record, a copy of it was sent).
     pub fn send(&mut self, source: Source, record: &Record<'_>, d: &DeadLetter, applied: u64) {
-        let topic = self.topics.name(source).to_owned();
         let partition = Partition {
             source,
             id: record.partition,
         };
         let counters = self.metrics.topic(source);
-        if self
-            .sent_before
-            .get(&partition)
-            .is_some_and(|committed| record.offset < *committed)
+        let origin = record.origin.map(|o| {
+            (
+                o.partition,
+                o.offset,
+                record.key.unwrap_or_default().to_vec(),
+            )
+        });
+        let copy = origin
+            .as_ref()
+            .is_some_and(|o| !self.origins.insert(o.clone()));
+        if copy
+            || self
+                .sent_before
+                .get(&partition)
+                .is_some_and(|committed| record.offset < *committed)
         {
             tracing::debug!(
-                topic,
+                topic = self.topics.name(source),
                 partition = record.partition,
                 offset = record.offset,
-                "refused again, dead-lettered by an earlier run: {}",
+                "refused again, dead-lettered already: {}",
                 d.reason
             );
             counters.dead_letters_known.fetch_add(1, Ordering::Relaxed);
             return;
         }
         let dlq_topic = self.dlq_topics.get(source).clone();
+        let place = Place::of(self.topics.name(source), record, &d.events);
         tracing::warn!(
-            topic,
-            partition = record.partition,
-            offset = record.offset,
+            topic = place.topic,
+            partition = place.partition,
+            offset = place.offset,
             "dead-lettered to {dlq_topic}: {}",
             d.reason
         );
         counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
-        counters.note_dead_letter(record.partition, record.offset, &d.reason);
-        let headers = [
+        counters.note_dead_letter(place.partition, place.offset, &d.reason);
+        let mut headers = vec![
             ("logq.reason", d.reason.clone()),
-            ("logq.topic", topic),
-            ("logq.partition", record.partition.to_string()),
-            ("logq.offset", record.offset.to_string()),
-            ("logq.events.rejected", d.events.clone()),
+            ("logq.topic", place.topic.to_owned()),
+            ("logq.partition", place.partition.to_string()),
+            ("logq.offset", place.offset.to_string()),
+            ("logq.events.rejected", place.events),
             ("logq.events.applied", applied.to_string()),
-        ]
-        .map(|(k, v)| (k.to_owned(), v))
-        .to_vec();
+        ];
+        if record.origin.is_some() {
+            headers.push((
+                "logq.rekeyed",
+                format!(
+                    "{}/{}@{}",
+                    self.topics.name(source),
+                    record.partition,
+                    record.offset
+                ),
+            ));
+        }
+        let headers = headers
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v))
+            .collect();
         let key = (partition, record.offset);
         self.in_flight.insert(
             key,
@@ -186,6 +268,7 @@ impl DeadLetters {
                 key: record.key.map(<[u8]>::to_vec),
                 value: record.value.unwrap_or_default().to_vec(),
                 headers,
+                origin,
             },
         );
         if self.holding {

@@ -420,6 +420,8 @@ pub struct Consumer {
     commands: Receiver<Command>,
     slots: Slots,
     sharing: Option<Sharing>,
+    /// This host's member of the re-key stage, whose first catch-up readiness waits for.
+    stage: Option<Arc<crate::broker::rekey::Stats>>,
 }
 
 impl Consumer {
@@ -449,6 +451,7 @@ impl Consumer {
             stop,
             commands,
             sharing: None,
+            stage: None,
         }
     }
 
@@ -457,6 +460,16 @@ impl Consumer {
     #[must_use]
     pub fn with_sharing(mut self, sharing: Sharing) -> Self {
         self.sharing = Some(sharing);
+        self
+    }
+
+    /// Waits, before it says it is ready, for the re-key stage to have written the
+    /// users topic's history (as it stood when the stage started) into the
+    /// partitions this host folds; until then every read of a user is a 503, not a
+    /// 404 (the user may exist and not be re-keyed yet).
+    #[must_use]
+    pub fn with_stage(mut self, stage: Arc<crate::broker::rekey::Stats>) -> Self {
+        self.stage = Some(stage);
         self
     }
 
@@ -557,6 +570,20 @@ impl Consumer {
             .map(|(p, w)| (*p, Some(positions[p]).filter(|at| *at > w.low)))
             .collect();
         consumer.assign(&assigned)?;
+        let mut stage = self
+            .stage
+            .clone()
+            .filter(|st| !st.caught_up.load(Ordering::Relaxed));
+        if stage.is_some() {
+            catch_up.wait_for_stage(&format!(
+                "waiting for the re-key stage to write {}'s history into {}",
+                self.config
+                    .rekeyed_from
+                    .as_deref()
+                    .unwrap_or("the users topic"),
+                self.topics.users
+            ));
+        }
         if let Some(s) = &sharing {
             catch_up.hold("waiting for the group to give this host its partitions");
             s.publish(&positions, &catch_up);
@@ -613,6 +640,23 @@ impl Consumer {
                 }
                 // Out of doubt: what waited goes out.
                 dlq.release();
+            }
+            if stage
+                .as_ref()
+                .is_some_and(|st| st.caught_up.load(Ordering::Relaxed))
+            {
+                // The history is in the partitions now: catch up with what they hold.
+                for (p, at) in positions.iter().filter(|(p, _)| p.source == Source::Users) {
+                    match consumer.watermarks(*p, REQUEST_TIMEOUT) {
+                        Ok(w) => catch_up.track(*p, w.high, *at),
+                        Err(e) => tracing::warn!("watermarks of {p}: {e}"),
+                    }
+                }
+                catch_up.stage_caught_up();
+                stage = None;
+                if let Some(s) = &sharing {
+                    s.publish(&positions, &catch_up);
+                }
             }
             let step_started = Instant::now();
             let mut live = Live {

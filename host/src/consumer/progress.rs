@@ -21,6 +21,9 @@ pub struct CatchUp {
     applied: u64,
     /// Why the host is not ready whatever the partitions say (see [`CatchUp::hold`]).
     waiting: Option<String>,
+    /// Why the users' partitions are all behind: the re-key stage has not caught up
+    /// with the users topic yet (see [`CatchUp::wait_for_stage`]).
+    stage: Option<String>,
 }
 
 impl CatchUp {
@@ -43,6 +46,7 @@ impl CatchUp {
             started: Instant::now(),
             applied: 0,
             waiting: None,
+            stage: None,
         };
         me.report();
         me
@@ -80,14 +84,30 @@ impl CatchUp {
         self.report();
     }
 
+    /// Not ready, and every users partition behind, until
+    /// [`CatchUp::stage_caught_up`]: the re-key stage has not written the users
+    /// topic's history into the partitions yet, so a user missing here may exist.
+    pub fn wait_for_stage(&mut self, why: &str) {
+        self.stage = Some(why.to_owned());
+        self.report();
+    }
+
+    /// Ends [`CatchUp::wait_for_stage`]; the caller tracks the partitions again
+    /// against their watermarks now.
+    pub fn stage_caught_up(&mut self) {
+        self.stage = None;
+        self.report();
+    }
+
     /// Whether partition `p` has not caught up yet.
     pub fn is_behind(&self, p: Partition) -> bool {
         self.pending.contains_key(&p)
+            || (self.stage.is_some() && p.source == logq_abi::Source::Users)
     }
 
     /// Whether every tracked partition has caught up (and nothing holds readiness).
     pub fn caught_up(&self) -> bool {
-        self.pending.is_empty() && self.waiting.is_none()
+        self.pending.is_empty() && self.waiting.is_none() && self.stage.is_none()
     }
 
     /// A batch moved partition `p` to `next`.
@@ -115,7 +135,7 @@ impl CatchUp {
     }
 
     fn report(&self) {
-        if let Some(why) = &self.waiting {
+        if let Some(why) = self.stage.as_ref().or(self.waiting.as_ref()) {
             self.metrics.set_status(false, why.clone());
         } else if self.pending.is_empty() {
             let secs = self.started.elapsed().as_secs_f64();
