@@ -47,17 +47,33 @@ impl Cluster {
     }
 }
 
+/// How the sharing hosts get their users' events into the partitions of their ids.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Input {
+    /// The re-key stage (the default): every host runs a member of it.
+    Rekeyed,
+    /// `--keyed-input`: the bench's producer keys by id with murmur2 already.
+    Keyed,
+}
+
 /// Runs figure 11 with `hosts` sharing hosts, reading `ids` (one GET each, a new
 /// connection each, sequential: far below 1k GET/s).
-pub fn run(loaded: &Loaded, hosts: usize, ids: &[String]) -> anyhow::Result<Cluster> {
+pub fn run(loaded: &Loaded, hosts: usize, ids: &[String], input: Input) -> anyhow::Result<Cluster> {
     let one = broker::start_host(loaded, "fig11-one", &[]);
     let one_rss = broker::rss(one.host.pid())?;
     let one_ready = one.ready_after.as_secs_f64();
     drop(one);
 
     let started = Instant::now();
+    // A group of its own per input (the stage writes `users.by-id`, 3 partitions as
+    // the users topic has).
+    let (group, mut args) = match input {
+        Input::Rekeyed => ("fig11-rekeyed", vec![]),
+        Input::Keyed => ("fig11-keyed", vec!["--keyed-input"]),
+    };
+    args.extend(["--sharded", "--group-id", group]);
     let sharing: Vec<Host> = (0..hosts)
-        .map(|_| Host::start_at(&loaded.broker, &["--sharded", "--group-id", "fig11-shared"]))
+        .map(|_| Host::start_at(&loaded.broker, &args))
         .collect();
     let deadline = Instant::now() + Duration::from_secs(900);
     loop {

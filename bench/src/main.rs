@@ -1184,7 +1184,8 @@ fn cluster_row(loaded: &broker::Loaded, history: &history::History) -> anyhow::R
         .filter_map(|e| e["id"].as_str().map(str::to_owned))
         .take(2_000)
         .collect();
-    let c = cluster::run(loaded, 3, &ids)?;
+    let c = cluster::run(loaded, 3, &ids, cluster::Input::Rekeyed)?;
+    let keyed = cluster::run(loaded, 3, &ids, cluster::Input::Keyed)?;
     let ((lp50, lp99), (fp50, fp99)) = c.latencies();
     let max_rss = c.each_rss.iter().copied().max().unwrap_or(0);
     let per_host = max_rss as f64 / c.one_rss.max(1) as f64;
@@ -1194,9 +1195,11 @@ fn cluster_row(loaded: &broker::Loaded, history: &history::History) -> anyhow::R
             c.hosts
         ),
         ours: format!(
-            "RSS per host {:?} MiB ({per_host:.2} of one); ready in {:.1} s; GET local p50/p99 {lp50:.2}/{lp99:.2} ms ({}), forwarded {fp50:.2}/{fp99:.2} ms ({}): p99 +{:.2} ms; {} tries answered 503 (a partition still moving) and were retried",
+            "with the re-key stage: RSS per host {:?} MiB ({per_host:.2} of one); ready in {:.1} s (with --keyed-input, no stage: {:.1} s, RSS {:?} MiB); GET local p50/p99 {lp50:.2}/{lp99:.2} ms ({}), forwarded {fp50:.2}/{fp99:.2} ms ({}): p99 +{:.2} ms; {} tries answered 503 (a partition still moving) and were retried",
             c.each_rss.iter().map(|b| b >> 20).collect::<Vec<_>>(),
             c.all_ready,
+            keyed.all_ready,
+            keyed.each_rss.iter().map(|b| b >> 20).collect::<Vec<_>>(),
             c.local_ms.len(),
             c.forwarded_ms.len(),
             fp99 - lp99,

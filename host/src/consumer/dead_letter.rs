@@ -355,3 +355,95 @@ impl DeadLetters {
         flushed
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering::Relaxed;
+
+    use clap::Parser as _;
+
+    use super::*;
+    use crate::broker::rekey::Origin;
+    use crate::config::{Cli, Command};
+
+    /// A sharded host's settings with the re-key stage, as `service::start_rekey`
+    /// leaves them; the broker is never reached (letters are held).
+    fn rekeyed() -> RunConfig {
+        let cli = Cli::try_parse_from(["logq", "run", "--brokers", "127.0.0.1:1", "--sharded"])
+            .unwrap_or_else(|e| panic!("{e}"));
+        let Command::Run(config) = cli.command else {
+            panic!("not run")
+        };
+        let mut config = *config;
+        config.users_topic = "users.by-id".into();
+        config.rekeyed_from = Some("users".into());
+        config
+    }
+
+    fn header<'l>(letter: &'l Letter, name: &str) -> Option<&'l str> {
+        letter
+            .headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    #[test]
+    fn a_re_keyed_record_written_twice_is_dead_lettered_once_naming_the_producers_record() {
+        let config = rekeyed();
+        let metrics = Arc::new(Metrics::new(config.topics()));
+        let mut dlq = DeadLetters::new(
+            &config,
+            Topics::from(&config),
+            metrics.clone(),
+            BTreeMap::new(),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        dlq.hold_new();
+        let origin = Origin::parse(b"users/1@7#0,2").unwrap_or_else(|| panic!("origin"));
+        let record = |offset, key: &'static [u8]| Record {
+            topic: "users.by-id",
+            partition: 3,
+            offset,
+            key: Some(key),
+            value: Some(br#"[{"id":"u1"},{"id":"u1"}]"#),
+            origin: Some(origin),
+        };
+        let refused = DeadLetter {
+            input: 0,
+            reason: "event 1: bad".into(),
+            events: "1".into(),
+        };
+        let counters = metrics.topic(Source::Users);
+        let sent = || counters.dead_lettered.load(Relaxed);
+        dlq.send(Source::Users, &record(10, b"u1"), &refused, 1);
+        // The stage wrote the record again (a member died before committing).
+        dlq.send(Source::Users, &record(25, b"u1"), &refused, 1);
+        assert_eq!(sent(), 1);
+        assert_eq!(counters.dead_letters_known.load(Relaxed), 1);
+        let at = Partition {
+            source: Source::Users,
+            id: 3,
+        };
+        let letter = &dlq.in_flight[&(at, 10)];
+        assert_eq!(letter.topic, "users.dlq");
+        for (name, want) in [
+            ("logq.topic", "users"),
+            ("logq.partition", "1"),
+            ("logq.offset", "7"),
+            // Event 1 of the re-keyed record is event 2 of the producer's.
+            ("logq.events.rejected", "2"),
+            ("logq.rekeyed", "users.by-id/3@10"),
+        ] {
+            assert_eq!(header(letter, name), Some(want), "{name}");
+        }
+        // Another user's events of the same record: another cause.
+        dlq.send(Source::Users, &record(11, b"u2"), &refused, 1);
+        assert_eq!(sent(), 2);
+        // A letter dropped unsent (the partition was lost in doubt) is no copy: the
+        // record read again is dead-lettered.
+        dlq.discard(&[at]);
+        dlq.send(Source::Users, &record(40, b"u1"), &refused, 1);
+        assert_eq!(sent(), 3);
+    }
+}
