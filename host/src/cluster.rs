@@ -75,6 +75,10 @@ pub struct Advert {
     /// it gave them up) until their new holder has caught up.
     #[serde(default)]
     pub lingering: Vec<i32>,
+    /// Partitions it folds as a standby (`--standbys`), each with how many records it
+    /// was behind at its last measure.
+    #[serde(default)]
+    pub standby: BTreeMap<i32, i64>,
 }
 
 struct Seen {
@@ -107,6 +111,12 @@ pub struct Cluster {
     desired: RwLock<Option<Desired>>,
     /// A group reducer announced here, for the advert thread to publish.
     outbox: std::sync::Mutex<Option<Desired>>,
+    /// Partitions this host folds as a standby, with its lag on each (records).
+    standby: RwLock<BTreeMap<i32, i64>>,
+    /// The most records a standby may be behind and still answer (`--max-standby-lag`).
+    max_standby_lag: std::sync::atomic::AtomicI64,
+    /// Reads answered by a standby, here or forwarded to one.
+    standby_reads: AtomicU64,
 }
 
 impl Cluster {
@@ -128,7 +138,88 @@ impl Cluster {
             lingering: RwLock::default(),
             desired: RwLock::default(),
             outbox: std::sync::Mutex::default(),
+            standby: RwLock::default(),
+            max_standby_lag: std::sync::atomic::AtomicI64::new(0),
+            standby_reads: AtomicU64::new(0),
         })
+    }
+
+    /// A standby answers only while at most `records` behind (`--max-standby-lag`).
+    pub fn set_max_standby_lag(&self, records: i64) {
+        self.max_standby_lag.store(records, Ordering::Relaxed);
+    }
+
+    /// This host folds `partitions` as a standby, each this many records behind.
+    pub fn set_standby(&self, partitions: BTreeMap<i32, i64>) {
+        let mut standby = write(&self.standby);
+        if standby.keys().ne(partitions.keys()) {
+            self.changed.store(true, Ordering::Relaxed);
+        }
+        *standby = partitions;
+    }
+
+    /// The partitions this host folds as a standby, with its lag on each.
+    pub fn standby(&self) -> BTreeMap<i32, i64> {
+        read(&self.standby).clone()
+    }
+
+    /// Whether this host folds partition `p` as a standby and is close enough behind
+    /// to answer for it.
+    pub fn answers_as_standby(&self, p: i32) -> bool {
+        let max = self.max_standby_lag.load(Ordering::Relaxed);
+        read(&self.standby).get(&p).is_some_and(|lag| *lag <= max)
+    }
+
+    /// Another host that folds partition `p` as a standby close enough behind to
+    /// answer for it (the least behind).
+    pub fn standby_of(&self, p: i32) -> Option<Advert> {
+        let max = self.max_standby_lag.load(Ordering::Relaxed);
+        read(&self.peers)
+            .values()
+            .filter(|s| s.at.elapsed() < ADVERT_FRESH)
+            .filter_map(|s| Some((*s.advert.standby.get(&p)?, &s.advert)))
+            .filter(|(lag, _)| *lag <= max)
+            .min_by_key(|(lag, a)| (*lag, a.instance.clone()))
+            .map(|(_, a)| a.clone())
+    }
+
+    /// A read was answered by a standby.
+    pub fn count_standby_read(&self) {
+        self.standby_reads.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The partitions this host should fold as a standby: for each partition, the
+    /// `r` hosts ranked first by rendezvous hash of (host, partition) among the hosts
+    /// with a fresh advert and this one, its holder left out. Every host ranks alike
+    /// from the same adverts, so each partition gets `r` standbys (fewer when there
+    /// are fewer other hosts), and a host that comes or goes moves few of them.
+    pub fn standbys_wanted(&self, r: usize) -> BTreeSet<i32> {
+        let n = self.partitions();
+        if r == 0 || n == 0 {
+            return BTreeSet::new();
+        }
+        let mut hosts: Vec<String> = read(&self.peers)
+            .values()
+            .filter(|s| s.at.elapsed() < ADVERT_FRESH)
+            .map(|s| s.advert.instance.clone())
+            .collect();
+        hosts.push(self.instance.clone());
+        (0..n)
+            .filter(|p| {
+                let holder = if self.owns(*p) {
+                    Some(self.instance.clone())
+                } else {
+                    self.holder(*p).map(|a| a.instance)
+                };
+                let mut ranked: Vec<(u64, &String)> = hosts
+                    .iter()
+                    .filter(|h| holder.as_ref() != Some(*h))
+                    .map(|h| (rendezvous(h, *p), h))
+                    .collect();
+                ranked.sort_unstable_by(|a, b| b.cmp(a));
+                ranked.iter().take(r).any(|(_, h)| **h == self.instance)
+            })
+            .collect()
     }
 
     /// This host runs reducer `sha256` now (said in its next advert).
@@ -395,8 +486,14 @@ impl Cluster {
              # HELP logq_reads_forwarded_total Reads forwarded to the host that holds the user.\n\
              # TYPE logq_reads_forwarded_total counter\nlogq_reads_forwarded_total {forwarded}\n\
              # HELP logq_reads_forward_failures_total Reads whose holder did not answer (503).\n\
-             # TYPE logq_reads_forward_failures_total counter\nlogq_reads_forward_failures_total {failed}\n",
-            self.owned().len()
+             # TYPE logq_reads_forward_failures_total counter\nlogq_reads_forward_failures_total {failed}\n\
+             # HELP logq_partitions_standby Partitions this host folds as a standby (--standbys).\n\
+             # TYPE logq_partitions_standby gauge\nlogq_partitions_standby {}\n\
+             # HELP logq_reads_standby_total Reads answered by a standby because the holder could not answer (here, or forwarded to one).\n\
+             # TYPE logq_reads_standby_total counter\nlogq_reads_standby_total {}\n",
+            self.owned().len(),
+            read(&self.standby).len(),
+            self.standby_reads.load(Ordering::Relaxed)
         )
     }
 
@@ -414,6 +511,7 @@ impl Cluster {
                     "ready": s.advert.ready,
                     "behind": s.advert.behind,
                     "lingering": s.advert.lingering,
+                    "standby": s.advert.standby,
                     "reducer": s.advert.reducer,
                     "seen_ms_ago": s.at.elapsed().as_millis() as u64,
                 })
@@ -433,6 +531,7 @@ impl Cluster {
             "reducer": *read(&self.reducer),
             "behind": *read(&self.behind),
             "lingering": read(&self.lingering).keys().collect::<Vec<_>>(),
+            "standby": self.standby(),
             "group_reducer": self.desired(),
             "topic_partitions": self.partitions.load(Ordering::Relaxed),
             "others": others,
@@ -451,6 +550,7 @@ impl Cluster {
             reducer: read(&self.reducer).clone(),
             behind: read(&self.behind).iter().copied().collect(),
             lingering: read(&self.lingering).keys().copied().collect(),
+            standby: self.standby(),
         }
     }
 
@@ -534,6 +634,22 @@ impl Cluster {
     }
 }
 
+/// The rendezvous (highest random weight) score of `host` for partition `p`: FNV-1a
+/// of both, mixed; the same on every host and every run.
+fn rendezvous(host: &str, p: i32) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in host.bytes().chain(p.to_le_bytes()) {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    // FNV's last bytes move the high bits little: finish with a mix (splitmix64).
+    h ^= h >> 30;
+    h = h.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h ^= h >> 27;
+    h = h.wrapping_mul(0x94d0_49bb_1331_11eb);
+    h ^ (h >> 31)
+}
+
 fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
     lock.read().unwrap_or_else(|p| p.into_inner())
 }
@@ -562,6 +678,7 @@ mod tests {
             reducer: String::new(),
             behind: Vec::new(),
             lingering: Vec::new(),
+            standby: BTreeMap::new(),
         })
         .unwrap()
     }
@@ -614,6 +731,61 @@ mod tests {
         me.heard("c".into(), &serde_json::to_vec(&c).unwrap());
         assert_eq!(me.lingerer(0).map(|a| a.instance), Some("c".to_owned()));
         assert!(me.lingerer(1).is_none());
+    }
+
+    /// Three hosts holding two of six partitions each, each having heard the others.
+    fn three_hosts() -> Vec<Arc<Cluster>> {
+        let shares = [("a", vec![0, 1]), ("b", vec![2, 3]), ("c", vec![4, 5])];
+        let hosts: Vec<Arc<Cluster>> = shares
+            .iter()
+            .map(|(name, held)| {
+                let h = Cluster::new(name, &format!("http://{name}"));
+                h.set_partitions(6);
+                h.set_owned(held.iter().copied().collect(), BTreeSet::new(), true);
+                h
+            })
+            .collect();
+        for h in &hosts {
+            for (name, held) in &shares {
+                h.heard((*name).into(), &advert(name, held.clone(), now_ms()));
+            }
+        }
+        hosts
+    }
+
+    #[test]
+    fn each_partition_gets_r_standbys_never_its_holder_and_every_host_agrees() {
+        let hosts = three_hosts();
+        for (r, each) in [(1, 1), (2, 2), (5, 2)] {
+            let mut count = BTreeMap::new();
+            for h in &hosts {
+                for p in h.standbys_wanted(r) {
+                    assert!(!h.owns(p), "{} stands by for its own users/{p}", h.instance);
+                    *count.entry(p).or_insert(0) += 1;
+                }
+            }
+            assert_eq!(count, (0..6).map(|p| (p, each)).collect(), "r = {r}");
+        }
+        assert!(hosts[0].standbys_wanted(0).is_empty());
+    }
+
+    #[test]
+    fn a_standby_answers_only_within_the_lag_bound_the_least_behind_first() {
+        let me = Cluster::new("a", "http://a");
+        me.set_partitions(2);
+        me.set_max_standby_lag(100);
+        let standing = |name: &str, lags: &[(i32, i64)]| {
+            let mut a: Advert = serde_json::from_slice(&advert(name, vec![], now_ms())).unwrap();
+            a.standby = lags.iter().copied().collect();
+            serde_json::to_vec(&a).unwrap()
+        };
+        me.heard("b".into(), &standing("b", &[(0, 50), (1, 101)]));
+        me.heard("c".into(), &standing("c", &[(0, 10)]));
+        assert_eq!(me.standby_of(0).map(|a| a.instance), Some("c".to_owned()));
+        assert!(me.standby_of(1).is_none(), "101 records behind");
+        me.set_standby(BTreeMap::from([(1, 100), (0, i64::MAX)]));
+        assert!(me.answers_as_standby(1));
+        assert!(!me.answers_as_standby(0), "not measured yet");
     }
 
     #[test]

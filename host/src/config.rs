@@ -261,6 +261,17 @@ pub struct RunConfig {
     /// (default: as many as the users topic has). An existing topic keeps its own.
     #[arg(long, env = "LOGQ_REKEY_PARTITIONS")]
     pub rekey_partitions: Option<i32>,
+    /// With `--sharded`: how many other hosts also fold each partition, as
+    /// standbys (chosen by rendezvous hash over the hosts): a read whose holder died
+    /// is answered at once by one of them, and a partition the group moves to its
+    /// standby is not folded again from its beginning. They commit nothing and send
+    /// no dead letter until the partition is theirs.
+    #[arg(long, env = "LOGQ_STANDBYS", default_value_t = 0)]
+    pub standbys: usize,
+    /// With `--standbys`: a standby answers only while at most this many records
+    /// behind the partition's end (measured every second).
+    #[arg(long, env = "LOGQ_MAX_STANDBY_LAG", default_value_t = 1000)]
+    pub max_standby_lag: i64,
     /// Set by `run` in sharded mode with the re-key stage: the users topic the stage
     /// reads (`users_topic` then names the internal topic the hosts fold).
     #[arg(skip)]

@@ -264,6 +264,7 @@ async fn join_group(
     .map_err(|_| anyhow::anyhow!("creating the members topic {topic}: the broker did not answer"))?
     .with_context(|| format!("creating the members topic {topic}"))?;
     let cluster = Cluster::new(&config.instance(), &config.advertised());
+    cluster.set_max_standby_lag(config.max_standby_lag);
     let log = MembersLog::open(&config.kafka, &topic)?;
     let thread = cluster.run(log, stop);
     let (member, news) = Member::join(
@@ -288,7 +289,8 @@ async fn join_group(
             news,
             cluster,
             Duration::from_millis(config.session_timeout_ms.max(1)),
-        ),
+        )
+        .with_standbys(config.standbys),
         thread,
     ))
 }

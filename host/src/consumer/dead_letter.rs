@@ -112,6 +112,11 @@ pub struct DeadLetters {
     /// The re-keyed records dead-lettered (or found below the committed offset), by
     /// origin and key: a copy the re-key stage wrote again is not sent twice.
     origins: HashSet<(i32, i64, Vec<u8>)>,
+    /// Partitions folded as a standby: their letters are kept, not sent (see
+    /// [`DeadLetters::promote`]).
+    standing: BTreeSet<Partition>,
+    /// Letters of standby partitions, kept.
+    kept: BTreeSet<LetterKey>,
 }
 
 impl DeadLetters {
@@ -141,6 +146,8 @@ impl DeadLetters {
             holding: false,
             held: BTreeSet::new(),
             origins: HashSet::new(),
+            standing: BTreeSet::new(),
+            kept: BTreeSet::new(),
         })
     }
 
@@ -166,14 +173,66 @@ impl DeadLetters {
         let gone: Vec<LetterKey> = self
             .held
             .iter()
+            .chain(&self.kept)
             .filter(|(p, _)| partitions.contains(p))
             .copied()
             .collect();
         for key in gone {
             self.held.remove(&key);
+            self.kept.remove(&key);
             // Never sent: a copy of it read later is not one.
             if let Some(origin) = self.in_flight.remove(&key).and_then(|l| l.origin) {
                 self.origins.remove(&origin);
+            }
+        }
+    }
+
+    /// Partition `p` is folded here as a standby: its letters are kept until the
+    /// group gives it to this host ([`DeadLetters::promote`]) or it stops standing by
+    /// ([`DeadLetters::discard`], [`DeadLetters::stand_down`]).
+    pub fn stand_by(&mut self, p: Partition) {
+        self.standing.insert(p);
+    }
+
+    /// Partition `p` is no longer folded here as a standby.
+    pub fn stand_down(&mut self, p: Partition) {
+        self.standing.remove(&p);
+    }
+
+    /// The group gave partition `p`, folded here as a standby, to this host, with
+    /// its committed offset: the kept letters at or past it are sent now (the last
+    /// holder sent those below it), counted as sent.
+    pub fn promote(&mut self, p: Partition, committed: Option<i64>) {
+        self.standing.remove(&p);
+        let mine: Vec<LetterKey> = self
+            .kept
+            .iter()
+            .filter(|(at, _)| *at == p)
+            .copied()
+            .collect();
+        for key in mine {
+            self.kept.remove(&key);
+            if committed.is_some_and(|c| key.1 < c) {
+                self.in_flight.remove(&key);
+                self.metrics
+                    .topic(p.source)
+                    .dead_letters_known
+                    .fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            tracing::warn!(
+                partition = p.id,
+                offset = key.1,
+                "dead-lettered on taking over from a standby"
+            );
+            self.metrics
+                .topic(p.source)
+                .dead_lettered
+                .fetch_add(1, Ordering::Relaxed);
+            if self.holding {
+                self.held.insert(key);
+            } else {
+                self.produce(key);
             }
         }
     }
@@ -228,15 +287,18 @@ impl DeadLetters {
         }
         let dlq_topic = self.dlq_topics.get(source).clone();
         let place = Place::of(self.topics.name(source), record, &d.events);
-        tracing::warn!(
-            topic = place.topic,
-            partition = place.partition,
-            offset = place.offset,
-            "dead-lettered to {dlq_topic}: {}",
-            d.reason
-        );
-        counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
-        counters.note_dead_letter(place.partition, place.offset, &d.reason);
+        let standby = self.standing.contains(&partition);
+        if !standby {
+            tracing::warn!(
+                topic = place.topic,
+                partition = place.partition,
+                offset = place.offset,
+                "dead-lettered to {dlq_topic}: {}",
+                d.reason
+            );
+            counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
+            counters.note_dead_letter(place.partition, place.offset, &d.reason);
+        }
         let mut headers = vec![
             ("logq.reason", d.reason.clone()),
             ("logq.topic", place.topic.to_owned()),
@@ -271,7 +333,9 @@ impl DeadLetters {
                 origin,
             },
         );
-        if self.holding {
+        if standby {
+            self.kept.insert(key);
+        } else if self.holding {
             self.held.insert(key);
         } else {
             self.produce(key);
@@ -328,10 +392,12 @@ impl DeadLetters {
         let trouble = self.last_error.as_ref().map(|e| {
             format!(
                 "{} dead letters not delivered yet (last error: {e}); retrying, progress held",
-                self.in_flight.len()
+                self.in_flight.len() - self.kept.len()
             )
         });
-        self.metrics.set_dlq_pending(self.in_flight.len(), trouble);
+        // Kept letters of standby partitions are not pending: nothing sends them yet.
+        self.metrics
+            .set_dlq_pending(self.in_flight.len() - self.kept.len(), trouble);
     }
 
     /// How far progress `next` of partition `p` may be committed (and snapshotted):
@@ -445,5 +511,78 @@ mod tests {
         dlq.discard(&[at]);
         dlq.send(Source::Users, &record(40, b"u1"), &refused, 1);
         assert_eq!(sent(), 3);
+    }
+
+    #[test]
+    fn a_standby_keeps_its_letters_and_sends_those_past_the_commit_when_promoted() {
+        let config = rekeyed();
+        let metrics = Arc::new(Metrics::new(config.topics()));
+        let mut dlq = DeadLetters::new(
+            &config,
+            Topics::from(&config),
+            metrics.clone(),
+            BTreeMap::new(),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        dlq.hold_new();
+        let at = Partition {
+            source: Source::Users,
+            id: 2,
+        };
+        let record = |offset| Record {
+            topic: "users.by-id",
+            partition: 2,
+            offset,
+            key: Some(b"u"),
+            value: Some(b"{}"),
+            origin: None,
+        };
+        let refused = DeadLetter {
+            input: 0,
+            reason: "bad".into(),
+            events: String::new(),
+        };
+        let counters = metrics.topic(Source::Users);
+        dlq.stand_by(at);
+        dlq.send(Source::Users, &record(5), &refused, 0);
+        dlq.send(Source::Users, &record(12), &refused, 0);
+        // Kept: not sent, not counted, not pending, and nothing else released sends them.
+        assert_eq!(counters.dead_lettered.load(Relaxed), 0);
+        assert_eq!(dlq.kept.len(), 2);
+        dlq.release();
+        assert!(dlq.held.is_empty());
+        dlq.poll();
+        assert!(
+            metrics
+                .render(crate::state::Sizes::default())
+                .contains("logq_dead_letters_pending 0\n")
+        );
+        // The group gives it here, committed at 10: the last holder sent offset 5's.
+        dlq.promote(at, Some(10));
+        assert_eq!(counters.dead_lettered.load(Relaxed), 1);
+        assert_eq!(counters.dead_letters_known.load(Relaxed), 1);
+        assert_eq!(
+            dlq.in_flight.keys().copied().collect::<Vec<_>>(),
+            [(at, 12)]
+        );
+        assert!(dlq.held.contains(&(at, 12)));
+        // A partition stood down drops what it kept.
+        let other = Partition {
+            source: Source::Users,
+            id: 3,
+        };
+        dlq.stand_by(other);
+        dlq.send(
+            Source::Users,
+            &Record {
+                partition: 3,
+                ..record(1)
+            },
+            &refused,
+            0,
+        );
+        dlq.discard(&[other]);
+        dlq.stand_down(other);
+        assert!(dlq.kept.is_empty() && !dlq.in_flight.contains_key(&(other, 1)));
     }
 }

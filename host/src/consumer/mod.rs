@@ -172,6 +172,13 @@ pub struct Sharing {
     /// Until when the loop folds nothing: it stood still long enough to have lost
     /// its partitions without knowing it yet.
     doubt_until: Option<Instant>,
+    /// How many other hosts fold each partition as a standby (`--standbys`).
+    standbys: usize,
+    /// The partitions this host folds as a standby, with its lag on each (records;
+    /// `i64::MAX` until measured).
+    standing: BTreeMap<i32, i64>,
+    /// When the standby partitions are looked at next.
+    next_standby_look: Instant,
 }
 
 impl Sharing {
@@ -189,7 +196,102 @@ impl Sharing {
             session_timeout,
             last_seen: Instant::now(),
             doubt_until: None,
+            standbys: 0,
+            standing: BTreeMap::new(),
+            next_standby_look: Instant::now(),
         }
+    }
+
+    /// Also folds `r` other hosts' partitions as a standby (`--standbys`).
+    #[must_use]
+    pub fn with_standbys(mut self, r: usize) -> Self {
+        self.standbys = r;
+        self
+    }
+
+    /// Once a second: starts folding the partitions this host should stand by for
+    /// now (from their beginning; the group's holder of each is another host), stops
+    /// folding those it should not (their users forgotten), and measures how far
+    /// behind it is on each, for its advert: readers whose holder cannot answer turn
+    /// to a standby within `--max-standby-lag`. A standby commits nothing and sends
+    /// no dead letter; it keeps them, for the day the group gives it the partition.
+    fn stand_by(
+        &mut self,
+        consumer: &TopicConsumer,
+        store: &Writer,
+        positions: &mut Positions,
+        dlq: &mut DeadLetters,
+    ) {
+        if self.standbys == 0 || Instant::now() < self.next_standby_look {
+            return;
+        }
+        self.next_standby_look = Instant::now() + Duration::from_secs(1);
+        if !self.cluster.unanswered().is_empty() && self.standing.is_empty() {
+            // Not knowing the group yet (a host just started sees no other), every
+            // partition would look like one to stand by for.
+            return;
+        }
+        let owned = self.cluster.owned();
+        let wanted: BTreeSet<i32> = self
+            .cluster
+            .standbys_wanted(self.standbys)
+            .into_iter()
+            // A partition given up keeps its users until handed over: not before.
+            .filter(|p| !owned.contains(p) && !self.cluster.lingers(*p))
+            .collect();
+        let gone: Vec<i32> = self
+            .standing
+            .keys()
+            .filter(|p| !wanted.contains(p))
+            .copied()
+            .collect();
+        if !gone.is_empty() {
+            let parts: Vec<Partition> = gone.iter().map(|p| Self::users(*p)).collect();
+            if let Err(e) = consumer.remove(&parts) {
+                tracing::warn!("no longer reading the standby partitions: {e}");
+            }
+            dlq.discard(&parts);
+            for p in &parts {
+                positions.remove(p);
+                dlq.stand_down(*p);
+                self.standing.remove(&p.id);
+            }
+            let forgotten = self.forget(store, &gone);
+            tracing::info!("no longer a standby of users/{gone:?}: {forgotten} users forgotten");
+        }
+        let mut read = Vec::new();
+        for p in wanted {
+            if self.standing.contains_key(&p) {
+                continue;
+            }
+            let at = Self::users(p);
+            let from = consumer
+                .watermarks(at, REQUEST_TIMEOUT)
+                .map_or(0, |w| w.low);
+            positions.insert(at, from);
+            dlq.stand_by(at);
+            self.standing.insert(p, i64::MAX);
+            read.push((at, from));
+            tracing::info!("a standby of users/{p}: folding it from offset {from}");
+        }
+        if !read.is_empty()
+            && let Err(e) = consumer.add_at(&read)
+        {
+            tracing::warn!("reading the standby partitions: {e}");
+        }
+        for (p, lag) in &mut self.standing {
+            let at = Self::users(*p);
+            if let (Ok(w), Some(next)) =
+                (consumer.watermarks(at, REQUEST_TIMEOUT), positions.get(&at))
+            {
+                *lag = (w.high - next).max(0);
+            }
+        }
+        self.cluster.set_standby(self.standing.clone());
+    }
+
+    fn is_standby(&self, p: &Partition) -> bool {
+        p.source == Source::Users && self.standing.contains_key(&p.id)
     }
 
     /// Whether the loop must not fold now. A host that stood still (frozen, stopped
@@ -250,12 +352,12 @@ impl Sharing {
     fn publish(&self, positions: &Positions, catch_up: &CatchUp) {
         let owned = positions
             .keys()
-            .filter(|p| p.source == Source::Users)
+            .filter(|p| p.source == Source::Users && !self.is_standby(p))
             .map(|p| p.id)
             .collect();
         let behind = positions
             .keys()
-            .filter(|p| p.source == Source::Users && catch_up.is_behind(**p))
+            .filter(|p| p.source == Source::Users && !self.is_standby(p) && catch_up.is_behind(**p))
             .map(|p| p.id)
             .collect();
         self.cluster.set_owned(owned, behind, catch_up.caught_up());
@@ -266,7 +368,7 @@ impl Sharing {
     /// read, their users are forgotten, and their safe progress goes back to the group
     /// to commit before another host takes them.
     fn apply(
-        &self,
+        &mut self,
         news: Ownership,
         consumer: &TopicConsumer,
         store: &Writer,
@@ -279,6 +381,24 @@ impl Sharing {
                 let mut read = Vec::new();
                 for (id, committed) in given {
                     let p = Self::users(id);
+                    if self.standing.remove(&id).is_some()
+                        && let Some(at) = positions.get(&p).copied()
+                    {
+                        // Folded here as a standby: it goes on from where it is. Its
+                        // kept dead letters at or past the group's commit are sent
+                        // now; those below it the last holder sent.
+                        dlq.known(p, committed);
+                        dlq.promote(p, committed);
+                        let w = consumer
+                            .watermarks(p, REQUEST_TIMEOUT)
+                            .unwrap_or(Watermarks { low: 0, high: 0 });
+                        catch_up.track(p, w.high, at);
+                        self.cluster.set_standby(self.standing.clone());
+                        tracing::info!(
+                            "users/{id} is this host's now: its standby, at offset {at} (no rebuild)"
+                        );
+                        continue;
+                    }
                     let w = consumer
                         .watermarks(p, REQUEST_TIMEOUT)
                         .unwrap_or(Watermarks { low: 0, high: 0 });
@@ -367,7 +487,9 @@ impl Sharing {
         let stray: Vec<i32> = step
             .advanced
             .keys()
-            .filter(|p| p.source == Source::Users && !self.cluster.owns(p.id))
+            .filter(|p| {
+                p.source == Source::Users && !self.cluster.owns(p.id) && !self.is_standby(p)
+            })
             .map(|p| p.id)
             .collect();
         if !stray.is_empty() {
@@ -388,7 +510,7 @@ impl Sharing {
             .cluster
             .handed_over()
             .into_iter()
-            .filter(|p| !self.cluster.owns(*p))
+            .filter(|p| !self.cluster.owns(*p) && !self.standing.contains_key(p))
             .collect();
         if !done.is_empty() {
             let gone = self.forget(store, &done);
@@ -402,7 +524,7 @@ impl Sharing {
     fn commit(&self, dlq: &DeadLetters, positions: &Positions) {
         let progress = positions
             .iter()
-            .filter(|(p, _)| p.source == Source::Users)
+            .filter(|(p, _)| p.source == Source::Users && !self.is_standby(p))
             .map(|(p, next)| (p.id, dlq.safe(*p, *next)))
             .collect();
         self.member.commit(progress);
@@ -703,6 +825,7 @@ impl Consumer {
                 s.stepped(step_started.elapsed(), &mut dlq);
                 s.last_seen = Instant::now();
                 s.let_go(&self.store);
+                s.stand_by(&consumer, &self.store, &mut positions, &mut dlq);
             }
             dlq.poll();
             // Between two batches the state is exactly at `positions`.

@@ -23,8 +23,17 @@ use crate::cluster::Cluster;
 pub const FORWARDED: &str = "x-logq-forwarded";
 /// Names the host that answered.
 pub const SERVED_BY: &str = "x-logq-served-by";
+/// Marks an answer a standby gave (its holder could not answer): how many records
+/// behind the partition's end it was at its last measure.
+pub const STANDBY: &str = "x-logq-standby-lag";
 /// The answer headers passed back.
-const RETURNED: [&str; 4] = ["content-type", "etag", "x-logq-position", SERVED_BY];
+const RETURNED: [&str; 5] = [
+    "content-type",
+    "etag",
+    "x-logq-position",
+    SERVED_BY,
+    STANDBY,
+];
 /// Longest a forwarded read may take.
 const TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -52,7 +61,9 @@ pub async fn elsewhere(
         // Just moved here and still being folded from its beginning: what this host
         // has of its users may be older than what the last holder answered. That
         // holder may still answer for them (it lingers).
-        return Some(match cluster.lingerer(p) {
+        // A standby of it is not.
+        let stand_in = cluster.lingerer(p).or_else(|| cluster.standby_of(p));
+        return Some(match stand_in {
             Some(l) if !forwarded => send(cluster, &l, p, path_and_query, conditions)
                 .await
                 .unwrap_or_else(|_| catching_up(p)),
@@ -63,6 +74,10 @@ pub async fn elsewhere(
         // Given up here, and its new holder not caught up yet: answered from here.
         return None;
     }
+    if forwarded && cluster.answers_as_standby(p) {
+        // Sent here as to a standby (the holder could not answer).
+        return None;
+    }
     if forwarded {
         // The sender thought this host holds it: the share moved meanwhile.
         return Some(unavailable(&format!(
@@ -71,9 +86,16 @@ pub async fn elsewhere(
     }
     let Some(holder) = cluster.holder(p) else {
         // Between two rounds of a rebalance nobody holds it; the host that gave it
-        // up may still answer for it.
+        // up may still answer for it, or a standby (a host died).
         if let Some(l) = cluster.lingerer(p) {
             let answer = send(cluster, &l, p, path_and_query, conditions).await;
+            return Some(answer.unwrap_or_else(|why| unavailable(&why)));
+        }
+        if cluster.answers_as_standby(p) {
+            return None;
+        }
+        if let Some(s) = cluster.standby_of(p) {
+            let answer = send(cluster, &s, p, path_and_query, conditions).await;
             return Some(answer.unwrap_or_else(|why| unavailable(&why)));
         }
         return Some(unavailable(&format!(
@@ -98,8 +120,9 @@ pub async fn elsewhere(
     // The holder is still folding it: the host that gave it up answers meanwhile.
     // Whichever is asked first, the other is asked when the first cannot be reached
     // (it just stopped, and its adverts are not stale yet).
-    let lingerer = cluster.lingerer(p);
-    let (first, then) = match lingerer {
+    // A standby stands in the same way when there is no such host.
+    let stand_in = cluster.lingerer(p).or_else(|| cluster.standby_of(p));
+    let (first, then) = match stand_in {
         Some(l) if holder.behind.contains(&p) => (l, Some(holder)),
         other => (holder, other),
     };
@@ -108,6 +131,8 @@ pub async fn elsewhere(
             Some(t) => send(cluster, &t, p, path_and_query, conditions)
                 .await
                 .map_err(|also| format!("{why}; {also}")),
+            // The holder died (its advert not stale yet): this host stands by for it.
+            None if cluster.answers_as_standby(p) => return None,
             None => Err(why),
         },
         ok => ok,

@@ -132,6 +132,17 @@ pub fn routes(api: Api) -> impl Filter<Extract = (Response,), Error = Infallible
                         if let Ok(me) = warp::http::HeaderValue::from_str(cluster.instance()) {
                             r.headers_mut().insert(forward::SERVED_BY, me);
                         }
+                        // Answered here as a standby: say so, and how far behind.
+                        if let Ok(user) = decoded("user", &id)
+                            && let Some(p) = cluster.partition_of(&user)
+                            && !cluster.serves(p)
+                            && !cluster.lingers(p)
+                            && let Some(lag) = cluster.standby().get(&p)
+                        {
+                            cluster.count_standby_read();
+                            r.headers_mut()
+                                .insert(forward::STANDBY, warp::http::HeaderValue::from(*lag));
+                        }
                     }
                     r
                 },
