@@ -135,3 +135,182 @@ pub fn run(loaded: &Loaded, hosts: usize, ids: &[String], input: Input) -> anyho
         unavailable,
     })
 }
+
+/// What figure 11b measured: one of three sharing hosts killed with SIGKILL.
+pub struct Failover {
+    /// `--standbys` of the hosts.
+    pub standbys: usize,
+    /// Seconds from the kill to every partition held by a live host and caught up.
+    pub settled: f64,
+    /// Reads of ids of the dead host's partitions meanwhile (one after another, at
+    /// the survivors in turn), and how many got a 200.
+    pub reads: u64,
+    pub answered: u64,
+    /// The longest run of reads that got no 200 (seconds).
+    pub longest_gap: f64,
+    /// Partitions moved to a host that stood by for them (no rebuild), and in all.
+    pub promoted: usize,
+    pub moved: usize,
+    /// Why reads got no 200: status and the start of the body, with how many.
+    pub why: std::collections::BTreeMap<String, u64>,
+}
+
+/// Three sharing hosts (`--keyed-input`: the figure is about the move, not the
+/// stage) with `standbys`; once settled (and, with standbys, every standby within
+/// its lag bound), the host holding the most partitions is killed with SIGKILL and
+/// its users are read at the survivors until every partition is held and caught up.
+pub fn failover(loaded: &Loaded, standbys: usize, ids: &[String]) -> anyhow::Result<Failover> {
+    let group = format!("fig11b-standbys-{standbys}");
+    let r = standbys.to_string();
+    let args = [
+        "--sharded",
+        "--keyed-input",
+        "--group-id",
+        group.as_str(),
+        "--session-timeout-ms",
+        "2000",
+        "--standbys",
+        r.as_str(),
+    ];
+    let mut hosts: Vec<Host> = (0..3)
+        .map(|_| Host::start_at(&loaded.broker, &args))
+        .collect();
+    let partitions = USER_PARTITIONS as usize;
+    let deadline = Instant::now() + Duration::from_secs(900);
+    loop {
+        let views: Vec<serde_json::Value> =
+            hosts.iter().map(|h| h.get("/cluster").json()).collect();
+        let standing: usize = views
+            .iter()
+            .map(|v| {
+                v["standby"].as_object().map_or(0, |m| {
+                    m.values().filter(|l| l.as_i64() < Some(1000)).count()
+                })
+            })
+            .sum();
+        let ready = hosts.iter().all(|h| h.get("/readyz").status == 200);
+        if logq_e2e::group_complete(&views, partitions)
+            && ready
+            && standing >= partitions * standbys.min(2)
+        {
+            break;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "never settled: {views:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let victim_at = (0..hosts.len())
+        .max_by_key(|i| logq_e2e::held_in(&hosts[*i].get("/cluster").json()))
+        .unwrap_or(0);
+    let victim_view = hosts[victim_at].get("/cluster").json();
+    let dead: Vec<i64> = victim_view["partitions"]
+        .as_array()
+        .map(|a| a.iter().filter_map(serde_json::Value::as_i64).collect())
+        .unwrap_or_default();
+    // Which of the dead host's partitions each survivor stood by for.
+    let survivors_standby: Vec<Vec<i64>> = hosts
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != victim_at)
+        .map(|(_, h)| {
+            h.get("/cluster").json()["standby"]
+                .as_object()
+                .map(|m| m.keys().filter_map(|k| k.parse().ok()).collect())
+                .unwrap_or_default()
+        })
+        .collect();
+    // Ids of the dead host's users: those it serves itself.
+    let me = victim_view["instance"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let theirs: Vec<&String> = ids
+        .iter()
+        .filter(|id| {
+            let r = hosts[victim_at].get(&format!("/users/{id}"));
+            r.status == 200 && r.header("x-logq-served-by") == Some(me.as_str())
+        })
+        .take(200)
+        .collect();
+    anyhow::ensure!(!theirs.is_empty(), "no id served by the host to kill");
+    let victim = hosts.remove(victim_at);
+    let killed = Instant::now();
+    victim.kill_9();
+    let (mut reads, mut answered, mut longest_gap) = (0u64, 0u64, 0f64);
+    let mut failing_since: Option<Instant> = None;
+    let mut why = std::collections::BTreeMap::new();
+    let mut i = 0usize;
+    loop {
+        let views: Vec<serde_json::Value> =
+            hosts.iter().map(|h| h.get("/cluster").json()).collect();
+        let behind = views
+            .iter()
+            .any(|v| v["behind"].as_array().is_some_and(|b| !b.is_empty()));
+        if logq_e2e::group_complete(&views, partitions) && !behind {
+            break;
+        }
+        anyhow::ensure!(
+            killed.elapsed() < Duration::from_secs(600),
+            "never settled after the kill: {views:?}"
+        );
+        for _ in 0..20 {
+            i += 1;
+            let id = theirs[i % theirs.len()];
+            let host = &hosts[i % hosts.len()];
+            reads += 1;
+            let answer = logq_e2e::get(host.addr, &format!("/users/{id}"));
+            let ok = answer.as_ref().is_ok_and(|r| r.status == 200);
+            if !ok {
+                let what = match answer {
+                    Ok(r) => format!(
+                        "{} {}",
+                        r.status,
+                        r.body
+                            .chars()
+                            .take(90)
+                            .collect::<String>()
+                            .replace(|c: char| c.is_ascii_digit(), "")
+                    ),
+                    Err(e) => e.to_string(),
+                };
+                *why.entry(what).or_default() += 1;
+            }
+            if ok {
+                answered += 1;
+                if let Some(t) = failing_since.take() {
+                    longest_gap = longest_gap.max(t.elapsed().as_secs_f64());
+                }
+            } else if failing_since.is_none() {
+                failing_since = Some(Instant::now());
+            }
+        }
+    }
+    let settled = killed.elapsed().as_secs_f64();
+    if let Some(t) = failing_since {
+        longest_gap = longest_gap.max(t.elapsed().as_secs_f64());
+    }
+    // Where the dead host's partitions went, and whether to a host that stood by.
+    let mut promoted = 0;
+    for (h, stood) in hosts.iter().zip(&survivors_standby) {
+        let now = h.get("/cluster").json();
+        for p in now["partitions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(serde_json::Value::as_i64)
+        {
+            if dead.contains(&p) && stood.contains(&p) {
+                promoted += 1;
+            }
+        }
+    }
+    Ok(Failover {
+        standbys,
+        settled,
+        reads,
+        answered,
+        longest_gap,
+        promoted,
+        moved: dead.len(),
+        why,
+    })
+}

@@ -122,6 +122,10 @@ pub async fn elsewhere(
     // (it just stopped, and its adverts are not stale yet).
     // A standby stands in the same way when there is no such host.
     let stand_in = cluster.lingerer(p).or_else(|| cluster.standby_of(p));
+    if stand_in.is_none() && holder.behind.contains(&p) && cluster.answers_as_standby(p) {
+        // The holder is rebuilding it and this host stands by for it.
+        return None;
+    }
     let (first, then) = match stand_in {
         Some(l) if holder.behind.contains(&p) => (l, Some(holder)),
         other => (holder, other),
