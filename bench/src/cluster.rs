@@ -65,7 +65,7 @@ pub fn run(loaded: &Loaded, hosts: usize, ids: &[String], input: Input) -> anyho
     drop(one);
 
     let started = Instant::now();
-    // A group of its own per input (the stage writes `users.by-id`, 3 partitions as
+    // A group of its own per input (the stage writes `fig11-rekeyed.users.by-id`, 3 partitions as
     // the users topic has).
     let (group, mut args) = match input {
         Input::Rekeyed => ("fig11-rekeyed", vec![]),

@@ -253,10 +253,10 @@ pub struct RunConfig {
     /// With `--sharded`: users' events are keyed by `id` with Kafka's (murmur2)
     /// partitioner already, as `logq produce` and the Java clients key them; the
     /// hosts read the users topic itself. Without it, a re-key stage puts each user's
-    /// events into `<users-topic>.by-id` first and the hosts read that.
+    /// events into `<group-id>.<users-topic>.by-id` first and the hosts read that.
     #[arg(long, env = "LOGQ_KEYED_INPUT")]
     pub keyed_input: bool,
-    /// With `--sharded` (and no `--keyed-input`): partitions of `<users-topic>.by-id`
+    /// With `--sharded` (and no `--keyed-input`): partitions of `<group-id>.<users-topic>.by-id`
     /// when this host creates it, which bounds how many hosts share the users
     /// (default: as many as the users topic has). An existing topic keeps its own.
     #[arg(long, env = "LOGQ_REKEY_PARTITIONS")]

@@ -295,7 +295,7 @@ async fn join_group(
     ))
 }
 
-/// `--sharded` without `--keyed-input`: creates `<users>.by-id` if missing (with
+/// `--sharded` without `--keyed-input`: creates `<group-id>.<users>.by-id` if missing (with
 /// `--rekey-partitions`, else as many partitions as the users topic), starts this
 /// host's member of the re-key stage (see [`broker::rekey`]), and points the fold at
 /// the internal topic: from here on `users_topic` names it, and `rekeyed_from` the
@@ -305,7 +305,9 @@ async fn start_rekey(config: &mut RunConfig) -> anyhow::Result<Option<broker::re
         return Ok(None);
     }
     let from = config.users_topic.clone();
-    let to = format!("{from}.by-id");
+    // Named for the group (as Kafka Streams names its repartition topics): two groups
+    // re-keying one users topic must not write into one internal topic.
+    let to = format!("{}.{from}.by-id", config.group_id);
     let asked = Duration::from_secs(15);
     let partitions = match config.rekey_partitions {
         Some(n) => {

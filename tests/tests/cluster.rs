@@ -30,7 +30,7 @@ fn sharded_with(broker: &Broker, more: &[&str]) -> Host {
     rekeyed_with(broker, &args)
 }
 
-/// A sharing host with the re-key stage (the default): it folds `users.by-id`.
+/// A sharing host with the re-key stage (the default): it folds `shared.users.by-id`.
 fn rekeyed_with(broker: &Broker, more: &[&str]) -> Host {
     let mut args = vec![
         "--sharded",
@@ -459,7 +459,7 @@ fn keyless_arrays_are_re_keyed_by_id_answered_by_the_readme_rules_and_dead_lette
         by_fold
             .header("logq.rekeyed")
             .unwrap()
-            .starts_with("users.by-id/"),
+            .starts_with("shared.users.by-id/"),
         "{by_fold:?}"
     );
 
@@ -796,7 +796,7 @@ fn three_hosts_through_kill_9_a_zombie_a_rolling_restart_and_3_to_4_to_3_answer_
     let mut bad_records = 0;
     // Bad records of both stages: not JSON (the re-key stage dead-letters it), or
     // routable but refused by the reducer (the fold stage does, at the holder of the
-    // id's partition of `users.by-id`).
+    // id's partition of `shared.users.by-id`).
     let mut bad = |broker: &Broker, partition: i32, routable: bool| {
         bad_records += 1;
         let value = if routable {
@@ -832,7 +832,7 @@ fn three_hosts_through_kill_9_a_zombie_a_rolling_restart_and_3_to_4_to_3_answer_
     let awake = [&hosts[1], &hosts[2]];
     settle_on(&awake, None, PARTITIONS);
     bad(&broker, i32::try_from(frozen[0]).unwrap(), false);
-    // Six ids: some hash to the frozen host's partitions of `users.by-id`.
+    // Six ids: some hash to the frozen host's partitions of `shared.users.by-id`.
     for partition in 0..6 {
         bad(&broker, partition, true);
     }

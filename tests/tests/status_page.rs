@@ -484,18 +484,18 @@ fn a_sharded_host_shows_the_group_each_host_its_partitions_and_reducer() {
     }
     assert!(rows[0].text().contains("(this host)"), "{}", rows[0].text());
     // The partitions table lists the lag of what this host reads: every partition of
-    // organizations, its own of users (re-keyed by id: `users.by-id`).
+    // organizations, its own of users (re-keyed by id: `page.users.by-id`, the group's).
     let listed: Vec<String> = page
         .find_all("#partitions tr[data-partition]")
         .iter()
         .filter_map(|r| r.attribute("data-partition"))
-        .filter(|p| p.starts_with("users"))
+        .filter(|p| p.contains("users"))
         .collect();
     let mut own: Vec<String> = views[0]["partitions"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|p| format!("users.by-id/{p}"))
+        .map(|p| format!("page.users.by-id/{p}"))
         .collect();
     own.sort();
     assert_eq!(listed, own);

@@ -243,10 +243,25 @@ impl Sharing {
             .standing
             .keys()
             .filter(|p| !wanted.contains(p))
+            // Kept while its holder is unknown or still rebuilding it: readers turn
+            // here meanwhile. (A host just killed still ranks, by its advert, until
+            // that goes stale, and may push this one out of the first `R`.)
+            .filter(|p| {
+                owned.contains(p)
+                    || self
+                        .cluster
+                        .holder(**p)
+                        .is_some_and(|h| !h.behind.contains(p))
+            })
             .copied()
             .collect();
         if !gone.is_empty() {
             let parts: Vec<Partition> = gone.iter().map(|p| Self::users(*p)).collect();
+            // Readers learn it is gone before its users are (as for a lost partition).
+            for p in &gone {
+                self.standing.remove(p);
+            }
+            self.cluster.set_standby(self.standing.clone());
             if let Err(e) = consumer.remove(&parts) {
                 tracing::warn!("no longer reading the standby partitions: {e}");
             }
@@ -254,7 +269,6 @@ impl Sharing {
             for p in &parts {
                 positions.remove(p);
                 dlq.stand_down(*p);
-                self.standing.remove(&p.id);
             }
             let forgotten = self.forget(store, &gone);
             tracing::info!("no longer a standby of users/{gone:?}: {forgotten} users forgotten");

@@ -6,7 +6,7 @@
 //! It reads the users topic in a consumer group of its own (`<group-id>.rekey`: every
 //! sharing host runs a member, so the input is shared too), splits each record into
 //! its users' events ([`split`]) and writes, per user, one record to the internal
-//! topic (`<users>.by-id`): keyed by the id, partitioned as Kafka's Java clients do
+//! topic (`<group-id>.<users>.by-id`): keyed by the id, partitioned as Kafka's Java clients do
 //! (murmur2, see [`super::group::partition_of`]), stamped with the input's timestamp,
 //! and with a header saying where it came from ([`ORIGIN_HEADER`]). What cannot be
 //! routed (not JSON, no string `id`) is dead-lettered here, with the same headers as

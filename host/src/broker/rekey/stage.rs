@@ -20,8 +20,12 @@ use super::split::split;
 use crate::broker::{KafkaError, client_config};
 use crate::config::KafkaConfig;
 
-/// Most input records in one batch of the stage.
-const BATCH_MAX: usize = 4096;
+/// Most input records in one batch of the stage. The stage waits for the broker's
+/// acknowledgements once per batch, and that wait, not CPU, bounds it while it
+/// catches up: 1M events (one host, three partitions, the test broker) took 29 s at
+/// 4,096 records a batch with 0.42 cores busy, 11.3 s at 16,384, 7.4 s at 65,536.
+/// Live, a batch is what has arrived, a few records.
+const BATCH_MAX: usize = 65_536;
 /// How long one poll waits for the first record of a batch.
 const POLL_WAIT: Duration = Duration::from_millis(20);
 /// How often the stage measures its lag.
