@@ -180,19 +180,21 @@ pub fn failover(loaded: &Loaded, standbys: usize, ids: &[String]) -> anyhow::Res
     loop {
         let views: Vec<serde_json::Value> =
             hosts.iter().map(|h| h.get("/cluster").json()).collect();
-        let standing: usize = views
-            .iter()
-            .map(|v| {
-                v["standby"].as_object().map_or(0, |m| {
-                    m.values().filter(|l| l.as_i64() < Some(1000)).count()
-                })
+        // Standbys within the lag bound, as every host sees them (its own, and the
+        // others' by their adverts): what a reader can turn to.
+        let eligible = |v: &serde_json::Value| {
+            v["standby"].as_object().map_or(0, |m| {
+                m.values().filter(|l| l.as_i64() <= Some(1000)).count()
             })
-            .sum();
+        };
+        let seen_everywhere = views.iter().all(|v| {
+            let others: usize = v["others"]
+                .as_array()
+                .map_or(0, |o| o.iter().map(eligible).sum());
+            eligible(v) + others >= partitions * standbys.min(2)
+        });
         let ready = hosts.iter().all(|h| h.get("/readyz").status == 200);
-        if logq_e2e::group_complete(&views, partitions)
-            && ready
-            && standing >= partitions * standbys.min(2)
-        {
+        if logq_e2e::group_complete(&views, partitions) && ready && seen_everywhere {
             break;
         }
         anyhow::ensure!(Instant::now() < deadline, "never settled: {views:?}");
@@ -260,17 +262,27 @@ pub fn failover(loaded: &Loaded, standbys: usize, ids: &[String]) -> anyhow::Res
             let answer = logq_e2e::get(host.addr, &format!("/users/{id}"));
             let ok = answer.as_ref().is_ok_and(|r| r.status == 200);
             if !ok {
+                // Which survivor: the one that stood by for the dead host's
+                // partitions, or the other.
+                let role = if survivors_standby[i % hosts.len()]
+                    .iter()
+                    .any(|p| dead.contains(p))
+                {
+                    "at its standby"
+                } else {
+                    "at the other"
+                };
                 let what = match answer {
                     Ok(r) => format!(
-                        "{} {}",
+                        "{role}: {} {}",
                         r.status,
                         r.body
                             .chars()
-                            .take(90)
+                            .take(160)
                             .collect::<String>()
                             .replace(|c: char| c.is_ascii_digit(), "")
                     ),
-                    Err(e) => e.to_string(),
+                    Err(e) => format!("{role}: {e}"),
                 };
                 *why.entry(what).or_default() += 1;
             }

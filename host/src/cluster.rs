@@ -151,8 +151,14 @@ impl Cluster {
 
     /// This host folds `partitions` as a standby, each this many records behind.
     pub fn set_standby(&self, partitions: BTreeMap<i32, i64>) {
+        let max = self.max_standby_lag.load(Ordering::Relaxed);
+        let eligible = |m: &BTreeMap<i32, i64>| -> Vec<(i32, bool)> {
+            m.iter().map(|(p, lag)| (*p, *lag <= max)).collect()
+        };
         let mut standby = write(&self.standby);
-        if standby.keys().ne(partitions.keys()) {
+        // Said at once when a standby starts, stops, or comes within the lag bound
+        // (or falls out of it): readers choose by it.
+        if eligible(&standby) != eligible(&partitions) {
             self.changed.store(true, Ordering::Relaxed);
         }
         *standby = partitions;

@@ -407,7 +407,6 @@ impl Sharing {
                             .watermarks(p, REQUEST_TIMEOUT)
                             .unwrap_or(Watermarks { low: 0, high: 0 });
                         catch_up.track(p, w.high, at);
-                        self.cluster.set_standby(self.standing.clone());
                         tracing::info!(
                             "users/{id} is this host's now: its standby, at offset {at} (no rebuild)"
                         );
@@ -480,6 +479,9 @@ impl Sharing {
             }
         }
         self.publish(positions, catch_up);
+        // After: a partition taken over from standing by is said to be held here
+        // before it stops being said to be stood by for (no read falls between).
+        self.cluster.set_standby(self.standing.clone());
     }
 
     /// Forgets the users of `partitions` and their refusals; how many users.
