@@ -446,16 +446,9 @@ mod tests {
         config
     }
 
-    fn header<'l>(letter: &'l Letter, name: &str) -> Option<&'l str> {
-        letter
-            .headers
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
-    }
-
-    #[test]
-    fn a_re_keyed_record_written_twice_is_dead_lettered_once_naming_the_producers_record() {
+    /// Dead letters of a re-keying host that hold every new letter (nothing reaches
+    /// the absent broker), and the metrics they count in.
+    fn holding() -> (DeadLetters, Arc<Metrics>) {
         let config = rekeyed();
         let metrics = Arc::new(Metrics::new(config.topics()));
         let mut dlq = DeadLetters::new(
@@ -466,6 +459,20 @@ mod tests {
         )
         .unwrap_or_else(|e| panic!("{e}"));
         dlq.hold_new();
+        (dlq, metrics)
+    }
+
+    fn header<'l>(letter: &'l Letter, name: &str) -> Option<&'l str> {
+        letter
+            .headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    #[test]
+    fn a_re_keyed_record_written_twice_is_dead_lettered_once_naming_the_producers_record() {
+        let (mut dlq, metrics) = holding();
         let origin = Origin::parse(b"users/1@7#0,2").unwrap_or_else(|| panic!("origin"));
         let record = |offset, key: &'static [u8]| Record {
             topic: "users.by-id",
@@ -515,16 +522,7 @@ mod tests {
 
     #[test]
     fn a_standby_keeps_its_letters_and_sends_those_past_the_commit_when_promoted() {
-        let config = rekeyed();
-        let metrics = Arc::new(Metrics::new(config.topics()));
-        let mut dlq = DeadLetters::new(
-            &config,
-            Topics::from(&config),
-            metrics.clone(),
-            BTreeMap::new(),
-        )
-        .unwrap_or_else(|e| panic!("{e}"));
-        dlq.hold_new();
+        let (mut dlq, metrics) = holding();
         let at = Partition {
             source: Source::Users,
             id: 2,
