@@ -60,8 +60,8 @@ pub async fn elsewhere(
         }
         // Just moved here and still being folded from its beginning: what this host
         // has of its users may be older than what the last holder answered. That
-        // holder may still answer for them (it lingers).
-        // A standby of it is not.
+        // holder may still answer for them (it lingers), or a standby of it, which
+        // has folded it all along.
         let stand_in = cluster.lingerer(p).or_else(|| cluster.standby_of(p));
         return Some(match stand_in {
             Some(l) if !forwarded => send(cluster, &l, p, path_and_query, conditions)
