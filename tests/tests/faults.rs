@@ -539,11 +539,17 @@ fn sigkill_at_seeded_points_of_catch_up_with_a_state_dir_ends_exact_with_bounded
     let (bad, records) = produce_with_bad_records(&broker, &users, &orgs, 2_000);
     let dir = std::env::temp_dir().join(format!("logq-kill-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
+    // Small batches: the consumed count then rises a few hundred records at a time
+    // and catch-up lasts long enough for the kill points to be seen in it (with the
+    // default 16,384 a batch, 40k records were three batches, and a run could see
+    // every host ready before its kill point: "no kill landed in catch-up").
     let args = [
         "--state-dir",
         dir.to_str().unwrap(),
         "--snapshot-interval-secs",
         "1",
+        "--batch-max-records",
+        "256",
     ];
     // Seeded kill points, in user records this process has consumed (not in time:
     // a faster catch-up would outrun any fixed delay), so they land in catch-up (and
