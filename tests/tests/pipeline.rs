@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 
 use logq_e2e::oracle::{self, Oracle};
 use logq_e2e::{
-    Broker, Host, SseClient, eventually, expected_answers, free_port, history, in_arrays, logged,
-    produce, produce_raw, read_topic, root,
+    Broker, Host, RawRecord, SseClient, eventually, expected_answers, free_port, history,
+    in_arrays, logged, produce, produce_raw, read_topic, root,
 };
 
 const READY: Duration = Duration::from_secs(120);
@@ -1119,16 +1119,26 @@ fn a_slow_change_subscriber_is_dropped_and_ingest_goes_on() {
             .to_string()
         })
         .collect();
+    // Produced in pieces, each read by the reader before the next is sent: the
+    // reader is never more than one piece (at most PIECE batches, fewer than the
+    // QUEUE_BATCHES it may fall behind) behind the host, however slowly this test's
+    // thread is scheduled, while the slow one falls behind by all of them.
+    const PIECE: usize = 200;
     let start = Instant::now();
-    produce(&broker, "users", &[], events.join("\n").as_bytes());
-    // The reader keeps up and sees changes as they come.
     let mut changes = 0;
-    while changes < events.len() {
-        let e = reader
-            .next(Duration::from_secs(30))
-            .expect("changes keep coming");
-        assert_eq!(e.event, "change", "{e:?}");
-        changes += 1;
+    for piece in events.chunks(PIECE) {
+        let records: Vec<RawRecord<'_>> =
+            piece.iter().map(|e| (None, Some(e.as_bytes()))).collect();
+        produce_raw(&broker, "users", &records);
+        // The reader keeps up and sees changes as they come.
+        let until = changes + piece.len();
+        while changes < until {
+            let e = reader
+                .next(Duration::from_secs(30))
+                .expect("changes keep coming");
+            assert_eq!(e.event, "change", "{e:?}");
+            changes += 1;
+        }
     }
     host.wait_consumed("users", events.len(), Duration::from_secs(60));
     let took = start.elapsed();
