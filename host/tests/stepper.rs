@@ -36,6 +36,7 @@ fn topics() -> Topics {
     Topics {
         users: "users".into(),
         organizations: "organizations".into(),
+        rekeyed: false,
     }
 }
 

@@ -17,8 +17,9 @@ use crate::config::KafkaConfig;
 /// which cost nothing measurable).
 pub const POLL_WAIT: Duration = Duration::from_millis(20);
 /// Records polled, still in librdkafka's buffers (no copy is made until they are
-/// framed for the reducer), and when the poll returned them.
-pub struct Polled<'c>(Vec<BorrowedMessage<'c>>, SystemTime);
+/// framed for the reducer), when the poll returned them, and whether they may carry
+/// their origin (read from the re-key stage's output).
+pub struct Polled<'c>(Vec<BorrowedMessage<'c>>, SystemTime, bool);
 
 impl Polled<'_> {
     /// Whether nothing arrived.
@@ -51,7 +52,7 @@ impl Polled<'_> {
                 offset: m.offset(),
                 key: m.key(),
                 value: m.payload(),
-                origin: origin_of(m),
+                origin: if self.2 { origin_of(m) } else { None },
             })
             .collect()
     }
@@ -258,7 +259,7 @@ impl TopicConsumer {
         wait: Duration,
     ) -> Result<Polled<'_>, KafkaError> {
         let first = match self.consumer.poll(wait) {
-            None => return Ok(Polled(Vec::new(), SystemTime::now())),
+            None => return Ok(Polled(Vec::new(), SystemTime::now(), false)),
             Some(Err(e)) => return Err(e.into()),
             Some(Ok(m)) => m,
         };
@@ -277,7 +278,7 @@ impl TopicConsumer {
                 None => break,
             }
         }
-        Ok(Polled(messages, SystemTime::now()))
+        Ok(Polled(messages, SystemTime::now(), self.topics.rekeyed))
     }
 
     /// The offsets this consumer group committed for `partitions` (the next offset to

@@ -51,6 +51,9 @@ pub struct Topics {
     pub users: String,
     /// Topic of organization events.
     pub organizations: String,
+    /// Whether the users topic is the re-key stage's output, whose records name
+    /// their origin in a header (looked for only then: it is a lookup per record).
+    pub rekeyed: bool,
 }
 
 impl From<&crate::config::RunConfig> for Topics {
@@ -58,6 +61,7 @@ impl From<&crate::config::RunConfig> for Topics {
         Self {
             users: config.users_topic.clone(),
             organizations: config.organizations_topic.clone(),
+            rekeyed: config.rekeyed_from.is_some(),
         }
     }
 }

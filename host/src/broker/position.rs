@@ -105,6 +105,7 @@ mod tests {
         Topics {
             users: "users".into(),
             organizations: "orgs".into(),
+            rekeyed: false,
         }
     }
 

@@ -449,6 +449,7 @@ mod tests {
                 topics: crate::broker::Topics {
                     users: "users".into(),
                     organizations: "organizations".into(),
+                    rekeyed: false,
                 },
                 wait_max: Duration::from_millis(300),
             },
