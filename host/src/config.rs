@@ -214,7 +214,8 @@ pub struct RunConfig {
     pub cache: CacheConfig,
     /// Directory for state snapshots; on start the newest valid one is loaded and the
     /// topics are read on from its offsets. Without it the state is rebuilt from the
-    /// earliest offsets.
+    /// earliest offsets. With `--sharded`, a file per partition: a partition the group
+    /// gives this host is restored from its own snapshot of it.
     #[arg(long, env = "LOGQ_STATE_DIR")]
     pub state_dir: Option<PathBuf>,
     /// Seconds between snapshots (only with `--state-dir`; one is also written on exit).

@@ -251,10 +251,6 @@ async fn join_group(
     config: &RunConfig,
     stop: Arc<AtomicBool>,
 ) -> anyhow::Result<(Sharing, std::thread::JoinHandle<()>)> {
-    anyhow::ensure!(
-        config.state_dir.is_none(),
-        "--state-dir is not supported with --sharded yet (snapshots hold every partition's users; a host that shares partitions rebuilds its share from the log at start)"
-    );
     let topic = config.members_topic();
     tokio::time::timeout(
         Duration::from_secs(15),

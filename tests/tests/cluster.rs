@@ -947,3 +947,103 @@ fn three_hosts_through_kill_9_a_zombie_a_rolling_restart_and_3_to_4_to_3_answer_
         "an id unanswerable for {longest:?}"
     );
 }
+
+/// Records of `topic` this host has consumed since it started.
+fn consumed(host: &Host, topic: &str) -> f64 {
+    host.metric(&format!("logq_records_consumed_total{{topic=\"{topic}\"}}"))
+        .unwrap_or(0.0)
+}
+
+/// A sharing host with `--state-dir` keeps a snapshot per partition. Killed with
+/// SIGKILL and started again (the same member: the group gives it its partitions
+/// back), it restores each partition it is given from its own snapshot and folds
+/// only what came after (updates, deletes, new users), to the oracle's answers.
+#[test]
+fn a_sharing_host_restores_each_partition_it_is_given_from_its_own_snapshot() {
+    let (broker, users, orgs, oracle) = produced(4, 0x5a4e_d0d5, 400, 4_000);
+    let dir = std::env::temp_dir().join(format!("logq-shared-state-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let args = [
+        "--instance-id",
+        "restorer",
+        "--state-dir",
+        dir.to_str().unwrap(),
+        "--snapshot-interval-secs",
+        "1",
+    ];
+    let a = sharded_with(&broker, &args);
+    settle(&[&a], Some(4));
+    a.wait_consumed("users", users.len(), Duration::from_secs(60));
+    // A file per partition, and one of the organizations.
+    let files = |name: &str| {
+        std::fs::read_dir(dir.join(name))
+            .map(|d| {
+                d.filter_map(Result::ok)
+                    .filter(|e| e.file_name().to_string_lossy().ends_with(".bin"))
+                    .count()
+            })
+            .unwrap_or(0)
+    };
+    eventually(
+        Duration::from_secs(30),
+        "a snapshot of every partition",
+        || {
+            ["users-0", "users-1", "users-2", "users-3", "organizations"]
+                .iter()
+                .all(|d| files(d) > 0)
+                .then_some(())
+        },
+    );
+    // Snapshots are taken every second: let one be taken after the last record.
+    std::thread::sleep(Duration::from_secs(3));
+    a.kill_9();
+
+    // Meanwhile: some users updated, some deleted, some new.
+    let ids: Vec<String> = oracle.answers().keys().take(30).cloned().collect();
+    let mut later: Vec<String> = Vec::new();
+    for (i, id) in ids.iter().enumerate() {
+        let event = if i % 3 == 0 {
+            serde_json::json!({"id": id, "event_type": "User Deleted",
+                "received_at": "2031-01-01 00:00:00"})
+        } else {
+            serde_json::json!({"id": id, "event_type": "User Updated",
+                "username": format!("after the restart {i}"), "received_at": "2031-01-01 00:00:00"})
+        };
+        later.push(event.to_string());
+    }
+    for i in 0..10 {
+        later.push(
+            serde_json::json!({"id": format!("new-{i}"), "event_type": "User Created",
+                "username": format!("new {i}"), "received_at": "2031-01-02 00:00:00"})
+            .to_string(),
+        );
+    }
+    produce(&broker, "users", &[], later.join("\n").as_bytes());
+    let mut all = users.clone();
+    all.extend(later.iter().cloned());
+    let mut oracle = Oracle::new();
+    oracle.fold_keyed(&all, &orgs);
+
+    let b = sharded_with(&broker, &args);
+    settle(&[&b], Some(4));
+    eventually(Duration::from_secs(30), "every user folded", || {
+        (stored(&b) == oracle.remembered() as f64).then_some(())
+    });
+    b.assert_answers(&all, oracle.answers());
+    let log = b.log();
+    assert_eq!(
+        log.matches("restored from its snapshot").count(),
+        4,
+        "every partition restored: {log}"
+    );
+    // Folded: what came after the snapshots (and whatever the group's last commit
+    // before the kill left to fold again), not the history.
+    let folded = consumed(&b, "users");
+    assert!(
+        folded >= later.len() as f64 && folded < users.len() as f64 / 2.0,
+        "{folded} user records folded after the restart; {} came after the snapshots",
+        later.len()
+    );
+    drop(b);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -42,10 +42,11 @@ use crate::metrics::{Metrics, Stage, Task};
 use crate::reducers::{Active, Command, Registry, Switched};
 use crate::state::Writer;
 use crate::state::snapshot::Header;
+use crate::state::snapshot::Share;
 use crate::step::{Ahead, Observer, Step, Stepper, Timing};
 use dead_letter::DeadLetters;
 use progress::CatchUp;
-use snapshots::{SnapshotWriter, Taken};
+use snapshots::{PartitionOf, SnapshotWriter, Taken};
 
 /// How often freed memory is handed back to the OS while following the topics.
 const TRIM_EVERY: Duration = Duration::from_secs(30);
@@ -155,6 +156,24 @@ impl Slots {
     fn install(&mut self, active: Arc<Active>) {
         self.previous = Some(std::mem::replace(&mut self.current, active));
     }
+}
+
+/// Where a sharing host restores a partition given to it from: its own snapshot of
+/// that partition, made by the active reducer.
+struct Restore<'a> {
+    /// The `--state-dir`.
+    root: &'a std::path::Path,
+    sha256: &'a str,
+    renderer: u32,
+    topics: [&'a str; 2],
+}
+
+/// Where to read on from in a partition restored from a snapshot at `at`: there, or
+/// from the group's `committed` offset if that is earlier (the dead letters of
+/// records past it may not have been sent: folding them again sends them, and the
+/// fold is idempotent), never below the log's start.
+fn resume(at: i64, committed: Option<i64>, log: Watermarks) -> i64 {
+    at.min(committed.unwrap_or(log.low)).max(log.low)
 }
 
 /// With `--sharded`: this host's membership of the group and its view of it.
@@ -377,10 +396,12 @@ impl Sharing {
         self.cluster.set_owned(owned, behind, catch_up.caught_up());
     }
 
-    /// Applies one change of this host's share: partitions given are read from the
-    /// group's committed offset (or their beginning); partitions taken are no longer
-    /// read, their users are forgotten, and their safe progress goes back to the group
-    /// to commit before another host takes them.
+    /// Applies one change of this host's share: partitions given are restored from
+    /// this host's own snapshot of them (with `restore`) or rebuilt from their
+    /// beginning; partitions taken are no longer read, their users are forgotten, and
+    /// their safe progress goes back to the group to commit before another host takes
+    /// them.
+    #[allow(clippy::too_many_arguments)]
     fn apply(
         &mut self,
         news: Ownership,
@@ -389,6 +410,7 @@ impl Sharing {
         positions: &mut Positions,
         catch_up: &mut CatchUp,
         dlq: &mut DeadLetters,
+        restore: Option<&Restore<'_>>,
     ) {
         match news {
             Ownership::Assigned(given) => {
@@ -415,15 +437,37 @@ impl Sharing {
                     let w = consumer
                         .watermarks(p, REQUEST_TIMEOUT)
                         .unwrap_or(Watermarks { low: 0, high: 0 });
-                    // The partition's users are rebuilt from its beginning (the last
-                    // holder's state is in its memory, not here); the committed offset
-                    // only says which dead letters were sent already.
-                    let from = w.low;
+                    // The partition's users come from this host's own snapshot of it
+                    // (it held or stood by for it before), else they are rebuilt from
+                    // its beginning (the last holder's state is in its memory, not
+                    // here). The committed offset says which dead letters were sent.
+                    let snapshot = restore.and_then(|r| {
+                        snapshots::restore_share(
+                            r.root,
+                            Share::Users(id),
+                            r.sha256,
+                            r.renderer,
+                            &r.topics,
+                            &BTreeMap::from([(p, w)]),
+                            store,
+                        )
+                    });
+                    let from = match snapshot.as_ref().and_then(|at| at.get(&p)) {
+                        Some(&at) => resume(at, committed, w),
+                        None => w.low,
+                    };
                     dlq.known(p, committed);
                     positions.insert(p, from);
                     catch_up.track(p, w.high, from);
                     read.push((p, from));
-                    tracing::info!("users/{id} is this host's now: folding it from offset {from}");
+                    match snapshot {
+                        Some(_) => tracing::info!(
+                            "users/{id} is this host's now: restored from its snapshot, folding on from offset {from}"
+                        ),
+                        None => tracing::info!(
+                            "users/{id} is this host's now: folding it from offset {from}"
+                        ),
+                    }
                 }
                 if let Err(e) = consumer.add_at(&read) {
                     tracing::warn!("reading the partitions given: {e}");
@@ -685,17 +729,37 @@ impl Consumer {
             dlq.hold_new();
         }
         let mut positions: Positions = targets.iter().map(|(p, w)| (*p, w.low)).collect();
-        if let Some(dir) = &self.config.state_dir
-            && let Some(restored) = snapshots::restore(
+        // A sharing host's snapshots are split by partition: the organizations are
+        // restored here, each users partition when the group gives it (`Sharing::apply`).
+        let split: Option<PartitionOf> = sharing.as_ref().map(|s| {
+            let cluster = Arc::clone(&s.cluster);
+            Arc::new(move |id: &str| cluster.partition_of(id)) as PartitionOf
+        });
+        if let Some(dir) = &self.config.state_dir {
+            let (sha256, renderer) = (self.slots.current.sha256(), self.slots.current.id);
+            if split.is_some() {
+                let restored = snapshots::restore_share(
+                    dir,
+                    Share::Organizations,
+                    sha256,
+                    renderer,
+                    &self.topics.names(),
+                    &targets,
+                    &self.store,
+                );
+                for (p, at) in restored.unwrap_or_default() {
+                    positions.insert(p, resume(at, stored.get(&p).copied(), targets[&p]));
+                }
+            } else if let Some(restored) = snapshots::restore(
                 dir,
-                self.slots.current.sha256(),
-                self.slots.current.id,
+                sha256,
+                renderer,
                 &self.topics.names(),
                 &targets,
                 &self.store,
-            )
-        {
-            positions = restored;
+            ) {
+                positions = restored;
+            }
         }
         let mut catch_up = CatchUp::new(
             self.metrics.clone(),
@@ -760,6 +824,12 @@ impl Consumer {
                 let doubt = s.in_doubt();
                 while let Ok(news) = s.news.try_recv() {
                     let began = Instant::now();
+                    let restore = self.config.state_dir.as_deref().map(|root| Restore {
+                        root,
+                        sha256: self.slots.current.sha256(),
+                        renderer: self.slots.current.id,
+                        topics: self.topics.names(),
+                    });
                     s.apply(
                         news,
                         &consumer,
@@ -767,6 +837,7 @@ impl Consumer {
                         &mut positions,
                         &mut catch_up,
                         &mut dlq,
+                        restore.as_ref(),
                     );
                     self.metrics.loop_task(Task::Group, began.elapsed());
                     s.heard();
@@ -865,7 +936,7 @@ impl Consumer {
                 // Busy with the last one: try next round.
                 if tx.idle() {
                     let began = Instant::now();
-                    if tx.offer(self.snapshot(&safe(&dlq, &positions))) {
+                    if tx.offer(self.snapshot(&safe(&dlq, &positions), split.as_ref())) {
                         changed = false;
                     }
                     self.metrics.loop_task(Task::Snapshot, began.elapsed());
@@ -927,7 +998,7 @@ impl Consumer {
         if let Some(writer) = snapshots {
             // One last snapshot, so the next start has nothing to replay; written
             // before the process may exit (a large state takes a while).
-            writer.finish(self.snapshot(&safe(&dlq, &positions)));
+            writer.finish(self.snapshot(&safe(&dlq, &positions), split.as_ref()));
         }
         Ok(())
     }
@@ -992,9 +1063,11 @@ impl Consumer {
             .publish(&self.slots.current, self.slots.previous.as_ref());
     }
 
-    /// The current state frozen at `positions` with its reducer, for a snapshot.
-    fn snapshot(&self, positions: &Positions) -> Taken {
+    /// The current state frozen at `positions` with its reducer, for a snapshot
+    /// (split by partition with `split`, see [`Taken::split`]).
+    fn snapshot(&self, positions: &Positions, split: Option<&PartitionOf>) -> Taken {
         Taken {
+            split: split.cloned(),
             header: Header {
                 reducer_sha256: self.slots.current.sha256().to_owned(),
                 topics: self.topics.names().map(str::to_owned).to_vec(),

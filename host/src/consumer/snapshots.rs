@@ -11,11 +11,10 @@ use crate::metrics::Metrics;
 use crate::state::Writer;
 use crate::state::export::Frozen;
 use crate::state::refused::Refused;
-use crate::state::snapshot::{Header, SnapshotError, write_frozen};
+use crate::state::snapshot::{Header, Share, SnapshotError, write_frozen, write_frozen_split};
 
 /// A snapshot taken but not yet read out of the state: what it describes, and the
 /// state frozen at its offsets (read out on the writer's thread).
-#[derive(Debug)]
 pub struct Taken {
     /// The active reducer, the topics and the offsets.
     pub header: Header,
@@ -23,7 +22,14 @@ pub struct Taken {
     pub refused: Refused,
     /// The state at the header's offsets.
     pub state: Frozen,
+    /// For a host that shares partitions: the users partition of an id. Its snapshot
+    /// is then split, a file per partition (see [`Share`]), so a partition that comes
+    /// back to it is restored alone.
+    pub split: Option<PartitionOf>,
 }
+
+/// The users partition an id belongs to.
+pub type PartitionOf = Arc<dyn Fn(&str) -> Option<i32> + Send + Sync>;
 
 /// Writes snapshots on a thread of its own, so the consumer loop never waits on disk
 /// nor on copying the state.
@@ -38,7 +44,17 @@ impl SnapshotWriter {
     /// Starts the writer thread for snapshots in `dir`; each written or failed one is
     /// counted in `metrics` (a failure is logged and the service goes on).
     pub fn start(dir: std::path::PathBuf, metrics: Arc<Metrics>) -> Self {
-        let removed = crate::state::snapshot::remove_leftovers(&dir);
+        // A split snapshot's files are in subdirectories.
+        let subdirs = std::fs::read_dir(&dir)
+            .into_iter()
+            .flatten()
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .filter(|p| p.is_dir());
+        let removed = std::iter::once(dir.clone())
+            .chain(subdirs)
+            .map(|d| crate::state::snapshot::remove_leftovers(&d))
+            .sum::<usize>();
         if removed > 0 {
             tracing::info!(
                 "removed {removed} half-written snapshot(s) from {} (a previous run was killed while writing)",
@@ -118,7 +134,19 @@ fn write(dir: &std::path::Path, taken: Taken, metrics: &Metrics) {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis())
         .unwrap_or_default();
-    let written = write_frozen(dir, &taken.header, taken.state, &taken.refused, stamp);
+    let written = match &taken.split {
+        None => write_frozen(dir, &taken.header, taken.state, &taken.refused, stamp)
+            .map(|(path, n)| (path.display().to_string(), n)),
+        Some(of) => write_frozen_split(
+            dir,
+            &taken.header,
+            taken.state,
+            &taken.refused,
+            stamp,
+            of.as_ref(),
+        )
+        .map(|(files, n)| (format!("in {files} files under {}", dir.display()), n)),
+    };
     if let Err(SnapshotError::Cut) = written {
         tracing::info!(
             "snapshot skipped: {}; the next one is taken in the next interval",
@@ -128,7 +156,7 @@ fn write(dir: &std::path::Path, taken: Taken, metrics: &Metrics) {
     }
     metrics.snapshot_written(written.is_ok());
     match written {
-        Ok((path, n)) => tracing::info!("snapshot {} written ({n} entities)", path.display()),
+        Ok((path, n)) => tracing::info!("snapshot {path} written ({n} entities)"),
         Err(e) => tracing::error!(
             "snapshot in {} failed: {e}; the service goes on, the next one is tried in the next interval",
             dir.display()
@@ -174,6 +202,49 @@ pub fn restore(
     Some(positions)
 }
 
+/// Restores one share of a split snapshot (see [`Taken::split`]): the newest valid
+/// snapshot under [`Share::dir`] of `root` made by reducer `sha256` (active as
+/// renderer `renderer`) for `topics`, whose offsets are all within `targets`' logs.
+/// Its entities are added to `store` and its refusals to the store's. Returns the
+/// offsets the snapshot is at; `None`: no usable one (the share is folded from its
+/// beginning).
+pub fn restore_share(
+    root: &std::path::Path,
+    share: Share,
+    sha256: &str,
+    renderer: u32,
+    topics: &[&str],
+    targets: &BTreeMap<Partition, Watermarks>,
+    store: &Writer,
+) -> Option<Positions> {
+    let dir = share.dir(root);
+    let (snap, path) = crate::state::snapshot::load_newest(&dir, sha256, topics)?;
+    if let Some((p, o)) = snap
+        .offsets
+        .iter()
+        .find(|(p, o)| !share.reads(**p) || targets.get(p).is_none_or(|w| **o > w.high))
+    {
+        tracing::warn!(
+            "skipping snapshot {}: offset {o} of partition {p} is not in the log (topic recreated?); folding {share:?} from its beginning",
+            path.display()
+        );
+        return None;
+    }
+    let n = snap.entities.len();
+    store.adopt(snap.entities, renderer);
+    {
+        let mut refused = store.refused();
+        for (p, offset, why) in snap.refused.iter() {
+            refused.insert(p, offset, why);
+        }
+    }
+    tracing::info!(
+        "loaded snapshot {} ({n} entities of {share:?}); reading on from its offsets",
+        path.display()
+    );
+    Some(snap.offsets)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -212,6 +283,7 @@ mod tests {
                 offsets,
             },
             refused: Default::default(),
+            split: None,
         };
         // Changed after the freeze, before the writer reads it out: not in the
         // snapshot.
@@ -269,6 +341,121 @@ mod tests {
         assert_eq!(positions, Some(Positions::from([(users(0), 10)])));
         assert!(store.user("u").is_some());
         assert_eq!(*store.refused(), refused);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_split_snapshot_restores_each_partition_alone_with_its_refusals() {
+        let dir = std::env::temp_dir().join(format!("logq-split-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let part = |source, id| Partition { source, id };
+        let of = |id: &str| {
+            id.strip_prefix("u")
+                .and_then(|n| n.parse::<i32>().ok())
+                .map(|n| n % 3)
+        };
+        let store = Writer::new_store();
+        let entity = |kind, key: String| Entity { kind, key };
+        let keys: Vec<Entity> = (0..30)
+            .map(|i| entity(Kind::User, format!("u{i}")))
+            .chain([entity(Kind::Organization, "o".into())])
+            .collect();
+        let updates: Vec<_> = keys
+            .iter()
+            .map(|e| crate::state::test_update(Some(&format!("{{\"id\":\"{}\"}}", e.key)), None))
+            .collect();
+        store.apply(&keys, updates);
+        {
+            let mut refused = store.refused();
+            refused.insert(part(Source::Users, 0), 4, "invalid JSON");
+            refused.insert(part(Source::Users, 1), 5, "missing field `id`");
+            refused.insert(part(Source::Organizations, 0), 6, "invalid JSON");
+        }
+        // Partitions 0 and 1 held here; 2 handed over (its users still answer here).
+        let offsets = Positions::from([
+            (part(Source::Users, 0), 10),
+            (part(Source::Users, 1), 11),
+            (part(Source::Organizations, 0), 12),
+        ]);
+        let sha = "2".repeat(64);
+        let topics = ["users", "organizations"];
+        write(
+            &dir,
+            Taken {
+                header: Header {
+                    reducer_sha256: sha.clone(),
+                    topics: topics.map(str::to_owned).to_vec(),
+                    offsets: offsets.clone(),
+                },
+                refused: store.refused().clone(),
+                state: store.freeze(&offsets, 1),
+                split: Some(Arc::new(of)),
+            },
+            &Metrics::new(["users", "organizations"]),
+        );
+        assert!(!Share::Users(2).dir(&dir).exists());
+        let targets: BTreeMap<Partition, Watermarks> = offsets
+            .keys()
+            .map(|p| (*p, Watermarks { low: 0, high: 20 }))
+            .collect();
+        // Partition 1 alone, into an empty store.
+        let restored = Writer::new_store();
+        let at = restore_share(&dir, Share::Users(1), &sha, 1, &topics, &targets, &restored);
+        assert_eq!(at, Some(Positions::from([(part(Source::Users, 1), 11)])));
+        let ids: Vec<String> = restored
+            .dump(1)
+            .into_iter()
+            .map(|(e, _, _)| e.key)
+            .collect();
+        let want: Vec<String> = (0..30)
+            .filter(|i| i % 3 == 1)
+            .map(|i| format!("u{i}"))
+            .collect();
+        assert_eq!(
+            ids.iter().collect::<std::collections::BTreeSet<_>>(),
+            want.iter().collect()
+        );
+        assert_eq!(
+            restored
+                .refused()
+                .iter()
+                .map(|(p, o, _)| (p, o))
+                .collect::<Vec<_>>(),
+            [(part(Source::Users, 1), 5)]
+        );
+        // The organizations next to it.
+        let at = restore_share(
+            &dir,
+            Share::Organizations,
+            &sha,
+            1,
+            &topics,
+            &targets,
+            &restored,
+        );
+        assert_eq!(
+            at,
+            Some(Positions::from([(part(Source::Organizations, 0), 12)]))
+        );
+        assert_eq!(restored.dump(1).len(), want.len() + 1);
+        // Another reducer's, or offsets past the log: not used.
+        assert_eq!(
+            restore_share(
+                &dir,
+                Share::Users(0),
+                &"3".repeat(64),
+                1,
+                &topics,
+                &targets,
+                &restored
+            ),
+            None
+        );
+        let short = BTreeMap::from([(part(Source::Users, 0), Watermarks { low: 0, high: 9 })]);
+        assert_eq!(
+            restore_share(&dir, Share::Users(0), &sha, 1, &topics, &short, &restored),
+            None
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

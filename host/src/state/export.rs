@@ -316,6 +316,16 @@ impl Frozen {
         self.len() == 0
     }
 
+    /// `f` of the kind and key of every entity stored at the position, in the order
+    /// [`Frozen::each`] gives them (a split snapshot counts each file's entities
+    /// first: its header says how many).
+    pub(super) fn each_key(&self, mut f: impl FnMut(Kind, &str)) {
+        self.users.each_frozen(|key, _| f(Kind::User, key));
+        for (entity, _, _) in &self.organizations {
+            f(entity.kind, &entity.key);
+        }
+    }
+
     /// `f` of every entity stored at the position (users, then organizations),
     /// borrowed from the store: nothing is copied. [`Frozen::len`] calls in all,
     /// unless the store was replaced meanwhile.

@@ -758,14 +758,21 @@ impl Writer {
     /// goes on writing as `current`.
     pub fn from_dump(entities: Vec<(Entity, Update, bool)>, current: u32) -> Self {
         let store = Self::new_store();
+        store.adopt(entities, current);
+        store
+    }
+
+    /// Stores `entities` as a dump gives them (each with whether the reducer active as
+    /// renderer `current` rendered it), over what is there: a sharing host restores a
+    /// partition's users from its snapshot. Leaves `current` the renderer.
+    pub fn adopt(&self, entities: Vec<(Entity, Update, bool)>, current: u32) {
         let (mine, earlier): (Vec<_>, Vec<_>) = entities.into_iter().partition(|e| e.2);
         for (tag, list) in [(EARLIER, earlier), (current, mine)] {
-            store.set_renderer(tag);
+            self.set_renderer(tag);
             let (keys, updates): (Vec<Entity>, Vec<Update>) =
                 list.into_iter().map(|(e, u, _)| (e, u)).unzip();
-            store.apply(&keys, updates);
+            self.apply(&keys, updates);
         }
-        store
     }
 
     /// Forgets every user (visible or not) whose id `gone` says: a host that shares

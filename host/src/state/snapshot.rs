@@ -122,6 +122,204 @@ pub fn write_frozen(
     }
 }
 
+/// Which file of a split snapshot (a sharing host's, one per partition) an entity
+/// goes to. A partition that comes to a host is restored from its own file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Share {
+    /// The users of one partition of the users topic.
+    Users(i32),
+    /// Every organization (every host holds them all).
+    Organizations,
+}
+
+impl Share {
+    /// The directory of this share's snapshots under `root` (the `--state-dir`).
+    pub fn dir(self, root: &Path) -> PathBuf {
+        match self {
+            Share::Users(p) => root.join(format!("users-{p}")),
+            Share::Organizations => root.join("organizations"),
+        }
+    }
+
+    /// Whether `p` is read for this share.
+    pub fn reads(self, p: Partition) -> bool {
+        match self {
+            Share::Users(id) => p.source == Source::Users && p.id == id,
+            Share::Organizations => p.source == Source::Organizations,
+        }
+    }
+}
+
+/// Writes a snapshot of `frozen` split by [`Share`]: one file per users partition in
+/// `header`'s offsets (the users `partition_of` puts there), one of the
+/// organizations, each under [`Share::dir`] of `root` with that share's offsets and
+/// refusals, written as [`write_frozen`] writes one (in one pass over the state; no
+/// copy of it is held). Users of partitions not in the offsets (handed over, still
+/// answering here) are left out. Returns how many files and entities.
+///
+/// # Errors
+/// I/O errors, or [`SnapshotError::Cut`]; the previous snapshots stay.
+pub fn write_frozen_split(
+    root: &Path,
+    header: &Header,
+    frozen: Frozen,
+    refused: &Refused,
+    stamp_millis: u128,
+    partition_of: &dyn Fn(&str) -> Option<i32>,
+) -> Result<(usize, usize), SnapshotError> {
+    let shares: Vec<Share> = header
+        .offsets
+        .keys()
+        .map(|p| match p.source {
+            Source::Users => Share::Users(p.id),
+            Source::Organizations => Share::Organizations,
+        })
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let share_of = |kind: Kind, key: &str| match kind {
+        Kind::Organization => shares.binary_search(&Share::Organizations).ok(),
+        Kind::User => partition_of(key).and_then(|p| shares.binary_search(&Share::Users(p)).ok()),
+    };
+    let mut counts = vec![0u64; shares.len()];
+    frozen.each_key(|kind, key| {
+        if let Some(i) = share_of(kind, key) {
+            counts[i] += 1;
+        }
+    });
+    let mut files = Vec::with_capacity(shares.len());
+    for share in &shares {
+        match Pending::create(&share.dir(root), stamp_millis) {
+            Ok(f) => files.push(f),
+            Err(e) => {
+                files.into_iter().for_each(Pending::abandon);
+                return Err(e.into());
+            }
+        }
+    }
+    let mut cut = false;
+    let encoded = (|| {
+        let mut encoders: Vec<Encoder<'_>> = files
+            .iter_mut()
+            .zip(&shares)
+            .zip(&counts)
+            .map(|((f, share), n)| {
+                let mut e = Encoder::new(&mut f.sink);
+                e.header(
+                    &Header {
+                        offsets: header
+                            .offsets
+                            .iter()
+                            .filter(|(p, _)| share.reads(**p))
+                            .map(|(p, o)| (*p, *o))
+                            .collect(),
+                        ..header.clone()
+                    },
+                    *n,
+                );
+                e
+            })
+            .collect();
+        let mut io = Ok(());
+        let read = frozen.each(|part| {
+            if io.is_ok()
+                && let Some(i) = share_of(part.kind, part.key)
+            {
+                encoders[i].entity(&part);
+                io = encoders[i].spill_if_full();
+            }
+        });
+        io?;
+        if read.is_err() {
+            cut = true;
+            return Err(std::io::Error::other("the state was replaced"));
+        }
+        for (e, share) in encoders.into_iter().zip(&shares) {
+            let theirs: Vec<(Partition, i64, String)> = refused
+                .iter()
+                .filter(|(p, _, _)| share.reads(*p))
+                .map(|(p, o, why)| (p, o, why.to_owned()))
+                .collect();
+            e.finish(&Refused::from_parts(theirs, refused.complete()))?;
+        }
+        Ok(())
+    })();
+    if let Err(e) = encoded {
+        files.into_iter().for_each(Pending::abandon);
+        return Err(if cut { SnapshotError::Cut } else { e.into() });
+    }
+    let n = files.len();
+    let mut failed = None;
+    for f in files {
+        if failed.is_some() {
+            f.abandon();
+        } else if let Err(e) = f.commit() {
+            failed = Some(e);
+        }
+    }
+    match failed {
+        Some(e) => Err(e.into()),
+        None => Ok((n, counts.iter().sum::<u64>() as usize)),
+    }
+}
+
+/// A snapshot file being written: a temp file, renamed when whole.
+struct Pending {
+    dir: PathBuf,
+    tmp: PathBuf,
+    path: PathBuf,
+    sink: std::io::BufWriter<std::fs::File>,
+}
+
+impl Pending {
+    fn create(dir: &Path, stamp_millis: u128) -> std::io::Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let path = dir.join(format!("snapshot-{stamp_millis:020}.bin"));
+        let tmp = dir.join(format!(".snapshot-{stamp_millis:020}.tmp"));
+        let f = std::fs::File::create(&tmp)?;
+        Ok(Self {
+            dir: dir.to_owned(),
+            tmp,
+            path,
+            sink: std::io::BufWriter::with_capacity(1 << 16, f),
+        })
+    }
+
+    /// Syncs and renames the file, syncs its directory, and deletes all but the newest
+    /// few snapshots there. On an error the temp file is deleted.
+    fn commit(self) -> std::io::Result<PathBuf> {
+        let Self {
+            dir,
+            tmp,
+            path,
+            sink,
+        } = self;
+        let written = sink
+            .into_inner()
+            .map_err(|e| e.into_error())
+            .and_then(|f| f.sync_all())
+            .and_then(|()| std::fs::rename(&tmp, &path));
+        if let Err(e) = written {
+            // A full disk must not also keep the half-written file.
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+        if let Ok(d) = std::fs::File::open(&dir) {
+            let _ = d.sync_all();
+        }
+        for old in list(&dir)?.into_iter().skip(KEEP) {
+            let _ = std::fs::remove_file(old);
+        }
+        Ok(path)
+    }
+
+    /// Deletes the temp file (a cut read or a failed sibling).
+    fn abandon(self) {
+        drop(self.sink);
+        let _ = std::fs::remove_file(&self.tmp);
+    }
+}
+
 /// Writes a snapshot file through `fill` into `dir` atomically (a temp file, fsync,
 /// rename) and keeps the newest few.
 fn write_with(
@@ -129,28 +327,13 @@ fn write_with(
     stamp_millis: u128,
     fill: impl FnOnce(&mut dyn std::io::Write) -> std::io::Result<()>,
 ) -> Result<PathBuf, SnapshotError> {
-    std::fs::create_dir_all(dir)?;
-    let path = dir.join(format!("snapshot-{stamp_millis:020}.bin"));
-    let tmp = dir.join(format!(".snapshot-{stamp_millis:020}.tmp"));
-    let written = std::fs::File::create(&tmp)
-        .and_then(|f| {
-            let mut sink = std::io::BufWriter::with_capacity(1 << 16, f);
-            fill(&mut sink)?;
-            sink.into_inner().map_err(|e| e.into_error())?.sync_all()
-        })
-        .and_then(|()| std::fs::rename(&tmp, &path));
-    if let Err(e) = written {
+    let mut file = Pending::create(dir, stamp_millis)?;
+    if let Err(e) = fill(&mut file.sink) {
         // A full disk (or a cut read) must not also keep the half-written file.
-        let _ = std::fs::remove_file(&tmp);
+        file.abandon();
         return Err(e.into());
     }
-    if let Ok(d) = std::fs::File::open(dir) {
-        let _ = d.sync_all();
-    }
-    for old in list(dir)?.into_iter().skip(KEEP) {
-        let _ = std::fs::remove_file(old);
-    }
-    Ok(path)
+    Ok(file.commit()?)
 }
 
 /// Deletes half-written snapshots a killed process left in `dir` (they are never
