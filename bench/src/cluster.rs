@@ -326,3 +326,73 @@ pub fn failover(loaded: &Loaded, standbys: usize, ids: &[String]) -> anyhow::Res
         why,
     })
 }
+
+/// What figure 11c measured: a sharing host killed and started again as the same
+/// member, its partitions given back to it.
+pub struct Restart {
+    /// Seconds from the process's start to ready with every partition held and
+    /// caught up: the first start (every partition rebuilt from the log), and the
+    /// start after the kill (restored from the host's per-partition snapshots).
+    pub rebuilt: f64,
+    pub restored: f64,
+    /// Partitions the second start restored from a snapshot (its log says so), of all.
+    pub from_snapshot: usize,
+    pub partitions: usize,
+}
+
+/// One sharing host (`--keyed-input`, `--state-dir`, a fixed `--instance-id`) holding
+/// every partition: started on the whole history, given a few seconds to snapshot
+/// (every second), killed with SIGKILL and started again.
+pub fn restart(loaded: &Loaded) -> anyhow::Result<Restart> {
+    let dir = std::env::temp_dir().join(format!("logq-bench-fig11c-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let state = dir.to_string_lossy().into_owned();
+    let args = [
+        "--sharded",
+        "--keyed-input",
+        "--group-id",
+        "fig11c",
+        "--instance-id",
+        "fig11c",
+        "--session-timeout-ms",
+        "2000",
+        "--state-dir",
+        state.as_str(),
+        "--snapshot-interval-secs",
+        "1",
+    ];
+    let partitions = USER_PARTITIONS as usize;
+    let start = || -> anyhow::Result<(Host, f64)> {
+        let started = Instant::now();
+        let host = Host::start_at(&loaded.broker, &args);
+        loop {
+            let view = host.get("/cluster").json();
+            let behind = view["behind"].as_array().is_some_and(|b| !b.is_empty());
+            if logq_e2e::group_complete(std::slice::from_ref(&view), partitions)
+                && !behind
+                && host.get("/readyz").status == 200
+            {
+                return Ok((host, started.elapsed().as_secs_f64()));
+            }
+            anyhow::ensure!(
+                started.elapsed() < Duration::from_secs(600),
+                "never ready: {view:?}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    let (first, rebuilt) = start()?;
+    // A snapshot taken after the last record (one a second while anything changed).
+    std::thread::sleep(Duration::from_secs(4));
+    first.kill_9();
+    let (second, restored) = start()?;
+    let from_snapshot = second.log().matches("restored from its snapshot").count();
+    drop(second);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(Restart {
+        rebuilt,
+        restored,
+        from_snapshot,
+        partitions,
+    })
+}
