@@ -26,6 +26,37 @@ pub struct Cluster {
     /// documented answer, with `Retry-After`), each retried after 100 ms; the
     /// latency counted is the answered try's.
     pub unavailable: usize,
+    /// Where each host's bytes lie (the one host first), for the note on the memory
+    /// target: see [`bytes_of`].
+    pub bytes: Vec<String>,
+}
+
+/// Where a host's resident bytes lie: its RSS, what its store says it holds, its
+/// threads, and its largest mappings by RSS.
+fn bytes_of(name: &str, host: &Host) -> String {
+    let metric = |m: &str| host.metric(m).unwrap_or(f64::NAN);
+    let threads = std::fs::read_to_string(format!("/proc/{}/status", host.pid()))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Threads:").map(|v| v.trim().to_owned()))
+        })
+        .unwrap_or_default();
+    let maps = broker::rss_by_mapping(host.pid(), 4)
+        .map(|m| {
+            m.iter()
+                .map(|(n, _, rss)| format!("{n} {} MiB", rss >> 10))
+                .collect::<Vec<_>>()
+                .join(", ")
+        })
+        .unwrap_or_default();
+    format!(
+        "{name}: RSS {} MiB; store {:.0} MiB ({:.0} users stored, states {:.0} MiB); {threads} threads; by mapping: {maps}",
+        broker::rss(host.pid()).unwrap_or(0) >> 20,
+        metric("logq_user_store_bytes") / f64::from(1 << 20),
+        metric("logq_users_stored"),
+        metric("logq_user_state_bytes") / f64::from(1 << 20),
+    )
 }
 
 fn percentile(v: &mut [f64], p: f64) -> f64 {
@@ -62,6 +93,7 @@ pub fn run(loaded: &Loaded, hosts: usize, ids: &[String], input: Input) -> anyho
     let one = broker::start_host(loaded, "fig11-one", &[]);
     let one_rss = broker::rss(one.host.pid())?;
     let one_ready = one.ready_after.as_secs_f64();
+    let mut bytes = vec![bytes_of("one host", &one.host)];
     drop(one);
 
     let started = Instant::now();
@@ -94,6 +126,9 @@ pub fn run(loaded: &Loaded, hosts: usize, ids: &[String], input: Input) -> anyho
         .iter()
         .map(|h| broker::rss(h.pid()))
         .collect::<anyhow::Result<Vec<u64>>>()?;
+    for (i, h) in sharing.iter().enumerate() {
+        bytes.push(bytes_of(&format!("sharing host {i}"), h));
+    }
     let me = sharing[0].get("/cluster").json()["instance"]
         .as_str()
         .unwrap_or_default()
@@ -133,6 +168,7 @@ pub fn run(loaded: &Loaded, hosts: usize, ids: &[String], input: Input) -> anyho
         local_ms,
         forwarded_ms,
         unavailable,
+        bytes,
     })
 }
 

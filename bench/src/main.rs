@@ -1195,6 +1195,9 @@ fn cluster_row(loaded: &broker::Loaded, history: &history::History) -> anyhow::R
         .collect();
     let c = cluster::run(loaded, 3, &ids, cluster::Input::Rekeyed)?;
     let keyed = cluster::run(loaded, 3, &ids, cluster::Input::Keyed)?;
+    for line in c.bytes.iter().chain(&keyed.bytes) {
+        say(format!("  {line}"));
+    }
     let ((lp50, lp99), (fp50, fp99)) = c.latencies();
     let max_rss = c.each_rss.iter().copied().max().unwrap_or(0);
     let per_host = max_rss as f64 / c.one_rss.max(1) as f64;

@@ -302,6 +302,11 @@ impl RunConfig {
         format!("{}.members", self.group_id)
     }
 
+    /// With `--sharded` and the re-key stage: the stage's consumer group.
+    pub fn rekey_group(&self) -> String {
+        format!("{}.rekey", self.group_id)
+    }
+
     /// The bound on a batch's record bytes: `--batch-max-bytes`, and no more than a
     /// sixteenth of the reducer's memory limit (a batch's bytes are held by the
     /// reducer several times over: framed, decoded, with the prior and new states of

@@ -52,6 +52,15 @@ pub async fn run(
     let reads = http::Reads {
         topics: Topics::from(&config),
         wait_max: std::time::Duration::from_millis(config.read_wait_max_ms),
+        stage: match &config.rekeyed_from {
+            Some(from) => Some(Arc::new(broker::rekey::Written::new(
+                &config.kafka,
+                &config.rekey_group(),
+                from,
+                &config.users_topic,
+            )?)),
+            None => None,
+        },
     };
     // The consumer loop writes the store; everything else reads it.
     let writer = Writer::new_store();
@@ -328,7 +337,7 @@ async fn start_rekey(config: &mut RunConfig) -> anyhow::Result<Option<broker::re
     let stage = broker::rekey::Rekey::start(
         &config.kafka,
         broker::rekey::Rekeying {
-            group: format!("{}.rekey", config.group_id),
+            group: config.rekey_group(),
             instance: config.instance(),
             from: from.clone(),
             to: to.clone(),
@@ -338,8 +347,8 @@ async fn start_rekey(config: &mut RunConfig) -> anyhow::Result<Option<broker::re
     )
     .context("starting the re-key stage")?;
     tracing::info!(
-        "re-keying {from} into {to} (group {}.rekey)",
-        config.group_id
+        "re-keying {from} into {to} (group {})",
+        config.rekey_group()
     );
     config.users_topic = to;
     config.rekeyed_from = Some(from);

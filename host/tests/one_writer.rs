@@ -153,7 +153,7 @@ fn start() -> Service {
                 topics: Topics {
                     users: "users".into(),
                     organizations: "organizations".into(),
-                    rekeyed: false,
+                    rekeyed_from: None,
                 },
                 batch_max_records: 2000,
                 batch_max_bytes: 1 << 20,

@@ -36,7 +36,7 @@ fn topics() -> Topics {
     Topics {
         users: "users".into(),
         organizations: "organizations".into(),
-        rekeyed: false,
+        rekeyed_from: None,
     }
 }
 

@@ -424,6 +424,14 @@ pub fn produce(broker: &impl Bootstrap, topic: &str, args: &[&str], stdin: &[u8]
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// The position `logq produce` printed (a token for `X-Logq-Min-Position`).
+pub fn produced_position(out: &str) -> String {
+    out.lines()
+        .find_map(|l| l.strip_prefix("position "))
+        .unwrap_or_else(|| panic!("logq produce printed no position: {out}"))
+        .to_owned()
+}
+
 /// A running `logq run` process. Killed on drop if still running.
 pub struct Host {
     /// Where it serves HTTP.

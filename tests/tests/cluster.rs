@@ -463,6 +463,46 @@ fn keyless_arrays_are_re_keyed_by_id_answered_by_the_readme_rules_and_dead_lette
         "{by_fold:?}"
     );
 
+    // Read-your-writes through the stage: the position `logq produce` prints names
+    // the producers' topic. A host waits until the stage has committed past it and
+    // then until it has folded what the internal topic held then: the write is seen
+    // at once, at either host (forwarded or not), never the answer before it.
+    for (i, host) in [&a, &b, &a, &b].into_iter().enumerate() {
+        let id = expected.keys().nth(7 * i).unwrap().clone();
+        let name = format!("read your writes {i}");
+        let event = serde_json::json!({"id": id, "event_type": "User Updated",
+            "username": name, "received_at": "2032-01-01 00:00:00"})
+        .to_string();
+        let token = logq_e2e::produced_position(&produce(
+            &broker,
+            "users",
+            &["--raw-lines"],
+            format!("[{event}]").as_bytes(),
+        ));
+        assert!(token.starts_with("users/"), "{token}");
+        let r = host.get_with(&format!("/users/{id}"), &[("X-Logq-Min-Position", &token)]);
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert_eq!(r.json()["username"], name.as_str(), "{token}");
+        oracle.fold_keyed(std::slice::from_ref(&event), &[]);
+        produced_users.push(event);
+    }
+    // A position the stage has not reached: 503, naming the producers' partition.
+    let r = a.get_with(
+        &format!("/users/{}", expected.keys().next().unwrap()),
+        &[("X-Logq-Min-Position", "users/0@999999")],
+    );
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert_eq!(r.json()["error"], "position_not_reached", "{}", r.body);
+    assert!(
+        r.json()["behind"]["users/0"].as_i64() > Some(0),
+        "{}",
+        r.body
+    );
+    let expected = oracle.answers();
+    for host in [&a, &b] {
+        host.assert_answers(&produced_users, expected.clone());
+    }
+
     // b killed: after the session timeout a holds every partition of both stages,
     // re-keys and folds what comes next, and sends no dead letter twice.
     b.kill_9();

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use logq_e2e::oracle::{self, Oracle};
 use logq_e2e::{
     Broker, Host, RawRecord, SseClient, eventually, expected_answers, free_port, history,
-    in_arrays, logged, produce, produce_raw, read_topic, root,
+    in_arrays, logged, produce, produce_raw, produced_position, read_topic, root,
 };
 
 const READY: Duration = Duration::from_secs(120);
@@ -685,14 +685,6 @@ fn a_partition_added_while_the_host_runs_is_folded_without_a_restart() {
         d.header("logq.reason")
             .is_some_and(|r| r.contains("invalid JSON"))
     }));
-}
-
-/// The position `logq produce` printed.
-fn produced_position(out: &str) -> String {
-    out.lines()
-        .find_map(|l| l.strip_prefix("position "))
-        .unwrap_or_else(|| panic!("logq produce printed no position: {out}"))
-        .to_owned()
 }
 
 /// Read your writes across replicas: produce through one host's topics, read from

@@ -440,13 +440,24 @@ fn a_sharded_host_shows_the_group_each_host_its_partitions_and_reducer() {
         "page",
         "--session-timeout-ms",
         "2000",
+        "--standbys",
+        "1",
     ];
     let (a, b) = (Host::start(&broker, &args), Host::start(&broker, &args));
+    // Each standing by for the other's partitions (two hosts, one standby each).
+    let standby = |v: &Value| -> Vec<String> {
+        v["standby"]
+            .as_object()
+            .map(|m| m.keys().cloned().collect())
+            .unwrap_or_default()
+    };
     let views = eventually(WITHIN, "both hosts sharing the partitions", || {
         let views: Vec<Value> = [&a, &b].iter().map(|h| h.get("/cluster").json()).collect();
-        let known = views
-            .iter()
-            .all(|v| v["others"].as_array().is_some_and(|o| o.len() == 1) && v["reducer"] != "");
+        let known = views.iter().all(|v| {
+            v["others"].as_array().is_some_and(|o| o.len() == 1)
+                && v["reducer"] != ""
+                && standby(v).len() + logq_e2e::held_in(v) == 4
+        });
         (logq_e2e::group_complete(&views, 4) && known).then_some(views)
     });
     let page = Browser::start(1280, 1600);
@@ -477,14 +488,17 @@ fn a_sharded_host_shows_the_group_each_host_its_partitions_and_reducer() {
             view["instance"].as_str()
         );
         assert_eq!(row.attribute("data-partitions"), Some(held.join(",")));
+        assert_eq!(row.attribute("data-standby"), Some(standby(view).join(",")));
+        assert!(!standby(view).is_empty());
         assert_eq!(
             row.attribute("data-reducer").as_deref(),
             view["reducer"].as_str()
         );
     }
     assert!(rows[0].text().contains("(this host)"), "{}", rows[0].text());
-    // The partitions table lists the lag of what this host reads: every partition of
-    // organizations, its own of users (re-keyed by id: `page.users.by-id`, the group's).
+    // The partitions table lists the lag of what this host reads as its own: every
+    // partition of organizations, its own of users (re-keyed by id:
+    // `page.users.by-id`, the group's). Those it stands by for are in the group table.
     let listed: Vec<String> = page
         .find_all("#partitions tr[data-partition]")
         .iter()

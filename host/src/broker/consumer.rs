@@ -278,7 +278,11 @@ impl TopicConsumer {
                 None => break,
             }
         }
-        Ok(Polled(messages, SystemTime::now(), self.topics.rekeyed))
+        Ok(Polled(
+            messages,
+            SystemTime::now(),
+            self.topics.rekeyed_from.is_some(),
+        ))
     }
 
     /// The offsets this consumer group committed for `partitions` (the next offset to

@@ -21,7 +21,7 @@ use rdkafka::ClientContext;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 
-use super::{KafkaError, client_config};
+use super::{KafkaError, client_config, commit_offsets, join_within};
 use crate::config::KafkaConfig;
 
 /// How long a revocation waits for the loop to hand over the partitions' progress.
@@ -129,7 +129,7 @@ impl ConsumerContext for GroupContext {
             // Another host has them already; its commits are the ones that count.
             return;
         }
-        if let Err(e) = commit(consumer, &self.topic, &progress, CommitMode::Sync) {
+        if let Err(e) = commit_offsets(consumer, &self.topic, &progress, CommitMode::Sync) {
             tracing::warn!("committing revoked partitions: {e}");
         }
     }
@@ -173,23 +173,6 @@ fn newest(handed: &Receiver<BTreeMap<i32, i64>>) -> Option<BTreeMap<i32, i64>> {
         latest = Some(progress);
     }
     latest
-}
-
-fn commit(
-    consumer: &BaseConsumer<GroupContext>,
-    topic: &str,
-    progress: &BTreeMap<i32, i64>,
-    mode: CommitMode,
-) -> Result<(), KafkaError> {
-    if progress.is_empty() {
-        return Ok(());
-    }
-    let mut list = TopicPartitionList::new();
-    for (p, next) in progress {
-        list.add_partition_offset(topic, *p, Offset::Offset(*next))?;
-    }
-    consumer.commit(&list, mode)?;
-    Ok(())
 }
 
 /// This host's membership of the group: a thread that keeps it alive and commits
@@ -286,7 +269,8 @@ impl Member {
                             }
                         }
                         if let Some(progress) = newest(&to_commit)
-                            && let Err(e) = commit(&consumer, &topic, &progress, CommitMode::Async)
+                            && let Err(e) =
+                                commit_offsets(&consumer, &topic, &progress, CommitMode::Async)
                         {
                             tracing::debug!("committing progress: {e}");
                         }
@@ -295,7 +279,8 @@ impl Member {
                     // static member keeps its partitions for the session timeout
                     // (a restart within it finds them again, KIP-345).
                     if let Some(progress) = newest(&to_commit)
-                        && let Err(e) = commit(&consumer, &topic, &progress, CommitMode::Sync)
+                        && let Err(e) =
+                            commit_offsets(&consumer, &topic, &progress, CommitMode::Sync)
                     {
                         tracing::warn!("committing progress before leaving: {e}");
                     }
@@ -328,17 +313,7 @@ impl Drop for Member {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(t) = self.thread.take() {
-            let deadline = std::time::Instant::now() + LEAVE_MAX;
-            while !t.is_finished() && std::time::Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            if t.is_finished() {
-                let _ = t.join();
-            } else {
-                tracing::warn!(
-                    "the group client did not close within {LEAVE_MAX:?} (is the broker gone?); leaving without it"
-                );
-            }
+            join_within(t, LEAVE_MAX, "the group client");
         }
     }
 }

@@ -51,9 +51,10 @@ pub struct Topics {
     pub users: String,
     /// Topic of organization events.
     pub organizations: String,
-    /// Whether the users topic is the re-key stage's output, whose records name
-    /// their origin in a header (looked for only then: it is a lookup per record).
-    pub rekeyed: bool,
+    /// With the re-key stage: the topic the producers write users to, which the
+    /// stage re-keys into `users` (whose records then name their origin in a header,
+    /// looked for only then: it is a lookup per record).
+    pub rekeyed_from: Option<String>,
 }
 
 impl From<&crate::config::RunConfig> for Topics {
@@ -61,7 +62,7 @@ impl From<&crate::config::RunConfig> for Topics {
         Self {
             users: config.users_topic.clone(),
             organizations: config.organizations_topic.clone(),
-            rekeyed: config.rekeyed_from.is_some(),
+            rekeyed_from: config.rekeyed_from.clone(),
         }
     }
 }
@@ -193,4 +194,49 @@ fn client_config(kafka: &KafkaConfig, defaults: &[(&str, &str)]) -> ClientConfig
         config.set(key, value);
     }
     config
+}
+
+/// Commits `next` (the next offset to read, per partition of `topic`) for the group
+/// of `consumer`; nothing to do when `next` is empty.
+///
+/// # Errors
+/// What librdkafka reports.
+pub(crate) fn commit_offsets<C: rdkafka::consumer::ConsumerContext>(
+    consumer: &rdkafka::consumer::BaseConsumer<C>,
+    topic: &str,
+    next: &BTreeMap<i32, i64>,
+    mode: rdkafka::consumer::CommitMode,
+) -> Result<(), KafkaError> {
+    use rdkafka::consumer::Consumer as _;
+    use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+    if next.is_empty() {
+        return Ok(());
+    }
+    let mut list = TopicPartitionList::new();
+    for (p, at) in next {
+        list.add_partition_offset(topic, *p, Offset::Offset(*at))?;
+    }
+    consumer.commit(&list, mode)?;
+    Ok(())
+}
+
+/// Waits up to `max` for the thread of a group client (`what`) to end, and leaves
+/// without it if it does not: with the broker gone, librdkafka's close can wait for
+/// ever (a host stopped by SIGTERM after its broker stayed up for an hour, waiting).
+pub(crate) fn join_within(
+    thread: std::thread::JoinHandle<()>,
+    max: std::time::Duration,
+    what: &str,
+) {
+    let deadline = std::time::Instant::now() + max;
+    while !thread.is_finished() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    if thread.is_finished() {
+        let _ = thread.join();
+    } else {
+        tracing::warn!(
+            "{what} did not close within {max:?} (is the broker gone?); leaving without it"
+        );
+    }
 }

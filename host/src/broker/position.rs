@@ -73,15 +73,46 @@ impl Topics {
         parse(token)?
             .into_iter()
             .map(|((topic, id), next)| {
-                let source = self.source_of(&topic).ok_or_else(|| {
-                    std::format!(
-                        "position token names topic {topic:?}; this host reads {:?}",
-                        self.names()
-                    )
-                })?;
+                let source = self
+                    .source_of(&topic)
+                    .ok_or_else(|| self.not_read(&topic))?;
                 Ok((Partition { source, id }, next))
             })
             .collect()
+    }
+
+    /// A client's token as positions of our streams, and (with the re-key stage)
+    /// next offsets of the producers' users topic, per partition: what `logq produce`
+    /// prints there. Only the stage's progress says where those are in ours (see
+    /// `broker::rekey::Written`).
+    ///
+    /// # Errors
+    /// A malformed token, or one naming a topic this host does not read or re-key.
+    pub fn parse_wanted(&self, token: &str) -> Result<(Positions, BTreeMap<i32, i64>), String> {
+        let (mut ours, mut input) = (Positions::new(), BTreeMap::new());
+        for ((topic, id), next) in parse(token)? {
+            if let Some(source) = self.source_of(&topic) {
+                ours.insert(Partition { source, id }, next);
+            } else if self.rekeyed_from.as_deref() == Some(topic.as_str()) {
+                input.insert(id, next);
+            } else {
+                return Err(self.not_read(&topic));
+            }
+        }
+        Ok((ours, input))
+    }
+
+    fn not_read(&self, topic: &str) -> String {
+        match &self.rekeyed_from {
+            Some(from) => std::format!(
+                "position token names topic {topic:?}; this host reads {:?} and re-keys {from:?}",
+                self.names()
+            ),
+            None => std::format!(
+                "position token names topic {topic:?}; this host reads {:?}",
+                self.names()
+            ),
+        }
     }
 }
 
@@ -105,7 +136,7 @@ mod tests {
         Topics {
             users: "users".into(),
             organizations: "orgs".into(),
-            rekeyed: false,
+            rekeyed_from: None,
         }
     }
 

@@ -229,10 +229,11 @@ impl Sharing {
     }
 
     /// Once a second: starts folding the partitions this host should stand by for
-    /// now (from their beginning; the group's holder of each is another host), stops
-    /// folding those it should not (their users forgotten), and measures how far
-    /// behind it is on each, for its advert: readers whose holder cannot answer turn
-    /// to a standby within `--max-standby-lag`. A standby commits nothing and sends
+    /// now (from their beginning; the group's holder of each is another host) and
+    /// stops folding those it should not (their users forgotten). How far behind it
+    /// is on each is measured as the high watermarks come ([`Sharing::measured`]):
+    /// readers whose holder cannot answer turn to a standby within
+    /// `--max-standby-lag`. A standby commits nothing and sends
     /// no dead letter; it keeps them, for the day the group gives it the partition.
     fn stand_by(
         &mut self,
@@ -312,12 +313,20 @@ impl Sharing {
         {
             tracing::warn!("reading the standby partitions: {e}");
         }
+        self.cluster.set_standby(self.standing.clone());
+    }
+
+    /// The broker's high watermarks, read off the loop (see [`watch`]): how far
+    /// behind this host is on each partition it stands by for, for its advert (at
+    /// once when a partition crosses `--max-standby-lag`, see `Cluster::set_standby`).
+    fn measured(&mut self, highs: &BTreeMap<Partition, i64>, positions: &Positions) {
+        if self.standing.is_empty() {
+            return;
+        }
         for (p, lag) in &mut self.standing {
             let at = Self::users(*p);
-            if let (Ok(w), Some(next)) =
-                (consumer.watermarks(at, REQUEST_TIMEOUT), positions.get(&at))
-            {
-                *lag = (w.high - next).max(0);
+            if let (Some(high), Some(next)) = (highs.get(&at), positions.get(&at)) {
+                *lag = (high - next).max(0);
             }
         }
         self.cluster.set_standby(self.standing.clone());
@@ -686,6 +695,9 @@ impl Consumer {
             return Ok(());
         };
         let mut sharing = self.sharing.take();
+        // Every partition's high watermark is watched, also those of users a sharing
+        // host does not hold (yet): the lag of a standby partition is measured from it.
+        let watched: BTreeSet<Partition> = targets.keys().copied().collect();
         if let Some(s) = &sharing {
             let users = targets.keys().filter(|p| p.source == Source::Users).count();
             s.cluster
@@ -805,7 +817,7 @@ impl Consumer {
             &self.config.kafka,
             &self.config.group_id,
             self.topics.clone(),
-            positions.keys().copied().collect(),
+            watched,
             self.stop.clone(),
         );
 
@@ -957,11 +969,14 @@ impl Consumer {
             while let Ok(news) = broker_news.try_recv() {
                 match news {
                     watch::News::Highs(highs) => {
-                        for (p, high) in highs {
-                            if let Some(next) = positions.get(&p) {
+                        for (p, high) in &highs {
+                            if let Some(next) = positions.get(p) {
                                 let topic = self.topics.name(p.source);
                                 self.metrics.set_lag(topic, p.id, high - next);
                             }
+                        }
+                        if let Some(s) = &mut sharing {
+                            s.measured(&highs, &positions);
                         }
                     }
                     watch::News::Added(mut added) => {

@@ -17,8 +17,9 @@ use crate::broker::consumer::{REQUEST_TIMEOUT, TopicConsumer};
 use crate::broker::{Partition, Topics};
 use crate::config::KafkaConfig;
 
-/// How often the high watermarks are read (the lag's freshness).
-pub const HIGHS_EVERY: Duration = Duration::from_secs(2);
+/// How often the high watermarks are read (the freshness of the lag, and of a
+/// standby's measure of it).
+pub const HIGHS_EVERY: Duration = Duration::from_secs(1);
 /// How often the partition lists are read again.
 pub const PARTITIONS_EVERY: Duration = Duration::from_secs(5);
 

@@ -45,6 +45,9 @@ pub struct Reads {
     pub topics: Topics,
     /// Longest a read waits for the position it requires.
     pub wait_max: Duration,
+    /// With the re-key stage: its progress, which says what a position of the
+    /// producers' users topic is in the internal one (read-your-writes through it).
+    pub stage: Option<Arc<crate::broker::rekey::Written>>,
 }
 
 /// A path segment, percent-decoded and checked for length.

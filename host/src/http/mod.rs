@@ -449,9 +449,10 @@ mod tests {
                 topics: crate::broker::Topics {
                     users: "users".into(),
                     organizations: "organizations".into(),
-                    rekeyed: false,
+                    rekeyed_from: None,
                 },
                 wait_max: Duration::from_millis(300),
+                stage: None,
             },
         }
     }

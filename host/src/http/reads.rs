@@ -168,15 +168,28 @@ pub async fn answer(
     .into_iter()
     .flatten()
     {
-        match api.reads.topics.parse_token(token) {
+        match api.reads.topics.parse_wanted(token) {
             Ok(w) => wanted = Some(w),
             Err(e) => return *bad(e),
         }
     }
-    if let Some(wanted) = wanted
-        && let Err(behind) = reach(&api.store, &wanted, api.reads.wait_max).await
-    {
-        return not_reached(api, &behind);
+    if let Some((mut ours, input)) = wanted {
+        let deadline = std::time::Instant::now() + api.reads.wait_max;
+        if !input.is_empty() {
+            match through_stage(api, input, deadline).await {
+                Ok(more) => {
+                    for (p, at) in more {
+                        let want = ours.entry(p).or_insert(at);
+                        *want = (*want).max(at);
+                    }
+                }
+                Err(r) => return *r,
+            }
+        }
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if let Err(behind) = reach(&api.store, &ours, left).await {
+            return not_reached(api, &behind);
+        }
     }
     // The position first: the answer read after it reflects at least that much.
     let at = api.store.position();
@@ -219,6 +232,84 @@ async fn reach(store: &StateStore, wanted: &Positions, max: Duration) -> Result<
             Ok(Ok(())) => {}
             _ => return Err(behind),
         }
+    }
+}
+
+/// What a position of the producers' users topic (`input`: next offset per partition)
+/// requires of the internal topic this host folds: once the re-key stage has
+/// committed past it (waited for until `deadline`), the high watermark of every
+/// partition this host answers for (see [`crate::broker::rekey::Written`]).
+async fn through_stage(
+    api: &Api,
+    input: std::collections::BTreeMap<i32, i64>,
+    deadline: std::time::Instant,
+) -> Result<Positions, Failure> {
+    let Some(stage) = api.reads.stage.clone() else {
+        return Err(bad("this host re-keys no topic".into()));
+    };
+    let mut partitions: Vec<i32> = Vec::new();
+    if let Some(c) = &api.cluster {
+        partitions.extend(c.owned());
+        partitions.extend(c.standby().keys());
+    }
+    let topic = stage.input().to_owned();
+    let asked = tokio::task::spawn_blocking(move || {
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let timeout = left.clamp(Duration::from_millis(100), Duration::from_secs(5));
+            let short = stage.short_of(&input, timeout)?;
+            if short.is_empty() {
+                return stage.highs(&partitions, timeout).map(Ok);
+            }
+            if left.is_zero() {
+                return Ok(Err(short));
+            }
+            std::thread::sleep(Duration::from_millis(10).min(left));
+        }
+    })
+    .await;
+    let unavailable = |why: String| {
+        Box::new(json_reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &json!({"error": "unavailable", "message": why}),
+        ))
+    };
+    match asked {
+        Ok(Ok(Ok(highs))) => Ok(highs
+            .into_iter()
+            .map(|(id, high)| {
+                let p = crate::broker::Partition {
+                    source: logq_abi::Source::Users,
+                    id,
+                };
+                (p, high)
+            })
+            .collect()),
+        Ok(Ok(Err(short))) => {
+            let mut r = json_reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &json!({
+                    "error": "position_not_reached",
+                    "message": format!(
+                        "the re-key stage did not write the required position of {topic} within {} ms; retry, or read without it",
+                        api.reads.wait_max.as_millis()
+                    ),
+                    "behind": short
+                        .iter()
+                        .map(|(p, n)| (format!("{topic}/{p}"), *n))
+                        .collect::<std::collections::BTreeMap<_, _>>(),
+                    "position": api.reads.topics.token(&api.store.position()),
+                }),
+            );
+            insert(&mut r, "retry-after", "1");
+            Err(Box::new(r))
+        }
+        Ok(Err(e)) => Err(unavailable(format!(
+            "the re-key stage's progress could not be read: {e}"
+        ))),
+        Err(e) => Err(unavailable(format!(
+            "the re-key stage's progress could not be read: {e}"
+        ))),
     }
 }
 

@@ -30,7 +30,9 @@
 mod origin;
 mod split;
 mod stage;
+mod written;
 
 pub use origin::{ORIGIN_HEADER, Origin};
 pub use split::{Split, UserEvents, split};
 pub use stage::{Rekey, Rekeying, Stats};
+pub use written::Written;

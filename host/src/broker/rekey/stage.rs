@@ -17,7 +17,7 @@ use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 
 use super::origin::{self, ORIGIN_HEADER};
 use super::split::split;
-use crate::broker::{KafkaError, client_config};
+use crate::broker::{KafkaError, client_config, commit_offsets, join_within};
 use crate::config::KafkaConfig;
 
 /// Most input records in one batch of the stage. The stage waits for the broker's
@@ -241,17 +241,7 @@ impl Drop for Rekey {
     fn drop(&mut self) {
         self.stop.store(true, Relaxed);
         if let Some(t) = self.thread.take() {
-            // As `group::Member`: librdkafka's close can wait for ever on a broker
-            // that is gone.
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while !t.is_finished() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            if t.is_finished() {
-                let _ = t.join();
-            } else {
-                tracing::warn!("the re-key stage did not close within 10 s; leaving without it");
-            }
+            join_within(t, Duration::from_secs(10), "the re-key stage");
         }
     }
 }
@@ -320,7 +310,8 @@ impl Stage {
         }
         let done = self.consumer.context().done.lock().map(|d| d.clone());
         if let Ok(done) = done
-            && let Err(e) = commit(&self.consumer, &self.rekeying.from, &done, CommitMode::Sync)
+            && let Err(e) =
+                commit_offsets(&self.consumer, &self.rekeying.from, &done, CommitMode::Sync)
         {
             tracing::warn!("re-key stage: committing before leaving: {e}");
         }
@@ -527,7 +518,7 @@ impl Stage {
             let next = done.entry(m.partition()).or_insert(0);
             *next = (*next).max(m.offset() + 1);
         }
-        if let Err(e) = commit(
+        if let Err(e) = commit_offsets(
             &self.consumer,
             &self.rekeying.from,
             &done,
@@ -631,21 +622,4 @@ impl Stillness {
 
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
-}
-
-fn commit(
-    consumer: &BaseConsumer<StageContext>,
-    topic: &str,
-    done: &BTreeMap<i32, i64>,
-    mode: CommitMode,
-) -> Result<(), KafkaError> {
-    if done.is_empty() {
-        return Ok(());
-    }
-    let mut list = TopicPartitionList::new();
-    for (p, next) in done {
-        list.add_partition_offset(topic, *p, Offset::Offset(*next))?;
-    }
-    consumer.commit(&list, mode)?;
-    Ok(())
 }

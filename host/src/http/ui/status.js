@@ -182,15 +182,25 @@ function group(c) {
       name.append(text("a", h.instance, { href: `${h.url}/` }));
       if (h.me) name.append(" (this host)");
       const sha = h.reducer ? `${h.reducer.slice(0, 12)}…` : "–";
+      // `--standbys`: the partitions it also folds, each with how far behind it is
+      // (records; readers turn to it within `--max-standby-lag`).
+      const standby = Object.entries(h.standby || {});
+      const lag = (l) => (l >= Number.MAX_SAFE_INTEGER ? "not measured yet" : `lag ${fmt(l)}`);
       return row(
         [
           name,
           h.partitions.length ? h.partitions.join(", ") : "none",
+          standby.length ? standby.map(([p, l]) => `${p} (${lag(l)})`).join(", ") : "none",
           h.ready ? "yes" : "no",
           holding(text("code", sha, { title: h.reducer || "" })),
           text("td", h.me ? "–" : `${fmt(h.seen_ms_ago / 1000, 1)} s`, { class: "num" }),
         ],
-        { "data-instance": h.instance, "data-partitions": h.partitions.join(","), "data-reducer": h.reducer || "" },
+        {
+          "data-instance": h.instance,
+          "data-partitions": h.partitions.join(","),
+          "data-standby": standby.map(([p]) => p).join(","),
+          "data-reducer": h.reducer || "",
+        },
       );
     }),
   );
