@@ -1260,7 +1260,8 @@ fn failover_row(loaded: &broker::Loaded, history: &history::History) -> anyhow::
         figure: "11b. One of 3 sharing hosts killed (SIGKILL, 2 s session timeout): its users read at the survivors until its partitions are held and caught up".into(),
         ours: say(&with),
         peer: say(&without),
-        ratio: share(&with) / share(&without).max(1e-9),
+        // The share answered with a standby (without one it can be 0: no ratio).
+        ratio: share(&with) / 100.0,
         target: ">= 99.9% answered, no id unanswerable > 2 s with one standby; a moved partition ready from its standby vs a full replay, side by side".into(),
         pass: Some(share(&with) >= 99.9 && with.longest_gap <= 2.0),
     })
