@@ -164,6 +164,27 @@ fn write(dir: &std::path::Path, taken: Taken, metrics: &Metrics) {
     }
 }
 
+/// The newest valid snapshot in `dir` made by reducer `sha256` for `topics`, if its
+/// every offset `fits` the log; one that does not (the topic recreated?) is logged
+/// with what is done `instead` and not used.
+fn newest_fitting(
+    dir: &std::path::Path,
+    sha256: &str,
+    topics: &[&str],
+    fits: impl Fn(&Partition, i64) -> bool,
+    instead: &str,
+) -> Option<(crate::state::snapshot::Snapshot, std::path::PathBuf)> {
+    let (snap, path) = crate::state::snapshot::load_newest(dir, sha256, topics)?;
+    if let Some((p, o)) = snap.offsets.iter().find(|(p, o)| !fits(p, **o)) {
+        tracing::warn!(
+            "skipping snapshot {}: offset {o} of partition {p} is not in the log (topic recreated?); {instead}",
+            path.display()
+        );
+        return None;
+    }
+    Some((snap, path))
+}
+
 /// Loads the newest valid snapshot of `dir` made by reducer `sha256` (active as
 /// renderer `renderer`) for `topics` into `store`; returns the positions to read on
 /// from. `None`: no usable snapshot, replay from the earliest offsets.
@@ -175,18 +196,13 @@ pub fn restore(
     targets: &BTreeMap<Partition, Watermarks>,
     store: &Writer,
 ) -> Option<Positions> {
-    let (snap, path) = crate::state::snapshot::load_newest(dir, sha256, topics)?;
-    if let Some((p, o)) = snap
-        .offsets
-        .iter()
-        .find(|(p, o)| targets.get(p).is_none_or(|w| **o > w.high))
-    {
-        tracing::warn!(
-            "skipping snapshot {}: offset {o} of partition {p} is beyond the log (topic recreated?); replaying from the earliest offsets",
-            path.display()
-        );
-        return None;
-    }
+    let (snap, path) = newest_fitting(
+        dir,
+        sha256,
+        topics,
+        |p, o| targets.get(p).is_some_and(|w| o <= w.high),
+        "replaying from the earliest offsets",
+    )?;
     let positions: Positions = targets
         .iter()
         .map(|(p, w)| (*p, snap.offsets.get(p).copied().unwrap_or(w.low).max(w.low)))
@@ -217,19 +233,13 @@ pub fn restore_share(
     targets: &BTreeMap<Partition, Watermarks>,
     store: &Writer,
 ) -> Option<Positions> {
-    let dir = share.dir(root);
-    let (snap, path) = crate::state::snapshot::load_newest(&dir, sha256, topics)?;
-    if let Some((p, o)) = snap
-        .offsets
-        .iter()
-        .find(|(p, o)| !share.reads(**p) || targets.get(p).is_none_or(|w| **o > w.high))
-    {
-        tracing::warn!(
-            "skipping snapshot {}: offset {o} of partition {p} is not in the log (topic recreated?); folding {share:?} from its beginning",
-            path.display()
-        );
-        return None;
-    }
+    let (snap, path) = newest_fitting(
+        &share.dir(root),
+        sha256,
+        topics,
+        |p, o| share.reads(*p) && targets.get(p).is_some_and(|w| o <= w.high),
+        &format!("folding {share:?} from its beginning"),
+    )?;
     let n = snap.entities.len();
     store.adopt(snap.entities, renderer);
     {
