@@ -98,6 +98,9 @@ pub struct Cluster {
     /// Held, and still being folded from their beginning.
     behind: RwLock<BTreeSet<i32>>,
     ready: AtomicBool,
+    /// The group generation of this host's last assignment or revocation (-1 until
+    /// the first).
+    generation: AtomicI32,
     peers: RwLock<BTreeMap<String, Seen>>,
     /// Set when the share changed: the next advert goes out at once.
     changed: AtomicBool,
@@ -130,6 +133,7 @@ impl Cluster {
             since: RwLock::default(),
             behind: RwLock::default(),
             ready: AtomicBool::new(false),
+            generation: AtomicI32::new(-1),
             peers: RwLock::default(),
             changed: AtomicBool::new(true),
             forwarded: AtomicU64::new(0),
@@ -317,6 +321,17 @@ impl Cluster {
     pub fn partition_of(&self, id: &str) -> Option<i32> {
         let n = self.partitions.load(Ordering::Relaxed);
         (n > 0).then(|| partition_of(id.as_bytes(), n))
+    }
+
+    /// The group generation this host's share came with.
+    pub fn set_generation(&self, generation: i32) {
+        self.generation.store(generation, Ordering::Relaxed);
+    }
+
+    /// The group generation of this host's last assignment or revocation (-1 until
+    /// the first).
+    pub fn generation(&self) -> i32 {
+        self.generation.load(Ordering::Relaxed)
     }
 
     /// This host now holds `partitions`, is still catching up with those `behind`
@@ -540,6 +555,7 @@ impl Cluster {
             "standby": self.standby(),
             "group_reducer": self.desired(),
             "topic_partitions": self.partitions.load(Ordering::Relaxed),
+            "generation": self.generation.load(Ordering::Relaxed),
             "others": others,
             "forwarded": forwarded,
             "forward_failures": failed,

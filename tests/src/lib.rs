@@ -570,6 +570,11 @@ impl Host {
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
+
+    /// Where the host's log is (it stays after the host is gone).
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
 }
 
 impl Drop for Host {

@@ -760,6 +760,8 @@ fn three_hosts_through_kill_9_a_zombie_a_rolling_restart_and_3_to_4_to_3_answer_
     let mut hosts: Vec<Host> = (0..3)
         .map(|_| rekeyed_with(&broker, &["--standbys", "1"]))
         .collect();
+    // Every host's log, for what each held in which generation.
+    let mut logs: Vec<std::path::PathBuf> = hosts.iter().map(|h| h.log_path().to_owned()).collect();
     settle_on(&hosts.iter().collect::<Vec<_>>(), Some(2), PARTITIONS);
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -860,6 +862,7 @@ fn three_hosts_through_kill_9_a_zombie_a_rolling_restart_and_3_to_4_to_3_answer_
     bad(&broker, 1, true);
     at("a new host after kill -9");
     hosts.push(rekeyed_with(&broker, &["--standbys", "1"]));
+    logs.extend(hosts.last().map(|h| h.log_path().to_owned()));
     // Asked once ready, as a load balancer that checks /readyz would.
     join(&hosts);
     settle_on(&refs(&hosts), Some(2), PARTITIONS);
@@ -887,6 +890,7 @@ fn three_hosts_through_kill_9_a_zombie_a_rolling_restart_and_3_to_4_to_3_answer_
         set_hosts(&hosts);
         old.terminate();
         hosts.push(rekeyed_with(&broker, &["--standbys", "1"]));
+        logs.extend(hosts.last().map(|h| h.log_path().to_owned()));
         // Asked once ready, as a load balancer that checks /readyz would.
         join(&hosts);
         settle_on(&refs(&hosts), None, PARTITIONS);
@@ -896,6 +900,7 @@ fn three_hosts_through_kill_9_a_zombie_a_rolling_restart_and_3_to_4_to_3_answer_
     // 4. Scale 3 -> 4 -> 3.
     at("3 -> 4");
     hosts.push(rekeyed_with(&broker, &["--standbys", "1"]));
+    logs.extend(hosts.last().map(|h| h.log_path().to_owned()));
     // Asked once ready, as a load balancer that checks /readyz would.
     join(&hosts);
     settle_on(&refs(&hosts), None, PARTITIONS);
@@ -985,6 +990,51 @@ fn three_hosts_through_kill_9_a_zombie_a_rolling_restart_and_3_to_4_to_3_answer_
     assert!(
         longest < Duration::from_secs(20),
         "an id unanswerable for {longest:?}"
+    );
+    one_holder_per_generation(&logs);
+}
+
+/// At most one host held each partition in each generation of the group: every
+/// host logs what it holds after each assignment or revocation, with the group's
+/// generation (`holding users/{0, 3} in generation 7`), its lines are read from all
+/// the hosts' logs (the killed and replaced ones too).
+fn one_holder_per_generation(logs: &[std::path::PathBuf]) {
+    use std::collections::{BTreeMap, BTreeSet};
+    let mut holders: BTreeMap<(i64, i64), BTreeSet<usize>> = BTreeMap::new();
+    let mut lines = 0;
+    for (host, path) in logs.iter().enumerate() {
+        let log = std::fs::read_to_string(path).unwrap();
+        for line in log.lines() {
+            let Some(rest) = line.split("holding users/").nth(1) else {
+                continue;
+            };
+            let (set, generation) = rest.split_once(" in generation ").unwrap();
+            let generation: i64 = generation.trim().parse().unwrap();
+            lines += 1;
+            for p in set
+                .trim_matches(|c| c == '{' || c == '}')
+                .split(',')
+                .filter(|p| !p.trim().is_empty())
+            {
+                let p: i64 = p.trim().parse().unwrap();
+                holders.entry((generation, p)).or_default().insert(host);
+            }
+        }
+    }
+    let generations: BTreeSet<i64> = holders.keys().map(|(g, _)| *g).collect();
+    assert!(
+        lines >= logs.len() && generations.len() >= 5,
+        "{lines} holding lines over {} generations",
+        generations.len()
+    );
+    let twice: Vec<_> = holders.iter().filter(|(_, h)| h.len() > 1).collect();
+    assert!(
+        twice.is_empty(),
+        "(generation, partition) held by more than one host: {twice:?}"
+    );
+    println!(
+        "chaos: {lines} holding lines over {} generations, each partition held by one host in each",
+        generations.len()
     );
 }
 

@@ -72,6 +72,9 @@ pub enum Ownership {
     /// These partitions are this host's now, each with the group's committed offset
     /// (the next to read), if any.
     Assigned(Vec<(i32, Option<i64>)>),
+    /// The group's generation this host's client is in now: sent before the
+    /// assignment or revocation that comes with it.
+    Generation(i32),
     /// These partitions go to another host, or (`lost`) went already: this host was
     /// thought dead. The loop stops folding them and answers with the progress to
     /// commit for them (next offset per partition); the group waits for that answer.
@@ -113,6 +116,9 @@ impl ConsumerContext for GroupContext {
         }
         let (ack, handed) = sync_channel(1);
         let lost = consumer.assignment_lost();
+        if let Some(g) = generation(consumer) {
+            let _ = self.news.send(Ownership::Generation(g));
+        }
         let news = Ownership::Revoked {
             partitions: revoked,
             lost,
@@ -162,8 +168,51 @@ impl ConsumerContext for GroupContext {
                 (p, at)
             })
             .collect();
+        if let Some(g) = generation(consumer) {
+            let _ = self.news.send(Ownership::Generation(g));
+        }
         let _ = self.news.send(Ownership::Assigned(assigned));
     }
+}
+
+/// The group generation `consumer` is in: librdkafka keeps it in the consumer group
+/// metadata, which it gives out only serialized (`rd_kafka_consumer_group_metadata_write`:
+/// a 7-byte magic, then the generation). `None` outside a group, or if the format
+/// is not the one known here.
+#[allow(unsafe_code)]
+fn generation<C: ConsumerContext>(consumer: &BaseConsumer<C>) -> Option<i32> {
+    use rdkafka::bindings as rd;
+    let rk = consumer.client().native_ptr();
+    // SAFETY: `rk` is this live client's handle. The metadata object is owned here
+    // and destroyed once; the buffer librdkafka writes is owned here, read only
+    // within the size it says, and freed with librdkafka's own free.
+    unsafe {
+        let md = rd::rd_kafka_consumer_group_metadata(rk);
+        if md.is_null() {
+            return None;
+        }
+        let mut buf: *mut std::ffi::c_void = std::ptr::null_mut();
+        let mut size: usize = 0;
+        let error = rd::rd_kafka_consumer_group_metadata_write(md, &raw mut buf, &raw mut size);
+        rd::rd_kafka_consumer_group_metadata_destroy(md);
+        if !error.is_null() {
+            rd::rd_kafka_error_destroy(error);
+            return None;
+        }
+        if buf.is_null() {
+            return None;
+        }
+        let found = generation_in(std::slice::from_raw_parts(buf.cast::<u8>(), size));
+        rd::rd_kafka_mem_free(rk, buf);
+        found
+    }
+}
+
+/// The generation in serialized consumer group metadata (librdkafka's format 2:
+/// `CGMDv2:`, then the generation as a native-endian `i32`, then the ids).
+fn generation_in(bytes: &[u8]) -> Option<i32> {
+    let rest = bytes.strip_prefix(b"CGMDv2:")?;
+    Some(i32::from_ne_bytes(rest.get(..4)?.try_into().ok()?))
 }
 
 /// The newest progress handed over (each supersedes the ones before it).
@@ -321,6 +370,37 @@ impl Drop for Member {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// librdkafka's own serialized metadata of a group generation is read back, and
+    /// anything else is not taken for one.
+    #[test]
+    #[allow(unsafe_code)]
+    fn a_generation_is_read_from_librdkafkas_group_metadata() {
+        use rdkafka::bindings as rd;
+        let group = std::ffi::CString::new("g").unwrap();
+        let member = std::ffi::CString::new("m").unwrap();
+        // SAFETY: the strings outlive the calls; the object and the buffer are owned
+        // here and freed once.
+        let written = unsafe {
+            let md = rd::rd_kafka_consumer_group_metadata_new_with_genid(
+                group.as_ptr(),
+                42,
+                member.as_ptr(),
+                std::ptr::null(),
+            );
+            let mut buf: *mut std::ffi::c_void = std::ptr::null_mut();
+            let mut size: usize = 0;
+            let error = rd::rd_kafka_consumer_group_metadata_write(md, &raw mut buf, &raw mut size);
+            assert!(error.is_null());
+            rd::rd_kafka_consumer_group_metadata_destroy(md);
+            let bytes = std::slice::from_raw_parts(buf.cast::<u8>(), size).to_vec();
+            rd::rd_kafka_mem_free(std::ptr::null_mut(), buf);
+            bytes
+        };
+        assert_eq!(generation_in(&written), Some(42));
+        assert_eq!(generation_in(b"CGMDv1:\x2a\0\0\0g"), None);
+        assert_eq!(generation_in(b"CGMDv2:\x2a"), None);
+    }
 
     /// The values Kafka's own test of its Java murmur2 expects (`UtilsTest`).
     #[test]

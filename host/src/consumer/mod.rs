@@ -422,6 +422,10 @@ impl Sharing {
         restore: Option<&Restore<'_>>,
     ) {
         match news {
+            Ownership::Generation(g) => {
+                self.cluster.set_generation(g);
+                return;
+            }
             Ownership::Assigned(given) => {
                 let mut read = Vec::new();
                 for (id, committed) in given {
@@ -535,6 +539,13 @@ impl Sharing {
         // After: a partition taken over from standing by is said to be held here
         // before it stops being said to be stood by for (no read falls between).
         self.cluster.set_standby(self.standing.clone());
+        // For the record (and the chaos test: at most one host holds a partition in
+        // any one generation).
+        tracing::info!(
+            "holding users/{:?} in generation {}",
+            self.cluster.owned(),
+            self.cluster.generation()
+        );
     }
 
     /// Forgets the users of `partitions` and their refusals; how many users.
