@@ -981,6 +981,11 @@ impl Consumer {
                 match news {
                     watch::News::Highs(highs) => {
                         for (p, high) in &highs {
+                            // A standby partition's lag is its advert's (the group
+                            // table shows it), not this host's own.
+                            if sharing.as_ref().is_some_and(|s| s.is_standby(p)) {
+                                continue;
+                            }
                             if let Some(next) = positions.get(p) {
                                 let topic = self.topics.name(p.source);
                                 self.metrics.set_lag(topic, p.id, high - next);
