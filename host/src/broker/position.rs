@@ -68,17 +68,14 @@ impl Topics {
     /// A client's token as positions of our streams.
     ///
     /// # Errors
-    /// A malformed token, or one naming a topic this host does not read.
+    /// A malformed token, or one naming a topic this host does not read (the users
+    /// topic it re-keys included: see [`Topics::parse_wanted`]).
     pub fn parse_token(&self, token: &str) -> Result<Positions, String> {
-        parse(token)?
-            .into_iter()
-            .map(|((topic, id), next)| {
-                let source = self
-                    .source_of(&topic)
-                    .ok_or_else(|| self.not_read(&topic))?;
-                Ok((Partition { source, id }, next))
-            })
-            .collect()
+        let (ours, input) = self.parse_wanted(token)?;
+        match &self.rekeyed_from {
+            Some(from) if !input.is_empty() => Err(self.not_read(from)),
+            _ => Ok(ours),
+        }
     }
 
     /// A client's token as positions of our streams, and (with the re-key stage)

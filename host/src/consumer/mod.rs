@@ -46,7 +46,7 @@ use crate::state::snapshot::Share;
 use crate::step::{Ahead, Observer, Step, Stepper, Timing};
 use dead_letter::DeadLetters;
 use progress::CatchUp;
-use snapshots::{PartitionOf, SnapshotWriter, Taken};
+use snapshots::{Made, PartitionOf, SnapshotWriter, Taken};
 
 /// How often freed memory is handed back to the OS while following the topics.
 const TRIM_EVERY: Duration = Duration::from_secs(30);
@@ -159,13 +159,10 @@ impl Slots {
 }
 
 /// Where a sharing host restores a partition given to it from: its own snapshot of
-/// that partition, made by the active reducer.
+/// that partition (under `root`, the `--state-dir`), made by the active reducer.
 struct Restore<'a> {
-    /// The `--state-dir`.
     root: &'a std::path::Path,
-    sha256: &'a str,
-    renderer: u32,
-    topics: [&'a str; 2],
+    made: Made<'a>,
 }
 
 /// Where to read on from in a partition restored from a snapshot at `at`: there, or
@@ -430,6 +427,9 @@ impl Sharing {
                 let mut read = Vec::new();
                 for (id, committed) in given {
                     let p = Self::users(id);
+                    let w = consumer
+                        .watermarks(p, REQUEST_TIMEOUT)
+                        .unwrap_or(Watermarks { low: 0, high: 0 });
                     if self.standing.remove(&id).is_some()
                         && let Some(at) = positions.get(&p).copied()
                     {
@@ -438,18 +438,12 @@ impl Sharing {
                         // now; those below it the last holder sent.
                         dlq.known(p, committed);
                         dlq.promote(p, committed);
-                        let w = consumer
-                            .watermarks(p, REQUEST_TIMEOUT)
-                            .unwrap_or(Watermarks { low: 0, high: 0 });
                         catch_up.track(p, w.high, at);
                         tracing::info!(
                             "users/{id} is this host's now: its standby, at offset {at} (no rebuild)"
                         );
                         continue;
                     }
-                    let w = consumer
-                        .watermarks(p, REQUEST_TIMEOUT)
-                        .unwrap_or(Watermarks { low: 0, high: 0 });
                     // The partition's users come from this host's own snapshot of it
                     // (it held or stood by for it before), else they are rebuilt from
                     // its beginning (the last holder's state is in its memory, not
@@ -458,9 +452,7 @@ impl Sharing {
                         snapshots::restore_share(
                             r.root,
                             Share::Users(id),
-                            r.sha256,
-                            r.renderer,
-                            &r.topics,
+                            &r.made,
                             &BTreeMap::from([(p, w)]),
                             store,
                         )
@@ -759,28 +751,19 @@ impl Consumer {
             Arc::new(move |id: &str| cluster.partition_of(id)) as PartitionOf
         });
         if let Some(dir) = &self.config.state_dir {
-            let (sha256, renderer) = (self.slots.current.sha256(), self.slots.current.id);
+            let made = self.made();
             if split.is_some() {
                 let restored = snapshots::restore_share(
                     dir,
                     Share::Organizations,
-                    sha256,
-                    renderer,
-                    &self.topics.names(),
+                    &made,
                     &targets,
                     &self.store,
                 );
                 for (p, at) in restored.unwrap_or_default() {
                     positions.insert(p, resume(at, stored.get(&p).copied(), targets[&p]));
                 }
-            } else if let Some(restored) = snapshots::restore(
-                dir,
-                sha256,
-                renderer,
-                &self.topics.names(),
-                &targets,
-                &self.store,
-            ) {
+            } else if let Some(restored) = snapshots::restore(dir, &made, &targets, &self.store) {
                 positions = restored;
             }
         }
@@ -849,9 +832,7 @@ impl Consumer {
                     let began = Instant::now();
                     let restore = self.config.state_dir.as_deref().map(|root| Restore {
                         root,
-                        sha256: self.slots.current.sha256(),
-                        renderer: self.slots.current.id,
-                        topics: self.topics.names(),
+                        made: self.made(),
                     });
                     s.apply(
                         news,
@@ -1092,6 +1073,15 @@ impl Consumer {
     fn publish(&self) {
         self.registry
             .publish(&self.slots.current, self.slots.previous.as_ref());
+    }
+
+    /// What a snapshot must have been made by and for to be restored now.
+    fn made(&self) -> Made<'_> {
+        Made {
+            sha256: self.slots.current.sha256(),
+            renderer: self.slots.current.id,
+            topics: self.topics.names(),
+        }
     }
 
     /// The current state frozen at `positions` with its reducer, for a snapshot

@@ -164,17 +164,29 @@ fn write(dir: &std::path::Path, taken: Taken, metrics: &Metrics) {
     }
 }
 
-/// The newest valid snapshot in `dir` made by reducer `sha256` for `topics`, if its
-/// every offset `fits` the log; one that does not (the topic recreated?) is logged
-/// with what is done `instead` and not used.
+/// What a snapshot to restore must have been made by and for: the active reducer
+/// (its sha256; its states are stored as renderer `renderer`) and the topics, users
+/// first.
+#[derive(Debug, Clone, Copy)]
+pub struct Made<'a> {
+    /// sha256 of the active reducer.
+    pub sha256: &'a str,
+    /// The renderer the active reducer runs as.
+    pub renderer: u32,
+    /// The topics the offsets refer to.
+    pub topics: [&'a str; 2],
+}
+
+/// The newest valid snapshot in `dir` `made` as asked, if its every offset `fits`
+/// the log; one that does not (the topic recreated?) is logged with what is done
+/// `instead` and not used.
 fn newest_fitting(
     dir: &std::path::Path,
-    sha256: &str,
-    topics: &[&str],
+    made: &Made<'_>,
     fits: impl Fn(&Partition, i64) -> bool,
     instead: &str,
 ) -> Option<(crate::state::snapshot::Snapshot, std::path::PathBuf)> {
-    let (snap, path) = crate::state::snapshot::load_newest(dir, sha256, topics)?;
+    let (snap, path) = crate::state::snapshot::load_newest(dir, made.sha256, &made.topics)?;
     if let Some((p, o)) = snap.offsets.iter().find(|(p, o)| !fits(p, **o)) {
         tracing::warn!(
             "skipping snapshot {}: offset {o} of partition {p} is not in the log (topic recreated?); {instead}",
@@ -185,21 +197,18 @@ fn newest_fitting(
     Some((snap, path))
 }
 
-/// Loads the newest valid snapshot of `dir` made by reducer `sha256` (active as
-/// renderer `renderer`) for `topics` into `store`; returns the positions to read on
-/// from. `None`: no usable snapshot, replay from the earliest offsets.
+/// Loads the newest valid snapshot of `dir` `made` as asked into `store`; returns
+/// the positions to read on from. `None`: no usable snapshot, replay from the
+/// earliest offsets.
 pub fn restore(
     dir: &std::path::Path,
-    sha256: &str,
-    renderer: u32,
-    topics: &[&str],
+    made: &Made<'_>,
     targets: &BTreeMap<Partition, Watermarks>,
     store: &Writer,
 ) -> Option<Positions> {
     let (snap, path) = newest_fitting(
         dir,
-        sha256,
-        topics,
+        made,
         |p, o| targets.get(p).is_some_and(|w| o <= w.high),
         "replaying from the earliest offsets",
     )?;
@@ -208,7 +217,7 @@ pub fn restore(
         .map(|(p, w)| (*p, snap.offsets.get(p).copied().unwrap_or(w.low).max(w.low)))
         .collect();
     let n = snap.entities.len();
-    let restored = Writer::from_dump(snap.entities, renderer);
+    let restored = Writer::from_dump(snap.entities, made.renderer);
     *restored.refused() = snap.refused;
     store.replace(restored);
     tracing::info!(
@@ -219,29 +228,26 @@ pub fn restore(
 }
 
 /// Restores one share of a split snapshot (see [`Taken::split`]): the newest valid
-/// snapshot under [`Share::dir`] of `root` made by reducer `sha256` (active as
-/// renderer `renderer`) for `topics`, whose offsets are all within `targets`' logs.
+/// snapshot under [`Share::dir`] of `root` `made` as asked, whose offsets are all
+/// within `targets`' logs.
 /// Its entities are added to `store` and its refusals to the store's. Returns the
 /// offsets the snapshot is at; `None`: no usable one (the share is folded from its
 /// beginning).
 pub fn restore_share(
     root: &std::path::Path,
     share: Share,
-    sha256: &str,
-    renderer: u32,
-    topics: &[&str],
+    made: &Made<'_>,
     targets: &BTreeMap<Partition, Watermarks>,
     store: &Writer,
 ) -> Option<Positions> {
     let (snap, path) = newest_fitting(
         &share.dir(root),
-        sha256,
-        topics,
+        made,
         |p, o| share.reads(*p) && targets.get(p).is_some_and(|w| o <= w.high),
         &format!("folding {share:?} from its beginning"),
     )?;
     let n = snap.entities.len();
-    store.adopt(snap.entities, renderer);
+    store.adopt(snap.entities, made.renderer);
     {
         let mut refused = store.refused();
         for (p, offset, why) in snap.refused.iter() {
@@ -347,7 +353,12 @@ mod tests {
         crate::state::snapshot::write(&dir, &snapshot, 1).unwrap();
         let store = Writer::new_store();
         let targets = BTreeMap::from([(users(0), Watermarks { low: 0, high: 12 })]);
-        let positions = restore(&dir, &sha, 1, &["users", "organizations"], &targets, &store);
+        let made = Made {
+            sha256: &sha,
+            renderer: 1,
+            topics: ["users", "organizations"],
+        };
+        let positions = restore(&dir, &made, &targets, &store);
         assert_eq!(positions, Some(Positions::from([(users(0), 10)])));
         assert!(store.user("u").is_some());
         assert_eq!(*store.refused(), refused);
@@ -409,8 +420,13 @@ mod tests {
             .map(|p| (*p, Watermarks { low: 0, high: 20 }))
             .collect();
         // Partition 1 alone, into an empty store.
+        let made = Made {
+            sha256: &sha,
+            renderer: 1,
+            topics,
+        };
         let restored = Writer::new_store();
-        let at = restore_share(&dir, Share::Users(1), &sha, 1, &topics, &targets, &restored);
+        let at = restore_share(&dir, Share::Users(1), &made, &targets, &restored);
         assert_eq!(at, Some(Positions::from([(part(Source::Users, 1), 11)])));
         let ids: Vec<String> = restored
             .dump(1)
@@ -434,15 +450,7 @@ mod tests {
             [(part(Source::Users, 1), 5)]
         );
         // The organizations next to it.
-        let at = restore_share(
-            &dir,
-            Share::Organizations,
-            &sha,
-            1,
-            &topics,
-            &targets,
-            &restored,
-        );
+        let at = restore_share(&dir, Share::Organizations, &made, &targets, &restored);
         assert_eq!(
             at,
             Some(Positions::from([(part(Source::Organizations, 0), 12)]))
@@ -453,9 +461,10 @@ mod tests {
             restore_share(
                 &dir,
                 Share::Users(0),
-                &"3".repeat(64),
-                1,
-                &topics,
+                &Made {
+                    sha256: &"3".repeat(64),
+                    ..made
+                },
                 &targets,
                 &restored
             ),
@@ -463,7 +472,7 @@ mod tests {
         );
         let short = BTreeMap::from([(part(Source::Users, 0), Watermarks { low: 0, high: 9 })]);
         assert_eq!(
-            restore_share(&dir, Share::Users(0), &sha, 1, &topics, &short, &restored),
+            restore_share(&dir, Share::Users(0), &made, &short, &restored),
             None
         );
         let _ = std::fs::remove_dir_all(&dir);

@@ -268,14 +268,11 @@ async fn through_stage(
         }
     })
     .await;
-    let unavailable = |why: String| {
-        Box::new(json_reply(
-            StatusCode::SERVICE_UNAVAILABLE,
-            &json!({"error": "unavailable", "message": why}),
-        ))
-    };
-    match asked {
-        Ok(Ok(Ok(highs))) => Ok(highs
+    match asked
+        .map_err(|e| e.to_string())
+        .and_then(|r| r.map_err(|e| e.to_string()))
+    {
+        Ok(Ok(highs)) => Ok(highs
             .into_iter()
             .map(|(id, high)| {
                 let p = crate::broker::Partition {
@@ -285,46 +282,49 @@ async fn through_stage(
                 (p, high)
             })
             .collect()),
-        Ok(Ok(Err(short))) => {
-            let mut r = json_reply(
-                StatusCode::SERVICE_UNAVAILABLE,
-                &json!({
-                    "error": "position_not_reached",
-                    "message": format!(
-                        "the re-key stage did not write the required position of {topic} within {} ms; retry, or read without it",
-                        api.reads.wait_max.as_millis()
-                    ),
-                    "behind": short
-                        .iter()
-                        .map(|(p, n)| (format!("{topic}/{p}"), *n))
-                        .collect::<std::collections::BTreeMap<_, _>>(),
-                    "position": api.reads.topics.token(&api.store.position()),
-                }),
-            );
-            insert(&mut r, "retry-after", "1");
-            Err(Box::new(r))
-        }
-        Ok(Err(e)) => Err(unavailable(format!(
-            "the re-key stage's progress could not be read: {e}"
+        Ok(Err(short)) => Err(Box::new(position_not_reached(
+            api,
+            &format!("the re-key stage did not write the required position of {topic}"),
+            short
+                .iter()
+                .map(|(p, n)| (format!("{topic}/{p}"), *n))
+                .collect(),
         ))),
-        Err(e) => Err(unavailable(format!(
-            "the re-key stage's progress could not be read: {e}"
+        Err(e) => Err(Box::new(json_reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &json!({
+                "error": "unavailable",
+                "message": format!("the re-key stage's progress could not be read: {e}"),
+            }),
         ))),
     }
 }
 
 fn not_reached(api: &Api, behind: &Positions) -> Response {
-    let topics = &api.reads.topics;
+    position_not_reached(
+        api,
+        "the state did not reach the required position",
+        api.reads.topics.named(behind),
+    )
+}
+
+/// 503 `position_not_reached`: `what` did not happen within the longest wait, and how
+/// far short each partition (`topic/partition`) still is.
+fn position_not_reached(
+    api: &Api,
+    what: &str,
+    behind: std::collections::BTreeMap<String, i64>,
+) -> Response {
     let mut r = json_reply(
         StatusCode::SERVICE_UNAVAILABLE,
         &json!({
             "error": "position_not_reached",
             "message": format!(
-                "the state did not reach the required position within {} ms; retry, or read without it",
+                "{what} within {} ms; retry, or read without it",
                 api.reads.wait_max.as_millis()
             ),
-            "behind": topics.named(behind),
-            "position": topics.token(&api.store.position()),
+            "behind": behind,
+            "position": api.reads.topics.token(&api.store.position()),
         }),
     );
     insert(&mut r, "retry-after", "1");
