@@ -29,7 +29,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use logq_abi::{Entity, Record, States, Updates};
 
-use super::batch::{Folding, Target, fold_into};
+use super::batch::{Folding, Lend, Note, Target, fold_into};
 use super::runtime::Reducer;
 
 /// Below this many records a batch is folded in one lane: a thread costs more than
@@ -62,20 +62,23 @@ type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 /// Updates kept aside over a base state: reads see them first. What a lane folds
 /// into before the batch is applied.
 struct Overlay<'a> {
-    base: &'a (dyn States + Sync),
+    base: &'a (dyn Lend + Sync),
     entities: Vec<Entity>,
     updates: Updates,
+    /// Where the base found each of `entities` (same order), or empty.
+    notes: Vec<Note>,
     /// Where each of `entities[..indexed]` is.
     index: Map<Entity, usize>,
     indexed: usize,
 }
 
 impl<'a> Overlay<'a> {
-    fn new(base: &'a (dyn States + Sync)) -> Self {
+    fn new(base: &'a (dyn Lend + Sync)) -> Self {
         Self {
             base,
             entities: Vec::new(),
             updates: Updates::default(),
+            notes: Vec::new(),
             index: Map::default(),
             indexed: 0,
         }
@@ -91,13 +94,17 @@ impl<'a> Overlay<'a> {
     }
 
     /// Keeps `updates` too; they win over what was kept for the same entities.
-    fn keep(&mut self, entities: Vec<Entity>, updates: Updates) {
+    /// `notes`: where the base found `entities`, if it said.
+    fn keep(&mut self, entities: Vec<Entity>, updates: Updates, notes: &[Note]) {
         if self.entities.is_empty() {
             // One fold's entities are distinct: nothing to look up.
             self.entities = entities;
             self.updates = updates;
+            self.notes = notes.to_vec();
             return;
         }
+        // A second fold's entities were lent by this overlay, not found in the base.
+        self.notes.clear();
         self.index_all();
         for (e, u) in entities.into_iter().zip(updates.iter()) {
             match self.index.get(&e) {
@@ -110,6 +117,23 @@ impl<'a> Overlay<'a> {
                 }
             }
         }
+    }
+}
+
+impl Lend for Overlay<'_> {
+    /// Notes where the base found the entities while nothing is kept here (a lane's
+    /// first fold: it then hands the notes back to the base with its updates).
+    fn lend_noted(
+        &self,
+        entities: &[Entity],
+        each: &mut dyn FnMut(Option<&[u8]>),
+        notes: &mut Vec<Note>,
+    ) {
+        if self.entities.is_empty() {
+            return self.base.lend_noted(entities, each, notes);
+        }
+        notes.clear();
+        self.states(entities, each);
     }
 }
 
@@ -152,9 +176,25 @@ impl States for LaneTarget<'_> {
     }
 }
 
+impl Lend for LaneTarget<'_> {
+    fn lend_noted(
+        &self,
+        entities: &[Entity],
+        each: &mut dyn FnMut(Option<&[u8]>),
+        notes: &mut Vec<Note>,
+    ) {
+        self.0.borrow_mut().index_all();
+        self.0.borrow().lend_noted(entities, each, notes);
+    }
+}
+
 impl Target for LaneTarget<'_> {
     fn apply(&self, entities: Vec<Entity>, updates: Updates) {
-        self.0.borrow_mut().keep(entities, updates);
+        self.0.borrow_mut().keep(entities, updates, &[]);
+    }
+
+    fn apply_noted(&self, entities: Vec<Entity>, updates: Updates, notes: &[Note]) {
+        self.0.borrow_mut().keep(entities, updates, notes);
     }
 }
 
@@ -170,7 +210,7 @@ struct Lane<'a> {
 /// Folds `records` into a fresh overlay over `base`, as lane `lane` of `lanes`.
 fn fold_lane<'a>(
     reducer: &Reducer,
-    base: &'a (dyn States + Sync),
+    base: &'a (dyn Lend + Sync),
     records: &[Record<'_>],
     lane: usize,
     lanes: usize,
@@ -178,10 +218,18 @@ fn fold_lane<'a>(
     let target = LaneTarget(RefCell::new(Overlay::new(base)));
     let folding = fold_into(reducer, &target, records);
     let overlay = target.0.into_inner();
-    let own = overlay
-        .entities
-        .iter()
-        .all(|e| lane_of(route(e.key.as_bytes()), lanes) == lane);
+    // The notes name each entity's shard: no need to hash its key again.
+    let own = if overlay.notes.len() == overlay.entities.len() {
+        overlay
+            .notes
+            .iter()
+            .all(|n| lane_of(u64::from(n.shard), lanes) == lane)
+    } else {
+        overlay
+            .entities
+            .iter()
+            .all(|e| lane_of(route(e.key.as_bytes()), lanes) == lane)
+    };
     Lane {
         overlay,
         folding,
@@ -235,7 +283,7 @@ pub fn fold_in_lanes<T: Target + Sync>(
         .iter()
         .map(|m| m.iter().map(|&i| records[i]).collect())
         .collect();
-    let base: &(dyn States + Sync) = target;
+    let base: &(dyn Lend + Sync) = target;
     // Every lane folds, then all wait here to learn whether each kept to its own
     // shards; if so, each applies its updates itself.
     let (barrier, all_own) = (Barrier::new(lanes), AtomicBool::new(true));
@@ -249,7 +297,8 @@ pub fn fold_in_lanes<T: Target + Sync>(
         if all_own.load(Ordering::SeqCst) && !folded.overlay.entities.is_empty() {
             let entities = std::mem::take(&mut folded.overlay.entities);
             let updates = std::mem::take(&mut folded.overlay.updates);
-            target.apply(entities, updates);
+            let notes = std::mem::take(&mut folded.overlay.notes);
+            target.apply_noted(entities, updates, &notes);
         }
         folded
     };
@@ -298,10 +347,10 @@ pub fn fold_in_lanes<T: Target + Sync>(
                     overlay, folding, ..
                 } = fold_lane(reducer, &merged, batch, 0, 1);
                 let (e, u) = (overlay.entities, overlay.updates);
-                merged.keep(e, u);
+                merged.keep(e, u, &[]);
                 folding
             } else {
-                merged.keep(overlay.entities, overlay.updates);
+                merged.keep(overlay.entities, overlay.updates, &[]);
                 lane.folding
             }
         };

@@ -16,7 +16,7 @@ pub mod lanes;
 pub mod runtime;
 pub mod sizing;
 
-pub use batch::{DeadLetter, Folding, Target, fold_into};
+pub use batch::{DeadLetter, Folding, Lend, Note, Target, fold_into};
 pub use lanes::fold_in_lanes;
 pub use runtime::{
     DEFAULT_REDUCER, Limits, Reducer, ReducerError, ReducerMeta, Runtime, sha256_hex,

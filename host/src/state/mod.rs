@@ -31,8 +31,8 @@ use std::sync::{Arc, RwLock};
 use logq_abi::{Entity, Kind, States, Update, UpdateRef, Updates};
 
 use crate::broker::Positions;
-use crate::fold::Target;
 pub use crate::fold::lanes::{SHARDS, shard_of};
+use crate::fold::{Lend, Note, Target};
 use users::{EntryRef, Users};
 
 /// The maps' hasher: fast, and seeded per process (keys come from producers).
@@ -643,7 +643,18 @@ impl Writer {
     /// apply at once. The clock only moves forward, by event times (never more than
     /// [`CLOCK_AHEAD_MAX_MICROS`] past the wall clock).
     pub fn apply(&self, entities: &[Entity], updates: impl Into<Updates>) {
-        let updates = updates.into();
+        self.apply_noted(entities, updates.into(), &[]);
+    }
+
+    /// As [`Writer::apply`], with where [`Lend::lend_noted`] found each entity (same
+    /// order; or none): a user whose shard has kept or forgotten no user since is not
+    /// looked up again, nor its key hashed for its shard.
+    fn apply_noted(&self, entities: &[Entity], updates: Updates, notes: &[Note]) {
+        let notes = if notes.len() == entities.len() {
+            notes
+        } else {
+            &[]
+        };
         let by = self.renderer.load(Ordering::Relaxed);
         let wall = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -659,7 +670,12 @@ impl Writer {
                 clock = clock.max(c.min(cap));
             }
             match entity.kind {
-                Kind::User => users.push((shard_of(entity.key.as_bytes()), i)),
+                Kind::User => users.push((
+                    notes
+                        .get(i)
+                        .map_or_else(|| shard_of(entity.key.as_bytes()), |n| n.shard as usize),
+                    i,
+                )),
                 Kind::Organization => organizations.push(i),
             }
         }
@@ -678,12 +694,19 @@ impl Writer {
         users.sort_unstable();
         for group in users.chunk_by(|a, b| a.0 == b.0) {
             let mut shard = self.write_shard(group[0].0);
+            // The notes taken under this mark still hold: the group's entities are
+            // distinct, so its own changes below move none of the others' slots.
+            let epoch = shard.users.epoch();
             for &(_, i) in group {
                 let key = entities[i].key.as_str();
                 if recording {
                     shard.touched.push(key.into());
                 }
-                shard.put(key, &updates.get(i), by);
+                let found = match notes.get(i) {
+                    Some(n) if n.epoch == epoch => (n.slot != Note::NOWHERE).then_some(n.slot),
+                    _ => shard.users.find(key),
+                };
+                shard.put(key, found, &updates.get(i), by);
             }
             shard.tidy();
         }
@@ -807,16 +830,44 @@ impl States for StateStore {
     /// their entity, the lanes' results are checked and folded again; see
     /// [`crate::fold::lanes`]).
     fn states(&self, entities: &[Entity], each: &mut dyn FnMut(Option<&[u8]>)) {
+        self.lend(entities, each, None);
+    }
+}
+
+impl StateStore {
+    /// Lends each state (see [`States::states`]); with `notes`, sets them to where
+    /// each entity was found (its shard, its slot, the shard's [`Users::epoch`]).
+    fn lend(
+        &self,
+        entities: &[Entity],
+        each: &mut dyn FnMut(Option<&[u8]>),
+        mut notes: Option<&mut Vec<Note>>,
+    ) {
+        if let Some(notes) = notes.as_deref_mut() {
+            notes.clear();
+            notes.reserve(entities.len());
+        }
         for e in entities {
-            match e.kind {
+            let i = shard_of(e.key.as_bytes());
+            let (slot, epoch) = match e.kind {
                 Kind::User => {
-                    let shard = self.read_shard(&e.key);
-                    each(shard.users.get(e.key.as_str()).map(|e| e.state()));
+                    let shard = read(&self.shards[i]);
+                    let slot = shard.users.find(e.key.as_str());
+                    each(slot.map(|id| shard.users.entry(id).state()));
+                    (slot.unwrap_or(Note::NOWHERE), shard.users.epoch())
                 }
                 Kind::Organization => {
                     let orgs = self.read_organizations();
                     each(orgs.entries.get(e.key.as_str()).map(|e| &*e.state));
+                    (Note::NOWHERE, 0)
                 }
+            };
+            if let Some(notes) = notes.as_deref_mut() {
+                notes.push(Note {
+                    shard: i as u32,
+                    slot,
+                    epoch,
+                });
             }
         }
     }
@@ -828,9 +879,24 @@ impl States for Writer {
     }
 }
 
+impl Lend for Writer {
+    fn lend_noted(
+        &self,
+        entities: &[Entity],
+        each: &mut dyn FnMut(Option<&[u8]>),
+        notes: &mut Vec<Note>,
+    ) {
+        self.0.lend(entities, each, Some(notes));
+    }
+}
+
 impl Target for Writer {
     fn apply(&self, entities: Vec<Entity>, updates: Updates) {
         Writer::apply(self, &entities, updates);
+    }
+
+    fn apply_noted(&self, entities: Vec<Entity>, updates: Updates, notes: &[Note]) {
+        Writer::apply_noted(self, &entities, updates, notes);
     }
 }
 
@@ -859,11 +925,13 @@ fn smallest<'k>(
 impl Shard {
     /// Stores user `key`'s update (or forgets the user, for an update without a
     /// state), keeping the counts, the tombstone index and the running exports right.
-    /// An entry that is kept is overwritten in place: one hash lookup, no allocation
-    /// (see [`users`]).
-    fn put(&mut self, key: &str, update: &UpdateRef<'_>, by: u32) {
-        self.preserve_for_exports(key);
-        let Some(id) = self.users.find(key) else {
+    /// An entry that is kept is overwritten in place: no allocation (see [`users`]).
+    /// `found`: its slot, if kept (what [`Users::find`] says, or a note of it).
+    fn put(&mut self, key: &str, found: Option<u32>, update: &UpdateRef<'_>, by: u32) {
+        if let Some(id) = found {
+            self.preserve_for_exports(id, key);
+        }
+        let Some(id) = found else {
             // New: nothing to replace.
             if let Some(state) = update.state {
                 let id = self.users.insert(key, update, state, by);
@@ -909,14 +977,13 @@ impl Shard {
         }
     }
 
-    /// Saves user `key`'s entry for every running export, before it changes.
-    fn preserve_for_exports(&mut self, key: &str) {
+    /// Saves the entry of user `key` (in slot `id`) for every running export, before
+    /// it changes.
+    fn preserve_for_exports(&mut self, id: u32, key: &str) {
         if self.images.is_empty() {
             return;
         }
-        let Some(old) = self.users.get(key) else {
-            return;
-        };
+        let old = self.users.entry(id);
         self.images
             .retain(|i| i.upgrade().map(|image| image.preserve(key, &old)).is_some());
     }
@@ -938,7 +1005,7 @@ impl Shard {
     /// Forgets the user in slot `id` (its key `key`), keeping the counts, the
     /// tombstone index and the running exports right.
     fn forget(&mut self, id: u32, key: &str) {
-        self.preserve_for_exports(key);
+        self.preserve_for_exports(id, key);
         let old = self.users.entry(id);
         let (tombstone, weight, gone) = (old.tombstone(), old.weight(key), old.answer_by());
         self.users.remove(id);
@@ -1114,6 +1181,71 @@ mod tests {
         );
         let v: serde_json::Value = serde_json::from_str(&store.user("u").unwrap()).unwrap();
         assert_eq!(v["organization"]["organization_key"], "k");
+    }
+
+    #[test]
+    fn a_note_is_used_only_while_its_shard_kept_and_forgot_no_user() {
+        use logq_abi::Updates;
+        let store = Writer::new_store();
+        let users = |prefix: &str, n: usize| -> Vec<Entity> {
+            (0..n)
+                .map(|i| entity(Kind::User, &format!("{prefix}{i}")))
+                .collect()
+        };
+        let answer = |key: &str| update(Some(&format!(r#"{{"id":"{key}"}}"#)), None);
+        let put = |list: &[Entity]| {
+            let answers: Vec<Update> = list.iter().map(|e| answer(&e.key)).collect();
+            store.apply(list, answers);
+        };
+        let old = users("old-", 6000);
+        put(&old);
+        // Where `old-0` and `old-1` are, as a fold lends them.
+        let (lent, mut notes) = (&old[..2], Vec::new());
+        let mut states = 0;
+        store.lend_noted(
+            lent,
+            &mut |s| states += usize::from(s.is_some()),
+            &mut notes,
+        );
+        assert_eq!((states, notes.len()), (2, 2));
+        assert!(notes.iter().all(|n| n.slot != Note::NOWHERE));
+        assert_eq!(notes[0].shard as usize, shard_of(b"old-0"));
+        // A note of a shard nobody touched since is taken as it is.
+        let fresh = |list: &[Entity], tag: &str| -> Updates {
+            list.iter()
+                .map(|e| answer(&format!("{}-{tag}", e.key)))
+                .collect::<Vec<_>>()
+                .into()
+        };
+        Target::apply_noted(&store, lent.to_vec(), fresh(lent, "a"), &notes);
+        assert_eq!(
+            store.user("old-0").unwrap(),
+            r#"{"id":"old-0-a","organization":null}"#
+        );
+        // Now all but a few are forgotten (every shard purges its slots), and as many
+        // new users take the slots: `old-0`'s slot is another user's.
+        let keep = |k: &str| ["old-1", "old-5999"].contains(&k);
+        assert_eq!(store.forget_users(|k| !keep(k)), 5998);
+        let new = users("new-", 6000);
+        put(&new);
+        // The stale note is found out: `old-0` comes back in a slot of its own, and
+        // no new user's state is overwritten. (`old-1` was kept: still right.)
+        Target::apply_noted(&store, lent.to_vec(), fresh(lent, "b"), &notes);
+        for (key, want) in [("old-0", "old-0-b"), ("old-1", "old-1-b")] {
+            assert_eq!(
+                store.user(key).unwrap(),
+                format!(r#"{{"id":"{want}","organization":null}}"#)
+            );
+        }
+        for e in &new {
+            assert_eq!(
+                store.user(&e.key).unwrap(),
+                format!(r#"{{"id":"{}","organization":null}}"#, e.key),
+                "{}",
+                e.key
+            );
+        }
+        assert_eq!(store.sizes().users_visible, 2 + 1 + new.len());
     }
 
     /// The state a fold would get back for user `key`, and where its block is.

@@ -14,6 +14,7 @@
 
 use std::hash::BuildHasher;
 use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use hashbrown::HashTable;
 use logq_abi::UpdateRef;
@@ -136,10 +137,34 @@ struct Chunk {
     waste: usize,
 }
 
+/// A mark no other set of users has had, or will: see [`Users::epoch`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Epoch(u64);
+
+impl Epoch {
+    fn next() -> Self {
+        static LAST: AtomicU64 = AtomicU64::new(0);
+        Self(LAST.fetch_add(1, Ordering::Relaxed) + 1)
+    }
+
+    /// It, as a number.
+    pub fn get(self) -> u64 {
+        self.0
+    }
+}
+
+impl Default for Epoch {
+    fn default() -> Self {
+        Self::next()
+    }
+}
+
 /// One shard's users (see the module's doc).
 #[derive(Debug, Default)]
 pub(super) struct Users {
     index: HashTable<u32>,
+    /// Changes whenever a user is kept or forgotten: see [`Users::epoch`].
+    epoch: Epoch,
     hasher: foldhash::fast::RandomState,
     slots: Vec<Slot>,
     /// Slots free for reuse.
@@ -196,6 +221,13 @@ impl Users {
                 Self::key_bytes(slots, chunks, id) == key.as_bytes()
             })
             .copied()
+    }
+
+    /// Which users are kept, as a mark: while it is unchanged, so is the slot of
+    /// every user (what [`Users::find`] said of a user, kept or not, still holds).
+    /// Unique across all shards and stores, so a mark of another store never matches.
+    pub fn epoch(&self) -> u64 {
+        self.epoch.get()
     }
 
     /// User `key`, if kept.
@@ -293,6 +325,7 @@ impl Users {
             hasher.hash_one(Self::key_of(slots, chunks, i))
         });
         self.order_mut().recent.push(id);
+        self.epoch = Epoch::next();
         id
     }
 
@@ -331,6 +364,7 @@ impl Users {
         }
         self.slots[id as usize].key_len |= GONE;
         self.gone.push(id);
+        self.epoch = Epoch::next();
         if self.index.is_empty() && !self.pinned {
             // The last user gone: give everything back.
             *self = Self {
