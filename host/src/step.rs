@@ -178,6 +178,10 @@ pub struct Stepper<'c> {
     ahead: Ahead,
     /// The batch polled while the one before it was being folded.
     polled: Option<Result<Polled<'c>, KafkaError>>,
+    /// The last batch folded: its messages are given back to the client while the
+    /// next batch is folded (a catch-up batch's 16k messages take about 1.3 ms to
+    /// free, which the lanes would otherwise wait for), or when nothing comes.
+    spent: Option<Polled<'c>>,
 }
 
 impl<'c> Stepper<'c> {
@@ -200,6 +204,7 @@ impl<'c> Stepper<'c> {
             lanes: lanes.max(1),
             ahead,
             polled: None,
+            spent: None,
         }
     }
 
@@ -222,6 +227,7 @@ impl<'c> Stepper<'c> {
             Some(ahead) => ahead?,
             None => consumer.poll(max_records, max_bytes, wait)?,
         };
+        let spent = self.spent.take();
         if polled.is_empty() {
             return Ok(None);
         }
@@ -229,6 +235,7 @@ impl<'c> Stepper<'c> {
         let ahead = self.ahead == Ahead::Poll;
         let fold_began = SystemTime::now();
         let (mut step, next) = self.fold(&records, reducer, target, observer, || {
+            drop(spent);
             ahead.then(|| consumer.poll(max_records, max_bytes, Duration::ZERO))
         });
         step.timing = Timing {
@@ -238,6 +245,8 @@ impl<'c> Stepper<'c> {
             folded: SystemTime::now(),
         };
         self.polled = next.flatten();
+        drop(records);
+        self.spent = Some(polled);
         Ok(Some(step))
     }
 
