@@ -848,26 +848,35 @@ impl StateStore {
             notes.reserve(entities.len());
         }
         for e in entities {
-            let i = shard_of(e.key.as_bytes());
-            let (slot, epoch) = match e.kind {
+            let note = match e.kind {
                 Kind::User => {
+                    let i = shard_of(e.key.as_bytes());
                     let shard = read(&self.shards[i]);
                     let slot = shard.users.find(e.key.as_str());
                     each(slot.map(|id| shard.users.entry(id).state()));
-                    (slot.unwrap_or(Note::NOWHERE), shard.users.epoch())
+                    Note {
+                        shard: i as u32,
+                        slot: slot.unwrap_or(Note::NOWHERE),
+                        epoch: shard.users.epoch(),
+                    }
                 }
                 Kind::Organization => {
                     let orgs = self.read_organizations();
                     each(orgs.entries.get(e.key.as_str()).map(|e| &*e.state));
-                    (Note::NOWHERE, 0)
+                    if notes.is_none() {
+                        continue;
+                    }
+                    // Only for the lanes' route check: the store does not look
+                    // organizations up by note.
+                    Note {
+                        shard: shard_of(e.key.as_bytes()) as u32,
+                        slot: Note::NOWHERE,
+                        epoch: 0,
+                    }
                 }
             };
             if let Some(notes) = notes.as_deref_mut() {
-                notes.push(Note {
-                    shard: i as u32,
-                    slot,
-                    epoch,
-                });
+                notes.push(note);
             }
         }
     }
