@@ -226,6 +226,122 @@ fn records_keyed_by_their_entity_fold_in_lanes_without_refolding_to_the_same_sta
     assert!(four == one, "4 lanes kept another state than 1 lane");
 }
 
+/// A store whose lending is slow for the entities of one piece, and which notes the
+/// thread that stores each entity's update.
+struct SlowForOnePiece {
+    store: Writer,
+    slow_piece: usize,
+    pieces: usize,
+    applied_by: std::sync::Mutex<Vec<(std::thread::ThreadId, usize)>>,
+}
+
+impl logq_abi::States for SlowForOnePiece {
+    fn states(&self, entities: &[logq_abi::Entity], each: &mut dyn FnMut(Option<&[u8]>)) {
+        self.store.states(entities, each);
+    }
+}
+
+impl logq::fold::Lend for SlowForOnePiece {
+    fn lend_noted(
+        &self,
+        entities: &[logq_abi::Entity],
+        each: &mut dyn FnMut(Option<&[u8]>),
+        notes: &mut Vec<logq::fold::Note>,
+    ) {
+        let piece_of = |e: &logq_abi::Entity| logq::state::shard_of(e.key.as_bytes()) % self.pieces;
+        if entities.iter().any(|e| piece_of(e) == self.slow_piece) {
+            std::thread::sleep(Duration::from_millis(1000));
+        }
+        logq::fold::Lend::lend_noted(&self.store, entities, each, notes);
+    }
+}
+
+impl logq::fold::Target for SlowForOnePiece {
+    fn apply(&self, entities: Vec<logq_abi::Entity>, updates: logq_abi::Updates) {
+        self.apply_noted(entities, updates, &[]);
+    }
+
+    fn apply_noted(
+        &self,
+        entities: Vec<logq_abi::Entity>,
+        updates: logq_abi::Updates,
+        notes: &[logq::fold::Note],
+    ) {
+        let me = std::thread::current().id();
+        self.applied_by.lock().expect("not poisoned").extend(
+            entities
+                .iter()
+                .map(|e| (me, logq::state::shard_of(e.key.as_bytes()) % self.pieces)),
+        );
+        logq::fold::Target::apply_noted(&self.store, entities, updates, notes);
+    }
+}
+
+#[test]
+fn a_lane_held_up_folds_fewer_pieces_and_the_others_take_the_rest() {
+    // 2 lanes cut a batch into 4 pieces of shards (shard % 4); lending the states of
+    // piece 0 takes 1 s. The lane that takes piece 0 must be left with it alone:
+    // the other lane takes pieces 1, 2 and 3 meanwhile (with a fixed half per lane,
+    // the lane of piece 0 would also fold and store piece 2).
+    let (lanes, pieces) = (2, 4);
+    let batch: Vec<(OwnedRecord, u64)> = (0..2000u64)
+        .map(|i| {
+            let value = format!(
+                r#"{{"id":"u{i}","event_type":"User Created","received_at":"2021-03-04 05:06:07.{i:06}","username":"n{i}"}}"#
+            );
+            let route = logq::fold::lanes::route(format!("u{i}").as_bytes());
+            (record(Source::Users, value.into_bytes()), route)
+        })
+        .collect();
+    let batch = numbered(vec![batch]).remove(0);
+    let records: Vec<Record<'_>> = batch.iter().map(|(r, _)| r.as_record()).collect();
+    let routes: Vec<u64> = batch.iter().map(|(_, route)| *route).collect();
+    let target = SlowForOnePiece {
+        store: Writer::new_store(),
+        slow_piece: 0,
+        pieces,
+        applied_by: std::sync::Mutex::new(Vec::new()),
+    };
+    let (folding, used) = fold_in_lanes(reducer(), &target, &records, &routes, lanes);
+    assert_eq!((used.used, used.owned, used.refolded), (2, true, 0));
+    assert_eq!(folding.accepted.iter().sum::<u64>(), 2000);
+    let applied = target.applied_by.into_inner().expect("not poisoned");
+    assert_eq!(applied.len(), 2000, "every user stored once");
+    let slow_lane = applied
+        .iter()
+        .find(|(_, p)| *p == 0)
+        .expect("piece 0 stored")
+        .0;
+    let of_slow_lane: std::collections::BTreeSet<usize> = applied
+        .iter()
+        .filter(|(t, _)| *t == slow_lane)
+        .map(|(_, p)| *p)
+        .collect();
+    let of_other: std::collections::BTreeSet<usize> = applied
+        .iter()
+        .filter(|(t, _)| *t != slow_lane)
+        .map(|(_, p)| *p)
+        .collect();
+    assert_eq!(
+        of_slow_lane,
+        [0].into(),
+        "the held-up lane folded only its piece"
+    );
+    assert_eq!(of_other, [1, 2, 3].into(), "the other lane took the rest");
+    // And the state is what one lane makes of the batch.
+    let one = Writer::new_store();
+    fold_in_lanes(reducer(), &one, &records, &routes, 1);
+    let sorted = |w: &Writer| {
+        let mut d = w.dump(0);
+        d.sort_by(|a, b| a.0.cmp(&b.0));
+        d
+    };
+    assert!(
+        sorted(&target.store) == sorted(&one),
+        "another state than one lane's"
+    );
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(12))]
 

@@ -2,30 +2,34 @@
 //! reducer instance (under the same limits), with a result byte-identical to folding
 //! it in one.
 //!
-//! Lanes own shards of the state: an entity key belongs to shard [`shard_of`] of
-//! [`SHARDS`], and shard `s` to lane `s % lanes`. Records are assigned to lanes by the
-//! shard of their route (the record's key: the entity's key when producers key their
-//! records by it, as they should for ordering anyway). Each lane folds its records
-//! into a private [`Overlay`] over the shared state, which it only reads.
+//! A batch is cut into pieces that own shards of the state: an entity key belongs to
+//! shard [`shard_of`] of [`SHARDS`], and shard `s` to piece `s % pieces`, with a few
+//! pieces per lane. Records are assigned to pieces by the shard of their route (the
+//! record's key: the entity's key when producers key their records by it, as they
+//! should for ordering anyway). Each lane takes the next piece not taken yet until
+//! none is left, so a lane that shares its core with another thread folds fewer
+//! pieces instead of keeping the others waiting. Each piece is folded into a private
+//! [`Overlay`] over the shared state, which it only reads.
 //!
-//! When every lane touched only entities of its own shards (records keyed by their
-//! entity), no two lanes share an entity, and each lane applies its own updates to
-//! the target itself, at the same time as the others (the store locks per shard):
+//! When every piece touched only entities of its own shards (records keyed by their
+//! entity), no two pieces share an entity, and each lane applies the pieces it folded
+//! to the target itself, at the same time as the others (the store locks per shard):
 //! no merge, no serial apply. Whether that holds is known without comparing the
-//! lanes: a lane whose every entity routes to itself cannot share one with a lane
+//! pieces: a piece whose every entity routes to itself cannot share one with a piece
 //! that says the same; the lanes wait for each other to know it.
 //!
-//! Otherwise (records not keyed by their entity), the lanes' updates are put together
-//! in lane order and applied in one [`Target::apply`]; when two lanes touched the same
-//! entity, the later lane's result is thrown away and its records are folded again,
-//! on this thread, over the updates of the lanes before it. The fold is order-free
-//! and idempotent, so that gives exactly what one lane gives; only the time differs.
+//! Otherwise (records not keyed by their entity), the pieces' updates are put
+//! together in piece order and applied in one [`Target::apply`]; when two pieces
+//! touched the same entity, the later piece's result is thrown away and its records
+//! are folded again, on this thread, over the updates of the pieces before it. The
+//! fold is order-free and idempotent, so that gives exactly what one lane gives; only
+//! the time differs.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::hash::BuildHasher as _;
 use std::sync::Barrier;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use logq_abi::{Entity, Record, States, Updates};
 
@@ -38,6 +42,10 @@ pub const MIN_RECORDS_PER_LANE: usize = 256;
 
 /// Shards of the state: at most this many lanes fold at once.
 pub const SHARDS: usize = 16;
+
+/// A batch folded in lanes is cut into this many pieces per lane (see
+/// [`fold_in_lanes`]).
+const PIECES_PER_LANE: usize = 2;
 
 /// The shard of an entity key (or of a record key). Fixed across runs and machines:
 /// foldhash with a fixed seed.
@@ -198,23 +206,23 @@ impl Target for LaneTarget<'_> {
     }
 }
 
-/// What one lane made of its records.
-struct Lane<'a> {
+/// What a lane made of one piece's records.
+struct Piece<'a> {
     overlay: Overlay<'a>,
     folding: Folding,
-    /// Every entity it touched routes to it: no other lane that says the same can
+    /// Every entity it touched routes to it: no other piece that says the same can
     /// have touched one of them.
     own: bool,
 }
 
-/// Folds `records` into a fresh overlay over `base`, as lane `lane` of `lanes`.
-fn fold_lane<'a>(
+/// Folds `records` into a fresh overlay over `base`, as piece `piece` of `pieces`.
+fn fold_piece<'a>(
     reducer: &Reducer,
     base: &'a (dyn Lend + Sync),
     records: &[Record<'_>],
-    lane: usize,
-    lanes: usize,
-) -> Lane<'a> {
+    piece: usize,
+    pieces: usize,
+) -> Piece<'a> {
     let target = LaneTarget(RefCell::new(Overlay::new(base)));
     let folding = fold_into(reducer, &target, records);
     let overlay = target.0.into_inner();
@@ -223,14 +231,14 @@ fn fold_lane<'a>(
         overlay
             .notes
             .iter()
-            .all(|n| lane_of(u64::from(n.shard), lanes) == lane)
+            .all(|n| lane_of(u64::from(n.shard), pieces) == piece)
     } else {
         overlay
             .entities
             .iter()
-            .all(|e| lane_of(route(e.key.as_bytes()), lanes) == lane)
+            .all(|e| lane_of(route(e.key.as_bytes()), pieces) == piece)
     };
-    Lane {
+    Piece {
         overlay,
         folding,
         own,
@@ -242,10 +250,10 @@ fn fold_lane<'a>(
 pub struct LaneUse {
     /// Lanes that folded it (1 for a batch too small to share).
     pub used: usize,
-    /// Lanes folded again because they touched an entity an earlier lane touched.
+    /// Pieces folded again because they touched an entity an earlier piece touched.
     pub refolded: usize,
-    /// Every lane kept to its own shards and applied its updates itself, at the same
-    /// time as the others (records keyed by their entity).
+    /// Every piece kept to its own shards and each lane applied the pieces it
+    /// folded itself, at the same time as the others (records keyed by their entity).
     pub owned: bool,
 }
 
@@ -275,57 +283,81 @@ pub fn fold_in_lanes<T: Target + Sync>(
             },
         );
     }
-    let mut members: Vec<Vec<usize>> = vec![Vec::new(); lanes];
+    // More pieces than lanes, each a set of shards: a lane takes the next piece when
+    // it is done with one, so a lane that shares its core with another thread (the
+    // loop polling the next batch) folds fewer and no lane waits long for another.
+    let pieces = (lanes * PIECES_PER_LANE).min(SHARDS);
+    let mut members: Vec<Vec<usize>> = vec![Vec::new(); pieces];
     for (i, &r) in routes.iter().enumerate() {
-        members[lane_of(r, lanes)].push(i);
+        members[lane_of(r, pieces)].push(i);
     }
     let batches: Vec<Vec<Record<'_>>> = members
         .iter()
         .map(|m| m.iter().map(|&i| records[i]).collect())
         .collect();
     let base: &(dyn Lend + Sync) = target;
-    // Every lane folds, then all wait here to learn whether each kept to its own
-    // shards; if so, each applies its updates itself.
-    let (barrier, all_own) = (Barrier::new(lanes), AtomicBool::new(true));
-    let lane = |reducer: &Reducer, batch: &[Record<'_>], lane: usize| {
+    // Every piece is folded, then the lanes wait here to learn whether each piece
+    // kept to its own shards; if so, each lane applies the pieces it folded.
+    let (barrier, all_own, next) = (
+        Barrier::new(lanes),
+        AtomicBool::new(true),
+        AtomicUsize::new(0),
+    );
+    let lane = |reducer: &Reducer| {
+        let mut mine: Vec<(usize, Piece<'_>)> = Vec::new();
         let folded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            fold_lane(reducer, base, batch, lane, lanes)
+            loop {
+                let piece = next.fetch_add(1, Ordering::SeqCst);
+                let Some(batch) = batches.get(piece) else {
+                    break;
+                };
+                let folded = fold_piece(reducer, base, batch, piece, pieces);
+                all_own.fetch_and(folded.own, Ordering::SeqCst);
+                mine.push((piece, folded));
+            }
         }));
-        all_own.fetch_and(folded.as_ref().is_ok_and(|l| l.own), Ordering::SeqCst);
-        barrier.wait();
-        let mut folded = folded.unwrap_or_else(|panic| std::panic::resume_unwind(panic));
-        if all_own.load(Ordering::SeqCst) && !folded.overlay.entities.is_empty() {
-            let entities = std::mem::take(&mut folded.overlay.entities);
-            let updates = std::mem::take(&mut folded.overlay.updates);
-            let notes = std::mem::take(&mut folded.overlay.notes);
-            target.apply_noted(entities, updates, &notes);
+        if folded.is_err() {
+            all_own.store(false, Ordering::SeqCst);
         }
-        folded
+        barrier.wait();
+        if let Err(panic) = folded {
+            std::panic::resume_unwind(panic);
+        }
+        if all_own.load(Ordering::SeqCst) {
+            for (_, folded) in &mut mine {
+                if folded.overlay.entities.is_empty() {
+                    continue;
+                }
+                let entities = std::mem::take(&mut folded.overlay.entities);
+                let updates = std::mem::take(&mut folded.overlay.updates);
+                let notes = std::mem::take(&mut folded.overlay.notes);
+                target.apply_noted(entities, updates, &notes);
+            }
+        }
+        mine
     };
-    let results: Vec<Lane<'_>> = std::thread::scope(|s| {
-        let others: Vec<_> = batches
-            .iter()
-            .enumerate()
-            .skip(1)
-            .map(|(i, batch)| {
+    let mut results: Vec<(usize, Piece<'_>)> = std::thread::scope(|s| {
+        let others: Vec<_> = (1..lanes)
+            .map(|_| {
                 let (reducer, lane) = (reducer.clone(), &lane);
-                s.spawn(move || lane(&reducer, batch, i))
+                s.spawn(move || lane(&reducer))
             })
             .collect();
-        // This thread folds the first lane meanwhile.
-        let mut out = vec![lane(reducer, &batches[0], 0)];
-        out.extend(
-            others
-                .into_iter()
-                .map(|h| h.join().expect("a fold lane panicked")),
-        );
+        // This thread is the first lane meanwhile.
+        let mut out = lane(reducer);
+        for other in others {
+            out.extend(other.join().expect("a fold lane panicked"));
+        }
         out
     });
+    // In piece order: what the merge below does must not depend on who took what.
+    results.sort_unstable_by_key(|(piece, _)| *piece);
+    let results = results.into_iter().map(|(_, folded)| folded);
     let mut folding = Folding {
         accepted: vec![0; records.len()],
         ..Folding::default()
     };
-    // Each lane has applied its own updates already when all kept to their shards.
+    // The lanes have applied every piece already when all kept to their shards.
     let applied = all_own.load(Ordering::SeqCst);
     let mut merged = Overlay::new(base);
     let mut refolded = 0;
@@ -341,11 +373,11 @@ pub fn fold_in_lanes<T: Target + Sync>(
                 .iter()
                 .any(|e| merged.index.contains_key(e));
             if shares {
-                // Fold again over what the lanes before it made of their entities.
+                // Fold again over what the pieces before it made of their entities.
                 refolded += 1;
-                let Lane {
+                let Piece {
                     overlay, folding, ..
-                } = fold_lane(reducer, &merged, batch, 0, 1);
+                } = fold_piece(reducer, &merged, batch, 0, 1);
                 let (e, u) = (overlay.entities, overlay.updates);
                 merged.keep(e, u, &[]);
                 folding
