@@ -156,6 +156,9 @@ pub struct ExportUnderIngest {
     pub rate_before: f64,
     /// See `rate_before`.
     pub rate_after: f64,
+    /// Records of the stream not folded yet when the second after it ended: more
+    /// than none, or the stream ran out and `rate_after` says nothing.
+    pub left_after: f64,
 }
 
 /// `GET /export` on `host` while `more`'s updates stream into the broker: whether
@@ -171,6 +174,11 @@ pub fn export_under_ingest(
 ) -> anyhow::Result<ExportUnderIngest> {
     let consumed = || broker::metric(host, "logq_records_consumed_total{topic=\"users\"}");
     let start = consumed()?;
+    let streamed = more
+        .users
+        .iter()
+        .filter(|e| e.contains("\"User Updated\""))
+        .count() as f64;
     let stream = {
         let (bootstrap, more) = (bootstrap.to_owned(), more.users.clone());
         std::thread::spawn(move || {
@@ -194,7 +202,8 @@ pub fn export_under_ingest(
     let took = t0.elapsed().as_secs_f64();
     let (c1, t1) = (consumed()?, Instant::now());
     std::thread::sleep(Duration::from_secs(1));
-    let rate_after = (consumed()? - c1) / t1.elapsed().as_secs_f64();
+    let c2 = consumed()?;
+    let rate_after = (c2 - c1) / t1.elapsed().as_secs_f64();
     anyhow::ensure!(export.status == 200, "GET /export: {}", export.status);
     let end: serde_json::Value = serde_json::from_str(export.body.lines().last().unwrap_or("{}"))?;
     let exported = end["end"]["users"]
@@ -209,5 +218,6 @@ pub fn export_under_ingest(
         folded_during: c1 - c0,
         rate_before,
         rate_after,
+        left_after: streamed - (c2 - start),
     })
 }
