@@ -8,7 +8,7 @@ use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::message::BorrowedMessage;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 
-use super::{KafkaError, Partition, Record, Topics, client_config};
+use super::{KafkaError, Partition, Record, Topics, client_config, committed_at};
 use crate::config::KafkaConfig;
 
 /// How long one poll waits for a record before its caller looks around again (stop
@@ -303,11 +303,10 @@ impl TopicConsumer {
         Ok(partitions
             .iter()
             .filter_map(|p| {
-                let e = committed.find_partition(self.topics.name(p.source), p.id)?;
-                match e.offset() {
-                    Offset::Offset(o) => Some((*p, o)),
-                    _ => None,
-                }
+                Some((
+                    *p,
+                    committed_at(&committed, self.topics.name(p.source), p.id)?,
+                ))
             })
             .collect())
     }

@@ -19,9 +19,9 @@ use std::time::Duration;
 
 use rdkafka::ClientContext;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
-use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use rdkafka::topic_partition_list::TopicPartitionList;
 
-use super::{KafkaError, client_config, commit_offsets, join_within};
+use super::{KafkaError, client_config, commit_offsets, committed_at, join_within};
 use crate::config::KafkaConfig;
 
 /// How long a revocation waits for the loop to hand over the partitions' progress.
@@ -158,15 +158,7 @@ impl ConsumerContext for GroupContext {
             });
         let assigned = ids(list)
             .into_iter()
-            .map(|p| {
-                let at = committed
-                    .find_partition(&self.topic, p)
-                    .and_then(|e| match e.offset() {
-                        Offset::Offset(o) => Some(o),
-                        _ => None,
-                    });
-                (p, at)
-            })
+            .map(|p| (p, committed_at(&committed, &self.topic, p)))
             .collect();
         if let Some(g) = generation(consumer) {
             let _ = self.news.send(Ownership::Generation(g));

@@ -196,6 +196,19 @@ fn client_config(kafka: &KafkaConfig, defaults: &[(&str, &str)]) -> ClientConfig
     config
 }
 
+/// The offset `committed` (a `committed_offsets` answer) holds for partition `p` of
+/// `topic`: the next one the group reads; `None` when it has committed none there.
+pub(crate) fn committed_at(
+    committed: &rdkafka::topic_partition_list::TopicPartitionList,
+    topic: &str,
+    p: i32,
+) -> Option<i64> {
+    match committed.find_partition(topic, p)?.offset() {
+        rdkafka::topic_partition_list::Offset::Offset(o) => Some(o),
+        _ => None,
+    }
+}
+
 /// Commits `next` (the next offset to read, per partition of `topic`) for the group
 /// of `consumer`; nothing to do when `next` is empty.
 ///

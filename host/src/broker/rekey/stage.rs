@@ -17,7 +17,7 @@ use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 
 use super::origin::{self, ORIGIN_HEADER};
 use super::split::split;
-use crate::broker::{KafkaError, client_config, commit_offsets, join_within};
+use crate::broker::{KafkaError, client_config, commit_offsets, committed_at, join_within};
 use crate::config::KafkaConfig;
 
 /// Most input records in one batch of the stage. The stage waits for the broker's
@@ -346,16 +346,7 @@ impl Stage {
             return;
         };
         // Where the group stands on each partition: its commit, or the log's start.
-        let done = |p: i32, low: i64| {
-            committed
-                .find_partition(topic, p)
-                .and_then(|e| match e.offset() {
-                    Offset::Offset(o) => Some(o),
-                    _ => None,
-                })
-                .unwrap_or(0)
-                .max(low)
-        };
+        let done = |p: i32, low: i64| committed_at(&committed, topic, p).unwrap_or(0).max(low);
         let lag = marks
             .iter()
             .map(|(p, (low, high))| (high - done(*p, *low)).max(0))

@@ -11,9 +11,9 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use rdkafka::topic_partition_list::TopicPartitionList;
 
-use crate::broker::{KafkaError, client_config};
+use crate::broker::{KafkaError, client_config, committed_at};
 use crate::config::KafkaConfig;
 
 /// Reads the stage's committed offsets and the internal topic's high watermarks, with
@@ -84,13 +84,7 @@ impl Written {
         Ok(wanted
             .iter()
             .filter_map(|(p, want)| {
-                let have = committed
-                    .find_partition(&self.input, *p)
-                    .and_then(|e| match e.offset() {
-                        Offset::Offset(o) => Some(o),
-                        _ => None,
-                    })
-                    .unwrap_or(0);
+                let have = committed_at(&committed, &self.input, *p).unwrap_or(0);
                 (have < *want).then_some((*p, want - have))
             })
             .collect())
