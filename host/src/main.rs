@@ -6,7 +6,7 @@ use logq::config::{Cli, Command, ReducerCommand};
 
 fn main() -> anyhow::Result<()> {
     // Before the runtime starts any thread.
-    logq::memory::limit_arenas();
+    logq::memory::tune_malloc();
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

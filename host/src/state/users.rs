@@ -21,6 +21,9 @@ use logq_abi::UpdateRef;
 
 /// The largest chunk (a block larger than this gets a chunk of its own).
 pub(super) const CHUNK_MAX: usize = 1 << 20;
+// A full chunk is a mapping of its own, so a freed one goes back to the system
+// whole rather than leaving a hole in a malloc arena: see the threshold's doc.
+const _: () = assert!(CHUNK_MAX >= crate::memory::MMAP_THRESHOLD);
 /// The first chunk of a shard (they double up to [`CHUNK_MAX`]).
 const CHUNK_MIN: usize = 16 << 10;
 /// Bytes of room a visible user's block gets past its state (then rounded up to 8):
