@@ -1326,6 +1326,10 @@ struct SwapMemory {
     /// rollback: the two reducers' states differ in size.
     store_before: f64,
     store_after: Vec<f64>,
+    /// What the reducers' instance pool keeps resident in slots not in use
+    /// (`logq_reducer_pool_resident_bytes`), before and after each rollback.
+    pool_before: f64,
+    pool_after: Vec<f64>,
     /// Seconds from each rollback's request to its `active`.
     rollback_secs: Vec<f64>,
     /// The preview after them: seconds to `previewed`, its report's RSS (both
@@ -1352,11 +1356,12 @@ impl SwapMemory {
             .next_back()
             .copied()
             .unwrap_or(u64::MAX);
+        let m = |b: f64| b / f64::from(1 << 20);
         let each = self
             .after
             .iter()
-            .zip(&self.store_after)
-            .map(|(r, s)| format!("{} ({:.0})", mib(*r), s / f64::from(1 << 20)))
+            .zip(self.store_after.iter().zip(&self.pool_after))
+            .map(|(r, (s, p))| format!("{} ({:.0}, {:.0})", mib(*r), m(*s), m(*p)))
             .collect::<Vec<_>>()
             .join(", ");
         Row {
@@ -1365,11 +1370,12 @@ impl SwapMemory {
                 self.users
             ),
             ours: format!(
-                "before {} MiB (store {:.0} MiB); after each, RSS (store) in MiB: {each}; \
-                 the odd rollbacks return to the default reducer, the even ones to \
-                 mask-emails, whose states are larger",
+                "before {} MiB (store {:.0} MiB, reducer pool {:.0} MiB); after each, RSS \
+                 (store, pool) in MiB: {each}; the odd rollbacks return to the default \
+                 reducer, the even ones to mask-emails, whose states are larger",
                 mib(self.before),
-                self.store_before / f64::from(1 << 20),
+                m(self.store_before),
+                m(self.pool_before),
             ),
             peer: "none".into(),
             ratio: same as f64 / self.before.max(1) as f64,
@@ -1395,8 +1401,9 @@ fn swap_memory(loaded: &broker::Loaded, cache_arg: &str, n: usize) -> anyhow::Re
     let before = broker::rss(host.pid())?;
     // 0 from a build without the metric (comparing with an older binary).
     let store_bytes = || broker::metric(host, "logq_user_store_bytes").unwrap_or(0.0);
-    let store_before = store_bytes();
-    let mut store_after = Vec::new();
+    let pool_bytes = || broker::metric(host, "logq_reducer_pool_resident_bytes").unwrap_or(0.0);
+    let (store_before, pool_before) = (store_bytes(), pool_bytes());
+    let (mut store_after, mut pool_after) = (Vec::new(), Vec::new());
     let mask = std::fs::read(logq_e2e::component("mask-emails-reducer.wasm"))?;
     let r = host.admin("PUT", "/admin/reducer?mode=forward", Some(TOKEN), &mask);
     anyhow::ensure!(r.status == 200, "forward swap: {} {}", r.status, r.body);
@@ -1434,6 +1441,7 @@ fn swap_memory(loaded: &broker::Loaded, cache_arg: &str, n: usize) -> anyhow::Re
         rollback_secs.push(asked.elapsed().as_secs_f64());
         after.push(broker::rss(host.pid())?);
         store_after.push(store_bytes());
+        pool_after.push(pool_bytes());
     }
     // A preview of the other reducer than the one active now (the mask reducer after
     // an even number of rollbacks, the default one after an odd number), so that
@@ -1455,6 +1463,8 @@ fn swap_memory(loaded: &broker::Loaded, cache_arg: &str, n: usize) -> anyhow::Re
         after,
         store_before,
         store_after,
+        pool_before,
+        pool_after,
         rollback_secs,
         preview_secs,
         preview_rss: report["rss_bytes"].as_u64().unwrap_or(0),

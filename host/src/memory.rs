@@ -42,20 +42,21 @@ pub fn tune_malloc() {
     }
 }
 
-/// Allocations of this many bytes or more get a mapping of their own, given back
-/// to the system whole when freed: the store's full chunks (the users' store
-/// checks that they are this large), which hold most of its memory, and little else.
-/// glibc's own threshold starts at 128 KiB but rises to the size of any mapped
-/// block freed, so after the first replaced store or compacted chunk every chunk
-/// went to an arena, where the next state is built among the holes. Measured with
-/// `bench/run.sh --swaps-only` (100k users, 10 rollbacks, the builds in turn): RSS
-/// before 113-118 MiB and after the default reducer's rollbacks up to 139-141
-/// (1.23) with glibc's rule, 91-95 and up to 104-105 (1.14) with this one; at 1M
-/// ids (`--memory-only`) 763 -> 737 bytes per live user. A lower threshold maps and
+/// Allocations of this many bytes or more get a mapping of their own from glibc,
+/// given back to the system as soon as they are freed: the buffers of a catch-up
+/// batch or a replay (records framed for the reducer, prior states, its answers)
+/// leave nothing in the arenas for the RSS to carry until the next trim. glibc's own
+/// threshold starts at 128 KiB but rises to the size of any mapped block freed (up
+/// to 32 MiB), after which they all stay in the arenas. A lower threshold maps and
 /// unmaps librdkafka's fetch buffers on every fetch: 128 KiB cost a tenth of the
-/// catch-up speed; with this one, 2 lanes caught up at 0.48, 0.49, 0.48 and 0.42 of
-/// the plain consumer against 0.48, 0.53, 0.46 and 0.37 (`--catch-up-only`, in
-/// turn): no difference beyond the machine's noise.
+/// catch-up speed. With this one, 2 lanes caught up at 0.48, 0.49, 0.48 and 0.42 of
+/// the plain consumer against 0.48, 0.53, 0.46 and 0.37 with glibc's rule, and at
+/// 446-464k events/s against 440-452k with the threshold fixed at 32 MiB
+/// (`bench/run.sh --catch-up-only`, the builds in turn): no difference beyond the
+/// machine's noise.
+///
+/// The users' store does not rely on it: its chunks are mappings of their own
+/// ([`Mapped`]), whatever their size.
 pub const MMAP_THRESHOLD: usize = 1 << 20;
 
 /// Returns the free pages of every malloc arena to the OS (glibc `malloc_trim`).
@@ -91,4 +92,272 @@ fn page_size() -> u64 {
         }
     }
     4096
+}
+
+/// A byte buffer of fixed capacity in an anonymous mapping of its own: resident only
+/// as far as it is written, and given back to the system whole when dropped, whatever
+/// malloc's thresholds are (the users' store keeps its states in these: a replaced
+/// store or a compacted chunk leaves no hole in a malloc arena). Grows like a `Vec`
+/// up to its capacity, never past it. Where the system refuses another mapping (a
+/// store of tens of GiB against `vm.max_map_count`), the buffer comes from the heap
+/// instead.
+pub struct Mapped {
+    /// The mapping; dangling when `cap` is 0.
+    ptr: std::ptr::NonNull<u8>,
+    len: usize,
+    cap: usize,
+    /// From the heap (the system refused the mapping), not mapped.
+    heap: bool,
+}
+
+// SAFETY: a `Mapped` owns its mapping alone, as a `Vec<u8>` owns its buffer; shared
+// references only read it.
+#[allow(unsafe_code)]
+unsafe impl Send for Mapped {}
+// SAFETY: as above.
+#[allow(unsafe_code)]
+unsafe impl Sync for Mapped {}
+
+impl Default for Mapped {
+    fn default() -> Self {
+        Self {
+            ptr: std::ptr::NonNull::dangling(),
+            len: 0,
+            cap: 0,
+            heap: false,
+        }
+    }
+}
+
+impl std::fmt::Debug for Mapped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mapped")
+            .field("len", &self.len)
+            .field("cap", &self.cap)
+            .finish()
+    }
+}
+
+impl Mapped {
+    /// An empty buffer with room for `cap` bytes (rounded up to whole pages).
+    ///
+    /// # Panics
+    /// When the system refuses both the mapping and the heap allocation (as a failed
+    /// allocation aborts a `Vec`).
+    pub fn with_capacity(cap: usize) -> Self {
+        if cap == 0 {
+            return Self::default();
+        }
+        let page = usize::try_from(page_size()).unwrap_or(4096);
+        let cap = cap.next_multiple_of(page);
+        // SAFETY: a fresh private anonymous mapping: no address given, no file, no
+        // memory of ours touched. The result is checked before use.
+        #[allow(unsafe_code)]
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                cap,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if let Some(ptr) = (ptr != libc::MAP_FAILED)
+            .then_some(ptr.cast::<u8>())
+            .and_then(std::ptr::NonNull::new)
+        {
+            return Self {
+                ptr,
+                len: 0,
+                cap,
+                heap: false,
+            };
+        }
+        Self::from_heap(cap)
+    }
+
+    /// As [`Mapped::with_capacity`], from the heap: where the system refuses a
+    /// mapping. `cap` is whole pages, not zero.
+    fn from_heap(cap: usize) -> Self {
+        let layout = Self::layout(cap);
+        // SAFETY: the layout's size is not zero (`cap` > 0); the result is checked.
+        #[allow(unsafe_code)]
+        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+        let ptr =
+            std::ptr::NonNull::new(ptr).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
+        Self {
+            ptr,
+            len: 0,
+            cap,
+            heap: true,
+        }
+    }
+
+    /// The heap layout of a buffer of `cap` bytes (whole pages, page-aligned).
+    fn layout(cap: usize) -> std::alloc::Layout {
+        let page = usize::try_from(page_size()).unwrap_or(4096);
+        std::alloc::Layout::from_size_align(cap, page)
+            .unwrap_or_else(|_| std::alloc::Layout::new::<u8>())
+    }
+
+    /// Bytes written.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether nothing is written.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Bytes it can hold.
+    pub fn capacity(&self) -> usize {
+        self.cap
+    }
+
+    /// Appends `bytes`.
+    ///
+    /// # Panics
+    /// When they do not fit (the caller checks the room first).
+    pub fn extend_from_slice(&mut self, bytes: &[u8]) {
+        let end = self.grow_to(self.len + bytes.len());
+        self.as_mut_slice()[end - bytes.len()..].copy_from_slice(bytes);
+    }
+
+    /// Appends a copy of `range` of its own bytes.
+    ///
+    /// # Panics
+    /// When the range is out of bounds or the copy does not fit.
+    pub fn extend_from_within(&mut self, range: std::ops::Range<usize>) {
+        assert!(range.end <= self.len, "range past the end");
+        let at = self.len;
+        self.grow_to(at + range.len());
+        self.as_mut_slice().copy_within(range, at);
+    }
+
+    /// Grows or shrinks to `len` bytes; new bytes are `value`.
+    ///
+    /// # Panics
+    /// When `len` is past the capacity.
+    pub fn resize(&mut self, len: usize, value: u8) {
+        let old = self.len;
+        self.grow_to(len.max(old));
+        self.len = len;
+        if len > old {
+            self.as_mut_slice()[old..].fill(value);
+        }
+    }
+
+    /// Sets the length to `len` (at least the current one), checking the capacity;
+    /// the new bytes are zero (a fresh mapping) or what was written before a
+    /// shrink. Returns `len`.
+    fn grow_to(&mut self, len: usize) -> usize {
+        assert!(
+            len <= self.cap,
+            "{len} bytes do not fit a mapping of {}",
+            self.cap
+        );
+        self.len = self.len.max(len);
+        len
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: the first `len` bytes lie inside the mapping, readable and
+        // writable, borrowed mutably through `self` alone.
+        #[allow(unsafe_code)]
+        unsafe {
+            std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len)
+        }
+    }
+}
+
+impl std::ops::Deref for Mapped {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        // SAFETY: the first `len` bytes lie inside the mapping (or `len` is 0 and the
+        // pointer dangling but aligned), borrowed shared through `self`.
+        #[allow(unsafe_code)]
+        unsafe {
+            std::slice::from_raw_parts(self.ptr.as_ptr(), self.len)
+        }
+    }
+}
+
+impl std::ops::DerefMut for Mapped {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        self.as_mut_slice()
+    }
+}
+
+impl Drop for Mapped {
+    fn drop(&mut self) {
+        if self.cap == 0 {
+            return;
+        }
+        // SAFETY: the mapping or heap block made in `with_capacity`, of `cap` bytes
+        // (with the same layout), given back once; no borrow of it outlives `self`.
+        #[allow(unsafe_code)]
+        unsafe {
+            if self.heap {
+                std::alloc::dealloc(self.ptr.as_ptr(), Self::layout(self.cap));
+            } else {
+                libc::munmap(self.ptr.as_ptr().cast(), self.cap);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Mapped;
+
+    #[test]
+    fn a_mapped_buffer_grows_like_a_vec_up_to_its_capacity() {
+        let m = Mapped::with_capacity(10_000);
+        assert!(!m.heap, "mapped");
+        // Whole pages.
+        assert!(m.capacity() >= 10_000 && m.capacity().is_multiple_of(4096));
+        grows_like_a_vec(m);
+        // The same where the system refused the mapping.
+        grows_like_a_vec(Mapped::from_heap(3 * 4096));
+    }
+
+    fn grows_like_a_vec(mut m: Mapped) {
+        assert!(m.is_empty());
+        m.extend_from_slice(b"hello ");
+        m.extend_from_within(0..5);
+        assert_eq!(&m[..], b"hello hello");
+        m.resize(14, b'!');
+        assert_eq!(&m[..], b"hello hello!!!");
+        m[0] = b'j';
+        m.resize(5, 0);
+        assert_eq!(&m[..], b"jello");
+        // Grown again: the bytes come back as the resize says, not as they were.
+        m.resize(8, b'.');
+        assert_eq!(&m[..], b"jello...");
+        let cap = m.capacity();
+        m.resize(cap, 7);
+        assert_eq!(m.len(), cap);
+        assert_eq!(m[cap - 1], 7);
+        assert_eq!(
+            format!("{m:?}"),
+            format!("Mapped {{ len: {cap}, cap: {cap} }}")
+        );
+    }
+
+    #[test]
+    fn a_mapped_buffer_refuses_to_grow_past_its_capacity() {
+        let mut m = Mapped::with_capacity(4096);
+        m.resize(4096, 1);
+        let full = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            m.extend_from_slice(b"x");
+        }));
+        assert!(full.is_err(), "a byte past the mapping was written");
+        let empty = Mapped::default();
+        assert_eq!((empty.len(), empty.capacity()), (0, 0));
+        assert!(empty.is_empty());
+        assert_eq!(&Mapped::with_capacity(0)[..], b"");
+    }
 }

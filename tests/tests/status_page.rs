@@ -207,6 +207,13 @@ fn the_status_page_shows_the_hosts_numbers_moves_live_and_swaps_and_rolls_back_b
         (rss_page - rss_metric).abs() / rss_metric < 0.25,
         "RSS on the page {rss_page} vs /metrics {rss_metric}"
     );
+    // The host has folded: the reducers' pool keeps the first pages of the slots it
+    // used, for the next instance, and says so.
+    let pool = metric(&host, "logq_reducer_pool_resident_bytes");
+    assert!(
+        pool > 0.0 && pool < rss_metric,
+        "pool slots hold {pool} of {rss_metric}"
+    );
 
     // 2. The charts move: idle first, then events and reads arrive.
     eventually(SOON, "an idle ingest chart", || {

@@ -3,13 +3,14 @@
 //! it in one.
 //!
 //! A batch is cut into pieces that own shards of the state: an entity key belongs to
-//! shard [`shard_of`] of [`SHARDS`], and shard `s` to piece `s % pieces`, with a few
-//! pieces per lane. Records are assigned to pieces by the shard of their route (the
-//! record's key: the entity's key when producers key their records by it, as they
-//! should for ordering anyway). Each lane takes the next piece not taken yet until
-//! none is left, so a lane that shares its core with another thread folds fewer
-//! pieces instead of keeping the others waiting. Each piece is folded into a private
-//! [`Overlay`] over the shared state, which it only reads.
+//! shard [`shard_of`] of [`SHARDS`], and shard `s` to piece `s % pieces`, with
+//! several pieces per lane ([`PIECES_PER_LANE`]). Records are assigned to pieces by
+//! the shard of their route (the record's key: the entity's key when producers key
+//! their records by it, as they should for ordering anyway). Each lane takes the
+//! next piece not taken yet until none is left, so a lane that shares its core with
+//! another thread folds fewer pieces instead of keeping the others waiting. Each
+//! piece is folded into a private [`Overlay`] over the shared state, which it only
+//! reads.
 //!
 //! When every piece touched only entities of its own shards (records keyed by their
 //! entity), no two pieces share an entity, and each lane applies the pieces it folded
@@ -43,9 +44,14 @@ pub const MIN_RECORDS_PER_LANE: usize = 256;
 /// Shards of the state: at most this many lanes fold at once.
 pub const SHARDS: usize = 16;
 
-/// A batch folded in lanes is cut into this many pieces per lane (see
-/// [`fold_in_lanes`]).
-const PIECES_PER_LANE: usize = 2;
+/// A batch folded in lanes is cut into this many pieces per lane, at most one per
+/// shard (see [`fold_in_lanes`]). Small pieces leave a lane little to wait for at
+/// the end of a batch, while the other finishes its last piece, and keep each
+/// call's buffers small; each costs an instance (tens of microseconds). Catch-up
+/// from the broker (`bench/run.sh --catch-up-only`, 100k users, 2 lanes, the builds
+/// in turn, 3 runs each): 402-431k events/s with 2 pieces per lane, 422-447k with
+/// 4, 437-465k with 8 (16 pieces, one a shard).
+const PIECES_PER_LANE: usize = 8;
 
 /// The shard of an entity key (or of a record key). Fixed across runs and machines:
 /// foldhash with a fixed seed.

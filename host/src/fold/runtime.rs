@@ -151,10 +151,15 @@ const POOL_INSTANCES: u32 = 128;
 
 /// Each batch gets a fresh instance, so where its memory comes from matters: from a
 /// pool of slots that stay mapped, and are reset by `memset` up to this many bytes
-/// (no page faults when the slot is used again; beyond it, `madvise`). Slots are
-/// reused most-recently-used first, so about one slot per lane stays resident: this
-/// much RSS each.
-const KEEP_RESIDENT: usize = 8 << 20;
+/// (no page faults when the slot is used again; beyond it, `madvise`). Every slot
+/// that has held an instance keeps this much RSS until the process ends: the live
+/// lanes' slots, and those of every replay, preview and rollback since. At 8 MiB
+/// that was 10-15 MiB of the RSS after a rollback (`bench/run.sh --swaps-only`,
+/// 100k users: after the default reducer's rollbacks 102-106 MiB at 8 MiB, 85-95 at
+/// 2 MiB, 86-97 at 4 MiB), and it cost no speed to give back: catch-up from the
+/// broker, the three builds in turn, 4 runs each, 2 lanes 393-417k events/s at 8
+/// MiB, 395-413k at 2 MiB, 403-411k at 4 MiB.
+pub const KEEP_RESIDENT: usize = 2 << 20;
 
 /// The pooling allocator's settings: room for the largest reducers the kit builds (a
 /// JavaScript one carries an engine with many functions and core instances), memory
@@ -317,6 +322,16 @@ impl Runtime {
             },
             _ticker: self.ticker.clone(),
         })
+    }
+
+    /// Bytes of linear memory the instance pool keeps resident in slots no instance
+    /// uses now: each slot keeps up to [`KEEP_RESIDENT`] of its last instance's
+    /// memory (zeroed, so the next instance there takes no page faults). Part of what
+    /// an idle host holds; `logq_reducer_pool_resident_bytes` of `/metrics`.
+    pub fn pool_resident_bytes(&self) -> usize {
+        self.engine
+            .pooling_allocator_metrics()
+            .map_or(0, |m| m.unused_memory_bytes_resident())
     }
 
     fn compile(&self, bytes: &[u8], sha256: &str) -> Result<(Component, bool), ReducerError> {
@@ -534,4 +549,46 @@ fn read_plan(
             .collect(),
         accepted: raw.accepted,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use logq_abi::driver::NoPrior;
+    use logq_abi::{Record, Source};
+
+    use super::*;
+
+    #[test]
+    fn a_slot_keeps_no_more_than_keep_resident_of_a_batch_that_used_more() {
+        let runtime = Runtime::new(
+            Limits {
+                memory_bytes: 64 << 20,
+                time: Duration::from_secs(10),
+            },
+            None,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let reducer = runtime
+            .load(DEFAULT_REDUCER)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(runtime.pool_resident_bytes(), 0, "no instance yet");
+        // 20k distinct users: the framed records alone are past 2 MiB of guest memory.
+        let values: Vec<String> = (0..20_000)
+            .map(|i| {
+                format!(
+                    r#"{{"id":"user-{i:08}","event_type":"User Created","username":"someone-{i}","organization_name":"Outer Heaven","received_at":"2021-01-01 00:00:00"}}"#
+                )
+            })
+            .collect();
+        let records = Record::sequence(values.iter().map(|v| (Source::Users, v.as_bytes())));
+        let (plan, _) = reducer
+            .fold(&records, &NoPrior)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(plan.entities.len(), 20_000);
+        // The instance is gone; its slot kept some of its memory, and no more than
+        // the bound, though the batch used more.
+        let kept = runtime.pool_resident_bytes();
+        assert!(kept > 0, "the slot keeps its first pages resident");
+        assert!(kept <= KEEP_RESIDENT, "{kept} bytes kept");
+    }
 }

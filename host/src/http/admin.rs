@@ -41,6 +41,11 @@ pub trait SwapControl: Send + Sync {
         let _ = sha256;
         None
     }
+    /// Bytes the reducers' instance pool keeps resident between calls; `None` where
+    /// there is no runtime (the HTTP tests' fake).
+    fn pool_resident_bytes(&self) -> Option<usize> {
+        None
+    }
 }
 
 impl SwapControl for Registry {
@@ -55,6 +60,9 @@ impl SwapControl for Registry {
     }
     fn describe(&self) -> serde_json::Value {
         Registry::describe(self)
+    }
+    fn pool_resident_bytes(&self) -> Option<usize> {
+        Some(Registry::pool_resident_bytes(self))
     }
     fn active(&self) -> Option<Arc<Active>> {
         Some(Registry::current(self))

@@ -275,6 +275,12 @@ pub fn routes(api: Api) -> impl Filter<Extract = (Response,), Error = Infallible
     let admin = admin::routes(api.admin.clone());
     let metrics = warp::path!("metrics").and(with).map(|api: Api| {
         let mut body = api.metrics.render(api.store.sizes());
+        if let Some(bytes) = api.admin.control.pool_resident_bytes() {
+            body.push_str(&format!(
+                "# HELP logq_reducer_pool_resident_bytes Memory the reducers' instance pool keeps resident in slots not in use (up to 8 MiB a slot, for the next instance).\n\
+                 # TYPE logq_reducer_pool_resident_bytes gauge\nlogq_reducer_pool_resident_bytes {bytes}\n"
+            ));
+        }
         if let Some(c) = &api.cluster {
             body.push_str(&c.render_metrics());
         }

@@ -109,6 +109,12 @@ impl Registry {
         self
     }
 
+    /// Bytes the reducers' instance pool keeps resident in slots not in use (see
+    /// [`Runtime::pool_resident_bytes`]).
+    pub fn pool_resident_bytes(&self) -> usize {
+        self.runtime.pool_resident_bytes()
+    }
+
     /// The active reducer, as last published by the consumer loop.
     pub fn current(&self) -> Arc<Active> {
         self.read().current.clone()

@@ -3,8 +3,8 @@
 //! blocks (the id, then the state with a little room to grow) lie end to end in
 //! chunks of up to [`CHUNK_MAX`] bytes. So a user costs no allocation of its own
 //! (no allocator header or rounding, no scattered blocks left behind when a state
-//! moves), and a shard's memory is a few large allocations that a replaced store
-//! gives back whole.
+//! moves), and a shard's memory is a few mappings of its own ([`Mapped`]) that a
+//! replaced store or a compacted chunk gives back whole.
 //!
 //! A state that outgrows its room moves to the end of the newest chunk; the bytes it
 //! leaves are counted as waste, per chunk. A chunk whose bytes are all waste is freed
@@ -19,11 +19,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use hashbrown::HashTable;
 use logq_abi::UpdateRef;
 
+use crate::memory::Mapped;
+
 /// The largest chunk (a block larger than this gets a chunk of its own).
 pub(super) const CHUNK_MAX: usize = 1 << 20;
-// A full chunk is a mapping of its own, so a freed one goes back to the system
-// whole rather than leaving a hole in a malloc arena: see the threshold's doc.
-const _: () = assert!(CHUNK_MAX >= crate::memory::MMAP_THRESHOLD);
 /// The first chunk of a shard (they double up to [`CHUNK_MAX`]).
 const CHUNK_MIN: usize = 16 << 10;
 /// Bytes of room a visible user's block gets past its state (then rounded up to 8):
@@ -135,7 +134,8 @@ pub(super) struct EntryRef<'a> {
 
 #[derive(Debug, Default)]
 struct Chunk {
-    bytes: Vec<u8>,
+    /// A mapping of its own: given back to the system whole when the chunk goes.
+    bytes: Mapped,
     /// Bytes of `bytes` that no slot uses any more.
     waste: usize,
 }
@@ -416,13 +416,13 @@ impl Users {
 
     /// The chunk new blocks go to, with room for `size` more bytes (a new one when
     /// the newest is full).
-    fn tail_for(&mut self, size: usize) -> &mut Vec<u8> {
+    fn tail_for(&mut self, size: usize) -> &mut Mapped {
         let fits = |c: &Chunk| c.bytes.capacity() - c.bytes.len() >= size;
         if self.chunks.get(self.tail).is_none_or(|c| !fits(c)) {
             let last = self.chunks.get(self.tail).map_or(0, |c| c.bytes.capacity());
             let capacity = (last * 2).clamp(CHUNK_MIN, CHUNK_MAX).max(size);
             let chunk = Chunk {
-                bytes: Vec::with_capacity(capacity),
+                bytes: Mapped::with_capacity(capacity),
                 waste: 0,
             };
             self.tail = match self.spare.pop() {
