@@ -51,7 +51,7 @@ pub const SHARDS: usize = 16;
 /// from the broker (`bench/run.sh --catch-up-only`, 100k users, 2 lanes, the builds
 /// in turn, 3 runs each): 402-431k events/s with 2 pieces per lane, 422-447k with
 /// 4, 437-465k with 8 (16 pieces, one a shard).
-const PIECES_PER_LANE: usize = 8;
+pub const PIECES_PER_LANE: usize = 8;
 
 /// The shard of an entity key (or of a record key). Fixed across runs and machines:
 /// foldhash with a fixed seed.
