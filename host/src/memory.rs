@@ -51,9 +51,9 @@ pub fn tune_malloc() {
 /// unmaps librdkafka's fetch buffers on every fetch: 128 KiB cost a tenth of the
 /// catch-up speed. With this one, 2 lanes caught up at 0.48, 0.49, 0.48 and 0.42 of
 /// the plain consumer against 0.48, 0.53, 0.46 and 0.37 with glibc's rule, and at
-/// 446-464k events/s against 440-452k with the threshold fixed at 32 MiB
-/// (`bench/run.sh --catch-up-only`, the builds in turn): no difference beyond the
-/// machine's noise.
+/// 440-452k events/s against 446-464k with the threshold fixed at 32 MiB (and the
+/// store's chunks mapped by the store) (`bench/run.sh --catch-up-only`, the builds
+/// in turn, 4 runs each): no difference beyond the machine's noise.
 ///
 /// The users' store does not rely on it: its chunks are mappings of their own
 /// ([`Mapped`]), whatever their size.
