@@ -148,8 +148,7 @@ impl Mapped {
         if cap == 0 {
             return Self::default();
         }
-        let page = usize::try_from(page_size()).unwrap_or(4096);
-        let cap = cap.next_multiple_of(page);
+        let cap = cap.next_multiple_of(Self::page());
         // SAFETY: a fresh private anonymous mapping: no address given, no file, no
         // memory of ours touched. The result is checked before use.
         #[allow(unsafe_code)]
@@ -195,10 +194,18 @@ impl Mapped {
     }
 
     /// The heap layout of a buffer of `cap` bytes (whole pages, page-aligned).
+    ///
+    /// # Panics
+    /// When `cap` is too large for any allocation (a layout of another size would
+    /// let the buffer write past its block).
     fn layout(cap: usize) -> std::alloc::Layout {
-        let page = usize::try_from(page_size()).unwrap_or(4096);
-        std::alloc::Layout::from_size_align(cap, page)
-            .unwrap_or_else(|_| std::alloc::Layout::new::<u8>())
+        std::alloc::Layout::from_size_align(cap, Self::page())
+            .unwrap_or_else(|e| panic!("a buffer of {cap} bytes: {e}"))
+    }
+
+    /// The page size, the unit of its capacity.
+    fn page() -> usize {
+        usize::try_from(page_size()).unwrap_or(4096)
     }
 
     /// Bytes written.

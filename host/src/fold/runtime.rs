@@ -152,10 +152,10 @@ const POOL_INSTANCES: u32 = 128;
 /// Each batch gets a fresh instance, so where its memory comes from matters: from a
 /// pool of slots that stay mapped, and are reset by `memset` up to this many bytes
 /// (no page faults when the slot is used again; beyond it, `madvise`). Every slot
-/// that has held an instance keeps this much RSS until the process ends: the live
-/// lanes' slots, and those of every replay, preview and rollback since. At 8 MiB
+/// that has held an instance keeps up to this much RSS until the process ends: the
+/// live lanes' slots, and those of every replay, preview and rollback since. At 8 MiB
 /// that was 10-15 MiB of the RSS after a rollback (`bench/run.sh --swaps-only`,
-/// 100k users: after the default reducer's rollbacks 102-106 MiB at 8 MiB, 85-95 at
+/// 100k users: after the default reducer's rollbacks 100-106 MiB at 8 MiB, 85-95 at
 /// 2 MiB, 86-97 at 4 MiB), and it cost no speed to give back: catch-up from the
 /// broker, the three builds in turn, 4 runs each, 2 lanes 393-417k events/s at 8
 /// MiB, 395-413k at 2 MiB, 403-411k at 4 MiB.

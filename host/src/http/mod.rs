@@ -277,8 +277,9 @@ pub fn routes(api: Api) -> impl Filter<Extract = (Response,), Error = Infallible
         let mut body = api.metrics.render(api.store.sizes());
         if let Some(bytes) = api.admin.control.pool_resident_bytes() {
             body.push_str(&format!(
-                "# HELP logq_reducer_pool_resident_bytes Memory the reducers' instance pool keeps resident in slots not in use (up to 8 MiB a slot, for the next instance).\n\
-                 # TYPE logq_reducer_pool_resident_bytes gauge\nlogq_reducer_pool_resident_bytes {bytes}\n"
+                "# HELP logq_reducer_pool_resident_bytes Memory the reducers' instance pool keeps resident in slots not in use (up to {} MiB a slot, for the next instance).\n\
+                 # TYPE logq_reducer_pool_resident_bytes gauge\nlogq_reducer_pool_resident_bytes {bytes}\n",
+                crate::fold::runtime::KEEP_RESIDENT >> 20
             ));
         }
         if let Some(c) = &api.cluster {
