@@ -21,6 +21,7 @@ pub mod changes;
 pub mod export;
 pub mod refused;
 pub mod snapshot;
+mod tombstones;
 mod users;
 
 use std::collections::{BTreeSet, HashMap};
@@ -33,6 +34,7 @@ use logq_abi::{Entity, Kind, States, Update, UpdateRef, Updates};
 use crate::broker::Positions;
 pub use crate::fold::lanes::{SHARDS, shard_of};
 use crate::fold::{Lend, Note, Target};
+use tombstones::Tombstones;
 use users::{EntryRef, Users};
 
 /// The maps' hasher: fast, and seeded per process (keys come from producers).
@@ -134,7 +136,7 @@ struct Shard {
     answers: Renderers,
     /// Users kept but not visible (deleted, or never created) that carry a clock,
     /// oldest first, by slot: what expires.
-    tombstones: BTreeSet<(i64, u32)>,
+    tombstones: Tombstones,
     /// Running exports: before a user that existed when one began changes, its old
     /// entry is saved there (see [`export`]).
     images: Vec<std::sync::Weak<export::Image>>,
@@ -572,8 +574,7 @@ impl StateStore {
             sizes.users_visible += shard.users_visible;
             sizes.users_stored += shard.users.len();
             sizes.user_bytes += shard.user_bytes;
-            // A B-tree entry and its share of the node around it.
-            sizes.user_store_bytes += shard.users.held() + shard.tombstones.len() * 24;
+            sizes.user_store_bytes += shard.users.held() + shard.tombstones.held();
             sizes.tombstones += shard.tombstones.len();
         }
         sizes
@@ -722,8 +723,7 @@ impl Writer {
         }
         let horizon = clock.saturating_sub(retention);
         for (i, shard) in self.shards.iter().enumerate() {
-            let due = |s: &Shard| s.tombstones.first().is_some_and(|(c, _)| *c < horizon);
-            if !due(&read(shard)) {
+            if !read(shard).tombstones.any_before(horizon) {
                 continue;
             }
             let n = self.write_shard(i).expire(horizon);
@@ -1000,15 +1000,9 @@ impl Shard {
     /// Keeps the tombstone index right as the tombstone clock (see
     /// [`EntryRef::tombstone`]) of the user in slot `id` goes from `old` to `new`.
     fn track_tombstone(&mut self, id: u32, old: Option<i64>, new: Option<i64>) {
-        if old == new {
-            return;
-        }
-        if let Some(c) = old {
-            self.tombstones.remove(&(c, id));
-        }
-        if let Some(c) = new {
-            self.tombstones.insert((c, id));
-        }
+        let users = &self.users;
+        self.tombstones
+            .track(id, old, new, |id| users.tombstone_clock(id));
     }
 
     /// Forgets the user in slot `id` (its key `key`), keeping the counts, the
@@ -1043,10 +1037,14 @@ impl Shard {
     /// Forgets every tombstone whose clock is before `horizon`; returns how many.
     fn expire(&mut self, horizon: i64) -> u64 {
         let mut n = 0;
-        while let Some(&(c, id)) = self.tombstones.first()
-            && c < horizon
-        {
-            // The index only holds current tombstones (see `track_tombstone`).
+        loop {
+            let users = &self.users;
+            let Some(id) = self
+                .tombstones
+                .pop_due(horizon, |id| users.tombstone_clock(id))
+            else {
+                break;
+            };
             let key: Box<str> = self.users.key(id).into();
             self.forget(id, &key);
             n += 1;
@@ -1273,13 +1271,20 @@ mod tests {
         let store = Writer::new_store();
         let u = [entity(Kind::User, "u")];
         let answer = |n: usize| format!(r#"{{"id":"u","pad":"{}"}}"#, "x".repeat(n));
-        // A state of 110 bytes ("s", then the answer) gets a block of 128 with its id:
-        // room for 127.
+        let room = |store: &StateStore| store.read_shard("u").users.get("u").unwrap().room.len();
+        // A state of 110 bytes ("s", then the answer) gets a block of just that and its
+        // id: most users never change.
         store.apply(&u, vec![update(Some(&answer(90)), None)]);
-        let (first, block) = lent(&store, "u");
+        let (first, exact) = lent(&store, "u");
         assert_eq!(first, update(Some(&answer(90)), None).state);
+        assert_eq!(room(&store), 110);
+        // Five bytes longer: a new block, with room to grow.
+        store.apply(&u, vec![update(Some(&answer(95)), None)]);
+        let (_, block) = lent(&store, "u");
+        assert_ne!(block, exact, "outgrew its first block");
+        assert_eq!(room(&store), 115 + users::SLACK);
         // A little longer or shorter: the same block, the new bytes.
-        for n in [95, 80, 100] {
+        for n in [80, 100, 95] {
             store.apply(&u, vec![update(Some(&answer(n)), None)]);
             let (state, at) = lent(&store, "u");
             assert_eq!(state, update(Some(&answer(n)), None).state, "{n}");
@@ -1297,7 +1302,6 @@ mod tests {
         let (state, big) = lent(&store, "u");
         assert_eq!(state, update(Some(&answer(1000)), None).state);
         assert_ne!(big, block);
-        let room = |store: &StateStore| store.read_shard("u").users.get("u").unwrap().room.len();
         assert!(
             (1020..1020 + 32).contains(&room(&store)),
             "{}",

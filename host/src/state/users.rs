@@ -25,12 +25,14 @@ use crate::memory::Mapped;
 pub(super) const CHUNK_MAX: usize = 1 << 20;
 /// The first chunk of a shard (they double up to [`CHUNK_MAX`]).
 const CHUNK_MIN: usize = 16 << 10;
-/// Bytes of room a visible user's block gets past its state (then rounded up to 8):
-/// most updates change a state by a few bytes and are written in place. A user not
-/// visible (most of them deleted: tombstones seldom change) gets none.
-const SLACK: usize = 16;
+/// Bytes of room a visible user's block gets past its state once the state has
+/// outgrown its first block: most updates change a state by a few bytes and are
+/// then written in place. A user's first block has none (most users are never
+/// updated), nor has a user not visible (most of them deleted: tombstones seldom
+/// change).
+pub(super) const SLACK: usize = 16;
 /// Compaction starts once waste is more than 1/`WASTE_SHARE` of the chunks' blocks.
-const WASTE_SHARE: usize = 16;
+const WASTE_SHARE: usize = 32;
 /// At most this many chunks are compacted by one call of [`Users::compact`].
 const COMPACT_PER_CALL: usize = 2;
 
@@ -190,9 +192,10 @@ pub(super) struct Users {
     pinned: bool,
 }
 
-/// A block's size for an id of `key_len` bytes and a state of `len`.
-fn block_for(key_len: usize, len: usize, visible: bool) -> usize {
-    (key_len + len + if visible { SLACK } else { 0 }).next_multiple_of(8)
+/// A block's size for an id of `key_len` bytes and a state of `len`, with room to
+/// grow or not.
+fn block_for(key_len: usize, len: usize, room: bool) -> usize {
+    key_len + len + if room { SLACK } else { 0 }
 }
 
 impl Users {
@@ -257,6 +260,16 @@ impl Users {
         }
     }
 
+    /// The tombstone clock ([`EntryRef::tombstone`]) of the user in slot `id`; `None`
+    /// also for a slot free or forgotten.
+    pub fn tombstone_clock(&self, id: u32) -> Option<i64> {
+        let s = self.slots.get(id as usize)?;
+        if s.chunk == NONE || s.gone() {
+            return None;
+        }
+        self.entry(id).tombstone()
+    }
+
     /// The slots of the users kept, in slot order (memory order: a pass over them
     /// reads the slots one after the other).
     fn live(&self) -> impl Iterator<Item = u32> + '_ {
@@ -299,7 +312,7 @@ impl Users {
     /// Keeps user `key` (not kept yet) with `update`'s `state`, by reducer `by`;
     /// returns its slot.
     pub fn insert(&mut self, key: &str, update: &UpdateRef<'_>, state: &[u8], by: u32) -> u32 {
-        let size = block_for(key.len(), state.len(), update.view.is_some());
+        let size = block_for(key.len(), state.len(), false);
         let (chunk, offset) = self.place(&[key.as_bytes(), state], size);
         let slot = Slot {
             chunk,
@@ -895,20 +908,29 @@ mod tests {
             (s.chunk, s.offset)
         };
         let first = at(&users);
+        let room = |users: &Users, key: &str| users.get(key).unwrap().room.len();
+        assert_eq!(room(&users, "u"), 100, "a first block has no room");
+        put(&mut users, "u", &[2; 90]);
+        assert_eq!(at(&users), first, "fits");
         put(&mut users, "u", &[2; 110]);
-        assert_eq!(at(&users), first, "fits the room");
+        let second = at(&users);
+        assert_ne!(second, first, "outgrew it");
         assert_eq!(users.get("u").unwrap().state(), &[2; 110][..]);
+        assert_eq!(room(&users, "u"), 110 + SLACK, "then it has room");
+        put(&mut users, "u", &[3; 110 + SLACK]);
+        assert_eq!(at(&users), second, "fits the room");
         put(&mut users, "u", &[3; 200]);
-        assert_ne!(at(&users), first, "outgrew it");
+        assert_ne!(at(&users), second, "outgrew it");
         assert_eq!(users.get("u").unwrap().state(), &[3; 200][..]);
-        assert_eq!(users.waste, block_for(1, 100, true));
-        // A user not visible (a tombstone, mostly) gets no room to grow.
+        assert_eq!(users.waste, 1 + 100 + 1 + 110 + SLACK);
+        // A user not visible (a tombstone, mostly) gets no room to grow, moved or not.
         let hidden = update(&[4; 50], None);
         let mut hidden = hidden.as_ref();
         hidden.view = None;
-        users.insert("gone", &hidden, &[4; 50], 7);
-        let room = users.get("gone").unwrap().room.len();
-        assert!((50..58).contains(&room), "{room}");
+        let id = users.insert("gone", &hidden, &[4; 50], 7);
+        assert_eq!(room(&users, "gone"), 50);
+        users.set(id, &hidden, &[5; 60], 7);
+        assert_eq!(room(&users, "gone"), 60);
         // So little waste is left where it is: nothing moves.
         let moved = at(&users);
         users.compact();
