@@ -12,6 +12,9 @@
 //! repeat (a field set by the same event as the field before it, the creation's for
 //! the first; the touched time when it is the creation's) is a flag bit, not 8-13
 //! bytes: most users are only ever created, and their header carries one stamp.
+//! A visible user's answer ends with its creation and touched times; the header
+//! keeps only the creation's place in the log, and the times are read back from
+//! the answer.
 
 use std::borrow::Cow;
 use std::ops::Range;
@@ -191,7 +194,17 @@ impl<'a> UserState<'a> {
             self.organization_name(),
         );
 
-        let mut h = Header::start(body, USER_TAG);
+        // A visible user's answer ends the body (unless the join key needed a raw copy)
+        // and ends with its creation and touched times: they are read from there.
+        let times_in_answer = view.as_ref().is_some_and(|v| v.end as usize == body.len())
+            && self.created.is_some_and(|c| time::renders_exactly(c.at))
+            && self.touched.is_none_or(time::renders_exactly);
+        let tag = if times_in_answer {
+            USER_TAG_TIMES_IN_ANSWER
+        } else {
+            USER_TAG
+        };
+        let mut h = Header::start(body, tag);
         let times = [
             self.created.is_some(),
             self.deleted.is_some(),
@@ -220,10 +233,15 @@ impl<'a> UserState<'a> {
         }
         h.u8(flags);
         h.u8(escaped);
-        for s in [self.created, self.deleted].into_iter().flatten() {
-            h.stamp(s);
+        match (self.created, times_in_answer) {
+            (Some(c), true) => h.pos(c.pos),
+            (Some(c), false) => h.stamp(c),
+            (None, _) => {}
         }
-        if let (Some(t), false) = (self.touched, touched_is_created) {
+        if let Some(d) = self.deleted {
+            h.stamp(d);
+        }
+        if let (Some(t), false, false) = (self.touched, touched_is_created, times_in_answer) {
             h.time(t);
         }
         for (i, (field, span)) in self.fields.iter().zip(spans).enumerate() {
@@ -249,20 +267,37 @@ impl<'a> UserState<'a> {
     /// # Errors
     /// When `bytes` is not a user state of this encoding.
     pub fn decode(bytes: &'a [u8], id: &'a str) -> Result<Self, String> {
-        let (body, mut r) = split(bytes, &[USER_TAG, USER_TAG_FULL_STAMPS])?;
+        let tags = [USER_TAG_TIMES_IN_ANSWER, USER_TAG, USER_TAG_FULL_STAMPS];
+        let (tag, body, mut r) = split(bytes, &tags)?;
         let flags = r.u8()?;
         let escaped = r.u8()?;
-        let mut stamps = [None; 2];
-        for (i, s) in stamps.iter_mut().enumerate() {
-            if flags & (1 << i) != 0 {
-                *s = Some(r.stamp()?);
-            }
-        }
         let missing = || "state refers to a stamp it does not have".to_owned();
-        let touched = match (flags & 4 != 0, flags & 0x80 != 0) {
-            (false, _) => None,
-            (true, false) => Some(r.time()?),
-            (true, true) => Some(stamps[0].ok_or_else(missing)?.at),
+        let in_answer = if tag == USER_TAG_TIMES_IN_ANSWER {
+            if flags & 1 == 0 {
+                return Err(missing());
+            }
+            Some(answer_times(body, flags & 4 != 0)?)
+        } else {
+            None
+        };
+        let created = if flags & 1 == 0 {
+            None
+        } else if let Some((at, _)) = in_answer {
+            Some(Stamp::new(at, r.pos()?))
+        } else {
+            Some(r.stamp()?)
+        };
+        let deleted = if flags & 2 != 0 {
+            Some(r.stamp()?)
+        } else {
+            None
+        };
+        let stamps = [created, deleted];
+        let touched = match (in_answer, flags & 4 != 0, flags & 0x80 != 0) {
+            (Some((_, touched)), _, _) => touched,
+            (None, false, _) => None,
+            (None, true, false) => Some(r.time()?),
+            (None, true, true) => Some(stamps[0].ok_or_else(missing)?.at),
         };
         let mut fields: [Option<Field<'a>>; 4] = Default::default();
         let mut last = stamps[0];
@@ -374,7 +409,7 @@ impl<'a> OrgState<'a> {
     /// # Errors
     /// When `bytes` is not an organization state of this encoding.
     pub fn decode(bytes: &'a [u8]) -> Result<Self, String> {
-        let (body, mut r) = split(bytes, &[ORG_TAG])?;
+        let (_, body, mut r) = split(bytes, &[ORG_TAG])?;
         let flags = r.u8()?;
         let created_at = r.time()?;
         let version = r.stamp()?;
@@ -506,6 +541,8 @@ fn unzigzag(n: u64) -> i64 {
 /// Tags of this encoding. `U` and `O` were the encoding before stamps carried the
 /// log position: such a state is refused with a hint, not misread.
 const USER_TAG: u8 = b'v';
+/// Users visible whose creation and touched times are read from the answer.
+const USER_TAG_TIMES_IN_ANSWER: u8 = b'w';
 /// Users as written before the shared stamps were flagged: every stamp written out,
 /// the flag bits clear, so the one decoder reads both.
 const USER_TAG_FULL_STAMPS: u8 = b'u';
@@ -546,9 +583,12 @@ impl Header {
     /// practice), then the element index.
     fn stamp(&mut self, s: Stamp) {
         self.time(s.at);
-        self.varint64(zigzag(i64::from(s.pos.partition)));
-        self.varint64(zigzag(s.pos.offset));
-        self.varint64(u64::from(s.pos.item));
+        self.pos(s.pos);
+    }
+    fn pos(&mut self, p: Pos) {
+        self.varint64(zigzag(i64::from(p.partition)));
+        self.varint64(zigzag(p.offset));
+        self.varint64(u64::from(p.item));
     }
     fn span(&mut self, s: Span) {
         self.varint(s.start);
@@ -561,8 +601,35 @@ impl Header {
     }
 }
 
-/// Splits a state into its body (UTF-8) and a reader of its header.
-fn split<'b>(bytes: &'b [u8], tags: &[u8]) -> Result<(&'b str, Reader<'b>), String> {
+/// The creation and touched times at the end of a visible user's answer (the body
+/// of a state tagged [`USER_TAG_TIMES_IN_ANSWER`]), as [`UserState::encode`] renders
+/// them.
+fn answer_times(body: &str, touched: bool) -> Result<(Micros, Option<Micros>), String> {
+    let bad = || "state answer does not end with its times".to_owned();
+    let last_time = |rest: &str| -> Result<(usize, Micros), String> {
+        let at = rest.len().checked_sub(time::RENDERED_LEN).ok_or_else(bad)?;
+        let text = rest.get(at..).ok_or_else(bad)?;
+        Ok((at, time::parse_rendered(text).ok_or_else(bad)?))
+    };
+    let rest = body.strip_suffix('}').ok_or_else(bad)?;
+    let (rest, touched) = if touched {
+        let rest = rest.strip_suffix('"').ok_or_else(bad)?;
+        let (at, t) = last_time(rest)?;
+        let rest = rest[..at].strip_suffix("\",\"updated_at\":\"");
+        (rest.ok_or_else(bad)?, Some(t))
+    } else {
+        let rest = rest.strip_suffix("\",\"updated_at\":null");
+        (rest.ok_or_else(bad)?, None)
+    };
+    let (at, created) = last_time(rest)?;
+    if !rest[..at].ends_with("\"created_at\":\"") {
+        return Err(bad());
+    }
+    Ok((created, touched))
+}
+
+/// Splits a state into its tag, its body (UTF-8) and a reader of its header.
+fn split<'b>(bytes: &'b [u8], tags: &[u8]) -> Result<(u8, &'b str, Reader<'b>), String> {
     let (rest, len) = bytes.split_last_chunk::<4>().ok_or("state is truncated")?;
     let len = u32::from_le_bytes(*len) as usize;
     let at = rest
@@ -572,7 +639,7 @@ fn split<'b>(bytes: &'b [u8], tags: &[u8]) -> Result<(&'b str, Reader<'b>), Stri
     let (body, header) = rest.split_at(at);
     let body = std::str::from_utf8(body).map_err(|_| "state body is not UTF-8")?;
     match header.split_first() {
-        Some((t, header)) if tags.contains(t) => Ok((body, Reader { bytes: header })),
+        Some((t, header)) if tags.contains(t) => Ok((*t, body, Reader { bytes: header })),
         Some((t, _)) if EARLIER_TAGS.contains(t) => Err(
             "state written by an earlier version of this reducer (without log positions): \
              swap with mode=replay to rebuild it"
@@ -621,18 +688,18 @@ impl<'a> Reader<'a> {
     }
     fn stamp(&mut self) -> Result<Stamp, String> {
         let at = self.time()?;
+        Ok(Stamp::new(at, self.pos()?))
+    }
+    fn pos(&mut self) -> Result<Pos, String> {
         let partition = i32::try_from(unzigzag(self.varint64()?))
             .map_err(|_| "state partition is out of range")?;
         let offset = unzigzag(self.varint64()?);
         let item = u32::try_from(self.varint64()?).map_err(|_| "state item is out of range")?;
-        Ok(Stamp::new(
-            at,
-            Pos {
-                partition,
-                offset,
-                item,
-            },
-        ))
+        Ok(Pos {
+            partition,
+            offset,
+            item,
+        })
     }
     /// A string of `body` at the next span, unescaped if it is stored escaped.
     fn value<'b>(&mut self, body: &'b str, escaped: bool) -> Result<Cow<'b, str>, String> {
@@ -717,10 +784,12 @@ mod tests {
         assert_eq!(decoded, user());
         let again = decoded.encode();
         assert_eq!(&again.state[..body.len()], body.as_bytes(), "the same body");
-        assert_eq!(again.state[body.len()], USER_TAG);
-        // Field 3 follows the update's stamp, so it is written; field 0 is not.
-        // (8-byte time, partition, offset 300 in 2 bytes, item: 12 bytes).
-        assert_eq!(again.state.len(), old.len() - 12, "one stamp fewer");
+        assert_eq!(again.state[body.len()], USER_TAG_TIMES_IN_ANSWER);
+        // Field 0's stamp is the creation's, so it is not written (8-byte time,
+        // partition, offset 300 in 2 bytes, item: 12 bytes); field 3 follows the
+        // update's, so it is. The creation's and the touched times are read from the
+        // answer (8 bytes each).
+        assert_eq!(again.state.len(), old.len() - 12 - 8 - 8);
         assert_eq!(UserState::decode(&again.state, "u-1"), Ok(user()));
     }
 
@@ -782,9 +851,14 @@ mod tests {
         );
         let e = user.encode();
         let header = u32::from_le_bytes(*e.state.last_chunk::<4>().unwrap_or(&[0; 4])) as usize;
-        // Tag, flags, escapes, the stamp (8-byte time, partition, offset in 3 bytes,
-        // item), then a start and a length per field.
-        assert_eq!(header, 1 + 2 + (8 + 1 + 3 + 1) + 4 * 2);
+        // Tag, flags, escapes, the stamp's place in the log (partition, offset in 3
+        // bytes, item: its time is the answer's created_at), then a start and a
+        // length per field.
+        assert_eq!(
+            e.state[e.state.len() - 4 - header],
+            USER_TAG_TIMES_IN_ANSWER
+        );
+        assert_eq!(header, 1 + 2 + (1 + 3 + 1) + 4 * 2);
         assert_eq!(UserState::decode(&e.state, "u"), Ok(user));
     }
 
@@ -795,5 +869,48 @@ mod tests {
         let bytes = b"v\x84\x00\x03\x00\x00\x00";
         let err = UserState::decode(bytes, "u").unwrap_err();
         assert!(err.contains("stamp it does not have"), "{err}");
+    }
+
+    /// Where the answer does not end the body (the organization name needs a raw
+    /// copy for the join) or a time does not render back to itself, the times stay
+    /// in the header.
+    #[test]
+    fn a_visible_user_whose_answer_cannot_give_its_times_back_keeps_them() {
+        let year_10000 = 253_402_300_800_000_000;
+        for (name, at) in [("Outer \"Heaven\"", T), ("MGS", year_10000)] {
+            let mut user = UserState::new("u");
+            user.apply(
+                crate::event::Action::Created,
+                stamp(at, 0, 1, 0),
+                [Some("a"), None, None, Some(name)],
+            );
+            user.apply(
+                crate::event::Action::Updated,
+                stamp(at + 1, 0, 2, 0),
+                [None, Some("b"), None, None],
+            );
+            let e = user.encode();
+            assert!(e.view.is_some(), "visible");
+            let header = u32::from_le_bytes(*e.state.last_chunk::<4>().unwrap_or(&[0; 4]));
+            let tag = e.state[e.state.len() - 4 - header as usize];
+            assert_eq!(tag, USER_TAG, "{name} {at}");
+            assert_eq!(UserState::decode(&e.state, "u"), Ok(user));
+        }
+    }
+
+    #[test]
+    fn an_answer_that_does_not_end_with_its_times_is_an_error() {
+        let user = user();
+        let e = user.encode();
+        assert_eq!(UserState::decode(&e.state, "u-1"), Ok(user));
+        // The same state with the answer's last time cut short by one digit.
+        let view_end = e.view.map_or(0, |v| v.end as usize);
+        let mut cut = e.state.clone();
+        cut.remove(view_end - 3);
+        let err = UserState::decode(&cut, "u-1").unwrap_err();
+        assert!(
+            err.contains("does not end with its times") || err.contains("timestamp"),
+            "{err}"
+        );
     }
 }

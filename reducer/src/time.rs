@@ -145,6 +145,56 @@ fn civil_from_days(z: i64) -> (i64, i64, i64) {
     (y, m, d)
 }
 
+/// Bytes of [`render`]'s text for a time that [`renders_exactly`].
+pub const RENDERED_LEN: usize = 27;
+
+/// Whether [`render`] writes `t` as the [`RENDERED_LEN`] bytes
+/// `YYYY-MM-DDTHH:MM:SS.ffffffZ`, which [`parse`] reads back as `t`: years 0000-9999.
+pub fn renders_exactly(t: Micros) -> bool {
+    (FIRST_RENDERED..=LAST_RENDERED).contains(&t)
+}
+
+/// 0000-01-01T00:00:00Z and the last microsecond of 9999.
+const FIRST_RENDERED: Micros = -62_167_219_200 * MICROS_PER_SEC;
+const LAST_RENDERED: Micros = 253_402_300_800 * MICROS_PER_SEC - 1;
+
+/// Reads back what [`render`] wrote for a time that [`renders_exactly`]: only that
+/// fixed form, `YYYY-MM-DDTHH:MM:SS.ffffffZ`, with no search (states carry times
+/// this way, and a fold reads them for every entity it touches).
+pub fn parse_rendered(text: &str) -> Option<Micros> {
+    let b: &[u8; RENDERED_LEN] = text.as_bytes().try_into().ok()?;
+    for (at, c) in [
+        (4, b'-'),
+        (7, b'-'),
+        (10, b'T'),
+        (13, b':'),
+        (16, b':'),
+        (19, b'.'),
+        (26, b'Z'),
+    ] {
+        if b[at] != c {
+            return None;
+        }
+    }
+    let n = |from: usize, to: usize| {
+        b[from..to].iter().try_fold(0i64, |acc, c| {
+            let d = c.wrapping_sub(b'0');
+            (d < 10).then(|| acc * 10 + i64::from(d))
+        })
+    };
+    let (year, month, day) = (n(0, 4)?, n(5, 7)?, n(8, 10)?);
+    let (hour, minute, second, micros) = (n(11, 13)?, n(14, 16)?, n(17, 19)?, n(20, 26)?);
+    if !(1..=12).contains(&month) || day < 1 || day > days_in_month(year, month) {
+        return None;
+    }
+    if hour > 23 || minute > 59 || second > 59 {
+        return None;
+    }
+    let secs =
+        days_from_civil(year, month, day) * SECS_PER_DAY + hour * 3600 + minute * 60 + second;
+    Some(secs * MICROS_PER_SEC + micros)
+}
+
 /// Renders a time as RFC 3339 in UTC with microseconds, e.g. `2020-12-08T20:03:16.759617Z`.
 pub fn render(t: Micros) -> String {
     let mut out = String::with_capacity(27);
@@ -190,6 +240,43 @@ pub fn render_into(out: &mut String, t: Micros) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_time_that_renders_exactly_parses_back_to_itself() {
+        let first = parse("0000-01-01T00:00:00.000000Z").unwrap();
+        let last = parse("9999-12-31T23:59:59.999999Z").unwrap();
+        let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+        let mut times = vec![first, last, 0, -1, 1_607_457_796_759_617];
+        for _ in 0..100_000 {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            times.push(first + (seed % (last - first + 1) as u64) as i64);
+        }
+        for t in times {
+            assert!(renders_exactly(t), "{t}");
+            let text = render(t);
+            assert_eq!(text.len(), RENDERED_LEN, "{text}");
+            assert_eq!(parse(&text), Ok(t), "{text}");
+            assert_eq!(parse_rendered(&text), Some(t), "{text}");
+        }
+        for t in [first - 1, last + 1, i64::MIN, i64::MAX] {
+            assert!(!renders_exactly(t), "{t}");
+        }
+        // Only that form, and only real times.
+        for text in [
+            "2020-12-08 20:03:16.759617Z",
+            "2020-12-08T20:03:16.759617",
+            "2020-12-08T20:03:16.75961Z",
+            "2020-02-30T20:03:16.759617Z",
+            "2020-12-08T24:03:16.759617Z",
+            "2020-12-08T20:03:60.759617Z",
+            "2020-12-08T20:0x:16.759617Z",
+            "+020-12-08T20:03:16.759617Z",
+        ] {
+            assert_eq!(parse_rendered(text), None, "{text}");
+        }
+    }
 
     #[test]
     fn seed_format_is_utc_microseconds() {
