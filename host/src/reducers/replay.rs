@@ -493,13 +493,16 @@ impl Tail {
                     // client before it: give it back now, before the swap is said to
                     // be done, or every swap would leave the process larger.
                     crate::memory::trim();
-                    *phase = Phase::Done;
-                    let _ = replay.ended.set(replay.started.elapsed());
-                    drop(phase);
+                    // The entry and the offsets before the phase says done, under its
+                    // lock (as a preview's report): whoever sees the replay done sees
+                    // its swap active.
                     replay.update(|p| p.handover_offsets = Some(offsets.clone()));
                     replay.history.activated(replay.swap, |r| {
                         r.switch_offsets = Some(offsets);
                     });
+                    *phase = Phase::Done;
+                    let _ = replay.ended.set(replay.started.elapsed());
+                    drop(phase);
                     tracing::info!("replay of swap #{} handed over", replay.swap);
                     true
                 }
