@@ -36,6 +36,19 @@ impl Stamp {
     pub fn new(at: Micros, pos: Pos) -> Self {
         Self { at, pos }
     }
+
+    /// The stamp of time `at`, partition, offset and item: for tests.
+    #[cfg(test)]
+    pub(crate) fn of(at: Micros, partition: i32, offset: i64, item: u32) -> Self {
+        Self::new(
+            at,
+            Pos {
+                partition,
+                offset,
+                item,
+            },
+        )
+    }
 }
 
 #[cfg(test)]
@@ -44,16 +57,7 @@ mod tests {
 
     #[test]
     fn time_first_then_partition_then_offset_then_item() {
-        let s = |at, partition, offset, item| {
-            Stamp::new(
-                at,
-                Pos {
-                    partition,
-                    offset,
-                    item,
-                },
-            )
-        };
+        let s = Stamp::of;
         assert!(
             s(2, 0, 0, 0) > s(1, 9, 9, 9),
             "a later time wins whatever the position"

@@ -731,24 +731,13 @@ impl<'a> Reader<'a> {
 mod tests {
     use super::*;
 
-    fn stamp(at: Micros, partition: i32, offset: i64, item: u32) -> Stamp {
-        Stamp::new(
-            at,
-            Pos {
-                partition,
-                offset,
-                item,
-            },
-        )
-    }
-
     const T: Micros = 1_600_000_000_000_001;
 
     /// The user [`EVERY_STAMP_WRITTEN`] holds: visible, touched after its creation,
     /// one field set by the creation, one by an update, one missing, the last by the
     /// creation again.
     fn user() -> UserState<'static> {
-        let created = stamp(T, 1, 300, 0);
+        let created = Stamp::of(T, 1, 300, 0);
         let field = |value: &'static str, at| {
             Some(Field {
                 value: Cow::Borrowed(value),
@@ -758,11 +747,11 @@ mod tests {
         UserState {
             id: "u-1",
             created: Some(created),
-            deleted: Some(stamp(1_500_000_000_000_000, 0, 7, 2)),
+            deleted: Some(Stamp::of(1_500_000_000_000_000, 0, 7, 2)),
             touched: Some(T + 8),
             fields: [
                 field("snake", created),
-                field("a\"b", stamp(T + 8, 2, 9, 1)),
+                field("a\"b", Stamp::of(T + 8, 2, 9, 1)),
                 None,
                 field("MGS", created),
             ],
@@ -799,8 +788,8 @@ mod tests {
     /// what was encoded.
     #[test]
     fn every_pattern_of_shared_stamps_round_trips() {
-        let created = stamp(T, 3, 1_000, 0);
-        let update = |n: i64| stamp(T + n, 0, 2_000 + n, 1);
+        let created = Stamp::of(T, 3, 1_000, 0);
+        let update = |n: i64| Stamp::of(T + n, 0, 2_000 + n, 1);
         let mut checked = 0;
         for times in 0..8u8 {
             for touched_at in [T, T + 5] {
@@ -842,7 +831,7 @@ mod tests {
 
     #[test]
     fn a_user_only_created_carries_one_stamp() {
-        let created = stamp(T, 1, 1_000_000, 0);
+        let created = Stamp::of(T, 1, 1_000_000, 0);
         let mut user = UserState::new("u");
         user.apply(
             crate::event::Action::Created,
@@ -881,12 +870,12 @@ mod tests {
             let mut user = UserState::new("u");
             user.apply(
                 crate::event::Action::Created,
-                stamp(at, 0, 1, 0),
+                Stamp::of(at, 0, 1, 0),
                 [Some("a"), None, None, Some(name)],
             );
             user.apply(
                 crate::event::Action::Updated,
-                stamp(at + 1, 0, 2, 0),
+                Stamp::of(at + 1, 0, 2, 0),
                 [None, Some("b"), None, None],
             );
             let e = user.encode();
