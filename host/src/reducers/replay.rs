@@ -256,20 +256,24 @@ impl Replay {
     /// already; records the outcome in the history. `false`: it had ended (a
     /// handover that already flipped stays flipped).
     pub fn stop(&self, phase: Phase, reason: Option<String>) -> bool {
-        {
-            let mut current = lock(&self.phase);
-            if current.is_final() {
-                return false;
-            }
-            *current = phase;
-            self.stop.store(true, Ordering::Relaxed);
-            let _ = self.ended.set(self.started.elapsed());
-        }
         let outcome = match phase {
             Phase::Cancelled => Outcome::Cancelled,
             Phase::Superseded => Outcome::Superseded,
             _ => Outcome::Failed,
         };
+        {
+            let mut current = lock(&self.phase);
+            if current.is_final() {
+                return false;
+            }
+            // The entry and the error before the phase says so, under its lock (as
+            // the handover does): whoever sees the replay ended sees why.
+            self.history.end(self.swap, outcome, reason.clone());
+            self.update(|p| p.error = reason.clone());
+            *current = phase;
+            self.stop.store(true, Ordering::Relaxed);
+            let _ = self.ended.set(self.started.elapsed());
+        }
         tracing::info!(
             "replay of swap #{} {outcome:?}{}",
             self.swap,
@@ -278,8 +282,6 @@ impl Replay {
                 .map(|r| format!(": {r}"))
                 .unwrap_or_default()
         );
-        self.history.end(self.swap, outcome, reason.clone());
-        self.update(|p| p.error = reason);
         true
     }
 
