@@ -292,15 +292,14 @@ impl<'a> UserState<'a> {
         } else {
             None
         };
-        let stamps = [created, deleted];
         let touched = match (in_answer, flags & 4 != 0, flags & 0x80 != 0) {
             (Some((_, touched)), _, _) => touched,
             (None, false, _) => None,
             (None, true, false) => Some(r.time()?),
-            (None, true, true) => Some(stamps[0].ok_or_else(missing)?.at),
+            (None, true, true) => Some(created.ok_or_else(missing)?.at),
         };
         let mut fields: [Option<Field<'a>>; 4] = Default::default();
-        let mut last = stamps[0];
+        let mut last = created;
         for (i, slot) in fields.iter_mut().enumerate() {
             if flags & (1 << (3 + i)) != 0 {
                 let at = if escaped & (1 << (4 + i)) != 0 {
@@ -314,7 +313,6 @@ impl<'a> UserState<'a> {
             }
         }
         r.finish()?;
-        let [created, deleted] = stamps;
         Ok(Self {
             id,
             created,

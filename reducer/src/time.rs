@@ -158,41 +158,14 @@ pub fn renders_exactly(t: Micros) -> bool {
 const FIRST_RENDERED: Micros = -62_167_219_200 * MICROS_PER_SEC;
 const LAST_RENDERED: Micros = 253_402_300_800 * MICROS_PER_SEC - 1;
 
-/// Reads back what [`render`] wrote for a time that [`renders_exactly`]: only that
-/// fixed form, `YYYY-MM-DDTHH:MM:SS.ffffffZ`, with no search (states carry times
-/// this way, and a fold reads them for every entity it touches).
+/// Reads back what [`render`] wrote for a time that [`renders_exactly`]: [`parse`]'s
+/// reader, held to that one form, `YYYY-MM-DDTHH:MM:SS.ffffffZ` (no leap second,
+/// which `render` never writes).
 pub fn parse_rendered(text: &str) -> Option<Micros> {
-    let b: &[u8; RENDERED_LEN] = text.as_bytes().try_into().ok()?;
-    for (at, c) in [
-        (4, b'-'),
-        (7, b'-'),
-        (10, b'T'),
-        (13, b':'),
-        (16, b':'),
-        (19, b'.'),
-        (26, b'Z'),
-    ] {
-        if b[at] != c {
-            return None;
-        }
-    }
-    let n = |from: usize, to: usize| {
-        b[from..to].iter().try_fold(0i64, |acc, c| {
-            let d = c.wrapping_sub(b'0');
-            (d < 10).then(|| acc * 10 + i64::from(d))
-        })
-    };
-    let (year, month, day) = (n(0, 4)?, n(5, 7)?, n(8, 10)?);
-    let (hour, minute, second, micros) = (n(11, 13)?, n(14, 16)?, n(17, 19)?, n(20, 26)?);
-    if !(1..=12).contains(&month) || day < 1 || day > days_in_month(year, month) {
-        return None;
-    }
-    if hour > 23 || minute > 59 || second > 59 {
-        return None;
-    }
-    let secs =
-        days_from_civil(year, month, day) * SECS_PER_DAY + hour * 3600 + minute * 60 + second;
-    Some(secs * MICROS_PER_SEC + micros)
+    let b = text.as_bytes();
+    let form =
+        b.len() == RENDERED_LEN && b[10] == b'T' && b[17] < b'6' && b[19] == b'.' && b[26] == b'Z';
+    form.then(|| parse_inner(b)).flatten()
 }
 
 /// Renders a time as RFC 3339 in UTC with microseconds, e.g. `2020-12-08T20:03:16.759617Z`.
