@@ -92,6 +92,10 @@ struct Args {
     /// lies: for work on memory.
     #[arg(long)]
     memory_only: bool,
+    /// Only the closed-loop reads of figure 3 (logq and nginx in turn, `--runs`
+    /// rounds), printed: for work on the read path.
+    #[arg(long)]
+    reads_only: bool,
     /// Where the report and charts go.
     #[arg(long, default_value = "bench/results/latest")]
     out: PathBuf,
@@ -247,6 +251,9 @@ fn run(args: &Args, work: &std::path::Path) -> anyhow::Result<()> {
             ));
         }
         return Ok(());
+    }
+    if args.reads_only {
+        return reads_only(args, work, &history);
     }
     let avg_bytes = history.bytes() / history.len().max(1);
     let mut rows = Vec::new();
@@ -1475,6 +1482,42 @@ fn swap_memory(loaded: &broker::Loaded, cache_arg: &str, n: usize) -> anyhow::Re
 }
 
 /// Every live user's answer as the host serves it, (id, bytes), from one export.
+/// `--reads-only`: the closed-loop reads of figure 3 alone, on a host that has
+/// caught up on the history, logq and nginx in turn.
+fn reads_only(
+    args: &Args,
+    work: &std::path::Path,
+    history: &history::History,
+) -> anyhow::Result<()> {
+    let loaded = broker::load(history);
+    let cache = work.join("compile-cache");
+    let host = broker::start_host(
+        &loaded,
+        "bench-reads",
+        &["--compile-cache-dir", &cache.to_string_lossy()],
+    );
+    let answers = export_answers(&host.host)?;
+    let paths: Vec<String> = answers
+        .iter()
+        .map(|(id, _)| format!("/users/{id}"))
+        .collect();
+    let script = reads::script(work, &paths)?;
+    let nginx = reads::Nginx::start(work, &answers)?;
+    for _ in 0..args.runs.max(1) {
+        let ours = reads::wrk(host.host.addr.port(), &script, args.wrk_secs)?;
+        let peer = reads::wrk(nginx.port, &script, args.wrk_secs)?;
+        say(format!(
+            "  logq {:.0} req/s ({} errors, p99 {:.2} ms); nginx {:.0} req/s; ratio {:.2}",
+            ours.rps,
+            ours.errors,
+            ours.p99_ms,
+            peer.rps,
+            ours.rps / peer.rps
+        ));
+    }
+    Ok(())
+}
+
 fn export_answers(host: &logq_e2e::Host) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
     let r = host.get("/export");
     anyhow::ensure!(r.status == 200, "GET /export: {}", r.status);

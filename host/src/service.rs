@@ -61,6 +61,7 @@ pub async fn run(
             )?)),
             None => None,
         },
+        tokens: Arc::default(),
     };
     // The consumer loop writes the store; everything else reads it.
     let writer = Writer::new_store();

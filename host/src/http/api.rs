@@ -4,12 +4,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use warp::http::StatusCode;
+use warp::http::{HeaderValue, StatusCode};
 
 use super::admin::Admin;
 use super::reply::error;
 use super::samples::StatusFeed;
-use crate::broker::Topics;
+use crate::broker::{Positions, Topics};
 use crate::cluster::Cluster;
 use crate::metrics::Metrics;
 use crate::state::StateStore;
@@ -48,6 +48,33 @@ pub struct Reads {
     /// With the re-key stage: its progress, which says what a position of the
     /// producers' users topic is in the internal one (read-your-writes through it).
     pub stage: Option<Arc<crate::broker::rekey::Written>>,
+    /// The last position's `X-Logq-Position` value, rendered once for every read
+    /// at that position.
+    pub tokens: Arc<TokenCache>,
+}
+
+/// The store's position as an `X-Logq-Position` value, kept until the position
+/// moves: every read carries it, and most reads between two batches share one.
+#[derive(Debug, Default)]
+pub struct TokenCache(std::sync::Mutex<Option<(Positions, Option<HeaderValue>)>>);
+
+impl Reads {
+    /// The store's position now, as a header value. Take it before reading the
+    /// answer it goes with: the answer then reflects at least that much.
+    /// `None` only where a topic's name cannot go in a header (Kafka's names can).
+    pub fn position_header(&self, store: &StateStore) -> Option<HeaderValue> {
+        store.with_position(|at| {
+            let mut cached = self.tokens.0.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((position, value)) = cached.as_ref()
+                && position == at
+            {
+                return value.clone();
+            }
+            let value = HeaderValue::from_str(&self.topics.token(at)).ok();
+            *cached = Some((at.clone(), value.clone()));
+            value
+        })
+    }
 }
 
 /// A path segment, percent-decoded and checked for length.

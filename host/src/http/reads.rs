@@ -192,10 +192,10 @@ pub async fn answer(
         }
     }
     // The position first: the answer read after it reflects at least that much.
-    let at = api.store.position();
+    let at = api.reads.position_header(&api.store);
     let mut response = match read(&api.store) {
         Ok(body) => {
-            let tag = etag(&body);
+            let tag = etag(body.as_bytes());
             if conditions
                 .if_none_match
                 .as_deref()
@@ -207,14 +207,17 @@ pub async fn answer(
                 r
             } else {
                 let mut r = Response::new(body.into());
-                insert(&mut r, "content-type", "application/json");
+                r.headers_mut()
+                    .insert("content-type", HeaderValue::from_static("application/json"));
                 insert(&mut r, "etag", &tag);
                 r
             }
         }
         Err(r) => *r,
     };
-    insert(&mut response, POSITION, &api.reads.topics.token(&at));
+    if let Some(at) = at {
+        response.headers_mut().insert(POSITION, at);
+    }
     response
 }
 
@@ -331,13 +334,27 @@ fn position_not_reached(
     r
 }
 
-/// A strong validator of `body`: FNV-1a 64, the same on every replica and run.
-pub fn etag(body: &str) -> String {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in body.bytes() {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
+/// A strong validator of `body`: a 64-bit hash of it, the same on every replica
+/// and run. Eight bytes a step, each folded in by a 128-bit multiply (as wyhash and
+/// foldhash do): every read hashes its answer, and FNV-1a's byte a step cost a
+/// twentieth of a read.
+pub fn etag(body: &[u8]) -> String {
+    const K: u64 = 0x9e37_79b9_7f4a_7c15;
+    let fold = |a: u64, b: u64| {
+        let p = u128::from(a) * u128::from(b);
+        (p as u64) ^ ((p >> 64) as u64)
+    };
+    let mut h = 0xcbf2_9ce4_8422_2325 ^ body.len() as u64;
+    let mut words = body.chunks_exact(8);
+    for w in &mut words {
+        let mut word = [0; 8];
+        word.copy_from_slice(w);
+        h = fold(h ^ u64::from_le_bytes(word), K);
     }
+    let mut last = [0; 8];
+    last[..words.remainder().len()].copy_from_slice(words.remainder());
+    h = fold(h ^ u64::from_le_bytes(last), K);
+    h = fold(h, 0x94d0_49bb_1331_11eb);
     format!("\"{h:016x}\"")
 }
 
@@ -443,13 +460,29 @@ mod tests {
 
     #[test]
     fn etags_are_stable_and_if_none_match_follows_rfc_9110() {
-        let tag = etag("{\"id\":\"a\"}");
-        assert_eq!(tag, etag("{\"id\":\"a\"}"));
-        assert_ne!(tag, etag("{\"id\":\"b\"}"));
+        let tag = etag(b"{\"id\":\"a\"}");
+        assert_eq!(tag, etag(b"{\"id\":\"a\"}"));
+        assert_ne!(tag, etag(b"{\"id\":\"b\"}"));
         assert!(matches(&tag, &tag));
         assert!(matches(&format!("\"x\", W/{tag}"), &tag));
         assert!(matches("*", &tag));
         assert!(!matches("\"x\"", &tag));
+    }
+
+    #[test]
+    fn an_etag_changes_with_any_byte_or_the_length_of_the_answer() {
+        for len in 0..40 {
+            let body: Vec<u8> = (0..len).map(|i| b'a' + (i % 26) as u8).collect();
+            let tag = etag(&body);
+            for i in 0..len {
+                let mut changed = body.clone();
+                changed[i] ^= 1;
+                assert_ne!(etag(&changed), tag, "byte {i} of {len}");
+            }
+            let mut longer = body.clone();
+            longer.push(0);
+            assert_ne!(etag(&longer), tag, "a zero byte more after {len}");
+        }
     }
 
     #[test]

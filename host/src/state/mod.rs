@@ -345,6 +345,11 @@ impl StateStore {
         self.position.0.borrow().clone()
     }
 
+    /// `f` of the position, borrowed: no copy of it (writers wait meanwhile).
+    pub fn with_position<R>(&self, f: impl FnOnce(&Positions) -> R) -> R {
+        f(&self.position.0.borrow())
+    }
+
     /// A receiver that wakes when the position moves.
     pub fn watch_position(&self) -> tokio::sync::watch::Receiver<Positions> {
         self.position.0.subscribe()
