@@ -171,10 +171,9 @@ pub async fn run(
     };
     let status = api.status.clone();
     let sampler = tokio::spawn(http::status::run(api.clone()));
-    let routes = http::routes(api);
     let server = tokio::spawn(http::serve(
         listener,
-        routes,
+        api,
         limits,
         async move {
             let _ = http_stop_rx.await;

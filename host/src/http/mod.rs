@@ -358,6 +358,39 @@ pub fn routes(api: Api) -> impl Filter<Extract = (Response,), Error = Infallible
         .map(warp::Reply::into_response)
 }
 
+/// A plain read of one user, `GET /users/{id}` with no query and no conditions on a
+/// host that holds every partition, answered without the filter chain: such reads
+/// are nearly all the traffic, and warp's chain of routes cost a quarter of each
+/// (`logq-bench --reads-only`, the builds in turn: 81-83k requests/s through the
+/// chain, 103-107k without). The response is the one [`routes`] gives (a test
+/// compares them); anything else, a user not found included, is `None`: the chain
+/// answers it.
+pub fn plain_read<B>(api: &Api, req: &warp::http::Request<B>) -> Option<Response> {
+    if req.method() != warp::http::Method::GET
+        || api.cluster.is_some()
+        || req.uri().query().is_some()
+    {
+        return None;
+    }
+    let raw = req.uri().path().strip_prefix("/users/")?;
+    let headers = req.headers();
+    if raw.is_empty()
+        || raw.contains('/')
+        || [reads::MIN_POSITION, "if-none-match", forward::FORWARDED]
+            .iter()
+            .any(|h| headers.contains_key(*h))
+    {
+        return None;
+    }
+    let start = std::time::Instant::now();
+    let id = decoded("user", raw).ok()?;
+    let at = api.reads.position_header(&api.store);
+    let answer = api.store.user(&id)?;
+    let response = reads::respond(at, Ok(answer), None);
+    api.metrics.read_answered(start.elapsed());
+    Some(response)
+}
+
 /// Whether a request is a read the status page times: a GET of a user, an
 /// organization or a listing (not the live streams).
 fn is_read(method: &warp::http::Method, path: &str) -> bool {
@@ -566,6 +599,48 @@ mod tests {
             .reply(&routes(api))
             .await;
         assert_eq!(ready.headers()[reads::POSITION], "users/0@7");
+    }
+
+    #[tokio::test]
+    async fn a_plain_read_answers_as_the_routes_do_and_leaves_the_rest_to_them() {
+        use http_body_util::BodyExt as _;
+        let api = api();
+        writer(&api.store).publish_position(&at(7));
+        let get = |path: &str| warp::http::Request::get(path).body(()).unwrap();
+        let path = "/users/snake%20%C3%BC";
+        let counted = api.metrics.reads().count;
+        let fast = plain_read(&api, &get(path)).expect("a plain read is answered at once");
+        assert_eq!(api.metrics.reads().count, counted + 1, "and timed");
+        let chain = warp::test::request()
+            .path(path)
+            .reply(&routes(api.clone()))
+            .await;
+        assert_eq!(fast.status(), chain.status());
+        assert_eq!(fast.headers(), chain.headers());
+        assert_eq!(chain.headers()[reads::POSITION], "users/0@7");
+        let body = fast.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(body, chain.body());
+        // Everything else goes through the routes.
+        for path in [
+            "/users/snake%20%C3%BC?explain=1",
+            "/users/nobody",
+            "/users/",
+            "/users/%ff",
+            "/users/snake%20%C3%BC/watch",
+            "/organizations/snake%20%C3%BC",
+            "/users",
+        ] {
+            assert!(plain_read(&api, &get(path)).is_none(), "{path}");
+        }
+        for header in [reads::MIN_POSITION, "if-none-match", forward::FORWARDED] {
+            let mut r = get(path);
+            r.headers_mut()
+                .insert(header, warp::http::HeaderValue::from_static("users/0@1"));
+            assert!(plain_read(&api, &r).is_none(), "{header}");
+        }
+        let mut post = get(path);
+        *post.method_mut() = warp::http::Method::POST;
+        assert!(plain_read(&api, &post).is_none(), "POST");
     }
 
     #[tokio::test]
@@ -1014,7 +1089,7 @@ mod tests {
         };
         let server = tokio::spawn(serve(
             listener,
-            routes(api()),
+            api(),
             limits,
             async move {
                 let _ = stopped.await;
@@ -1216,7 +1291,7 @@ mod tests {
         };
         let server = tokio::spawn(serve(
             listener,
-            routes(api.clone()),
+            api.clone(),
             limits,
             std::future::pending(),
             Duration::from_secs(1),

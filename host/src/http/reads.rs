@@ -193,14 +193,16 @@ pub async fn answer(
     }
     // The position first: the answer read after it reflects at least that much.
     let at = api.reads.position_header(&api.store);
-    let mut response = match read(&api.store) {
+    respond(at, read(&api.store), conditions.if_none_match.as_deref())
+}
+
+/// The response to a read: `found`'s answer with its `ETag` (304 when `if_none_match`
+/// matches it) or the failure, and the position `at` taken before it was read.
+pub fn respond(at: Option<HeaderValue>, found: Found, if_none_match: Option<&str>) -> Response {
+    let mut response = match found {
         Ok(body) => {
             let tag = etag(body.as_bytes());
-            if conditions
-                .if_none_match
-                .as_deref()
-                .is_some_and(|h| matches(h, &tag))
-            {
+            if if_none_match.is_some_and(|h| matches(h, &tag)) {
                 let mut r = Response::new(String::new().into());
                 *r.status_mut() = StatusCode::NOT_MODIFIED;
                 insert(&mut r, "etag", &tag);

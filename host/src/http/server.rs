@@ -4,8 +4,7 @@
 use std::convert::Infallible;
 use std::sync::Arc;
 
-use warp::Filter;
-use warp::reply::Response;
+use hyper::body::Incoming;
 
 /// Limits of the HTTP server itself (below the routes).
 #[derive(Debug, Clone, Copy)]
@@ -18,20 +17,23 @@ pub struct ServerLimits {
     pub max_header_bytes: usize,
 }
 
-/// Serves `routes` on `listener` until `shutdown` resolves, then lets open requests
-/// finish for up to `drain`. Slow clients are cut by the head timeout, oversized heads
-/// get 431, and connections past the limit get a 503 and are closed, so no client can
-/// hold the server's memory or sockets hostage.
-pub async fn serve<F>(
+/// Serves `api` on `listener` until `shutdown` resolves, then lets open requests
+/// finish for up to `drain`: a plain read of one user ([`super::plain_read`]) at
+/// once, everything else through [`super::routes`]. Slow clients are cut by the head
+/// timeout, oversized heads get 431, and connections past the limit get a 503 and
+/// are closed, so no client can hold the server's memory or sockets hostage.
+pub async fn serve(
     listener: tokio::net::TcpListener,
-    routes: F,
+    api: super::Api,
     limits: ServerLimits,
     shutdown: impl std::future::Future<Output = ()>,
     drain: std::time::Duration,
-) where
-    F: Filter<Extract = (Response,), Error = Infallible> + Clone + Send + Sync + 'static,
-{
+) {
+    use futures_util::future::Either;
+    use hyper::service::Service as _;
     use hyper_util::rt::{TokioIo, TokioTimer};
+    let routes = super::routes(api.clone());
+    let api = Arc::new(api);
     let permits = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut shutdown = std::pin::pin!(shutdown);
@@ -57,7 +59,15 @@ pub async fn serve<F>(
             tokio::spawn(too_busy(stream));
             continue;
         };
-        let service = hyper_util::service::TowerToHyperService::new(warp::service(routes.clone()));
+        let chain = hyper_util::service::TowerToHyperService::new(warp::service(routes.clone()));
+        let api = Arc::clone(&api);
+        let service =
+            hyper::service::service_fn(
+                move |req: hyper::Request<Incoming>| match super::plain_read(&api, &req) {
+                    Some(r) => Either::Left(std::future::ready(Ok::<_, Infallible>(r))),
+                    None => Either::Right(chain.call(req)),
+                },
+            );
         let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
         tokio::spawn(async move {
             let _permit = permit;
