@@ -358,9 +358,9 @@ impl StateStore {
     /// Visible users in id order after `after`, at most `limit`; with `organization`,
     /// only those whose `organization_name` it is. Each shard, under its read lock,
     /// gives its next `limit + 1`: without `organization`, from its ordered ids (a
-    /// binary search and the page: O(log users + page)); with it, by one pass over
-    /// its users in memory order (O(users · log limit): there is no index by
-    /// organization). The smallest of those make the page. A user that changes in
+    /// binary search and the page: O(log users + page)); with it, from its index by
+    /// organization (a binary search and the organization's members there:
+    /// O(log users + members · log members)). The smallest of those make the page. A user that changes in
     /// between is shown as it is then (one deleted meanwhile is left out).
     pub fn list_users(
         &self,
@@ -374,13 +374,7 @@ impl StateStore {
             let more = limit.saturating_add(1);
             let keys = match organization {
                 None => shard.users.page(after, more, |_, e| e.view.is_some()),
-                Some(o) => {
-                    let keys = shard
-                        .users
-                        .keys_where(|e| e.view.is_some() && e.join() == Some(o))
-                        .filter(|k| after.is_none_or(|a| *k > a));
-                    smallest(keys, more).0
-                }
+                Some(o) => smallest(shard.users.members(o, after).into_iter(), more).0,
             };
             candidates.extend(keys.into_iter().map(Box::from));
         }
@@ -389,8 +383,9 @@ impl StateStore {
         Page { items, next }
     }
 
-    /// Brings every shard's order of ids up to date (see [`StateStore::list_users`]),
-    /// under read locks: otherwise the first listing after a catch-up does it.
+    /// Brings every shard's order of ids and index by organization up to date (see
+    /// [`StateStore::list_users`]), under read locks: otherwise the first listing
+    /// after a catch-up does it.
     pub fn settle_orders(&self) {
         for shard in self.shards.iter() {
             read(shard).users.settle_now();
@@ -624,13 +619,17 @@ impl Writer {
         &self.0
     }
 
-    /// Brings the listings' order up to date on a thread of its own (after a
+    /// Brings the listings' indexes up to date on a thread of its own (after a
     /// catch-up or a replay's handover: many users came at once).
     pub fn settle_in_background(&self) {
         let store = Arc::clone(&self.0);
         let spawned = std::thread::Builder::new()
             .name("logq-order".into())
-            .spawn(move || store.settle_orders());
+            .spawn(move || {
+                store.settle_orders();
+                // The merges' old buffers, freed in this thread's arena.
+                crate::memory::trim();
+            });
         if let Err(e) = spawned {
             tracing::warn!("ordering the ids for listings: {e}; the first listing will");
         }

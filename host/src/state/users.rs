@@ -118,6 +118,20 @@ struct Order {
     recent: Vec<u32>,
 }
 
+/// The visible users by the organization they join, for a listing of one
+/// organization ([`Users::members`]): entries `name hash << 32 | slot`, `sorted` in
+/// order, `recent` added since the last [`Users::settle_members`], in no order. An
+/// entry is a hint, 8 bytes a member: a user that leaves the organization, is
+/// forgotten, or whose slot is reused leaves its entry behind until the next settle
+/// drops it, and a lookup checks every entry against its slot. A user gets an entry
+/// when it becomes visible in an organization or moves to another, not on every
+/// update.
+#[derive(Debug, Default)]
+struct Members {
+    sorted: Vec<u64>,
+    recent: Vec<u64>,
+}
+
 /// Forgotten users wait for a purge until they are this many, or 1/32 of those kept.
 const PURGE_MIN: usize = 256;
 /// The writer brings the order up to date once `recent` is this long, or as long as
@@ -182,6 +196,8 @@ pub(super) struct Users {
     /// Ids in order (behind a lock of its own: a listing brings it up to date under
     /// the shard's read lock).
     order: std::sync::Mutex<Order>,
+    /// Visible users by organization (behind a lock of its own, as `order`).
+    members: std::sync::Mutex<Members>,
     chunks: Vec<Chunk>,
     /// The chunk new blocks go to.
     tail: usize,
@@ -287,14 +303,6 @@ impl Users {
         self.live().map(|id| (self.key(id), self.entry(id)))
     }
 
-    /// The ids of the users kept that `keep` says, in no order (an id is read only
-    /// for those).
-    pub fn keys_where(&self, keep: impl Fn(&EntryRef<'_>) -> bool) -> impl Iterator<Item = &str> {
-        self.live()
-            .filter(move |&id| keep(&self.entry(id)))
-            .map(|id| self.key(id))
-    }
-
     /// Every user id kept, in no order.
     pub fn keys(&self) -> impl Iterator<Item = &str> {
         self.live().map(|id| self.key(id))
@@ -344,14 +352,49 @@ impl Users {
             hasher.hash_one(Self::key_of(slots, chunks, i))
         });
         self.order_mut().recent.push(id);
+        if let Some(name) = member_name(update, state) {
+            self.file(name, id);
+        }
         self.epoch = Epoch::next();
         id
+    }
+
+    /// The organization name the user in slot `id` joins while visible; `None`
+    /// while it joins none, is not visible, or the slot holds no user.
+    fn member_name(&self, id: u32) -> Option<&[u8]> {
+        let s = &self.slots[id as usize];
+        if s.chunk == NONE || s.gone() || s.view.get().is_none() {
+            return None;
+        }
+        self.entry(id).join_bytes()
+    }
+
+    /// The hash [`Members`] files the user in slot `id` under (see
+    /// [`Users::member_name`]).
+    fn member_of(&self, id: u32) -> Option<u32> {
+        self.member_name(id).map(|name| self.name_hash(name))
+    }
+
+    fn name_hash(&self, name: &[u8]) -> u32 {
+        // The low half: foldhash's folded multiply mixes it as well as the high.
+        self.hasher.hash_one(name) as u32
+    }
+
+    /// Files the user in slot `id` under organization `name`.
+    fn file(&mut self, name: &[u8], id: u32) {
+        let h = self.name_hash(name);
+        let members = self.members.get_mut().unwrap_or_else(|p| p.into_inner());
+        members.recent.push(u64::from(h) << 32 | u64::from(id));
     }
 
     /// Gives the user in slot `id` `update`'s `state`, by reducer `by`: in place
     /// when it fits the block's room, else in a new block (also when the room is far
     /// larger than the state: the big block is given back).
     pub fn set(&mut self, id: u32, update: &UpdateRef<'_>, state: &[u8], by: u32) {
+        // Filed again only when it joins another organization or comes back into
+        // view: most updates leave it where it is.
+        let name = member_name(update, state);
+        let refile = name.is_some() && self.member_name(id) != name;
         let s = self.slots[id as usize];
         let (room, len) = (s.room as usize, state.len());
         if len > room || room > 2 * len + 64 {
@@ -371,6 +414,9 @@ impl Users {
         slot.view = Span::of(update.view.as_ref());
         slot.join = Span::of(update.join.as_ref());
         slot.clock = update.clock.unwrap_or(i64::MIN);
+        if let Some(name) = name.filter(|_| refile) {
+            self.file(name, id);
+        }
     }
 
     /// Forgets the user in slot `id`: lookups no longer find it at once; its slot and
@@ -525,6 +571,11 @@ impl Users {
             self.settle(&mut order);
         }
         drop(order);
+        let mut members = lock(&self.members);
+        if members.recent.len() >= SETTLE_MIN.max(members.sorted.len()) {
+            self.settle_members(&mut members);
+        }
+        drop(members);
         self.compact();
     }
 
@@ -547,9 +598,11 @@ impl Users {
         self.order.get_mut().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Brings the order up to date now (a listing would otherwise do it).
+    /// Brings the order and the index by organization up to date now (a listing
+    /// would otherwise do it).
     pub fn settle_now(&self) {
         self.settle(&mut lock(&self.order));
+        self.settle_members(&mut lock(&self.members));
     }
 
     /// Merges `order`'s recent slots into its sorted ones: they are sorted, then each
@@ -572,6 +625,46 @@ impl Users {
         }
         merged.extend_from_slice(&old[from..]);
         order.sorted = merged;
+    }
+
+    /// Merges `members`' recent entries into its sorted ones and drops every entry
+    /// that no longer names a visible member under that hash, and repeats: O(n log n)
+    /// once the recent are as many as the sorted, so O(log n) an entry.
+    fn settle_members(&self, members: &mut Members) {
+        if members.recent.is_empty() {
+            return;
+        }
+        let mut all = std::mem::take(&mut members.sorted);
+        all.append(&mut members.recent);
+        members.recent = Vec::new();
+        all.sort_unstable();
+        all.dedup();
+        all.retain(|&e| self.member_of(e as u32) == Some((e >> 32) as u32));
+        all.shrink_to_fit();
+        members.sorted = all;
+    }
+
+    /// The ids after `after` (all, without it), in no order, of the visible users
+    /// that join organization `name`: a binary search for its entries in
+    /// [`Members`], each checked against its slot, so a listing of one organization
+    /// costs its members here, not every user.
+    pub fn members(&self, name: &str, after: Option<&str>) -> Vec<&str> {
+        let mut members = lock(&self.members);
+        self.settle_members(&mut members);
+        let h = u64::from(self.name_hash(name.as_bytes()));
+        let from = members.sorted.partition_point(|&e| e >> 32 < h);
+        // Settled: each slot once (a slot reused by another member of the same
+        // organization is filed twice until then).
+        members.sorted[from..]
+            .iter()
+            .take_while(|&&e| e >> 32 == h)
+            .map(|&e| e as u32)
+            .filter(|&id| {
+                self.member_of(id).is_some() && self.entry(id).join_bytes() == Some(name.as_bytes())
+            })
+            .map(|id| self.key(id))
+            .filter(|k| after.is_none_or(|a| *k > a))
+            .collect()
     }
 
     /// Up to `limit` ids after `after` (all, without it), in order, of the users
@@ -620,6 +713,10 @@ impl Users {
                 let order = lock(&self.order);
                 (order.sorted.capacity() + order.recent.capacity()) * 4
             }
+            + {
+                let members = lock(&self.members);
+                (members.sorted.capacity() + members.recent.capacity()) * 8
+            }
     }
 
     /// Bytes of chunks allocated, and of blocks in them (used or waste).
@@ -629,10 +726,17 @@ impl Users {
     }
 }
 
-fn lock(order: &std::sync::Mutex<Order>) -> std::sync::MutexGuard<'_, Order> {
-    // A panic while the order is merged leaves it as it was or merged: either is in
+/// The organization name a user with `update`'s `state` joins while visible.
+fn member_name<'s>(update: &UpdateRef<'_>, state: &'s [u8]) -> Option<&'s [u8]> {
+    update.view.as_ref()?;
+    let join = update.join.as_ref()?;
+    state.get(join.start as usize..join.end as usize)
+}
+
+fn lock<T>(index: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while an index is merged leaves it as it was or merged: either is in
     // order.
-    order.lock().unwrap_or_else(|p| p.into_inner())
+    index.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl<'a> EntryRef<'a> {
@@ -670,6 +774,12 @@ impl<'a> EntryRef<'a> {
     /// The join key.
     pub fn join(&self) -> Option<&'a str> {
         self.text(self.join.as_ref())
+    }
+
+    /// The join key's bytes, not checked for UTF-8 again.
+    fn join_bytes(&self) -> Option<&'a [u8]> {
+        let range = self.join.as_ref()?;
+        self.state().get(range.start as usize..range.end as usize)
     }
 
     /// The update that would store it again (what a snapshot keeps).
@@ -840,6 +950,77 @@ mod tests {
     /// Pages in id order after any cursor, whatever came and went before (checked
     /// against a `BTreeMap` after every kind of step: inserts, removals, the writer's
     /// upkeep or none of it), and forgotten users' slots are reused once purged.
+    #[test]
+    fn an_organization_lists_the_members_a_pass_over_every_user_finds() {
+        use std::collections::BTreeMap;
+        let mut users = Users::default();
+        // id -> (organization, visible)
+        let mut model: BTreeMap<String, (Option<String>, bool)> = BTreeMap::new();
+        let mut next = crate::state::xorshift(0x9e37_79b9_7f4a_7c15);
+        let orgs = ["Acme", "Globex", "Initech", "Umbrella", ""];
+        for round in 0..40_000u32 {
+            let key = format!("u{:04}", next() % 3000);
+            match next() % 10 {
+                0..=1 => {
+                    if let Some(id) = users.find(&key) {
+                        users.remove(id);
+                    }
+                    model.remove(&key);
+                }
+                n => {
+                    let shown = n != 2;
+                    let org = (!next().is_multiple_of(6)).then(|| orgs[(next() % 5) as usize]);
+                    // The state: the organization's name, then the answer.
+                    let name = org.unwrap_or("");
+                    let state = format!("{name}{{\"id\":\"{key}\"}}");
+                    let u = logq_abi::Update {
+                        state: Some(state.clone().into_bytes()),
+                        view: shown.then_some(name.len() as u32..state.len() as u32),
+                        join: org.map(|o| 0..o.len() as u32),
+                        clock: None,
+                    };
+                    let r = u.as_ref();
+                    match users.find(&key) {
+                        Some(id) => users.set(id, &r, state.as_bytes(), 1),
+                        None => {
+                            users.insert(&key, &r, state.as_bytes(), 1);
+                        }
+                    }
+                    model.insert(key, (org.map(str::to_owned), shown));
+                }
+            }
+            if next().is_multiple_of(5) {
+                users.tidy();
+            }
+            if round % 500 == 0 {
+                for org in orgs {
+                    let cursor = format!("u{:04}", next() % 3100);
+                    let after = (!next().is_multiple_of(3)).then_some(cursor.as_str());
+                    let want: Vec<&str> = model
+                        .iter()
+                        .filter(|(k, (o, shown))| {
+                            *shown
+                                && o.as_deref() == Some(org)
+                                && after.is_none_or(|a| k.as_str() > a)
+                        })
+                        .map(|(k, _)| k.as_str())
+                        .collect();
+                    let mut got = users.members(org, after);
+                    got.sort_unstable();
+                    assert_eq!(got, want, "round {round}, {org:?} after {after:?}");
+                }
+            }
+        }
+        // Entries left behind go at a settle: no more than the members and the
+        // entries added since.
+        users.settle_members(&mut lock(&users.members));
+        let members = model
+            .values()
+            .filter(|(o, shown)| *shown && o.is_some())
+            .count();
+        assert_eq!(lock(&users.members).sorted.len(), members);
+    }
+
     #[test]
     fn pages_follow_the_id_order_through_inserts_removals_and_purges() {
         use std::collections::BTreeMap;
