@@ -171,9 +171,11 @@ pub async fn run(
     };
     let status = api.status.clone();
     let sampler = tokio::spawn(http::status::run(api.clone()));
+    let routes = http::routes(api.clone());
     let server = tokio::spawn(http::serve(
         listener,
-        api,
+        routes,
+        http::plain_reads(api),
         limits,
         async move {
             let _ = http_stop_rx.await;

@@ -391,6 +391,15 @@ pub fn plain_read<B>(api: &Api, req: &warp::http::Request<B>) -> Option<Response
     Some(response)
 }
 
+/// [`plain_read`] on `api`, as [`serve`] takes it.
+pub fn plain_reads(
+    api: Api,
+) -> impl Fn(&hyper::Request<hyper::body::Incoming>) -> Option<Response> + Clone + Send + Sync + 'static
+{
+    let api = Arc::new(api);
+    move |req| plain_read(&api, req)
+}
+
 /// Whether a request is a read the status page times: a GET of a user, an
 /// organization or a listing (not the live streams).
 fn is_read(method: &warp::http::Method, path: &str) -> bool {
@@ -1089,7 +1098,8 @@ mod tests {
         };
         let server = tokio::spawn(serve(
             listener,
-            api(),
+            routes(api()),
+            |_: &hyper::Request<hyper::body::Incoming>| None,
             limits,
             async move {
                 let _ = stopped.await;
@@ -1291,7 +1301,8 @@ mod tests {
         };
         let server = tokio::spawn(serve(
             listener,
-            api.clone(),
+            routes(api.clone()),
+            |_: &hyper::Request<hyper::body::Incoming>| None,
             limits,
             std::future::pending(),
             Duration::from_secs(1),

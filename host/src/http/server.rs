@@ -5,6 +5,8 @@ use std::convert::Infallible;
 use std::sync::Arc;
 
 use hyper::body::Incoming;
+use warp::Filter;
+use warp::reply::Response;
 
 /// Limits of the HTTP server itself (below the routes).
 #[derive(Debug, Clone, Copy)]
@@ -17,23 +19,26 @@ pub struct ServerLimits {
     pub max_header_bytes: usize,
 }
 
-/// Serves `api` on `listener` until `shutdown` resolves, then lets open requests
-/// finish for up to `drain`: a plain read of one user ([`super::plain_read`]) at
-/// once, everything else through [`super::routes`]. Slow clients are cut by the head
-/// timeout, oversized heads get 431, and connections past the limit get a 503 and
-/// are closed, so no client can hold the server's memory or sockets hostage.
-pub async fn serve(
+/// Serves `routes` on `listener` until `shutdown` resolves, then lets open requests
+/// finish for up to `drain`; `first` answers the requests it can before `routes`
+/// see them (the service gives it the plain reads of one user). Slow clients are cut
+/// by the head timeout, oversized heads get 431, and connections past the limit get
+/// a 503 and are closed, so no client can hold the server's memory or sockets
+/// hostage.
+pub async fn serve<F, P>(
     listener: tokio::net::TcpListener,
-    api: super::Api,
+    routes: F,
+    first: P,
     limits: ServerLimits,
     shutdown: impl std::future::Future<Output = ()>,
     drain: std::time::Duration,
-) {
+) where
+    F: Filter<Extract = (Response,), Error = Infallible> + Clone + Send + Sync + 'static,
+    P: Fn(&hyper::Request<Incoming>) -> Option<Response> + Clone + Send + Sync + 'static,
+{
     use futures_util::future::Either;
     use hyper::service::Service as _;
     use hyper_util::rt::{TokioIo, TokioTimer};
-    let routes = super::routes(api.clone());
-    let api = Arc::new(api);
     let permits = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut shutdown = std::pin::pin!(shutdown);
@@ -60,14 +65,12 @@ pub async fn serve(
             continue;
         };
         let chain = hyper_util::service::TowerToHyperService::new(warp::service(routes.clone()));
-        let api = Arc::clone(&api);
+        let first = first.clone();
         let service =
-            hyper::service::service_fn(
-                move |req: hyper::Request<Incoming>| match super::plain_read(&api, &req) {
-                    Some(r) => Either::Left(std::future::ready(Ok::<_, Infallible>(r))),
-                    None => Either::Right(chain.call(req)),
-                },
-            );
+            hyper::service::service_fn(move |req: hyper::Request<Incoming>| match first(&req) {
+                Some(r) => Either::Left(std::future::ready(Ok::<_, Infallible>(r))),
+                None => Either::Right(chain.call(req)),
+            });
         let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
         tokio::spawn(async move {
             let _permit = permit;
