@@ -197,6 +197,12 @@ impl Registry {
     /// Everything `GET /admin/reducer` shows; `active.answers` says how many of the
     /// visible answers the active reducer rendered.
     pub fn describe(&self) -> serde_json::Value {
+        // The history first, then the reducers, then the replay: a handover installs
+        // the reducer, then marks its entry active and the phase done. Read in this
+        // order, a response whose history says a swap is active also shows its
+        // reducer active and its replay done (read the other way round, CI once saw
+        // the entry active beside the reducer before it).
+        let history = self.history.newest_first();
         let (current, id, previous) = {
             let p = self.read();
             (
@@ -220,7 +226,7 @@ impl Registry {
         serde_json::json!({
             "active": active,
             "previous": previous,
-            "history": self.history.newest_first(),
+            "history": history,
             "replay": lock(&self.replay).as_ref().map(|r| r.progress()),
         })
     }
