@@ -659,9 +659,7 @@ impl Users {
             .iter()
             .take_while(|&&e| e >> 32 == h)
             .map(|&e| e as u32)
-            .filter(|&id| {
-                self.member_of(id).is_some() && self.entry(id).join_bytes() == Some(name.as_bytes())
-            })
+            .filter(|&id| self.member_name(id) == Some(name.as_bytes()))
             .map(|id| self.key(id))
             .filter(|k| after.is_none_or(|a| *k > a))
             .collect()
