@@ -43,7 +43,7 @@ struct Args {
     #[arg(long, default_value_t = 3)]
     runs: usize,
     /// Records per batch of the lanes figure (the host's `--batch-max-records`).
-    #[arg(long, default_value_t = 16_384)]
+    #[arg(long, default_value_t = 65_536)]
     lanes_batch: usize,
     /// Seconds of each wrk run.
     #[arg(long, default_value_t = 10)]
@@ -96,6 +96,12 @@ struct Args {
     /// rounds), printed: for work on the read path.
     #[arg(long)]
     reads_only: bool,
+    /// Only catch-up from the broker: the plain consumer, then a host in group
+    /// `compare-a-<run>` and one in `compare-b-<run>`, in turn, `--runs` rounds,
+    /// printed. For A/B work on the fold path: LOGQ_BIN may be a script that starts
+    /// one build or another (or sets other variables) by that group id.
+    #[arg(long)]
+    catch_up_compare: bool,
     /// Where the report and charts go.
     #[arg(long, default_value = "bench/results/latest")]
     out: PathBuf,
@@ -254,6 +260,9 @@ fn run(args: &Args, work: &std::path::Path) -> anyhow::Result<()> {
     }
     if args.reads_only {
         return reads_only(args, work, &history);
+    }
+    if args.catch_up_compare {
+        return catch_up_compare(args, work, &history);
     }
     let avg_bytes = history.bytes() / history.len().max(1);
     let mut rows = Vec::new();
@@ -1484,6 +1493,53 @@ fn swap_memory(loaded: &broker::Loaded, cache_arg: &str, n: usize) -> anyhow::Re
 /// Every live user's answer as the host serves it, (id, bytes), from one export.
 /// `--reads-only`: the closed-loop reads of figure 3 alone, on a host that has
 /// caught up on the history, logq and nginx in turn.
+/// `--catch-up-compare`: see there.
+fn catch_up_compare(
+    args: &Args,
+    work: &std::path::Path,
+    history: &history::History,
+) -> anyhow::Result<()> {
+    let loaded = broker::load(history);
+    let cache = work.join("compile-cache");
+    let cache = cache.to_string_lossy();
+    // Compiles the reducer into the cache, as the suite's cold start does.
+    drop(broker::start_host(
+        &loaded,
+        "compare-cold",
+        &["--compile-cache-dir", &cache],
+    ));
+    let rate = |d: Duration| loaded.records as f64 / d.as_secs_f64();
+    let mut runs = [(); 3].map(|()| Vec::new());
+    for run in 0..args.runs.max(1) {
+        runs[0].push(rate(broker::raw_consumer(&loaded)?.0));
+        for (i, side) in ["a", "b"].into_iter().enumerate() {
+            let host = broker::start_host(
+                &loaded,
+                &format!("compare-{side}-{run}"),
+                &["--compile-cache-dir", &cache],
+            );
+            runs[i + 1].push(rate(host.ready_after));
+        }
+        say(format!(
+            "  round {run}: plain {:.1}k, a {:.1}k, b {:.1}k events/s",
+            runs[0][run] / 1e3,
+            runs[1][run] / 1e3,
+            runs[2][run] / 1e3
+        ));
+    }
+    let [plain, a, b] = runs.map(|r| Spread::of(&r));
+    say(format!(
+        "plain {}; a {} ({:.2}); b {} ({:.2}); b / a {:.3}",
+        plain.show(),
+        a.show(),
+        a.median / plain.median,
+        b.show(),
+        b.median / plain.median,
+        b.median / a.median
+    ));
+    Ok(())
+}
+
 fn reads_only(
     args: &Args,
     work: &std::path::Path,

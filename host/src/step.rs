@@ -179,8 +179,8 @@ pub struct Stepper<'c> {
     /// The batch polled while the one before it was being folded.
     polled: Option<Result<Polled<'c>, KafkaError>>,
     /// The last batch folded: its messages are given back to the client while the
-    /// next batch is folded (a catch-up batch's 16k messages take about 1.3 ms to
-    /// free, which the lanes would otherwise wait for), or when nothing comes.
+    /// next batch is folded (16k messages took about 1.3 ms to free, and a
+    /// catch-up batch holds up to 64k: time the lanes would otherwise wait for), or when nothing comes.
     spent: Option<Polled<'c>>,
 }
 
