@@ -1490,9 +1490,6 @@ fn swap_memory(loaded: &broker::Loaded, cache_arg: &str, n: usize) -> anyhow::Re
     })
 }
 
-/// Every live user's answer as the host serves it, (id, bytes), from one export.
-/// `--reads-only`: the closed-loop reads of figure 3 alone, on a host that has
-/// caught up on the history, logq and nginx in turn.
 /// `--catch-up-compare`: see there.
 fn catch_up_compare(
     args: &Args,
@@ -1540,6 +1537,8 @@ fn catch_up_compare(
     Ok(())
 }
 
+/// `--reads-only`: the closed-loop reads of figure 3 alone, on a host that has
+/// caught up on the history, logq and nginx in turn.
 fn reads_only(
     args: &Args,
     work: &std::path::Path,
@@ -1574,6 +1573,7 @@ fn reads_only(
     Ok(())
 }
 
+/// Every live user's answer as the host serves it, (id, bytes), from one export.
 fn export_answers(host: &logq_e2e::Host) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
     let r = host.get("/export");
     anyhow::ensure!(r.status == 200, "GET /export: {}", r.status);
