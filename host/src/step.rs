@@ -180,7 +180,8 @@ pub struct Stepper<'c> {
     polled: Option<Result<Polled<'c>, KafkaError>>,
     /// The last batch folded: its messages are given back to the client while the
     /// next batch is folded (16k messages took about 1.3 ms to free, and a
-    /// catch-up batch holds up to 64k: time the lanes would otherwise wait for), or when nothing comes.
+    /// catch-up batch holds up to 64k: time the lanes would otherwise wait for), or
+    /// when nothing comes.
     spent: Option<Polled<'c>>,
 }
 

@@ -360,8 +360,9 @@ impl StateStore {
     /// gives its next `limit + 1`: without `organization`, from its ordered ids (a
     /// binary search and the page: O(log users + page)); with it, from its index by
     /// organization (a binary search and the organization's members there:
-    /// O(log users + members · log members)). The smallest of those make the page. A user that changes in
-    /// between is shown as it is then (one deleted meanwhile is left out).
+    /// O(log users + members · log members)). The smallest of those make the page. A
+    /// user that changes in between is shown as it is then (one deleted meanwhile is
+    /// left out).
     pub fn list_users(
         &self,
         organization: Option<&str>,

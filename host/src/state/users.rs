@@ -400,8 +400,7 @@ impl Users {
     pub fn set(&mut self, id: u32, update: &UpdateRef<'_>, state: &[u8], by: u32) {
         // Filed again only when it joins another organization or comes back into
         // view: most updates leave it where it is.
-        let name = member_name(update, state);
-        let refile = name.is_some() && self.member_name(id) != name;
+        let refile = member_name(update, state).filter(|&n| self.member_name(id) != Some(n));
         let s = self.slots[id as usize];
         let (room, len) = (s.room as usize, state.len());
         if len > room || room > 2 * len + 64 {
@@ -421,7 +420,7 @@ impl Users {
         slot.view = Span::of(update.view.as_ref());
         slot.join = Span::of(update.join.as_ref());
         slot.clock = update.clock.unwrap_or(i64::MIN);
-        if let Some(name) = name.filter(|_| refile) {
+        if let Some(name) = refile {
             self.file(name, id);
         }
     }
@@ -744,8 +743,12 @@ impl Users {
 /// The organization name a user with `update`'s `state` joins while visible.
 fn member_name<'s>(update: &UpdateRef<'_>, state: &'s [u8]) -> Option<&'s [u8]> {
     update.view.as_ref()?;
-    let join = update.join.as_ref()?;
-    state.get(join.start as usize..join.end as usize)
+    bytes_in(state, update.join.as_ref()?)
+}
+
+/// The bytes of `state` in `range` (`None` when it lies outside).
+fn bytes_in<'s>(state: &'s [u8], range: &Range<u32>) -> Option<&'s [u8]> {
+    state.get(range.start as usize..range.end as usize)
 }
 
 fn lock<T>(index: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -793,8 +796,7 @@ impl<'a> EntryRef<'a> {
 
     /// The join key's bytes, not checked for UTF-8 again.
     fn join_bytes(&self) -> Option<&'a [u8]> {
-        let range = self.join.as_ref()?;
-        self.state().get(range.start as usize..range.end as usize)
+        bytes_in(self.state(), self.join.as_ref()?)
     }
 
     /// The update that would store it again (what a snapshot keeps).
@@ -994,9 +996,10 @@ mod tests {
         }
     }
 
-    /// Pages in id order after any cursor, whatever came and went before (checked
-    /// against a `BTreeMap` after every kind of step: inserts, removals, the writer's
-    /// upkeep or none of it), and forgotten users' slots are reused once purged.
+    /// A listing of one organization from its index gives what a pass over every
+    /// user finds (checked against a model through inserts, updates, moves between
+    /// organizations, hides, removals and the writer's upkeep), and a settle leaves
+    /// no entry behind.
     #[test]
     fn an_organization_lists_the_members_a_pass_over_every_user_finds() {
         use std::collections::BTreeMap;
@@ -1068,6 +1071,9 @@ mod tests {
         assert_eq!(lock(&users.members).sorted.len(), members);
     }
 
+    /// Pages in id order after any cursor, whatever came and went before (checked
+    /// against a `BTreeMap` after every kind of step: inserts, removals, the writer's
+    /// upkeep or none of it), and forgotten users' slots are reused once purged.
     #[test]
     fn pages_follow_the_id_order_through_inserts_removals_and_purges() {
         use std::collections::BTreeMap;
