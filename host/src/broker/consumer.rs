@@ -1,6 +1,8 @@
 //! Reading the topics: partition discovery, watermarks, batched polling.
 
 use std::collections::BTreeMap;
+use std::ffi::CString;
+use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
 use rdkafka::Message;
@@ -8,6 +10,7 @@ use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::message::BorrowedMessage;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 
+use super::fetch::{FetchQueue, Fetched, TAKE_MAX};
 use super::{KafkaError, Partition, Record, Topics, client_config, committed_at};
 use crate::config::KafkaConfig;
 
@@ -19,42 +22,69 @@ pub const POLL_WAIT: Duration = Duration::from_millis(20);
 /// Records polled, still in librdkafka's buffers (no copy is made until they are
 /// framed for the reducer), when the poll returned them, and whether they may carry
 /// their origin (read from the re-key stage's output).
-pub struct Polled<'c>(Vec<BorrowedMessage<'c>>, SystemTime, bool);
+pub struct Polled<'c> {
+    /// Records found on the consumer's own queue (a partition's records fetched
+    /// before its forwarding was set): they come before `fetched` of the same
+    /// partition.
+    polled: Vec<BorrowedMessage<'c>>,
+    /// Records taken from the fetch queue.
+    fetched: Vec<Fetched>,
+    received: SystemTime,
+    rekeyed: bool,
+}
 
 impl Polled<'_> {
     /// Whether nothing arrived.
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.polled.is_empty() && self.fetched.is_empty()
     }
 
     /// When the poll returned these records.
     pub fn received(&self) -> SystemTime {
-        self.1
+        self.received
     }
 
     /// The oldest record timestamp among these records, in milliseconds since the
     /// epoch: the producer's send time (`CreateTime`) or the broker's append
     /// (`LogAppendTime`), as the topic is configured. `None` when none carries one.
     pub fn oldest_stamp_ms(&self) -> Option<i64> {
-        self.0
-            .iter()
-            .filter_map(|m| m.timestamp().to_millis())
-            .min()
+        let polled = self.polled.iter().filter_map(|m| m.timestamp().to_millis());
+        let fetched = self.fetched.iter().filter_map(Fetched::timestamp_ms);
+        polled.chain(fetched).min()
     }
 
-    /// The records, borrowed.
+    /// The records, borrowed, in the order they were read.
     pub fn records(&self) -> Vec<Record<'_>> {
-        self.0
-            .iter()
-            .map(|m| Record {
-                topic: m.topic(),
+        let mut out = Vec::with_capacity(self.polled.len() + self.fetched.len());
+        out.extend(self.polled.iter().map(|m| Record {
+            topic: m.topic(),
+            partition: m.partition(),
+            offset: m.offset(),
+            key: m.key(),
+            value: m.payload(),
+            origin: if self.rekeyed { origin_of(m) } else { None },
+        }));
+        // Records of one topic come in runs: its name is read once a run.
+        let mut topic = (0, "");
+        out.extend(self.fetched.iter().map(|m| {
+            if m.topic_handle() != topic.0 {
+                topic = (m.topic_handle(), m.topic());
+            }
+            Record {
+                topic: topic.1,
                 partition: m.partition(),
                 offset: m.offset(),
                 key: m.key(),
                 value: m.payload(),
-                origin: if self.2 { origin_of(m) } else { None },
-            })
-            .collect()
+                origin: if self.rekeyed {
+                    m.header(super::rekey::ORIGIN_HEADER_C)
+                        .and_then(super::rekey::Origin::parse)
+                } else {
+                    None
+                },
+            }
+        }));
+        out
     }
 }
 
@@ -67,12 +97,26 @@ fn origin_of<'m>(m: &'m BorrowedMessage<'_>) -> Option<super::rekey::Origin<'m>>
         .and_then(|h| super::rekey::Origin::parse(h.value?))
 }
 
+/// The largest value among `polled` (at least 1 KiB: the first take's guess).
+fn largest_value(polled: &[BorrowedMessage<'_>]) -> usize {
+    polled
+        .iter()
+        .map(|m| m.payload_len())
+        .max()
+        .unwrap_or(0)
+        .max(1024)
+}
+
 /// Longest wait for one metadata or watermark request.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A consumer that reads whole topics itself (every replica of the service holds the
 /// entire state, so partitions are assigned, not balanced across a group).
 pub struct TopicConsumer {
+    /// Declared before `consumer`: dropped before the client it belongs to.
+    fetch: FetchQueue,
+    /// What is assigned, to forward to `fetch` (again before every batch).
+    assigned: Mutex<Vec<(CString, i32)>>,
     consumer: BaseConsumer,
     topics: Topics,
 }
@@ -119,7 +163,12 @@ impl TopicConsumer {
         )
         .create()
         .map_err(|e| KafkaError::Config(e.to_string()))?;
-        Ok(Self { consumer, topics })
+        Ok(Self {
+            fetch: FetchQueue::new(&consumer)?,
+            assigned: Mutex::default(),
+            consumer,
+            topics,
+        })
     }
 
     /// The topics this consumer reads.
@@ -171,7 +220,10 @@ impl TopicConsumer {
     /// # Errors
     /// When librdkafka refuses the assignment.
     pub fn assign(&self, partitions: &[(Partition, Option<i64>)]) -> Result<(), KafkaError> {
-        self.consumer.assign(&self.list(partitions)?)?;
+        let list = self.list(partitions)?;
+        self.assigned().clear();
+        self.forward(partitions.iter().map(|(p, _)| *p));
+        self.consumer.assign(&list)?;
         Ok(())
     }
 
@@ -182,7 +234,9 @@ impl TopicConsumer {
     pub fn add(&self, partitions: &[Partition]) -> Result<(), KafkaError> {
         let from_start: Vec<(Partition, Option<i64>)> =
             partitions.iter().map(|p| (*p, None)).collect();
-        self.consumer.incremental_assign(&self.list(&from_start)?)?;
+        let list = self.list(&from_start)?;
+        self.forward(partitions.iter().copied());
+        self.consumer.incremental_assign(&list)?;
         Ok(())
     }
 
@@ -193,7 +247,9 @@ impl TopicConsumer {
     pub fn add_at(&self, partitions: &[(Partition, i64)]) -> Result<(), KafkaError> {
         let at: Vec<(Partition, Option<i64>)> =
             partitions.iter().map(|(p, o)| (*p, Some(*o))).collect();
-        self.consumer.incremental_assign(&self.list(&at)?)?;
+        let list = self.list(&at)?;
+        self.forward(partitions.iter().map(|(p, _)| *p));
+        self.consumer.incremental_assign(&list)?;
         Ok(())
     }
 
@@ -204,7 +260,36 @@ impl TopicConsumer {
     pub fn remove(&self, partitions: &[Partition]) -> Result<(), KafkaError> {
         let at: Vec<(Partition, Option<i64>)> = partitions.iter().map(|p| (*p, None)).collect();
         self.consumer.incremental_unassign(&self.list(&at)?)?;
+        let gone: Vec<(CString, i32)> = partitions.iter().filter_map(|p| self.named(*p)).collect();
+        self.assigned().retain(|p| !gone.contains(p));
         Ok(())
+    }
+
+    /// What is assigned (a poisoned lock only means a panic elsewhere mid-update of
+    /// a list that is whole at every step).
+    fn assigned(&self) -> std::sync::MutexGuard<'_, Vec<(CString, i32)>> {
+        self.assigned
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// A partition as librdkafka names it (`None` for a topic name with a NUL byte,
+    /// which no broker accepts).
+    fn named(&self, p: Partition) -> Option<(CString, i32)> {
+        Some((CString::new(self.topics.name(p.source)).ok()?, p.id))
+    }
+
+    /// Forwards `partitions`' records to the fetch queue and keeps them to forward
+    /// again before each batch.
+    fn forward(&self, partitions: impl Iterator<Item = Partition>) {
+        let named: Vec<(CString, i32)> = partitions.filter_map(|p| self.named(p)).collect();
+        self.fetch.forward(&named);
+        let mut assigned = self.assigned();
+        for p in named {
+            if !assigned.contains(&p) {
+                assigned.push(p);
+            }
+        }
     }
 
     /// Partitions of both topics that exist now and are not in `known`: partitions
@@ -249,40 +334,75 @@ impl TopicConsumer {
     /// up to `max_records` records or `max_bytes` of values. The records stay in
     /// librdkafka's buffers until the [`Polled`] is dropped; empty when nothing arrived.
     ///
+    /// First the consumer's own queue is served (commit results, errors, and any
+    /// record fetched before its partition was forwarded), then records are taken
+    /// from the fetch queue up to [`TAKE_MAX`] at a time. The byte bound is checked
+    /// between takes, each sized to stay under it at the largest value seen so far.
+    ///
     /// # Errors
-    /// A client or broker error reported instead of the first record. Errors after the
-    /// first record end the batch early and are reported by the next call.
+    /// A client or broker error reported instead of any record. Errors beside records
+    /// are logged.
     pub fn poll(
         &self,
         max_records: usize,
         max_bytes: usize,
         wait: Duration,
     ) -> Result<Polled<'_>, KafkaError> {
-        let first = match self.consumer.poll(wait) {
-            None => return Ok(Polled(Vec::new(), SystemTime::now(), false)),
-            Some(Err(e)) => return Err(e.into()),
-            Some(Ok(m)) => m,
-        };
-        let mut bytes = first.payload_len();
-        let mut messages = vec![first];
-        while messages.len() < max_records && bytes < max_bytes {
+        let mut polled = Vec::new();
+        let mut bytes = 0;
+        let mut errors = Vec::new();
+        while polled.len() < max_records && bytes < max_bytes {
             match self.consumer.poll(Duration::ZERO) {
                 Some(Ok(m)) => {
                     bytes += m.payload_len();
-                    messages.push(m);
+                    polled.push(m);
                 }
-                Some(Err(e)) => {
-                    tracing::warn!("kafka: {e}");
-                    break;
-                }
+                Some(Err(e)) => errors.push(e.into()),
                 None => break,
             }
         }
-        Ok(Polled(
-            messages,
-            SystemTime::now(),
-            self.topics.rekeyed_from.is_some(),
-        ))
+        self.fetch.forward(&self.assigned());
+        let mut fetched: Vec<Fetched> = Vec::new();
+        let mut largest = largest_value(&polled);
+        // A take that waits waits for all it asks for: the wait is for one record.
+        let mut wait = (polled.is_empty() && errors.is_empty() && !wait.is_zero()).then_some(wait);
+        while polled.len() + fetched.len() < max_records && bytes < max_bytes {
+            let room = max_records - polled.len() - fetched.len();
+            let fits = (max_bytes - bytes) / largest.max(1);
+            let ask = match wait {
+                Some(_) => 1,
+                None => room.min(fits.max(1)).min(TAKE_MAX),
+            };
+            let from = fetched.len();
+            let got = self.fetch.take(
+                &mut fetched,
+                ask,
+                wait.take().unwrap_or(Duration::ZERO),
+                &mut errors,
+            );
+            for m in &fetched[from..] {
+                bytes += m.payload_len();
+                largest = largest.max(m.payload_len());
+            }
+            if got < ask {
+                break;
+            }
+        }
+        if polled.is_empty() && fetched.is_empty() {
+            if let Some(e) = errors.into_iter().next() {
+                return Err(e);
+            }
+        } else {
+            for e in errors {
+                tracing::warn!("kafka: {e}");
+            }
+        }
+        Ok(Polled {
+            polled,
+            fetched,
+            received: SystemTime::now(),
+            rekeyed: self.topics.rekeyed_from.is_some(),
+        })
     }
 
     /// The offsets this consumer group committed for `partitions` (the next offset to

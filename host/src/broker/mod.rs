@@ -16,6 +16,7 @@
 
 pub mod admin;
 pub mod consumer;
+pub mod fetch;
 pub mod group;
 pub mod members;
 pub mod mock;

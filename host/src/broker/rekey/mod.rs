@@ -32,7 +32,7 @@ mod split;
 mod stage;
 mod written;
 
-pub use origin::{ORIGIN_HEADER, Origin};
+pub use origin::{ORIGIN_HEADER, ORIGIN_HEADER_C, Origin};
 pub use split::{Split, UserEvents, split};
 pub use stage::{Rekey, Rekeying, Stats};
 pub use written::Written;

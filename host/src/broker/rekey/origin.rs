@@ -6,7 +6,13 @@
 /// `<topic>/<partition>@<offset>#<elements>`, the elements being the positions of its
 /// events in the input record's array, comma-separated (`0` for a record that was
 /// one event).
-pub const ORIGIN_HEADER: &str = "logq.origin";
+pub const ORIGIN_HEADER: &str = match ORIGIN_HEADER_C.to_str() {
+    Ok(name) => name,
+    Err(_) => panic!("the origin header's name is UTF-8"),
+};
+
+/// [`ORIGIN_HEADER`] as librdkafka takes it.
+pub const ORIGIN_HEADER_C: &std::ffi::CStr = c"logq.origin";
 
 /// Where a re-keyed record's events came from, read from its [`ORIGIN_HEADER`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
