@@ -1,5 +1,7 @@
 //! librdkafka's in-process mock cluster: a Kafka-protocol broker in memory, for
-//! `logq dev`. Data is lost when the process exits; it is not for production.
+//! `logq dev`. Data is lost when the process exits; it is not for production. It
+//! keeps the last 5 MiB or 100,000 records of each partition (librdkafka's fixed
+//! limits): older records are dropped as more arrive.
 
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::DefaultProducerContext;
