@@ -388,14 +388,16 @@ impl TopicConsumer {
                 break;
             }
         }
-        if polled.is_empty() && fetched.is_empty() {
-            if let Some(e) = errors.into_iter().next() {
-                return Err(e);
-            }
-        } else {
-            for e in errors {
-                tracing::warn!("kafka: {e}");
-            }
+        // The first error stands for an empty poll; the others are logged.
+        let mut errors = errors.into_iter();
+        let first = (polled.is_empty() && fetched.is_empty())
+            .then(|| errors.next())
+            .flatten();
+        for e in errors {
+            tracing::warn!("kafka: {e}");
+        }
+        if let Some(e) = first {
+            return Err(e);
         }
         Ok(Polled {
             polled,

@@ -6,8 +6,8 @@
 //! taken from the fold lanes on a machine with as many lanes as cores.
 //!
 //! Here every assigned partition's fetch queue is forwarded to one queue of our own,
-//! which holds records only, and [`FetchQueue::take`] takes up to a whole batch of
-//! them with `rd_kafka_consume_batch_queue`. The consumer's own queue stays where
+//! which holds records only, and [`FetchQueue::take`] takes them up to
+//! [`TAKE_MAX`] at a call with `rd_kafka_consume_batch_queue`. The consumer's own queue stays where
 //! rust-rdkafka polls it, for everything else (commit results, errors), so nothing
 //! it handles is handed to the batch call, which would treat a rebalance or a commit
 //! result as a record.
