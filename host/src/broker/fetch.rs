@@ -7,10 +7,10 @@
 //!
 //! Here every assigned partition's fetch queue is forwarded to one queue of our own,
 //! which holds records only, and [`FetchQueue::take`] takes them up to
-//! [`TAKE_MAX`] at a call with `rd_kafka_consume_batch_queue`. The consumer's own queue stays where
-//! rust-rdkafka polls it, for everything else (commit results, errors), so nothing
-//! it handles is handed to the batch call, which would treat a rebalance or a commit
-//! result as a record.
+//! [`TAKE_MAX`] at a call with `rd_kafka_consume_batch_queue`. The consumer's own
+//! queue stays where rust-rdkafka polls it, for everything else (commit results,
+//! errors), so nothing it handles is handed to the batch call, which would treat a
+//! rebalance or a commit result as a record.
 //!
 //! librdkafka clears a partition's forwarding when it stops fetching it (an
 //! unassign), and does not set it again at the next assign once an application has
